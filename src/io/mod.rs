@@ -1,0 +1,9 @@
+//! Everything that touches files: GGUF and safetensors readers, the model
+//! importer, tokenizer, text reading, statistics files and export writers.
+pub mod atomic;
+pub mod dequant;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod import;
+pub mod safetensors_io;
+pub mod text;

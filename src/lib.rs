@@ -1,0 +1,10 @@
+//! rku-engine: reasoning-aware structural pruning of FFN channels.
+//!
+//! Data flows one way: `io` → `model` → `backend` → `prune`/`eval` → `io`.
+pub mod backend;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod prune;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! Statistics, scores, allocation and compaction (in progress).
