@@ -132,7 +132,13 @@ impl ModelConfig {
                 format!("inconsistent heads: {heads} heads, {kv_heads} kv heads, head_dim {head_dim}"),
             ));
         }
-        let rope_scaling = match raw.get("rope_scaling") {
+        // transformers ≥ 5 writes `rope_parameters` (with rope_theta inside);
+        // older versions `rope_scaling` next to a top-level `rope_theta`.
+        let rope_params = raw
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| raw.get("rope_scaling"));
+        let rope_scaling = match rope_params {
             None | Some(Value::Null) => None,
             Some(rs) => {
                 let kind = rs
@@ -149,7 +155,7 @@ impl ModelConfig {
                         original_max_position_embeddings: f("original_max_position_embeddings")
                             .unwrap_or(8192.0),
                     }),
-                    "default" => None,
+                    "default" | "<none>" => None,
                     other => {
                         return Err(Error::Unsupported(format!(
                             "{}: rope_scaling type `{other}` (supported: llama3)",
@@ -175,7 +181,11 @@ impl ModelConfig {
             head_dim,
             vocab,
             ffn_widths,
-            rope_theta: raw.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+            rope_theta: raw
+                .get("rope_theta")
+                .or_else(|| rope_params.and_then(|p| p.get("rope_theta")))
+                .and_then(Value::as_f64)
+                .unwrap_or(10000.0),
             rope_scaling,
             rms_eps: raw.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             tie_embeddings: raw
