@@ -1,0 +1,2 @@
+//! Measuring what pruning did: perplexity (and, later, accuracy and speed).
+pub mod ppl;
