@@ -4,7 +4,7 @@
 use super::config::ModelConfig;
 use crate::backend::Backend;
 use crate::io::safetensors_io::SafeModel;
-use crate::Result;
+use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// One decoder layer. Shapes: d = hidden, q = heads·hd, kv = kv_heads·hd, m = FFN width.
@@ -60,6 +60,23 @@ fn load_opt<B: Backend>(
     }
 }
 
+/// LLaMA's `mlp_bias` also gives gate and up projections a bias. The
+/// engine's exports write them as zeros (only down_proj carries FLAP's
+/// compensation); a model whose gate/up biases are nonzero is refused.
+fn check_no_gate_up_bias(files: &SafeModel, cfg: &ModelConfig) -> Result<()> {
+    for l in 0..cfg.layers {
+        for p in ["gate_proj", "up_proj"] {
+            let name = layer_tensor(l, &format!("mlp.{p}.bias"));
+            if files.contains(&name) && files.get_any(&name)?.to_f32()?.iter().any(|&x| x != 0.0) {
+                return Err(Error::Unsupported(format!(
+                    "{name} is nonzero: gate/up projection biases are not supported"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl<B: Backend> Model<B> {
     /// Loads `dir` (config.json + safetensors) onto `backend`.
     pub fn load(backend: &B, dir: &Path) -> Result<Self> {
@@ -74,6 +91,7 @@ impl<B: Backend> Model<B> {
             Some(load(backend, &files, "lm_head.weight", &[v, d])?)
         };
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
+        check_no_gate_up_bias(&files, &cfg)?;
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let m = cfg.ffn_widths[l];
