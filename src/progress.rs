@@ -18,9 +18,11 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(len);
             b.set_style(
-                ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b.set_message(label.to_string());
             b

@@ -19,8 +19,8 @@ pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
         path.to_path_buf()
     };
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
     let kept = v
         .get("kept")
         .and_then(|k| k.as_array())

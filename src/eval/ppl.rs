@@ -48,7 +48,15 @@ pub fn perplexity<B: Backend>(
     while w < windows {
         let n = batch.max(1).min(windows - w);
         let chunk = &ids[w * seq_len..(w + n) * seq_len];
-        let (s, c) = nll(be, model, chunk, Geometry { seqs: n, t: seq_len })?;
+        let (s, c) = nll(
+            be,
+            model,
+            chunk,
+            Geometry {
+                seqs: n,
+                t: seq_len,
+            },
+        )?;
         total += s;
         count += c;
         w += n;

@@ -129,9 +129,8 @@ impl SafeModel {
             // SAFETY: the file is opened read-only; the engine never writes to
             // a model it reads (outputs go to a fresh directory).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                Error::format(path, format!("not a valid safetensors file: {e:?}"))
-            })?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e:?}")))?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -177,12 +176,10 @@ impl SafeModel {
 
     /// A view of `name`, checked against the expected `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
-        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| {
-            Error::tensor(
-                name,
-                format!("missing from {}", self.files_display()),
-            )
-        })?;
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.files_display())))?;
         if e.shape != shape {
             return Err(Error::tensor(
                 name,

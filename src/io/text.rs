@@ -33,7 +33,10 @@ pub fn read_text(path: &Path, field: Option<&str>) -> Result<String> {
         let s = v.get(field).and_then(|x| x.as_str()).ok_or_else(|| {
             Error::format(
                 path,
-                format!("line {}: no string field `{field}` (choose one with --field)", i + 1),
+                format!(
+                    "line {}: no string field `{field}` (choose one with --field)",
+                    i + 1
+                ),
             )
         })?;
         parts.push(s.trim().to_string());
@@ -53,7 +56,10 @@ impl Tokenizer {
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::format(model_dir, "no tokenizer.json in the model directory"));
+            return Err(Error::format(
+                model_dir,
+                "no tokenizer.json in the model directory",
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;

@@ -49,7 +49,10 @@ pub fn backward_channel_stats<B: Backend>(
         Objective::Energy { pre_norm: true } => be.energy(x_last, rows, d, scale)?,
         Objective::Energy { pre_norm: false } => {
             let (j, dz) = be.energy(&fwd.z, rows, d, scale)?;
-            (j, be.rmsnorm_bwd(&dz, x_last, &model.norm, &fwd.rstd_final, rows, d)?)
+            (
+                j,
+                be.rmsnorm_bwd(&dz, x_last, &model.norm, &fwd.rstd_final, rows, d)?,
+            )
         }
         Objective::Ce => {
             let tg = next_token_targets(ids, geo);
@@ -86,19 +89,36 @@ pub fn backward_channel_stats<B: Backend>(
         let (da, db) = be.swiglu_bwd(&dh, &acts.a, &acts.b, rows * m)?;
         drop(dh);
         let mut du2 = be.linear_bwd_input(&da, &lw.w_gate, rows, d, m)?; // [rows, d]
-        be.add_assign(&mut du2, &be.linear_bwd_input(&db, &lw.w_up, rows, d, m)?, rows * d)?;
+        be.add_assign(
+            &mut du2,
+            &be.linear_bwd_input(&db, &lw.w_up, rows, d, m)?,
+            rows * d,
+        )?;
         let dnorm = be.rmsnorm_bwd(&du2, &acts.mid, &lw.ffn_norm, &acts.rstd_ffn, rows, d)?;
         be.add_assign(&mut dx, &dnorm, rows * d)?; // dx is now ∂J/∂x'
 
         // Attention: x' = x + W_o Attn(rope(W_q u), rope(W_k u), W_v u), u = norm(x)
         let datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
-        let (mut dq, mut dk, dv) =
-            be.attention_bwd(&datt, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, shape)?;
-        be.rope(&mut dq, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, true)?;
-        be.rope(&mut dk, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true)?;
+        let (mut dq, mut dk, dv) = be.attention_bwd(
+            &datt, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, shape,
+        )?;
+        be.rope(
+            &mut dq, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, true,
+        )?;
+        be.rope(
+            &mut dk, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true,
+        )?;
         let mut du = be.linear_bwd_input(&dq, &lw.wq, rows, d, qd)?; // [rows, d]
-        be.add_assign(&mut du, &be.linear_bwd_input(&dk, &lw.wk, rows, d, kvd)?, rows * d)?;
-        be.add_assign(&mut du, &be.linear_bwd_input(&dv, &lw.wv, rows, d, kvd)?, rows * d)?;
+        be.add_assign(
+            &mut du,
+            &be.linear_bwd_input(&dk, &lw.wk, rows, d, kvd)?,
+            rows * d,
+        )?;
+        be.add_assign(
+            &mut du,
+            &be.linear_bwd_input(&dv, &lw.wv, rows, d, kvd)?,
+            rows * d,
+        )?;
         let dnorm = be.rmsnorm_bwd(&du, x, &lw.attn_norm, &acts.rstd_attn, rows, d)?;
         be.add_assign(&mut dx, &dnorm, rows * d)?; // dx is now ∂J/∂x_l
     }

@@ -63,7 +63,10 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -112,7 +115,10 @@ impl ModelConfig {
         let ffn = get_usize(&raw, "intermediate_size", path)?;
         let ffn_widths = match raw.get("layer_intermediate_sizes") {
             Some(Value::Array(a)) => {
-                let w: Vec<usize> = a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect();
+                let w: Vec<usize> = a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect();
                 if w.len() != layers {
                     return Err(Error::format(
                         path,
@@ -129,7 +135,9 @@ impl ModelConfig {
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
             return Err(Error::format(
                 path,
-                format!("inconsistent heads: {heads} heads, {kv_heads} kv heads, head_dim {head_dim}"),
+                format!(
+                    "inconsistent heads: {heads} heads, {kv_heads} kv heads, head_dim {head_dim}"
+                ),
             ));
         }
         // transformers ≥ 5 writes `rope_parameters` (with rope_theta inside);
@@ -187,7 +195,10 @@ impl ModelConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(10000.0),
             rope_scaling,
-            rms_eps: raw.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_eps: raw
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             tie_embeddings: raw
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)

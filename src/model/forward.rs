@@ -13,7 +13,12 @@ pub struct RopeTables<B: Backend> {
 
 impl<B: Backend> RopeTables<B> {
     pub fn new(backend: &B, model: &Model<B>, t: usize) -> Result<Self> {
-        let inv: Vec<f32> = model.cfg.rope_inv_freq().iter().map(|&f| f as f32).collect();
+        let inv: Vec<f32> = model
+            .cfg
+            .rope_inv_freq()
+            .iter()
+            .map(|&f| f as f32)
+            .collect();
         let half = inv.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -87,8 +92,12 @@ pub fn layer_forward<B: Backend>(
     let mut k = be.linear(&u, &lw.wk, lw.bk.as_ref(), rows, d, kvd)?; // [rows, kv]
     let v = be.linear(&u, &lw.wv, lw.bv.as_ref(), rows, d, kvd)?; // [rows, kv]
     drop(u);
-    be.rope(&mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false)?;
-    be.rope(&mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false)?;
+    be.rope(
+        &mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
+    )?;
+    be.rope(
+        &mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
+    )?;
     let (att, lse) = be.attention_fwd(&q, &k, &v, shape)?; // [rows, q]
     let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
     let mut mid = be.zeros(rows * d)?;
@@ -173,7 +182,8 @@ pub fn forward<B: Backend>(
             x = next;
         }
     }
-    let (z, rstd_final) = be.rmsnorm_fwd(&x, &model.norm, geo.rows(), c.hidden, c.rms_eps as f32)?;
+    let (z, rstd_final) =
+        be.rmsnorm_fwd(&x, &model.norm, geo.rows(), c.hidden, c.rms_eps as f32)?;
     if keep_residuals {
         residuals.push(x);
     }
@@ -196,7 +206,12 @@ pub fn next_token_targets(ids: &[u32], geo: Geometry) -> Vec<u32> {
 }
 
 /// Full logits `[rows, vocab]` of a batch (for tests and small evaluations).
-pub fn logits<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], geo: Geometry) -> Result<Vec<f32>> {
+pub fn logits<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<Vec<f32>> {
     let out = forward(be, model, ids, geo, false)?;
     let c = &model.cfg;
     let l = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
@@ -204,11 +219,24 @@ pub fn logits<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], geo: Geometry) 
 }
 
 /// Σ NLL and count of next-token predictions over a batch.
-pub fn nll<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], geo: Geometry) -> Result<(f64, usize)> {
+pub fn nll<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<(f64, usize)> {
     let out = forward(be, model, ids, geo, false)?;
     let c = &model.cfg;
     let tg = next_token_targets(ids, geo);
-    let (sum, n, _) =
-        be.cross_entropy(&out.z, model.lm_head(), &tg, geo.rows(), c.hidden, c.vocab, 1.0, false)?;
+    let (sum, n, _) = be.cross_entropy(
+        &out.z,
+        model.lm_head(),
+        &tg,
+        geo.rows(),
+        c.hidden,
+        c.vocab,
+        1.0,
+        false,
+    )?;
     Ok((sum, n))
 }

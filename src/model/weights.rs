@@ -9,18 +9,18 @@ use std::path::{Path, PathBuf};
 
 /// One decoder layer. Shapes: d = hidden, q = heads·hd, kv = kv_heads·hd, m = FFN width.
 pub struct LayerWeights<W> {
-    pub attn_norm: W,    // [d]
-    pub wq: W,           // [q, d]
-    pub bq: Option<W>,   // [q]
-    pub wk: W,           // [kv, d]
-    pub bk: Option<W>,   // [kv]
-    pub wv: W,           // [kv, d]
-    pub bv: Option<W>,   // [kv]
-    pub wo: W,           // [d, q]
-    pub ffn_norm: W,     // [d]
-    pub w_gate: W,       // [m, d]
-    pub w_up: W,         // [m, d]
-    pub w_down: W,       // [d, m]
+    pub attn_norm: W,      // [d]
+    pub wq: W,             // [q, d]
+    pub bq: Option<W>,     // [q]
+    pub wk: W,             // [kv, d]
+    pub bk: Option<W>,     // [kv]
+    pub wv: W,             // [kv, d]
+    pub bv: Option<W>,     // [kv]
+    pub wo: W,             // [d, q]
+    pub ffn_norm: W,       // [d]
+    pub w_gate: W,         // [m, d]
+    pub w_up: W,           // [m, d]
+    pub w_down: W,         // [d, m]
     pub b_down: Option<W>, // [d], present after FLAP bias compensation
     /// FFN width m of this layer.
     pub ffn: usize,
@@ -31,9 +31,9 @@ pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     pub dir: PathBuf,
     pub files: SafeModel,
-    pub embed: B::Weight,           // [vocab, d]
-    pub norm: B::Weight,            // [d]
-    lm_head: Option<B::Weight>,     // [vocab, d]; None when tied to `embed`
+    pub embed: B::Weight,       // [vocab, d]
+    pub norm: B::Weight,        // [d]
+    lm_head: Option<B::Weight>, // [vocab, d]; None when tied to `embed`
     pub layers: Vec<LayerWeights<B::Weight>>,
 }
 

@@ -54,7 +54,20 @@ fn scores(q: &[f32], k: &[f32], s: &mut [f32], sh: AttnShape, seq: usize, h: usi
         cs: kd as isize,
     };
     // SAFETY: q/k hold seqs·t rows of qd/kd values; s is t×t.
-    unsafe { gemm_into(t, t, hd, s.as_mut_ptr(), t, qp, kt, scale, false, Parallelism::None) };
+    unsafe {
+        gemm_into(
+            t,
+            t,
+            hd,
+            s.as_mut_ptr(),
+            t,
+            qp,
+            kt,
+            scale,
+            false,
+            Parallelism::None,
+        )
+    };
 }
 
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec<f32>) {
@@ -64,34 +77,36 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
     let mut out = vec![0f32; sh.seqs * t * qd];
     let mut lse = vec![0f32; sh.seqs * sh.heads * t];
     let optr = SendPtr(out.as_mut_ptr());
-    lse.par_chunks_mut(t).enumerate().for_each(|(job, lse_row)| {
-        let (seq, h) = (job / sh.heads, job % sh.heads);
-        let g = h / (sh.heads / sh.kv_heads);
-        let mut s = vec![0f32; t * t];
-        scores(q, k, &mut s, sh, seq, h);
-        softmax_causal(&mut s, t, lse_row);
-        let vp = Mat {
-            ptr: v[seq * t * kd + g * hd..].as_ptr(),
-            rs: kd as isize,
-            cs: 1,
-        };
-        let optr = optr;
-        // SAFETY: each job writes the disjoint column block h of sequence seq.
-        unsafe {
-            gemm_into(
-                t,
-                hd,
-                t,
-                optr.0.add(seq * t * qd + h * hd),
-                qd,
-                Mat::rows(&s, t),
-                vp,
-                1.0,
-                false,
-                Parallelism::None,
-            )
-        };
-    });
+    lse.par_chunks_mut(t)
+        .enumerate()
+        .for_each(|(job, lse_row)| {
+            let (seq, h) = (job / sh.heads, job % sh.heads);
+            let g = h / (sh.heads / sh.kv_heads);
+            let mut s = vec![0f32; t * t];
+            scores(q, k, &mut s, sh, seq, h);
+            softmax_causal(&mut s, t, lse_row);
+            let vp = Mat {
+                ptr: v[seq * t * kd + g * hd..].as_ptr(),
+                rs: kd as isize,
+                cs: 1,
+            };
+            let optr = optr;
+            // SAFETY: each job writes the disjoint column block h of sequence seq.
+            unsafe {
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    optr.0.add(seq * t * qd + h * hd),
+                    qd,
+                    Mat::rows(&s, t),
+                    vp,
+                    1.0,
+                    false,
+                    Parallelism::None,
+                )
+            };
+        });
     (out, lse)
 }
 
@@ -158,9 +173,31 @@ pub fn backward(
             // and the query heads of its group, so writes are disjoint.
             unsafe {
                 // dV_g += Pᵀ dO
-                gemm_into(t, hd, t, dvp.0.add(kv_off), kd, Mat::rows_t(&s, t), dop, 1.0, true, Parallelism::None);
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    dvp.0.add(kv_off),
+                    kd,
+                    Mat::rows_t(&s, t),
+                    dop,
+                    1.0,
+                    true,
+                    Parallelism::None,
+                );
                 // dP = dO Vᵀ
-                gemm_into(t, t, hd, dp.as_mut_ptr(), t, dop, vt, 1.0, false, Parallelism::None);
+                gemm_into(
+                    t,
+                    t,
+                    hd,
+                    dp.as_mut_ptr(),
+                    t,
+                    dop,
+                    vt,
+                    1.0,
+                    false,
+                    Parallelism::None,
+                );
             }
             for i in 0..t {
                 let o = &out[q_off + i * qd..][..hd];
@@ -178,9 +215,31 @@ pub fn backward(
             };
             unsafe {
                 // dQ_h = scale·dS K_g
-                gemm_into(t, hd, t, dqp.0.add(q_off), qd, Mat::rows(&dp, t), kp, scale, false, Parallelism::None);
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    dqp.0.add(q_off),
+                    qd,
+                    Mat::rows(&dp, t),
+                    kp,
+                    scale,
+                    false,
+                    Parallelism::None,
+                );
                 // dK_g += scale·dSᵀ Q_h
-                gemm_into(t, hd, t, dkp.0.add(kv_off), kd, Mat::rows_t(&dp, t), qp, scale, true, Parallelism::None);
+                gemm_into(
+                    t,
+                    hd,
+                    t,
+                    dkp.0.add(kv_off),
+                    kd,
+                    Mat::rows_t(&dp, t),
+                    qp,
+                    scale,
+                    true,
+                    Parallelism::None,
+                );
             }
         }
     });

@@ -22,7 +22,11 @@ pub fn cross_entropy(
     let rows = targets.len();
     let mut total = 0f64;
     let mut count = 0usize;
-    let mut dz = if want_grad { Some(vec![0f32; rows * d]) } else { None };
+    let mut dz = if want_grad {
+        Some(vec![0f32; rows * d])
+    } else {
+        None
+    };
     for r0 in (0..rows).step_by(CHUNK) {
         let n = CHUNK.min(rows - r0);
         let mut logits = matmul_wt(&z[r0 * d..(r0 + n) * d], w, n, d, vocab, threads);

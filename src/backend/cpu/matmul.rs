@@ -80,7 +80,14 @@ pub unsafe fn gemm_into(
 }
 
 /// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ`.
-pub fn matmul_wt(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize) -> Vec<f32> {
+pub fn matmul_wt(
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    threads: usize,
+) -> Vec<f32> {
     assert_eq!(x.len(), rows * inp);
     assert_eq!(w.len(), out * inp);
     let mut y = vec![0f32; rows * out];
@@ -103,7 +110,14 @@ pub fn matmul_wt(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, thre
 }
 
 /// `dx[rows,inp] = dy[rows,out] · W[out,inp]`.
-pub fn matmul_w(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize) -> Vec<f32> {
+pub fn matmul_w(
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    threads: usize,
+) -> Vec<f32> {
     assert_eq!(dy.len(), rows * out);
     assert_eq!(w.len(), out * inp);
     let mut dx = vec![0f32; rows * inp];

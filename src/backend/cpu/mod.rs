@@ -196,7 +196,14 @@ impl Backend for CpuBackend {
         want_grad: bool,
     ) -> Result<(f64, usize, Option<Vec<f32>>)> {
         Ok(loss::cross_entropy(
-            z, lm_head, targets, d, vocab, scale, want_grad, self.threads,
+            z,
+            lm_head,
+            targets,
+            d,
+            vocab,
+            scale,
+            want_grad,
+            self.threads,
         ))
     }
 }

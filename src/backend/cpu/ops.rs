@@ -41,21 +41,31 @@ pub fn rmsnorm_bwd(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], d: usize) -> 
 }
 
 /// Rotates each head of each token in place (see `Backend::rope`).
-pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], t: usize, heads: usize, hd: usize, inverse: bool) {
+pub fn rope(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    t: usize,
+    heads: usize,
+    hd: usize,
+    inverse: bool,
+) {
     let half = hd / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(heads * hd).enumerate().for_each(|(r, row)| {
-        let pos = r % t;
-        let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-        for head in row.chunks_mut(hd) {
-            for i in 0..half {
-                let (a, b) = (head[i], head[i + half]);
-                let sn = sign * s[i];
-                head[i] = a * c[i] - b * sn;
-                head[i + half] = b * c[i] + a * sn;
+    x.par_chunks_mut(heads * hd)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let pos = r % t;
+            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+            for head in row.chunks_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    let sn = sign * s[i];
+                    head[i] = a * c[i] - b * sn;
+                    head[i + half] = b * c[i] + a * sn;
+                }
             }
-        }
-    });
+        });
 }
 
 #[inline]
@@ -151,7 +161,11 @@ pub fn channel_stats(h: &[f32], g: &[f32], seqs: usize, t: usize, m: usize) -> C
 pub fn energy(z: &[f32], scale: f32) -> (f64, Vec<f32>) {
     let j: f64 = z
         .par_chunks(4096)
-        .map(|c| c.iter().map(|&v| 0.5 * (v as f64) * (v as f64)).sum::<f64>())
+        .map(|c| {
+            c.iter()
+                .map(|&v| 0.5 * (v as f64) * (v as f64))
+                .sum::<f64>()
+        })
         .sum();
     let dz = z.par_iter().map(|v| v * scale).collect();
     (j * scale as f64, dz)
