@@ -6,4 +6,5 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;
 pub mod safetensors_io;
+pub mod safetensors_out;
 pub mod text;
