@@ -78,6 +78,8 @@ fn fixture(seed: u64) -> (Stats, Vec<ColumnNorms>) {
 
 // ---- reference implementation (METHODS.md read literally) ----
 
+// Index loops on purpose: the reference reads like the spec, not like the crate.
+#[allow(clippy::needless_range_loop)]
 fn ref_scores(method: Method, st: &Stats, norms: &[ColumnNorms]) -> Vec<Vec<f64>> {
     let n = st.meta.tokens as f64;
     let mut out = Vec::new();
@@ -147,6 +149,7 @@ fn ref_floor(m: usize, min_keep: Option<usize>) -> usize {
 }
 
 /// Kept indices, or None where the target is unreachable.
+#[allow(clippy::needless_range_loop)]
 fn ref_allocate(
     sc: &[Vec<f64>],
     alloc: Allocation,

@@ -310,6 +310,17 @@ fn malformed_files_are_refused_by_name() {
 }
 
 #[test]
+fn objective_and_energy_at_names() {
+    assert_eq!("ce,energy".parse::<Objectives>().unwrap(), BOTH);
+    assert_eq!(BOTH.to_string(), "energy,ce");
+    assert!("".parse::<Objectives>().is_err());
+    assert!("energy,kl".parse::<Objectives>().is_err());
+    assert_eq!("pre-norm".parse::<EnergyAt>().unwrap(), EnergyAt::PreNorm);
+    assert_eq!(EnergyAt::default().to_string(), "final-norm");
+    assert!("post-norm".parse::<EnergyAt>().is_err());
+}
+
+#[test]
 fn save_refuses_inconsistent_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let mut st = stats_of(0..2, "a", BOTH);

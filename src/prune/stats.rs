@@ -306,10 +306,13 @@ impl Stats {
     }
 
     /// Adds `other` into `self`: every statistic, `samples` and `tokens` are
-    /// summed; `calib_digest` and `engine_version` of `self` are kept.
-    /// Refuses statistics of another model, sequence length, objective set,
-    /// energy position or layer widths.
+    /// summed; `calib_digest` and `engine_version` of `self` are kept (use it
+    /// to sum the partial sums of one pass; [`merge`] sums shard files).
+    /// Refuses inconsistent shapes and statistics of another model, sequence
+    /// length, objective set, energy position or layer widths.
     pub fn add(&mut self, other: &Stats) -> Result<()> {
+        self.check_shapes()?;
+        other.check_shapes()?;
         check_compatible(&self.meta, &self.widths(), &other.meta, &other.widths())
             .map_err(Error::Invalid)?;
         for (a, b) in self.layers.iter_mut().zip(&other.layers) {
