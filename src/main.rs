@@ -3,10 +3,16 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::Backend;
+use rku_engine::eval::iou::read_kept;
 use rku_engine::eval::ppl::perplexity;
+use rku_engine::io::export::ExportLayout;
 use rku_engine::io::text::{read_text, Tokenizer};
+use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::forward::{forward, Geometry};
 use rku_engine::model::Model;
+use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
+use rku_engine::prune::pipeline::{output_dir, prune_model, PruneJob};
+use rku_engine::prune::{merge, Allocation, EnergyAt, Method, Objectives, Stats};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -28,12 +34,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Compute per-channel statistics on calibration text (one pass serves every method).
+    Score(ScoreArgs),
+    /// Score (or read statistics), allocate, compact and export pruned models.
+    Prune(PruneArgs),
+    /// Work with statistics files.
+    #[command(subcommand)]
+    Stats(StatsCmd),
+    /// Overlap (IoU) of the kept channels of two pruned models.
+    Iou(IouArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCmd),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum StatsCmd {
+    /// Sum statistics files computed on disjoint calibration shards of one model.
+    Merge(MergeArgs),
 }
 
 #[derive(Subcommand)]
@@ -46,6 +67,8 @@ enum EvalCmd {
 enum BenchCmd {
     /// Forward-pass throughput (tokens/s and GFLOP/s, logits included).
     Forward(BenchForwardArgs),
+    /// Scoring throughput: forward + energy backward + statistics (tokens/s).
+    Score(BenchScoreArgs),
 }
 
 /// Which device computes.
@@ -73,6 +96,126 @@ struct TextArgs {
     /// jsonl field to read (e.g. `0` for the evals passages); default `text`.
     #[arg(long)]
     field: Option<String>,
+}
+
+/// Calibration input (METHODS.md section 2).
+#[derive(Args)]
+struct CalibArgs {
+    /// Calibration text: plain text, or .jsonl read through --field.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    field: Option<String>,
+    /// N: calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// T: tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Prefix each window with the BOS token.
+    #[arg(long)]
+    bos: bool,
+    /// Sequences per forward/backward batch (memory vs speed; results do not change).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
+    #[arg(long, default_value = "both", value_parser = ["energy", "ce", "both"])]
+    objective: String,
+    /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
+    #[arg(long, default_value = "final-norm")]
+    energy_at: String,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    calib: CalibArgs,
+    /// Output statistics file (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// HF model directory to prune.
+    #[arg(long)]
+    model: PathBuf,
+    /// Statistics files from `score` (summed when several); instead of --calib.
+    #[arg(long, num_args = 1.., conflicts_with = "calib")]
+    stats: Vec<PathBuf>,
+    #[command(flatten)]
+    calib: CalibArgs,
+    /// Scoring method: rku, agf, wanda-struct, flap, taylor, rku-fisher.
+    #[arg(long, default_value = "rku")]
+    method: String,
+    /// Fractions of FFN channels to remove, comma-separated (one model each).
+    #[arg(long, value_delimiter = ',', required = true)]
+    sparsity: Vec<f64>,
+    /// uniform or global; default: the method's own (METHODS.md section 5).
+    #[arg(long)]
+    allocation: Option<String>,
+    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    #[arg(long)]
+    min_keep: Option<usize>,
+    /// Round every layer's kept width to a multiple of this.
+    #[arg(long, default_value_t = 1)]
+    align: usize,
+    /// compact (smaller layers) or padded (zero-padded to the widest, loads in stock transformers).
+    #[arg(long, default_value = "compact")]
+    export: String,
+    /// Output directory; with several sparsities, one subdirectory `<method>-s<sparsity>` each.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Statistics files to sum.
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct IouArgs {
+    /// A pruned model directory (or its pruning.json).
+    a: PathBuf,
+    /// Another pruned model directory (or its pruning.json).
+    b: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sequences scored after one warm-up sequence.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args)]
@@ -139,6 +282,13 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Score(a) => with_backend!(a.common.backend, |be| score(&be, &a)),
+        Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune(&be, &a)),
+        Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
+        Cmd::Iou(a) => iou(&a),
+        Cmd::Bench(BenchCmd::Score(a)) => {
+            with_backend!(a.common.backend, |be| bench_score(&be, &a))
+        }
         Cmd::Eval(EvalCmd::Ppl(a)) => with_backend!(a.common.backend, |be| eval_ppl(&be, &a)),
         Cmd::Bench(BenchCmd::Forward(a)) => {
             with_backend!(a.common.backend, |be| bench_forward(&be, &a))
@@ -236,6 +386,211 @@ fn bench_forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
             "{}",
             serde_json::json!({"seq_len": geo.t, "batch": geo.seqs, "median_s": median,
                 "tokens_per_s": tokens / median, "gflops": gflops, "backend": be.name()})
+        );
+    }
+    Ok(())
+}
+
+fn calib_spec(c: &CalibArgs) -> Result<CalibSpec> {
+    let objectives = match c.objective.as_str() {
+        "both" => Objectives {
+            energy: true,
+            ce: true,
+        },
+        o => o.parse()?,
+    };
+    Ok(CalibSpec {
+        samples: c.samples,
+        seq_len: c.seq_len,
+        batch: c.batch,
+        objectives,
+        energy_at: c.energy_at.parse::<EnergyAt>()?,
+    })
+}
+
+/// Reads, tokenizes and windows the calibration text; returns (ids, digest).
+fn calib_windows<B: Backend>(model: &Model<B>, c: &CalibArgs) -> Result<(Vec<u32>, String)> {
+    let path = c
+        .calib
+        .as_ref()
+        .context("calibration text needed: pass --calib FILE (or --stats)")?;
+    let tok = Tokenizer::load(&model.dir)?;
+    let text = read_text(path, c.field.as_deref())?;
+    let ids = tok.encode(&text)?;
+    let bos = if c.bos {
+        Some(
+            model
+                .cfg
+                .bos_token_id
+                .context("--bos given but config.json has no bos_token_id")?,
+        )
+    } else {
+        None
+    };
+    let windows = windows(&ids, c.samples, c.seq_len, bos)?;
+    let digest = token_digest(&windows);
+    eprintln!(
+        "calibration: {} sequences x {} tokens from {} (digest {}…)",
+        c.samples,
+        c.seq_len,
+        path.display(),
+        &digest[..12]
+    );
+    Ok((windows, digest))
+}
+
+fn run_scoring<B: Backend>(be: &B, model: &Model<B>, c: &CalibArgs) -> Result<Stats> {
+    let spec = calib_spec(c)?;
+    let (ids, digest) = calib_windows(model, c)?;
+    let t = Instant::now();
+    let stats = collect_stats(be, model, &ids, spec, digest)?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "scored {} tokens ({}) in {secs:.1}s: {:.0} tokens/s",
+        ids.len(),
+        spec.objectives,
+        ids.len() as f64 / secs
+    );
+    Ok(stats)
+}
+
+fn score<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
+    if a.out.exists() && !a.force {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            a.out.display()
+        );
+    }
+    let model = load_model(be, &a.model)?;
+    let stats = run_scoring(be, &model, &a.calib)?;
+    stats.save(&a.out)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
+    let method: Method = a.method.parse()?;
+    let allocation = match &a.allocation {
+        Some(s) => s.parse::<Allocation>()?,
+        None => method.default_allocation(),
+    };
+    let layout: ExportLayout = a.export.parse()?;
+    for &s in &a.sparsity {
+        if !(s > 0.0 && s < 1.0) {
+            bail!("sparsity must be strictly between 0 and 1, got {s}");
+        }
+    }
+    let several = a.sparsity.len() > 1;
+    let outs: Vec<PathBuf> = a
+        .sparsity
+        .iter()
+        .map(|&s| output_dir(&a.out, method, s, several))
+        .collect();
+    if !a.force {
+        if let Some(o) = outs.iter().find(|o| o.exists()) {
+            bail!(
+                "{} already exists (pass --force to replace it)",
+                o.display()
+            );
+        }
+    }
+    let model = load_model(be, &a.model)?;
+    let stats = match a.stats.as_slice() {
+        [] => run_scoring(be, &model, &a.calib)?,
+        [one] => Stats::load(one)?,
+        many => merge(many)?,
+    };
+    let norms = down_column_norms(&model)?;
+    for (&sparsity, out) in a.sparsity.iter().zip(outs) {
+        let job = PruneJob {
+            method,
+            allocation,
+            sparsity,
+            min_keep: a.min_keep,
+            align: a.align,
+            layout,
+            out,
+            force: a.force,
+        };
+        let r = prune_model(&model, &stats, &norms, &job)?;
+        println!(
+            "{} at sparsity {}: {} -> {} parameters ({:.1}% removed), widths {}..{}, wrote {}",
+            r.method,
+            r.sparsity,
+            r.params_before,
+            r.params_after,
+            100.0 * (1.0 - r.params_after as f64 / r.params_before as f64),
+            r.widths.iter().min().unwrap_or(&0),
+            r.widths.iter().max().unwrap_or(&0),
+            r.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn stats_merge(a: &MergeArgs) -> Result<()> {
+    if a.out.exists() && !a.force {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            a.out.display()
+        );
+    }
+    let merged = merge(&a.files)?;
+    merged.save(&a.out)?;
+    println!(
+        "merged {} files: {} sequences, {} tokens -> {}",
+        a.files.len(),
+        merged.meta.samples,
+        merged.meta.tokens,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn iou(a: &IouArgs) -> Result<()> {
+    let r = rku_engine::eval::iou::iou(&read_kept(&a.a)?, &read_kept(&a.b)?)?;
+    for (l, v) in r.per_layer.iter().enumerate() {
+        println!("layer {l:>3}: {v:.4}");
+    }
+    println!("mean IoU {:.4}", r.mean);
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn bench_score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
+    let model = load_model(be, &a.model)?;
+    let t = a.seq_len;
+    let vocab = model.cfg.vocab as u64;
+    let ids: Vec<u32> = (0..((a.samples + 1) * t) as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    let spec = |n| CalibSpec {
+        samples: n,
+        seq_len: t,
+        batch: 1,
+        objectives: Objectives {
+            energy: true,
+            ce: false,
+        },
+        energy_at: EnergyAt::FinalNorm,
+    };
+    collect_stats(be, &model, &ids[..t], spec(1), String::new())?; // warm-up
+    let start = Instant::now();
+    collect_stats(be, &model, &ids[t..], spec(a.samples), String::new())?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = (a.samples * t) as f64;
+    println!(
+        "score (energy, forward + backward + statistics): {} x {t} tokens in {secs:.2}s: {:.0} tokens/s",
+        a.samples,
+        tokens / secs
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"seq_len": t, "samples": a.samples, "seconds": secs,
+                "tokens_per_s": tokens / secs, "backend": be.name()})
         );
     }
     Ok(())

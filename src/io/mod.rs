@@ -2,6 +2,7 @@
 //! importer, tokenizer, text reading, statistics files and export writers.
 pub mod atomic;
 pub mod dequant;
+pub mod export;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;

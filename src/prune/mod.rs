@@ -4,8 +4,14 @@
 //! - [`stats`]: the per-channel sums s1, s2, f2, k1, tk and their file.
 //! - [`methods`]: one score per channel for each method.
 //! - [`allocation`]: which channels each layer keeps at a sparsity.
+//! - [`calibrate`]: the statistics pass over calibration windows.
+//! - [`compact`]: gathering kept channels out of the FFN weights.
+//! - [`pipeline`]: score → allocate → compact → export, per sparsity.
 pub mod allocation;
+pub mod calibrate;
+pub mod compact;
 pub mod methods;
+pub mod pipeline;
 pub mod stats;
 
 pub use allocation::{allocate, floors, Allocation};
