@@ -221,6 +221,8 @@ def activation_stats(model, input_ids, kind):
     for h32 in hs:
         h, g = h32.detach().double(), h32.grad.double()
         hg = h * g
+        # per sequence: sum_t |h g| >= |sum_t h g|
+        assert torch.all(hg.abs().sum(1) >= hg.sum(1).abs() - 1e-12)
         stats.append({
             "s1": h.sum((0, 1)),
             "s2": (h * h).sum((0, 1)),
@@ -353,6 +355,10 @@ def pruned_logits(model, input_ids, keep):
 
 def save_tensors(tensors, path, metadata=None):
     tensors = {k: v.contiguous() for k, v in tensors.items()}
+    # One metadata key (a sorted JSON string): safetensors writes several keys
+    # in hash order, which would make re-runs differ byte-wise.
+    if metadata is not None:
+        metadata = {"reference": json.dumps(metadata, sort_keys=True)}
     save_file(tensors, str(path), metadata=metadata)
     print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes, {len(tensors)} tensors)")
 
@@ -540,7 +546,7 @@ def make_smollm2_reference(tok, model, wiki_path, gguf_path):
                         "text": text, "ids_of_text": all_ids, "N": N, "T": T}
     st = all_stats(model, calib)
     for k, v in st.items():
-        t[k] = v if v.dtype == torch.int64 else v.float()
+        t[k] = v.float() if v.dim() == 1 else v       # [m] vectors as float32; scalars as they are
     print(f"  SmolLM2 calib: energy.J={st['energy.J'].item():.6f} energy_prenorm.J={st['energy_prenorm.J'].item():.6f} "
           f"ce.loss={st['ce.loss'].item():.6f}")
     fd, g64, g32 = finite_difference_check(model, calib, "energy", 29, 7, eps=1e-3)
