@@ -44,7 +44,11 @@ fn check_stats(name: &str) {
     let fwd = forward(&be, &model, &ids, geo, true).unwrap();
     let layers = model.cfg.layers;
     for (obj, prefix, scale) in [
-        (Objective::Energy { pre_norm: false }, "energy", 1.0 / (n * t) as f32),
+        (
+            Objective::Energy { pre_norm: false },
+            "energy",
+            1.0 / (n * t) as f32,
+        ),
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
     ] {
         let mut parts = vec![None; layers];
@@ -53,12 +57,21 @@ fn check_stats(name: &str) {
             Ok(())
         })
         .unwrap();
-        let want_j = if prefix == "energy" { r["energy.J"].data[0] } else { r["ce.loss"].data[0] };
-        assert!((j - want_j).abs() <= 1e-4 * want_j.abs(), "{name} {prefix}: J {j} vs {want_j}");
+        let want_j = if prefix == "energy" {
+            r["energy.J"].data[0]
+        } else {
+            r["ce.loss"].data[0]
+        };
+        assert!(
+            (j - want_j).abs() <= 1e-4 * want_j.abs(),
+            "{name} {prefix}: J {j} vs {want_j}"
+        );
         for (l, p) in parts.into_iter().enumerate() {
             let p = p.expect("every layer reported");
             let m = p.s1.len();
-            let tk: Vec<f64> = (0..m).map(|c| (0..n).map(|s| p.hg_seq[s * m + c].abs()).sum()).collect();
+            let tk: Vec<f64> = (0..m)
+                .map(|c| (0..n).map(|s| p.hg_seq[s * m + c].abs()).sum())
+                .collect();
             let mut checks = vec![("f2", p.f2.clone()), ("k1", p.k1.clone())];
             if prefix == "energy" {
                 checks.push(("s1", p.s1.clone()));

@@ -5,16 +5,23 @@ use std::path::{Path, PathBuf};
 
 /// Path of a committed fixture.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Path under the fetched assets (scripts/fetch-assets.sh); `None` when absent.
 pub fn asset(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(rel);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(rel);
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipped: {} not present (run scripts/fetch-assets.sh)", p.display());
+        eprintln!(
+            "skipped: {} not present (run scripts/fetch-assets.sh)",
+            p.display()
+        );
         None
     }
 }
@@ -34,13 +41,31 @@ pub fn load_reference(path: &Path) -> HashMap<String, RefTensor> {
     for (name, v) in st.tensors() {
         let b = v.data();
         let data: Vec<f64> = match v.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-            Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
             other => panic!("{name}: unexpected dtype {other:?}"),
         };
-        out.insert(name, RefTensor { shape: v.shape().to_vec(), data });
+        out.insert(
+            name,
+            RefTensor {
+                shape: v.shape().to_vec(),
+                data,
+            },
+        );
     }
     out
 }
@@ -49,5 +74,9 @@ pub fn load_reference(path: &Path) -> HashMap<String, RefTensor> {
 pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
-    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max) / scale
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
