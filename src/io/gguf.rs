@@ -241,7 +241,9 @@ type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>, u64, usize);
 
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut c = Cursor { buf, pos: 0 };
-    let magic = c.take(4).map_err(|_| "file too short for a GGUF header".to_string())?;
+    let magic = c
+        .take(4)
+        .map_err(|_| "file too short for a GGUF header".to_string())?;
     if magic != MAGIC {
         return Err(format!("bad magic {magic:02x?}, not a GGUF file"));
     }
@@ -287,14 +289,23 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let name = c.string()?;
         let n_dims = c.u32()?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(format!("tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)"));
+            return Err(format!(
+                "tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            ));
         }
-        let dims = (0..n_dims).map(|_| c.u64()).collect::<std::result::Result<Vec<_>, _>>()?;
+        let dims = (0..n_dims)
+            .map(|_| c.u64())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let ty_id = c.u32()?;
         let ty = GgmlType::from_id(ty_id)
             .ok_or_else(|| format!("tensor {name}: unknown ggml type id {ty_id}"))?;
         let rel = c.u64()?;
-        raw.push(Raw { name, dims, ty, rel });
+        raw.push(Raw {
+            name,
+            dims,
+            ty,
+            rel,
+        });
     }
 
     let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
@@ -376,7 +387,10 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
     fn array<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        Ok(self.take(N as u64)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N as u64)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
     fn u32(&mut self) -> std::result::Result<u32, String> {
         Ok(u32::from_le_bytes(self.array()?))
@@ -386,11 +400,16 @@ impl<'a> Cursor<'a> {
     }
     /// Fails if `count` items of at least `min_size` bytes cannot fit in the
     /// rest of the file (guards allocations sized by a corrupt count).
-    fn check_count(&self, count: u64, min_size: u64, what: &str) -> std::result::Result<(), String> {
+    fn check_count(
+        &self,
+        count: u64,
+        min_size: u64,
+        what: &str,
+    ) -> std::result::Result<(), String> {
         let left = (self.buf.len() - self.pos) as u64;
         if count.saturating_mul(min_size) > left {
             return Err(format!(
-                "header claims {count} {what} at offset {}, more than the {left} bytes left in the file",
+                "truncated or corrupt header: it claims {count} {what} at offset {}, more than the {left} bytes left in the file can hold",
                 self.pos
             ));
         }

@@ -46,14 +46,14 @@ fn byte_alphabet() -> [char; 256] {
 }
 
 fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
-    let arr = g
-        .get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| Error::format(g.path(), format!("metadata {key} missing or not an array")))?;
+    let arr = g.get(key).and_then(Value::as_array).ok_or_else(|| {
+        Error::format(g.path(), format!("metadata {key} missing or not an array"))
+    })?;
     arr.iter()
         .map(|v| {
-            v.as_str()
-                .ok_or_else(|| Error::format(g.path(), format!("metadata {key} holds a non-string")))
+            v.as_str().ok_or_else(|| {
+                Error::format(g.path(), format!("metadata {key} holds a non-string"))
+            })
         })
         .collect()
 }
@@ -76,12 +76,8 @@ fn special(g: &GgufFile, tokens: &[&str], key: &str) -> Result<Option<(usize, St
 
 fn pre_tokenizer(g: &GgufFile) -> Result<(Json, Json)> {
     let pre = str_key(g, "tokenizer.ggml.pre").unwrap_or("default");
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": !use_regex, "use_regex": use_regex})
-    };
-    let split = |re: &str| {
-        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": !use_regex, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "smollm" => (
             Json::Null,
@@ -125,7 +121,10 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json> {
             .filter(|a| a.len() == tokens.len())
             .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
             .ok_or_else(|| {
-                Error::format(g.path(), "tokenizer.ggml.token_type is not one integer per token")
+                Error::format(
+                    g.path(),
+                    "tokenizer.ggml.token_type is not one integer per token",
+                )
             })?,
     };
 
@@ -157,7 +156,10 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json> {
         })
         .collect::<Result<Vec<_>>>()?;
 
-    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool) == Some(true);
+    let add_bos = g
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(Value::as_bool)
+        == Some(true);
     let post = match special(g, &tokens, "tokenizer.ggml.bos_token_id")? {
         Some((id, bos)) if add_bos => json!({
             "type": "TemplateProcessing",
@@ -166,7 +168,9 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json> {
                      {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {bos.clone(): {"id": bos, "ids": [id], "tokens": [bos]}},
         }),
-        _ => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
     };
 
     Ok(json!({
@@ -213,7 +217,10 @@ pub fn tokenizer_config_json(g: &GgufFile) -> Result<Json> {
         cfg.insert("chat_template".into(), t.into());
     }
     let arch = str_key(g, "general.architecture").unwrap_or_default();
-    if let Some(n) = g.get(&format!("{arch}.context_length")).and_then(Value::as_u64) {
+    if let Some(n) = g
+        .get(&format!("{arch}.context_length"))
+        .and_then(Value::as_u64)
+    {
         cfg.insert("model_max_length".into(), n.into());
     }
     cfg.insert("clean_up_tokenization_spaces".into(), false.into());

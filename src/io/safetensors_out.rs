@@ -83,7 +83,12 @@ pub struct OutTensor {
 
 impl OutTensor {
     /// A tensor from f32 values, converted to `dtype`.
-    pub fn from_f32(name: impl Into<String>, dtype: OutDtype, shape: Vec<usize>, values: &[f32]) -> Self {
+    pub fn from_f32(
+        name: impl Into<String>,
+        dtype: OutDtype,
+        shape: Vec<usize>,
+        values: &[f32],
+    ) -> Self {
         Self {
             name: name.into(),
             dtype,
@@ -117,7 +122,11 @@ pub fn write_model(dir: &Path, tensors: &[OutTensor], max_shard_bytes: u64) -> R
         if t.data.len() != want {
             return Err(Error::tensor(
                 &t.name,
-                format!("shape {:?} needs {want} bytes, got {}", t.shape, t.data.len()),
+                format!(
+                    "shape {:?} needs {want} bytes, got {}",
+                    t.shape,
+                    t.data.len()
+                ),
             ));
         }
     }
@@ -156,7 +165,11 @@ pub fn write_model(dir: &Path, tensors: &[OutTensor], max_shard_bytes: u64) -> R
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
 }
 
-fn write_file(path: &Path, tensors: &[OutTensor], meta: Option<HashMap<String, String>>) -> Result<()> {
+fn write_file(
+    path: &Path,
+    tensors: &[OutTensor],
+    meta: Option<HashMap<String, String>>,
+) -> Result<()> {
     safetensors::tensor::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), meta, path)
         .map_err(|e| Error::format(path, format!("writing safetensors: {e}")))
 }
