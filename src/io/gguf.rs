@@ -409,7 +409,7 @@ impl<'a> Cursor<'a> {
         let left = (self.buf.len() - self.pos) as u64;
         if count.saturating_mul(min_size) > left {
             return Err(format!(
-                "header claims {count} {what} at offset {}, more than the {left} bytes left in the file",
+                "truncated or corrupt header: it claims {count} {what} at offset {}, more than the {left} bytes left in the file can hold",
                 self.pos
             ));
         }
