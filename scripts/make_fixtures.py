@@ -547,6 +547,13 @@ def make_smollm2_reference(tok, model, wiki_path, gguf_path):
     st = all_stats(model, calib)
     for k, v in st.items():
         t[k] = v.float() if v.dim() == 1 else v       # [m] vectors as float32; scalars as they are
+    # The same statistics from a model that computes in float64 throughout:
+    # the ground truth that both float32 implementations approximate (the
+    # CE-derived tk of deep layers differs by ~1e-4 between two float32 runs).
+    st64 = all_stats(float64_copy(model), calib, check=False)
+    for k, v in st64.items():
+        if v.dim() == 1:
+            t[f"f64.{k}"] = v.float()
     print(f"  SmolLM2 calib: energy.J={st['energy.J'].item():.6f} energy_prenorm.J={st['energy_prenorm.J'].item():.6f} "
           f"ce.loss={st['ce.loss'].item():.6f}")
     fd, g64, g32 = finite_difference_check(model, calib, "energy", 29, 7, eps=1e-3)

@@ -6,6 +6,7 @@ use rku_engine::backend::Backend;
 use rku_engine::eval::iou::read_kept;
 use rku_engine::eval::ppl::perplexity;
 use rku_engine::io::export::ExportLayout;
+use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::forward::{forward, Geometry};
@@ -34,6 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Convert a GGUF (LLaMA or Qwen2) into an HF model directory.
+    Import(ImportArgs),
     /// Compute per-channel statistics on calibration text (one pass serves every method).
     Score(ScoreArgs),
     /// Score (or read statistics), allocate, compact and export pruned models.
@@ -183,6 +186,21 @@ struct PruneArgs {
 }
 
 #[derive(Args)]
+struct ImportArgs {
+    /// The GGUF file (v2/v3; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K tensors).
+    gguf: PathBuf,
+    /// Output model directory (model.safetensors, config.json, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+    /// dtype of the written weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// Statistics files to sum.
     #[arg(required = true, num_args = 2..)]
@@ -282,6 +300,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Import(a) => import(&a),
         Cmd::Score(a) => with_backend!(a.common.backend, |be| score(&be, &a)),
         Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune(&be, &a)),
         Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
@@ -593,5 +612,25 @@ fn bench_score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
                 "tokens_per_s": tokens / secs, "backend": be.name()})
         );
     }
+    Ok(())
+}
+
+fn import(a: &ImportArgs) -> Result<()> {
+    let t = Instant::now();
+    let opts = ImportOptions {
+        dtype: a.dtype.parse()?,
+        force: a.force,
+    };
+    let r = import_gguf(&a.gguf, &a.out, &opts)?;
+    println!(
+        "imported {} ({}, {} layers, {} tensors, {:.1}M parameters) into {} in {:.1}s",
+        a.gguf.display(),
+        r.architecture,
+        r.n_layers,
+        r.n_tensors,
+        r.n_params as f64 / 1e6,
+        r.out_dir.display(),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
