@@ -263,16 +263,12 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
     if let Some(heads) = plan.unpermute_heads {
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }
-    let data = w
-        .par_chunks(1 << 16)
-        .flat_map_iter(|c| dtype.encode(c))
-        .collect();
-    Ok(OutTensor {
-        name: plan.hf_name.clone(),
+    Ok(OutTensor::from_f32(
+        &plan.hf_name,
         dtype,
-        shape: plan.shape.clone(),
-        data,
-    })
+        plan.shape.clone(),
+        &w,
+    ))
 }
 
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {

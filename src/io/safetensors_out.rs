@@ -4,6 +4,7 @@
 //! (`{"metadata": {"total_size": bytes}, "weight_map": {name: file}}`).
 use crate::{Error, Result};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -44,16 +45,21 @@ impl OutDtype {
     }
     /// Little-endian bytes of `values` in this dtype (round to nearest even).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        fn par<const N: usize>(values: &[f32], f: impl Fn(f32) -> [u8; N] + Sync) -> Vec<u8> {
+            let mut out = vec![0u8; values.len() * N];
+            out.par_chunks_mut(N << 16)
+                .zip(values.par_chunks(1 << 16))
+                .for_each(|(dst, src)| {
+                    for (d, &v) in dst.chunks_exact_mut(N).zip(src) {
+                        d.copy_from_slice(&f(v));
+                    }
+                });
+            out
+        }
         match self {
-            OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            OutDtype::F16 => values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            OutDtype::BF16 => values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
+            OutDtype::F32 => par(values, f32::to_le_bytes),
+            OutDtype::F16 => par(values, |v| f16::from_f32(v).to_le_bytes()),
+            OutDtype::BF16 => par(values, |v| bf16::from_f32(v).to_le_bytes()),
         }
     }
 }
