@@ -400,6 +400,43 @@ fn unknown_pre_tokenizer_is_named() {
     );
 }
 
+/// Random byte corruptions of the header and of the metadata values never
+/// panic: every outcome is `Ok` or an `Err`.
+#[test]
+fn corrupt_headers_never_panic() {
+    let bytes = std::fs::read(fixture("tiny_qwen2.gguf")).unwrap();
+    let g = GgufFile::open(&fixture("tiny_qwen2.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..1000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % g.data_start as u64) as usize;
+            b[at] = match next() % 3 {
+                0 => 0xFF,
+                1 => 0,
+                _ => next() as u8,
+            };
+        }
+        let path = write_tmp(tmp.path(), "fuzz.gguf", &b);
+        let out = tmp.path().join(format!("out{i}"));
+        let result = std::panic::catch_unwind(|| {
+            let opts = ImportOptions {
+                dtype: OutDtype::BF16,
+                force: true,
+            };
+            let _ = import_gguf(&path, &out, &opts);
+        });
+        assert!(result.is_ok(), "corruption {i} panicked");
+    }
+}
+
 // ---- safetensors writer ---------------------------------------------------
 
 #[test]

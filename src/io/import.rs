@@ -81,7 +81,7 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
-    if heads == 0 || hidden % heads != 0 {
+    if hidden == 0 || heads == 0 || hidden % heads != 0 {
         return Err(Error::format(
             g.path(),
             format!("{heads} heads do not divide hidden size {hidden}"),
@@ -89,7 +89,7 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     }
     let kv_heads = int("attention.head_count_kv")?.unwrap_or(heads);
     let head_dim = int("attention.key_length")?.unwrap_or(hidden / heads);
-    if kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
+    if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 || head_dim % 2 != 0 {
         return Err(Error::format(
             g.path(),
             format!(
@@ -100,8 +100,21 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::format(g.path(), "missing tensor token_embd.weight"))?;
+    // Each layer has at least 9 tensors: refuse a block count the file
+    // cannot back before sizing anything by it.
+    let layers = need("block_count")?;
+    if layers.saturating_mul(9) > g.tensors.len() {
+        return Err(Error::format(
+            g.path(),
+            format!(
+                "{} = {layers}, but the file has only {} tensors",
+                key("block_count"),
+                g.tensors.len()
+            ),
+        ));
+    }
     Ok(Hparams {
-        layers: need("block_count")?,
+        layers,
         hidden,
         ffn: need("feed_forward_length")?,
         heads,
