@@ -158,7 +158,7 @@ fn reader_parses_tiny_header() {
             .as_array()
             .unwrap()
             .len(),
-        265
+        266
     );
     let q = g.tensor("blk.0.attn_q.weight").unwrap();
     assert_eq!(q.ty.name, "Q4_0");
@@ -184,6 +184,19 @@ fn check_tensors(out: &Path, expected: &str) {
     }
 }
 
+/// The rebuilt tokenizer loads in `tokenizers` and reproduces the ids
+/// transformers gives (fixture `ids`), and decodes them back.
+fn check_ids(out: &Path, ids: &str) -> tokenizers::Tokenizer {
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    for case in read_json(&fixture(ids)).as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), text);
+    }
+    tok
+}
+
 #[test]
 fn tiny_llama_imports() {
     let (_tmp, out) = import(&fixture("tiny_llama.gguf"), OutDtype::F32);
@@ -197,7 +210,7 @@ fn tiny_llama_imports() {
         ("num_attention_heads", 4),
         ("num_key_value_heads", 2),
         ("head_dim", 8),
-        ("vocab_size", 265),
+        ("vocab_size", 266),
         ("max_position_embeddings", 256),
         ("bos_token_id", 1),
         ("eos_token_id", 2),
@@ -219,16 +232,7 @@ fn tiny_llama_imports() {
         .unwrap()
         .starts_with("{% for message in messages %}"));
 
-    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
-    for case in read_json(&fixture("tiny_llama_ids.json"))
-        .as_array()
-        .unwrap()
-    {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), text);
-    }
+    let tok = check_ids(&out, "tiny_llama_ids.json");
     // SmolLM's pre-tokenizer splits digits individually: the vocabulary
     // has a "12" token (merge "1 2") that must not be used.
     assert_eq!(tok.token_to_id("12"), Some(264));
@@ -266,13 +270,25 @@ fn tiny_qwen2_imports_unpermuted_with_biases() {
     assert_eq!(c["model_type"], "qwen2");
     assert_eq!(c["num_hidden_layers"], 1);
     check_tensors(&out, "tiny_qwen2_expected.safetensors");
-    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let tok = check_ids(&out, "tiny_qwen2_ids.json");
     // Qwen2's split keeps digits single too.
     let ids = tok.encode("12", false).unwrap().get_ids().to_vec();
     assert_eq!(
         ids,
         vec![tok.token_to_id("1").unwrap(), tok.token_to_id("2").unwrap()]
     );
+}
+
+#[test]
+fn llama_bpe_pre_tokenizer_groups_digits_in_threes() {
+    let (_tmp, out) = import(&fixture("tiny_llama3.gguf"), OutDtype::F32);
+    let tok = check_ids(&out, "tiny_llama3_ids.json");
+    let ids = tok.encode("12345", false).unwrap().get_ids().to_vec();
+    let want: Vec<u32> = ["123", "4", "5"]
+        .iter()
+        .map(|t| tok.token_to_id(t).unwrap())
+        .collect();
+    assert_eq!(ids, want);
 }
 
 #[test]
