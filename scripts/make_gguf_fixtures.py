@@ -10,7 +10,8 @@ Outputs:
   quant_<TYPE>.bin / quant_<TYPE>.f32   random-but-valid blocks and gguf-py's f32 dequantisation
   tiny_llama.gguf, tiny_llama_expected.safetensors, tiny_llama_ids.json
   tiny_qwen2.gguf, tiny_qwen2_expected.safetensors, tiny_qwen2_ids.json
-  tiny_llama3.gguf, tiny_llama3_ids.json  (pre-tokenizer llama-bpe)
+  tiny_llama3.gguf, tiny_llama3_expected.safetensors, tiny_llama3_ids.json
+      (pre-tokenizer llama-bpe, general.alignment 64)
   unsupported_arch.gguf, unsupported_type.gguf
   smollm2_ids.json, smollm2_slices.safetensors  (only with the SmolLM2 GGUF present)
 """
@@ -106,13 +107,15 @@ CHAT_TEMPLATE = (
 
 
 def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm",
-               default=T.F32):
+               default=T.F32, alignment=None):
     """A tiny `arch` model; `types[name]` picks each tensor's ggml type (else `default`).
     Returns {hf_name: f32 array} after dequantisation and (LLaMA) un-permuting."""
     rng = np.random.default_rng(SEED + layers + d)
     tokens, token_types, merges = tiny_vocab()
     vocab, hd = len(tokens), d // heads
     w = GGUFWriter(path, arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_uint32(f"{arch}.block_count", layers)
     w.add_uint32(f"{arch}.context_length", 256)
     w.add_uint32(f"{arch}.embedding_length", d)
@@ -277,9 +280,10 @@ def main():
                {"ffn_gate.weight": T.Q8_0}, os.path.join(OUT, "tiny_qwen2_expected.safetensors"),
                pre="qwen2")
     tiny_ids(qwen, TINY_TEXTS + ["12345 678 the1"])
-    # Tokenizer only: LLaMA-3's split (digits in threes).
+    # LLaMA-3's split (digits in threes), and a non-default alignment.
     llama3 = os.path.join(OUT, "tiny_llama3.gguf")
-    write_tiny(llama3, "llama", 1, 32, 4, 2, 32, {}, pre="llama-bpe", default=T.Q8_0)
+    write_tiny(llama3, "llama", 1, 32, 4, 2, 32, {}, os.path.join(OUT, "tiny_llama3_expected.safetensors"),
+               pre="llama-bpe", default=T.Q8_0, alignment=64)
     tiny_ids(llama3, TINY_TEXTS + ["12345 678 the1", "  x\n\n y"])
     write_tiny(os.path.join(OUT, "unsupported_arch.gguf"), "mamba", 1, 32, 4, 2, 32, {},
                default=T.Q8_0)

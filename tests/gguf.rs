@@ -280,8 +280,13 @@ fn tiny_qwen2_imports_unpermuted_with_biases() {
 }
 
 #[test]
-fn llama_bpe_pre_tokenizer_groups_digits_in_threes() {
-    let (_tmp, out) = import(&fixture("tiny_llama3.gguf"), OutDtype::F32);
+fn llama_bpe_pre_tokenizer_and_alignment_64() {
+    let src = fixture("tiny_llama3.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    assert_eq!(g.alignment, 64);
+    assert!(g.tensors.iter().all(|t| t.offset % 64 == 0));
+    let (_tmp, out) = import(&src, OutDtype::F32);
+    check_tensors(&out, "tiny_llama3_expected.safetensors");
     let tok = check_ids(&out, "tiny_llama3_ids.json");
     let ids = tok.encode("12345", false).unwrap().get_ids().to_vec();
     let want: Vec<u32> = ["123", "4", "5"]
