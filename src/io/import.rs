@@ -13,10 +13,11 @@ use crate::io::atomic::AtomicDir;
 use crate::io::dequant::dequantize;
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
-use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
+use crate::io::safetensors_out::{write_model_with, OutDtype, TensorSpec, DEFAULT_MAX_SHARD_BYTES};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde_json::json;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -250,17 +251,9 @@ fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32>
     out
 }
 
-fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<OutTensor> {
-    if t.shape() != plan.shape {
-        return Err(Error::tensor(
-            &t.name,
-            format!(
-                "shape {:?} (HF order), expected {:?} from the metadata",
-                t.shape(),
-                plan.shape
-            ),
-        ));
-    }
+/// The tensor's data as `dtype` bytes: dequantised, checked finite,
+/// un-permuted where the plan says so.
+fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<Vec<u8>> {
     let mut w = dequantize(&t.name, t.ty, g.tensor_data(t), t.n_elements())?;
     if let Some(bad) = w.par_iter().position_any(|v| !v.is_finite()) {
         return Err(Error::tensor(
@@ -276,12 +269,7 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
     if let Some(heads) = plan.unpermute_heads {
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }
-    Ok(OutTensor::from_f32(
-        &plan.hf_name,
-        dtype,
-        plan.shape.clone(),
-        &w,
-    ))
+    Ok(dtype.encode(&w))
 }
 
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
@@ -344,20 +332,39 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     let tokenizer = tokenizer_json(&g)?;
     let tokenizer_config = tokenizer_config_json(&g)?;
 
-    let mut tensors = Vec::with_capacity(plans.len());
+    let mut sources = Vec::with_capacity(plans.len());
+    let mut specs = Vec::with_capacity(plans.len());
     for (name, plan) in &plans {
         let t = g
             .tensor(name)
             .ok_or_else(|| Error::format(src, format!("missing tensor {name}")))?;
-        tensors.push(convert(&g, t, plan, opts.dtype)?);
+        if t.shape() != plan.shape {
+            return Err(Error::tensor(
+                &t.name,
+                format!(
+                    "shape {:?} (HF order), expected {:?} from the metadata",
+                    t.shape(),
+                    plan.shape
+                ),
+            ));
+        }
+        sources.push(t);
+        specs.push(TensorSpec {
+            name: plan.hf_name.clone(),
+            dtype: opts.dtype,
+            shape: plan.shape.clone(),
+        });
     }
-    let n_params = tensors
+    let n_params = specs
         .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .map(|s| s.shape.iter().product::<usize>() as u64)
         .sum();
 
+    // Tensors are dequantised one at a time as they are written.
     let dir = AtomicDir::create(out, opts.force)?;
-    write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
+    write_model_with(dir.path(), &specs, DEFAULT_MAX_SHARD_BYTES, |i| {
+        convert(&g, sources[i], &plans[i].1, opts.dtype).map(Cow::Owned)
+    })?;
     let json_file = |name: &str, v: &serde_json::Value| {
         let path = dir.path().join(name);
         let text = serde_json::to_string_pretty(v).expect("serialising a JSON value");
@@ -371,7 +378,7 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
         out_dir,
         architecture: arch,
         n_layers: h.layers,
-        n_tensors: tensors.len(),
+        n_tensors: specs.len(),
         n_params,
     })
 }
