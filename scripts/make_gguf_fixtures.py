@@ -9,14 +9,15 @@ Reference values come from independent implementations: gguf-py
 Outputs:
   quant_<TYPE>.bin / quant_<TYPE>.f32   random-but-valid blocks and gguf-py's f32 dequantisation
   tiny_llama.gguf, tiny_llama_expected.safetensors, tiny_llama_ids.json
-  tiny_qwen2.gguf, tiny_qwen2_expected.safetensors
+  tiny_qwen2.gguf, tiny_qwen2_expected.safetensors, tiny_qwen2_ids.json
+  tiny_llama3.gguf, tiny_llama3_expected.safetensors, tiny_llama3_ids.json
+      (pre-tokenizer llama-bpe, general.alignment 64)
   unsupported_arch.gguf, unsupported_type.gguf
   smollm2_ids.json, smollm2_slices.safetensors  (only with the SmolLM2 GGUF present)
 """
 import argparse
 import json
 import os
-import tempfile
 
 import numpy as np
 from gguf import GGUFWriter
@@ -77,9 +78,6 @@ def unpermute(w, n):
     return w.reshape(n, rows // n // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-BYTE_ALPHABET = None
-
-
 def byte_alphabet():
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     cs = bs[:]
@@ -96,7 +94,7 @@ def tiny_vocab():
     """Specials first (control 3, user-defined 4), then the 256 byte tokens,
     then the products of a few merges (normal 1)."""
     specials = [("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<think>", 4)]
-    merges = ["Ġ t", "h e", "Ġt he", "i s", "1 2"]
+    merges = ["Ġ t", "h e", "Ġt he", "i s", "1 2", "12 3"]
     tokens = [t for t, _ in specials] + byte_alphabet() + [m.replace(" ", "") for m in merges]
     types = [ty for _, ty in specials] + [1] * (len(tokens) - len(specials))
     return tokens, types, merges
@@ -108,13 +106,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm"):
-    """A tiny `arch` model; `types[name]` picks each tensor's ggml type.
+def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm",
+               default=T.F32, alignment=None):
+    """A tiny `arch` model; `types[name]` picks each tensor's ggml type (else `default`).
     Returns {hf_name: f32 array} after dequantisation and (LLaMA) un-permuting."""
     rng = np.random.default_rng(SEED + layers + d)
     tokens, token_types, merges = tiny_vocab()
     vocab, hd = len(tokens), d // heads
     w = GGUFWriter(path, arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_uint32(f"{arch}.block_count", layers)
     w.add_uint32(f"{arch}.context_length", 256)
     w.add_uint32(f"{arch}.embedding_length", d)
@@ -153,7 +154,7 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
         })
 
     def add(gname, hfname, rows, cols):
-        qtype = types.get(gname, types.get(gname.split(".", 2)[-1], T.F32))
+        qtype = types.get(gname, types.get(gname.split(".", 2)[-1], default))
         raw = random_bytes(rng, qtype, rows or 1, cols)
         if rows is None:  # 1-D tensor
             raw = raw.reshape(-1)
@@ -181,15 +182,18 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
     return expected
 
 
-def tiny_ids(path):
-    """Token ids from transformers' own GGUF tokenizer loader on the tiny vocabulary.
-    No digits: transformers has no `smollm` pre-tokenizer and would merge "12"
-    (tests/gguf.rs checks the individual digit split by hand)."""
+TINY_TEXTS = ["the the is", "<|im_start|>the<think> is<|im_end|>", "héllo\n\tthe"]
+
+
+def tiny_ids(path, texts):
+    """Token ids from transformers' own GGUF tokenizer loader on a tiny
+    vocabulary, written next to `path` as `<stem>_ids.json`."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    texts = ["the the is", "<|im_start|>the<think> is<|im_end|>", "héllo\n\tthe"]
-    return [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    ids = [{"text": t, "ids": tok(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    with open(path[: -len(".gguf")] + "_ids.json", "w") as fh:
+        json.dump(ids, fh, ensure_ascii=False, indent=1)
 
 
 SMOLLM_TEXTS = [
@@ -267,16 +271,24 @@ def main():
     tiny = os.path.join(OUT, "tiny_llama.gguf")
     write_tiny(tiny, "llama", 2, 32, 4, 2, 256, llama_types,
                os.path.join(OUT, "tiny_llama_expected.safetensors"))
-    with open(os.path.join(OUT, "tiny_llama_ids.json"), "w") as fh:
-        json.dump(tiny_ids(tiny), fh, ensure_ascii=False, indent=1)
+    # No digits here: transformers has no `smollm` pre-tokenizer and would
+    # merge "12" (tests/gguf.rs checks the individual digit split by hand).
+    tiny_ids(tiny, TINY_TEXTS)
 
-    write_tiny(os.path.join(OUT, "tiny_qwen2.gguf"), "qwen2", 1, 32, 4, 2, 64,
+    qwen = os.path.join(OUT, "tiny_qwen2.gguf")
+    write_tiny(qwen, "qwen2", 1, 32, 4, 2, 64,
                {"ffn_gate.weight": T.Q8_0}, os.path.join(OUT, "tiny_qwen2_expected.safetensors"),
                pre="qwen2")
-    with tempfile.TemporaryDirectory() as tmp:  # a tiny model of an unsupported architecture
-        write_tiny(os.path.join(OUT, "unsupported_arch.gguf"), "mamba", 1, 32, 4, 2, 32, {})
-        write_tiny(os.path.join(OUT, "unsupported_type.gguf"), "llama", 1, 32, 4, 2, 256,
-                   {"blk.0.ffn_down.weight": T.Q2_K}, os.path.join(tmp, "unused.safetensors"))
+    tiny_ids(qwen, TINY_TEXTS + ["12345 678 the1"])
+    # LLaMA-3's split (digits in threes), and a non-default alignment.
+    llama3 = os.path.join(OUT, "tiny_llama3.gguf")
+    write_tiny(llama3, "llama", 1, 32, 4, 2, 32, {}, os.path.join(OUT, "tiny_llama3_expected.safetensors"),
+               pre="llama-bpe", default=T.Q8_0, alignment=64)
+    tiny_ids(llama3, TINY_TEXTS + ["12345 678 the1", "  x\n\n y"])
+    write_tiny(os.path.join(OUT, "unsupported_arch.gguf"), "mamba", 1, 32, 4, 2, 32, {},
+               default=T.Q8_0)
+    write_tiny(os.path.join(OUT, "unsupported_type.gguf"), "llama", 1, 32, 4, 2, 256,
+               {"blk.0.ffn_down.weight": T.Q2_K}, default=T.Q8_0)
 
     if os.path.exists(args.smollm):
         smollm_fixtures(args.smollm)

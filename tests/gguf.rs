@@ -158,7 +158,7 @@ fn reader_parses_tiny_header() {
             .as_array()
             .unwrap()
             .len(),
-        265
+        266
     );
     let q = g.tensor("blk.0.attn_q.weight").unwrap();
     assert_eq!(q.ty.name, "Q4_0");
@@ -184,6 +184,19 @@ fn check_tensors(out: &Path, expected: &str) {
     }
 }
 
+/// The rebuilt tokenizer loads in `tokenizers` and reproduces the ids
+/// transformers gives (fixture `ids`), and decodes them back.
+fn check_ids(out: &Path, ids: &str) -> tokenizers::Tokenizer {
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    for case in read_json(&fixture(ids)).as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), text);
+    }
+    tok
+}
+
 #[test]
 fn tiny_llama_imports() {
     let (_tmp, out) = import(&fixture("tiny_llama.gguf"), OutDtype::F32);
@@ -197,7 +210,7 @@ fn tiny_llama_imports() {
         ("num_attention_heads", 4),
         ("num_key_value_heads", 2),
         ("head_dim", 8),
-        ("vocab_size", 265),
+        ("vocab_size", 266),
         ("max_position_embeddings", 256),
         ("bos_token_id", 1),
         ("eos_token_id", 2),
@@ -219,16 +232,7 @@ fn tiny_llama_imports() {
         .unwrap()
         .starts_with("{% for message in messages %}"));
 
-    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
-    for case in read_json(&fixture("tiny_llama_ids.json"))
-        .as_array()
-        .unwrap()
-    {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), text);
-    }
+    let tok = check_ids(&out, "tiny_llama_ids.json");
     // SmolLM's pre-tokenizer splits digits individually: the vocabulary
     // has a "12" token (merge "1 2") that must not be used.
     assert_eq!(tok.token_to_id("12"), Some(264));
@@ -266,13 +270,30 @@ fn tiny_qwen2_imports_unpermuted_with_biases() {
     assert_eq!(c["model_type"], "qwen2");
     assert_eq!(c["num_hidden_layers"], 1);
     check_tensors(&out, "tiny_qwen2_expected.safetensors");
-    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    let tok = check_ids(&out, "tiny_qwen2_ids.json");
     // Qwen2's split keeps digits single too.
     let ids = tok.encode("12", false).unwrap().get_ids().to_vec();
     assert_eq!(
         ids,
         vec![tok.token_to_id("1").unwrap(), tok.token_to_id("2").unwrap()]
     );
+}
+
+#[test]
+fn llama_bpe_pre_tokenizer_and_alignment_64() {
+    let src = fixture("tiny_llama3.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    assert_eq!(g.alignment, 64);
+    assert!(g.tensors.iter().all(|t| t.offset % 64 == 0));
+    let (_tmp, out) = import(&src, OutDtype::F32);
+    check_tensors(&out, "tiny_llama3_expected.safetensors");
+    let tok = check_ids(&out, "tiny_llama3_ids.json");
+    let ids = tok.encode("12345", false).unwrap().get_ids().to_vec();
+    let want: Vec<u32> = ["123", "4", "5"]
+        .iter()
+        .map(|t| tok.token_to_id(t).unwrap())
+        .collect();
+    assert_eq!(ids, want);
 }
 
 #[test]
@@ -398,6 +419,43 @@ fn unknown_pre_tokenizer_is_named() {
         msg.contains("mystry") && msg.contains("pre-tokenizer"),
         "{msg}"
     );
+}
+
+/// Random byte corruptions of the header and of the metadata values never
+/// panic: every outcome is `Ok` or an `Err`.
+#[test]
+fn corrupt_headers_never_panic() {
+    let bytes = std::fs::read(fixture("tiny_qwen2.gguf")).unwrap();
+    let g = GgufFile::open(&fixture("tiny_qwen2.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..1000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % g.data_start as u64) as usize;
+            b[at] = match next() % 3 {
+                0 => 0xFF,
+                1 => 0,
+                _ => next() as u8,
+            };
+        }
+        let path = write_tmp(tmp.path(), "fuzz.gguf", &b);
+        let out = tmp.path().join(format!("out{i}"));
+        let result = std::panic::catch_unwind(|| {
+            let opts = ImportOptions {
+                dtype: OutDtype::BF16,
+                force: true,
+            };
+            let _ = import_gguf(&path, &out, &opts);
+        });
+        assert!(result.is_ok(), "corruption {i} panicked");
+    }
 }
 
 // ---- safetensors writer ---------------------------------------------------

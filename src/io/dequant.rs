@@ -52,7 +52,7 @@ pub fn dequantize(name: &str, ty: GgmlType, data: &[u8], n: usize) -> Result<Vec
             ))
         }
     };
-    if n % ty.block_len != 0 || data.len() != n / ty.block_len * ty.block_bytes {
+    if !n.is_multiple_of(ty.block_len) || data.len() != n / ty.block_len * ty.block_bytes {
         return Err(Error::tensor(
             name,
             format!(

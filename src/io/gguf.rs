@@ -445,7 +445,7 @@ impl<'a> Cursor<'a> {
                 let min_size = match elem_ty {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
                     t => return Err(format!("unknown array element type {t}")),

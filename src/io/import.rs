@@ -13,10 +13,11 @@ use crate::io::atomic::AtomicDir;
 use crate::io::dequant::dequantize;
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
-use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
+use crate::io::safetensors_out::{write_model_with, OutDtype, TensorSpec, DEFAULT_MAX_SHARD_BYTES};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde_json::json;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -81,7 +82,7 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
-    if heads == 0 || hidden % heads != 0 {
+    if hidden == 0 || heads == 0 || hidden % heads != 0 {
         return Err(Error::format(
             g.path(),
             format!("{heads} heads do not divide hidden size {hidden}"),
@@ -89,7 +90,7 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     }
     let kv_heads = int("attention.head_count_kv")?.unwrap_or(heads);
     let head_dim = int("attention.key_length")?.unwrap_or(hidden / heads);
-    if kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
+    if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 || head_dim % 2 != 0 {
         return Err(Error::format(
             g.path(),
             format!(
@@ -100,8 +101,21 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::format(g.path(), "missing tensor token_embd.weight"))?;
+    // Each layer has at least 9 tensors: refuse a block count the file
+    // cannot back before sizing anything by it.
+    let layers = need("block_count")?;
+    if layers.saturating_mul(9) > g.tensors.len() {
+        return Err(Error::format(
+            g.path(),
+            format!(
+                "{} = {layers}, but the file has only {} tensors",
+                key("block_count"),
+                g.tensors.len()
+            ),
+        ));
+    }
     Ok(Hparams {
-        layers: need("block_count")?,
+        layers,
         hidden,
         ffn: need("feed_forward_length")?,
         heads,
@@ -237,17 +251,9 @@ fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32>
     out
 }
 
-fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<OutTensor> {
-    if t.shape() != plan.shape {
-        return Err(Error::tensor(
-            &t.name,
-            format!(
-                "shape {:?} (HF order), expected {:?} from the metadata",
-                t.shape(),
-                plan.shape
-            ),
-        ));
-    }
+/// The tensor's data as `dtype` bytes: dequantised, checked finite,
+/// un-permuted where the plan says so.
+fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<Vec<u8>> {
     let mut w = dequantize(&t.name, t.ty, g.tensor_data(t), t.n_elements())?;
     if let Some(bad) = w.par_iter().position_any(|v| !v.is_finite()) {
         return Err(Error::tensor(
@@ -263,16 +269,7 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
     if let Some(heads) = plan.unpermute_heads {
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }
-    let data = w
-        .par_chunks(1 << 16)
-        .flat_map_iter(|c| dtype.encode(c))
-        .collect();
-    Ok(OutTensor {
-        name: plan.hf_name.clone(),
-        dtype,
-        shape: plan.shape.clone(),
-        data,
-    })
+    Ok(dtype.encode(&w))
 }
 
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
@@ -335,20 +332,39 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     let tokenizer = tokenizer_json(&g)?;
     let tokenizer_config = tokenizer_config_json(&g)?;
 
-    let mut tensors = Vec::with_capacity(plans.len());
+    let mut sources = Vec::with_capacity(plans.len());
+    let mut specs = Vec::with_capacity(plans.len());
     for (name, plan) in &plans {
         let t = g
             .tensor(name)
             .ok_or_else(|| Error::format(src, format!("missing tensor {name}")))?;
-        tensors.push(convert(&g, t, plan, opts.dtype)?);
+        if t.shape() != plan.shape {
+            return Err(Error::tensor(
+                &t.name,
+                format!(
+                    "shape {:?} (HF order), expected {:?} from the metadata",
+                    t.shape(),
+                    plan.shape
+                ),
+            ));
+        }
+        sources.push(t);
+        specs.push(TensorSpec {
+            name: plan.hf_name.clone(),
+            dtype: opts.dtype,
+            shape: plan.shape.clone(),
+        });
     }
-    let n_params = tensors
+    let n_params = specs
         .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .map(|s| s.shape.iter().product::<usize>() as u64)
         .sum();
 
+    // Tensors are dequantised one at a time as they are written.
     let dir = AtomicDir::create(out, opts.force)?;
-    write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
+    write_model_with(dir.path(), &specs, DEFAULT_MAX_SHARD_BYTES, |i| {
+        convert(&g, sources[i], &plans[i].1, opts.dtype).map(Cow::Owned)
+    })?;
     let json_file = |name: &str, v: &serde_json::Value| {
         let path = dir.path().join(name);
         let text = serde_json::to_string_pretty(v).expect("serialising a JSON value");
@@ -362,7 +378,7 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
         out_dir,
         architecture: arch,
         n_layers: h.layers,
-        n_tensors: tensors.len(),
+        n_tensors: specs.len(),
         n_params,
     })
 }

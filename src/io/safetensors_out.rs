@@ -2,11 +2,18 @@
 //! the total is above the shard limit, HF-style shards
 //! `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`
 //! (`{"metadata": {"total_size": bytes}, "weight_map": {name: file}}`).
+//!
+//! A file is `u64 header length | JSON header (safetensors' own `Metadata`,
+//! space-padded to 8 bytes) | tensor bytes`. `write_model_with` streams the
+//! tensor bytes from a callback, so a caller never holds more than one
+//! tensor in memory; `write_model` is the in-memory convenience.
 use crate::{Error, Result};
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, View};
+use rayon::prelude::*;
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 /// HF's default shard size.
@@ -44,16 +51,21 @@ impl OutDtype {
     }
     /// Little-endian bytes of `values` in this dtype (round to nearest even).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        fn par<const N: usize>(values: &[f32], f: impl Fn(f32) -> [u8; N] + Sync) -> Vec<u8> {
+            let mut out = vec![0u8; values.len() * N];
+            out.par_chunks_mut(N << 16)
+                .zip(values.par_chunks(1 << 16))
+                .for_each(|(dst, src)| {
+                    for (d, &v) in dst.chunks_exact_mut(N).zip(src) {
+                        d.copy_from_slice(&f(v));
+                    }
+                });
+            out
+        }
         match self {
-            OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            OutDtype::F16 => values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            OutDtype::BF16 => values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
+            OutDtype::F32 => par(values, f32::to_le_bytes),
+            OutDtype::F16 => par(values, |v| f16::from_f32(v).to_le_bytes()),
+            OutDtype::BF16 => par(values, |v| bf16::from_f32(v).to_le_bytes()),
         }
     }
 }
@@ -98,64 +110,91 @@ impl OutTensor {
     }
 }
 
-impl View for &OutTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype.safetensors()
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
+/// Name, dtype and shape of a tensor whose bytes are streamed.
+#[derive(Clone, Debug)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: OutDtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn n_bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
     }
 }
 
 /// Writes `tensors` into `dir` (which must exist), sharded when their total
-/// size exceeds `max_shard_bytes`. Shards are filled in the given order; a
-/// tensor larger than the limit gets a shard of its own.
+/// size exceeds `max_shard_bytes`.
 pub fn write_model(dir: &Path, tensors: &[OutTensor], max_shard_bytes: u64) -> Result<()> {
-    for t in tensors {
-        let want = t.shape.iter().product::<usize>() * t.dtype.size();
-        if t.data.len() != want {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    for (t, s) in tensors.iter().zip(&specs) {
+        if t.data.len() != s.n_bytes() {
             return Err(Error::tensor(
                 &t.name,
                 format!(
-                    "shape {:?} needs {want} bytes, got {}",
+                    "shape {:?} needs {} bytes, got {}",
                     t.shape,
+                    s.n_bytes(),
                     t.data.len()
                 ),
             ));
         }
     }
-    let total: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
-    let mut shards: Vec<&[OutTensor]> = Vec::new();
-    let (mut start, mut size) = (0, 0u64);
-    for (i, t) in tensors.iter().enumerate() {
-        let n = t.data.len() as u64;
-        if i > start && size + n > max_shard_bytes {
-            shards.push(&tensors[start..i]);
-            (start, size) = (i, 0);
+    write_model_with(dir, &specs, max_shard_bytes, |i| {
+        Ok(Cow::Borrowed(&tensors[i].data))
+    })
+}
+
+/// Writes the tensors described by `specs` into `dir` (which must exist);
+/// `bytes(i)` produces (or lends) the little-endian data of `specs[i]`
+/// when it is written, exactly once per tensor. Shards are filled in `specs` order; a
+/// tensor larger than the limit gets a shard of its own. Within a file,
+/// tensors are laid out as the safetensors crate does (wider dtypes first,
+/// then by name) so every tensor is aligned to its element size.
+pub fn write_model_with<'a>(
+    dir: &Path,
+    specs: &[TensorSpec],
+    max_shard_bytes: u64,
+    mut bytes: impl FnMut(usize) -> Result<Cow<'a, [u8]>>,
+) -> Result<()> {
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let n = s.n_bytes() as u64;
+        let current = shards.last_mut().expect("never empty");
+        if !current.is_empty() && size + n > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
         }
+        shards.last_mut().expect("never empty").push(i);
         size += n;
     }
-    shards.push(&tensors[start..]);
-
-    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     if shards.len() == 1 {
-        return write_file(&dir.join("model.safetensors"), tensors, meta);
+        return write_file(
+            &dir.join("model.safetensors"),
+            specs,
+            &shards[0],
+            &mut bytes,
+        );
     }
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        write_file(&dir.join(&file), shard, meta.clone())?;
-        for t in *shard {
-            weight_map.insert(t.name.clone(), file.clone().into());
+    for (k, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+        write_file(&dir.join(&file), specs, shard, &mut bytes)?;
+        for &i in shard {
+            weight_map.insert(specs[i].name.clone(), file.clone().into());
         }
     }
+    let total: u64 = specs.iter().map(|s| s.n_bytes() as u64).sum();
     let index = serde_json::json!({
         "metadata": { "total_size": total },
         "weight_map": weight_map,
@@ -165,11 +204,59 @@ pub fn write_model(dir: &Path, tensors: &[OutTensor], max_shard_bytes: u64) -> R
     std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
 }
 
-fn write_file(
+/// One safetensors file holding `specs[i]` for `i` in `members`.
+fn write_file<'a>(
     path: &Path,
-    tensors: &[OutTensor],
-    meta: Option<HashMap<String, String>>,
+    specs: &[TensorSpec],
+    members: &[usize],
+    bytes: &mut impl FnMut(usize) -> Result<Cow<'a, [u8]>>,
 ) -> Result<()> {
-    safetensors::tensor::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), meta, path)
-        .map_err(|e| Error::format(path, format!("writing safetensors: {e}")))
+    let mut order = members.to_vec();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&specs[a], &specs[b]);
+        b.dtype
+            .size()
+            .cmp(&a.dtype.size())
+            .then(a.name.cmp(&b.name))
+    });
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0;
+    for &i in &order {
+        let s = &specs[i];
+        let info = TensorInfo {
+            dtype: s.dtype.safetensors(),
+            shape: s.shape.clone(),
+            data_offsets: (offset, offset + s.n_bytes()),
+        };
+        offset += s.n_bytes();
+        infos.push((s.name.clone(), info));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let mut header = Metadata::new(Some(meta), infos)
+        .and_then(|m| Ok(serde_json::to_vec(&m)?))
+        .map_err(|e| Error::format(path, format!("safetensors header: {e}")))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 22, file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for &i in &order {
+        let data = bytes(i)?;
+        if data.len() != specs[i].n_bytes() {
+            return Err(Error::tensor(
+                &specs[i].name,
+                format!(
+                    "shape {:?} needs {} bytes, got {}",
+                    specs[i].shape,
+                    specs[i].n_bytes(),
+                    data.len()
+                ),
+            ));
+        }
+        w.write_all(&data).map_err(io)?;
+    }
+    w.flush().map_err(io)
 }
