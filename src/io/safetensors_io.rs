@@ -163,6 +163,33 @@ impl SafeModel {
         Ok(Self { files, entries })
     }
 
+    /// Drops the mapped pages from this process's resident set (they stay
+    /// in the page cache and fault back in on the next read). Called once
+    /// the weights have been converted onto a backend, so the host does not
+    /// count the model twice.
+    pub fn release_pages(&self) {
+        for (_, mmap) in &self.files {
+            // SAFETY: the mapping is a read-only, file-backed private map;
+            // MADV_DONTNEED only discards pages that the file can reproduce.
+            // Failure is harmless (the pages simply stay resident).
+            let _ = unsafe { mmap.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
+    /// Like `release_pages`, for the pages of one tensor only.
+    pub fn release_tensor(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: as in `release_pages`.
+            let _ = unsafe {
+                self.files[e.file].1.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }

@@ -44,6 +44,7 @@ pub fn layer_tensor(l: usize, leaf: &str) -> String {
 
 fn load<B: Backend>(b: &B, files: &SafeModel, name: &str, shape: &[usize]) -> Result<B::Weight> {
     let data = files.get(name, shape)?.to_f32()?;
+    files.release_tensor(name);
     b.upload_weight(&data)
 }
 
