@@ -55,6 +55,8 @@ impl<D: Device> CudaBackend<D> {
 
     /// `y[rows, out] = x[rows, inp] · W[out, inp]ᵀ` with `x` bf16: in cuBLAS's
     /// column-major terms `yᵀ[out, rows] = op_T(W as [inp, out]) · xᵀ[inp, rows]`.
+    /// W starts `w_offset` elements into `w` (a vocabulary chunk); y rows are `ldy` apart.
+    #[allow(clippy::too_many_arguments)]
     fn matmul_wt(
         &self,
         x: &DevBuf<D, bf16>,

@@ -127,6 +127,7 @@ pub fn channel_stats<D: Device, T: Float>(
 
 /// fisher_trace.cu `fisher_trace_f32`: per layer `out[l] = {Σk1, Σsqrt(f2/n),
 /// mean x, unbiased std x}` for `k1`, `f2`, `x` `[layers, m]`.
+#[allow(clippy::too_many_arguments)]
 pub fn fisher_trace<D: Device>(
     dev: &D,
     k1: &DevBuf<D, f32>,
@@ -435,7 +436,7 @@ pub fn rope<D: Device>(
     hd: usize,
     inverse: bool,
 ) -> Result<()> {
-    if hd % 2 != 0 || t == 0 || rows % t != 0 {
+    if !hd.is_multiple_of(2) || t == 0 || !rows.is_multiple_of(t) {
         return Err(bad(
             dev,
             format!("rope: head_dim {hd} must be even, rows {rows} a multiple of t {t}"),
@@ -463,7 +464,7 @@ const ATTN_WARPS: u32 = 4;
 const ATTN_TILE: usize = 32;
 
 fn attn_check<D: Device>(dev: &D, s: AttnShape) -> Result<()> {
-    if s.head_dim % 32 != 0 || s.head_dim == 0 || s.head_dim > 128 {
+    if !s.head_dim.is_multiple_of(32) || s.head_dim == 0 || s.head_dim > 128 {
         return Err(bad(
             dev,
             format!(
@@ -472,7 +473,7 @@ fn attn_check<D: Device>(dev: &D, s: AttnShape) -> Result<()> {
             ),
         ));
     }
-    if s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
         return Err(bad(
             dev,
             format!(
