@@ -3,8 +3,10 @@
 //! Data flows one way: `io` → `model` → `backend` → `prune`/`eval` → `io`.
 pub mod backend;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
+pub mod progress;
 pub mod prune;
 
 pub use error::{Error, Result};

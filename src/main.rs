@@ -1,1 +1,636 @@
-fn main(){}
+//! The `rku-engine` command line: each subcommand is a thin function over the library.
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::backend::Backend;
+use rku_engine::eval::iou::read_kept;
+use rku_engine::eval::ppl::perplexity;
+use rku_engine::io::export::ExportLayout;
+use rku_engine::io::import::{import_gguf, ImportOptions};
+use rku_engine::io::text::{read_text, Tokenizer};
+use rku_engine::io::text::{token_digest, windows};
+use rku_engine::model::forward::{forward, Geometry};
+use rku_engine::model::Model;
+use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
+use rku_engine::prune::pipeline::{output_dir, prune_model, PruneJob};
+use rku_engine::prune::{merge, Allocation, EnergyAt, Method, Objectives, Stats};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "rku-engine",
+    version,
+    about = "Reasoning-aware structural pruning of LLM FFN channels (Relative Kinetic Utility)",
+    long_about = "Scores every FFN channel of a LLaMA/Qwen2 model by |activation × gradient| of a \
+label-free energy objective, prunes the lowest globally and exports a smaller HF model.\n\n\
+Typical run:\n  rku-engine import SmolLM2.gguf --out models/smollm2\n  \
+rku-engine prune --model models/smollm2 --calib wiki.jsonl --field 0 --method rku --sparsity 0.4 --out models/smollm2-rku40\n  \
+rku-engine eval ppl --model models/smollm2-rku40 --text owt.jsonl --field 0"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a GGUF (LLaMA or Qwen2) into an HF model directory.
+    Import(ImportArgs),
+    /// Compute per-channel statistics on calibration text (one pass serves every method).
+    Score(ScoreArgs),
+    /// Score (or read statistics), allocate, compact and export pruned models.
+    Prune(PruneArgs),
+    /// Work with statistics files.
+    #[command(subcommand)]
+    Stats(StatsCmd),
+    /// Overlap (IoU) of the kept channels of two pruned models.
+    Iou(IouArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum StatsCmd {
+    /// Sum statistics files computed on disjoint calibration shards of one model.
+    Merge(MergeArgs),
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Token perplexity over non-overlapping windows of held-out text.
+    Ppl(PplArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Forward-pass throughput (tokens/s and GFLOP/s, logits included).
+    Forward(BenchForwardArgs),
+    /// Scoring throughput: forward + energy backward + statistics (tokens/s).
+    Score(BenchScoreArgs),
+}
+
+/// Which device computes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendKind {
+    /// The CUDA backend when kernels were built and a driver answers, else the CPU.
+    Auto,
+    /// Multithreaded f32 on the CPU.
+    Cpu,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    backend: BackendKind,
+}
+
+/// Text input: a plain text file, or jsonl with the string field --field.
+#[derive(Args)]
+struct TextArgs {
+    /// Plain text, or .jsonl (each row's --field, rows joined by a blank line).
+    #[arg(long)]
+    text: PathBuf,
+    /// jsonl field to read (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    field: Option<String>,
+}
+
+/// Calibration input (METHODS.md section 2).
+#[derive(Args)]
+struct CalibArgs {
+    /// Calibration text: plain text, or .jsonl read through --field.
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    field: Option<String>,
+    /// N: calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// T: tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Prefix each window with the BOS token.
+    #[arg(long)]
+    bos: bool,
+    /// Sequences per forward/backward batch (memory vs speed; results do not change).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
+    #[arg(long, default_value = "both", value_parser = ["energy", "ce", "both"])]
+    objective: String,
+    /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
+    #[arg(long, default_value = "final-norm")]
+    energy_at: String,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    calib: CalibArgs,
+    /// Output statistics file (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// HF model directory to prune.
+    #[arg(long)]
+    model: PathBuf,
+    /// Statistics files from `score` (summed when several); instead of --calib.
+    #[arg(long, num_args = 1.., conflicts_with = "calib")]
+    stats: Vec<PathBuf>,
+    #[command(flatten)]
+    calib: CalibArgs,
+    /// Scoring method: rku, agf, wanda-struct, flap, taylor, rku-fisher.
+    #[arg(long, default_value = "rku")]
+    method: String,
+    /// Fractions of FFN channels to remove, comma-separated (one model each).
+    #[arg(long, value_delimiter = ',', required = true)]
+    sparsity: Vec<f64>,
+    /// uniform or global; default: the method's own (METHODS.md section 5).
+    #[arg(long)]
+    allocation: Option<String>,
+    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    #[arg(long)]
+    min_keep: Option<usize>,
+    /// Round every layer's kept width to a multiple of this.
+    #[arg(long, default_value_t = 1)]
+    align: usize,
+    /// compact (smaller layers) or padded (zero-padded to the widest, loads in stock transformers).
+    #[arg(long, default_value = "compact")]
+    export: String,
+    /// Output directory; with several sparsities, one subdirectory `<method>-s<sparsity>` each.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The GGUF file (v2/v3; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K tensors).
+    gguf: PathBuf,
+    /// Output model directory (model.safetensors, config.json, tokenizer files).
+    #[arg(long)]
+    out: PathBuf,
+    /// dtype of the written weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Statistics files to sum.
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct IouArgs {
+    /// A pruned model directory (or its pruning.json).
+    a: PathBuf,
+    /// Another pruned model directory (or its pruning.json).
+    b: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sequences scored after one warm-up sequence.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    text: TextArgs,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct BenchForwardArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Timed repeats after one warm-up pass; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Runs `$body` with `$be` bound to the chosen backend.
+macro_rules! with_backend {
+    ($kind:expr, |$be:ident| $body:expr) => {{
+        match $kind {
+            BackendKind::Auto | BackendKind::Cpu => {
+                let $be = CpuBackend::new();
+                eprintln!("backend: cpu ({} threads)", rayon::current_num_threads());
+                $body
+            }
+        }
+    }};
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Import(a) => import(&a),
+        Cmd::Score(a) => with_backend!(a.common.backend, |be| score(&be, &a)),
+        Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune(&be, &a)),
+        Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
+        Cmd::Iou(a) => iou(&a),
+        Cmd::Bench(BenchCmd::Score(a)) => {
+            with_backend!(a.common.backend, |be| bench_score(&be, &a))
+        }
+        Cmd::Eval(EvalCmd::Ppl(a)) => with_backend!(a.common.backend, |be| eval_ppl(&be, &a)),
+        Cmd::Bench(BenchCmd::Forward(a)) => {
+            with_backend!(a.common.backend, |be| bench_forward(&be, &a))
+        }
+    }
+}
+
+fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Model<B>> {
+    let t = Instant::now();
+    let m = Model::load(be, dir).with_context(|| format!("loading model {}", dir.display()))?;
+    eprintln!(
+        "model: {} ({:?}, {} layers, {:.1}M parameters) loaded in {:.1}s",
+        dir.display(),
+        m.cfg.arch,
+        m.cfg.layers,
+        m.cfg.param_count() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+fn eval_ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
+    let model = load_model(be, &a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let text = read_text(&a.text.text, a.text.field.as_deref())?;
+    let ids = tok.encode(&text)?;
+    let r = perplexity(be, &model, &ids, a.seq_len, a.max_windows, a.batch)?;
+    println!(
+        "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens)",
+        r.ppl, r.nll, r.windows, r.seq_len, r.tokens
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+/// Multiply-add FLOPs of one forward pass over `seqs` sequences of `t`
+/// tokens: 2·(linear weights incl. lm_head) per token, plus the causal
+/// attention products 2·2·q_dim·(t+1)/2 per token and layer.
+fn forward_flops(cfg: &rku_engine::model::ModelConfig, seqs: usize, t: usize) -> f64 {
+    let d = cfg.hidden as f64;
+    let lin_per_layer: Vec<f64> = cfg
+        .ffn_widths
+        .iter()
+        .map(|&m| d * (2.0 * cfg.q_dim() as f64 + 2.0 * cfg.kv_dim() as f64) + 3.0 * d * m as f64)
+        .collect();
+    let lin: f64 = lin_per_layer.iter().sum::<f64>() + d * cfg.vocab as f64;
+    let attn = cfg.layers as f64 * 2.0 * cfg.q_dim() as f64 * (t as f64 + 1.0);
+    seqs as f64 * t as f64 * (2.0 * lin + attn)
+}
+
+fn bench_forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
+    if a.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let model = load_model(be, &a.model)?;
+    let c = &model.cfg;
+    let geo = Geometry {
+        seqs: a.batch,
+        t: a.seq_len,
+    };
+    // Deterministic pseudo-random ids (a linear congruential sequence).
+    let ids: Vec<u32> = (0..geo.rows() as u64)
+        .map(|i| ((i * 2654435761 + 12345) % c.vocab as u64) as u32)
+        .collect();
+    let run_once = || -> Result<f64> {
+        let t = Instant::now();
+        let out = forward(be, &model, &ids, geo, false)?;
+        let logits = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
+        drop(logits);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run_once()?;
+    let mut times = Vec::with_capacity(a.repeats);
+    for _ in 0..a.repeats {
+        times.push(run_once()?);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let tokens = geo.rows() as f64;
+    let gflops = forward_flops(c, geo.seqs, geo.t) / median / 1e9;
+    println!(
+        "forward: {} x {} tokens, median {:.4}s (min {:.4}s, max {:.4}s): {:.0} tokens/s, {:.1} GFLOP/s",
+        geo.seqs,
+        geo.t,
+        median,
+        times[0],
+        times[times.len() - 1],
+        tokens / median,
+        gflops
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"seq_len": geo.t, "batch": geo.seqs, "median_s": median,
+                "tokens_per_s": tokens / median, "gflops": gflops, "backend": be.name()})
+        );
+    }
+    Ok(())
+}
+
+fn calib_spec(c: &CalibArgs) -> Result<CalibSpec> {
+    let objectives = match c.objective.as_str() {
+        "both" => Objectives {
+            energy: true,
+            ce: true,
+        },
+        o => o.parse()?,
+    };
+    Ok(CalibSpec {
+        samples: c.samples,
+        seq_len: c.seq_len,
+        batch: c.batch,
+        objectives,
+        energy_at: c.energy_at.parse::<EnergyAt>()?,
+    })
+}
+
+/// Reads, tokenizes and windows the calibration text; returns (ids, digest).
+fn calib_windows<B: Backend>(model: &Model<B>, c: &CalibArgs) -> Result<(Vec<u32>, String)> {
+    let path = c
+        .calib
+        .as_ref()
+        .context("calibration text needed: pass --calib FILE (or --stats)")?;
+    let tok = Tokenizer::load(&model.dir)?;
+    let text = read_text(path, c.field.as_deref())?;
+    let ids = tok.encode(&text)?;
+    let bos = if c.bos {
+        Some(
+            model
+                .cfg
+                .bos_token_id
+                .context("--bos given but config.json has no bos_token_id")?,
+        )
+    } else {
+        None
+    };
+    let windows = windows(&ids, c.samples, c.seq_len, bos)?;
+    let digest = token_digest(&windows);
+    eprintln!(
+        "calibration: {} sequences x {} tokens from {} (digest {}…)",
+        c.samples,
+        c.seq_len,
+        path.display(),
+        &digest[..12]
+    );
+    Ok((windows, digest))
+}
+
+fn run_scoring<B: Backend>(be: &B, model: &Model<B>, c: &CalibArgs) -> Result<Stats> {
+    let spec = calib_spec(c)?;
+    let (ids, digest) = calib_windows(model, c)?;
+    let t = Instant::now();
+    let stats = collect_stats(be, model, &ids, spec, digest)?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "scored {} tokens ({}) in {secs:.1}s: {:.0} tokens/s",
+        ids.len(),
+        spec.objectives,
+        ids.len() as f64 / secs
+    );
+    Ok(stats)
+}
+
+fn score<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
+    if a.out.exists() && !a.force {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            a.out.display()
+        );
+    }
+    let model = load_model(be, &a.model)?;
+    let stats = run_scoring(be, &model, &a.calib)?;
+    stats.save(&a.out)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
+    let method: Method = a.method.parse()?;
+    let allocation = match &a.allocation {
+        Some(s) => s.parse::<Allocation>()?,
+        None => method.default_allocation(),
+    };
+    let layout: ExportLayout = a.export.parse()?;
+    for &s in &a.sparsity {
+        if !(s > 0.0 && s < 1.0) {
+            bail!("sparsity must be strictly between 0 and 1, got {s}");
+        }
+    }
+    let several = a.sparsity.len() > 1;
+    let outs: Vec<PathBuf> = a
+        .sparsity
+        .iter()
+        .map(|&s| output_dir(&a.out, method, s, several))
+        .collect();
+    if !a.force {
+        if let Some(o) = outs.iter().find(|o| o.exists()) {
+            bail!(
+                "{} already exists (pass --force to replace it)",
+                o.display()
+            );
+        }
+    }
+    let model = load_model(be, &a.model)?;
+    let stats = match a.stats.as_slice() {
+        [] => run_scoring(be, &model, &a.calib)?,
+        [one] => Stats::load(one)?,
+        many => merge(many)?,
+    };
+    let norms = down_column_norms(&model)?;
+    for (&sparsity, out) in a.sparsity.iter().zip(outs) {
+        let job = PruneJob {
+            method,
+            allocation,
+            sparsity,
+            min_keep: a.min_keep,
+            align: a.align,
+            layout,
+            out,
+            force: a.force,
+        };
+        let r = prune_model(&model, &stats, &norms, &job)?;
+        println!(
+            "{} at sparsity {}: {} -> {} parameters ({:.1}% removed), widths {}..{}, wrote {}",
+            r.method,
+            r.sparsity,
+            r.params_before,
+            r.params_after,
+            100.0 * (1.0 - r.params_after as f64 / r.params_before as f64),
+            r.widths.iter().min().unwrap_or(&0),
+            r.widths.iter().max().unwrap_or(&0),
+            r.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn stats_merge(a: &MergeArgs) -> Result<()> {
+    if a.out.exists() && !a.force {
+        bail!(
+            "{} already exists (pass --force to replace it)",
+            a.out.display()
+        );
+    }
+    let merged = merge(&a.files)?;
+    merged.save(&a.out)?;
+    println!(
+        "merged {} files: {} sequences, {} tokens -> {}",
+        a.files.len(),
+        merged.meta.samples,
+        merged.meta.tokens,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn iou(a: &IouArgs) -> Result<()> {
+    let r = rku_engine::eval::iou::iou(&read_kept(&a.a)?, &read_kept(&a.b)?)?;
+    for (l, v) in r.per_layer.iter().enumerate() {
+        println!("layer {l:>3}: {v:.4}");
+    }
+    println!("mean IoU {:.4}", r.mean);
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn bench_score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
+    let model = load_model(be, &a.model)?;
+    let t = a.seq_len;
+    let vocab = model.cfg.vocab as u64;
+    let ids: Vec<u32> = (0..((a.samples + 1) * t) as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    let spec = |n| CalibSpec {
+        samples: n,
+        seq_len: t,
+        batch: 1,
+        objectives: Objectives {
+            energy: true,
+            ce: false,
+        },
+        energy_at: EnergyAt::FinalNorm,
+    };
+    collect_stats(be, &model, &ids[..t], spec(1), String::new())?; // warm-up
+    let start = Instant::now();
+    collect_stats(be, &model, &ids[t..], spec(a.samples), String::new())?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens = (a.samples * t) as f64;
+    println!(
+        "score (energy, forward + backward + statistics): {} x {t} tokens in {secs:.2}s: {:.0} tokens/s",
+        a.samples,
+        tokens / secs
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"seq_len": t, "samples": a.samples, "seconds": secs,
+                "tokens_per_s": tokens / secs, "backend": be.name()})
+        );
+    }
+    Ok(())
+}
+
+fn import(a: &ImportArgs) -> Result<()> {
+    let t = Instant::now();
+    let opts = ImportOptions {
+        dtype: a.dtype.parse()?,
+        force: a.force,
+    };
+    let r = import_gguf(&a.gguf, &a.out, &opts)?;
+    println!(
+        "imported {} ({}, {} layers, {} tensors, {:.1}M parameters) into {} in {:.1}s",
+        a.gguf.display(),
+        r.architecture,
+        r.n_layers,
+        r.n_tensors,
+        r.n_params as f64 / 1e6,
+        r.out_dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -170,8 +170,7 @@ pub trait Backend: Send + Sync {
 
     /// Energy objective over `rows` tokens: `J = scale · Σ_r ½‖z_r‖²`,
     /// `dz = scale · z`. Returns `(J, dz)`.
-    fn energy(&self, z: &Self::Buf, rows: usize, d: usize, scale: f32)
-        -> Result<(f64, Self::Buf)>;
+    fn energy(&self, z: &Self::Buf, rows: usize, d: usize, scale: f32) -> Result<(f64, Self::Buf)>;
 
     /// Cross-entropy of `logits = z · Wᵀ` (`W = lm_head [vocab, d]`) against
     /// `targets` (`u32::MAX` = not predicted), computed over vocabulary chunks

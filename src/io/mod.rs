@@ -2,8 +2,10 @@
 //! importer, tokenizer, text reading, statistics files and export writers.
 pub mod atomic;
 pub mod dequant;
+pub mod export;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;
 pub mod safetensors_io;
+pub mod safetensors_out;
 pub mod text;

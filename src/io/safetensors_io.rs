@@ -1,1 +1,232 @@
-//! (in progress)
+//! Memory-mapped safetensors reading: one file or an HF sharded index.
+//! Tensors are never copied until a caller asks for an f32 conversion.
+use crate::{Error, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Element types the runtime reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            _ => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
+        }
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: FloatType,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// A borrowed view of one tensor inside a mapped file.
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: FloatType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl TensorRef<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Converts to f32, refusing NaN or infinite values with an error naming the tensor.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let out: Vec<f32> = match self.dtype {
+            FloatType::F32 => self
+                .bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            FloatType::F16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            FloatType::BF16 => self
+                .bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+            return Err(Error::tensor(
+                self.name,
+                format!("non-finite value {} at flat index {i}", out[i]),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// All tensors of a model directory, memory-mapped.
+pub struct SafeModel {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl SafeModel {
+    /// Opens `dir/model.safetensors`, or the shards listed in
+    /// `dir/model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.exists() {
+            Self::open_files(&[single])
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
+            let mut shards: Vec<PathBuf> = map
+                .values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            shards.sort();
+            Self::open_files(&shards)
+        } else {
+            Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ))
+        }
+    }
+
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut entries = HashMap::new();
+        for (fi, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the file is opened read-only; the engine never writes to
+            // a model it reads (outputs go to a fresh directory).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e:?}")))?;
+            let base = 8 + n;
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    Dtype::F32 => FloatType::F32,
+                    Dtype::F16 => FloatType::F16,
+                    Dtype::BF16 => FloatType::BF16,
+                    other => {
+                        return Err(Error::tensor(
+                            &name,
+                            format!(
+                                "{}: dtype {other:?} is not supported (bf16, f16, f32)",
+                                path.display()
+                            ),
+                        ))
+                    }
+                };
+                entries.insert(
+                    name,
+                    Entry {
+                        file: fi,
+                        dtype,
+                        shape: info.shape.clone(),
+                        start: base + info.data_offsets.0,
+                        end: base + info.data_offsets.1,
+                    },
+                );
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { files, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A view of `name`, checked against the expected `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.files_display())))?;
+        if e.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "shape {:?} in {}, expected {shape:?}",
+                    e.shape,
+                    self.files[e.file].0.display()
+                ),
+            ));
+        }
+        Ok(TensorRef {
+            name: key,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: &self.files[e.file].1[e.start..e.end],
+        })
+    }
+
+    /// A view of `name` whatever its shape.
+    pub fn get_any(&self, name: &str) -> Result<TensorRef<'_>> {
+        let shape = self
+            .entries
+            .get(name)
+            .map(|e| e.shape.clone())
+            .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.files_display())))?;
+        self.get(name, &shape)
+    }
+
+    /// The dtype most tensors are stored in (the model's "input dtype").
+    pub fn main_dtype(&self) -> FloatType {
+        let mut count: BTreeMap<usize, (FloatType, usize)> = BTreeMap::new();
+        for e in self.entries.values() {
+            let k = e.dtype as usize;
+            count.entry(k).or_insert((e.dtype, 0)).1 += e.end - e.start;
+        }
+        count
+            .values()
+            .max_by_key(|(_, n)| *n)
+            .map(|(t, _)| *t)
+            .unwrap_or(FloatType::F32)
+    }
+
+    fn files_display(&self) -> String {
+        self.files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

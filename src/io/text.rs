@@ -1,1 +1,123 @@
-//! (in progress)
+//! Reading evaluation and calibration text, and tokenizing it
+//! (METHODS.md section 2: "Reading text, everywhere").
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// Reads `path` as one string. A `.jsonl` file contributes the string field
+/// `field` (default "text") of each row, stripped of surrounding white
+/// space, rows joined by a blank line; any other file is taken whole.
+pub fn read_text(path: &Path, field: Option<&str>) -> Result<String> {
+    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let is_jsonl = path
+        .extension()
+        .map(|e| e == "jsonl" || e == "ndjson")
+        .unwrap_or(false);
+    if !is_jsonl {
+        if let Some(f) = field {
+            return Err(Error::Invalid(format!(
+                "--field {f} given but {} is not a .jsonl file",
+                path.display()
+            )));
+        }
+        return Ok(raw);
+    }
+    let field = field.unwrap_or("text");
+    let mut parts = Vec::new();
+    for (i, line) in raw.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::format(path, format!("line {}: not valid JSON: {e}", i + 1)))?;
+        let s = v.get(field).and_then(|x| x.as_str()).ok_or_else(|| {
+            Error::format(
+                path,
+                format!(
+                    "line {}: no string field `{field}` (choose one with --field)",
+                    i + 1
+                ),
+            )
+        })?;
+        parts.push(s.trim().to_string());
+    }
+    if parts.is_empty() {
+        return Err(Error::format(path, "no rows"));
+    }
+    Ok(parts.join("\n\n"))
+}
+
+/// A HF `tokenizer.json` loaded with the `tokenizers` crate.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn load(model_dir: &Path) -> Result<Self> {
+        let path = model_dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::format(
+                model_dir,
+                "no tokenizer.json in the model directory",
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        Ok(Self { inner })
+    }
+
+    /// Token ids of `text`, without special tokens (no BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token string, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// sha256 of token ids (little-endian u32), hex: the calibration digest.
+pub fn token_digest(ids: &[u32]) -> String {
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first `n` consecutive non-overlapping windows of `t` tokens, flattened
+/// `[n, t]` (window i is `ids[i·t, (i+1)·t)`), optionally each prefixed by BOS
+/// (then each window holds t−1 text tokens).
+pub fn windows(ids: &[u32], n: usize, t: usize, bos: Option<u32>) -> Result<Vec<u32>> {
+    let per = if bos.is_some() { t - 1 } else { t };
+    let have = ids.len() / per.max(1);
+    if t < 2 || have < n {
+        return Err(Error::Invalid(format!(
+            "the text has {} tokens: {have} windows of {t} tokens, {n} requested",
+            ids.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n * t);
+    for i in 0..n {
+        if let Some(b) = bos {
+            out.push(b);
+        }
+        out.extend_from_slice(&ids[i * per..(i + 1) * per]);
+    }
+    Ok(out)
+}

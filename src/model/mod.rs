@@ -1,3 +1,10 @@
 //! The transformer: configuration, weights, forward and backward passes,
 //! written once over the `Backend` trait.
+pub mod backward;
 pub mod config;
+pub mod forward;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use forward::Geometry;
+pub use weights::Model;

@@ -1,1 +1,209 @@
-//! CPU backend (in progress)
+//! The CPU backend: the reference every other backend is tested against,
+//! and a fast fallback (rayon over rows, `gemm` for matrix products, f32).
+mod attention;
+mod loss;
+pub mod matmul;
+mod ops;
+
+use super::{AttnShape, Backend, ChannelPartial};
+use crate::Result;
+
+/// f32 host buffers for activations and weights.
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// Uses rayon's global pool (RAYON_NUM_THREADS, default: all cores).
+    pub fn new() -> Self {
+        Self {
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload_weight(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Vec<f32>> {
+        let mut y = matmul::matmul_wt(x, w, rows, inp, out, self.threads);
+        if let Some(b) = bias {
+            for row in y.chunks_mut(out) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(y)
+    }
+
+    fn linear_bwd_input(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(matmul::matmul_w(dy, w, rows, inp, out, self.threads))
+    }
+
+    fn embedding(&self, ids: &[u32], table: &Vec<f32>, d: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            out.extend_from_slice(&table[id as usize * d..][..d]);
+        }
+        Ok(out)
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        _rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(ops::rmsnorm_fwd(x, w, d, eps))
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        _rows: usize,
+        d: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(ops::rmsnorm_bwd(dy, x, w, rstd, d))
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        _seqs: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        ops::rope(x, cos, sin, t, heads, head_dim, inverse);
+        Ok(())
+    }
+
+    fn attention_fwd(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        shape: AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(attention::forward(q, k, v, shape))
+    }
+
+    fn attention_bwd(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        shape: AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(attention::backward(dout, q, k, v, out, lse, shape))
+    }
+
+    fn swiglu_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, _n: usize) -> Result<Vec<f32>> {
+        Ok(ops::swiglu_fwd(a, b))
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dh: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        _n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(ops::swiglu_bwd(dh, a, b))
+    }
+
+    fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, _n: usize) -> Result<()> {
+        ops::add_assign(x, y);
+        Ok(())
+    }
+
+    fn channel_stats(
+        &self,
+        h: &Vec<f32>,
+        g: &Vec<f32>,
+        seqs: usize,
+        t: usize,
+        m: usize,
+    ) -> Result<ChannelPartial> {
+        Ok(ops::channel_stats(h, g, seqs, t, m))
+    }
+
+    fn energy(&self, z: &Vec<f32>, _rows: usize, _d: usize, scale: f32) -> Result<(f64, Vec<f32>)> {
+        Ok(ops::energy(z, scale))
+    }
+
+    fn cross_entropy(
+        &self,
+        z: &Vec<f32>,
+        lm_head: &Vec<f32>,
+        targets: &[u32],
+        _rows: usize,
+        d: usize,
+        vocab: usize,
+        scale: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Option<Vec<f32>>)> {
+        Ok(loss::cross_entropy(
+            z,
+            lm_head,
+            targets,
+            d,
+            vocab,
+            scale,
+            want_grad,
+            self.threads,
+        ))
+    }
+}

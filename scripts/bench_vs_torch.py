@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Side-by-side speed and memory of rku-engine's CPU backend and PyTorch.
+
+Measures, in one run on the same machine, model, tokens and thread count:
+  forward  - one forward pass with logits over a T-token sequence (tokens/s)
+  score    - forward + activation backward + per-channel statistics of the
+             energy objective (tokens/s and peak RSS of the process)
+Each side runs in its own child process so peak RSS is measured per side
+(os.wait4's ru_maxrss). torch/transformers are needed only here, never in CI.
+
+  python3 scripts/bench_vs_torch.py --model assets/models/smollm2 --bin target/release/rku-engine
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_child(cmd, env=None):
+    """Runs cmd, returns (stdout, peak RSS in MiB)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        sys.exit(f"failed ({status}): {' '.join(cmd)}")
+    return out, usage.ru_maxrss / 1024.0
+
+
+def last_json(text):
+    return json.loads([l for l in text.splitlines() if l.startswith("{")][-1])
+
+
+def torch_worker(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    T = args.seq_len
+    ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(T)]])
+    if args.torch_worker == "forward":
+        with torch.no_grad():
+            model(ids)
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                model(ids)
+                times.append(time.perf_counter() - t)
+        times.sort()
+        med = times[len(times) // 2]
+        print(json.dumps({"median_s": med, "tokens_per_s": T / med}))
+        return
+    # score: energy objective J = (1/n) sum 1/2 |z|^2, retain_grad on down_proj inputs.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acts = []
+
+    def hook(mod, inp):
+        h = inp[0]
+        h.retain_grad()
+        acts.append(h)
+
+    layers = model.model.layers
+    for layer in layers:
+        layer.mlp.down_proj.register_forward_pre_hook(hook)
+    m = model.config.intermediate_size
+    stats = {k: torch.zeros(len(layers), m, dtype=torch.float64) for k in ("s1", "s2", "f2", "k1")}
+    n = args.samples * T
+
+    def one(seq_ids):
+        acts.clear()
+        emb = model.model.embed_tokens(seq_ids).detach().requires_grad_(True)
+        out = model.model(inputs_embeds=emb)
+        z = out.last_hidden_state
+        j = 0.5 * (z.float() ** 2).sum() / n
+        j.backward()
+        for l, h in enumerate(acts):
+            hv, g = h.detach()[0].double(), h.grad[0].double()
+            stats["s1"][l] += hv.sum(0)
+            stats["s2"][l] += (hv * hv).sum(0)
+            stats["f2"][l] += (g * g).sum(0)
+            stats["k1"][l] += (hv * g).abs().sum(0)
+
+    one(ids)  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.samples):
+        one(ids)
+    dt = time.perf_counter() - t
+    print(json.dumps({"seconds": dt, "tokens_per_s": n / dt}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--bin", default="target/release/rku-engine")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=4, help="sequences scored (score benchmark)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--only", choices=["forward", "score"])
+    ap.add_argument("--torch-worker", choices=["forward", "score"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.torch_worker:
+        return torch_worker(args)
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
+          "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads)]
+    results = {}
+    for kind in ["forward", "score"]:
+        if args.only and args.only != kind:
+            continue
+        if kind == "forward":
+            ours_cmd = [args.bin, "bench", "forward", "--model", args.model, "--seq-len", str(args.seq_len),
+                        "--repeats", str(args.repeats), "--backend", "cpu", "--json"]
+        else:
+            ours_cmd = [args.bin, "bench", "score", "--model", args.model, "--seq-len", str(args.seq_len),
+                        "--samples", str(args.samples), "--backend", "cpu", "--json"]
+        ours_out, ours_rss = run_child(ours_cmd, env)
+        torch_out, torch_rss = run_child(me + ["--torch-worker", kind], env)
+        ours, theirs = last_json(ours_out), last_json(torch_out)
+        r = {
+            "rku_tokens_per_s": ours["tokens_per_s"],
+            "torch_tokens_per_s": theirs["tokens_per_s"],
+            "speed_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "rku_peak_rss_mib": ours_rss,
+            "torch_peak_rss_mib": torch_rss,
+            "memory_ratio": ours_rss / torch_rss,
+        }
+        results[kind] = r
+        print(f"{kind:8s} T={args.seq_len} threads={args.threads}: rku {r['rku_tokens_per_s']:.0f} tok/s, "
+              f"torch {r['torch_tokens_per_s']:.0f} tok/s, ratio {r['speed_ratio']:.2f}x; "
+              f"peak RSS rku {ours_rss:.0f} MiB, torch {torch_rss:.0f} MiB (ratio {r['memory_ratio']:.2f})")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

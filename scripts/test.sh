@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: on a fresh machine it installs what the tests need
+# (nvcc from the Python package index, the real test model and text),
+# then checks formatting and lints and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# nvcc (no GPU needed): every landing proves the kernels compile for sm_80..sm_90.
+NVCC_DIR=${NVCC_DIR:-$PWD/.cache/nvcc}
+bash .ci/install-nvcc.sh "$NVCC_DIR"
+export NVCC="$NVCC_DIR/nvidia/cu13/bin/nvcc"
+export RKU_REQUIRE_NVCC=1
+
+# The default real model (SmolLM2-135M-Instruct GGUF) and text, imported once.
+bash scripts/fetch-assets.sh
+cargo build --bin rku-engine
+bash scripts/fetch-assets.sh --import target/debug/rku-engine
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --all-targets

@@ -1,0 +1,3 @@
+//! Measuring what pruning did: perplexity (and, later, accuracy and speed).
+pub mod iou;
+pub mod ppl;

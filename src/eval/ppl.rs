@@ -1,0 +1,74 @@
+//! Token perplexity over non-overlapping windows (METHODS.md section 8).
+use crate::backend::Backend;
+use crate::model::forward::nll;
+use crate::model::{Geometry, Model};
+use crate::progress::Progress;
+use crate::{Error, Result};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PplResult {
+    pub ppl: f64,
+    /// Mean next-token NLL (nats).
+    pub nll: f64,
+    pub windows: usize,
+    pub seq_len: usize,
+    /// Predicted tokens (windows·(seq_len−1)).
+    pub tokens: usize,
+}
+
+/// exp(mean NLL) over the first `max_windows` (default all) windows of
+/// `seq_len` tokens of `ids`; each window is scored independently, its
+/// first token unpredicted. Windows are batched `batch` at a time.
+pub fn perplexity<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    seq_len: usize,
+    max_windows: Option<usize>,
+    batch: usize,
+) -> Result<PplResult> {
+    if seq_len < 2 {
+        return Err(Error::Invalid("--seq-len must be at least 2".into()));
+    }
+    let mut windows = ids.len() / seq_len;
+    if let Some(k) = max_windows {
+        windows = windows.min(k);
+    }
+    if windows == 0 {
+        return Err(Error::Invalid(format!(
+            "the text has {} tokens, fewer than one window of {seq_len}",
+            ids.len()
+        )));
+    }
+    let mut total = 0f64;
+    let mut count = 0usize;
+    let progress = Progress::new(windows as u64, "perplexity");
+    let mut w = 0;
+    while w < windows {
+        let n = batch.max(1).min(windows - w);
+        let chunk = &ids[w * seq_len..(w + n) * seq_len];
+        let (s, c) = nll(
+            be,
+            model,
+            chunk,
+            Geometry {
+                seqs: n,
+                t: seq_len,
+            },
+        )?;
+        total += s;
+        count += c;
+        w += n;
+        progress.inc(n as u64);
+    }
+    progress.finish();
+    let mean = total / count as f64;
+    Ok(PplResult {
+        ppl: mean.exp(),
+        nll: mean,
+        windows,
+        seq_len,
+        tokens: count,
+    })
+}

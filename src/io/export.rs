@@ -1,0 +1,198 @@
+//! Writes a pruned model directory (METHODS.md section 7): safetensors in
+//! the input dtype with HF names (sharded above 4 GB), config.json,
+//! pruning.json and the tokenizer files, atomically.
+use crate::io::atomic::{write_file, AtomicDir};
+use crate::io::safetensors_io::{FloatType, SafeModel};
+use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::weights::layer_tensor;
+use crate::prune::compact::{gather_cols, gather_rows, pad_cols, pad_rows};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// How per-layer widths are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// Physically smaller layers; a non-uniform model lists `layer_intermediate_sizes`.
+    Compact,
+    /// Every layer zero-padded to the widest kept width so stock transformers loads it.
+    Padded,
+}
+
+impl std::str::FromStr for ExportLayout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "compact" => Ok(Self::Compact),
+            "padded" => Ok(Self::Padded),
+            _ => Err(Error::Invalid(format!(
+                "export layout {s:?}: expected compact or padded"
+            ))),
+        }
+    }
+}
+
+/// Files copied unchanged from the source model directory when present.
+const COPIED_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+fn out_dtype(t: FloatType) -> OutDtype {
+    match t {
+        FloatType::F32 => OutDtype::F32,
+        FloatType::F16 => OutDtype::F16,
+        FloatType::BF16 => OutDtype::BF16,
+    }
+}
+
+/// What to write: kept channel indices per layer (ascending), the layout,
+/// FLAP's per-layer down_proj bias (`[d]` each) if any, and pruning.json.
+pub struct ExportSpec<'a> {
+    pub kept: &'a [Vec<usize>],
+    pub layout: ExportLayout,
+    pub down_bias: Option<&'a [Vec<f32>]>,
+    pub record: serde_json::Value,
+}
+
+/// The config.json of the pruned model.
+pub fn pruned_config(
+    cfg: &ModelConfig,
+    widths: &[usize],
+    layout: ExportLayout,
+    bias: bool,
+) -> serde_json::Value {
+    let mut v = cfg.raw.clone();
+    let obj = v.as_object_mut().expect("config.json is an object");
+    let widest = widths.iter().copied().max().unwrap_or(0);
+    obj.insert("intermediate_size".into(), widest.into());
+    obj.remove("layer_intermediate_sizes");
+    if layout == ExportLayout::Compact && widths.iter().any(|&w| w != widest) {
+        obj.insert("layer_intermediate_sizes".into(), widths.to_vec().into());
+    }
+    if bias && cfg.arch == Arch::Llama {
+        // LLaMA's `mlp_bias` gives gate, up and down a bias; gate/up get zeros.
+        obj.insert("mlp_bias".into(), true.into());
+    }
+    v
+}
+
+/// Writes the pruned copy of `files`/`cfg` (from `src_dir`) to `out`.
+pub fn export_pruned(
+    src_dir: &Path,
+    files: &SafeModel,
+    cfg: &ModelConfig,
+    spec: &ExportSpec,
+    out: &Path,
+    force: bool,
+) -> Result<PathBuf> {
+    let kept = spec.kept;
+    if kept.len() != cfg.layers {
+        return Err(Error::Invalid(format!(
+            "{} kept lists for {} layers",
+            kept.len(),
+            cfg.layers
+        )));
+    }
+    for (l, k) in kept.iter().enumerate() {
+        if k.is_empty() || k.windows(2).any(|w| w[0] >= w[1]) || k[k.len() - 1] >= cfg.ffn_widths[l]
+        {
+            return Err(Error::Invalid(format!(
+                "layer {l}: kept channels must be ascending, non-empty and < {}",
+                cfg.ffn_widths[l]
+            )));
+        }
+    }
+    let widths: Vec<usize> = kept.iter().map(Vec::len).collect();
+    let widest = widths.iter().copied().max().unwrap_or(0);
+    let dir = AtomicDir::create(out, force)?;
+    let d = cfg.hidden;
+    let main_dtype = out_dtype(files.main_dtype());
+    let mut tensors = Vec::new();
+    for name in files.names() {
+        let t = files.get_any(name)?;
+        let elem = t.dtype.size();
+        let dtype = out_dtype(t.dtype);
+        let ffn = (0..cfg.layers).find_map(|l| {
+            ["gate_proj", "up_proj", "down_proj"].iter().find_map(|p| {
+                (layer_tensor(l, &format!("mlp.{p}.weight")) == name).then_some((l, *p))
+            })
+        });
+        let (shape, data) = match ffn {
+            None => (t.shape.to_vec(), t.bytes.to_vec()),
+            Some((l, "down_proj")) => {
+                let m = cfg.ffn_widths[l];
+                let g = gather_cols(t.bytes, elem, m, &kept[l]);
+                match spec.layout {
+                    ExportLayout::Compact => (vec![d, widths[l]], g),
+                    ExportLayout::Padded => {
+                        (vec![d, widest], pad_cols(&g, elem, widths[l], widest))
+                    }
+                }
+            }
+            Some((l, _)) => {
+                let g = gather_rows(t.bytes, elem, d, &kept[l]);
+                match spec.layout {
+                    ExportLayout::Compact => (vec![widths[l], d], g),
+                    ExportLayout::Padded => (vec![widest, d], pad_rows(g, elem, d, widest)),
+                }
+            }
+        };
+        tensors.push(OutTensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            data,
+        });
+    }
+    if let Some(bias) = spec.down_bias {
+        for (l, b) in bias.iter().enumerate() {
+            let name = layer_tensor(l, "mlp.down_proj.bias");
+            let mut b = b.clone();
+            if files.contains(&name) {
+                let old = files.get(&name, &[d])?.to_f32()?;
+                b.iter_mut().zip(old).for_each(|(x, o)| *x += o);
+                tensors.retain(|t| t.name != name);
+            }
+            tensors.push(OutTensor::from_f32(name, main_dtype, vec![d], &b));
+            if cfg.arch == Arch::Llama {
+                let w = if spec.layout == ExportLayout::Padded {
+                    widest
+                } else {
+                    widths[l]
+                };
+                for p in ["gate_proj", "up_proj"] {
+                    let name = layer_tensor(l, &format!("mlp.{p}.bias"));
+                    if !files.contains(&name) {
+                        tensors.push(OutTensor::from_f32(
+                            name,
+                            main_dtype,
+                            vec![w],
+                            &vec![0.0; w],
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
+    let config = pruned_config(cfg, &widths, spec.layout, spec.down_bias.is_some());
+    write_json(&dir.path().join("config.json"), &config)?;
+    write_json(&dir.path().join("pruning.json"), &spec.record)?;
+    for f in COPIED_FILES {
+        let src = src_dir.join(f);
+        if src.exists() {
+            let dst = dir.path().join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+    }
+    dir.commit()
+}
+
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
+    write_file(path, text.as_bytes())
+}

@@ -1,0 +1,242 @@
+//! The forward pass, written once over `Backend`. One layer reads top to
+//! bottom (llama2.c style); shapes in comments, rows = seqs·t.
+use super::weights::{LayerWeights, Model};
+use crate::backend::{AttnShape, Backend};
+use crate::{Error, Result};
+
+/// RoPE tables for positions 0..t: `cos`, `sin` `[t, head_dim/2]`, computed
+/// in f32 as transformers does (`freqs = position · inv_freq`).
+pub struct RopeTables<B: Backend> {
+    pub cos: B::Buf,
+    pub sin: B::Buf,
+}
+
+impl<B: Backend> RopeTables<B> {
+    pub fn new(backend: &B, model: &Model<B>, t: usize) -> Result<Self> {
+        let inv: Vec<f32> = model
+            .cfg
+            .rope_inv_freq()
+            .iter()
+            .map(|&f| f as f32)
+            .collect();
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: backend.upload(&cos)?,
+            sin: backend.upload(&sin)?,
+        })
+    }
+}
+
+/// Everything one layer's forward computed that its backward pass reads.
+pub struct LayerActs<B: Backend> {
+    pub rstd_attn: B::Buf, // [rows]
+    pub q: B::Buf,         // [rows, q] after RoPE
+    pub k: B::Buf,         // [rows, kv] after RoPE
+    pub v: B::Buf,         // [rows, kv]
+    pub att: B::Buf,       // [rows, q] attention output (o_proj input)
+    pub lse: B::Buf,       // [seqs, heads, t]
+    pub mid: B::Buf,       // [rows, d] residual after attention, x'
+    pub rstd_ffn: B::Buf,  // [rows]
+    pub a: B::Buf,         // [rows, m] gate pre-activation
+    pub b: B::Buf,         // [rows, m] up projection
+    pub h: B::Buf,         // [rows, m] silu(a)·b, the channels
+}
+
+/// Batch geometry: `seqs` sequences of `t` tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    pub seqs: usize,
+    pub t: usize,
+}
+
+impl Geometry {
+    pub fn rows(&self) -> usize {
+        self.seqs * self.t
+    }
+}
+
+/// One decoder layer: `x → x + Attn(norm(x))`, then `+ W_d(silu(W_g u)·W_u u)`.
+/// Returns the next residual and, if `keep`, the intermediates.
+pub fn layer_forward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lw: &LayerWeights<B::Weight>,
+    rope: &RopeTables<B>,
+    x: &B::Buf,
+    geo: Geometry,
+    keep: bool,
+) -> Result<(B::Buf, Option<LayerActs<B>>)> {
+    let c = &model.cfg;
+    let (rows, d, m) = (geo.rows(), c.hidden, lw.ffn);
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let eps = c.rms_eps as f32;
+    let shape = AttnShape {
+        seqs: geo.seqs,
+        t: geo.t,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+    };
+
+    let (u, rstd_attn) = be.rmsnorm_fwd(x, &lw.attn_norm, rows, d, eps)?; // [rows, d]
+    let mut q = be.linear(&u, &lw.wq, lw.bq.as_ref(), rows, d, qd)?; // [rows, q]
+    let mut k = be.linear(&u, &lw.wk, lw.bk.as_ref(), rows, d, kvd)?; // [rows, kv]
+    let v = be.linear(&u, &lw.wv, lw.bv.as_ref(), rows, d, kvd)?; // [rows, kv]
+    drop(u);
+    be.rope(
+        &mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
+    )?;
+    be.rope(
+        &mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
+    )?;
+    let (att, lse) = be.attention_fwd(&q, &k, &v, shape)?; // [rows, q]
+    let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
+    let mut mid = be.zeros(rows * d)?;
+    be.add_assign(&mut mid, x, rows * d)?;
+    be.add_assign(&mut mid, &o, rows * d)?; // x' = x + Attn
+    drop(o);
+
+    let (u2, rstd_ffn) = be.rmsnorm_fwd(&mid, &lw.ffn_norm, rows, d, eps)?; // [rows, d]
+    let a = be.linear(&u2, &lw.w_gate, None, rows, d, m)?; // [rows, m]
+    let b = be.linear(&u2, &lw.w_up, None, rows, d, m)?; // [rows, m]
+    drop(u2);
+    let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
+    let y = be.linear(&h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+    let mut next = be.zeros(rows * d)?;
+    be.add_assign(&mut next, &mid, rows * d)?;
+    be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
+
+    let acts = keep.then_some(LayerActs {
+        rstd_attn,
+        q,
+        k,
+        v,
+        att,
+        lse,
+        mid,
+        rstd_ffn,
+        a,
+        b,
+        h,
+    });
+    Ok((next, acts))
+}
+
+/// Output of a forward pass over a batch.
+pub struct ForwardOut<B: Backend> {
+    /// Final-norm output z `[rows, d]` (what lm_head reads).
+    pub z: B::Buf,
+    /// Residual stream at each layer boundary, x_0..x_L (`[rows, d]` each),
+    /// when requested; x_L is the pre-norm final residual.
+    pub residuals: Vec<B::Buf>,
+    /// rstd of the final norm `[rows]`.
+    pub rstd_final: B::Buf,
+}
+
+/// Checks token ids against the vocabulary.
+pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(Error::Invalid(format!(
+            "token id {bad} is outside the model's vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Runs the model over `ids` (`[seqs, t]`, row-major). With `keep_residuals`
+/// the residual stream at every layer boundary is returned for the backward pass.
+pub fn forward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+    keep_residuals: bool,
+) -> Result<ForwardOut<B>> {
+    let c = &model.cfg;
+    if ids.len() != geo.rows() {
+        return Err(Error::Invalid(format!(
+            "{} token ids for {} sequences of {} tokens",
+            ids.len(),
+            geo.seqs,
+            geo.t
+        )));
+    }
+    check_ids(ids, c.vocab)?;
+    let rope = RopeTables::new(be, model, geo.t)?;
+    let mut x = be.embedding(ids, &model.embed, c.hidden)?; // [rows, d]
+    let mut residuals = Vec::new();
+    for lw in &model.layers {
+        let (next, _) = layer_forward(be, model, lw, &rope, &x, geo, false)?;
+        if keep_residuals {
+            residuals.push(std::mem::replace(&mut x, next));
+        } else {
+            x = next;
+        }
+    }
+    let (z, rstd_final) =
+        be.rmsnorm_fwd(&x, &model.norm, geo.rows(), c.hidden, c.rms_eps as f32)?;
+    if keep_residuals {
+        residuals.push(x);
+    }
+    Ok(ForwardOut {
+        z,
+        residuals,
+        rstd_final,
+    })
+}
+
+/// Next-token targets for `[seqs, t]` ids: `ids[s, i+1]`, none at the last position.
+pub fn next_token_targets(ids: &[u32], geo: Geometry) -> Vec<u32> {
+    let mut tg = vec![u32::MAX; ids.len()];
+    for s in 0..geo.seqs {
+        for i in 0..geo.t - 1 {
+            tg[s * geo.t + i] = ids[s * geo.t + i + 1];
+        }
+    }
+    tg
+}
+
+/// Full logits `[rows, vocab]` of a batch (for tests and small evaluations).
+pub fn logits<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<Vec<f32>> {
+    let out = forward(be, model, ids, geo, false)?;
+    let c = &model.cfg;
+    let l = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
+    be.download(&l)
+}
+
+/// Σ NLL and count of next-token predictions over a batch.
+pub fn nll<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<(f64, usize)> {
+    let out = forward(be, model, ids, geo, false)?;
+    let c = &model.cfg;
+    let tg = next_token_targets(ids, geo);
+    let (sum, n, _) = be.cross_entropy(
+        &out.z,
+        model.lm_head(),
+        &tg,
+        geo.rows(),
+        c.hidden,
+        c.vocab,
+        1.0,
+        false,
+    )?;
+    Ok((sum, n))
+}

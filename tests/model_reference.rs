@@ -1,0 +1,99 @@
+//! Forward logits and backward statistics of the CPU runtime against
+//! PyTorch/transformers references (tests/fixtures, made by scripts/make_fixtures.py).
+mod common;
+use common::*;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::{Geometry, Model};
+
+fn check_logits(name: &str) {
+    let dir = fixture(name);
+    let r = load_reference(&dir.join("reference.safetensors"));
+    let ids_t = &r["input_ids"];
+    let (n, t) = (ids_t.shape[0], ids_t.shape[1]);
+    let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let got = logits(&be, &model, &ids, Geometry { seqs: n, t }).unwrap();
+    let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+    let err = max_rel_err(&got, &r["logits"].data);
+    println!("{name}: max |Δlogit| / max |logit| = {err:.2e}");
+    assert!(err < 1e-4, "{name}: logits differ from transformers: {err}");
+}
+
+#[test]
+fn tiny_qwen2_logits_match_transformers() {
+    check_logits("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama3_logits_match_transformers() {
+    check_logits("tiny-llama3");
+}
+
+fn check_stats(name: &str) {
+    let dir = fixture(name);
+    let r = load_reference(&dir.join("reference.safetensors"));
+    let ids_t = &r["input_ids"];
+    let (n, t) = (ids_t.shape[0], ids_t.shape[1]);
+    let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let geo = Geometry { seqs: n, t };
+    let fwd = forward(&be, &model, &ids, geo, true).unwrap();
+    let layers = model.cfg.layers;
+    for (obj, prefix, scale) in [
+        (
+            Objective::Energy { pre_norm: false },
+            "energy",
+            1.0 / (n * t) as f32,
+        ),
+        (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
+    ] {
+        let mut parts = vec![None; layers];
+        let j = backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, scale, |l, p| {
+            parts[l] = Some(p);
+            Ok(())
+        })
+        .unwrap();
+        let want_j = if prefix == "energy" {
+            r["energy.J"].data[0]
+        } else {
+            r["ce.loss"].data[0]
+        };
+        assert!(
+            (j - want_j).abs() <= 1e-4 * want_j.abs(),
+            "{name} {prefix}: J {j} vs {want_j}"
+        );
+        for (l, p) in parts.into_iter().enumerate() {
+            let p = p.expect("every layer reported");
+            let m = p.s1.len();
+            let tk: Vec<f64> = (0..m)
+                .map(|c| (0..n).map(|s| p.hg_seq[s * m + c].abs()).sum())
+                .collect();
+            let mut checks = vec![("f2", p.f2.clone()), ("k1", p.k1.clone())];
+            if prefix == "energy" {
+                checks.push(("s1", p.s1.clone()));
+                checks.push(("s2", p.s2.clone()));
+            } else {
+                checks.push(("tk", tk));
+            }
+            for (stat, got) in checks {
+                let key = format!("{prefix}.{l}.{stat}");
+                let err = max_rel_err(&got, &r[&key].data);
+                assert!(err < 1e-4, "{name} {key}: relative error {err:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_qwen2_stats_match_autograd() {
+    check_stats("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama3_stats_match_autograd() {
+    check_stats("tiny-llama3");
+}

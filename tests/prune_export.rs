@@ -1,0 +1,322 @@
+//! Compaction and export: a compacted model computes what the dense model
+//! computes with the dropped channels zeroed (reference from transformers),
+//! in both layouts; outputs are atomic and refused where they would clobber.
+mod common;
+use common::*;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
+use rku_engine::io::safetensors_io::SafeModel;
+use rku_engine::model::forward::logits;
+use rku_engine::model::{Geometry, Model, ModelConfig};
+use std::process::Command;
+
+fn export_fixture_keep(
+    name: &str,
+    layout: ExportLayout,
+    out: &std::path::Path,
+) -> (Vec<u32>, Geometry, Vec<f64>) {
+    let dir = fixture(name);
+    let r = load_reference(&dir.join("reference.safetensors"));
+    let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
+    let kept: Vec<Vec<usize>> = (0..cfg.layers)
+        .map(|l| {
+            r[&format!("keep.{l}")]
+                .data
+                .iter()
+                .map(|&x| x as usize)
+                .collect()
+        })
+        .collect();
+    let files = SafeModel::open_dir(&dir).unwrap();
+    let spec = ExportSpec {
+        kept: &kept,
+        layout,
+        down_bias: None,
+        record: serde_json::json!({ "kept": kept }),
+    };
+    export_pruned(&dir, &files, &cfg, &spec, out, false).unwrap();
+    let ids_t = &r["input_ids"];
+    let geo = Geometry {
+        seqs: ids_t.shape[0],
+        t: ids_t.shape[1],
+    };
+    let ids = ids_t.data.iter().map(|&x| x as u32).collect();
+    (ids, geo, r["pruned_logits"].data.clone())
+}
+
+fn check_layout(name: &str, layout: ExportLayout) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    let (ids, geo, want) = export_fixture_keep(name, layout, &out);
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &out).unwrap();
+    let got: Vec<f64> = logits(&be, &model, &ids, geo)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let err = max_rel_err(&got, &want);
+    assert!(
+        err < 1e-5,
+        "{name} {layout:?}: compacted logits differ from zeroed-channel logits by {err:.2e}"
+    );
+    let cfg = ModelConfig::load(&out.join("config.json")).unwrap();
+    match layout {
+        ExportLayout::Compact => assert_eq!(
+            cfg.ffn_widths,
+            model.layers.iter().map(|l| l.ffn).collect::<Vec<_>>()
+        ),
+        ExportLayout::Padded => {
+            assert!(cfg.raw.get("layer_intermediate_sizes").is_none());
+            assert!(cfg.ffn_widths.iter().all(|&w| w == cfg.ffn_widths[0]));
+        }
+    }
+    assert!(out.join("tokenizer.json").exists() && out.join("pruning.json").exists());
+}
+
+#[test]
+fn compact_export_equals_zeroed_channels_qwen2() {
+    check_layout("tiny-qwen2", ExportLayout::Compact);
+}
+
+#[test]
+fn padded_export_equals_zeroed_channels_qwen2() {
+    check_layout("tiny-qwen2", ExportLayout::Padded);
+}
+
+#[test]
+fn compact_export_equals_zeroed_channels_llama3() {
+    check_layout("tiny-llama3", ExportLayout::Compact);
+}
+
+#[test]
+fn export_refuses_existing_output_and_leaves_nothing_half_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep-me"), b"x").unwrap();
+    let dir = fixture("tiny-qwen2");
+    let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
+    let files = SafeModel::open_dir(&dir).unwrap();
+    let kept: Vec<Vec<usize>> = cfg
+        .ffn_widths
+        .iter()
+        .map(|&m| (0..m / 2).collect())
+        .collect();
+    let spec = ExportSpec {
+        kept: &kept,
+        layout: ExportLayout::Compact,
+        down_bias: None,
+        record: serde_json::json!({}),
+    };
+    let err = export_pruned(&dir, &files, &cfg, &spec, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert!(out.join("keep-me").exists());
+    // Invalid kept lists are refused before anything is written.
+    let bad: Vec<Vec<usize>> = cfg.ffn_widths.iter().map(|&m| vec![m]).collect();
+    let spec = ExportSpec {
+        kept: &bad,
+        layout: ExportLayout::Compact,
+        down_bias: None,
+        record: serde_json::json!({}),
+    };
+    let out2 = tmp.path().join("other");
+    assert!(export_pruned(&dir, &files, &cfg, &spec, &out2, false).is_err());
+    assert!(!out2.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "temporary directories left behind: {leftovers:?}"
+    );
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rku-engine"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
+
+/// The CLI end to end on a tiny model: score once, prune with every method,
+/// evaluate a FLAP model (down_proj bias), and the refusals a user can hit.
+#[test]
+fn cli_score_prune_eval_and_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let calib = t.join("calib.txt");
+    let text: String = (0..400)
+        .map(|i| {
+            format!(
+                "Line {i}: the quick brown fox jumps over {} lazy dogs.\n",
+                i * 7
+            )
+        })
+        .collect();
+    std::fs::write(&calib, text).unwrap();
+    let model = fixture("tiny-qwen2");
+    let stats = t.join("stats.safetensors");
+    run_ok(
+        bin()
+            .args(["score", "--model"])
+            .arg(&model)
+            .arg("--calib")
+            .arg(&calib)
+            .args(["--samples", "6", "--seq-len", "24", "--batch", "4", "--out"])
+            .arg(&stats),
+    );
+    for m in ["rku", "agf", "wanda-struct", "flap", "taylor", "rku-fisher"] {
+        let out = t.join(m);
+        run_ok(
+            bin()
+                .args(["prune", "--model"])
+                .arg(&model)
+                .arg("--stats")
+                .arg(&stats)
+                .args(["--method", m, "--sparsity", "0.3,0.5", "--out"])
+                .arg(&out),
+        );
+        for s in ["0.3", "0.5"] {
+            let dir = out.join(format!("{m}-s{s}"));
+            let rec: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("pruning.json")).unwrap())
+                    .unwrap();
+            let widths: Vec<u64> = rec["layer_widths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            let total: u64 = widths.iter().sum();
+            // uniform drops round(s·m) per layer; global round(s·L·m) in all.
+            let sp = s.parse::<f64>().unwrap();
+            let target = if rec["allocation"] == "uniform" {
+                3 * (48 - (sp * 48.0).round() as u64)
+            } else {
+                144 - (sp * 144.0).round() as u64
+            };
+            assert_eq!(total, target, "{m} {s}: kept {total} of 144 channels");
+        }
+    }
+    let ppl = run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(t.join("flap/flap-s0.5"))
+            .arg("--text")
+            .arg(&calib)
+            .args(["--seq-len", "24", "--json"]),
+    );
+    let v: serde_json::Value = serde_json::from_str(ppl.lines().last().unwrap()).unwrap();
+    assert!(v["ppl"].as_f64().unwrap().is_finite());
+    let iou = run_ok(
+        bin()
+            .arg("iou")
+            .arg(t.join("rku/rku-s0.5"))
+            .arg(t.join("rku/rku-s0.5")),
+    );
+    assert!(iou.contains("mean IoU 1.0000"), "{iou}");
+
+    // Refusals, each a clear message and no panic.
+    let e = run_err(
+        bin()
+            .args(["prune", "--model"])
+            .arg(&model)
+            .arg("--stats")
+            .arg(&stats)
+            .args(["--method", "rku", "--sparsity", "0.3", "--out"])
+            .arg(t.join("rku/rku-s0.3")),
+    );
+    assert!(e.contains("already exists"), "{e}");
+    let e = run_err(
+        bin()
+            .args(["prune", "--model"])
+            .arg(&model)
+            .arg("--stats")
+            .arg(&stats)
+            .args(["--method", "rku", "--sparsity", "1.5", "--out"])
+            .arg(t.join("x")),
+    );
+    assert!(e.contains("between 0 and 1"), "{e}");
+    let e = run_err(
+        bin()
+            .args(["prune", "--model"])
+            .arg(&model)
+            .arg("--stats")
+            .arg(&stats)
+            .args(["--method", "magic", "--sparsity", "0.3", "--out"])
+            .arg(t.join("x")),
+    );
+    assert!(e.contains("magic"), "{e}");
+    let e = run_err(
+        bin()
+            .args(["prune", "--model"])
+            .arg(fixture("tiny-llama3"))
+            .arg("--stats")
+            .arg(&stats)
+            .args(["--method", "rku", "--sparsity", "0.3", "--out"])
+            .arg(t.join("x")),
+    );
+    assert!(e.contains("another model"), "{e}");
+    let energy_only = t.join("energy.safetensors");
+    run_ok(
+        bin()
+            .args(["score", "--model"])
+            .arg(&model)
+            .arg("--calib")
+            .arg(&calib)
+            .args([
+                "--samples",
+                "2",
+                "--seq-len",
+                "24",
+                "--objective",
+                "energy",
+                "--out",
+            ])
+            .arg(&energy_only),
+    );
+    let e = run_err(
+        bin()
+            .args(["prune", "--model"])
+            .arg(&model)
+            .arg("--stats")
+            .arg(&energy_only)
+            .args(["--method", "taylor", "--sparsity", "0.3", "--out"])
+            .arg(t.join("x")),
+    );
+    assert!(e.contains("ce"), "{e}");
+    let e = run_err(
+        bin()
+            .args(["score", "--model"])
+            .arg(&model)
+            .arg("--calib")
+            .arg(&calib)
+            .args(["--samples", "1000", "--seq-len", "24", "--out"])
+            .arg(t.join("big.safetensors")),
+    );
+    assert!(e.contains("windows"), "{e}");
+    assert!(!t.join("x").exists());
+}

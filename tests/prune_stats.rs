@@ -1,0 +1,339 @@
+//! Stats files: round trip, merging of calibration shards, refusals.
+use rku_engine::prune::{merge, EnergyAt, LayerStats, Objectives, Stats, StatsMeta};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const WIDTHS: [usize; 3] = [6, 9, 4];
+const SEQ_LEN: usize = 5;
+const BOTH: Objectives = Objectives {
+    energy: true,
+    ce: true,
+};
+
+/// Deterministic per-token activation h and gradient g of (seq, t, layer, channel).
+fn hg(seq: usize, t: usize, l: usize, c: usize) -> (f64, f64) {
+    let mut x = (seq * 7919 + t * 104729 + l * 1299709 + c * 15485863) as u64;
+    x = x
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let a = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+    x = x
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let b = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+    (3.0 * a, 0.1 * b)
+}
+
+/// Statistics over sequences `seqs`, straight from METHODS.md §4.
+fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -> Stats {
+    let meta = StatsMeta {
+        model_digest: "sha256:model".into(),
+        calib_digest: calib.into(),
+        samples: seqs.len(),
+        seq_len: SEQ_LEN,
+        tokens: (seqs.len() * SEQ_LEN) as u64,
+        objectives,
+        energy_at: EnergyAt::FinalNorm,
+        engine_version: "0.1.0".into(),
+    };
+    let mut st = Stats::zeros(meta, &WIDTHS);
+    for (l, layer) in st.layers.iter_mut().enumerate() {
+        for c in 0..WIDTHS[l] {
+            for seq in seqs.clone() {
+                let mut dot = 0.0;
+                for t in 0..SEQ_LEN {
+                    let (h, g) = hg(seq, t, l, c);
+                    layer.s1[c] += h;
+                    layer.s2[c] += h * h;
+                    if objectives.energy {
+                        layer.f2[c] += g * g;
+                        layer.k1[c] += (h * g).abs();
+                    }
+                    dot += h * g;
+                }
+                if objectives.ce {
+                    layer.tk[c] += dot.abs();
+                }
+            }
+        }
+    }
+    st
+}
+
+fn assert_close(a: &Stats, b: &Stats) {
+    assert_eq!(a.layers.len(), b.layers.len());
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        for (p, q) in [
+            (&x.s1, &y.s1),
+            (&x.s2, &y.s2),
+            (&x.f2, &y.f2),
+            (&x.k1, &y.k1),
+            (&x.tk, &y.tk),
+        ] {
+            assert_eq!(p.len(), q.len());
+            for (u, v) in p.iter().zip(q) {
+                assert!((u - v).abs() <= 1e-12 * (1.0 + v.abs()), "{u} vs {v}");
+            }
+        }
+    }
+}
+
+fn save(dir: &Path, name: &str, st: &Stats) -> PathBuf {
+    let p = dir.join(name);
+    st.save(&p).unwrap();
+    p
+}
+
+/// Rewrites a saved file through `edit` of its tensors (name → F64 values).
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<f64>)>)) {
+    let buf = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&buf).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&buf).unwrap();
+    let meta: HashMap<String, String> = header.metadata().clone().unwrap();
+    let mut tensors: Vec<(String, Vec<f64>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (n, v)
+        })
+        .collect();
+    edit(&mut tensors);
+    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                v.len(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, b, len)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F64, vec![*len], b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+fn load_err(path: &Path) -> String {
+    Stats::load(path).unwrap_err().to_string()
+}
+
+#[test]
+fn save_load_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    for objectives in [
+        BOTH,
+        Objectives {
+            energy: true,
+            ce: false,
+        },
+        Objectives {
+            energy: false,
+            ce: true,
+        },
+    ] {
+        let mut st = stats_of(0..3, "calib-a", objectives);
+        st.meta.energy_at = EnergyAt::PreNorm;
+        let p = save(dir.path(), "s.safetensors", &st);
+        let back = Stats::load(&p).unwrap();
+        assert_eq!(back, st, "bit-exact round trip for {objectives}");
+    }
+    // No temporary file is left beside the result.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+}
+
+#[test]
+fn add_sums_and_refuses_other_shapes() {
+    let mut a = stats_of(0..2, "a", BOTH);
+    a.add(&stats_of(2..4, "b", BOTH)).unwrap();
+    assert_eq!(a.meta.samples, 4);
+    assert_eq!(a.meta.tokens, 20);
+    assert_eq!(a.meta.calib_digest, "a");
+    assert_close(&a, &stats_of(0..4, "u", BOTH));
+
+    let mut other = stats_of(0..1, "c", BOTH);
+    other.layers.pop();
+    assert!(a.add(&other).is_err());
+}
+
+#[test]
+fn merge_of_shards_equals_stats_of_union() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = save(
+        dir.path(),
+        "a.safetensors",
+        &stats_of(0..2, "digest-a", BOTH),
+    );
+    let b = save(
+        dir.path(),
+        "b.safetensors",
+        &stats_of(2..3, "digest-b", BOTH),
+    );
+    let c = save(
+        dir.path(),
+        "c.safetensors",
+        &stats_of(3..6, "digest-c", BOTH),
+    );
+    let merged = merge(&[b.clone(), a.clone(), c.clone()]).unwrap();
+    let union = stats_of(0..6, "whatever", BOTH);
+    assert_close(&merged, &union);
+    assert_eq!(merged.meta.samples, 6);
+    assert_eq!(merged.meta.tokens, 30);
+    let want = Sha256::digest(b"digest-a\ndigest-b\ndigest-c")
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>();
+    assert_eq!(merged.meta.calib_digest, want);
+    // Independent of the order the files are given in; saves and reloads.
+    let again = merge(&[c, a, b]).unwrap();
+    assert_eq!(again.meta.calib_digest, want);
+    let p = save(dir.path(), "m.safetensors", &merged);
+    assert_eq!(Stats::load(&p).unwrap(), merged);
+}
+
+#[test]
+fn merge_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = save(dir.path(), "a.safetensors", &stats_of(0..2, "da", BOTH));
+
+    let err = |st: Stats, name: &str| {
+        let p = save(dir.path(), name, &st);
+        merge(&[a.clone(), p]).unwrap_err().to_string()
+    };
+    let mut st = stats_of(2..4, "db", BOTH);
+    st.meta.model_digest = "sha256:other".into();
+    assert!(err(st, "m.safetensors").contains("different models"));
+
+    let mut st = stats_of(2..4, "db", BOTH);
+    st.meta.seq_len = 7;
+    assert!(err(st, "t.safetensors").contains("sequence length"));
+
+    let energy = Objectives {
+        energy: true,
+        ce: false,
+    };
+    let e = err(stats_of(2..4, "db", energy), "o.safetensors");
+    assert!(
+        e.contains("different objectives (energy,ce vs energy)"),
+        "{e}"
+    );
+
+    let mut st = stats_of(2..4, "db", BOTH);
+    st.layers[2] = LayerStats::zeros(5, BOTH);
+    assert!(err(st, "w.safetensors").contains("layer widths"));
+
+    let mut st = stats_of(2..4, "db", BOTH);
+    st.meta.energy_at = EnergyAt::PreNorm;
+    assert!(err(st, "e.safetensors").contains("energy-at"));
+
+    // The same shard twice, under another name or the same one.
+    let e = err(stats_of(2..4, "da", BOTH), "dup.safetensors");
+    assert!(e.contains("same calibration digest"), "{e}");
+    let e = merge(&[a.clone(), a.clone()]).unwrap_err().to_string();
+    assert!(e.contains("same calibration digest"), "{e}");
+    assert!(merge(std::slice::from_ref(&a)).is_err());
+}
+
+#[test]
+fn nan_and_inf_are_reported_with_tensor_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = stats_of(0..2, "a", BOTH);
+    st.layers[1].k1[4] = f64::NAN;
+    let p = save(dir.path(), "nan.safetensors", &st);
+    let e = load_err(&p);
+    assert!(e.contains("NaN in layers.1.k1"), "{e}");
+    assert!(e.contains("nan.safetensors"), "{e}");
+
+    let mut st = stats_of(0..2, "a", BOTH);
+    st.layers[2].tk[0] = f64::INFINITY;
+    let p = save(dir.path(), "inf.safetensors", &st);
+    assert!(load_err(&p).contains("infinity in layers.2.tk"));
+
+    let mut st = stats_of(0..2, "a", BOTH);
+    st.layers[0].s2[1] = -1.0;
+    let p = save(dir.path(), "neg.safetensors", &st);
+    assert!(load_err(&p).contains("negative value -1 in layers.0.s2"));
+}
+
+#[test]
+fn malformed_files_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"definitely not safetensors").unwrap();
+    let e = load_err(&junk);
+    assert!(
+        e.contains("junk.safetensors") && e.contains("not a safetensors file"),
+        "{e}"
+    );
+
+    let good = stats_of(0..2, "a", BOTH);
+    let p = save(dir.path(), "missing.safetensors", &good);
+    rewrite(&p, |t| t.retain(|(n, _)| n != "layers.1.f2"));
+    let e = load_err(&p);
+    assert!(e.contains("missing tensor layers.1.f2"), "{e}");
+
+    let p = save(dir.path(), "shape.safetensors", &good);
+    rewrite(&p, |t| {
+        t.iter_mut()
+            .find(|(n, _)| n == "layers.2.k1")
+            .unwrap()
+            .1
+            .push(0.0)
+    });
+    let e = load_err(&p);
+    assert!(e.contains("layers.2.k1 has shape [5], expected [4]"), "{e}");
+
+    let p = save(dir.path(), "extra.safetensors", &good);
+    rewrite(&p, |t| t.push(("layers.3.s1".into(), vec![0.0; 2])));
+    assert!(load_err(&p).contains("unexpected tensor layers.3.s1"));
+
+    // A plain safetensors model file is not a stats file.
+    let p = dir.path().join("model.safetensors");
+    let data = [0u8; 8];
+    let view = TensorView::new(Dtype::F64, vec![1], &data).unwrap();
+    std::fs::write(&p, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
+    assert!(load_err(&p).contains("not an rku stats file"));
+}
+
+#[test]
+fn objective_and_energy_at_names() {
+    assert_eq!("ce,energy".parse::<Objectives>().unwrap(), BOTH);
+    assert_eq!(BOTH.to_string(), "energy,ce");
+    assert!("".parse::<Objectives>().is_err());
+    assert!("energy,kl".parse::<Objectives>().is_err());
+    assert_eq!("pre-norm".parse::<EnergyAt>().unwrap(), EnergyAt::PreNorm);
+    assert_eq!(EnergyAt::default().to_string(), "final-norm");
+    assert!("post-norm".parse::<EnergyAt>().is_err());
+}
+
+#[test]
+fn save_refuses_inconsistent_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = stats_of(0..2, "a", BOTH);
+    st.layers[0].tk.clear();
+    assert!(st.save(&dir.path().join("x.safetensors")).is_err());
+    let mut st = stats_of(
+        0..2,
+        "a",
+        Objectives {
+            energy: false,
+            ce: true,
+        },
+    );
+    st.layers[0].k1 = vec![0.0; 6];
+    assert!(st.save(&dir.path().join("y.safetensors")).is_err());
+}
