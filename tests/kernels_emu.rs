@@ -3,6 +3,7 @@
 //! inputs, sizes that are not multiples of the block size, outputs poisoned
 //! with NaN before the launch, and llm.c's rule |got − want| ≤ atol + rtol·|want|.
 use half::{bf16, f16};
+use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{
     has_kernels, kernels as k, CudaBackend, DevBuf, Device, EmuDevice, Gemm, GemmType, GpuDevice,
     PTXAS_LOG,
@@ -937,4 +938,142 @@ fn ptxas_no_spills_no_stack() {
         }
     }
     assert!(entries > 0, "no entry functions in the ptxas log");
+}
+
+/// Every `Backend` op on `be` over fixed random inputs: `(name, output, tolerance)`.
+/// Inputs that meet a matrix product are bf16-exact, so the CUDA backend's
+/// rounding of its activation operand changes nothing; only cross-entropy's
+/// dlogits (rounded to bf16 before its product with W) needs the bf16 tolerance.
+fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
+    let tol = (1e-4, 1e-3);
+    let (seqs, t, d, m, vocab) = (2, 11, 64, 40, 29);
+    let s = AttnShape {
+        seqs,
+        t,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let rows = seqs * t;
+    let mut r = Rng::new(99);
+    let mut bf = |n: usize| round_bf16(&r.vec(n));
+    let (x, w, bias, wg, emb, lm) = (
+        bf(rows * d),
+        bf(m * d),
+        bf(m),
+        bf(d),
+        bf(vocab * d),
+        bf(vocab * d),
+    );
+    let (dy, q, kv, dh) = (bf(rows * m), bf(rows * 128), bf(rows * 64), bf(rows * m));
+    let (v2, dyn_) = (bf(rows * 64), bf(rows * d));
+    let ids: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % vocab as u32).collect();
+    let mut targets: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 5 + 3) % vocab as u32)
+        .collect();
+    targets[rows - 1] = u32::MAX;
+    let mut cos = vec![0.0; t * 16];
+    let mut sin = vec![0.0; t * 16];
+    for (i, (c, sn)) in cos.iter_mut().zip(sin.iter_mut()).enumerate() {
+        let th = (i / 16) as f32 * 0.3 / (1.0 + (i % 16) as f32);
+        (*c, *sn) = (th.cos(), th.sin());
+    }
+    let up = |v: &[f32]| be.upload(v).unwrap();
+    let dl = |b: &B::Buf| be.download(b).unwrap();
+    let mut out = Vec::new();
+    let (gx, gw, gb) = (
+        up(&x),
+        be.upload_weight(&w).unwrap(),
+        be.upload_weight(&bias).unwrap(),
+    );
+    let y = be.linear(&gx, &gw, Some(&gb), rows, d, m).unwrap();
+    out.push(("linear", dl(&y), tol));
+    out.push((
+        "linear_bwd_input",
+        dl(&be.linear_bwd_input(&up(&dy), &gw, rows, d, m).unwrap()),
+        tol,
+    ));
+    let e = be
+        .embedding(&ids, &be.upload_weight(&emb).unwrap(), d)
+        .unwrap();
+    out.push(("embedding", dl(&e), tol));
+    let gwg = be.upload_weight(&wg).unwrap();
+    let (yn, rstd) = be.rmsnorm_fwd(&gx, &gwg, rows, d, 1e-5).unwrap();
+    out.push(("rmsnorm_fwd", dl(&yn), tol));
+    out.push(("rmsnorm_rstd", dl(&rstd), tol));
+    let dx = be
+        .rmsnorm_bwd(&up(&dyn_), &gx, &gwg, &rstd, rows, d)
+        .unwrap();
+    out.push(("rmsnorm_bwd", dl(&dx), tol));
+    let (gc, gs) = (up(&cos), up(&sin));
+    let mut gq = up(&q);
+    be.rope(&mut gq, &gc, &gs, seqs, t, 4, 32, false).unwrap();
+    out.push(("rope", dl(&gq), tol));
+    let mut gq2 = up(&q);
+    be.rope(&mut gq2, &gc, &gs, seqs, t, 4, 32, true).unwrap();
+    out.push(("rope_inverse", dl(&gq2), tol));
+    let (gk, gv) = (up(&kv), up(&v2));
+    let (ao, lse) = be.attention_fwd(&gq, &gk, &gv, s).unwrap();
+    out.push(("attention_out", dl(&ao), tol));
+    out.push(("attention_lse", dl(&lse), tol));
+    let (dq, dk, dv) = be
+        .attention_bwd(&up(&q), &gq, &gk, &gv, &ao, &lse, s)
+        .unwrap();
+    out.push(("attention_dq", dl(&dq), tol));
+    out.push(("attention_dk", dl(&dk), tol));
+    out.push(("attention_dv", dl(&dv), tol));
+    let (ga, gbb) = (up(&dy), up(&dh));
+    let h = be.swiglu_fwd(&ga, &gbb, rows * m).unwrap();
+    out.push(("swiglu_fwd", dl(&h), tol));
+    let (da, db) = be.swiglu_bwd(&up(&dl(&y)), &ga, &gbb, rows * m).unwrap();
+    out.push(("swiglu_da", dl(&da), tol));
+    out.push(("swiglu_db", dl(&db), tol));
+    let mut acc = up(&dy);
+    be.add_assign(&mut acc, &gbb, rows * m).unwrap();
+    out.push(("add_assign", dl(&acc), tol));
+    let p = be.channel_stats(&h, &da, seqs, t, m).unwrap();
+    for (name, v) in [
+        ("s1", &p.s1),
+        ("s2", &p.s2),
+        ("f2", &p.f2),
+        ("k1", &p.k1),
+        ("hg_seq", &p.hg_seq),
+    ] {
+        out.push((name, v.iter().map(|&e| e as f32).collect(), tol));
+    }
+    let (j, dz) = be.energy(&gx, rows, d, 0.1).unwrap();
+    out.push(("energy_j", vec![j as f32], tol));
+    out.push(("energy_dz", dl(&dz), tol));
+    let z = up(&x);
+    let (nll, count, gz) = be
+        .cross_entropy(
+            &z,
+            &be.upload_weight(&lm).unwrap(),
+            &targets,
+            rows,
+            d,
+            vocab,
+            0.5,
+            true,
+        )
+        .unwrap();
+    out.push(("ce_nll", vec![nll as f32, count as f32], tol));
+    out.push(("ce_dz", dl(&gz.unwrap()), BF16_TOL));
+    out
+}
+
+#[test]
+fn backend_ops_match_cpu_backend() {
+    let want = all_ops(&CpuBackend::new());
+    let mut backends: Vec<(&str, Vec<_>)> =
+        vec![("cuda-emu", all_ops(&CudaBackend::new(EmuDevice::new())))];
+    match GpuDevice::new(0) {
+        Ok(g) => backends.push(("cuda", all_ops(&CudaBackend::new(g)))),
+        Err(e) => eprintln!("GPU comparison skipped: {e}"),
+    }
+    for (label, got) in backends {
+        for ((name, g, tol), (_, w, _)) in got.iter().zip(&want) {
+            assert_close(g, w, *tol, &format!("{label} {name}"));
+        }
+    }
 }

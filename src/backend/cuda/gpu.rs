@@ -51,7 +51,9 @@ impl Drop for GpuMem {
 
 /// The GPU: a primary context, the kernels module and a cuBLAS handle.
 pub struct GpuDevice {
+    dev: sys::CUdevice,
     ctx: sys::CUcontext,
+    module: sys::CUmodule,
     functions: HashMap<&'static str, sys::CUfunction>,
     cublas: blas_sys::cublasHandle_t,
     tracker: Arc<Tracker>,
@@ -102,7 +104,9 @@ impl GpuDevice {
         }
         let cublas = blas::create_handle().map_err(|e| err(format!("cublasCreate: {e:?}")))?;
         Ok(GpuDevice {
+            dev,
             ctx,
+            module,
             functions,
             cublas,
             tracker: Arc::new(Tracker::default()),
@@ -118,6 +122,23 @@ impl GpuDevice {
     fn bind(&self) -> Result<()> {
         // SAFETY: `ctx` is the retained primary context.
         unsafe { drv::ctx::set_current(self.ctx) }.map_err(drv_err("cuCtxSetCurrent"))
+    }
+}
+
+impl Drop for GpuDevice {
+    /// Releases the cuBLAS handle, the module and this device's hold on the
+    /// primary context. Drop buffers first: once the context's last holder
+    /// lets go its memory is gone, and a later buffer drop frees nothing.
+    /// Failures while tearing down are ignored.
+    fn drop(&mut self) {
+        // SAFETY: handles created in `new` and not used after this.
+        unsafe {
+            let _ = drv::ctx::set_current(self.ctx);
+            let _ = drv::ctx::synchronize();
+            let _ = blas::destroy_handle(self.cublas);
+            let _ = drv::module::unload(self.module);
+            let _ = drv::primary_ctx::release(self.dev);
+        }
     }
 }
 
