@@ -1077,3 +1077,17 @@ fn backend_ops_match_cpu_backend() {
         }
     }
 }
+
+#[test]
+fn gpu_device_errs_instead_of_panicking() {
+    match GpuDevice::new(0) {
+        Ok(g) => eprintln!("GPU present: {}", g.device_name()),
+        Err(e) => {
+            let msg = e.to_string();
+            if !has_kernels() {
+                assert!(msg.contains("built without kernels"), "{msg}");
+            }
+            eprintln!("no GPU: {msg}");
+        }
+    }
+}
