@@ -12,7 +12,8 @@
 //   through a per-warp exchange buffer and a per-warp barrier;
 // - static `__shared__` is a function-local `static`: correct because blocks
 //   run one at a time and launches are serialised by a process-wide mutex;
-//   dynamic shared memory (RKU_DYN_SHARED) is a launch-wide buffer;
+//   dynamic shared memory (RKU_DYN_SHARED) is a launch-wide buffer, filled
+//   with 0xFF bytes (NaN) before every block so a read-before-write shows;
 // - atomics are std::atomic_ref.
 // Under nvcc this header is not included (see common.cuh).
 #pragma once
@@ -149,7 +150,11 @@ void launch_impl(void (*kernel)(A...), dim3 grid, dim3 blk, size_t shmem, void *
         threadIdx = {tid % blk.x, (tid / blk.x) % blk.y, tid / (blk.x * blk.y)};
         dyn_shared = shared.data();
         for (size_t b = 0; b < blocks; ++b) {
-            if (tid == 0) current = std::make_unique<Block>(n);
+            if (tid == 0) {
+                current = std::make_unique<Block>(n);
+                // Shared memory starts undefined on a GPU: poison it (NaN bytes).
+                std::memset(shared.data(), 0xFF, shared.size());
+            }
             step.arrive_and_wait();
             block = current.get();
             blockIdx = {unsigned(b % grid.x), unsigned((b / grid.x) % grid.y),

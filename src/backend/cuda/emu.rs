@@ -162,7 +162,14 @@ impl Device for EmuDevice {
             .get(name)
             .ok_or_else(|| err(format!("no kernel named {name}")))?;
         let threads = cfg.block.iter().product::<u32>();
-        if threads == 0 || threads > 1024 || cfg.grid.contains(&0) {
+        // The limits a GPU enforces (without opting in to more shared memory).
+        if threads == 0
+            || threads > 1024
+            || cfg.grid.contains(&0)
+            || cfg.grid[1] > 65535
+            || cfg.grid[2] > 65535
+            || cfg.shmem > 48 * 1024
+        {
             return Err(err(format!("{name}: bad launch shape {cfg:?}")));
         }
         let [gx, gy, gz] = cfg.grid;
