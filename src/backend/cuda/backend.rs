@@ -338,9 +338,6 @@ impl<D: Device> Backend for CudaBackend<D> {
     }
 
     fn energy(&self, z: &Self::Buf, rows: usize, d: usize, scale: f32) -> Result<(f64, Self::Buf)> {
-        let part = DevBuf::alloc(&self.dev, rows)?;
-        k::energy_fwd(&self.dev, z, &part, rows, d, scale)?;
-        let dz = DevBuf::alloc(&self.dev, rows * d)?;
         if z.len() != rows * d {
             return Err(self.err(format!(
                 "energy: z has {} elements, rows·d = {}",
@@ -348,6 +345,9 @@ impl<D: Device> Backend for CudaBackend<D> {
                 rows * d
             )));
         }
+        let part = DevBuf::alloc(&self.dev, rows)?;
+        k::energy_fwd(&self.dev, z, &part, rows, d, scale)?;
+        let dz = DevBuf::alloc(&self.dev, rows * d)?;
         k::energy_bwd(&self.dev, z, &dz, scale)?;
         let j = part.download(&self.dev)?.iter().map(|&v| v as f64).sum();
         Ok((j, dz))
