@@ -11,6 +11,7 @@
 //! - q/k/v are `[rows, heads·head_dim]`, head h of token r at
 //!   `r·heads·head_dim + h·head_dim`.
 pub mod cpu;
+pub mod cuda;
 
 use crate::Result;
 

@@ -1,0 +1,145 @@
+//! Criterion benchmarks of the CUDA kernels, each reporting achieved bytes/s
+//! (criterion's "thrpt") next to its time, so the distance to the memory
+//! floor stated at the top of each .cu file is visible. Runs on the emulated
+//! device with tiny shapes (one std::thread per CUDA thread: these numbers
+//! measure the emulation, not a GPU) and, when a GPU answers, on the GPU with
+//! one Qwen2.5-7B layer's shapes.
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use rku_engine::backend::cuda::{kernels as k, DevBuf, Device, EmuDevice, GpuDevice};
+use rku_engine::backend::AttnShape;
+use std::time::Duration;
+
+/// Shapes of one run: FFN rows × width, hidden size, attention.
+struct Shapes {
+    rows: usize,
+    m: usize,
+    d: usize,
+    attn: AttnShape,
+}
+
+fn filled<D: Device>(dev: &D, n: usize) -> DevBuf<D, f32> {
+    let v: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect();
+    DevBuf::upload(dev, &v).unwrap()
+}
+
+fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
+    let label = dev.backend_name();
+    let mut g = c.benchmark_group(format!("kernels/{label}"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(1));
+    let n = s.rows * s.m;
+    let (a, b, h) = (filled(dev, n), filled(dev, n), filled(dev, n));
+    let (da, db) = (filled(dev, n), filled(dev, n));
+
+    g.throughput(Throughput::BytesDecimal(3 * 4 * n as u64));
+    g.bench_function(BenchmarkId::new("swiglu_fwd_f32", n), |it| {
+        it.iter(|| {
+            k::swiglu_fwd(dev, &a, &b, &h).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    g.throughput(Throughput::BytesDecimal(5 * 4 * n as u64));
+    g.bench_function(BenchmarkId::new("swiglu_bwd_f32", n), |it| {
+        it.iter(|| {
+            k::swiglu_bwd(dev, &h, &a, &b, &da, &db).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    let part = filled(dev, 5 * s.m);
+    g.throughput(Throughput::BytesDecimal((2 * 4 * n + 20 * s.m) as u64));
+    g.bench_function(BenchmarkId::new("channel_stats_f32", n), |it| {
+        it.iter(|| {
+            k::channel_stats(dev, &a, &b, &part, 1, s.rows, s.m).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    let wb = DevBuf::<D, bf16>::alloc(dev, n).unwrap();
+    g.throughput(Throughput::BytesDecimal(6 * n as u64));
+    g.bench_function(BenchmarkId::new("cast_f32_to_bf16", n), |it| {
+        it.iter(|| {
+            k::cast(dev, &a, &wb).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    let keep: Vec<u32> = (0..s.rows as u32).step_by(2).collect();
+    let dst = DevBuf::<D, bf16>::alloc(dev, keep.len() * s.m).unwrap();
+    g.throughput(Throughput::BytesDecimal((2 * 2 * keep.len() * s.m) as u64));
+    g.bench_function(
+        BenchmarkId::new("compact_rows_bf16", keep.len() * s.m),
+        |it| it.iter(|| k::compact_rows(dev, &wb, &keep, &dst, s.rows, s.m).unwrap()),
+    );
+    let (x, y, rstd) = (
+        filled(dev, s.rows * s.d),
+        filled(dev, s.rows * s.d),
+        filled(dev, s.rows),
+    );
+    let w = DevBuf::<D, bf16>::upload(dev, &vec![bf16::ONE; s.d]).unwrap();
+    g.throughput(Throughput::BytesDecimal((2 * 4 * s.rows * s.d) as u64));
+    g.bench_function(BenchmarkId::new("rmsnorm_fwd_f32", s.rows * s.d), |it| {
+        it.iter(|| {
+            k::rmsnorm_fwd(dev, &x, &w, &y, &rstd, s.rows, s.d, 1e-6).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    let at = s.attn;
+    let (q_len, kv_len) = (
+        at.seqs * at.t * at.heads * at.head_dim,
+        at.seqs * at.t * at.kv_heads * at.head_dim,
+    );
+    let (q, kk, v, out) = (
+        filled(dev, q_len),
+        filled(dev, kv_len),
+        filled(dev, kv_len),
+        filled(dev, q_len),
+    );
+    let lse = filled(dev, at.seqs * at.heads * at.t);
+    g.throughput(Throughput::BytesDecimal(
+        (4 * (2 * q_len + 2 * kv_len)) as u64,
+    ));
+    g.bench_function(BenchmarkId::new("attention_fwd_f32", at.t), |it| {
+        it.iter(|| {
+            k::attention_fwd(dev, &q, &kk, &v, &out, &lse, at).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    let tiny = Shapes {
+        rows: 16,
+        m: 1000,
+        d: 300,
+        attn: AttnShape {
+            seqs: 1,
+            t: 64,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+        },
+    };
+    bench_device(c, &EmuDevice::new(), &tiny);
+    match GpuDevice::new(0) {
+        Ok(gpu) => {
+            let layer = Shapes {
+                rows: 2048,
+                m: 18944,
+                d: 3584,
+                attn: AttnShape {
+                    seqs: 1,
+                    t: 2048,
+                    heads: 28,
+                    kv_heads: 4,
+                    head_dim: 128,
+                },
+            };
+            bench_device(c, &gpu, &layer);
+        }
+        Err(e) => eprintln!("GPU benchmarks skipped: {e}"),
+    }
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -1,0 +1,437 @@
+//! `CudaBackend<D>`: the `Backend` ops as kernel launches and cuBLAS calls
+//! on a [`Device`]. Activations (`Buf`) are f32, weights (`Weight`) bf16;
+//! matrix products round their activation operand to bf16 and accumulate in
+//! f32 (cuBLAS `CUBLAS_COMPUTE_32F`).
+use half::bf16;
+
+use super::buf::DevBuf;
+use super::device::{Device, Gemm, GemmType};
+use super::kernels as k;
+use crate::backend::{AttnShape, Backend, ChannelPartial};
+use crate::{Error, Result};
+
+/// Vocabulary entries per cross-entropy chunk by default: at 2048 rows the
+/// chunk's f32 logits take 64 MiB.
+pub const CE_CHUNK: usize = 8192;
+
+/// The CUDA backend over device `D`.
+pub struct CudaBackend<D: Device> {
+    dev: D,
+    ce_chunk: usize,
+}
+
+impl<D: Device> CudaBackend<D> {
+    pub fn new(dev: D) -> Self {
+        CudaBackend {
+            dev,
+            ce_chunk: CE_CHUNK,
+        }
+    }
+    /// Sets the cross-entropy vocabulary chunk (at least 1).
+    pub fn with_ce_chunk(mut self, chunk: usize) -> Self {
+        self.ce_chunk = chunk.max(1);
+        self
+    }
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Backend {
+            backend: self.dev.backend_name(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Rounds `x[..n]` (f32) to a bf16 copy, the activation operand of a product.
+    fn to_bf16(&self, x: &DevBuf<D, f32>, n: usize) -> Result<DevBuf<D, bf16>> {
+        if x.len() < n {
+            return Err(self.err(format!("matrix operand: {} elements, need {n}", x.len())));
+        }
+        let out = DevBuf::alloc(&self.dev, x.len())?;
+        k::cast(&self.dev, x, &out)?;
+        Ok(out)
+    }
+
+    /// `y[rows, out] = x[rows, inp] · W[out, inp]ᵀ` with `x` bf16: in cuBLAS's
+    /// column-major terms `yᵀ[out, rows] = op_T(W as [inp, out]) · xᵀ[inp, rows]`.
+    /// W starts `w_offset` elements into `w` (a vocabulary chunk); y rows are `ldy` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_wt(
+        &self,
+        x: &DevBuf<D, bf16>,
+        w: &DevBuf<D, bf16>,
+        w_offset: usize,
+        y: &DevBuf<D, f32>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        ldy: usize,
+    ) -> Result<()> {
+        if w.len() < w_offset + out * inp
+            || x.len() < rows * inp
+            || y.len() < (rows.max(1) - 1) * ldy + out
+        {
+            return Err(self.err("linear: operand sizes do not match the shape"));
+        }
+        let g = Gemm {
+            trans_a: true,
+            trans_b: false,
+            m: out,
+            n: rows,
+            k: inp,
+            alpha: 1.0,
+            a: w.addr(&self.dev) + 2 * w_offset as u64,
+            lda: inp,
+            stride_a: 0,
+            b: x.addr(&self.dev),
+            ldb: inp,
+            stride_b: 0,
+            beta: 0.0,
+            c: y.addr(&self.dev),
+            ldc: ldy,
+            stride_c: 0,
+            batch: 1,
+            ab: GemmType::Bf16,
+        };
+        // SAFETY: operand extents checked above.
+        unsafe { self.dev.gemm(&g) }
+    }
+}
+
+impl<D: Device> Backend for CudaBackend<D> {
+    type Buf = DevBuf<D, f32>;
+    type Weight = DevBuf<D, bf16>;
+
+    fn name(&self) -> &'static str {
+        self.dev.backend_name()
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
+        DevBuf::upload(&self.dev, data)
+    }
+
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        buf.download(&self.dev)
+    }
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf> {
+        DevBuf::zeros(&self.dev, len)
+    }
+
+    fn upload_weight(&self, data: &[f32]) -> Result<Self::Weight> {
+        // Rounded to nearest even on the host, as cast_f32_to_bf16 would.
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        DevBuf::upload(&self.dev, &host)
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self::Buf> {
+        let xb = self.to_bf16(x, rows * inp)?;
+        let y = DevBuf::alloc(&self.dev, rows * out)?;
+        self.matmul_wt(&xb, w, 0, &y, rows, inp, out, out)?;
+        if let Some(b) = bias {
+            k::add_bias(&self.dev, &y, b, rows, out)?;
+        }
+        Ok(y)
+    }
+
+    fn linear_bwd_input(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self::Buf> {
+        let dyb = self.to_bf16(dy, rows * out)?;
+        if w.len() < out * inp {
+            return Err(self.err("linear_bwd_input: weight smaller than [out, inp]"));
+        }
+        let dx = DevBuf::alloc(&self.dev, rows * inp)?;
+        // dxᵀ[inp, rows] = (W as [inp, out]) · dyᵀ[out, rows], column-major.
+        let g = Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: inp,
+            n: rows,
+            k: out,
+            alpha: 1.0,
+            a: w.addr(&self.dev),
+            lda: inp,
+            stride_a: 0,
+            b: dyb.addr(&self.dev),
+            ldb: out,
+            stride_b: 0,
+            beta: 0.0,
+            c: dx.addr(&self.dev),
+            ldc: inp,
+            stride_c: 0,
+            batch: 1,
+            ab: GemmType::Bf16,
+        };
+        // SAFETY: extents checked above and by `to_bf16`.
+        unsafe { self.dev.gemm(&g) }?;
+        Ok(dx)
+    }
+
+    fn embedding(&self, ids: &[u32], table: &Self::Weight, d: usize) -> Result<Self::Buf> {
+        let out = DevBuf::alloc(&self.dev, ids.len() * d)?;
+        k::embedding(&self.dev, ids, table, &out, d)?;
+        Ok(out)
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        let y = DevBuf::alloc(&self.dev, rows * d)?;
+        let rstd = DevBuf::alloc(&self.dev, rows)?;
+        k::rmsnorm_fwd(&self.dev, x, w, &y, &rstd, rows, d, eps)?;
+        Ok((y, rstd))
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rstd: &Self::Buf,
+        rows: usize,
+        d: usize,
+    ) -> Result<Self::Buf> {
+        let dx = DevBuf::alloc(&self.dev, rows * d)?;
+        k::rmsnorm_bwd(&self.dev, dy, x, w, rstd, &dx, rows, d)?;
+        Ok(dx)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        seqs: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        k::rope(
+            &self.dev,
+            x,
+            cos,
+            sin,
+            seqs * t,
+            t,
+            heads,
+            head_dim,
+            inverse,
+        )
+    }
+
+    fn attention_fwd(
+        &self,
+        q: &Self::Buf,
+        k_: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        let (out, lse) = (
+            DevBuf::alloc(
+                &self.dev,
+                shape.seqs * shape.t * shape.heads * shape.head_dim,
+            )?,
+            DevBuf::alloc(&self.dev, shape.seqs * shape.heads * shape.t)?,
+        );
+        k::attention_fwd(&self.dev, q, k_, v, &out, &lse, shape)?;
+        Ok((out, lse))
+    }
+
+    fn attention_bwd(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k_: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        shape: AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        let rows = shape.seqs * shape.t;
+        let dq = DevBuf::alloc(&self.dev, rows * shape.heads * shape.head_dim)?;
+        let dk = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
+        let dv = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
+        k::attention_bwd(&self.dev, dout, q, k_, v, out, lse, &dq, &dk, &dv, shape)?;
+        Ok((dq, dk, dv))
+    }
+
+    fn swiglu_fwd(&self, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf> {
+        if a.len() != n {
+            return Err(self.err(format!("swiglu_fwd: a has {} elements, n = {n}", a.len())));
+        }
+        let h = DevBuf::alloc(&self.dev, n)?;
+        k::swiglu_fwd(&self.dev, a, b, &h)?;
+        Ok(h)
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dh: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        n: usize,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        if dh.len() != n {
+            return Err(self.err(format!("swiglu_bwd: dh has {} elements, n = {n}", dh.len())));
+        }
+        let da = DevBuf::alloc(&self.dev, n)?;
+        let db = DevBuf::alloc(&self.dev, n)?;
+        k::swiglu_bwd(&self.dev, dh, a, b, &da, &db)?;
+        Ok((da, db))
+    }
+
+    fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<()> {
+        k::add(&self.dev, x, y, n)
+    }
+
+    fn channel_stats(
+        &self,
+        h: &Self::Buf,
+        g: &Self::Buf,
+        seqs: usize,
+        t: usize,
+        m: usize,
+    ) -> Result<ChannelPartial> {
+        let part = DevBuf::alloc(&self.dev, 5 * seqs * m)?;
+        k::channel_stats(&self.dev, h, g, &part, seqs, t, m)?;
+        let p = part.download(&self.dev)?;
+        // part [5][seqs][m]: sum the sequences of s1, s2, f2, k1 in f64.
+        let total = |stat: usize| -> Vec<f64> {
+            let mut s = vec![0f64; m];
+            for q in 0..seqs {
+                let row = &p[(stat * seqs + q) * m..][..m];
+                s.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+            }
+            s
+        };
+        Ok(ChannelPartial {
+            s1: total(0),
+            s2: total(1),
+            f2: total(2),
+            k1: total(3),
+            hg_seq: p[4 * seqs * m..5 * seqs * m]
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+        })
+    }
+
+    fn energy(&self, z: &Self::Buf, rows: usize, d: usize, scale: f32) -> Result<(f64, Self::Buf)> {
+        if z.len() != rows * d {
+            return Err(self.err(format!(
+                "energy: z has {} elements, rows·d = {}",
+                z.len(),
+                rows * d
+            )));
+        }
+        let part = DevBuf::alloc(&self.dev, rows)?;
+        k::energy_fwd(&self.dev, z, &part, rows, d, scale)?;
+        let dz = DevBuf::alloc(&self.dev, rows * d)?;
+        k::energy_bwd(&self.dev, z, &dz, scale)?;
+        let j = part.download(&self.dev)?.iter().map(|&v| v as f64).sum();
+        Ok((j, dz))
+    }
+
+    fn cross_entropy(
+        &self,
+        z: &Self::Buf,
+        lm_head: &Self::Weight,
+        targets: &[u32],
+        rows: usize,
+        d: usize,
+        vocab: usize,
+        scale: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Option<Self::Buf>)> {
+        if targets.len() != rows || z.len() != rows * d || lm_head.len() != vocab * d {
+            return Err(
+                self.err("cross_entropy: z, lm_head or targets do not match rows, d, vocab")
+            );
+        }
+        if let Some(&t) = targets
+            .iter()
+            .find(|&&t| t != u32::MAX && t as usize >= vocab)
+        {
+            return Err(self.err(format!(
+                "cross_entropy: target {t} out of range (vocab {vocab})"
+            )));
+        }
+        let dev = &self.dev;
+        let zb = self.to_bf16(z, rows * d)?;
+        let tg = DevBuf::upload(dev, targets)?;
+        let m = DevBuf::upload(dev, &vec![f32::NEG_INFINITY; rows])?;
+        let s = DevBuf::zeros(dev, rows)?;
+        let tgt = DevBuf::zeros(dev, rows)?;
+        let chunk = self.ce_chunk.min(vocab.max(1));
+        let logits = DevBuf::alloc(dev, rows * chunk)?;
+        // Pass 1: running log-sum-exp and target logits, chunk by chunk.
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            self.matmul_wt(&zb, lm_head, v0 * d, &logits, rows, d, vc, vc)?;
+            k::ce_stats(dev, &logits, &tg, &m, &s, &tgt, rows, vc, v0)?;
+        }
+        let (mh, sh, th) = (m.download(dev)?, s.download(dev)?, tgt.download(dev)?);
+        let (mut nll, mut count) = (0f64, 0usize);
+        for r in (0..rows).filter(|&r| targets[r] != u32::MAX) {
+            nll += (sh[r] as f64).ln() + mh[r] as f64 - th[r] as f64;
+            count += 1;
+        }
+        if !want_grad {
+            return Ok((nll, count, None));
+        }
+        // Pass 2: dz = Σ_chunks dlogits · W_chunk, dlogits = scale·(softmax − onehot).
+        let dz = DevBuf::zeros(dev, rows * d)?;
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            self.matmul_wt(&zb, lm_head, v0 * d, &logits, rows, d, vc, vc)?;
+            k::ce_grad(dev, &logits, &tg, &m, &s, rows, vc, v0, scale)?;
+            let dl = self.to_bf16(&logits, rows * vc)?;
+            // dzᵀ[d, rows] += (W_chunk as [d, vc]) · dlᵀ[vc, rows], column-major.
+            let g = Gemm {
+                trans_a: false,
+                trans_b: false,
+                m: d,
+                n: rows,
+                k: vc,
+                alpha: 1.0,
+                a: lm_head.addr(dev) + 2 * (v0 * d) as u64,
+                lda: d,
+                stride_a: 0,
+                b: dl.addr(dev),
+                ldb: vc,
+                stride_b: 0,
+                beta: 1.0,
+                c: dz.addr(dev),
+                ldc: d,
+                stride_c: 0,
+                batch: 1,
+                ab: GemmType::Bf16,
+            };
+            // SAFETY: the chunk lies inside lm_head [vocab, d]; dl holds rows·vc.
+            unsafe { dev.gemm(&g) }?;
+            dev.synchronize()?; // `dl` is freed at the end of the iteration
+        }
+        Ok((nll, count, Some(dz)))
+    }
+}

@@ -1,0 +1,87 @@
+//! Typed device buffers: an allocation of a [`Device`] plus its element count.
+use std::marker::PhantomData;
+
+use half::{bf16, f16};
+
+use super::device::Device;
+use crate::{Error, Result};
+
+/// Element types that live in device buffers; `NAME` is the dtype suffix of kernel names.
+pub trait Elem: bytemuck::Pod + Send + Sync {
+    const NAME: &'static str;
+}
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
+}
+impl Elem for f16 {
+    const NAME: &'static str = "f16";
+}
+impl Elem for u32 {
+    const NAME: &'static str = "u32";
+}
+impl Elem for f64 {
+    const NAME: &'static str = "f64";
+}
+
+/// `len` elements of `T` in device memory.
+pub struct DevBuf<D: Device, T: Elem> {
+    mem: D::Mem,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<D: Device, T: Elem> DevBuf<D, T> {
+    /// Uninitialised buffer of `len` elements.
+    pub fn alloc(dev: &D, len: usize) -> Result<Self> {
+        Ok(DevBuf {
+            mem: dev.alloc(len * std::mem::size_of::<T>())?,
+            len,
+            _t: PhantomData,
+        })
+    }
+    pub fn zeros(dev: &D, len: usize) -> Result<Self> {
+        let b = Self::alloc(dev, len)?;
+        dev.memzero(&b.mem, len * std::mem::size_of::<T>())?;
+        Ok(b)
+    }
+    pub fn upload(dev: &D, data: &[T]) -> Result<Self> {
+        let b = Self::alloc(dev, data.len())?;
+        dev.htod(bytemuck::cast_slice(data), &b.mem)?;
+        Ok(b)
+    }
+    pub fn download(&self, dev: &D) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len];
+        dev.dtoh(&self.mem, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+    /// Overwrites the buffer from the host (`data.len() == self.len()`).
+    pub fn write(&self, dev: &D, data: &[T]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::Backend {
+                backend: dev.backend_name(),
+                msg: format!(
+                    "write of {} elements into a buffer of {}",
+                    data.len(),
+                    self.len
+                ),
+            });
+        }
+        dev.htod(bytemuck::cast_slice(data), &self.mem)
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Device address of element 0.
+    pub fn addr(&self, dev: &D) -> u64 {
+        dev.ptr(&self.mem)
+    }
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+}
