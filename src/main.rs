@@ -2,6 +2,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::backend::cuda::{has_kernels, CudaBackend, EmuDevice, GpuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::eval::iou::read_kept;
 use rku_engine::eval::ppl::perplexity;
@@ -81,6 +82,11 @@ enum BackendKind {
     Auto,
     /// Multithreaded f32 on the CPU.
     Cpu,
+    /// The CUDA kernels on the GPU (cuBLAS for matrix products, bf16 weights).
+    Cuda,
+    /// The same CUDA kernels and launch code executed on the CPU by the
+    /// emulated device (slow: for checking, on tiny models).
+    CudaEmu,
 }
 
 #[derive(Args)]
@@ -277,11 +283,36 @@ struct BenchForwardArgs {
     common: Common,
 }
 
-/// Runs `$body` with `$be` bound to the chosen backend.
+/// `auto` resolved: cuda when the binary has kernels and a GPU answers.
+fn resolve_backend(kind: BackendKind) -> BackendKind {
+    match kind {
+        BackendKind::Auto if has_kernels() => match GpuDevice::new(0) {
+            Ok(_) => BackendKind::Cuda,
+            Err(e) => {
+                eprintln!("backend auto: no usable GPU ({e}); using the cpu");
+                BackendKind::Cpu
+            }
+        },
+        BackendKind::Auto => BackendKind::Cpu,
+        k => k,
+    }
+}
+
+/// Runs `$body` with `$be` bound to the chosen backend (monomorphised per backend).
 macro_rules! with_backend {
     ($kind:expr, |$be:ident| $body:expr) => {{
-        match $kind {
-            BackendKind::Auto | BackendKind::Cpu => {
+        match resolve_backend($kind) {
+            BackendKind::Cuda => {
+                let $be = CudaBackend::new(GpuDevice::new(0)?);
+                eprintln!("backend: cuda");
+                $body
+            }
+            BackendKind::CudaEmu => {
+                let $be = CudaBackend::new(EmuDevice::new());
+                eprintln!("backend: cuda-emu (CUDA kernels emulated on the CPU)");
+                $body
+            }
+            _ => {
                 let $be = CpuBackend::new();
                 eprintln!("backend: cpu ({} threads)", rayon::current_num_threads());
                 $body
