@@ -132,7 +132,7 @@ impl ModelConfig {
             }
             _ => vec![ffn; layers],
         };
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || head_dim % 2 != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !head_dim.is_multiple_of(2) {
             return Err(Error::format(
                 path,
                 format!(

@@ -16,6 +16,15 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer plus `offset` elements (a method, so closures capture the
+    /// whole Sync wrapper rather than its raw-pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// Fills `s` (`[t,t]`) with scaled, causally masked scores and returns it
 /// turned into probabilities, writing each row's log-sum-exp to `lse`.
 fn softmax_causal(s: &mut [f32], t: usize, lse: &mut [f32]) {
@@ -90,14 +99,13 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
                 rs: kd as isize,
                 cs: 1,
             };
-            let optr = optr;
             // SAFETY: each job writes the disjoint column block h of sequence seq.
             unsafe {
                 gemm_into(
                     t,
                     hd,
                     t,
-                    optr.0.add(seq * t * qd + h * hd),
+                    optr.at(seq * t * qd + h * hd),
                     qd,
                     Mat::rows(&s, t),
                     vp,
@@ -139,7 +147,6 @@ pub fn backward(
     );
     (0..sh.seqs * sh.kv_heads).into_par_iter().for_each(|job| {
         let (seq, g) = (job / sh.kv_heads, job % sh.kv_heads);
-        let (dqp, dkp, dvp) = (dqp, dkp, dvp);
         let mut s = vec![0f32; t * t];
         let mut dp = vec![0f32; t * t];
         let kv_off = seq * t * kd + g * hd;
@@ -177,7 +184,7 @@ pub fn backward(
                     t,
                     hd,
                     t,
-                    dvp.0.add(kv_off),
+                    dvp.at(kv_off),
                     kd,
                     Mat::rows_t(&s, t),
                     dop,
@@ -219,7 +226,7 @@ pub fn backward(
                     t,
                     hd,
                     t,
-                    dqp.0.add(q_off),
+                    dqp.at(q_off),
                     qd,
                     Mat::rows(&dp, t),
                     kp,
@@ -232,7 +239,7 @@ pub fn backward(
                     t,
                     hd,
                     t,
-                    dkp.0.add(kv_off),
+                    dkp.at(kv_off),
                     kd,
                     Mat::rows_t(&dp, t),
                     qp,
