@@ -5,6 +5,8 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::{attention_cached_portable, Backend, CacheShape};
+use rku_engine::eval::answer::extract_answer;
+use rku_engine::eval::gen::{evaluate_gen, plain_prompt, read_problems, ChatTemplate, GenArgs, Problem, PromptFormat};
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, Finish, GenerateOptions};
 use rku_engine::model::forward::logits;
@@ -265,4 +267,150 @@ fn smollm2_greedy_matches_transformers() {
         // from transformers that stopped at EOS is a prefix (EOS included).
         assert_eq!(&g.ids[..w.len()], &w[..], "engine vs transformers greedy ids");
     }
+}
+
+const SMOLLM2_TEMPLATE: &str = r"{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The non-tool part of Qwen2.5-Instruct's template (block tags with
+/// "-" trimming, attribute access to fields that are absent).
+const QWEN25_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {{- tools | tojson }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- raise_exception('tool calls are not supported') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+fn problem(q: &str, a: &str, gold: &str) -> Problem {
+    Problem {
+        question: q.into(),
+        answer: a.into(),
+        gold: gold.into(),
+    }
+}
+
+#[test]
+fn chat_templates_render_like_transformers() {
+    let shots = [problem("1+1?", "1+1=2\n#### 2", "2")];
+    let smol = ChatTemplate::new(SMOLLM2_TEMPLATE, String::new(), "<|im_end|>".into()).unwrap();
+    assert_eq!(
+        smol.prompt(&shots, " 2+3? ").unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n1+1=2\n#### 2<|im_end|>\n\
+         <|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let qwen = ChatTemplate::new(QWEN25_TEMPLATE, String::new(), "<|im_end|>".into()).unwrap();
+    assert_eq!(
+        qwen.prompt(&[problem("a?", "7", "7")], "b?").unwrap(),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\na?<|im_end|>\n<|im_start|>assistant\n#### 7<|im_end|>\n\
+         <|im_start|>user\nb?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Python string methods, bos_token and raise_exception as in transformers.
+    let py = ChatTemplate::new(
+        "{{ bos_token }}{% for m in messages %}{% if m.content.startswith('x') %}{{ raise_exception('no x') }}{% endif %}{{ m.content.strip().upper() }}|{% endfor %}",
+        "<s>".into(),
+        String::new(),
+    )
+    .unwrap();
+    assert_eq!(py.render(&[("user", "  hi ")]).unwrap(), "<s>HI|");
+    assert!(py.render(&[("user", "xy")]).unwrap_err().to_string().contains("no x"));
+}
+
+#[test]
+fn plain_prompt_layout() {
+    let shots = [problem("1+1?", "1+1=2\n#### 2", "2"), problem("3-5?", "-2", "-2")];
+    assert_eq!(
+        plain_prompt(&shots, "Why 4?\n"),
+        "Question: 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: 3-5?\nAnswer: #### -2\n\nQuestion: Why 4?\nAnswer:"
+    );
+}
+
+const GSM: &str = r#####"{"question": "Shot one: 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}
+{"question": "Shot two: 10 - 3?", "answer": 7}
+{"question": "A farmer has 3 cows and buys 4 more. How many cows?", "answer": "3 + 4 = 7\n#### 7"}
+{"question": "What is 1,000 + 250?", "answer": "#### 1,250"}
+{"question": "Numbers: 2024 minus 2000?", "answer": "24"}
+"#####;
+
+#[test]
+fn tiny_qwen2_gen_eval_is_consistent() {
+    let dir = fixture("tiny-qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("gsm_symbolic.jsonl");
+    std::fs::write(&data, GSM).unwrap();
+    let problems = read_problems(&data).unwrap();
+    assert_eq!(problems.iter().map(|p| p.gold.as_str()).collect::<Vec<_>>(), ["4", "7", "7", "1250", "24"]);
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let out = tmp.path().join("out/gen.jsonl");
+    let args = GenArgs {
+        shots: 2,
+        batch: 2,
+        max_new_tokens: 20,
+        out: Some(out.clone()),
+        task: Some("GSM-symbolic".into()),
+        ..GenArgs::new(data.clone())
+    };
+    let (res, recs) = evaluate_gen(&be, &model, &tok, &args).unwrap();
+    println!("{}", serde_json::to_string(&res).unwrap());
+    assert_eq!((res.n, res.task.as_str()), (3, "GSM-symbolic"));
+    assert_eq!(recs.iter().map(|r| r.index).collect::<Vec<_>>(), [2, 3, 4]);
+    for (r, p) in recs.iter().zip(&problems[2..]) {
+        assert_eq!(r.prompt, plain_prompt(&problems[..2], &p.question));
+        assert_eq!(r.extracted, extract_answer(&r.generation));
+        assert_eq!(r.correct, r.extracted.as_deref() == Some(p.gold.as_str()));
+        assert!(r.new_tokens <= 20 && !r.generation.contains("Question:"));
+    }
+    assert_eq!(res.accuracy, recs.iter().filter(|r| r.correct).count() as f64 / 3.0);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+    // Batch size and order change nothing; a shots file replaces held-out rows.
+    let shots = tmp.path().join("shots.jsonl");
+    std::fs::write(&shots, GSM.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let (_, recs1) = evaluate_gen(
+        &be,
+        &model,
+        &tok,
+        &GenArgs {
+            shots: 2,
+            shots_file: Some(shots),
+            batch: 1,
+            max_new_tokens: 20,
+            ..GenArgs::new(data.clone())
+        },
+    )
+    .unwrap();
+    assert_eq!(recs1.len(), 5);
+    for (a, b) in recs.iter().zip(&recs1[2..]) {
+        assert_eq!((&a.prompt, &a.generation), (&b.prompt, &b.generation));
+    }
+    // The fixture has no chat template: a clear error.
+    let e = evaluate_gen(&be, &model, &tok, &GenArgs { format: PromptFormat::Chat, shots: 0, ..GenArgs::new(data) })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chat_template"), "{e}");
+}
+
+#[test]
+fn bad_gen_rows_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.jsonl");
+    std::fs::write(&p, "{\"question\": \"q\", \"answer\": \"#### 3\"}\n{\"question\": \"q\", \"answer\": \"3 or 4\"}\n").unwrap();
+    let e = read_problems(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
 }
