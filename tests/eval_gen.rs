@@ -6,7 +6,9 @@ use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::{attention_cached_portable, Backend, CacheShape};
 use rku_engine::eval::answer::extract_answer;
-use rku_engine::eval::gen::{evaluate_gen, plain_prompt, read_problems, ChatTemplate, GenArgs, Problem, PromptFormat};
+use rku_engine::eval::gen::{
+    evaluate_gen, plain_prompt, read_problems, ChatTemplate, GenArgs, Problem, PromptFormat,
+};
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, Finish, GenerateOptions};
 use rku_engine::model::forward::logits;
@@ -27,7 +29,16 @@ fn greedy_recompute(
     let mut out = Vec::new();
     let mut all = Vec::new();
     for _ in 0..max_new {
-        let l = logits(be, model, &ids, Geometry { seqs: 1, t: ids.len() }).unwrap();
+        let l = logits(
+            be,
+            model,
+            &ids,
+            Geometry {
+                seqs: 1,
+                t: ids.len(),
+            },
+        )
+        .unwrap();
         let last = l[(ids.len() - 1) * vocab..].to_vec();
         let id = argmax(&last);
         all.push(last);
@@ -59,7 +70,10 @@ fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) {
     let tok = Tokenizer::load(dir).unwrap();
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lens.iter().any(|&l| l != lens[0]), "prompts must differ in length: {lens:?}");
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "prompts must differ in length: {lens:?}"
+    );
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         ..Default::default()
@@ -75,7 +89,11 @@ fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) {
     );
     for (p, g) in prompts.iter().zip(&gens) {
         let (want, steps) = greedy_recompute(&be, &model, p, max_new, &[]);
-        println!("  min top-2 logit gap {:.2e}; ids {:?}", min_top2_gap(&steps), g.ids);
+        println!(
+            "  min top-2 logit gap {:.2e}; ids {:?}",
+            min_top2_gap(&steps),
+            g.ids
+        );
         assert_eq!(g.ids, want, "cache and recompute disagree for prompt {p:?}");
         assert_eq!(g.finish, Finish::MaxTokens);
         assert_eq!(g.text, tok.decode(&want).unwrap());
@@ -109,9 +127,21 @@ fn tiny_qwen2_decoder_logits_match_forward() {
     let mut dec = Decoder::new(&be, &model, seqs.len(), 16).unwrap();
     let mut got = dec.extend(&seqs).unwrap();
     for step in 0..6 {
-        assert_eq!(dec.lens(), seqs.iter().map(Vec::len).collect::<Vec<_>>().as_slice());
+        assert_eq!(
+            dec.lens(),
+            seqs.iter().map(Vec::len).collect::<Vec<_>>().as_slice()
+        );
         for (s, ids) in seqs.iter().enumerate() {
-            let full = logits(&be, &model, ids, Geometry { seqs: 1, t: ids.len() }).unwrap();
+            let full = logits(
+                &be,
+                &model,
+                ids,
+                Geometry {
+                    seqs: 1,
+                    t: ids.len(),
+                },
+            )
+            .unwrap();
             let want = &full[(ids.len() - 1) * vocab..];
             let err = want
                 .iter()
@@ -120,14 +150,19 @@ fn tiny_qwen2_decoder_logits_match_forward() {
                 .fold(0f32, f32::max);
             assert!(err < 1e-5, "step {step}, sequence {s}: max |Δlogit| {err}");
         }
-        let next: Vec<u32> = (0..seqs.len()).map(|s| ((step * 37 + s * 11) % vocab) as u32).collect();
+        let next: Vec<u32> = (0..seqs.len())
+            .map(|s| ((step * 37 + s * 11) % vocab) as u32)
+            .collect();
         for (s, &t) in next.iter().enumerate() {
             seqs[s].push(t);
         }
         got = dec.step(&next).unwrap();
     }
     let full: Vec<Vec<u32>> = vec![vec![1; 11]; 3];
-    assert!(dec.extend(&full).is_err(), "overflowing the cache must fail");
+    assert!(
+        dec.extend(&full).is_err(),
+        "overflowing the cache must fail"
+    );
 }
 
 /// EOS ends a sequence without being emitted, stop strings cut the text,
@@ -138,7 +173,10 @@ fn tiny_qwen2_generate_stops() {
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
-    let prompts = vec![tok.encode("The train leaves at").unwrap(), tok.encode("Numbers:").unwrap()];
+    let prompts = vec![
+        tok.encode("The train leaves at").unwrap(),
+        tok.encode("Numbers:").unwrap(),
+    ];
     let free = GenerateOptions {
         max_new_tokens: 12,
         ..Default::default()
@@ -180,12 +218,18 @@ fn portable_attention_cached_equals_native() {
     let mut rnd = |len: usize| -> Vec<f32> {
         (0..len)
             .map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
     };
-    for (seqs, n, cap, pos) in [(2usize, 5usize, 12usize, vec![0usize, 0]), (3, 1, 9, vec![4, 0, 8]), (2, 3, 10, vec![7, 2])] {
+    for (seqs, n, cap, pos) in [
+        (2usize, 5usize, 12usize, vec![0usize, 0]),
+        (3, 1, 9, vec![4, 0, 8]),
+        (2, 3, 10, vec![7, 2]),
+    ] {
         let sh = CacheShape {
             seqs,
             n,
@@ -199,32 +243,47 @@ fn portable_attention_cached_equals_native() {
         let (kc0, vc0) = (rnd(seqs * cap * kd), rnd(seqs * cap * kd));
         let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
         let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
-        let a = be.attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh).unwrap();
+        let a = be
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh)
+            .unwrap();
         let b = attention_cached_portable(&be, &q, &k, &v, &mut kc2, &mut vc2, &pos, sh).unwrap();
         assert_eq!(kc1, kc2);
         assert_eq!(vc1, vc2);
-        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(err < 1e-5, "{seqs}×{n} at {pos:?}: max |Δ| {err}");
-        // Only the written rows changed.
-        for s in 0..seqs {
+        // The new keys land at pos[s].., nothing else changes.
+        for (s, &ps) in pos.iter().enumerate() {
             for p in 0..cap {
                 let r = (s * cap + p) * kd..(s * cap + p + 1) * kd;
-                if p < pos[s] || p >= pos[s] + n {
+                if (ps..ps + n).contains(&p) {
+                    assert_eq!(kc1[r], k[(s * n + p - ps) * kd..][..kd]);
+                } else {
                     assert_eq!(kc1[r.clone()], kc0[r]);
                 }
             }
         }
         let over = vec![cap - n + 1; seqs];
-        assert!(be.attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &over, sh).is_err());
+        assert!(be
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &over, sh)
+            .is_err());
     }
 }
 
 #[test]
 fn smollm2_cache_equals_recompute() {
-    let Some(dir) = asset("models/smollm2") else { return };
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
     check_cache_vs_recompute(
         &dir,
-        &["The capital of France is", "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"],
+        &[
+            "The capital of France is",
+            "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+        ],
         16,
     );
 }
@@ -233,20 +292,29 @@ fn smollm2_cache_equals_recompute() {
 /// `prompt_ids` and `generated_ids`, one list per prompt or a single one).
 #[test]
 fn smollm2_greedy_matches_transformers() {
-    let Some(dir) = asset("models/smollm2") else { return };
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
     let path = fixture("smollm2/greedy.json");
     if !path.exists() {
         eprintln!("skipped: {} not present", path.display());
         return;
     }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let lists = |key: &str| -> Vec<Vec<u32>> {
         let x = &v[key];
         let as_ids = |a: &serde_json::Value| -> Vec<u32> {
-            a.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+            a.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
         };
         match x.as_array() {
-            Some(a) if a.first().map(|f| f.is_array()).unwrap_or(false) => a.iter().map(as_ids).collect(),
+            Some(a) if a.first().map(|f| f.is_array()).unwrap_or(false) => {
+                a.iter().map(as_ids).collect()
+            }
             Some(_) => vec![as_ids(x)],
             None => panic!("{}: no list `{key}`", path.display()),
         }
@@ -265,7 +333,11 @@ fn smollm2_greedy_matches_transformers() {
     for (g, w) in gens.iter().zip(&want) {
         // No EOS given here, so every sequence runs the full budget; a list
         // from transformers that stopped at EOS is a prefix (EOS included).
-        assert_eq!(&g.ids[..w.len()], &w[..], "engine vs transformers greedy ids");
+        assert_eq!(
+            &g.ids[..w.len()],
+            &w[..],
+            "engine vs transformers greedy ids"
+        );
     }
 }
 
@@ -328,12 +400,19 @@ fn chat_templates_render_like_transformers() {
     )
     .unwrap();
     assert_eq!(py.render(&[("user", "  hi ")]).unwrap(), "<s>HI|");
-    assert!(py.render(&[("user", "xy")]).unwrap_err().to_string().contains("no x"));
+    assert!(py
+        .render(&[("user", "xy")])
+        .unwrap_err()
+        .to_string()
+        .contains("no x"));
 }
 
 #[test]
 fn plain_prompt_layout() {
-    let shots = [problem("1+1?", "1+1=2\n#### 2", "2"), problem("3-5?", "-2", "-2")];
+    let shots = [
+        problem("1+1?", "1+1=2\n#### 2", "2"),
+        problem("3-5?", "-2", "-2"),
+    ];
     assert_eq!(
         plain_prompt(&shots, "Why 4?\n"),
         "Question: 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: 3-5?\nAnswer: #### -2\n\nQuestion: Why 4?\nAnswer:"
@@ -354,7 +433,10 @@ fn tiny_qwen2_gen_eval_is_consistent() {
     let data = tmp.path().join("gsm_symbolic.jsonl");
     std::fs::write(&data, GSM).unwrap();
     let problems = read_problems(&data).unwrap();
-    assert_eq!(problems.iter().map(|p| p.gold.as_str()).collect::<Vec<_>>(), ["4", "7", "7", "1250", "24"]);
+    assert_eq!(
+        problems.iter().map(|p| p.gold.as_str()).collect::<Vec<_>>(),
+        ["4", "7", "7", "1250", "24"]
+    );
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
@@ -377,7 +459,10 @@ fn tiny_qwen2_gen_eval_is_consistent() {
         assert_eq!(r.correct, r.extracted.as_deref() == Some(p.gold.as_str()));
         assert!(r.new_tokens <= 20 && !r.generation.contains("Question:"));
     }
-    assert_eq!(res.accuracy, recs.iter().filter(|r| r.correct).count() as f64 / 3.0);
+    assert_eq!(
+        res.accuracy,
+        recs.iter().filter(|r| r.correct).count() as f64 / 3.0
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
     // Batch size and order change nothing; a shots file replaces held-out rows.
     let shots = tmp.path().join("shots.jsonl");
@@ -400,9 +485,18 @@ fn tiny_qwen2_gen_eval_is_consistent() {
         assert_eq!((&a.prompt, &a.generation), (&b.prompt, &b.generation));
     }
     // The fixture has no chat template: a clear error.
-    let e = evaluate_gen(&be, &model, &tok, &GenArgs { format: PromptFormat::Chat, shots: 0, ..GenArgs::new(data) })
-        .unwrap_err()
-        .to_string();
+    let e = evaluate_gen(
+        &be,
+        &model,
+        &tok,
+        &GenArgs {
+            format: PromptFormat::Chat,
+            shots: 0,
+            ..GenArgs::new(data)
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("chat_template"), "{e}");
 }
 
@@ -413,4 +507,24 @@ fn bad_gen_rows_name_file_and_line() {
     std::fs::write(&p, "{\"question\": \"q\", \"answer\": \"#### 3\"}\n{\"question\": \"q\", \"answer\": \"3 or 4\"}\n").unwrap();
     let e = read_problems(&p).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+}
+
+/// The files of scripts/make-eval-data.py parse, and their gold numbers
+/// are the generator's answers.
+#[test]
+fn eval_assets_parse() {
+    let Some(dir) = asset("eval") else { return };
+    let gsm = dir.join("gsm_symbolic.jsonl");
+    let problems = read_problems(&gsm).unwrap();
+    let text = std::fs::read_to_string(&gsm).unwrap();
+    for (p, line) in problems.iter().zip(text.lines()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p.gold, v["answer_value"].to_string(), "{line}");
+        assert_eq!(v["label"], "GSM-symbolic");
+    }
+    for task in ["winowhy", "strategyqa", "physical_intuition"] {
+        let items =
+            rku_engine::eval::mc::read_items(&dir.join(format!("bigbench_{task}.jsonl"))).unwrap();
+        println!("{task}: {} items", items.len());
+    }
 }

@@ -13,12 +13,26 @@ use rku_engine::model::{Geometry, Model};
 fn hand_loglik(be: &CpuBackend, model: &Model<CpuBackend>, ctx: &[u32], cont: &[u32]) -> f64 {
     let ids: Vec<u32> = ctx.iter().chain(cont).copied().collect();
     let vocab = model.cfg.vocab;
-    let l = logits(be, model, &ids, Geometry { seqs: 1, t: ids.len() }).unwrap();
+    let l = logits(
+        be,
+        model,
+        &ids,
+        Geometry {
+            seqs: 1,
+            t: ids.len(),
+        },
+    )
+    .unwrap();
     let mut sum = 0f64;
     for (j, &target) in cont.iter().enumerate() {
         let row = &l[(ctx.len() - 1 + j) * vocab..][..vocab];
         let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         sum += row[target as usize] as f64 - lse;
     }
     sum
@@ -65,21 +79,34 @@ fn tiny_qwen2_mc_matches_hand_computation() {
             let ws = &it.context[trimmed.len()..];
             let whole = tok.encode(&format!("{trimmed}{ws} {ch}")).unwrap();
             let ctx = tok.encode(trimmed).unwrap();
-            assert_eq!(encode_pair(&tok, &it.context, ch, 0).unwrap(), (ctx.clone(), whole[ctx.len()..].to_vec()));
+            assert_eq!(
+                encode_pair(&tok, &it.context, ch, 0).unwrap(),
+                (ctx.clone(), whole[ctx.len()..].to_vec())
+            );
             want.push(hand_loglik(&be, &model, &ctx, &whole[ctx.len()..]));
         }
         for (g, w) in rec.loglik.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "loglik {g} vs hand {w}");
+            assert!(
+                (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                "loglik {g} vs hand {w}"
+            );
         }
         let best = (0..want.len()).fold(0, |b, i| if want[i] > want[b] { i } else { b });
-        let norm: Vec<f64> = want.iter().zip(&it.choices).map(|(l, c)| l / c.chars().count() as f64).collect();
+        let norm: Vec<f64> = want
+            .iter()
+            .zip(&it.choices)
+            .map(|(l, c)| l / c.chars().count() as f64)
+            .collect();
         let best_norm = (0..norm.len()).fold(0, |b, i| if norm[i] > norm[b] { i } else { b });
         assert_eq!(rec.pred, best);
         assert_eq!(rec.pred_norm, best_norm);
         acc += (best == it.gold) as usize;
         acc_norm += (best_norm == it.gold) as usize;
     }
-    println!("acc {} acc_norm {} (hand: {acc}/4, {acc_norm}/4)", res.acc, res.acc_norm);
+    println!(
+        "acc {} acc_norm {} (hand: {acc}/4, {acc_norm}/4)",
+        res.acc, res.acc_norm
+    );
     assert_eq!(res.acc, acc as f64 / 4.0);
     assert_eq!(res.acc_norm, acc_norm as f64 / 4.0);
     let lines = std::fs::read_to_string(&out).unwrap();
@@ -87,7 +114,16 @@ fn tiny_qwen2_mc_matches_hand_computation() {
     assert!(lines.lines().next().unwrap().contains("\"loglik\""));
 
     // The batch size changes nothing.
-    let (res1, recs1) = evaluate_mc(&be, &model, &tok, &McArgs { batch: 1, ..McArgs::new(data) }).unwrap();
+    let (res1, recs1) = evaluate_mc(
+        &be,
+        &model,
+        &tok,
+        &McArgs {
+            batch: 1,
+            ..McArgs::new(data)
+        },
+    )
+    .unwrap();
     assert_eq!((res1.acc, res1.acc_norm), (res.acc, res.acc_norm));
     for (a, b) in recs.iter().zip(&recs1) {
         for (x, y) in a.loglik.iter().zip(&b.loglik) {
@@ -100,15 +136,34 @@ fn tiny_qwen2_mc_matches_hand_computation() {
 fn bad_mc_rows_name_file_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     for (row, needle) in [
-        (r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#, "not an index"),
-        (r#"{"query": "q", "choices": ["a"], "gold": 0}"#, "at least 2"),
+        (
+            r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#,
+            "not an index",
+        ),
+        (
+            r#"{"query": "q", "choices": ["a"], "gold": 0}"#,
+            "at least 2",
+        ),
         (r#"{"choices": ["a", "b"], "gold": 0}"#, "query"),
-        (r#"{"query": "q", "choices": ["a", "b"], "gold": "c"}"#, "not an index"),
+        (
+            r#"{"query": "q", "choices": ["a", "b"], "gold": "c"}"#,
+            "not an index",
+        ),
         ("{not json", "not valid JSON"),
     ] {
         let p = tmp.path().join("bad.jsonl");
-        std::fs::write(&p, format!("{}\n{row}\n", r#"{"query": "ok", "choices": ["a", "b"], "gold": 1}"#)).unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "{}\n{row}\n",
+                r#"{"query": "ok", "choices": ["a", "b"], "gold": 1}"#
+            ),
+        )
+        .unwrap();
         let e = read_items(&p).unwrap_err().to_string();
-        assert!(e.contains("bad.jsonl") && e.contains("line 2") && e.contains(needle), "{e}");
+        assert!(
+            e.contains("bad.jsonl") && e.contains("line 2") && e.contains(needle),
+            "{e}"
+        );
     }
 }

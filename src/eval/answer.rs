@@ -67,10 +67,22 @@ fn numbers(text: &str) -> Vec<Found> {
             int.push(b[i] as char);
             i += 1;
             // Thousands group: "," then exactly three digits.
-            if i < b.len() && b[i] == b',' && digit(i + 1) && digit(i + 2) && digit(i + 3) && !digit(i + 4) {
+            if i < b.len()
+                && b[i] == b','
+                && digit(i + 1)
+                && digit(i + 2)
+                && digit(i + 3)
+                && !digit(i + 4)
+            {
                 int.push_str(&text[i + 1..i + 4]);
                 i += 4;
-                while i < b.len() && b[i] == b',' && digit(i + 1) && digit(i + 2) && digit(i + 3) && !digit(i + 4) {
+                while i < b.len()
+                    && b[i] == b','
+                    && digit(i + 1)
+                    && digit(i + 2)
+                    && digit(i + 3)
+                    && !digit(i + 4)
+                {
                     int.push_str(&text[i + 1..i + 4]);
                     i += 4;
                 }
@@ -98,7 +110,11 @@ fn numbers(text: &str) -> Vec<Found> {
 /// after an answer marker), if any.
 fn number_right_after(text: &str) -> Option<String> {
     let t = text.trim_start_matches([' ', '\t', '\n', ':', '=', '*']);
-    numbers(t).into_iter().next().filter(|f| f.start == 0).map(|f| f.canon)
+    numbers(t)
+        .into_iter()
+        .next()
+        .filter(|f| f.start == 0)
+        .map(|f| f.canon)
 }
 
 /// The answer a generated solution commits to, in canonical form (see the
@@ -147,7 +163,10 @@ mod tests {
     #[test]
     fn marker_wins_and_is_cleaned() {
         assert_eq!(x("5 + 7 = 12 apples.\n#### 12").as_deref(), Some("12"));
-        assert_eq!(x("so she pays $1,234.\n#### $1,234.").as_deref(), Some("1234"));
+        assert_eq!(
+            x("so she pays $1,234.\n#### $1,234.").as_deref(),
+            Some("1234")
+        );
         assert_eq!(x("#### 1,234,567").as_deref(), Some("1234567"));
         assert_eq!(x("####-5").as_deref(), Some("-5"));
         assert_eq!(x("#### -$5.50").as_deref(), Some("-5.5"));
@@ -158,22 +177,34 @@ mod tests {
 
     #[test]
     fn several_markers_first_wins() {
-        assert_eq!(x("#### 42\nQuestion: next one\n#### 7").as_deref(), Some("42"));
+        assert_eq!(
+            x("#### 42\nQuestion: next one\n#### 7").as_deref(),
+            Some("42")
+        );
         // A marker without a number is skipped.
         assert_eq!(x("#### \n so #### 3").as_deref(), Some("3"));
     }
 
     #[test]
     fn answer_is_phrase() {
-        assert_eq!(x("First 3 then 4. The answer is 18.").as_deref(), Some("18"));
+        assert_eq!(
+            x("First 3 then 4. The answer is 18.").as_deref(),
+            Some("18")
+        );
         assert_eq!(x("the answer is: $2,000. Later 5").as_deref(), Some("2000"));
         assert_eq!(x("The answer is -7").as_deref(), Some("-7"));
-        assert_eq!(x("The answer is 0.25 dollars, not 3").as_deref(), Some("0.25"));
+        assert_eq!(
+            x("The answer is 0.25 dollars, not 3").as_deref(),
+            Some("0.25")
+        );
     }
 
     #[test]
     fn last_number_fallback() {
-        assert_eq!(x("She had 5 and gave 2, so 3 remain.").as_deref(), Some("3"));
+        assert_eq!(
+            x("She had 5 and gave 2, so 3 remain.").as_deref(),
+            Some("3")
+        );
         assert_eq!(x("Total: 1,000 + 250 = 1,250.").as_deref(), Some("1250"));
         assert_eq!(x("It is 3.0").as_deref(), Some("3"));
         assert_eq!(x("costs 12.50.").as_deref(), Some("12.5"));

@@ -50,7 +50,8 @@ pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
             continue;
         }
         let bad = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let question = v
             .get("question")
             .and_then(Value::as_str)
@@ -61,8 +62,11 @@ pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
             Some(Value::Number(n)) => n.to_string(),
             _ => return Err(bad("no field `answer` (a string or a number)".into())),
         };
-        let gold = gold_answer(&answer)
-            .ok_or_else(|| bad(format!("answer {answer:?} holds no single gold number (after \"####\")")))?;
+        let gold = gold_answer(&answer).ok_or_else(|| {
+            bad(format!(
+                "answer {answer:?} holds no single gold number (after \"####\")"
+            ))
+        })?;
         out.push(Problem {
             question,
             answer,
@@ -96,7 +100,11 @@ fn shot_answer(p: &Problem) -> String {
 pub fn plain_prompt(shots: &[Problem], question: &str) -> String {
     let mut s = String::new();
     for p in shots {
-        s.push_str(&format!("Question: {}\nAnswer: {}\n\n", p.question.trim(), shot_answer(p)));
+        s.push_str(&format!(
+            "Question: {}\nAnswer: {}\n\n",
+            p.question.trim(),
+            shot_answer(p)
+        ));
     }
     s.push_str(&format!("Question: {}\nAnswer:", question.trim()));
     s
@@ -142,7 +150,12 @@ impl ChatTemplate {
                 .and_then(|t| t.get("template").and_then(Value::as_str))
                 .ok_or_else(|| Error::format(&path, "chat_template list has no \"default\" entry"))?
                 .to_string(),
-            _ => return Err(Error::format(&path, "no chat_template (use the plain prompt format)")),
+            _ => {
+                return Err(Error::format(
+                    &path,
+                    "no chat_template (use the plain prompt format)",
+                ))
+            }
         };
         Self::new(
             &source,
@@ -158,9 +171,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
         Ok(Self { env, bos, eos })
@@ -168,8 +187,14 @@ impl ChatTemplate {
 
     /// Renders `(role, content)` turns, with the assistant header appended.
     pub fn render(&self, turns: &[(&str, &str)]) -> Result<String> {
-        let messages: Vec<Message> = turns.iter().map(|&(role, content)| Message { role, content }).collect();
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        let messages: Vec<Message> = turns
+            .iter()
+            .map(|&(role, content)| Message { role, content })
+            .collect();
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
@@ -200,13 +225,16 @@ pub fn eos_ids<B: Backend>(model: &Model<B>, tok: &Tokenizer) -> Result<Vec<u32>
     if gen.exists() {
         match read_json(&gen)?.get("eos_token_id") {
             Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+            Some(Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
             _ => {}
         }
     }
     let tc = model.dir.join("tokenizer_config.json");
     if tc.exists() {
-        if let Some(id) = token_str(read_json(&tc)?.get("eos_token")).and_then(|s| tok.token_id(&s)) {
+        if let Some(id) = token_str(read_json(&tc)?.get("eos_token")).and_then(|s| tok.token_id(&s))
+        {
             ids.push(id);
         }
     }
@@ -309,7 +337,9 @@ pub(crate) fn write_jsonl<T: Serialize>(path: &Path, lines: &[T]) -> Result<()> 
 
 /// Label of a data file: its stem.
 pub(crate) fn stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Runs the evaluation; returns the summary and the per-problem records
@@ -323,15 +353,31 @@ pub fn evaluate_gen<B: Backend>(
     let start = Instant::now();
     let mut problems = read_problems(&args.data)?;
     let (shots, first) = match &args.shots_file {
-        Some(f) => (read_problems(f)?.into_iter().take(args.shots).collect::<Vec<_>>(), 0),
-        None => (problems.drain(..args.shots.min(problems.len())).collect(), args.shots),
+        Some(f) => (
+            read_problems(f)?
+                .into_iter()
+                .take(args.shots)
+                .collect::<Vec<_>>(),
+            0,
+        ),
+        None => (
+            problems.drain(..args.shots.min(problems.len())).collect(),
+            args.shots,
+        ),
     };
     if shots.len() < args.shots {
-        return Err(Error::Invalid(format!("{} shots requested, {} available", args.shots, shots.len())));
+        return Err(Error::Invalid(format!(
+            "{} shots requested, {} available",
+            args.shots,
+            shots.len()
+        )));
     }
     problems.truncate(args.limit.unwrap_or(usize::MAX));
     if problems.is_empty() {
-        return Err(Error::Invalid(format!("{}: no problems left to evaluate", args.data.display())));
+        return Err(Error::Invalid(format!(
+            "{}: no problems left to evaluate",
+            args.data.display()
+        )));
     }
     let chat = match args.format {
         PromptFormat::Chat => Some(ChatTemplate::load(&model.dir)?),
@@ -344,7 +390,10 @@ pub fn evaluate_gen<B: Backend>(
             None => Ok(plain_prompt(&shots, &p.question)),
         })
         .collect::<Result<_>>()?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_>>()?;
     let stop = args.stop.clone().unwrap_or_else(|| {
         let s: &[&str] = match args.format {
             PromptFormat::Plain => &["Question:", "</s>", "<|im_end|>"],

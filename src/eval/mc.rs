@@ -45,7 +45,8 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
             continue;
         }
         let bad = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let context = ["query", "question", "context"]
             .iter()
             .find_map(|k| v.get(*k).and_then(Value::as_str))
@@ -69,7 +70,12 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
             _ => None,
         }
         .filter(|&g| g < choices.len())
-        .ok_or_else(|| bad(format!("gold {gold_v} is not an index of, or a string in, the {} choices", choices.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "gold {gold_v} is not an index of, or a string in, the {} choices",
+                choices.len()
+            ))
+        })?;
         out.push(McItem {
             context,
             choices,
@@ -84,7 +90,12 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
 
 /// Context and continuation token ids of one (context, choice) pair, as
 /// lm-eval's `_encode_pair` with target delimiter " ".
-pub fn encode_pair(tok: &Tokenizer, context: &str, choice: &str, prefix: u32) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn encode_pair(
+    tok: &Tokenizer,
+    context: &str,
+    choice: &str,
+    prefix: u32,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let trimmed = context.trim_end();
     let cont = format!("{} {choice}", &context[trimmed.len()..]);
     let whole = tok.encode(&format!("{trimmed}{cont}"))?;
@@ -94,7 +105,9 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, choice: &str, prefix: u32) ->
     }
     let cont_ids = whole.get(ctx.len()..).unwrap_or_default().to_vec();
     if cont_ids.is_empty() {
-        return Err(Error::Tokenizer(format!("choice {choice:?} encodes to no tokens after its context")));
+        return Err(Error::Tokenizer(format!(
+            "choice {choice:?} encodes to no tokens after its context"
+        )));
     }
     Ok((ctx, cont_ids))
 }
@@ -122,14 +135,25 @@ pub fn loglikelihoods<B: Backend>(
             ids.extend_from_slice(&seq);
             ids.extend(std::iter::repeat_n(seq[seq.len() - 1], t - seq.len()));
         }
-        let z = forward(be, model, &ids, Geometry { seqs: chunk.len(), t }, false)?.z;
+        let z = forward(
+            be,
+            model,
+            &ids,
+            Geometry {
+                seqs: chunk.len(),
+                t,
+            },
+            false,
+        )?
+        .z;
         let z = be.download(&z)?; // [seqs·t, d]
         for (s, &i) in chunk.iter().enumerate() {
             let (c, a) = &requests[i];
             // Row c.len()−1+j predicts a[j].
             let first = s * t + c.len() - 1;
             let rows = be.upload(&z[first * d..(first + a.len()) * d])?;
-            let (nll, _, _) = be.cross_entropy(&rows, model.lm_head(), a, a.len(), d, vocab, 1.0, false)?;
+            let (nll, _, _) =
+                be.cross_entropy(&rows, model.lm_head(), a, a.len(), d, vocab, 1.0, false)?;
             out[i] = -nll;
         }
         progress.inc(chunk.len() as u64);
@@ -234,7 +258,8 @@ pub fn evaluate_mc<B: Backend>(
             at += it.choices.len();
             let chars: Vec<usize> = it.choices.iter().map(|c| c.chars().count()).collect();
             let pred = first_argmax(loglik.iter().copied());
-            let pred_norm = first_argmax(loglik.iter().zip(&chars).map(|(l, &n)| l / n.max(1) as f64));
+            let pred_norm =
+                first_argmax(loglik.iter().zip(&chars).map(|(l, &n)| l / n.max(1) as f64));
             McRecord {
                 index,
                 loglik,

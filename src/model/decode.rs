@@ -64,7 +64,10 @@ impl<'m, B: Backend> Decoder<'m, B> {
             v.push(be.zeros(size)?);
         }
         let inv: Vec<f32> = c.rope_inv_freq().iter().map(|&f| f as f32).collect();
-        let (mut cos, mut sin) = (Vec::with_capacity(cap * inv.len()), Vec::with_capacity(cap * inv.len()));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(cap * inv.len()),
+            Vec::with_capacity(cap * inv.len()),
+        );
         for p in 0..cap {
             for &f in &inv {
                 let a = p as f32 * f;
@@ -337,7 +340,12 @@ pub fn generate<B: Backend>(
             }
             g.ids.push(id);
             g.text = tok.decode(&g.ids)?;
-            if let Some(cut) = opts.stop.iter().filter_map(|st| g.text.find(st.as_str())).min() {
+            if let Some(cut) = opts
+                .stop
+                .iter()
+                .filter_map(|st| g.text.find(st.as_str()))
+                .min()
+            {
                 g.text.truncate(cut);
                 g.finish = Finish::StopString;
                 active[s] = false;

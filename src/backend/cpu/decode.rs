@@ -17,6 +17,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole Send wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Writes the new rows into the caches, then attends (see the module doc).
 /// Arguments are checked by the caller (`check_cache_call`).
 #[allow(clippy::too_many_arguments)]
@@ -43,7 +50,6 @@ pub fn attention_cached(
     let optr = SendPtr(out.as_mut_ptr());
     (0..sh.seqs * sh.heads).into_par_iter().for_each(|job| {
         let (s, h) = (job / sh.heads, job % sh.heads);
-        let optr = optr;
         let (p, g) = (pos[s], h / group);
         let l = p + n;
         let kv_off = s * sh.cap * kd + g * hd;
@@ -61,10 +67,26 @@ pub fn attention_cached(
         };
         // SAFETY: q holds n rows of qd values from q_off, the cache l ≤ cap
         // rows of kd values from kv_off; sc is n×l.
-        unsafe { gemm_into(n, l, hd, sc.as_mut_ptr(), l, qp, kt, scale, false, Parallelism::None) };
+        unsafe {
+            gemm_into(
+                n,
+                l,
+                hd,
+                sc.as_mut_ptr(),
+                l,
+                qp,
+                kt,
+                scale,
+                false,
+                Parallelism::None,
+            )
+        };
         for (i, row) in sc.chunks_mut(l).enumerate() {
             let valid = p + i + 1;
-            let max = row[..valid].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let max = row[..valid]
+                .iter()
+                .cloned()
+                .fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for x in row[..valid].iter_mut() {
                 *x = (*x - max).exp();
@@ -86,7 +108,7 @@ pub fn attention_cached(
                 n,
                 hd,
                 l,
-                optr.0.add(q_off),
+                optr.get().add(q_off),
                 qd,
                 Mat::rows(&sc, l),
                 vp,

@@ -162,7 +162,9 @@ impl Backend for CpuBackend {
         shape: CacheShape,
     ) -> Result<Vec<f32>> {
         check_cache_call(pos, shape)?;
-        Ok(decode::attention_cached(q, k, v, k_cache, v_cache, pos, shape))
+        Ok(decode::attention_cached(
+            q, k, v, k_cache, v_cache, pos, shape,
+        ))
     }
 
     fn swiglu_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, _n: usize) -> Result<Vec<f32>> {
