@@ -289,7 +289,8 @@ fn smollm2_cache_equals_recompute() {
 }
 
 /// Greedy ids from transformers (tests/fixtures/smollm2/greedy.json:
-/// `prompt_ids` and `generated_ids`, one list per prompt or a single one).
+/// `cases`, each with `prompt_ids` and `generated_ids`, pure greedy without
+/// stopping at EOS).
 #[test]
 fn smollm2_greedy_matches_transformers() {
     let Some(dir) = asset("models/smollm2") else {
@@ -302,25 +303,17 @@ fn smollm2_greedy_matches_transformers() {
     }
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let lists = |key: &str| -> Vec<Vec<u32>> {
-        let x = &v[key];
-        let as_ids = |a: &serde_json::Value| -> Vec<u32> {
-            a.as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_u64().unwrap() as u32)
-                .collect()
-        };
-        match x.as_array() {
-            Some(a) if a.first().map(|f| f.is_array()).unwrap_or(false) => {
-                a.iter().map(as_ids).collect()
-            }
-            Some(_) => vec![as_ids(x)],
-            None => panic!("{}: no list `{key}`", path.display()),
-        }
+    let ids = |a: &serde_json::Value| -> Vec<u32> {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
     };
-    let (prompts, want) = (lists("prompt_ids"), lists("generated_ids"));
-    assert_eq!(prompts.len(), want.len());
+    let cases = v["cases"].as_array().expect("a `cases` list");
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
+    assert!(!prompts.is_empty());
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
@@ -526,5 +519,82 @@ fn eval_assets_parse() {
         let items =
             rku_engine::eval::mc::read_items(&dir.join(format!("bigbench_{task}.jsonl"))).unwrap();
         println!("{task}: {} items", items.len());
+    }
+}
+
+/// The imported SmolLM2's own chat template renders and tokenizes its
+/// markers as single special tokens.
+#[test]
+fn smollm2_chat_prompt() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    let tok = Tokenizer::load(&dir).unwrap();
+    let t = ChatTemplate::load(&dir).unwrap();
+    let p = t.prompt(&[], "What is 2+2?").unwrap();
+    assert!(p.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"));
+    let ids = tok.encode(&p).unwrap();
+    let start = tok.token_id("<|im_start|>").unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == start).count(), 3);
+}
+
+/// Decode throughput on SmolLM2 at batch 1 and 8 (run with --ignored).
+#[test]
+#[ignore]
+fn smollm2_decode_speed() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let prompt = tok
+        .encode(
+            "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+        )
+        .unwrap();
+    for batch in [1, 8] {
+        let opts = GenerateOptions {
+            max_new_tokens: 64,
+            ..Default::default()
+        };
+        let (_, st) = generate(&be, &model, &tok, &vec![prompt.clone(); batch], &opts).unwrap();
+        println!(
+            "smollm2 batch {batch}: prefill {} tokens in {:.3}s, decode {:.1} tokens/s",
+            st.prompt_tokens,
+            st.prefill_s,
+            st.decode_tokens_per_s()
+        );
+    }
+}
+
+/// A few GSM-symbolic problems on SmolLM2, plain 2-shot and chat 0-shot
+/// (run with --ignored; prints the summary and the first generation).
+#[test]
+#[ignore]
+fn smollm2_gsm_symbolic_smoke() {
+    let (Some(dir), Some(data)) = (asset("models/smollm2"), asset("eval/gsm_symbolic.jsonl"))
+    else {
+        return;
+    };
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    for (format, shots) in [(PromptFormat::Plain, 2), (PromptFormat::Chat, 0)] {
+        let args = GenArgs {
+            format,
+            shots,
+            limit: Some(4),
+            batch: 4,
+            max_new_tokens: 96,
+            task: Some("GSM-symbolic".into()),
+            ..GenArgs::new(data.clone())
+        };
+        let (res, recs) = evaluate_gen(&be, &model, &tok, &args).unwrap();
+        println!("{}", serde_json::to_string(&res).unwrap());
+        println!(
+            "{:?} -> {:?} (gold {})",
+            recs[0].generation, recs[0].extracted, recs[0].gold
+        );
     }
 }
