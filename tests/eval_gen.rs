@@ -163,6 +163,33 @@ fn tiny_qwen2_decoder_logits_match_forward() {
         dec.extend(&full).is_err(),
         "overflowing the cache must fail"
     );
+    // Dropping the middle sequence keeps the others' caches intact.
+    dec.retain(&[true, false, true]).unwrap();
+    seqs.remove(1);
+    assert_eq!(dec.lens(), [11, 9]);
+    let got = dec.extend(&[vec![3, 4], vec![5]]).unwrap();
+    seqs[0].extend([3, 4]);
+    seqs[1].push(5);
+    for (s, ids) in seqs.iter().enumerate() {
+        let full = logits(
+            &be,
+            &model,
+            ids,
+            Geometry {
+                seqs: 1,
+                t: ids.len(),
+            },
+        )
+        .unwrap();
+        let want = &full[(ids.len() - 1) * vocab..];
+        let err = want
+            .iter()
+            .zip(&got[s * vocab..(s + 1) * vocab])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "after retain, sequence {s}: max |Δlogit| {err}");
+    }
+    assert!(dec.retain(&[false, false]).is_err());
 }
 
 /// EOS ends a sequence without being emitted, stop strings cut the text,
@@ -192,6 +219,9 @@ fn tiny_qwen2_generate_stops() {
     let (g, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
     assert_eq!(g[0].ids, base[0].ids[..cut]);
     assert_eq!(g[0].finish, Finish::Eos);
+    // The other sequence, decoded on alone after the first was dropped, is unchanged.
+    let cut1 = base[1].ids.iter().position(|&i| i == eos).unwrap_or(12);
+    assert_eq!(g[1].ids, base[1].ids[..cut1]);
     // Stop string: the decoded text of the first three ids' last token.
     let piece = tok.decode(&base[1].ids[2..3]).unwrap();
     assert!(!piece.is_empty());

@@ -141,6 +141,37 @@ impl<'m, B: Backend> Decoder<'m, B> {
         be.download(&logits)
     }
 
+    /// Keeps only the sequences s with `keep[s]`, in order, and frees the
+    /// others' slots. The caches are compacted through the host (one
+    /// download and upload of each layer's caches), which pays off when the
+    /// dropped sequences would otherwise keep computing for many steps.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        let seqs = self.cache.len.len();
+        if keep.len() != seqs || !keep.contains(&true) {
+            return Err(Error::Invalid(format!(
+                "retain: {} flags for {seqs} sequences, at least one kept",
+                keep.len()
+            )));
+        }
+        if !keep.contains(&false) {
+            return Ok(());
+        }
+        let per = self.cap * self.model.cfg.kv_dim(); // one sequence's cache
+        for buf in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+            let host = self.be.download(buf)?;
+            let kept: Vec<f32> = host
+                .chunks(per)
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .flat_map(|(c, _)| c.iter().copied())
+                .collect();
+            *buf = self.be.upload(&kept)?;
+        }
+        let mut flags = keep.iter();
+        self.cache.len.retain(|_| *flags.next().unwrap_or(&false));
+        Ok(())
+    }
+
     /// Appends one token to every sequence; logits `[seqs, vocab]`.
     pub fn step(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let t: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
@@ -290,8 +321,8 @@ impl DecodeStats {
 
 /// Greedy continuation of each prompt, all decoded together as one batch
 /// (one KV cache of `max prompt + max_new_tokens` positions per sequence).
-/// Sequences that stopped keep their slot and compute until the last one
-/// stops; their further tokens are discarded.
+/// After a step in which sequences stopped, they are dropped from the
+/// batch (`Decoder::retain`), so the rest decode at the smaller width.
 pub fn generate<B: Backend>(
     be: &B,
     model: &Model<B>,
@@ -322,13 +353,13 @@ pub fn generate<B: Backend>(
     stats.prefill_s = t0.elapsed().as_secs_f64();
     let mut active = vec![true; prompts.len()];
     let mut next = vec![0u32; prompts.len()];
+    // Decoder slot → prompt index; stopped sequences are dropped from the batch.
+    let mut slots: Vec<usize> = (0..prompts.len()).collect();
     let t1 = Instant::now();
     for step in 0.. {
-        for (s, g) in out.iter_mut().enumerate() {
-            if !active[s] {
-                continue;
-            }
-            let id = argmax(&logits[s * vocab..(s + 1) * vocab]);
+        for (row, &s) in slots.iter().enumerate() {
+            let g = &mut out[s];
+            let id = argmax(&logits[row * vocab..(row + 1) * vocab]);
             next[s] = id;
             if step > 0 {
                 stats.decode_tokens += 1;
@@ -353,10 +384,16 @@ pub fn generate<B: Backend>(
                 active[s] = false;
             }
         }
-        if !active.contains(&true) {
+        if !slots.iter().any(|&s| active[s]) {
             break;
         }
-        logits = dec.step(&next)?;
+        if slots.iter().any(|&s| !active[s]) {
+            let keep: Vec<bool> = slots.iter().map(|&s| active[s]).collect();
+            dec.retain(&keep)?;
+            slots.retain(|&s| active[s]);
+        }
+        let tokens: Vec<u32> = slots.iter().map(|&s| next[s]).collect();
+        logits = dec.step(&tokens)?;
     }
     stats.decode_s = t1.elapsed().as_secs_f64();
     Ok((out, stats))
