@@ -19,8 +19,9 @@
 //! - Only each sequence's last real row goes through the final norm and
 //!   `lm_head`, so logits are `[seqs, vocab]` whatever the prompt lengths.
 //!
-//! `generate` is greedy decoding on top: argmax of the logits (lowest id
-//! on ties), stopping at EOS ids, stop strings or a token budget.
+//! `retain` drops finished sequences from the batch. `generate` is greedy
+//! decoding on top: argmax of the logits (lowest id on ties), stopping at
+//! EOS ids, stop strings or a token budget.
 use super::forward::check_ids;
 use super::weights::{LayerWeights, Model};
 use crate::backend::{Backend, CacheShape};
