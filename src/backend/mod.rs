@@ -29,6 +29,20 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Shape of one `attention_cached` call: `seqs` sequences each adding `n`
+/// new tokens to a KV cache that holds `cap` positions per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub seqs: usize,
+    /// New tokens per sequence in this call.
+    pub n: usize,
+    /// Cache capacity (positions) per sequence.
+    pub cap: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Per-channel sums over the tokens of one batch, for one layer
 /// (METHODS.md section 4). Host f64, added into the run's totals.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -143,6 +157,33 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
 
+    /// Attention of new queries against a KV cache (incremental decoding).
+    ///
+    /// Caches are `[seqs, cap, kv_heads·hd]`; `q` is `[seqs·n, heads·hd]`,
+    /// `k`/`v` are `[seqs·n, kv_heads·hd]` (rows of sequence s at s·n..s·n+n,
+    /// RoPE already applied). For each sequence s the new keys and values are
+    /// first written at cache positions `pos[s]..pos[s]+n`; then new query i
+    /// attends causally to positions `0..=pos[s]+i` (GQA as `attention_fwd`):
+    ///   `out_i = Σ_{j ≤ pos[s]+i} softmax_j(q_i·K_j / sqrt(hd)) · V_j`.
+    /// Cache positions past `pos[s]+n` are neither read nor written. Returns
+    /// `out [seqs·n, heads·hd]`; requires `pos[s] + n ≤ cap`.
+    ///
+    /// The default is the portable fallback `attention_cached_portable`
+    /// (existing ops plus host copies); backends override it natively.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        pos: &[usize],
+        shape: CacheShape,
+    ) -> Result<Self::Buf> {
+        attention_cached_portable(self, q, k, v, k_cache, v_cache, pos, shape)
+    }
+
     /// `h = silu(a) ⊙ b`, elementwise over `n` values.
     fn swiglu_fwd(&self, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf>;
     /// `(da, db)` from `dh`: `da = dh·b·σ(a)·(1 + a·(1−σ(a)))`, `db = dh·silu(a)`.
@@ -188,4 +229,75 @@ pub trait Backend: Send + Sync {
         scale: f32,
         want_grad: bool,
     ) -> Result<(f64, usize, Option<Self::Buf>)>;
+}
+
+/// Checks the arguments of `attention_cached` against its shape.
+pub fn check_cache_call(pos: &[usize], sh: CacheShape) -> Result<()> {
+    if pos.len() != sh.seqs {
+        return Err(crate::Error::Invalid(format!(
+            "attention_cached: {} positions for {} sequences",
+            pos.len(),
+            sh.seqs
+        )));
+    }
+    if let Some(p) = pos.iter().find(|&&p| p + sh.n > sh.cap) {
+        return Err(crate::Error::Invalid(format!(
+            "KV cache full: {p} cached + {} new tokens exceed its {} positions",
+            sh.n, sh.cap
+        )));
+    }
+    Ok(())
+}
+
+/// The portable fallback of `Backend::attention_cached`, written with
+/// `download`/`upload` and `attention_fwd` only: the caches make a round
+/// trip through the host to receive the new rows, and sequence s is run as
+/// one causal `attention_fwd` over its `pos[s]+n` cached positions with the
+/// new queries placed at the last n rows (earlier query rows are zero and
+/// their outputs dropped). Correct on any backend, but O(L²) per call and
+/// copying whole caches: backends should override it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached_portable<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    k_cache: &mut B::Buf,
+    v_cache: &mut B::Buf,
+    pos: &[usize],
+    sh: CacheShape,
+) -> Result<B::Buf> {
+    check_cache_call(pos, sh)?;
+    let (qd, kd, n) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim, sh.n);
+    let (qh, kh, vh) = (be.download(q)?, be.download(k)?, be.download(v)?);
+    let (mut kc, mut vc) = (be.download(k_cache)?, be.download(v_cache)?);
+    for (s, &p) in pos.iter().enumerate() {
+        let at = (s * sh.cap + p) * kd;
+        kc[at..at + n * kd].copy_from_slice(&kh[s * n * kd..(s + 1) * n * kd]);
+        vc[at..at + n * kd].copy_from_slice(&vh[s * n * kd..(s + 1) * n * kd]);
+    }
+    *k_cache = be.upload(&kc)?;
+    *v_cache = be.upload(&vc)?;
+    let mut out = vec![0f32; sh.seqs * n * qd];
+    for (s, &p) in pos.iter().enumerate() {
+        let t = p + n;
+        let mut qs = vec![0f32; t * qd];
+        qs[p * qd..].copy_from_slice(&qh[s * n * qd..(s + 1) * n * qd]);
+        let base = s * sh.cap * kd;
+        let shape = AttnShape {
+            seqs: 1,
+            t,
+            heads: sh.heads,
+            kv_heads: sh.kv_heads,
+            head_dim: sh.head_dim,
+        };
+        let (o, _) = be.attention_fwd(
+            &be.upload(&qs)?,
+            &be.upload(&kc[base..base + t * kd])?,
+            &be.upload(&vc[base..base + t * kd])?,
+            shape,
+        )?;
+        out[s * n * qd..(s + 1) * n * qd].copy_from_slice(&be.download(&o)?[p * qd..]);
+    }
+    be.upload(&out)
 }

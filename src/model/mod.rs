@@ -2,6 +2,7 @@
 //! written once over the `Backend` trait.
 pub mod backward;
 pub mod config;
+pub mod decode;
 pub mod forward;
 pub mod weights;
 

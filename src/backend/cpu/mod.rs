@@ -1,11 +1,12 @@
 //! The CPU backend: the reference every other backend is tested against,
 //! and a fast fallback (rayon over rows, `gemm` for matrix products, f32).
 mod attention;
+mod decode;
 mod loss;
 pub mod matmul;
 mod ops;
 
-use super::{AttnShape, Backend, ChannelPartial};
+use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
 use crate::Result;
 
 /// f32 host buffers for activations and weights.
@@ -148,6 +149,22 @@ impl Backend for CpuBackend {
         shape: AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         Ok(attention::backward(dout, q, k, v, out, lse, shape))
+    }
+
+    fn attention_cached(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        pos: &[usize],
+        shape: CacheShape,
+    ) -> Result<Vec<f32>> {
+        check_cache_call(pos, shape)?;
+        Ok(decode::attention_cached(
+            q, k, v, k_cache, v_cache, pos, shape,
+        ))
     }
 
     fn swiglu_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, _n: usize) -> Result<Vec<f32>> {

@@ -1,0 +1,469 @@
+//! GSM8K-style generative evaluation (METHODS.md section 8, `gen`): build a
+//! few-shot prompt per problem, decode greedily with the KV cache in
+//! batches, extract the final number (`eval::answer`) and score exact
+//! match against the gold number.
+//!
+//! Data: jsonl, one problem per line, `question` (string) and `answer`
+//! (a solution ending "#### N", a number as a string, or a JSON number).
+//! Prompt formats:
+//! - `Plain`: K shots `"Question: {q}\nAnswer: {a}\n\n"` then
+//!   `"Question: {q}\nAnswer:"` (lm-eval's gsm8k layout); a shot's answer is
+//!   its solution text, or `"#### N"` when the file has only the number.
+//!   Default stop strings: "Question:", "</s>", "<|im_end|>".
+//! - `Chat`: the model's `chat_template` from tokenizer_config.json,
+//!   rendered with minijinja as transformers does (trim_blocks,
+//!   lstrip_blocks, `add_generation_prompt`, `bos_token`/`eos_token`,
+//!   `raise_exception`, Python string methods): each shot a user/assistant
+//!   turn pair, then the question as a user turn. Default stop strings:
+//!   "<|im_end|>", "</s>", "<|eot_id|>".
+//!
+//! EOS ids (always stop): config.json and generation_config.json
+//! `eos_token_id`, and tokenizer_config.json's `eos_token`.
+use super::answer::{extract_answer, gold_answer};
+use crate::backend::Backend;
+use crate::io::text::Tokenizer;
+use crate::model::decode::{generate, DecodeStats, Finish, GenerateOptions};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::{Error, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One word problem.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub question: String,
+    /// The answer as written in the file (a solution or a number).
+    pub answer: String,
+    /// Canonical gold number (`answer::gold_answer`).
+    pub gold: String,
+}
+
+/// Reads problems from jsonl (see the module doc); errors name file and line.
+pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
+    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in raw.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let question = v
+            .get("question")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no string field `question`".into()))?
+            .to_string();
+        let answer = match v.get("answer") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(bad("no field `answer` (a string or a number)".into())),
+        };
+        let gold = gold_answer(&answer).ok_or_else(|| {
+            bad(format!(
+                "answer {answer:?} holds no single gold number (after \"####\")"
+            ))
+        })?;
+        out.push(Problem {
+            question,
+            answer,
+            gold,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::format(path, "no problems"));
+    }
+    Ok(out)
+}
+
+/// How prompts are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Plain,
+    Chat,
+}
+
+/// A shot's answer text: the solution, or "#### N" for a bare number.
+fn shot_answer(p: &Problem) -> String {
+    if p.answer.contains("####") {
+        p.answer.trim().to_string()
+    } else {
+        format!("#### {}", p.gold)
+    }
+}
+
+/// The plain few-shot prompt for `question`.
+pub fn plain_prompt(shots: &[Problem], question: &str) -> String {
+    let mut s = String::new();
+    for p in shots {
+        s.push_str(&format!(
+            "Question: {}\nAnswer: {}\n\n",
+            p.question.trim(),
+            shot_answer(p)
+        ));
+    }
+    s.push_str(&format!("Question: {}\nAnswer:", question.trim()));
+    s
+}
+
+/// A `tokenizer_config.json` token entry: a string or `{"content": ...}`.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        o => o.get("content").and_then(Value::as_str).map(str::to_string),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+}
+
+/// A model's chat template (transformers' `apply_chat_template` semantics).
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl ChatTemplate {
+    /// From the `chat_template` of `model_dir/tokenizer_config.json` (a
+    /// string, or a list of `{name, template}` of which "default" is used).
+    pub fn load(model_dir: &Path) -> Result<Self> {
+        let path = model_dir.join("tokenizer_config.json");
+        let cfg = read_json(&path)?;
+        let source = match cfg.get("chat_template") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .ok_or_else(|| Error::format(&path, "chat_template list has no \"default\" entry"))?
+                .to_string(),
+            _ => {
+                return Err(Error::format(
+                    &path,
+                    "no chat_template (use the plain prompt format)",
+                ))
+            }
+        };
+        Self::new(
+            &source,
+            token_str(cfg.get("bos_token")).unwrap_or_default(),
+            token_str(cfg.get("eos_token")).unwrap_or_default(),
+        )
+        .map_err(|e| Error::format(&path, e.to_string()))
+    }
+
+    /// Compiles a template source.
+    pub fn new(source: &str, bos: String, eos: String) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        Ok(Self { env, bos, eos })
+    }
+
+    /// Renders `(role, content)` turns, with the assistant header appended.
+    pub fn render(&self, turns: &[(&str, &str)]) -> Result<String> {
+        let messages: Vec<Message> = turns
+            .iter()
+            .map(|&(role, content)| Message { role, content })
+            .collect();
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        })
+        .map_err(|e| Error::Invalid(format!("chat template: {e}")))
+    }
+
+    /// The chat prompt for `question`: each shot a user/assistant pair.
+    pub fn prompt(&self, shots: &[Problem], question: &str) -> Result<String> {
+        let answers: Vec<String> = shots.iter().map(shot_answer).collect();
+        let mut turns = Vec::new();
+        for (p, a) in shots.iter().zip(&answers) {
+            turns.push(("user", p.question.trim()));
+            turns.push(("assistant", a.as_str()));
+        }
+        turns.push(("user", question.trim()));
+        self.render(&turns)
+    }
+}
+
+/// End-of-sequence ids of a model directory: config.json and
+/// generation_config.json `eos_token_id`, tokenizer_config.json `eos_token`.
+pub fn eos_ids<B: Backend>(model: &Model<B>, tok: &Tokenizer) -> Result<Vec<u32>> {
+    let mut ids = model.cfg.eos_token_ids.clone();
+    let gen = model.dir.join("generation_config.json");
+    if gen.exists() {
+        match read_json(&gen)?.get("eos_token_id") {
+            Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+            Some(Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
+            }
+            _ => {}
+        }
+    }
+    let tc = model.dir.join("tokenizer_config.json");
+    if tc.exists() {
+        if let Some(id) = token_str(read_json(&tc)?.get("eos_token")).and_then(|s| tok.token_id(&s))
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// What to evaluate and how.
+#[derive(Clone, Debug)]
+pub struct GenArgs {
+    /// Problems (jsonl).
+    pub data: PathBuf,
+    /// Label in the result (e.g. "GSM-symbolic"); default: the data file's stem.
+    pub task: Option<String>,
+    /// Few-shot examples per prompt.
+    pub shots: usize,
+    /// Where shots come from (its first `shots` rows); default: the first
+    /// `shots` rows of `data`, which are then not evaluated.
+    pub shots_file: Option<PathBuf>,
+    pub format: PromptFormat,
+    /// Evaluate at most this many problems (after the held-out shots).
+    pub limit: Option<usize>,
+    /// Problems decoded together.
+    pub batch: usize,
+    pub max_new_tokens: usize,
+    /// Stop strings; `None` for the format's defaults (module doc).
+    pub stop: Option<Vec<String>>,
+    /// Per-problem jsonl output.
+    pub out: Option<PathBuf>,
+}
+
+impl GenArgs {
+    /// METHODS.md defaults: plain 8-shot held out from the data, 256 new tokens, batch 8.
+    pub fn new(data: PathBuf) -> Self {
+        Self {
+            data,
+            task: None,
+            shots: 8,
+            shots_file: None,
+            format: PromptFormat::Plain,
+            limit: None,
+            batch: 8,
+            max_new_tokens: 256,
+            stop: None,
+            out: None,
+        }
+    }
+}
+
+/// One scored problem (a line of the per-problem jsonl).
+#[derive(Clone, Debug, Serialize)]
+pub struct GenRecord {
+    /// Row of the problem in the data file (0-based, non-empty rows).
+    pub index: usize,
+    pub prompt: String,
+    pub generation: String,
+    pub extracted: Option<String>,
+    pub gold: String,
+    pub correct: bool,
+    pub finish: Finish,
+    pub new_tokens: usize,
+}
+
+/// The evaluation's summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenResult {
+    pub task: String,
+    /// correct / n.
+    pub accuracy: f64,
+    pub correct: usize,
+    pub n: usize,
+    pub shots: usize,
+    pub format: PromptFormat,
+    pub max_new_tokens: usize,
+    pub batch: usize,
+    /// Σ generated tokens (EOS excluded).
+    pub generated_tokens: usize,
+    pub prompt_tokens: usize,
+    /// Decode-step throughput over all batches (`DecodeStats`).
+    pub decode_tokens_per_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub seconds: f64,
+}
+
+/// Writes `lines` as jsonl to `path` through a temporary name.
+pub(crate) fn write_jsonl<T: Serialize>(path: &Path, lines: &[T]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&serde_json::to_string(l).map_err(|e| Error::Invalid(e.to_string()))?);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Label of a data file: its stem.
+pub(crate) fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the evaluation; returns the summary and the per-problem records
+/// (also written to `args.out` when given).
+pub fn evaluate_gen<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tok: &Tokenizer,
+    args: &GenArgs,
+) -> Result<(GenResult, Vec<GenRecord>)> {
+    let start = Instant::now();
+    let mut problems = read_problems(&args.data)?;
+    let (shots, first) = match &args.shots_file {
+        Some(f) => (
+            read_problems(f)?
+                .into_iter()
+                .take(args.shots)
+                .collect::<Vec<_>>(),
+            0,
+        ),
+        None => (
+            problems.drain(..args.shots.min(problems.len())).collect(),
+            args.shots,
+        ),
+    };
+    if shots.len() < args.shots {
+        return Err(Error::Invalid(format!(
+            "{} shots requested, {} available",
+            args.shots,
+            shots.len()
+        )));
+    }
+    problems.truncate(args.limit.unwrap_or(usize::MAX));
+    if problems.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no problems left to evaluate",
+            args.data.display()
+        )));
+    }
+    let chat = match args.format {
+        PromptFormat::Chat => Some(ChatTemplate::load(&model.dir)?),
+        PromptFormat::Plain => None,
+    };
+    let prompts: Vec<String> = problems
+        .iter()
+        .map(|p| match &chat {
+            Some(c) => c.prompt(&shots, &p.question),
+            None => Ok(plain_prompt(&shots, &p.question)),
+        })
+        .collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_>>()?;
+    let stop = args.stop.clone().unwrap_or_else(|| {
+        let s: &[&str] = match args.format {
+            PromptFormat::Plain => &["Question:", "</s>", "<|im_end|>"],
+            PromptFormat::Chat => &["<|im_end|>", "</s>", "<|eot_id|>"],
+        };
+        s.iter().map(|x| x.to_string()).collect()
+    });
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        eos_ids: eos_ids(model, tok)?,
+        stop,
+    };
+    // Longest prompts first, so each batch holds similar lengths.
+    let mut order: Vec<usize> = (0..problems.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut gens = vec![None; problems.len()];
+    let mut stats = DecodeStats::default();
+    let progress = Progress::new(problems.len() as u64, "gen");
+    for chunk in order.chunks(args.batch.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+        let (out, st) = generate(be, model, tok, &batch, &opts)?;
+        stats.add(&st);
+        for (&i, g) in chunk.iter().zip(out) {
+            gens[i] = Some(g);
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish();
+    let records: Vec<GenRecord> = problems
+        .iter()
+        .zip(prompts)
+        .zip(gens)
+        .enumerate()
+        .map(|(i, ((p, prompt), g))| {
+            let g = g.expect("every problem decoded");
+            let extracted = extract_answer(&g.text);
+            GenRecord {
+                index: first + i,
+                prompt,
+                correct: extracted.as_deref() == Some(p.gold.as_str()),
+                generation: g.text,
+                extracted,
+                gold: p.gold.clone(),
+                finish: g.finish,
+                new_tokens: g.ids.len(),
+            }
+        })
+        .collect();
+    if let Some(out) = &args.out {
+        write_jsonl(out, &records)?;
+    }
+    let correct = records.iter().filter(|r| r.correct).count();
+    let result = GenResult {
+        task: args.task.clone().unwrap_or_else(|| stem(&args.data)),
+        accuracy: correct as f64 / records.len() as f64,
+        correct,
+        n: records.len(),
+        shots: args.shots,
+        format: args.format,
+        max_new_tokens: args.max_new_tokens,
+        batch: args.batch.max(1),
+        generated_tokens: records.iter().map(|r| r.new_tokens).sum(),
+        prompt_tokens: stats.prompt_tokens,
+        decode_tokens_per_s: stats.decode_tokens_per_s(),
+        prefill_tokens_per_s: if stats.prefill_s > 0.0 {
+            stats.prompt_tokens as f64 / stats.prefill_s
+        } else {
+            0.0
+        },
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((result, records))
+}

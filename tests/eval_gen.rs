@@ -1,0 +1,630 @@
+//! KV-cache decoding against full recomputation, the portable fallback of
+//! `attention_cached` against the CPU's native one, and (when the assets
+//! exist) SmolLM2 greedy ids against transformers.
+mod common;
+use common::*;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::backend::{attention_cached_portable, Backend, CacheShape};
+use rku_engine::eval::answer::extract_answer;
+use rku_engine::eval::gen::{
+    evaluate_gen, plain_prompt, read_problems, ChatTemplate, GenArgs, Problem, PromptFormat,
+};
+use rku_engine::io::text::Tokenizer;
+use rku_engine::model::decode::{argmax, generate, Decoder, Finish, GenerateOptions};
+use rku_engine::model::forward::logits;
+use rku_engine::model::{Geometry, Model};
+use std::path::Path;
+
+/// Greedy decoding by full recompute: one `forward` over the whole prefix
+/// per new token, argmax of the last row. Returns (ids, last-step logits of each step).
+fn greedy_recompute(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    prompt: &[u32],
+    max_new: usize,
+    eos: &[u32],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let vocab = model.cfg.vocab;
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut all = Vec::new();
+    for _ in 0..max_new {
+        let l = logits(
+            be,
+            model,
+            &ids,
+            Geometry {
+                seqs: 1,
+                t: ids.len(),
+            },
+        )
+        .unwrap();
+        let last = l[(ids.len() - 1) * vocab..].to_vec();
+        let id = argmax(&last);
+        all.push(last);
+        if eos.contains(&id) {
+            break;
+        }
+        out.push(id);
+        ids.push(id);
+    }
+    (out, all)
+}
+
+/// Smallest gap between the best and second-best logit over the steps: a
+/// near tie there could legitimately flip between two exact-arithmetic-equal paths.
+fn min_top2_gap(steps: &[Vec<f32>]) -> f32 {
+    steps
+        .iter()
+        .map(|l| {
+            let mut s = l.clone();
+            s.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            s[0] - s[1]
+        })
+        .fold(f32::INFINITY, f32::min)
+}
+
+fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, dir).unwrap();
+    let tok = Tokenizer::load(dir).unwrap();
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "prompts must differ in length: {lens:?}"
+    );
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        ..Default::default()
+    };
+    let (gens, stats) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
+    println!(
+        "{}: {} prompts, lengths {lens:?}, {} decode tokens in {:.3}s = {:.1} tokens/s",
+        dir.display(),
+        prompts.len(),
+        stats.decode_tokens,
+        stats.decode_s,
+        stats.decode_tokens_per_s()
+    );
+    for (p, g) in prompts.iter().zip(&gens) {
+        let (want, steps) = greedy_recompute(&be, &model, p, max_new, &[]);
+        println!(
+            "  min top-2 logit gap {:.2e}; ids {:?}",
+            min_top2_gap(&steps),
+            g.ids
+        );
+        assert_eq!(g.ids, want, "cache and recompute disagree for prompt {p:?}");
+        assert_eq!(g.finish, Finish::MaxTokens);
+        assert_eq!(g.text, tok.decode(&want).unwrap());
+    }
+}
+
+#[test]
+fn tiny_qwen2_cache_equals_recompute() {
+    check_cache_vs_recompute(
+        &fixture("tiny-qwen2"),
+        &[
+            "The train leaves at 11:05, said the teacher.",
+            "Numbers: 2024",
+            "New paragraph. It was a long and quiet morning in the old town",
+            "a",
+        ],
+        24,
+    );
+}
+
+/// The decoder's logits after a prefill and after each step equal the
+/// last row of a full forward pass, with a batch of unequal prompts:
+/// padding changes nothing.
+#[test]
+fn tiny_qwen2_decoder_logits_match_forward() {
+    let dir = fixture("tiny-qwen2");
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let vocab = model.cfg.vocab;
+    let mut seqs: Vec<Vec<u32>> = vec![vec![5, 9, 33, 101, 7], vec![300], vec![17, 18, 19]];
+    let mut dec = Decoder::new(&be, &model, seqs.len(), 16).unwrap();
+    let mut got = dec.extend(&seqs).unwrap();
+    for step in 0..6 {
+        assert_eq!(
+            dec.lens(),
+            seqs.iter().map(Vec::len).collect::<Vec<_>>().as_slice()
+        );
+        for (s, ids) in seqs.iter().enumerate() {
+            let full = logits(
+                &be,
+                &model,
+                ids,
+                Geometry {
+                    seqs: 1,
+                    t: ids.len(),
+                },
+            )
+            .unwrap();
+            let want = &full[(ids.len() - 1) * vocab..];
+            let err = want
+                .iter()
+                .zip(&got[s * vocab..(s + 1) * vocab])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "step {step}, sequence {s}: max |Δlogit| {err}");
+        }
+        let next: Vec<u32> = (0..seqs.len())
+            .map(|s| ((step * 37 + s * 11) % vocab) as u32)
+            .collect();
+        for (s, &t) in next.iter().enumerate() {
+            seqs[s].push(t);
+        }
+        got = dec.step(&next).unwrap();
+    }
+    let full: Vec<Vec<u32>> = vec![vec![1; 11]; 3];
+    assert!(
+        dec.extend(&full).is_err(),
+        "overflowing the cache must fail"
+    );
+    // Dropping the middle sequence keeps the others' caches intact.
+    dec.retain(&[true, false, true]).unwrap();
+    seqs.remove(1);
+    assert_eq!(dec.lens(), [11, 9]);
+    let got = dec.extend(&[vec![3, 4], vec![5]]).unwrap();
+    seqs[0].extend([3, 4]);
+    seqs[1].push(5);
+    for (s, ids) in seqs.iter().enumerate() {
+        let full = logits(
+            &be,
+            &model,
+            ids,
+            Geometry {
+                seqs: 1,
+                t: ids.len(),
+            },
+        )
+        .unwrap();
+        let want = &full[(ids.len() - 1) * vocab..];
+        let err = want
+            .iter()
+            .zip(&got[s * vocab..(s + 1) * vocab])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "after retain, sequence {s}: max |Δlogit| {err}");
+    }
+    assert!(dec.retain(&[false, false]).is_err());
+}
+
+/// EOS ends a sequence without being emitted, stop strings cut the text,
+/// and a zero budget generates nothing.
+#[test]
+fn tiny_qwen2_generate_stops() {
+    let dir = fixture("tiny-qwen2");
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let prompts = vec![
+        tok.encode("The train leaves at").unwrap(),
+        tok.encode("Numbers:").unwrap(),
+    ];
+    let free = GenerateOptions {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let (base, _) = generate(&be, &model, &tok, &prompts, &free).unwrap();
+    // EOS: make the 4th generated id of the first prompt an end-of-sequence id.
+    let eos = base[0].ids[3];
+    let cut = base[0].ids.iter().position(|&i| i == eos).unwrap();
+    let opts = GenerateOptions {
+        eos_ids: vec![eos],
+        ..free.clone()
+    };
+    let (g, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
+    assert_eq!(g[0].ids, base[0].ids[..cut]);
+    assert_eq!(g[0].finish, Finish::Eos);
+    // The other sequence, decoded on alone after the first was dropped, is unchanged.
+    let cut1 = base[1].ids.iter().position(|&i| i == eos).unwrap_or(12);
+    assert_eq!(g[1].ids, base[1].ids[..cut1]);
+    // Stop string: the decoded text of the first three ids' last token.
+    let piece = tok.decode(&base[1].ids[2..3]).unwrap();
+    assert!(!piece.is_empty());
+    let opts = GenerateOptions {
+        stop: vec![piece.clone()],
+        ..free.clone()
+    };
+    let (g, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
+    assert_eq!(g[1].finish, Finish::StopString);
+    let start = base[1].text.find(&piece).unwrap();
+    assert_eq!(g[1].text, base[1].text[..start]);
+    assert!(!g[1].text.contains(&piece));
+    let none = GenerateOptions::default();
+    let (g, _) = generate(&be, &model, &tok, &prompts, &none).unwrap();
+    assert!(g.iter().all(|g| g.ids.is_empty()));
+}
+
+/// The portable fallback (host copies + `attention_fwd`) equals the CPU's
+/// native `attention_cached`, caches included, for prefill- and step-shaped calls.
+#[test]
+fn portable_attention_cached_equals_native() {
+    let be = CpuBackend::new();
+    let mut seed = 12345u64;
+    let mut rnd = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    };
+    for (seqs, n, cap, pos) in [
+        (2usize, 5usize, 12usize, vec![0usize, 0]),
+        (3, 1, 9, vec![4, 0, 8]),
+        (2, 3, 10, vec![7, 2]),
+    ] {
+        let sh = CacheShape {
+            seqs,
+            n,
+            cap,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let (qd, kd) = (32, 16);
+        let (q, k, v) = (rnd(seqs * n * qd), rnd(seqs * n * kd), rnd(seqs * n * kd));
+        let (kc0, vc0) = (rnd(seqs * cap * kd), rnd(seqs * cap * kd));
+        let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
+        let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
+        let a = be
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh)
+            .unwrap();
+        let b = attention_cached_portable(&be, &q, &k, &v, &mut kc2, &mut vc2, &pos, sh).unwrap();
+        assert_eq!(kc1, kc2);
+        assert_eq!(vc1, vc2);
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "{seqs}×{n} at {pos:?}: max |Δ| {err}");
+        // The new keys land at pos[s].., nothing else changes.
+        for (s, &ps) in pos.iter().enumerate() {
+            for p in 0..cap {
+                let r = (s * cap + p) * kd..(s * cap + p + 1) * kd;
+                if (ps..ps + n).contains(&p) {
+                    assert_eq!(kc1[r], k[(s * n + p - ps) * kd..][..kd]);
+                } else {
+                    assert_eq!(kc1[r.clone()], kc0[r]);
+                }
+            }
+        }
+        let over = vec![cap - n + 1; seqs];
+        assert!(be
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &over, sh)
+            .is_err());
+    }
+}
+
+#[test]
+fn smollm2_cache_equals_recompute() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    check_cache_vs_recompute(
+        &dir,
+        &[
+            "The capital of France is",
+            "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+        ],
+        16,
+    );
+}
+
+/// Greedy ids from transformers (tests/fixtures/smollm2/greedy.json:
+/// `cases`, each with `prompt_ids` and `generated_ids`, pure greedy without
+/// stopping at EOS).
+#[test]
+fn smollm2_greedy_matches_transformers() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    let path = fixture("smollm2/greedy.json");
+    if !path.exists() {
+        eprintln!("skipped: {} not present", path.display());
+        return;
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ids = |a: &serde_json::Value| -> Vec<u32> {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = v["cases"].as_array().expect("a `cases` list");
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt_ids"])).collect();
+    let want: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
+    assert!(!prompts.is_empty());
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let max_new = want.iter().map(Vec::len).max().unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: max_new,
+        ..Default::default()
+    };
+    let (gens, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
+    for (g, w) in gens.iter().zip(&want) {
+        // No EOS given here, so every sequence runs the full budget; a list
+        // from transformers that stopped at EOS is a prefix (EOS included).
+        assert_eq!(
+            &g.ids[..w.len()],
+            &w[..],
+            "engine vs transformers greedy ids"
+        );
+    }
+}
+
+const SMOLLM2_TEMPLATE: &str = r"{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The non-tool part of Qwen2.5-Instruct's template (block tags with
+/// "-" trimming, attribute access to fields that are absent).
+const QWEN25_TEMPLATE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {{- tools | tojson }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- raise_exception('tool calls are not supported') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+fn problem(q: &str, a: &str, gold: &str) -> Problem {
+    Problem {
+        question: q.into(),
+        answer: a.into(),
+        gold: gold.into(),
+    }
+}
+
+#[test]
+fn chat_templates_render_like_transformers() {
+    let shots = [problem("1+1?", "1+1=2\n#### 2", "2")];
+    let smol = ChatTemplate::new(SMOLLM2_TEMPLATE, String::new(), "<|im_end|>".into()).unwrap();
+    assert_eq!(
+        smol.prompt(&shots, " 2+3? ").unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n1+1=2\n#### 2<|im_end|>\n\
+         <|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let qwen = ChatTemplate::new(QWEN25_TEMPLATE, String::new(), "<|im_end|>".into()).unwrap();
+    assert_eq!(
+        qwen.prompt(&[problem("a?", "7", "7")], "b?").unwrap(),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\na?<|im_end|>\n<|im_start|>assistant\n#### 7<|im_end|>\n\
+         <|im_start|>user\nb?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Python string methods, bos_token and raise_exception as in transformers.
+    let py = ChatTemplate::new(
+        "{{ bos_token }}{% for m in messages %}{% if m.content.startswith('x') %}{{ raise_exception('no x') }}{% endif %}{{ m.content.strip().upper() }}|{% endfor %}",
+        "<s>".into(),
+        String::new(),
+    )
+    .unwrap();
+    assert_eq!(py.render(&[("user", "  hi ")]).unwrap(), "<s>HI|");
+    assert!(py
+        .render(&[("user", "xy")])
+        .unwrap_err()
+        .to_string()
+        .contains("no x"));
+}
+
+#[test]
+fn plain_prompt_layout() {
+    let shots = [
+        problem("1+1?", "1+1=2\n#### 2", "2"),
+        problem("3-5?", "-2", "-2"),
+    ];
+    assert_eq!(
+        plain_prompt(&shots, "Why 4?\n"),
+        "Question: 1+1?\nAnswer: 1+1=2\n#### 2\n\nQuestion: 3-5?\nAnswer: #### -2\n\nQuestion: Why 4?\nAnswer:"
+    );
+}
+
+const GSM: &str = r#####"{"question": "Shot one: 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}
+{"question": "Shot two: 10 - 3?", "answer": 7}
+{"question": "A farmer has 3 cows and buys 4 more. How many cows?", "answer": "3 + 4 = 7\n#### 7"}
+{"question": "What is 1,000 + 250?", "answer": "#### 1,250"}
+{"question": "Numbers: 2024 minus 2000?", "answer": "24"}
+"#####;
+
+#[test]
+fn tiny_qwen2_gen_eval_is_consistent() {
+    let dir = fixture("tiny-qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("gsm_symbolic.jsonl");
+    std::fs::write(&data, GSM).unwrap();
+    let problems = read_problems(&data).unwrap();
+    assert_eq!(
+        problems.iter().map(|p| p.gold.as_str()).collect::<Vec<_>>(),
+        ["4", "7", "7", "1250", "24"]
+    );
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let out = tmp.path().join("out/gen.jsonl");
+    let args = GenArgs {
+        shots: 2,
+        batch: 2,
+        max_new_tokens: 20,
+        out: Some(out.clone()),
+        task: Some("GSM-symbolic".into()),
+        ..GenArgs::new(data.clone())
+    };
+    let (res, recs) = evaluate_gen(&be, &model, &tok, &args).unwrap();
+    println!("{}", serde_json::to_string(&res).unwrap());
+    assert_eq!((res.n, res.task.as_str()), (3, "GSM-symbolic"));
+    assert_eq!(recs.iter().map(|r| r.index).collect::<Vec<_>>(), [2, 3, 4]);
+    for (r, p) in recs.iter().zip(&problems[2..]) {
+        assert_eq!(r.prompt, plain_prompt(&problems[..2], &p.question));
+        assert_eq!(r.extracted, extract_answer(&r.generation));
+        assert_eq!(r.correct, r.extracted.as_deref() == Some(p.gold.as_str()));
+        assert!(r.new_tokens <= 20 && !r.generation.contains("Question:"));
+    }
+    assert_eq!(
+        res.accuracy,
+        recs.iter().filter(|r| r.correct).count() as f64 / 3.0
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 3);
+    // Batch size and order change nothing; a shots file replaces held-out rows.
+    let shots = tmp.path().join("shots.jsonl");
+    std::fs::write(&shots, GSM.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let (_, recs1) = evaluate_gen(
+        &be,
+        &model,
+        &tok,
+        &GenArgs {
+            shots: 2,
+            shots_file: Some(shots),
+            batch: 1,
+            max_new_tokens: 20,
+            ..GenArgs::new(data.clone())
+        },
+    )
+    .unwrap();
+    assert_eq!(recs1.len(), 5);
+    for (a, b) in recs.iter().zip(&recs1[2..]) {
+        assert_eq!((&a.prompt, &a.generation), (&b.prompt, &b.generation));
+    }
+    // The fixture has no chat template: a clear error.
+    let e = evaluate_gen(
+        &be,
+        &model,
+        &tok,
+        &GenArgs {
+            format: PromptFormat::Chat,
+            shots: 0,
+            ..GenArgs::new(data)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("chat_template"), "{e}");
+}
+
+#[test]
+fn bad_gen_rows_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.jsonl");
+    std::fs::write(&p, "{\"question\": \"q\", \"answer\": \"#### 3\"}\n{\"question\": \"q\", \"answer\": \"3 or 4\"}\n").unwrap();
+    let e = read_problems(&p).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+}
+
+/// The files of scripts/make-eval-data.py parse, and their gold numbers
+/// are the generator's answers.
+#[test]
+fn eval_assets_parse() {
+    let Some(dir) = asset("eval") else { return };
+    let gsm = dir.join("gsm_symbolic.jsonl");
+    let problems = read_problems(&gsm).unwrap();
+    let text = std::fs::read_to_string(&gsm).unwrap();
+    for (p, line) in problems.iter().zip(text.lines()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p.gold, v["answer_value"].to_string(), "{line}");
+        assert_eq!(v["label"], "GSM-symbolic");
+    }
+    for task in ["winowhy", "strategyqa", "physical_intuition"] {
+        let items =
+            rku_engine::eval::mc::read_items(&dir.join(format!("bigbench_{task}.jsonl"))).unwrap();
+        println!("{task}: {} items", items.len());
+    }
+}
+
+/// The imported SmolLM2's own chat template renders and tokenizes its
+/// markers as single special tokens.
+#[test]
+fn smollm2_chat_prompt() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    let tok = Tokenizer::load(&dir).unwrap();
+    let t = ChatTemplate::load(&dir).unwrap();
+    let p = t.prompt(&[], "What is 2+2?").unwrap();
+    assert!(p.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"));
+    let ids = tok.encode(&p).unwrap();
+    let start = tok.token_id("<|im_start|>").unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == start).count(), 3);
+}
+
+/// Decode throughput on SmolLM2 at batch 1 and 8 (run with --ignored).
+#[test]
+#[ignore]
+fn smollm2_decode_speed() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let prompt = tok
+        .encode(
+            "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+        )
+        .unwrap();
+    for batch in [1, 8] {
+        let opts = GenerateOptions {
+            max_new_tokens: 64,
+            ..Default::default()
+        };
+        let (_, st) = generate(&be, &model, &tok, &vec![prompt.clone(); batch], &opts).unwrap();
+        println!(
+            "smollm2 batch {batch}: prefill {} tokens in {:.3}s, decode {:.1} tokens/s",
+            st.prompt_tokens,
+            st.prefill_s,
+            st.decode_tokens_per_s()
+        );
+    }
+}
+
+/// A few GSM-symbolic problems on SmolLM2, plain 2-shot and chat 0-shot
+/// (run with --ignored; prints the summary and the first generation).
+#[test]
+#[ignore]
+fn smollm2_gsm_symbolic_smoke() {
+    let (Some(dir), Some(data)) = (asset("models/smollm2"), asset("eval/gsm_symbolic.jsonl"))
+    else {
+        return;
+    };
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    for (format, shots) in [(PromptFormat::Plain, 2), (PromptFormat::Chat, 0)] {
+        let args = GenArgs {
+            format,
+            shots,
+            limit: Some(4),
+            batch: 4,
+            max_new_tokens: 96,
+            task: Some("GSM-symbolic".into()),
+            ..GenArgs::new(data.clone())
+        };
+        let (res, recs) = evaluate_gen(&be, &model, &tok, &args).unwrap();
+        println!("{}", serde_json::to_string(&res).unwrap());
+        println!(
+            "{:?} -> {:?} (gold {})",
+            recs[0].generation, recs[0].extracted, recs[0].gold
+        );
+    }
+}
