@@ -4,7 +4,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{has_kernels, CudaBackend, EmuDevice, GpuDevice};
 use rku_engine::backend::Backend;
+use rku_engine::eval::gen::{evaluate_gen, GenArgs, PromptFormat};
 use rku_engine::eval::iou::read_kept;
+use rku_engine::eval::mc::{evaluate_mc, McArgs};
 use rku_engine::eval::ppl::perplexity;
 use rku_engine::io::export::ExportLayout;
 use rku_engine::io::import::{import_gguf, ImportOptions};
@@ -65,6 +67,10 @@ enum StatsCmd {
 enum EvalCmd {
     /// Token perplexity over non-overlapping windows of held-out text.
     Ppl(PplArgs),
+    /// GSM8K-style reasoning accuracy: greedy decoding with a KV cache, exact match.
+    Gen(GenCliArgs),
+    /// Multiple choice by log-likelihood (acc and acc_norm, lm-eval conventions).
+    Mc(McCliArgs),
 }
 
 #[derive(Subcommand)]
@@ -243,6 +249,65 @@ struct BenchScoreArgs {
 }
 
 #[derive(Args)]
+struct GenCliArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Problems: jsonl with question/answer ("... #### N") or a numeric answer field.
+    #[arg(long)]
+    data: PathBuf,
+    /// Few-shot examples per prompt (held out from --data unless --shots-file).
+    #[arg(long, default_value_t = 8)]
+    shots: usize,
+    /// Take the shots from this jsonl instead of the first rows of --data.
+    #[arg(long)]
+    shots_file: Option<PathBuf>,
+    /// Prompt with the model's chat template (tokenizer_config.json) instead of plain "Question: ... Answer:".
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Evaluate at most this many problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Problems decoded together.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Label of the task in the results (e.g. GSM-symbolic).
+    #[arg(long)]
+    task: Option<String>,
+    /// Per-problem jsonl (prompt, generation, extracted, gold, correct).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct McCliArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Items: jsonl with question/context, choices, gold index.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    limit: Option<usize>,
+    /// (context, choice) sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long)]
+    task: Option<String>,
+    /// Per-item jsonl.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct PplArgs {
     /// HF model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
@@ -339,6 +404,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Score(a)) => {
             with_backend!(a.common.backend, |be| bench_score(&be, &a))
         }
+        Cmd::Eval(EvalCmd::Gen(a)) => with_backend!(a.common.backend, |be| eval_gen(&be, &a)),
+        Cmd::Eval(EvalCmd::Mc(a)) => with_backend!(a.common.backend, |be| eval_mc(&be, &a)),
         Cmd::Eval(EvalCmd::Ppl(a)) => with_backend!(a.common.backend, |be| eval_ppl(&be, &a)),
         Cmd::Bench(BenchCmd::Forward(a)) => {
             with_backend!(a.common.backend, |be| bench_forward(&be, &a))
@@ -663,5 +730,61 @@ fn import(a: &ImportArgs) -> Result<()> {
         r.out_dir.display(),
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn eval_gen<B: Backend>(be: &B, a: &GenCliArgs) -> Result<()> {
+    let model = load_model(be, &a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let mut args = GenArgs::new(a.data.clone());
+    args.task = a.task.clone();
+    args.shots = a.shots;
+    args.shots_file = a.shots_file.clone();
+    args.format = if a.chat {
+        PromptFormat::Chat
+    } else {
+        PromptFormat::Plain
+    };
+    args.limit = a.limit;
+    args.batch = a.batch;
+    args.max_new_tokens = a.max_new_tokens;
+    args.out = a.out.clone();
+    let (r, _) = evaluate_gen(be, &model, &tok, &args)?;
+    println!(
+        "{}: accuracy {:.4} ({}/{}), {}-shot {:?}; decode {:.1} tokens/s, prefill {:.0} tokens/s",
+        r.task,
+        r.accuracy,
+        r.correct,
+        r.n,
+        r.shots,
+        r.format,
+        r.decode_tokens_per_s,
+        r.prefill_tokens_per_s
+    );
+    if let Some(o) = &a.out {
+        println!("per-problem outputs: {}", o.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn eval_mc<B: Backend>(be: &B, a: &McCliArgs) -> Result<()> {
+    let model = load_model(be, &a.model)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let mut args = McArgs::new(a.data.clone());
+    args.task = a.task.clone();
+    args.limit = a.limit;
+    args.batch = a.batch;
+    args.out = a.out.clone();
+    let (r, _) = evaluate_mc(be, &model, &tok, &args)?;
+    println!(
+        "{}: acc {:.4}, acc_norm {:.4} over {} items ({:.1}s)",
+        r.task, r.acc, r.acc_norm, r.n, r.seconds
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
     Ok(())
 }

@@ -132,7 +132,11 @@ impl ModelConfig {
             }
             _ => vec![ffn; layers],
         };
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !head_dim.is_multiple_of(2) {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !head_dim.is_multiple_of(2)
+        {
             return Err(Error::format(
                 path,
                 format!(
