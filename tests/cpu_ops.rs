@@ -31,8 +31,14 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
 
 #[test]
 fn linear_and_its_input_gradient() {
+    // 7 rows take the gemm path, 1 and 3 rows the skinny (decode) path.
+    for rows in [7, 1, 3] {
+        linear_case(rows, 37, 131);
+    }
+}
+
+fn linear_case(rows: usize, inp: usize, out: usize) {
     let be = CpuBackend::new();
-    let (rows, inp, out) = (7, 37, 19);
     let x = rand_vec(rows * inp, 1);
     let w = rand_vec(out * inp, 2);
     let bias = rand_vec(out, 3);
