@@ -5,6 +5,8 @@ Measures, in one run on the same machine, model, tokens and thread count:
   forward  - one forward pass with logits over a T-token sequence (tokens/s)
   score    - forward + activation backward + per-channel statistics of the
              energy objective (tokens/s and peak RSS of the process)
+  decode   - greedy decoding with a KV cache at batch 1 after a 32-token
+             prompt (tokens/s; transformers' generate, prefill subtracted)
 Each side runs in its own child process so peak RSS is measured per side
 (os.wait4's ru_maxrss). torch/transformers are needed only here, never in CI.
 
@@ -42,6 +44,20 @@ def torch_worker(args):
     vocab = model.config.vocab_size
     T = args.seq_len
     ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(T)]])
+    if args.torch_worker == "decode":
+        prompt = ids[:, :32]
+        n = args.new_tokens
+
+        def gen(k):
+            t = time.perf_counter()
+            model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            return time.perf_counter() - t
+
+        with torch.no_grad():
+            gen(2)
+            t1, tn = gen(1), gen(n + 1)
+        print(json.dumps({"seconds": tn - t1, "tokens_per_s": n / (tn - t1)}))
+        return
     if args.torch_worker == "forward":
         with torch.no_grad():
             model(ids)
@@ -101,22 +117,27 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--samples", type=int, default=4, help="sequences scored (score benchmark)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--only", choices=["forward", "score"])
-    ap.add_argument("--torch-worker", choices=["forward", "score"], help=argparse.SUPPRESS)
+    ap.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed (decode benchmark)")
+    ap.add_argument("--only", choices=["forward", "score", "decode"])
+    ap.add_argument("--torch-worker", choices=["forward", "score", "decode"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         return torch_worker(args)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
-          "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads)]
+          "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads),
+          "--new-tokens", str(args.new_tokens)]
     results = {}
-    for kind in ["forward", "score"]:
+    for kind in ["forward", "score", "decode"]:
         if args.only and args.only != kind:
             continue
         if kind == "forward":
             ours_cmd = [args.bin, "bench", "forward", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--repeats", str(args.repeats), "--backend", "cpu", "--json"]
+        elif kind == "decode":
+            ours_cmd = [args.bin, "bench", "decode", "--model", args.model, "--prompt-len", "32",
+                        "--new-tokens", str(args.new_tokens), "--backend", "cpu", "--json"]
         else:
             ours_cmd = [args.bin, "bench", "score", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--samples", str(args.samples), "--backend", "cpu", "--json"]

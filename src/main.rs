@@ -12,6 +12,7 @@ use rku_engine::io::export::ExportLayout;
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
+use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, Geometry};
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
@@ -79,6 +80,8 @@ enum BenchCmd {
     Forward(BenchForwardArgs),
     /// Scoring throughput: forward + energy backward + statistics (tokens/s).
     Score(BenchScoreArgs),
+    /// Greedy decoding throughput with the KV cache, batch 1 (tokens/s).
+    Decode(BenchDecodeArgs),
 }
 
 /// Which device computes.
@@ -308,6 +311,22 @@ struct McCliArgs {
 }
 
 #[derive(Args)]
+struct BenchDecodeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt tokens (prefilled, not timed).
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Decoding steps timed.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct PplArgs {
     /// HF model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
@@ -401,6 +420,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune(&be, &a)),
         Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
         Cmd::Iou(a) => iou(&a),
+        Cmd::Bench(BenchCmd::Decode(a)) => {
+            with_backend!(a.common.backend, |be| bench_decode(&be, &a))
+        }
         Cmd::Bench(BenchCmd::Score(a)) => {
             with_backend!(a.common.backend, |be| bench_score(&be, &a))
         }
@@ -785,6 +807,37 @@ fn eval_mc<B: Backend>(be: &B, a: &McCliArgs) -> Result<()> {
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
+    if a.prompt_len == 0 || a.new_tokens == 0 {
+        bail!("--prompt-len and --new-tokens must be at least 1");
+    }
+    let model = load_model(be, &a.model)?;
+    let vocab = model.cfg.vocab as u64;
+    let prompt: Vec<u32> = (0..a.prompt_len as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    let mut dec = Decoder::new(be, &model, 1, a.prompt_len + a.new_tokens)?;
+    let mut next = argmax(&dec.extend(&[prompt])?);
+    let start = Instant::now();
+    for _ in 0..a.new_tokens {
+        next = argmax(&dec.step(&[next])?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tps = a.new_tokens as f64 / secs;
+    println!(
+        "decode: {} tokens after a {}-token prompt, batch 1: {secs:.2}s, {tps:.1} tokens/s",
+        a.new_tokens, a.prompt_len
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                "seconds": secs, "tokens_per_s": tps, "backend": be.name()})
+        );
     }
     Ok(())
 }
