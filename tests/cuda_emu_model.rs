@@ -8,10 +8,14 @@
 //! difference left is the activation rounding: a relative error of at most
 //! 2⁻⁹ per product operand, compounded through the layers' products
 //! (forward, then backward). We check, per element,
-//! |got − want| ≤ atol + rtol·|want| with rtol = 1e-2 (llm.c's bf16
-//! tolerance, ≈ 5 roundings of 2⁻⁹) and atol = rtol·max|want| of the tensor
-//! (values near zero are sums with cancellation: their error scales with the
-//! tensor, not with themselves).
+//! |got − want| ≤ atol + rtol·|want| with rtol = 1e-2 for the logits
+//! (llm.c's bf16 tolerance, ≈ 5 roundings of 2⁻⁹ adding up) and rtol = 2e-2
+//! for the statistics, whose gradients g pass through the forward products
+//! and then as many backward ones (twice the chain, twice the tolerance).
+//! atol = rtol·max|want| of the tensor (values near zero are sums with
+//! cancellation: their error scales with the tensor, not with themselves);
+//! for tk = Σ_seq |Σ_t h·g|, atol = rtol·Σ_t |h·g| of the ce pass, the bound
+//! of a signed sum's error.
 mod common;
 use std::path::Path;
 
@@ -28,20 +32,22 @@ use rku_engine::prune::compact::{gather_cols, gather_rows};
 use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
 use safetensors::{Dtype, SafeTensors};
 
-const RTOL: f64 = 1e-2;
+/// rtol of the logits and of the statistics (see the top of the file).
+const RTOL_LOGITS: f64 = 1e-2;
+const RTOL_STATS: f64 = 2e-2;
 
-/// The rule with atol = RTOL·max|want| for every element.
-fn check(got: &[f64], want: &[f64], what: &str) {
+/// The rule with atol = rtol·max|want| for every element.
+fn check(got: &[f64], want: &[f64], rtol: f64, what: &str) {
     let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
-    check_atol(got, want, &vec![RTOL * scale; want.len()], what);
+    check_atol(got, want, &vec![rtol * scale; want.len()], rtol, what);
 }
 
-/// |got − want| ≤ atol[i] + RTOL·|want| for every element i.
-fn check_atol(got: &[f64], want: &[f64], atol: &[f64], what: &str) {
+/// |got − want| ≤ atol[i] + rtol·|want| for every element i.
+fn check_atol(got: &[f64], want: &[f64], atol: &[f64], rtol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = 0f64;
     for (i, ((g, w), a)) in got.iter().zip(want).zip(atol).enumerate() {
-        let (err, tol) = ((g - w).abs(), a + RTOL * w.abs());
+        let (err, tol) = ((g - w).abs(), a + rtol * w.abs());
         assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (atol {a:.3e})");
         worst = worst.max(err / tol.max(f64::MIN_POSITIVE));
     }
@@ -141,7 +147,7 @@ fn check_model(name: &str) {
     let f64s = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect::<Vec<f64>>();
     let want = f64s(logits(&cpu, &cpu_model, &x, geo).unwrap());
     let got = f64s(logits(&cuda, &cuda_model, &x, geo).unwrap());
-    check(&got, &want, &format!("{name} logits"));
+    check(&got, &want, RTOL_LOGITS, &format!("{name} logits"));
 
     // 3 sequences in batches of 2: the stats add across batches.
     let (seqs, t) = (3, 10);
@@ -149,7 +155,7 @@ fn check_model(name: &str) {
     let want = stats(&cpu, &cpu_model, &windows, seqs, t);
     let got = stats(&cuda, &cuda_model, &windows, seqs, t);
     // tk_c = Σ_seq |Σ_t h·g| cancels within each sequence: its error scales
-    // with Σ_t |h·g| of the ce pass, so that (times RTOL) is its atol.
+    // with Σ_t |h·g| of the ce pass, so that (times rtol) is its atol.
     let ce_k1 = ce_abs_hg(&cpu, &cpu_model, &windows, seqs, t);
     for (l, (g, w)) in got.layers.iter().zip(&want.layers).enumerate() {
         for (stat, gv, wv) in [
@@ -158,10 +164,16 @@ fn check_model(name: &str) {
             ("f2", &g.f2, &w.f2),
             ("k1", &g.k1, &w.k1),
         ] {
-            check(gv, wv, &format!("{name} layer {l} {stat}"));
+            check(gv, wv, RTOL_STATS, &format!("{name} layer {l} {stat}"));
         }
-        let atol: Vec<f64> = ce_k1[l].iter().map(|k| RTOL * k).collect();
-        check_atol(&g.tk, &w.tk, &atol, &format!("{name} layer {l} tk"));
+        let atol: Vec<f64> = ce_k1[l].iter().map(|k| RTOL_STATS * k).collect();
+        check_atol(
+            &g.tk,
+            &w.tk,
+            &atol,
+            RTOL_STATS,
+            &format!("{name} layer {l} tk"),
+        );
     }
 }
 
