@@ -65,7 +65,10 @@ fn plan_matches_high_water_tiny_llama3() {
     check_peak(&fixture("tiny-llama3"), 16, 1, ENERGY);
 }
 
+/// Exact on the last run (269954048 B planned and measured at T = 8), but
+/// emulating SmolLM2's 30 layers takes about 5 minutes on 2 cores.
 #[test]
+#[ignore = "about 5 minutes emulated; run with --ignored"]
 fn plan_matches_high_water_smollm2() {
     let Some(dir) = asset("models/smollm2") else {
         return;
