@@ -73,6 +73,14 @@ __device__ __forceinline__ f16 f32_to_f16(float f) { return __float2half_rn(f); 
     T *name = reinterpret_cast<T *>(rku_dyn_smem)
 #endif
 
+// Full unrolling of a constant-trip loop (register arrays stay in registers);
+// the host build has no use for it.
+#ifdef RKU_EMU
+#define RKU_UNROLL
+#else
+#define RKU_UNROLL _Pragma("unroll")
+#endif
+
 // Loads and stores through f32, whatever the storage type.
 __device__ __forceinline__ float to_f32(float v) { return v; }
 template <class T>

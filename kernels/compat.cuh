@@ -132,11 +132,15 @@ inline float __fdividef(float a, float b) { return a / b; }
 
 namespace rku_emu {
 
+// One for the whole process (an inline variable: one instance across every
+// translation unit and every kernel signature), so that two host threads
+// launching different kernels never share a static `__shared__` at once.
+inline std::mutex one_launch_at_a_time;
+
 // Runs `kernel(args...)` over the grid as described at the top of this file.
 template <class... A, size_t... I>
 void launch_impl(void (*kernel)(A...), dim3 grid, dim3 blk, size_t shmem, void **params,
                  std::index_sequence<I...>) {
-    static std::mutex one_launch_at_a_time;
     std::lock_guard<std::mutex> guard(one_launch_at_a_time);
     const unsigned n = blk.x * blk.y * blk.z;
     const size_t blocks = size_t(grid.x) * grid.y * grid.z;

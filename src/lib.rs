@@ -6,6 +6,7 @@ pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod plan;
 pub mod progress;
 pub mod prune;
 

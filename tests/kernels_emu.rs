@@ -135,6 +135,8 @@ on_devices! {
     add_and_bias => check_add,
     rope_fwd_inverse => check_rope,
     attention_fwd_bwd_gqa => check_attention,
+    attention_head_dim_8 => check_attention_hd8,
+    attention_head_dim_40 => check_attention_hd40,
     gemm_cublas_contract => check_gemm,
 }
 
@@ -600,22 +602,57 @@ fn attention_ref(
 }
 
 fn check_attention<D: Device>(dev: &D) {
-    for s in [
-        AttnShape {
+    check_attention_at(
+        dev,
+        &[
+            AttnShape {
+                seqs: 2,
+                t: 37,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 32,
+            },
+            AttnShape {
+                seqs: 1,
+                t: 45,
+                heads: 3,
+                kv_heads: 1,
+                head_dim: 64,
+            },
+        ],
+    );
+}
+
+/// head_dim 8, the tiny fixtures' (one live accumulator slot on lanes 0..7).
+fn check_attention_hd8<D: Device>(dev: &D) {
+    check_attention_at(
+        dev,
+        &[AttnShape {
             seqs: 2,
-            t: 37,
+            t: 33,
             heads: 4,
             kv_heads: 2,
-            head_dim: 32,
-        },
-        AttnShape {
+            head_dim: 8,
+        }],
+    );
+}
+
+/// head_dim 40, not a multiple of 32 (slot 1 live on lanes 0..7 only).
+fn check_attention_hd40<D: Device>(dev: &D) {
+    check_attention_at(
+        dev,
+        &[AttnShape {
             seqs: 1,
-            t: 45,
-            heads: 3,
+            t: 40,
+            heads: 2,
             kv_heads: 1,
-            head_dim: 64,
-        },
-    ] {
+            head_dim: 40,
+        }],
+    );
+}
+
+fn check_attention_at<D: Device>(dev: &D, shapes: &[AttnShape]) {
+    for &s in shapes {
         let rows = s.seqs * s.t;
         let mut r = Rng::new(13 + s.head_dim as u64);
         let q = r.vec(rows * s.heads * s.head_dim);

@@ -83,19 +83,24 @@ pub fn backward_channel_stats<B: Backend>(
         // FFN: x_next = x' + W_d h  ⇒  g = dh = dx·W_d  [rows, m]
         let dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;
         on_layer(l, be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?)?;
+        drop(acts.h); // [rows, m] buffers go as soon as they are used (src/plan.rs)
         if l == 0 {
             break; // nothing below layer 0 needs a gradient
         }
         let (da, db) = be.swiglu_bwd(&dh, &acts.a, &acts.b, rows * m)?;
-        drop(dh);
+        drop((dh, acts.a, acts.b));
         let mut du2 = be.linear_bwd_input(&da, &lw.w_gate, rows, d, m)?; // [rows, d]
+        drop(da);
         be.add_assign(
             &mut du2,
             &be.linear_bwd_input(&db, &lw.w_up, rows, d, m)?,
             rows * d,
         )?;
+        drop(db);
         let dnorm = be.rmsnorm_bwd(&du2, &acts.mid, &lw.ffn_norm, &acts.rstd_ffn, rows, d)?;
+        drop(du2);
         be.add_assign(&mut dx, &dnorm, rows * d)?; // dx is now ∂J/∂x'
+        drop(dnorm);
 
         // Attention: x' = x + W_o Attn(rope(W_q u), rope(W_k u), W_v u), u = norm(x)
         let datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]

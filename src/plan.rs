@@ -1,0 +1,518 @@
+//! Device memory plan of a scoring run on the CUDA backend: every buffer
+//! `CudaBackend` holds while `prune::calibrate::collect_stats` runs one batch
+//! (forward keeping the residual stream, then one activation-only backward
+//! pass per objective), with its bytes, and the peak.
+//!
+//! The plan replays the allocation sequence of `model::forward`,
+//! `model::backward` and the `CudaBackend` ops (each op's outputs and its
+//! temporaries, e.g. the bf16 copy of a matrix product's activation operand)
+//! on a counter, in program order, freeing each buffer where Rust drops it.
+//! So the peak is the allocator's high-water mark (`MemStats::high_water` on
+//! the emulated device; tests/plan.rs checks it), not an estimate. Not
+//! counted: the CUDA context, cuBLAS's workspace, and a FLAP `down_proj.bias`
+//! (d bf16 values per layer) that the config does not announce.
+//!
+//! Shapes, rows = seqs·T, f32 activations, bf16 weights:
+//! - weights: Σ_tensors numel·2 (resident); `--stream` plans the intended
+//!   streamed residency (streaming itself is not implemented here): the
+//!   embedding, the final norm, lm_head when untied and `ce` is scored, and
+//!   the two largest layers (one computing, the next uploading);
+//! - residual stream x_0..x_L: (L+1)·rows·d·4 for the whole run;
+//! - one layer's recomputed activations (q, k, v, attention out, lse, x', a,
+//!   b, h, two rstd) plus the backward's gradients of that layer;
+//! - `ce`: the bf16 z, the `[rows, chunk]` f32 logits chunk and its bf16 copy.
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::backend::cuda::backend::CE_CHUNK;
+use crate::model::ModelConfig;
+use crate::prune::stats::{EnergyAt, Objectives};
+use crate::{Error, Result};
+
+/// What is planned: one batch of `seqs` sequences of `t` tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanSpec {
+    pub t: usize,
+    pub seqs: usize,
+    pub objectives: Objectives,
+    pub energy_at: EnergyAt,
+    /// Two layers' weights on the device instead of all of them.
+    pub stream: bool,
+    /// Vocabulary entries per cross-entropy chunk (`CudaBackend::with_ce_chunk`).
+    pub ce_chunk: usize,
+}
+
+impl PlanSpec {
+    /// Defaults: energy at the final norm, the backend's default CE chunk.
+    pub fn new(t: usize, seqs: usize, objectives: Objectives, stream: bool) -> Self {
+        PlanSpec {
+            t,
+            seqs,
+            objectives,
+            energy_at: EnergyAt::FinalNorm,
+            stream,
+            ce_chunk: CE_CHUNK,
+        }
+    }
+}
+
+/// Buffers of one name and shape live at the peak.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanBuffer {
+    pub name: String,
+    pub dtype: &'static str,
+    /// Shape of one buffer.
+    pub shape: Vec<usize>,
+    pub count: usize,
+    /// Bytes of all `count` buffers.
+    pub bytes: usize,
+}
+
+/// Highest bytes reached during one phase of the run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PhasePeak {
+    pub phase: &'static str,
+    pub bytes: usize,
+}
+
+/// The device memory plan of one scoring batch.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub arch: &'static str,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub layers: usize,
+    pub vocab: usize,
+    pub t: usize,
+    pub seqs: usize,
+    pub objectives: Vec<&'static str>,
+    pub stream: bool,
+    /// Bytes of the resident weights (all layers, or two when streaming).
+    pub weight_bytes: usize,
+    /// The allocator's high-water mark.
+    pub peak_bytes: usize,
+    /// Phase during which the peak is reached.
+    pub peak_phase: &'static str,
+    /// Every buffer live at the peak.
+    pub buffers: Vec<PlanBuffer>,
+    pub phases: Vec<PhasePeak>,
+}
+
+const F32: (&str, usize) = ("f32", 4);
+const BF16: (&str, usize) = ("bf16", 2);
+const U32: (&str, usize) = ("u32", 4);
+
+struct Live {
+    name: &'static str,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    bytes: usize,
+}
+
+/// Replays allocations and frees, remembering the live set at the peak.
+#[derive(Default)]
+struct Sim {
+    live: Vec<Option<Live>>,
+    current: usize,
+    peak: usize,
+    at_peak: Vec<(&'static str, &'static str, Vec<usize>, usize)>,
+    peak_phase: &'static str,
+    phase: &'static str,
+    phases: Vec<PhasePeak>,
+}
+
+type Id = usize;
+
+impl Sim {
+    fn begin(&mut self, phase: &'static str) {
+        self.phase = phase;
+        self.phases.push(PhasePeak {
+            phase,
+            bytes: self.current,
+        });
+    }
+
+    /// One allocation; the emulated device counts `max(bytes, 1)`.
+    fn alloc(
+        &mut self,
+        name: &'static str,
+        (dtype, elem): (&'static str, usize),
+        shape: &[usize],
+    ) -> Id {
+        let bytes = (shape.iter().product::<usize>() * elem).max(1);
+        self.current += bytes;
+        let p = self.phases.last_mut().expect("a phase is open");
+        p.bytes = p.bytes.max(self.current);
+        self.live.push(Some(Live {
+            name,
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        }));
+        if self.current > self.peak {
+            self.peak = self.current;
+            self.peak_phase = self.phase;
+            self.at_peak = self
+                .live
+                .iter()
+                .flatten()
+                .map(|l| (l.name, l.dtype, l.shape.clone(), l.bytes))
+                .collect();
+        }
+        self.live.len() - 1
+    }
+
+    fn free(&mut self, id: Id) {
+        let l = self.live[id].take().expect("freed once");
+        self.current -= l.bytes;
+    }
+
+    fn free_all(&mut self, ids: &[Id]) {
+        ids.iter().for_each(|&i| self.free(i));
+    }
+
+    /// `CudaBackend::linear`: bf16 copy of x (`x_len` values), then y `[rows, out]`.
+    fn linear(&mut self, name: &'static str, x_len: usize, rows: usize, out: usize) -> Id {
+        let xb = self.alloc("bf16 copy of a product's operand", BF16, &[x_len]);
+        let y = self.alloc(name, F32, &[rows, out]);
+        self.free(xb);
+        y
+    }
+}
+
+/// Shapes of one run.
+struct Dims {
+    rows: usize,
+    seqs: usize,
+    t: usize,
+    d: usize,
+    qd: usize,
+    kvd: usize,
+    heads: usize,
+    hd: usize,
+    vocab: usize,
+    layers: usize,
+}
+
+/// Acts kept by `layer_forward(keep = true)` (`LayerActs`).
+struct Acts(Vec<Id>);
+
+/// `model::forward::layer_forward` for a layer of FFN width m: returns the
+/// next residual (named `next`) and, if `keep`, the activations.
+fn layer_forward(
+    s: &mut Sim,
+    g: &Dims,
+    m: usize,
+    next: &'static str,
+    keep: bool,
+) -> (Id, Option<Acts>) {
+    let (rows, d) = (g.rows, g.d);
+    let u = s.alloc("norm output u", F32, &[rows, d]);
+    let rstd_attn = s.alloc("rstd (attention norm)", F32, &[rows]);
+    let q = s.linear("q", rows * d, rows, g.qd);
+    let k = s.linear("k", rows * d, rows, g.kvd);
+    let v = s.linear("v", rows * d, rows, g.kvd);
+    s.free(u);
+    let att = s.alloc("attention output", F32, &[rows, g.qd]);
+    let lse = s.alloc("attention lse", F32, &[g.seqs, g.heads, g.t]);
+    let o = s.linear("o_proj output", rows * g.qd, rows, d);
+    let mid = s.alloc("residual after attention x'", F32, &[rows, d]);
+    s.free(o);
+    let u2 = s.alloc("norm output u", F32, &[rows, d]);
+    let rstd_ffn = s.alloc("rstd (FFN norm)", F32, &[rows]);
+    let a = s.linear("gate pre-activation a", rows * d, rows, m);
+    let b = s.linear("up projection b", rows * d, rows, m);
+    s.free(u2);
+    let h = s.alloc("channels h", F32, &[rows, m]);
+    let y = s.linear("down_proj output", rows * m, rows, d);
+    let nx = s.alloc(next, F32, &[rows, d]);
+    s.free(y);
+    let acts = vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h];
+    if keep {
+        (nx, Some(Acts(acts)))
+    } else {
+        s.free_all(&acts);
+        (nx, None)
+    }
+}
+
+/// `model::forward::forward` with the residual stream kept: returns the ids
+/// of x_0..x_L, z and the final rstd.
+fn forward(s: &mut Sim, g: &Dims, widths: &[usize]) -> Vec<Id> {
+    let rope = [
+        s.alloc("RoPE cos", F32, &[g.t, g.hd / 2]),
+        s.alloc("RoPE sin", F32, &[g.t, g.hd / 2]),
+    ];
+    let mut x = s.alloc("residual stream x_0..x_L", F32, &[g.rows, g.d]);
+    let ids = s.alloc("token ids", U32, &[g.rows]);
+    s.free(ids);
+    let mut kept = Vec::new();
+    for &m in widths {
+        let (next, _) = layer_forward(s, g, m, "residual stream x_0..x_L", false);
+        kept.push(std::mem::replace(&mut x, next));
+    }
+    kept.push(s.alloc("final norm output z", F32, &[g.rows, g.d]));
+    kept.push(s.alloc("rstd (final norm)", F32, &[g.rows]));
+    kept.push(x);
+    s.free_all(&rope);
+    kept
+}
+
+/// The gradient ∂J/∂x_L that starts `model::backward::backward_channel_stats`.
+fn objective_grad(s: &mut Sim, g: &Dims, ce: bool, pre_norm: bool, ce_chunk: usize) -> Id {
+    let (rows, d) = (g.rows, g.d);
+    let dz = if ce {
+        // CudaBackend::cross_entropy: chunked logits, never [rows, vocab].
+        let chunk = ce_chunk.max(1).min(g.vocab.max(1));
+        let zb = s.alloc("bf16 copy of a product's operand", BF16, &[rows * d]);
+        let small = [
+            s.alloc("CE targets", U32, &[rows]),
+            s.alloc("CE running max", F32, &[rows]),
+            s.alloc("CE running sum", F32, &[rows]),
+            s.alloc("CE target logit", F32, &[rows]),
+        ];
+        let logits = s.alloc("CE logits chunk", F32, &[rows, chunk]);
+        let dz = s.alloc("dz (final norm output)", F32, &[rows, d]);
+        // Pass 2, per chunk: dlogits rounded to bf16 (the whole chunk buffer).
+        let dl = s.alloc("CE dlogits chunk, bf16", BF16, &[rows * chunk]);
+        s.free(dl);
+        s.free_all(&[zb, logits]);
+        s.free_all(&small);
+        dz
+    } else {
+        // CudaBackend::energy: per-row partials, then dz = scale·z (at x_L
+        // with pre_norm, where dz is already ∂J/∂x_L).
+        let part = s.alloc("energy per-row partials", F32, &[rows]);
+        let dz = s.alloc("dz (final norm output)", F32, &[rows, d]);
+        s.free(part);
+        if pre_norm {
+            return dz;
+        }
+        dz
+    };
+    let dx = s.alloc("dx, gradient of the residual", F32, &[rows, d]);
+    s.free(dz);
+    dx
+}
+
+/// `model::backward::backward_channel_stats`: one objective's pass.
+fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, ce_chunk: usize) {
+    let (rows, d) = (g.rows, g.d);
+    let dx = objective_grad(s, g, ce, pre_norm, ce_chunk);
+    let rope = [
+        s.alloc("RoPE cos", F32, &[g.t, g.hd / 2]),
+        s.alloc("RoPE sin", F32, &[g.t, g.hd / 2]),
+    ];
+    for l in (0..g.layers).rev() {
+        let m = widths[l];
+        let (next, acts) = layer_forward(s, g, m, "recomputed x_next (discarded)", true);
+        s.free(next);
+        let Acts(acts) = acts.expect("kept");
+        let dh = s.linear("g = dJ/dh", rows * d, rows, m);
+        let part = s.alloc("channel_stats partials", F32, &[5, g.seqs, m]);
+        s.free(part);
+        let (a, b, h) = (acts[8], acts[9], acts[10]);
+        s.free(h);
+        if l == 0 {
+            s.free_all(&acts[..10]);
+            s.free(dh);
+            break;
+        }
+        let da = s.alloc("da", F32, &[rows, m]);
+        let db = s.alloc("db", F32, &[rows, m]);
+        s.free_all(&[dh, a, b]);
+        let du2 = s.linear("du (FFN norm output)", rows * m, rows, d);
+        s.free(da);
+        let tmp = s.linear("du (FFN norm output) term", rows * m, rows, d);
+        s.free_all(&[tmp, db]);
+        let dnorm1 = s.alloc("dnorm (FFN norm)", F32, &[rows, d]);
+        s.free_all(&[du2, dnorm1]);
+        let datt = s.linear("d attention output", rows * d, rows, g.qd);
+        let dq = s.alloc("dq", F32, &[rows, g.qd]);
+        let dk = s.alloc("dk", F32, &[rows, g.kvd]);
+        let dv = s.alloc("dv", F32, &[rows, g.kvd]);
+        let delta = s.alloc("attention delta", F32, &[g.seqs, g.heads, g.t]);
+        s.free(delta);
+        let du = s.linear("du (attention norm output)", rows * g.qd, rows, d);
+        for _ in 0..2 {
+            let tmp = s.linear("du (attention norm output) term", rows * g.kvd, rows, d);
+            s.free(tmp);
+        }
+        let dnorm2 = s.alloc("dnorm (attention norm)", F32, &[rows, d]);
+        s.free_all(&acts[..8]);
+        s.free_all(&[datt, dq, dk, dv, du, dnorm2]);
+    }
+    s.free(dx);
+    s.free_all(&rope);
+}
+
+/// Weight bytes (bf16) of layer l: norms, q/k/v (+ biases), o, gate, up, down.
+fn layer_weight_bytes(cfg: &ModelConfig, m: usize) -> usize {
+    let (d, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+    let bias = if cfg.qkv_bias { qd + 2 * kvd } else { 0 };
+    2 * (2 * d + qd * d + 2 * kvd * d + d * qd + bias + 3 * m * d)
+}
+
+/// The plan of one scoring batch of `spec` on `cfg`.
+pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
+    let o = spec.objectives;
+    if spec.t < 2 || spec.seqs == 0 || !(o.energy || o.ce) {
+        return Err(Error::Invalid(format!(
+            "plan: need T ≥ 2, at least one sequence and one objective (T = {}, seqs = {})",
+            spec.t, spec.seqs
+        )));
+    }
+    let g = Dims {
+        rows: spec.seqs * spec.t,
+        seqs: spec.seqs,
+        t: spec.t,
+        d: cfg.hidden,
+        qd: cfg.q_dim(),
+        kvd: cfg.kv_dim(),
+        heads: cfg.heads,
+        hd: cfg.head_dim,
+        vocab: cfg.vocab,
+        layers: cfg.layers,
+    };
+    let widths = &cfg.ffn_widths;
+    let mut s = Sim::default();
+
+    // Model::load: embedding, final norm, lm_head (untied), every layer.
+    s.begin("weights");
+    s.alloc("weights: embed_tokens", BF16, &[g.vocab, g.d]);
+    s.alloc("weights: final norm", BF16, &[g.d]);
+    if !cfg.tie_embeddings && (!spec.stream || o.ce) {
+        s.alloc("weights: lm_head", BF16, &[g.vocab, g.d]);
+    }
+    let mut per_layer: Vec<usize> = widths.iter().map(|&m| layer_weight_bytes(cfg, m)).collect();
+    if spec.stream {
+        per_layer.sort_unstable_by(|a, b| b.cmp(a));
+        per_layer.truncate(2);
+        let bytes: usize = per_layer.iter().sum();
+        s.alloc("weights: two layers (streamed)", BF16, &[bytes / 2]);
+    } else {
+        let bytes: usize = per_layer.iter().sum();
+        s.alloc("weights: all layers", BF16, &[bytes / 2]);
+    }
+    let weight_bytes = s.current;
+
+    s.begin("forward");
+    let kept = forward(&mut s, &g, widths);
+    let pre_norm = spec.energy_at == EnergyAt::PreNorm;
+    if o.energy {
+        s.begin("energy backward");
+        backward(&mut s, &g, widths, false, pre_norm, spec.ce_chunk);
+    }
+    if o.ce {
+        s.begin("ce backward");
+        backward(&mut s, &g, widths, true, false, spec.ce_chunk);
+    }
+    s.free_all(&kept);
+
+    let mut buffers: Vec<PlanBuffer> = Vec::new();
+    for (name, dtype, shape, bytes) in std::mem::take(&mut s.at_peak) {
+        match buffers
+            .iter_mut()
+            .find(|b| b.name == name && b.shape == shape && b.dtype == dtype)
+        {
+            Some(b) => {
+                b.count += 1;
+                b.bytes += bytes;
+            }
+            None => buffers.push(PlanBuffer {
+                name: name.to_string(),
+                dtype,
+                shape,
+                count: 1,
+                bytes,
+            }),
+        }
+    }
+    Ok(Plan {
+        arch: cfg.arch.hf_name(),
+        hidden: cfg.hidden,
+        ffn: widths.iter().copied().max().unwrap_or(0),
+        layers: cfg.layers,
+        vocab: cfg.vocab,
+        t: spec.t,
+        seqs: spec.seqs,
+        objectives: [("energy", o.energy), ("ce", o.ce)]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect(),
+        stream: spec.stream,
+        weight_bytes,
+        peak_bytes: s.peak,
+        peak_phase: s.peak_phase,
+        buffers,
+        phases: s.phases,
+    })
+}
+
+/// Bytes as GiB with three decimals, or MiB/KiB/B when smaller.
+fn human(b: usize) -> String {
+    const K: f64 = 1024.0;
+    let f = b as f64;
+    if f >= K * K * K {
+        format!("{:.3} GiB", f / (K * K * K))
+    } else if f >= K * K {
+        format!("{:.2} MiB", f / (K * K))
+    } else if f >= K {
+        format!("{:.1} KiB", f / K)
+    } else {
+        format!("{b} B")
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} d={} m={} L={} vocab={}; T={} x {} sequence(s); objectives {}; weights {}",
+            self.arch,
+            self.hidden,
+            self.ffn,
+            self.layers,
+            self.vocab,
+            self.t,
+            self.seqs,
+            self.objectives.join("+"),
+            if self.stream {
+                "streamed (two layers)"
+            } else {
+                "resident"
+            }
+        )?;
+        writeln!(f, "buffers live at the peak (during {}):", self.peak_phase)?;
+        writeln!(
+            f,
+            "{:<40} {:<5} {:>18} {:>5} {:>12}",
+            "buffer", "dtype", "shape", "count", "bytes"
+        )?;
+        for b in &self.buffers {
+            let shape = b
+                .shape
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join("x");
+            writeln!(
+                f,
+                "{:<40} {:<5} {:>18} {:>5} {:>12}",
+                b.name,
+                b.dtype,
+                shape,
+                b.count,
+                human(b.bytes)
+            )?;
+        }
+        writeln!(f, "{:<40} {:>43}", "peak", human(self.peak_bytes))?;
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| format!("{} {}", p.phase, human(p.bytes)))
+            .collect();
+        write!(f, "phase peaks: {}", phases.join(", "))
+    }
+}

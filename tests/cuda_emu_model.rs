@@ -1,0 +1,254 @@
+//! The whole scoring run of the tiny fixtures through `CudaBackend<EmuDevice>`
+//! against the CPU backend, and device compaction against the host gather.
+//!
+//! Tolerance. The CUDA backend stores weights in bf16 and rounds the
+//! activation operand of every matrix product to bf16 (f32 accumulation).
+//! The CPU reference runs the same model with its weights rounded to bf16
+//! (a copy of the fixture written with bf16-exact f32 values), so the only
+//! difference left is the activation rounding: a relative error of at most
+//! 2⁻⁹ per product operand, compounded through the layers' products
+//! (forward, then backward). We check, per element,
+//! |got − want| ≤ atol + rtol·|want| with rtol = 1e-2 for the logits
+//! (llm.c's bf16 tolerance, ≈ 5 roundings of 2⁻⁹ adding up) and rtol = 2e-2
+//! for the statistics, whose gradients g pass through the forward products
+//! and then as many backward ones (twice the chain, twice the tolerance).
+//! atol = rtol·max|want| of the tensor (values near zero are sums with
+//! cancellation: their error scales with the tensor, not with themselves);
+//! for tk = Σ_seq |Σ_t h·g|, atol = rtol·Σ_t |h·g| of the ce pass, the bound
+//! of a signed sum's error.
+mod common;
+use std::path::Path;
+
+use common::*;
+use half::bf16;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::backend::cuda::{kernels as k, CudaBackend, DevBuf, EmuDevice};
+use rku_engine::backend::Backend;
+use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::{Geometry, Model};
+use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
+use rku_engine::prune::compact::{gather_cols, gather_rows};
+use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
+use safetensors::{Dtype, SafeTensors};
+
+/// rtol of the logits and of the statistics (see the top of the file).
+const RTOL_LOGITS: f64 = 1e-2;
+const RTOL_STATS: f64 = 2e-2;
+
+/// The rule with atol = rtol·max|want| for every element.
+fn check(got: &[f64], want: &[f64], rtol: f64, what: &str) {
+    let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+    check_atol(got, want, &vec![rtol * scale; want.len()], rtol, what);
+}
+
+/// |got − want| ≤ atol[i] + rtol·|want| for every element i.
+fn check_atol(got: &[f64], want: &[f64], atol: &[f64], rtol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = 0f64;
+    for (i, ((g, w), a)) in got.iter().zip(want).zip(atol).enumerate() {
+        let (err, tol) = ((g - w).abs(), a + rtol * w.abs());
+        assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (atol {a:.3e})");
+        worst = worst.max(err / tol.max(f64::MIN_POSITIVE));
+    }
+    println!("{what}: worst error {worst:.3} of the tolerance");
+}
+
+/// A copy of fixture `dir` whose weights are rounded to bf16 (stored as f32).
+fn bf16_copy(dir: &Path) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut rounded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in st.tensors() {
+        assert_eq!(v.dtype(), Dtype::F32, "{name}: fixture weights are f32");
+        let data: Vec<u8> = v
+            .data()
+            .chunks_exact(4)
+            .flat_map(|c| {
+                let x = f32::from_le_bytes(c.try_into().unwrap());
+                bf16::from_f32(x).to_f32().to_le_bytes()
+            })
+            .collect();
+        rounded.push((name, v.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = rounded
+        .iter()
+        .map(|(n, s, d)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), d).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+    tmp
+}
+
+fn ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7919 + 11) % vocab as u32)
+        .collect()
+}
+
+fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: usize) -> Stats {
+    let spec = CalibSpec {
+        samples: seqs,
+        seq_len: t,
+        batch: 2,
+        objectives: Objectives {
+            energy: true,
+            ce: true,
+        },
+        energy_at: EnergyAt::FinalNorm,
+    };
+    collect_stats(be, model, windows, spec, String::new()).unwrap()
+}
+
+/// Σ_t |h·g| per layer and channel of the ce objective's pass, one batch.
+fn ce_abs_hg<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    windows: &[u32],
+    seqs: usize,
+    t: usize,
+) -> Vec<Vec<f64>> {
+    let geo = Geometry { seqs, t };
+    let fwd = forward(be, model, windows, geo, true).unwrap();
+    let mut k1 = vec![Vec::new(); model.cfg.layers];
+    let scale = 1.0 / (seqs * (t - 1)) as f32;
+    backward_channel_stats(
+        be,
+        model,
+        &fwd,
+        windows,
+        geo,
+        Objective::Ce,
+        scale,
+        |l, p| {
+            k1[l] = p.k1;
+            Ok(())
+        },
+    )
+    .unwrap();
+    k1
+}
+
+fn check_model(name: &str) {
+    let dir = fixture(name);
+    let rounded = bf16_copy(&dir);
+    let cpu = CpuBackend::new();
+    let cpu_model = Model::load(&cpu, rounded.path()).unwrap();
+    let cuda = CudaBackend::new(EmuDevice::new()).with_ce_chunk(100);
+    let cuda_model = Model::load(&cuda, &dir).unwrap();
+    let vocab = cpu_model.cfg.vocab;
+
+    let geo = Geometry { seqs: 2, t: 12 };
+    let x = ids(geo.rows(), vocab);
+    let f64s = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect::<Vec<f64>>();
+    let want = f64s(logits(&cpu, &cpu_model, &x, geo).unwrap());
+    let got = f64s(logits(&cuda, &cuda_model, &x, geo).unwrap());
+    check(&got, &want, RTOL_LOGITS, &format!("{name} logits"));
+
+    // 3 sequences in batches of 2: the stats add across batches.
+    let (seqs, t) = (3, 10);
+    let windows = ids(seqs * t, vocab);
+    let want = stats(&cpu, &cpu_model, &windows, seqs, t);
+    let got = stats(&cuda, &cuda_model, &windows, seqs, t);
+    // tk_c = Σ_seq |Σ_t h·g| cancels within each sequence: its error scales
+    // with Σ_t |h·g| of the ce pass, so that (times rtol) is its atol.
+    let ce_k1 = ce_abs_hg(&cpu, &cpu_model, &windows, seqs, t);
+    for (l, (g, w)) in got.layers.iter().zip(&want.layers).enumerate() {
+        for (stat, gv, wv) in [
+            ("s1", &g.s1, &w.s1),
+            ("s2", &g.s2, &w.s2),
+            ("f2", &g.f2, &w.f2),
+            ("k1", &g.k1, &w.k1),
+        ] {
+            check(gv, wv, RTOL_STATS, &format!("{name} layer {l} {stat}"));
+        }
+        let atol: Vec<f64> = ce_k1[l].iter().map(|k| RTOL_STATS * k).collect();
+        check_atol(
+            &g.tk,
+            &w.tk,
+            &atol,
+            RTOL_STATS,
+            &format!("{name} layer {l} tk"),
+        );
+    }
+}
+
+#[test]
+fn tiny_qwen2_cuda_emu_matches_cpu() {
+    check_model("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama3_cuda_emu_matches_cpu() {
+    check_model("tiny-llama3");
+}
+
+/// compact.cu on the device against prune::compact on the host, bit for
+/// bit, on every layer's FFN weights of the fixture, in f32 and bf16.
+fn check_compaction(name: &str) {
+    let dir = fixture(name);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let dev = EmuDevice::new();
+    let cfg = rku_engine::model::ModelConfig::load(&dir.join("config.json")).unwrap();
+    let (d, m) = (cfg.hidden, cfg.ffn_widths[0]);
+    // Irregular: drops every third channel and the last one, keeps order.
+    let keep: Vec<usize> = (0..m - 1).filter(|c| c % 3 != 1).collect();
+    let keep32: Vec<u32> = keep.iter().map(|&c| c as u32).collect();
+    for l in 0..cfg.layers {
+        for (leaf, rows) in [("gate_proj", true), ("up_proj", true), ("down_proj", false)] {
+            let tname = format!("model.layers.{l}.mlp.{leaf}.weight");
+            let f32s: Vec<f32> = st
+                .tensor(&tname)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let bf: Vec<bf16> = f32s.iter().map(|&x| bf16::from_f32(x)).collect();
+            // Host gathers over raw bytes.
+            let host = |raw: &[u8], elem: usize| {
+                if rows {
+                    gather_rows(raw, elem, d, &keep)
+                } else {
+                    gather_cols(raw, elem, m, &keep)
+                }
+            };
+            let want32 = host(bytemuck::cast_slice(&f32s), 4);
+            let want16 = host(bytemuck::cast_slice(&bf), 2);
+            let src32 = DevBuf::upload(&dev, &f32s).unwrap();
+            let src16 = DevBuf::upload(&dev, &bf).unwrap();
+            let dst32 = DevBuf::<_, f32>::alloc(&dev, keep.len() * d).unwrap();
+            let dst16 = DevBuf::<_, bf16>::alloc(&dev, keep.len() * d).unwrap();
+            if rows {
+                k::compact_rows(&dev, &src32, &keep32, &dst32, m, d).unwrap();
+                k::compact_rows(&dev, &src16, &keep32, &dst16, m, d).unwrap();
+            } else {
+                k::compact_cols(&dev, &src32, &keep32, &dst32, d, m).unwrap();
+                k::compact_cols(&dev, &src16, &keep32, &dst16, d, m).unwrap();
+            }
+            let got32 = dst32.download(&dev).unwrap();
+            let got16 = dst16.download(&dev).unwrap();
+            assert_eq!(
+                bytemuck::cast_slice::<f32, u8>(&got32),
+                &want32[..],
+                "{tname} f32"
+            );
+            assert_eq!(
+                bytemuck::cast_slice::<bf16, u8>(&got16),
+                &want16[..],
+                "{tname} bf16"
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_fixtures_compaction_on_device_matches_host_gather() {
+    check_compaction("tiny-qwen2");
+    check_compaction("tiny-llama3");
+}

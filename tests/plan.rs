@@ -1,0 +1,122 @@
+//! The memory plan (src/plan.rs) against the allocator: a scoring batch run
+//! through `CudaBackend<EmuDevice>` reaches the high-water mark the plan
+//! predicts (within 5%), and the 7–8B configurations fit their budgets.
+mod common;
+use std::path::Path;
+
+use common::*;
+use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
+use rku_engine::model::{Model, ModelConfig};
+use rku_engine::plan::{plan, PlanSpec};
+use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
+use rku_engine::prune::stats::{EnergyAt, Objectives};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Loads `dir` on the emulated device, scores one batch of `seqs`×`t`
+/// tokens and compares the high-water mark with the plan's peak.
+fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives) {
+    let be = CudaBackend::new(EmuDevice::new());
+    let model = Model::load(&be, dir).unwrap();
+    let vocab = model.cfg.vocab as u32;
+    let windows: Vec<u32> = (0..(seqs * t) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let spec = CalibSpec {
+        samples: seqs,
+        seq_len: t,
+        batch: seqs,
+        objectives,
+        energy_at: EnergyAt::FinalNorm,
+    };
+    collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
+    let measured = be.device().mem_stats().high_water;
+    let p = plan(&model.cfg, &PlanSpec::new(t, seqs, objectives, false)).unwrap();
+    println!("{p}");
+    let rel = (p.peak_bytes as f64 - measured as f64).abs() / measured as f64;
+    println!(
+        "{}: planned peak {} B, measured high water {} B ({:+.3}%)",
+        dir.display(),
+        p.peak_bytes,
+        measured,
+        100.0 * rel
+    );
+    assert!(rel <= 0.05, "plan {} vs measured {measured}", p.peak_bytes);
+}
+
+const BOTH: Objectives = Objectives {
+    energy: true,
+    ce: true,
+};
+const ENERGY: Objectives = Objectives {
+    energy: true,
+    ce: false,
+};
+
+#[test]
+fn plan_matches_high_water_tiny_qwen2() {
+    check_peak(&fixture("tiny-qwen2"), 24, 2, BOTH);
+    check_peak(&fixture("tiny-qwen2"), 16, 1, ENERGY);
+}
+
+#[test]
+fn plan_matches_high_water_tiny_llama3() {
+    check_peak(&fixture("tiny-llama3"), 24, 2, BOTH);
+    check_peak(&fixture("tiny-llama3"), 16, 1, ENERGY);
+}
+
+/// Exact on the last run (269954048 B planned and measured at T = 8), but
+/// emulating SmolLM2's 30 layers takes about 5 minutes on 2 cores.
+#[test]
+#[ignore = "about 5 minutes emulated; run with --ignored"]
+fn plan_matches_high_water_smollm2() {
+    let Some(dir) = asset("models/smollm2") else {
+        return;
+    };
+    check_peak(&dir, 8, 1, ENERGY);
+}
+
+fn config(name: &str) -> ModelConfig {
+    ModelConfig::load(&fixture(&format!("configs/{name}.json"))).unwrap()
+}
+
+/// Resident and streamed peaks at T = 2048, one sequence, energy objective.
+fn big_plan(name: &str) -> (f64, f64) {
+    let cfg = config(name);
+    let resident = plan(&cfg, &PlanSpec::new(2048, 1, ENERGY, false)).unwrap();
+    let streamed = plan(&cfg, &PlanSpec::new(2048, 1, ENERGY, true)).unwrap();
+    println!("{resident}\n\n{streamed}\n");
+    println!("json: {}", serde_json::to_string(&resident).unwrap());
+    (
+        resident.peak_bytes as f64 / GIB,
+        streamed.peak_bytes as f64 / GIB,
+    )
+}
+
+#[test]
+fn qwen25_7b_fits_24_gib_resident_8_gib_streamed() {
+    let cfg = config("qwen2.5-7b");
+    assert_eq!(
+        (cfg.hidden, cfg.ffn_widths[0], cfg.layers),
+        (3584, 18944, 28)
+    );
+    assert_eq!((cfg.heads, cfg.kv_heads, cfg.head_dim), (28, 4, 128));
+    let (resident, streamed) = big_plan("qwen2.5-7b");
+    println!("Qwen2.5-7B T=2048: resident {resident:.2} GiB, streamed {streamed:.2} GiB");
+    assert!(resident <= 24.0, "{resident} GiB");
+    assert!(streamed <= 8.0, "{streamed} GiB");
+}
+
+#[test]
+fn llama3_8b_fits_24_gib_resident_8_gib_streamed() {
+    let cfg = config("llama-3-8b");
+    assert_eq!(
+        (cfg.hidden, cfg.ffn_widths[0], cfg.layers),
+        (4096, 14336, 32)
+    );
+    assert_eq!((cfg.heads, cfg.kv_heads, cfg.head_dim), (32, 8, 128));
+    let (resident, streamed) = big_plan("llama-3-8b");
+    println!("Llama-3-8B T=2048: resident {resident:.2} GiB, streamed {streamed:.2} GiB");
+    assert!(resident <= 24.0, "{resident} GiB");
+    assert!(streamed <= 8.0, "{streamed} GiB");
+}
