@@ -14,7 +14,8 @@ use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, Geometry};
-use rku_engine::model::Model;
+use rku_engine::model::{Model, ModelConfig};
+use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
 use rku_engine::prune::pipeline::{output_dir, prune_model, PruneJob};
 use rku_engine::prune::{merge, Allocation, EnergyAt, Method, Objectives, Stats};
@@ -50,6 +51,8 @@ enum Cmd {
     Stats(StatsCmd),
     /// Overlap (IoU) of the kept channels of two pruned models.
     Iou(IouArgs),
+    /// Device memory of a scoring run: every resident buffer and the peak.
+    Plan(PlanArgs),
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -232,6 +235,30 @@ struct IouArgs {
     a: PathBuf,
     /// Another pruned model directory (or its pruning.json).
     b: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// HF model directory (its config.json is read).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    model: Option<PathBuf>,
+    /// A config.json alone (e.g. a 7B model's, without its weights).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Objectives scored: energy, ce or both.
+    #[arg(long, default_value = "energy", value_parser = ["energy", "ce", "both"])]
+    objective: String,
+    /// Weights streamed one layer at a time (about two layers resident).
+    #[arg(long)]
+    stream: bool,
     #[arg(long)]
     json: bool,
 }
@@ -420,6 +447,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune(&be, &a)),
         Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
         Cmd::Iou(a) => iou(&a),
+        Cmd::Plan(a) => memory_plan(&a),
         Cmd::Bench(BenchCmd::Decode(a)) => {
             with_backend!(a.common.backend, |be| bench_decode(&be, &a))
         }
@@ -530,14 +558,40 @@ fn bench_forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
     Ok(())
 }
 
-fn calib_spec(c: &CalibArgs) -> Result<CalibSpec> {
-    let objectives = match c.objective.as_str() {
+/// `energy`, `ce` or `both`.
+fn parse_objectives(s: &str) -> Result<Objectives> {
+    Ok(match s {
         "both" => Objectives {
             energy: true,
             ce: true,
         },
         o => o.parse()?,
+    })
+}
+
+fn memory_plan(a: &PlanArgs) -> Result<()> {
+    let path = match (&a.model, &a.config) {
+        (Some(dir), _) => dir.join("config.json"),
+        (None, Some(c)) => c.clone(),
+        (None, None) => bail!("pass --model DIR or --config config.json"),
     };
+    let cfg = ModelConfig::load(&path)?;
+    let spec = PlanSpec::new(
+        a.seq_len,
+        a.batch,
+        parse_objectives(&a.objective)?,
+        a.stream,
+    );
+    let p = plan(&cfg, &spec)?;
+    println!("{p}");
+    if a.json {
+        println!("{}", serde_json::to_string(&p)?);
+    }
+    Ok(())
+}
+
+fn calib_spec(c: &CalibArgs) -> Result<CalibSpec> {
+    let objectives = parse_objectives(&c.objective)?;
     Ok(CalibSpec {
         samples: c.samples,
         seq_len: c.seq_len,
