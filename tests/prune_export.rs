@@ -320,3 +320,87 @@ fn cli_score_prune_eval_and_refusals() {
     assert!(e.contains("windows"), "{e}");
     assert!(!t.join("x").exists());
 }
+
+/// The two exports stock transformers must load unchanged: tiny-qwen2 with
+/// the fixture's non-uniform keep sets zero-padded (`padded`), and
+/// tiny-llama3 with every layer keeping its even channels (uniform width,
+/// `compact`, stock config). Their files are committed under
+/// tests/fixtures/exports/ (written by this test with
+/// RKU_WRITE_EXPORT_FIXTURES=1), with the logits transformers computes from
+/// them (scripts/check_exports_transformers.py).
+fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    let padded = tmp.join("qwen2-padded");
+    export_fixture_keep("tiny-qwen2", ExportLayout::Padded, &padded);
+    let dir = fixture("tiny-llama3");
+    let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
+    let kept: Vec<Vec<usize>> = cfg
+        .ffn_widths
+        .iter()
+        .map(|&m| (0..m).step_by(2).collect())
+        .collect();
+    let spec = ExportSpec {
+        kept: &kept,
+        layout: ExportLayout::Compact,
+        down_bias: None,
+        record: serde_json::json!({ "kept": kept }),
+    };
+    let uniform = tmp.join("llama3-uniform");
+    export_pruned(
+        &dir,
+        &SafeModel::open_dir(&dir).unwrap(),
+        &cfg,
+        &spec,
+        &uniform,
+        false,
+    )
+    .unwrap();
+    vec![("qwen2-padded", padded), ("llama3-uniform", uniform)]
+}
+
+#[test]
+fn stock_transformers_loads_padded_and_uniform_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, dir) in stock_exports(tmp.path()) {
+        let committed = fixture("exports").join(name);
+        if std::env::var_os("RKU_WRITE_EXPORT_FIXTURES").is_some() {
+            std::fs::create_dir_all(&committed).unwrap();
+            for f in ["model.safetensors", "config.json"] {
+                std::fs::copy(dir.join(f), committed.join(f)).unwrap();
+            }
+            continue;
+        }
+        // What the engine writes today is what transformers was run on ...
+        for f in ["model.safetensors", "config.json"] {
+            assert_eq!(
+                std::fs::read(dir.join(f)).unwrap(),
+                std::fs::read(committed.join(f)).unwrap(),
+                "{name}/{f} differs from the committed export"
+            );
+        }
+        let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
+        assert!(
+            cfg.raw.get("layer_intermediate_sizes").is_none(),
+            "{name}: not a stock config"
+        );
+        // ... and the engine's logits equal transformers' on it.
+        let r = load_reference(&committed.join("transformers_logits.safetensors"));
+        let ids_t = &r["input_ids"];
+        let geo = Geometry {
+            seqs: ids_t.shape[0],
+            t: ids_t.shape[1],
+        };
+        let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
+        let be = CpuBackend::new();
+        let model = Model::load(&be, &dir).unwrap();
+        let got: Vec<f64> = logits(&be, &model, &ids, geo)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = max_rel_err(&got, &r["logits"].data);
+        assert!(
+            err < 1e-5,
+            "{name}: engine vs transformers logits differ by {err:.2e}"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Loads the engine's committed exports (tests/fixtures/exports/*, written by
+`RKU_WRITE_EXPORT_FIXTURES=1 cargo test --test prune_export stock`) in stock
+transformers and records their logits on the tiny fixtures' input ids, so
+the Rust test can check that what the engine exports is what transformers
+computes. Needs torch, transformers, safetensors (never CI).
+
+    python3 scripts/check_exports_transformers.py
+"""
+import pathlib
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+SOURCES = {"qwen2-padded": "tiny-qwen2", "llama3-uniform": "tiny-llama3"}
+
+for name, src in SOURCES.items():
+    d = FIX / "exports" / name
+    ids = load_file(str(FIX / src / "reference.safetensors"))["input_ids"].long()
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    save_file({"input_ids": ids.to(torch.int32), "logits": logits.contiguous()},
+              str(d / "transformers_logits.safetensors"),
+              metadata={"transformers": __import__("transformers").__version__, "torch": torch.__version__})
+    print(f"{name}: intermediate_size {model.config.intermediate_size}, logits {tuple(logits.shape)}")
