@@ -162,3 +162,46 @@ fn missing_directory_contents() {
     let e = load_err(tmp.path());
     assert!(e.contains("config.json"), "{e}");
 }
+
+/// A model re-saved as bf16 shards behind a `model.safetensors.index.json`
+/// loads and computes the f32 model's logits within bf16 rounding.
+#[test]
+fn sharded_bf16_model_loads() {
+    use rku_engine::io::safetensors_io::SafeModel;
+    use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
+    use rku_engine::model::forward::logits;
+    use rku_engine::model::Geometry;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-qwen2");
+    let dst = tmp.path().join("sharded");
+    std::fs::create_dir(&dst).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    let files = SafeModel::open_dir(&src).unwrap();
+    let tensors: Vec<OutTensor> = files
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = files.get_any(n).unwrap();
+            OutTensor::from_f32(n, OutDtype::BF16, t.shape.to_vec(), &t.to_f32().unwrap())
+        })
+        .collect();
+    write_model(&dst, &tensors, 40_000).unwrap();
+    assert!(
+        dst.join("model.safetensors.index.json").exists()
+            && !dst.join("model.safetensors").exists()
+    );
+    let be = CpuBackend::new();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 320) as u32).collect();
+    let geo = Geometry { seqs: 2, t: 12 };
+    let want = logits(&be, &Model::load(&be, &src).unwrap(), &ids, geo).unwrap();
+    let got = logits(&be, &Model::load(&be, &dst).unwrap(), &ids, geo).unwrap();
+    let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / scale;
+    assert!(err < 3e-2, "bf16 sharded logits differ by {err}");
+    assert!(err > 0.0, "bf16 rounding should change something");
+}
