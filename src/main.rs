@@ -8,6 +8,7 @@ use rku_engine::eval::gen::{evaluate_gen, GenArgs, PromptFormat};
 use rku_engine::eval::iou::read_kept;
 use rku_engine::eval::mc::{evaluate_mc, McArgs};
 use rku_engine::eval::ppl::perplexity;
+use rku_engine::eval::prefill::bench_prefill;
 use rku_engine::io::export::ExportLayout;
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::text::{read_text, Tokenizer};
@@ -85,6 +86,8 @@ enum BenchCmd {
     Score(BenchScoreArgs),
     /// Greedy decoding throughput with the KV cache, batch 1 (tokens/s).
     Decode(BenchDecodeArgs),
+    /// Prefill time of a dense and a pruned model, timed alternately; the speedup.
+    Prefill(BenchPrefillArgs),
 }
 
 /// Which device computes.
@@ -338,6 +341,26 @@ struct McCliArgs {
 }
 
 #[derive(Args)]
+struct BenchPrefillArgs {
+    /// The dense model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The pruned model directory.
+    #[arg(long)]
+    pruned: PathBuf,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Timed prefills of each model after one warm-up each.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct BenchDecodeArgs {
     #[arg(long)]
     model: PathBuf,
@@ -448,6 +471,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
         Cmd::Iou(a) => iou(&a),
         Cmd::Plan(a) => memory_plan(&a),
+        Cmd::Bench(BenchCmd::Prefill(a)) => {
+            with_backend!(a.common.backend, |be| prefill(&be, &a))
+        }
         Cmd::Bench(BenchCmd::Decode(a)) => {
             with_backend!(a.common.backend, |be| bench_decode(&be, &a))
         }
@@ -892,6 +918,28 @@ fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
             serde_json::json!({"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                 "seconds": secs, "tokens_per_s": tps, "backend": be.name()})
         );
+    }
+    Ok(())
+}
+
+fn prefill<B: Backend>(be: &B, a: &BenchPrefillArgs) -> Result<()> {
+    let dense = load_model(be, &a.model)?;
+    let pruned = load_model(be, &a.pruned)?;
+    let r = bench_prefill(be, &dense, &pruned, a.seq_len, a.repeats)?;
+    println!(
+        "prefill, {} tokens, batch 1, median of {}: dense {:.4}s (min {:.4}, max {:.4}), pruned {:.4}s (min {:.4}, max {:.4}): {:.2}x speedup",
+        r.seq_len,
+        r.repeats,
+        r.dense.median_s,
+        r.dense.min_s,
+        r.dense.max_s,
+        r.pruned.median_s,
+        r.pruned.min_s,
+        r.pruned.max_s,
+        r.speedup
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }

@@ -5,3 +5,4 @@ pub mod gen;
 pub mod iou;
 pub mod mc;
 pub mod ppl;
+pub mod prefill;

@@ -1,0 +1,98 @@
+//! Prefill speed of a dense and a pruned model (METHODS.md section 8): one
+//! forward pass with logits over a T-token prompt at batch 1, both models
+//! timed alternately after warm-up so machine noise hits them alike.
+use crate::backend::Backend;
+use crate::model::forward::{forward, Geometry};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Timing summary of one model, seconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+}
+
+impl Timing {
+    fn of(mut xs: Vec<f64>) -> Self {
+        xs.sort_by(f64::total_cmp);
+        Self {
+            median_s: xs[xs.len() / 2],
+            min_s: xs[0],
+            max_s: xs[xs.len() - 1],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefillResult {
+    pub seq_len: usize,
+    pub repeats: usize,
+    pub dense: Timing,
+    pub pruned: Timing,
+    /// dense median / pruned median.
+    pub speedup: f64,
+}
+
+/// One prefill (forward + logits of every position, as a prefill does).
+fn prefill_once<B: Backend>(be: &B, model: &Model<B>, ids: &[u32]) -> Result<f64> {
+    let c = &model.cfg;
+    let geo = Geometry {
+        seqs: 1,
+        t: ids.len(),
+    };
+    let start = Instant::now();
+    let out = forward(be, model, ids, geo, false)?;
+    let logits = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
+    drop(logits);
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Times `repeats` prefills of each model over the same pseudo-random
+/// `seq_len`-token prompt, alternating dense and pruned, after one warm-up each.
+pub fn bench_prefill<B: Backend>(
+    be: &B,
+    dense: &Model<B>,
+    pruned: &Model<B>,
+    seq_len: usize,
+    repeats: usize,
+) -> Result<PrefillResult> {
+    if repeats == 0 || seq_len == 0 {
+        return Err(Error::Invalid(
+            "--repeats and --seq-len must be at least 1".into(),
+        ));
+    }
+    if dense.cfg.vocab != pruned.cfg.vocab || dense.cfg.hidden != pruned.cfg.hidden {
+        return Err(Error::Invalid(format!(
+            "{} and {} are not the same model family (vocabulary or hidden size differ)",
+            dense.dir.display(),
+            pruned.dir.display()
+        )));
+    }
+    let vocab = dense.cfg.vocab as u64;
+    let ids: Vec<u32> = (0..seq_len as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    prefill_once(be, dense, &ids)?;
+    prefill_once(be, pruned, &ids)?;
+    let (mut d, mut p) = (Vec::new(), Vec::new());
+    let progress = Progress::new(repeats as u64, "prefill");
+    for _ in 0..repeats {
+        d.push(prefill_once(be, dense, &ids)?);
+        p.push(prefill_once(be, pruned, &ids)?);
+        progress.inc(1);
+    }
+    progress.finish();
+    let (dense_t, pruned_t) = (Timing::of(d), Timing::of(p));
+    Ok(PrefillResult {
+        seq_len,
+        repeats,
+        speedup: dense_t.median_s / pruned_t.median_s,
+        dense: dense_t,
+        pruned: pruned_t,
+    })
+}
