@@ -16,7 +16,9 @@ fn prefill_summary_is_consistent() {
     }
     assert!((r.speedup - r.dense.median_s / r.pruned.median_s).abs() < 1e-12);
     let other = Model::load(&be, &fixture("tiny-llama3")).unwrap();
-    let e = bench_prefill(&be, &dense, &other, 48, 3).unwrap_err().to_string();
+    let e = bench_prefill(&be, &dense, &other, 48, 3)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not the same model"), "{e}");
     assert!(bench_prefill(&be, &dense, &pruned, 48, 0).is_err());
 }
