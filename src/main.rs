@@ -14,7 +14,7 @@ use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::decode::{argmax, Decoder};
-use rku_engine::model::forward::{forward, Geometry};
+use rku_engine::model::forward::{forward, synthetic_ids, Geometry};
 use rku_engine::model::{Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
@@ -544,10 +544,7 @@ fn bench_forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
         seqs: a.batch,
         t: a.seq_len,
     };
-    // Deterministic pseudo-random ids (a linear congruential sequence).
-    let ids: Vec<u32> = (0..geo.rows() as u64)
-        .map(|i| ((i * 2654435761 + 12345) % c.vocab as u64) as u32)
-        .collect();
+    let ids = synthetic_ids(geo.rows(), c.vocab);
     let run_once = || -> Result<f64> {
         let t = Instant::now();
         let out = forward(be, &model, &ids, geo, false)?;
@@ -781,10 +778,7 @@ fn iou(a: &IouArgs) -> Result<()> {
 fn bench_score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
     let model = load_model(be, &a.model)?;
     let t = a.seq_len;
-    let vocab = model.cfg.vocab as u64;
-    let ids: Vec<u32> = (0..((a.samples + 1) * t) as u64)
-        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
-        .collect();
+    let ids = synthetic_ids((a.samples + 1) * t, model.cfg.vocab);
     let spec = |n| CalibSpec {
         samples: n,
         seq_len: t,
@@ -896,10 +890,7 @@ fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
         bail!("--prompt-len and --new-tokens must be at least 1");
     }
     let model = load_model(be, &a.model)?;
-    let vocab = model.cfg.vocab as u64;
-    let prompt: Vec<u32> = (0..a.prompt_len as u64)
-        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
-        .collect();
+    let prompt = synthetic_ids(a.prompt_len, model.cfg.vocab);
     let mut dec = Decoder::new(be, &model, 1, a.prompt_len + a.new_tokens)?;
     let mut next = argmax(&dec.extend(&[prompt])?);
     let start = Instant::now();

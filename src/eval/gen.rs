@@ -21,6 +21,7 @@
 //! `eos_token_id`, and tokenizer_config.json's `eos_token`.
 use super::answer::{extract_answer, gold_answer};
 use crate::backend::Backend;
+use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
 use crate::model::decode::{generate, DecodeStats, Finish, GenerateOptions};
 use crate::model::Model;
@@ -43,15 +44,9 @@ pub struct Problem {
 
 /// Reads problems from jsonl (see the module doc); errors name file and line.
 pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
-    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    for (line, v) in jsonl_rows(path)? {
+        let bad = |msg: String| Error::format(path, format!("line {line}: {msg}"));
         let question = v
             .get("question")
             .and_then(Value::as_str)

@@ -18,6 +18,7 @@
 //! `answer` (an integer, or a string equal to one of the choices).
 use super::gen::{stem, write_jsonl};
 use crate::backend::Backend;
+use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
 use crate::model::forward::forward;
 use crate::model::{Geometry, Model};
@@ -38,15 +39,9 @@ pub struct McItem {
 
 /// Reads multiple-choice items (see the module doc); errors name file and line.
 pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
-    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |msg: String| Error::format(path, format!("line {}: {msg}", i + 1));
-        let v: Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    for (line, v) in jsonl_rows(path)? {
+        let bad = |msg: String| Error::format(path, format!("line {line}: {msg}"));
         let context = ["query", "question", "context"]
             .iter()
             .find_map(|k| v.get(*k).and_then(Value::as_str))

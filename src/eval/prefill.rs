@@ -2,7 +2,7 @@
 //! forward pass with logits over a T-token prompt at batch 1, both models
 //! timed alternately after warm-up so machine noise hits them alike.
 use crate::backend::Backend;
-use crate::model::forward::{forward, Geometry};
+use crate::model::forward::{forward, synthetic_ids, Geometry};
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -73,10 +73,7 @@ pub fn bench_prefill<B: Backend>(
             pruned.dir.display()
         )));
     }
-    let vocab = dense.cfg.vocab as u64;
-    let ids: Vec<u32> = (0..seq_len as u64)
-        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
-        .collect();
+    let ids = synthetic_ids(seq_len, dense.cfg.vocab);
     prefill_once(be, dense, &ids)?;
     prefill_once(be, pruned, &ids)?;
     let (mut d, mut p) = (Vec::new(), Vec::new());

@@ -4,11 +4,25 @@ use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
+/// The non-blank rows of a jsonl file, each with its 1-based line number;
+/// a row that is not JSON is an error naming the file and the line.
+pub fn jsonl_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    raw.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line)
+                .map(|v| (i + 1, v))
+                .map_err(|e| Error::format(path, format!("line {}: not valid JSON: {e}", i + 1)))
+        })
+        .collect()
+}
+
 /// Reads `path` as one string. A `.jsonl` file contributes the string field
 /// `field` (default "text") of each row, stripped of surrounding white
 /// space, rows joined by a blank line; any other file is taken whole.
 pub fn read_text(path: &Path, field: Option<&str>) -> Result<String> {
-    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let is_jsonl = path
         .extension()
         .map(|e| e == "jsonl" || e == "ndjson")
@@ -20,23 +34,15 @@ pub fn read_text(path: &Path, field: Option<&str>) -> Result<String> {
                 path.display()
             )));
         }
-        return Ok(raw);
+        return std::fs::read_to_string(path).map_err(|e| Error::io(path, e));
     }
     let field = field.unwrap_or("text");
     let mut parts = Vec::new();
-    for (i, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::format(path, format!("line {}: not valid JSON: {e}", i + 1)))?;
+    for (line, v) in jsonl_rows(path)? {
         let s = v.get(field).and_then(|x| x.as_str()).ok_or_else(|| {
             Error::format(
                 path,
-                format!(
-                    "line {}: no string field `{field}` (choose one with --field)",
-                    i + 1
-                ),
+                format!("line {line}: no string field `{field}` (choose one with --field)"),
             )
         })?;
         parts.push(s.trim().to_string());

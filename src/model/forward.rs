@@ -194,6 +194,14 @@ pub fn forward<B: Backend>(
     })
 }
 
+/// `n` deterministic token ids below `vocab` (a multiplicative hash of the
+/// position), for benchmarks whose timing must not depend on real text.
+pub fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab as u64) as u32)
+        .collect()
+}
+
 /// Next-token targets for `[seqs, t]` ids: `ids[s, i+1]`, none at the last position.
 pub fn next_token_targets(ids: &[u32], geo: Geometry) -> Vec<u32> {
     let mut tg = vec![u32::MAX; ids.len()];
