@@ -15,6 +15,7 @@ use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, synthetic_ids, Geometry};
+use rku_engine::model::weights::Residency;
 use rku_engine::model::{Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
@@ -109,6 +110,13 @@ struct Common {
     /// Compute device.
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     backend: BackendKind,
+    /// Upload the decoder layers one at a time from the memory-mapped files
+    /// as each pass reaches them (two layers resident; on a GPU the next
+    /// layer's upload overlaps the current layer's compute) instead of all at
+    /// load: for models larger than the device. `rku-engine plan --stream`
+    /// shows the peak. Slow for generation, which passes every layer per token.
+    #[arg(long)]
+    stream: bool,
 }
 
 /// Text input: a plain text file, or jsonl with the string field --field.
@@ -489,22 +497,33 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_model<B: Backend>(be: &B, dir: &std::path::Path) -> Result<Model<B>> {
+fn load_model<B: Backend>(be: &B, dir: &std::path::Path, common: &Common) -> Result<Model<B>> {
     let t = Instant::now();
-    let m = Model::load(be, dir).with_context(|| format!("loading model {}", dir.display()))?;
+    let residency = if common.stream {
+        Residency::Streamed
+    } else {
+        Residency::Resident
+    };
+    let m = Model::load_with(be, dir, residency)
+        .with_context(|| format!("loading model {}", dir.display()))?;
     eprintln!(
-        "model: {} ({:?}, {} layers, {:.1}M parameters) loaded in {:.1}s",
+        "model: {} ({:?}, {} layers, {:.1}M parameters) loaded in {:.1}s{}",
         dir.display(),
         m.cfg.arch,
         m.cfg.layers,
         m.cfg.param_count() as f64 / 1e6,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        if common.stream {
+            " (layers streamed)"
+        } else {
+            ""
+        }
     );
     Ok(m)
 }
 
 fn eval_ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let tok = Tokenizer::load(&a.model)?;
     let text = read_text(&a.text.text, a.text.field.as_deref())?;
     let ids = tok.encode(&text)?;
@@ -538,7 +557,7 @@ fn bench_forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
     if a.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let c = &model.cfg;
     let geo = Geometry {
         seqs: a.batch,
@@ -677,7 +696,7 @@ fn score<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let stats = run_scoring(be, &model, &a.calib)?;
     stats.save(&a.out)?;
     println!("wrote {}", a.out.display());
@@ -710,7 +729,7 @@ fn prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             );
         }
     }
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let stats = match a.stats.as_slice() {
         [] => run_scoring(be, &model, &a.calib)?,
         [one] => Stats::load(one)?,
@@ -776,7 +795,7 @@ fn iou(a: &IouArgs) -> Result<()> {
 }
 
 fn bench_score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let t = a.seq_len;
     let ids = synthetic_ids((a.samples + 1) * t, model.cfg.vocab);
     let spec = |n| CalibSpec {
@@ -830,7 +849,7 @@ fn import(a: &ImportArgs) -> Result<()> {
 }
 
 fn eval_gen<B: Backend>(be: &B, a: &GenCliArgs) -> Result<()> {
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let tok = Tokenizer::load(&a.model)?;
     let mut args = GenArgs::new(a.data.clone());
     args.task = a.task.clone();
@@ -867,7 +886,7 @@ fn eval_gen<B: Backend>(be: &B, a: &GenCliArgs) -> Result<()> {
 }
 
 fn eval_mc<B: Backend>(be: &B, a: &McCliArgs) -> Result<()> {
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let tok = Tokenizer::load(&a.model)?;
     let mut args = McArgs::new(a.data.clone());
     args.task = a.task.clone();
@@ -889,7 +908,7 @@ fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
     if a.prompt_len == 0 || a.new_tokens == 0 {
         bail!("--prompt-len and --new-tokens must be at least 1");
     }
-    let model = load_model(be, &a.model)?;
+    let model = load_model(be, &a.model, &a.common)?;
     let prompt = synthetic_ids(a.prompt_len, model.cfg.vocab);
     let mut dec = Decoder::new(be, &model, 1, a.prompt_len + a.new_tokens)?;
     let mut next = argmax(&dec.extend(&[prompt])?);
@@ -914,8 +933,8 @@ fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
 }
 
 fn prefill<B: Backend>(be: &B, a: &BenchPrefillArgs) -> Result<()> {
-    let dense = load_model(be, &a.model)?;
-    let pruned = load_model(be, &a.pruned)?;
+    let dense = load_model(be, &a.model, &a.common)?;
+    let pruned = load_model(be, &a.pruned, &a.common)?;
     let r = bench_prefill(be, &dense, &pruned, a.seq_len, a.repeats)?;
     println!(
         "prefill, {} tokens, batch 1, median of {}: dense {:.4}s (min {:.4}, max {:.4}), pruned {:.4}s (min {:.4}, max {:.4}): {:.2}x speedup",

@@ -13,10 +13,10 @@
 //! (d bf16 values per layer) that the config does not announce.
 //!
 //! Shapes, rows = seqs·T, f32 activations, bf16 weights:
-//! - weights: Σ_tensors numel·2 (resident); `--stream` plans the intended
-//!   streamed residency (streaming itself is not implemented here): the
-//!   embedding, the final norm, lm_head when untied and `ce` is scored, and
-//!   the two largest layers (one computing, the next uploading);
+//! - weights: Σ_tensors numel·2 (resident); with `--stream`
+//!   (`Residency::Streamed`) the embedding, the final norm, lm_head when
+//!   untied, and per pass the layers `Model::for_each_layer` holds: the
+//!   one computing and the next one uploading;
 //! - residual stream x_0..x_L: (L+1)·rows·d·4 for the whole run;
 //! - one layer's recomputed activations (q, k, v, attention out, lse, x', a,
 //!   b, h, two rstd) plus the backward's gradients of that layer;
@@ -88,7 +88,8 @@ pub struct Plan {
     pub seqs: usize,
     pub objectives: Vec<&'static str>,
     pub stream: bool,
-    /// Bytes of the resident weights (all layers, or two when streaming).
+    /// Bytes of the weights on the device: all of them, or when streaming
+    /// the resident ones plus the two largest layers.
     pub weight_bytes: usize,
     /// The allocator's high-water mark.
     pub peak_bytes: usize,
@@ -120,6 +121,8 @@ struct Sim {
     peak_phase: &'static str,
     phase: &'static str,
     phases: Vec<PhasePeak>,
+    /// Weight bytes of each layer when the layers are streamed.
+    streamed_layers: Option<Vec<usize>>,
 }
 
 type Id = usize;
@@ -170,6 +173,31 @@ impl Sim {
 
     fn free_all(&mut self, ids: &[Id]) {
         ids.iter().for_each(|&i| self.free(i));
+    }
+
+    /// `Model::for_each_layer` running `f` for each layer of `order`. When
+    /// streaming, `order[0]`'s weights are uploaded before the loop, each
+    /// next layer's before the current one computes, and the current one's
+    /// freed after it.
+    fn each_layer(
+        &mut self,
+        order: impl IntoIterator<Item = usize>,
+        mut f: impl FnMut(&mut Sim, usize),
+    ) {
+        let Some(bytes) = self.streamed_layers.clone() else {
+            order.into_iter().for_each(|l| f(self, l));
+            return;
+        };
+        let upload =
+            |s: &mut Sim, l: usize| s.alloc("weights: streamed layer", BF16, &[bytes[l] / 2]);
+        let mut order = order.into_iter().peekable();
+        let mut current = order.peek().map(|&l| upload(self, l));
+        while let Some(l) = order.next() {
+            let next = order.peek().map(|&n| upload(self, n));
+            f(self, l);
+            self.free(current.take().expect("uploaded before its compute"));
+            current = next;
+        }
     }
 
     /// `CudaBackend::linear`: bf16 copy of x (`x_len` values), then y `[rows, out]`.
@@ -248,10 +276,10 @@ fn forward(s: &mut Sim, g: &Dims, widths: &[usize]) -> Vec<Id> {
     let ids = s.alloc("token ids", U32, &[g.rows]);
     s.free(ids);
     let mut kept = Vec::new();
-    for &m in widths {
-        let (next, _) = layer_forward(s, g, m, "residual stream x_0..x_L", false);
+    s.each_layer(0..g.layers, |s, l| {
+        let (next, _) = layer_forward(s, g, widths[l], "residual stream x_0..x_L", false);
         kept.push(std::mem::replace(&mut x, next));
-    }
+    });
     kept.push(s.alloc("final norm output z", F32, &[g.rows, g.d]));
     kept.push(s.alloc("rstd (final norm)", F32, &[g.rows]));
     kept.push(x);
@@ -304,7 +332,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         s.alloc("RoPE cos", F32, &[g.t, g.hd / 2]),
         s.alloc("RoPE sin", F32, &[g.t, g.hd / 2]),
     ];
-    for l in (0..g.layers).rev() {
+    s.each_layer((0..g.layers).rev(), |s, l| {
         let m = widths[l];
         let (next, acts) = layer_forward(s, g, m, "recomputed x_next (discarded)", true);
         s.free(next);
@@ -317,7 +345,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         if l == 0 {
             s.free_all(&acts[..10]);
             s.free(dh);
-            break;
+            return;
         }
         let da = s.alloc("da", F32, &[rows, m]);
         let db = s.alloc("db", F32, &[rows, m]);
@@ -342,7 +370,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         let dnorm2 = s.alloc("dnorm (attention norm)", F32, &[rows, d]);
         s.free_all(&acts[..8]);
         s.free_all(&[datt, dq, dk, dv, du, dnorm2]);
-    }
+    });
     s.free(dx);
     s.free_all(&rope);
 }
@@ -382,20 +410,23 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
     s.begin("weights");
     s.alloc("weights: embed_tokens", BF16, &[g.vocab, g.d]);
     s.alloc("weights: final norm", BF16, &[g.d]);
-    if !cfg.tie_embeddings && (!spec.stream || o.ce) {
+    if !cfg.tie_embeddings {
         s.alloc("weights: lm_head", BF16, &[g.vocab, g.d]);
     }
-    let mut per_layer: Vec<usize> = widths.iter().map(|&m| layer_weight_bytes(cfg, m)).collect();
-    if spec.stream {
-        per_layer.sort_unstable_by(|a, b| b.cmp(a));
-        per_layer.truncate(2);
-        let bytes: usize = per_layer.iter().sum();
-        s.alloc("weights: two layers (streamed)", BF16, &[bytes / 2]);
+    let per_layer: Vec<usize> = widths.iter().map(|&m| layer_weight_bytes(cfg, m)).collect();
+    let weight_bytes = if spec.stream {
+        let mut largest = per_layer.clone();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        s.streamed_layers = Some(per_layer);
+        s.current + largest.iter().take(2).sum::<usize>()
     } else {
-        let bytes: usize = per_layer.iter().sum();
-        s.alloc("weights: all layers", BF16, &[bytes / 2]);
-    }
-    let weight_bytes = s.current;
+        s.alloc(
+            "weights: all layers",
+            BF16,
+            &[per_layer.iter().sum::<usize>() / 2],
+        );
+        s.current
+    };
 
     s.begin("forward");
     let kept = forward(&mut s, &g, widths);

@@ -3,6 +3,8 @@
 mod common;
 use common::fixture;
 use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::model::forward::{forward, Geometry};
+use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use std::path::Path;
 
@@ -16,11 +18,22 @@ fn copy_model(tmp: &Path) -> std::path::PathBuf {
     dst
 }
 
-fn load_err(dir: &Path) -> String {
-    match Model::load(&CpuBackend::new(), dir) {
-        Ok(_) => panic!("{} loaded but should not have", dir.display()),
+fn load_err_with(dir: &Path, residency: Residency) -> String {
+    match Model::load_with(&CpuBackend::new(), dir, residency) {
+        Ok(_) => panic!(
+            "{} loaded ({residency:?}) but should not have",
+            dir.display()
+        ),
         Err(e) => e.to_string(),
     }
+}
+
+/// The load error of `dir`; a streamed load (which reads names and shapes
+/// at load and values only at upload) must refuse it with the same error.
+fn load_err(dir: &Path) -> String {
+    let e = load_err_with(dir, Residency::Resident);
+    assert_eq!(e, load_err_with(dir, Residency::Streamed));
+    e
 }
 
 /// Rewrites model.safetensors with `edit` applied to the tensors.
@@ -121,7 +134,19 @@ fn nan_in_weights_is_refused() {
         }
         Some((s, v))
     });
-    let e = load_err(&dir);
+    let e = load_err_with(&dir, Residency::Resident);
+    assert!(
+        e.contains("model.layers.2.self_attn.v_proj.weight") && e.contains("non-finite"),
+        "{e}"
+    );
+    // Streamed, the values are read when the first pass reaches layer 2.
+    let be = CpuBackend::new();
+    let model = Model::load_with(&be, &dir, Residency::Streamed).unwrap();
+    let geo = Geometry { seqs: 1, t: 4 };
+    let e = match forward(&be, &model, &[1, 2, 3, 4], geo, false) {
+        Ok(_) => panic!("a forward pass over a NaN weight succeeded"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         e.contains("model.layers.2.self_attn.v_proj.weight") && e.contains("non-finite"),
         "{e}"

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use common::*;
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
+use rku_engine::model::weights::Residency;
 use rku_engine::model::{Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
@@ -15,9 +16,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 /// Loads `dir` on the emulated device, scores one batch of `seqs`×`t`
 /// tokens and compares the high-water mark with the plan's peak.
-fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives) {
+fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives, residency: Residency) {
     let be = CudaBackend::new(EmuDevice::new());
-    let model = Model::load(&be, dir).unwrap();
+    let model = Model::load_with(&be, dir, residency).unwrap();
     let vocab = model.cfg.vocab as u32;
     let windows: Vec<u32> = (0..(seqs * t) as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -31,11 +32,12 @@ fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives) {
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;
-    let p = plan(&model.cfg, &PlanSpec::new(t, seqs, objectives, false)).unwrap();
+    let stream = residency == Residency::Streamed;
+    let p = plan(&model.cfg, &PlanSpec::new(t, seqs, objectives, stream)).unwrap();
     println!("{p}");
     let rel = (p.peak_bytes as f64 - measured as f64).abs() / measured as f64;
     println!(
-        "{}: planned peak {} B, measured high water {} B ({:+.3}%)",
+        "{} ({residency:?}): planned peak {} B, measured high water {} B ({:+.3}%)",
         dir.display(),
         p.peak_bytes,
         measured,
@@ -55,14 +57,16 @@ const ENERGY: Objectives = Objectives {
 
 #[test]
 fn plan_matches_high_water_tiny_qwen2() {
-    check_peak(&fixture("tiny-qwen2"), 24, 2, BOTH);
-    check_peak(&fixture("tiny-qwen2"), 16, 1, ENERGY);
+    check_peak(&fixture("tiny-qwen2"), 24, 2, BOTH, Residency::Resident);
+    check_peak(&fixture("tiny-qwen2"), 16, 1, ENERGY, Residency::Resident);
+    check_peak(&fixture("tiny-qwen2"), 24, 2, BOTH, Residency::Streamed);
 }
 
 #[test]
 fn plan_matches_high_water_tiny_llama3() {
-    check_peak(&fixture("tiny-llama3"), 24, 2, BOTH);
-    check_peak(&fixture("tiny-llama3"), 16, 1, ENERGY);
+    check_peak(&fixture("tiny-llama3"), 24, 2, BOTH, Residency::Resident);
+    check_peak(&fixture("tiny-llama3"), 16, 1, ENERGY, Residency::Resident);
+    check_peak(&fixture("tiny-llama3"), 24, 2, BOTH, Residency::Streamed);
 }
 
 /// Exact on the last run (269954048 B planned and measured at T = 8), but
@@ -73,7 +77,8 @@ fn plan_matches_high_water_smollm2() {
     let Some(dir) = asset("models/smollm2") else {
         return;
     };
-    check_peak(&dir, 8, 1, ENERGY);
+    check_peak(&dir, 8, 1, ENERGY, Residency::Resident);
+    check_peak(&dir, 8, 1, ENERGY, Residency::Streamed);
 }
 
 fn config(name: &str) -> ModelConfig {

@@ -72,6 +72,17 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     /// Makes a host f32 tensor resident as a weight.
     fn upload_weight(&self, data: &[f32]) -> Result<Self::Weight>;
+    /// Like `upload_weight`, but the copy may still be in flight when this
+    /// returns (the GPU copies on its own stream, overlapping the compute
+    /// queued meanwhile): the weight may be used only after `weights_fence`.
+    /// Layer streaming uploads the next layer this way.
+    fn upload_weight_async(&self, data: &[f32]) -> Result<Self::Weight> {
+        self.upload_weight(data)
+    }
+    /// Waits until every `upload_weight_async` issued so far has landed.
+    fn weights_fence(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ + bias[out]`.
     fn linear(

@@ -73,8 +73,7 @@ pub fn backward_channel_stats<B: Backend>(
         kv_heads: c.kv_heads,
         head_dim: c.head_dim,
     };
-    for l in (0..c.layers).rev() {
-        let lw = &model.layers[l];
+    model.for_each_layer(be, (0..c.layers).rev(), |l, lw| {
         let m = lw.ffn;
         let x = &fwd.residuals[l];
         let (_, acts) = layer_forward(be, model, lw, &rope, x, geo, true)?;
@@ -85,7 +84,7 @@ pub fn backward_channel_stats<B: Backend>(
         on_layer(l, be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?)?;
         drop(acts.h); // [rows, m] buffers go as soon as they are used (src/plan.rs)
         if l == 0 {
-            break; // nothing below layer 0 needs a gradient
+            return Ok(()); // nothing below layer 0 needs a gradient
         }
         let (da, db) = be.swiglu_bwd(&dh, &acts.a, &acts.b, rows * m)?;
         drop((dh, acts.a, acts.b));
@@ -125,7 +124,7 @@ pub fn backward_channel_stats<B: Backend>(
             rows * d,
         )?;
         let dnorm = be.rmsnorm_bwd(&du, x, &lw.attn_norm, &acts.rstd_attn, rows, d)?;
-        be.add_assign(&mut dx, &dnorm, rows * d)?; // dx is now ∂J/∂x_l
-    }
+        be.add_assign(&mut dx, &dnorm, rows * d) // dx is now ∂J/∂x_l
+    })?;
     Ok(j)
 }

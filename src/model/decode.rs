@@ -202,9 +202,10 @@ impl<'m, B: Backend> Decoder<'m, B> {
             head_dim: c.head_dim,
         };
         let mut x = be.embedding(ids, &self.model.embed, c.hidden)?; // [rows, d]
-        for (l, lw) in self.model.layers.iter().enumerate() {
-            self.layer(l, lw, &mut x, &cos, &sin, shape)?;
-        }
+        let model = self.model;
+        model.for_each_layer(be, 0..c.layers, |l, lw| {
+            self.layer(l, lw, &mut x, &cos, &sin, shape)
+        })?;
         Ok(x)
     }
 

@@ -174,14 +174,15 @@ pub fn forward<B: Backend>(
     let rope = RopeTables::new(be, model, geo.t)?;
     let mut x = be.embedding(ids, &model.embed, c.hidden)?; // [rows, d]
     let mut residuals = Vec::new();
-    for lw in &model.layers {
+    model.for_each_layer(be, 0..c.layers, |_, lw| {
         let (next, _) = layer_forward(be, model, lw, &rope, &x, geo, false)?;
         if keep_residuals {
             residuals.push(std::mem::replace(&mut x, next));
         } else {
             x = next;
         }
-    }
+        Ok(())
+    })?;
     let (z, rstd_final) =
         be.rmsnorm_fwd(&x, &model.norm, geo.rows(), c.hidden, c.rms_eps as f32)?;
     if keep_residuals {

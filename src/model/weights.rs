@@ -26,6 +26,27 @@ pub struct LayerWeights<W> {
     pub ffn: usize,
 }
 
+/// Where a model's decoder-layer weights live on the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Residency {
+    /// Every layer uploaded once by `Model::load_with`.
+    #[default]
+    Resident,
+    /// Layers uploaded from the mapped files each time a pass reaches them
+    /// (`--stream`): at most two layers on the device (the one computing and
+    /// the next one uploading). The embedding, the final norm and an untied
+    /// lm_head stay resident.
+    Streamed,
+}
+
+/// The decoder layers, as `Residency` says.
+enum LayerStore<W> {
+    Resident(Vec<LayerWeights<W>>),
+    /// Nothing held: shapes were checked at load, values are read (and
+    /// checked for NaN/inf) at each upload.
+    Streamed,
+}
+
 /// A loaded model: config, the mapped files and the backend-resident weights.
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
@@ -34,7 +55,7 @@ pub struct Model<B: Backend> {
     pub embed: B::Weight,       // [vocab, d]
     pub norm: B::Weight,        // [d]
     lm_head: Option<B::Weight>, // [vocab, d]; None when tied to `embed`
-    pub layers: Vec<LayerWeights<B::Weight>>,
+    layers: LayerStore<B::Weight>,
 }
 
 /// HF tensor name of a layer's parameter.
@@ -42,10 +63,27 @@ pub fn layer_tensor(l: usize, leaf: &str) -> String {
     format!("model.layers.{l}.{leaf}")
 }
 
-fn load<B: Backend>(b: &B, files: &SafeModel, name: &str, shape: &[usize]) -> Result<B::Weight> {
+/// How a tensor reaches the backend: `upload_weight`, or the in-flight
+/// `upload_weight_async` that streaming overlaps with compute.
+#[derive(Clone, Copy)]
+enum Upload {
+    Now,
+    InFlight,
+}
+
+fn load<B: Backend>(
+    b: &B,
+    files: &SafeModel,
+    name: &str,
+    shape: &[usize],
+    how: Upload,
+) -> Result<B::Weight> {
     let data = files.get(name, shape)?.to_f32()?;
     files.release_tensor(name);
-    b.upload_weight(&data)
+    match how {
+        Upload::Now => b.upload_weight(&data),
+        Upload::InFlight => b.upload_weight_async(&data),
+    }
 }
 
 fn load_opt<B: Backend>(
@@ -53,9 +91,10 @@ fn load_opt<B: Backend>(
     files: &SafeModel,
     name: &str,
     shape: &[usize],
+    how: Upload,
 ) -> Result<Option<B::Weight>> {
     if files.contains(name) {
-        load(b, files, name, shape).map(Some)
+        load(b, files, name, shape, how).map(Some)
     } else {
         Ok(None)
     }
@@ -78,49 +117,112 @@ fn check_no_gate_up_bias(files: &SafeModel, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// The tensors of layer `l`: (leaf name, shape, required).
+fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, bool); 13] {
+    let (d, m) = (cfg.hidden, cfg.ffn_widths[l]);
+    let (q, kv, bias) = (cfg.q_dim(), cfg.kv_dim(), cfg.qkv_bias);
+    [
+        ("input_layernorm.weight", vec![d], true),
+        ("self_attn.q_proj.weight", vec![q, d], true),
+        ("self_attn.q_proj.bias", vec![q], bias),
+        ("self_attn.k_proj.weight", vec![kv, d], true),
+        ("self_attn.k_proj.bias", vec![kv], bias),
+        ("self_attn.v_proj.weight", vec![kv, d], true),
+        ("self_attn.v_proj.bias", vec![kv], bias),
+        ("self_attn.o_proj.weight", vec![d, q], true),
+        ("post_attention_layernorm.weight", vec![d], true),
+        ("mlp.gate_proj.weight", vec![m, d], true),
+        ("mlp.up_proj.weight", vec![m, d], true),
+        ("mlp.down_proj.weight", vec![d, m], true),
+        ("mlp.down_proj.bias", vec![d], false),
+    ]
+}
+
+/// Uploads layer `l` (all of `layer_tensors`, optional ones when present).
+fn load_layer<B: Backend>(
+    b: &B,
+    files: &SafeModel,
+    cfg: &ModelConfig,
+    l: usize,
+    how: Upload,
+) -> Result<LayerWeights<B::Weight>> {
+    let mut loaded = Vec::with_capacity(13);
+    for (leaf, shape, required) in layer_tensors(cfg, l) {
+        let name = layer_tensor(l, leaf);
+        loaded.push(if required {
+            Some(load(b, files, &name, &shape, how)?)
+        } else {
+            load_opt(b, files, &name, &shape, how)?
+        });
+    }
+    // The order of `layer_tensors`.
+    let Ok([attn_norm, wq, bq, wk, bk, wv, bv, wo, ffn_norm, w_gate, w_up, w_down, b_down]) =
+        <[Option<B::Weight>; 13]>::try_from(loaded)
+    else {
+        unreachable!("layer_tensors lists 13 tensors")
+    };
+    let req = |w: Option<B::Weight>| w.expect("required tensors are loaded or err");
+    Ok(LayerWeights {
+        attn_norm: req(attn_norm),
+        wq: req(wq),
+        bq,
+        wk: req(wk),
+        bk,
+        wv: req(wv),
+        bv,
+        wo: req(wo),
+        ffn_norm: req(ffn_norm),
+        w_gate: req(w_gate),
+        w_up: req(w_up),
+        w_down: req(w_down),
+        b_down,
+        ffn: cfg.ffn_widths[l],
+    })
+}
+
+/// Checks that every tensor of layer `l` a streamed run will read is
+/// present with its shape, without reading the values.
+fn check_layer(files: &SafeModel, cfg: &ModelConfig, l: usize) -> Result<()> {
+    for (leaf, shape, required) in layer_tensors(cfg, l) {
+        let name = layer_tensor(l, leaf);
+        if required || files.contains(&name) {
+            files.get(&name, &shape)?;
+        }
+    }
+    Ok(())
+}
+
 impl<B: Backend> Model<B> {
-    /// Loads `dir` (config.json + safetensors) onto `backend`.
+    /// Loads `dir` (config.json + safetensors) onto `backend`, every layer resident.
     pub fn load(backend: &B, dir: &Path) -> Result<Self> {
+        Self::load_with(backend, dir, Residency::Resident)
+    }
+
+    /// Loads `dir` onto `backend` with the layers kept as `residency` says.
+    pub fn load_with(backend: &B, dir: &Path, residency: Residency) -> Result<Self> {
         let cfg = ModelConfig::load(&dir.join("config.json"))?;
         let files = SafeModel::open_dir(dir)?;
         let (d, v) = (cfg.hidden, cfg.vocab);
-        let embed = load(backend, &files, "model.embed_tokens.weight", &[v, d])?;
-        let norm = load(backend, &files, "model.norm.weight", &[d])?;
+        let now = Upload::Now;
+        let embed = load(backend, &files, "model.embed_tokens.weight", &[v, d], now)?;
+        let norm = load(backend, &files, "model.norm.weight", &[d], now)?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(load(backend, &files, "lm_head.weight", &[v, d])?)
+            Some(load(backend, &files, "lm_head.weight", &[v, d], now)?)
         };
-        let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         check_no_gate_up_bias(&files, &cfg)?;
-        let mut layers = Vec::with_capacity(cfg.layers);
-        for l in 0..cfg.layers {
-            let m = cfg.ffn_widths[l];
-            let n = |leaf: &str| layer_tensor(l, leaf);
-            let bias = |leaf: &str, len: usize| -> Result<Option<B::Weight>> {
-                if cfg.qkv_bias {
-                    load(backend, &files, &n(leaf), &[len]).map(Some)
-                } else {
-                    load_opt(backend, &files, &n(leaf), &[len])
-                }
-            };
-            layers.push(LayerWeights {
-                attn_norm: load(backend, &files, &n("input_layernorm.weight"), &[d])?,
-                wq: load(backend, &files, &n("self_attn.q_proj.weight"), &[q, d])?,
-                bq: bias("self_attn.q_proj.bias", q)?,
-                wk: load(backend, &files, &n("self_attn.k_proj.weight"), &[kv, d])?,
-                bk: bias("self_attn.k_proj.bias", kv)?,
-                wv: load(backend, &files, &n("self_attn.v_proj.weight"), &[kv, d])?,
-                bv: bias("self_attn.v_proj.bias", kv)?,
-                wo: load(backend, &files, &n("self_attn.o_proj.weight"), &[d, q])?,
-                ffn_norm: load(backend, &files, &n("post_attention_layernorm.weight"), &[d])?,
-                w_gate: load(backend, &files, &n("mlp.gate_proj.weight"), &[m, d])?,
-                w_up: load(backend, &files, &n("mlp.up_proj.weight"), &[m, d])?,
-                w_down: load(backend, &files, &n("mlp.down_proj.weight"), &[d, m])?,
-                b_down: load_opt(backend, &files, &n("mlp.down_proj.bias"), &[d])?,
-                ffn: m,
-            });
-        }
+        let layers = match residency {
+            Residency::Resident => LayerStore::Resident(
+                (0..cfg.layers)
+                    .map(|l| load_layer(backend, &files, &cfg, l, now))
+                    .collect::<Result<_>>()?,
+            ),
+            Residency::Streamed => {
+                (0..cfg.layers).try_for_each(|l| check_layer(&files, &cfg, l))?;
+                LayerStore::Streamed
+            }
+        };
         Ok(Self {
             cfg,
             dir: dir.to_path_buf(),
@@ -132,8 +234,56 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// How the decoder layers are kept.
+    pub fn residency(&self) -> Residency {
+        match self.layers {
+            LayerStore::Resident(_) => Residency::Resident,
+            LayerStore::Streamed => Residency::Streamed,
+        }
+    }
+
     /// The output projection `[vocab, d]` (the embedding when tied).
     pub fn lm_head(&self) -> &B::Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Runs `f(l, weights of l)` for every layer `l` of `order`, in order.
+    ///
+    /// A resident model lends its weights. A streamed one uploads layer
+    /// `order[i]` from the mapped files and, before `f` runs on it, issues
+    /// the upload of `order[i+1]` (`Backend::upload_weight_async`), so on a
+    /// GPU the copy of the next layer runs during the compute of this one;
+    /// each layer is dropped when `f` returns: at most two layers live.
+    /// `be` must be the backend the model was loaded on.
+    pub fn for_each_layer(
+        &self,
+        be: &B,
+        order: impl IntoIterator<Item = usize>,
+        mut f: impl FnMut(usize, &LayerWeights<B::Weight>) -> Result<()>,
+    ) -> Result<()> {
+        let layers = match &self.layers {
+            LayerStore::Resident(layers) => {
+                return order.into_iter().try_for_each(|l| f(l, &layers[l]));
+            }
+            LayerStore::Streamed => order,
+        };
+        let upload = |l: usize| load_layer(be, &self.files, &self.cfg, l, Upload::InFlight);
+        let mut order = layers.into_iter();
+        let Some(first) = order.next() else {
+            return Ok(());
+        };
+        let mut next = Some((first, upload(first)?));
+        while let Some((l, weights)) = next.take() {
+            be.weights_fence()?; // `l`'s copy is complete; nothing later is waited for
+            next = order
+                .next()
+                .map(|n| Ok::<_, Error>((n, upload(n)?)))
+                .transpose()?;
+            if let Err(e) = f(l, &weights) {
+                be.weights_fence()?; // no buffer is freed under an in-flight copy
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }

@@ -125,6 +125,15 @@ impl<D: Device> Backend for CudaBackend<D> {
         DevBuf::upload(&self.dev, &host)
     }
 
+    fn upload_weight_async(&self, data: &[f32]) -> Result<Self::Weight> {
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        DevBuf::upload_async(&self.dev, &host)
+    }
+
+    fn weights_fence(&self) -> Result<()> {
+        self.dev.upload_fence()
+    }
+
     fn linear(
         &self,
         x: &Self::Buf,

@@ -52,6 +52,12 @@ impl<D: Device, T: Elem> DevBuf<D, T> {
         dev.htod(bytemuck::cast_slice(data), &b.mem)?;
         Ok(b)
     }
+    /// `upload` through `Device::htod_async`: usable after `Device::upload_fence`.
+    pub fn upload_async(dev: &D, data: &[T]) -> Result<Self> {
+        let b = Self::alloc(dev, data.len())?;
+        dev.htod_async(bytemuck::cast_slice(data), &b.mem)?;
+        Ok(b)
+    }
     pub fn download(&self, dev: &D) -> Result<Vec<T>> {
         let mut out = vec![T::zeroed(); self.len];
         dev.dtoh(&self.mem, bytemuck::cast_slice_mut(&mut out))?;

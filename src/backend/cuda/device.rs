@@ -163,6 +163,17 @@ pub trait Device: Send + Sync + Sized + 'static {
     fn ptr(&self, mem: &Self::Mem) -> u64;
     /// Copies host bytes to the start of `dst`.
     fn htod(&self, src: &[u8], dst: &Self::Mem) -> Result<()>;
+    /// Copies host bytes to the start of `dst` on the upload stream: the
+    /// copy may still run when this returns, overlapping compute queued
+    /// meanwhile, and `dst` may be used only after `upload_fence`. `src`
+    /// is staged, so it may be dropped at once. Default: `htod`.
+    fn htod_async(&self, src: &[u8], dst: &Self::Mem) -> Result<()> {
+        self.htod(src, dst)
+    }
+    /// Waits until every `htod_async` issued so far has completed.
+    fn upload_fence(&self) -> Result<()> {
+        Ok(())
+    }
     /// Copies the first `dst.len()` bytes of `src` to the host.
     fn dtoh(&self, src: &Self::Mem, dst: &mut [u8]) -> Result<()>;
     /// Sets the first `bytes` bytes of `mem` to zero.

@@ -4,7 +4,7 @@
 //! (synchronous copy) sees every earlier launch.
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys};
@@ -49,7 +49,16 @@ impl Drop for GpuMem {
     }
 }
 
-/// The GPU: a primary context, the kernels module and a cuBLAS handle.
+/// The upload stream (`htod_async`) and the pinned host copies its
+/// in-flight copies read, freed by `upload_fence` once they have landed.
+struct Uploads {
+    /// Non-blocking stream, created on first use (null until then).
+    stream: sys::CUstream,
+    staged: Vec<*mut c_void>,
+}
+
+/// The GPU: a primary context, the kernels module, a cuBLAS handle and the
+/// upload stream of layer streaming.
 pub struct GpuDevice {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
@@ -58,6 +67,7 @@ pub struct GpuDevice {
     cublas: blas_sys::cublasHandle_t,
     tracker: Arc<Tracker>,
     name: String,
+    uploads: Mutex<Uploads>,
 }
 
 // SAFETY: driver and cuBLAS handles are used with the context bound first;
@@ -111,6 +121,10 @@ impl GpuDevice {
             cublas,
             tracker: Arc::new(Tracker::default()),
             name,
+            uploads: Mutex::new(Uploads {
+                stream: std::ptr::null_mut(),
+                staged: Vec::new(),
+            }),
         })
     }
 
@@ -135,6 +149,13 @@ impl Drop for GpuDevice {
         unsafe {
             let _ = drv::ctx::set_current(self.ctx);
             let _ = drv::ctx::synchronize();
+            let up = self.uploads.get_mut().unwrap_or_else(|e| e.into_inner());
+            for host in up.staged.drain(..) {
+                let _ = drv::free_host(host);
+            }
+            if !up.stream.is_null() {
+                let _ = drv::stream::destroy(up.stream);
+            }
             let _ = blas::destroy_handle(self.cublas);
             let _ = drv::module::unload(self.module);
             let _ = drv::primary_ctx::release(self.dev);
@@ -178,6 +199,50 @@ impl Device for GpuDevice {
         self.bind()?;
         // SAFETY: bounds checked above.
         unsafe { drv::memcpy_htod_sync(dst.ptr, src) }.map_err(drv_err("cuMemcpyHtoD"))
+    }
+
+    fn htod_async(&self, src: &[u8], dst: &GpuMem) -> Result<()> {
+        if src.len() > dst.bytes {
+            return Err(err(format!(
+                "copy of {} bytes into {}",
+                src.len(),
+                dst.bytes
+            )));
+        }
+        self.bind()?;
+        let mut up = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        if up.stream.is_null() {
+            // No implicit synchronisation with the legacy stream the kernels
+            // run on: `upload_fence` is what orders the copies before use.
+            up.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+                .map_err(drv_err("cuStreamCreate"))?;
+        }
+        // A DMA copy overlaps compute only from page-locked memory: stage
+        // `src` there (freed by `upload_fence` once the copy has landed).
+        // SAFETY: a fresh pinned allocation of src.len() bytes, written in
+        // full before the copy reads it; bounds checked above.
+        unsafe {
+            let host = drv::malloc_host(src.len().max(1), 0).map_err(drv_err("cuMemHostAlloc"))?;
+            std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len());
+            up.staged.push(host);
+            let pinned = std::slice::from_raw_parts(host as *const u8, src.len());
+            drv::memcpy_htod_async(dst.ptr, pinned, up.stream).map_err(drv_err("cuMemcpyHtoDAsync"))
+        }
+    }
+
+    fn upload_fence(&self) -> Result<()> {
+        self.bind()?;
+        let mut up = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        if !up.stream.is_null() {
+            // SAFETY: a stream created by `htod_async` in this context.
+            unsafe { drv::stream::synchronize(up.stream) }
+                .map_err(drv_err("cuStreamSynchronize"))?;
+        }
+        for host in up.staged.drain(..) {
+            // SAFETY: from cuMemHostAlloc; its copy completed above.
+            unsafe { drv::free_host(host) }.map_err(drv_err("cuMemFreeHost"))?;
+        }
+        Ok(())
     }
 
     fn dtoh(&self, src: &GpuMem, dst: &mut [u8]) -> Result<()> {
