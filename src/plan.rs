@@ -223,18 +223,11 @@ struct Dims {
     layers: usize,
 }
 
-/// Acts kept by `layer_forward(keep = true)` (`LayerActs`).
+/// The intermediates `layer_acts` returns (`LayerActs`).
 struct Acts(Vec<Id>);
 
-/// `model::forward::layer_forward` for a layer of FFN width m: returns the
-/// next residual (named `next`) and, if `keep`, the activations.
-fn layer_forward(
-    s: &mut Sim,
-    g: &Dims,
-    m: usize,
-    next: &'static str,
-    keep: bool,
-) -> (Id, Option<Acts>) {
+/// `model::forward::layer_acts` for a layer of FFN width m.
+fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     let (rows, d) = (g.rows, g.d);
     let u = s.alloc("norm output u", F32, &[rows, d]);
     let rstd_attn = s.alloc("rstd (attention norm)", F32, &[rows]);
@@ -253,16 +246,17 @@ fn layer_forward(
     let b = s.linear("up projection b", rows * d, rows, m);
     s.free(u2);
     let h = s.alloc("channels h", F32, &[rows, m]);
-    let y = s.linear("down_proj output", rows * m, rows, d);
-    let nx = s.alloc(next, F32, &[rows, d]);
+    Acts(vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h])
+}
+
+/// `model::forward::layer_forward`: returns the next residual (named `next`).
+fn layer_forward(s: &mut Sim, g: &Dims, m: usize, next: &'static str) -> Id {
+    let Acts(acts) = layer_acts(s, g, m);
+    let y = s.linear("down_proj output", g.rows * m, g.rows, g.d);
+    let nx = s.alloc(next, F32, &[g.rows, g.d]);
     s.free(y);
-    let acts = vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h];
-    if keep {
-        (nx, Some(Acts(acts)))
-    } else {
-        s.free_all(&acts);
-        (nx, None)
-    }
+    s.free_all(&acts);
+    nx
 }
 
 /// `model::forward::forward` with the residual stream kept: returns the ids
@@ -277,7 +271,7 @@ fn forward(s: &mut Sim, g: &Dims, widths: &[usize]) -> Vec<Id> {
     s.free(ids);
     let mut kept = Vec::new();
     s.each_layer(0..g.layers, |s, l| {
-        let (next, _) = layer_forward(s, g, widths[l], "residual stream x_0..x_L", false);
+        let next = layer_forward(s, g, widths[l], "residual stream x_0..x_L");
         kept.push(std::mem::replace(&mut x, next));
     });
     kept.push(s.alloc("final norm output z", F32, &[g.rows, g.d]));
@@ -334,9 +328,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
     ];
     s.each_layer((0..g.layers).rev(), |s, l| {
         let m = widths[l];
-        let (next, acts) = layer_forward(s, g, m, "recomputed x_next (discarded)", true);
-        s.free(next);
-        let Acts(acts) = acts.expect("kept");
+        let Acts(acts) = layer_acts(s, g, m);
         let dh = s.linear("g = dJ/dh", rows * d, rows, m);
         let part = s.alloc("channel_stats partials", F32, &[5, g.seqs, m]);
         s.free(part);

@@ -4,7 +4,7 @@
 //! each layer is recomputed from its stored input, its FFN channel gradient
 //! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
 //! on to the layer's input. Only one layer's intermediates are alive at a time.
-use super::forward::{layer_forward, next_token_targets, ForwardOut, Geometry, RopeTables};
+use super::forward::{layer_acts, next_token_targets, ForwardOut, Geometry, RopeTables};
 use super::weights::Model;
 use crate::backend::{AttnShape, Backend, ChannelPartial};
 use crate::{Error, Result};
@@ -76,8 +76,7 @@ pub fn backward_channel_stats<B: Backend>(
     model.for_each_layer(be, (0..c.layers).rev(), |l, lw| {
         let m = lw.ffn;
         let x = &fwd.residuals[l];
-        let (_, acts) = layer_forward(be, model, lw, &rope, x, geo, true)?;
-        let acts = acts.expect("layer_forward keeps activations when asked");
+        let acts = layer_acts(be, model, lw, &rope, x, geo)?;
 
         // FFN: x_next = x' + W_d h  ⇒  g = dh = dx·W_d  [rows, m]
         let dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;

@@ -64,8 +64,8 @@ impl Geometry {
     }
 }
 
-/// One decoder layer: `x → x + Attn(norm(x))`, then `+ W_d(silu(W_g u)·W_u u)`.
-/// Returns the next residual and, if `keep`, the intermediates.
+/// One decoder layer: `x → x' = x + Attn(norm(x))`, then
+/// `x_next = x' + W_d h` with `h = silu(W_g u)·W_u u`, `u = norm(x')`.
 pub fn layer_forward<B: Backend>(
     be: &B,
     model: &Model<B>,
@@ -73,8 +73,27 @@ pub fn layer_forward<B: Backend>(
     rope: &RopeTables<B>,
     x: &B::Buf,
     geo: Geometry,
-    keep: bool,
-) -> Result<(B::Buf, Option<LayerActs<B>>)> {
+) -> Result<B::Buf> {
+    let (rows, d, m) = (geo.rows(), model.cfg.hidden, lw.ffn);
+    let acts = layer_acts(be, model, lw, rope, x, geo)?;
+    let y = be.linear(&acts.h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+    let mut next = be.zeros(rows * d)?;
+    be.add_assign(&mut next, &acts.mid, rows * d)?;
+    be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
+    Ok(next)
+}
+
+/// The part of `layer_forward` up to the channels h: every intermediate the
+/// backward pass reads. (The backward pass recomputes a layer with this;
+/// it never needs the layer's output, so the down projection is skipped.)
+pub fn layer_acts<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lw: &LayerWeights<B::Weight>,
+    rope: &RopeTables<B>,
+    x: &B::Buf,
+    geo: Geometry,
+) -> Result<LayerActs<B>> {
     let c = &model.cfg;
     let (rows, d, m) = (geo.rows(), c.hidden, lw.ffn);
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
@@ -110,12 +129,7 @@ pub fn layer_forward<B: Backend>(
     let b = be.linear(&u2, &lw.w_up, None, rows, d, m)?; // [rows, m]
     drop(u2);
     let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
-    let y = be.linear(&h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
-    let mut next = be.zeros(rows * d)?;
-    be.add_assign(&mut next, &mid, rows * d)?;
-    be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
-
-    let acts = keep.then_some(LayerActs {
+    Ok(LayerActs {
         rstd_attn,
         q,
         k,
@@ -127,8 +141,7 @@ pub fn layer_forward<B: Backend>(
         a,
         b,
         h,
-    });
-    Ok((next, acts))
+    })
 }
 
 /// Output of a forward pass over a batch.
@@ -175,7 +188,7 @@ pub fn forward<B: Backend>(
     let mut x = be.embedding(ids, &model.embed, c.hidden)?; // [rows, d]
     let mut residuals = Vec::new();
     model.for_each_layer(be, 0..c.layers, |_, lw| {
-        let (next, _) = layer_forward(be, model, lw, &rope, &x, geo, false)?;
+        let next = layer_forward(be, model, lw, &rope, &x, geo)?;
         if keep_residuals {
             residuals.push(std::mem::replace(&mut x, next));
         } else {
