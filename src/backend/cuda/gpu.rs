@@ -49,6 +49,16 @@ impl Drop for GpuMem {
     }
 }
 
+impl GpuMem {
+    /// Errs unless a copy of `bytes` into this allocation fits.
+    fn check_fits(&self, bytes: usize) -> Result<()> {
+        if bytes > self.bytes {
+            return Err(err(format!("copy of {bytes} bytes into {}", self.bytes)));
+        }
+        Ok(())
+    }
+}
+
 /// The upload stream (`htod_async`) and the pinned host copies its
 /// in-flight copies read, freed by `upload_fence` once they have landed.
 struct Uploads {
@@ -189,26 +199,14 @@ impl Device for GpuDevice {
     }
 
     fn htod(&self, src: &[u8], dst: &GpuMem) -> Result<()> {
-        if src.len() > dst.bytes {
-            return Err(err(format!(
-                "copy of {} bytes into {}",
-                src.len(),
-                dst.bytes
-            )));
-        }
+        dst.check_fits(src.len())?;
         self.bind()?;
         // SAFETY: bounds checked above.
         unsafe { drv::memcpy_htod_sync(dst.ptr, src) }.map_err(drv_err("cuMemcpyHtoD"))
     }
 
     fn htod_async(&self, src: &[u8], dst: &GpuMem) -> Result<()> {
-        if src.len() > dst.bytes {
-            return Err(err(format!(
-                "copy of {} bytes into {}",
-                src.len(),
-                dst.bytes
-            )));
-        }
+        dst.check_fits(src.len())?;
         self.bind()?;
         let mut up = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
         if up.stream.is_null() {
