@@ -1,5 +1,6 @@
 //! Memory-mapped safetensors reading: one file or an HF sharded index.
 //! Tensors are never copied until a caller asks for an f32 conversion.
+use rayon::prelude::*;
 use crate::{Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -53,26 +54,27 @@ impl TensorRef<'_> {
         self.shape.iter().product()
     }
 
-    /// Converts to f32, refusing NaN or infinite values with an error naming the tensor.
+    /// Converts to f32, refusing NaN or infinite values with an error naming
+    /// the tensor. Parallel: streaming converts a whole layer per pass.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let out: Vec<f32> = match self.dtype {
             FloatType::F32 => self
                 .bytes
-                .chunks_exact(4)
+                .par_chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
             FloatType::F16 => self
                 .bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
             FloatType::BF16 => self
                 .bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         };
-        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
             return Err(Error::tensor(
                 self.name,
                 format!("non-finite value {} at flat index {i}", out[i]),

@@ -2,6 +2,7 @@
 //! on a [`Device`]. Activations (`Buf`) are f32, weights (`Weight`) bf16;
 //! matrix products round their activation operand to bf16 and accumulate in
 //! f32 (cuBLAS `CUBLAS_COMPUTE_32F`).
+use rayon::prelude::*;
 use half::bf16;
 
 use super::buf::DevBuf;
@@ -99,6 +100,12 @@ impl<D: Device> CudaBackend<D> {
     }
 }
 
+/// A weight rounded to bf16 on the host (to nearest even, as
+/// cast_f32_to_bf16 would), in parallel.
+fn to_bf16_host(data: &[f32]) -> Vec<bf16> {
+    data.par_iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
 impl<D: Device> Backend for CudaBackend<D> {
     type Buf = DevBuf<D, f32>;
     type Weight = DevBuf<D, bf16>;
@@ -120,14 +127,11 @@ impl<D: Device> Backend for CudaBackend<D> {
     }
 
     fn upload_weight(&self, data: &[f32]) -> Result<Self::Weight> {
-        // Rounded to nearest even on the host, as cast_f32_to_bf16 would.
-        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
-        DevBuf::upload(&self.dev, &host)
+        DevBuf::upload(&self.dev, &to_bf16_host(data))
     }
 
     fn upload_weight_async(&self, data: &[f32]) -> Result<Self::Weight> {
-        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
-        DevBuf::upload_async(&self.dev, &host)
+        DevBuf::upload_async(&self.dev, &to_bf16_host(data))
     }
 
     fn weights_fence(&self) -> Result<()> {

@@ -59,12 +59,49 @@ impl GpuMem {
     }
 }
 
-/// The upload stream (`htod_async`) and the pinned host copies its
-/// in-flight copies read, freed by `upload_fence` once they have landed.
+/// Page-locked host memory: a DMA copy from it overlaps compute.
+struct Pinned {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+/// The upload stream (`htod_async`) and its page-locked staging buffers:
+/// those read by copies in flight, and free ones, reused by later uploads
+/// (a layer's tensors repeat the previous layer's sizes, and page-locking
+/// fresh memory per upload costs more than the copy).
 struct Uploads {
     /// Non-blocking stream, created on first use (null until then).
     stream: sys::CUstream,
-    staged: Vec<*mut c_void>,
+    in_flight: Vec<Pinned>,
+    free: Vec<Pinned>,
+}
+
+impl Uploads {
+    /// A free staging buffer of at least `bytes` (the smallest that fits),
+    /// or a new one.
+    fn staging(&mut self, bytes: usize) -> Result<Pinned> {
+        let best = (self.free.iter().enumerate())
+            .filter(|(_, p)| p.bytes >= bytes)
+            .min_by_key(|(_, p)| p.bytes)
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => Ok(self.free.swap_remove(i)),
+            None => {
+                // SAFETY: a plain page-locked allocation.
+                let ptr = unsafe { drv::malloc_host(bytes.max(1), 0) }
+                    .map_err(drv_err("cuMemHostAlloc"))?;
+                Ok(Pinned { ptr, bytes })
+            }
+        }
+    }
+
+    /// Frees every staging buffer (no copy may be in flight).
+    fn release_all(&mut self) {
+        for p in self.in_flight.drain(..).chain(self.free.drain(..)) {
+            // SAFETY: from cuMemHostAlloc; nothing reads it any more.
+            let _ = unsafe { drv::free_host(p.ptr) };
+        }
+    }
 }
 
 /// The GPU: a primary context, the kernels module, a cuBLAS handle and the
@@ -133,7 +170,8 @@ impl GpuDevice {
             name,
             uploads: Mutex::new(Uploads {
                 stream: std::ptr::null_mut(),
-                staged: Vec::new(),
+                in_flight: Vec::new(),
+                free: Vec::new(),
             }),
         })
     }
@@ -160,9 +198,7 @@ impl Drop for GpuDevice {
             let _ = drv::ctx::set_current(self.ctx);
             let _ = drv::ctx::synchronize();
             let up = self.uploads.get_mut().unwrap_or_else(|e| e.into_inner());
-            for host in up.staged.drain(..) {
-                let _ = drv::free_host(host);
-            }
+            up.release_all();
             if !up.stream.is_null() {
                 let _ = drv::stream::destroy(up.stream);
             }
@@ -216,16 +252,17 @@ impl Device for GpuDevice {
                 .map_err(drv_err("cuStreamCreate"))?;
         }
         // A DMA copy overlaps compute only from page-locked memory: stage
-        // `src` there (freed by `upload_fence` once the copy has landed).
-        // SAFETY: a fresh pinned allocation of src.len() bytes, written in
-        // full before the copy reads it; bounds checked above.
-        unsafe {
-            let host = drv::malloc_host(src.len().max(1), 0).map_err(drv_err("cuMemHostAlloc"))?;
-            std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len());
-            up.staged.push(host);
-            let pinned = std::slice::from_raw_parts(host as *const u8, src.len());
-            drv::memcpy_htod_async(dst.ptr, pinned, up.stream).map_err(drv_err("cuMemcpyHtoDAsync"))
-        }
+        // `src` there (back in the free pool once `upload_fence` saw it land).
+        let host = up.staging(src.len())?;
+        // SAFETY: `host` holds at least src.len() bytes and no copy in
+        // flight reads it; it is written in full before the copy is queued.
+        let queued = unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), host.ptr as *mut u8, src.len());
+            let pinned = std::slice::from_raw_parts(host.ptr as *const u8, src.len());
+            drv::memcpy_htod_async(dst.ptr, pinned, up.stream)
+        };
+        up.in_flight.push(host);
+        queued.map_err(drv_err("cuMemcpyHtoDAsync"))
     }
 
     fn upload_fence(&self) -> Result<()> {
@@ -236,10 +273,8 @@ impl Device for GpuDevice {
             unsafe { drv::stream::synchronize(up.stream) }
                 .map_err(drv_err("cuStreamSynchronize"))?;
         }
-        for host in up.staged.drain(..) {
-            // SAFETY: from cuMemHostAlloc; its copy completed above.
-            unsafe { drv::free_host(host) }.map_err(drv_err("cuMemFreeHost"))?;
-        }
+        let landed = std::mem::take(&mut up.in_flight);
+        up.free.extend(landed);
         Ok(())
     }
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The CUDA backend on a real GPU: what CI (no GPU) cannot run.
+#
+#   bash scripts/gpu-check.sh BINDIR [OUTDIR]
+#
+# BINDIR holds binaries built elsewhere with nvcc (RKU_REQUIRE_NVCC=1):
+# `rku-engine` and the test binaries `kernels_emu-*` (each kernel on the
+# emulated device and then on the GPU, against the CPU backend). On the GPU
+# machine only python3 with torch/transformers/safetensors is needed (to
+# make a model with Qwen2.5-7B's layer shapes, scripts/make_synthetic_model.py).
+# Steps:
+#   1. the kernel tests on the GPU;
+#   2. score (energy + ce) with --backend cuda, resident and --stream, against
+#      --backend cpu, on the tiny fixture and on the synthetic 7B-shaped model:
+#      statistics compared with the tolerance rule of tests/cuda_emu_model.rs;
+#   3. perplexity (cuda vs cpu) and the CUDA backend's throughput at T = 2048
+#      (bench forward/score, resident and streamed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$(realpath "$1")
+OUT=${2:-/tmp/gpu-check}
+mkdir -p "$OUT"
+RKU="$BIN/rku-engine"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# cuBLAS comes with the pip packages torch depends on; cudarc loads it at run time.
+CUBLAS=$(dirname "$(find / -name 'libcublas.so.1[0-9]*' -not -path '*/proc/*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH="$CUBLAS:${LD_LIBRARY_PATH:-}"
+echo "cuBLAS from $CUBLAS"
+
+echo "== 1. kernel tests (emulated device, then the GPU)"
+for t in "$BIN"/kernels_emu-*; do
+    "$t" --test-threads 8 2>&1 | grep -Ev "^test .* ok$" || true
+done
+
+calib="$OUT/calib.txt"
+python3 - "$calib" <<'EOF'
+import sys
+words = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
+lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + f" {i}." for i in range(600)]
+open(sys.argv[1], "w").write("\n".join(lines))
+EOF
+
+# Compares two stats files: |got − want| ≤ rtol·(max|want| + |want|) per element.
+compare() {
+    python3 - "$1" "$2" "$3" <<'EOF'
+import sys
+from safetensors.numpy import load_file
+want, got, rtol = load_file(sys.argv[1]), load_file(sys.argv[2]), float(sys.argv[3])
+worst = 0.0
+for k in sorted(want):
+    w, g = want[k].astype("f8"), got[k].astype("f8")
+    tol = rtol * (abs(w).max() + abs(w))
+    r = (abs(g - w) / tol).max()
+    worst = max(worst, r)
+    if r > 1:
+        print(f"  {k}: {r:.2f} of the tolerance")
+print(f"  worst: {worst:.3f} of the tolerance (rtol {rtol})")
+sys.exit(0 if worst <= 1 else 1)
+EOF
+}
+
+score() { # model T backend out [extra...]
+    local m=$1 t=$2 b=$3 o=$4
+    shift 4
+    /usr/bin/time -f "  $b $*: %e s, %M KiB peak RSS" \
+        "$RKU" score --model "$m" --calib "$calib" --samples 4 --seq-len "$t" --batch 2 \
+        --objective both --backend "$b" --out "$o" "$@" 2>&1 | grep -Ev "scoring:" || true
+}
+
+check_model() { # model label T
+    local m=$1 l=$2 t=$3
+    echo "== 2. score $l (T = $t): cpu, cuda, cuda --stream"
+    score "$m" "$t" cpu "$OUT/$l-cpu.safetensors"
+    score "$m" "$t" cuda "$OUT/$l-cuda.safetensors"
+    score "$m" "$t" cuda "$OUT/$l-cuda-stream.safetensors" --stream
+    local ok=0
+    echo " cuda vs cpu:" && compare "$OUT/$l-cpu.safetensors" "$OUT/$l-cuda.safetensors" 2e-2 || ok=1
+    echo " cuda --stream vs cuda (same kernels: equal):"
+    compare "$OUT/$l-cuda.safetensors" "$OUT/$l-cuda-stream.safetensors" 1e-7 || ok=1
+    echo "== 3. $l: perplexity (cpu, cuda) and cuda throughput"
+    for b in cpu cuda; do
+        "$RKU" eval ppl --model "$m" --text "$calib" --seq-len "$t" --max-windows 8 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
+    done
+    for s in "" --stream; do
+        "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
+        "$RKU" bench score --model "$m" --seq-len 2048 --samples 2 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
+    done
+    return $ok
+}
+
+status=0
+check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
+big="$OUT/qwen7b-shapes"
+[ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
+check_model "$big" qwen7b-shapes 256 || status=1
+echo "gpu-check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
+exit $status
