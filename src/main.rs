@@ -1094,7 +1094,7 @@ fn report<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
             field: a.ppl_field.clone(),
             seq_len: a.ppl_seq_len,
             max_windows: a.ppl_max_windows,
-            batch: 8,
+            batch: 8, // `eval ppl`'s default; the batch does not change the result
         }),
         gen,
         mc,

@@ -86,6 +86,13 @@ pub fn render(r: &Report) -> String {
     iou(&mut o, r);
     if !r.plots.is_empty() {
         let _ = writeln!(o, "## Plots\n");
+        let uniform = r.methods.iter().filter(|m| m.allocation == "uniform");
+        if uniform.count() > 1 {
+            let _ = writeln!(
+                o,
+                "Methods with uniform allocation keep the same width in every layer, so their width lines coincide.\n"
+            );
+        }
         for p in &r.plots {
             let _ = writeln!(o, "![{}]({})\n", p.title, p.file);
         }
