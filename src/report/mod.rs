@@ -550,15 +550,15 @@ impl<B: Backend> Run<'_, B> {
     fn model(&mut self, method: Method, sparsity: f64, metrics: &[Metric]) -> Result<()> {
         let name = model_name(method, sparsity);
         let dir = self.spec.out.join("models").join(&name);
+        let cell = |metric| Cell::Pruned {
+            method,
+            sparsity,
+            metric,
+        };
         let mut pending = Vec::new();
         for &metric in metrics {
-            let c = Cell::Pruned {
-                method,
-                sparsity,
-                metric,
-            };
-            if !self.done(&c)? {
-                pending.push(c);
+            if !self.done(&cell(metric))? {
+                pending.push(metric);
             }
         }
         let prune = Cell::Prune { method, sparsity };
@@ -590,17 +590,14 @@ impl<B: Backend> Run<'_, B> {
         }
         if !pending.is_empty() {
             let model = Model::load(self.be, &dir)?;
-            for c in pending {
-                let Cell::Pruned { metric, .. } = c else {
-                    unreachable!("only metric cells are pending")
-                };
+            for metric in pending {
                 let t = Instant::now();
                 let (v, line) = self.evaluate(&model, metric, &name)?;
                 println(&format!(
                     "{name}: {line} ({:.1}s)",
                     t.elapsed().as_secs_f64()
                 ));
-                self.put(&c, t, &v)?;
+                self.put(&cell(metric), t, &v)?;
             }
             self.write_outputs()?;
         }
