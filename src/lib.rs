@@ -9,5 +9,6 @@ pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod prune;
+pub mod report;
 
 pub use error::{Error, Result};

@@ -21,6 +21,7 @@ use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
 use rku_engine::prune::pipeline::{output_dir, prune_model, PruneJob};
 use rku_engine::prune::{merge, Allocation, EnergyAt, Method, Objectives, Stats};
+use rku_engine::report::{run_report, CalibSource, PplSpec, PrefillSpec, ReportSpec};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -61,6 +62,9 @@ enum Cmd {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// One statistics pass, every method × sparsity pruned and evaluated (and
+    /// the dense model): report.json, report.md (tables), SVG plots. Resumable.
+    Report(Box<ReportArgs>),
 }
 
 #[derive(Subcommand)]
@@ -275,6 +279,115 @@ struct PlanArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = "Example (SmolLM2, short evaluations):\n  \
+rku-engine report --model assets/models/smollm2 --calib assets/text/wikipedia.jsonl --field 0 \\\n    \
+--samples 32 --seq-len 128 --ppl-text assets/text/owt.jsonl --ppl-field 0 --ppl-max-windows 50 \\\n    \
+--gen-data gsm.jsonl --mc-data mc.jsonl --limit 20 --out reports/smollm2\n\n\
+Every finished cell (statistics, a pruning, one metric of one model) is saved under OUT/cells/; \
+rerunning the same command skips them. Changed inputs (model, calibration, evaluation files \
+or settings) that would make finished cells inconsistent are refused unless --force, which \
+recomputes exactly those cells.")]
+struct ReportArgs {
+    /// HF model directory of the dense model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration text: plain text, or .jsonl read through --field.
+    #[arg(long)]
+    calib: PathBuf,
+    /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    field: Option<String>,
+    /// N: calibration sequences.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// T: tokens per calibration sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Prefix each calibration window with the BOS token.
+    #[arg(long)]
+    bos: bool,
+    /// Calibration sequences per forward/backward batch (memory vs speed; results do not change).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
+    #[arg(long, default_value = "final-norm")]
+    energy_at: String,
+    /// Methods, comma-separated (rku, agf, wanda-struct, flap, taylor, rku-fisher), each
+    /// with its own allocation; the statistics pass runs the objectives they need.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rku,agf,wanda-struct,flap,taylor"
+    )]
+    methods: Vec<String>,
+    /// Fractions of FFN channels to remove, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.4,0.5")]
+    sparsity: Vec<f64>,
+    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    #[arg(long)]
+    min_keep: Option<usize>,
+    /// Round every layer's kept width to a multiple of this.
+    #[arg(long, default_value_t = 1)]
+    align: usize,
+    /// Held-out text for perplexity (plain, or .jsonl through --ppl-field); omitted: no ppl column.
+    #[arg(long)]
+    ppl_text: Option<PathBuf>,
+    /// jsonl field of --ppl-text; default `text`.
+    #[arg(long)]
+    ppl_field: Option<String>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 128)]
+    ppl_seq_len: usize,
+    /// Score at most this many perplexity windows.
+    #[arg(long)]
+    ppl_max_windows: Option<usize>,
+    /// GSM8K-style problems (jsonl, as `eval gen`); omitted: no gen column.
+    #[arg(long)]
+    gen_data: Option<PathBuf>,
+    /// Few-shot examples per gen prompt (the first rows of --gen-data, not evaluated).
+    #[arg(long, default_value_t = 8)]
+    gen_shots: usize,
+    /// Prompt gen with the model's chat template instead of plain "Question: ... Answer:".
+    #[arg(long)]
+    gen_chat: bool,
+    /// Most tokens generated per problem.
+    #[arg(long, default_value_t = 256)]
+    gen_max_new_tokens: usize,
+    /// Problems decoded together.
+    #[arg(long, default_value_t = 8)]
+    gen_batch: usize,
+    /// Multiple-choice items (jsonl, as `eval mc`); omitted: no mc column.
+    #[arg(long)]
+    mc_data: Option<PathBuf>,
+    /// (context, choice) sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    mc_batch: usize,
+    /// Evaluate at most this many gen problems and mc items (the first ones).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Prompt tokens of the prefill timing (each pruned model against the dense one).
+    #[arg(long, default_value_t = 512)]
+    prefill_seq_len: usize,
+    /// Timed prefills of each model, after one warm-up each; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    prefill_repeats: usize,
+    /// Skip the prefill timing (no speedup column).
+    #[arg(long)]
+    no_prefill: bool,
+    /// Output directory; rerunning into it resumes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep every pruned model under OUT/models/ (by default each is removed once evaluated).
+    #[arg(long)]
+    keep_models: bool,
+    /// Recompute the finished cells whose inputs changed, instead of refusing.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
 struct BenchScoreArgs {
     #[arg(long)]
     model: PathBuf,
@@ -479,6 +592,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Stats(StatsCmd::Merge(a)) => stats_merge(&a),
         Cmd::Iou(a) => iou(&a),
         Cmd::Plan(a) => memory_plan(&a),
+        Cmd::Report(a) => with_backend!(a.common.backend, |be| report(&be, &a)),
         Cmd::Bench(BenchCmd::Prefill(a)) => {
             with_backend!(a.common.backend, |be| prefill(&be, &a))
         }
@@ -951,5 +1065,74 @@ fn prefill<B: Backend>(be: &B, a: &BenchPrefillArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }
+    Ok(())
+}
+
+fn report<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
+    let methods = a
+        .methods
+        .iter()
+        .map(|m| m.parse::<Method>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let gen = a.gen_data.as_ref().map(|d| {
+        let mut g = GenArgs::new(d.clone());
+        g.shots = a.gen_shots;
+        g.format = if a.gen_chat {
+            PromptFormat::Chat
+        } else {
+            PromptFormat::Plain
+        };
+        g.max_new_tokens = a.gen_max_new_tokens;
+        g.batch = a.gen_batch;
+        g.limit = a.limit;
+        g
+    });
+    let mc = a.mc_data.as_ref().map(|d| {
+        let mut m = McArgs::new(d.clone());
+        m.batch = a.mc_batch;
+        m.limit = a.limit;
+        m
+    });
+    let spec = ReportSpec {
+        model: a.model.clone(),
+        calib: CalibSource {
+            path: a.calib.clone(),
+            field: a.field.clone(),
+            samples: a.samples,
+            seq_len: a.seq_len,
+            bos: a.bos,
+            batch: a.batch,
+            energy_at: a.energy_at.parse()?,
+        },
+        methods,
+        sparsities: a.sparsity.clone(),
+        min_keep: a.min_keep,
+        align: a.align,
+        ppl: a.ppl_text.as_ref().map(|t| PplSpec {
+            text: t.clone(),
+            field: a.ppl_field.clone(),
+            seq_len: a.ppl_seq_len,
+            max_windows: a.ppl_max_windows,
+            batch: 8, // `eval ppl`'s default; the batch does not change the result
+        }),
+        gen,
+        mc,
+        prefill: (!a.no_prefill).then_some(PrefillSpec {
+            seq_len: a.prefill_seq_len,
+            repeats: a.prefill_repeats,
+        }),
+        out: a.out.clone(),
+        keep_models: a.keep_models,
+        force: a.force,
+    };
+    let r = run_report(be, &spec)?;
+    println!(
+        "report: {} cells computed, {} skipped (already done), {} remaining; wrote {}, report.json and {} plots",
+        r.run.computed,
+        r.run.skipped,
+        r.run.remaining,
+        a.out.join("report.md").display(),
+        r.plots.len()
+    );
     Ok(())
 }

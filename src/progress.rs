@@ -1,9 +1,32 @@
 //! Progress reporting: a bar with ETA on a terminal, plain log lines
-//! (every 10%) otherwise.
-use indicatif::{ProgressBar, ProgressStyle};
+//! (every 10%) otherwise. Bars live in one process-wide `MultiProgress`, so
+//! a loop over evaluations (the report) and the evaluation's own loop show
+//! as two stacked bars instead of overwriting each other.
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
+
+/// The terminal's bars; `None` when stderr is not a terminal.
+fn bars() -> Option<&'static MultiProgress> {
+    static MULTI: OnceLock<Option<MultiProgress>> = OnceLock::new();
+    MULTI
+        .get_or_init(|| std::io::stderr().is_terminal().then(MultiProgress::new))
+        .as_ref()
+}
+
+/// Prints a line to stderr above any bars being drawn.
+pub fn println(msg: &str) {
+    match bars() {
+        Some(m) => {
+            if m.println(msg).is_err() {
+                eprintln!("{msg}");
+            }
+        }
+        None => eprintln!("{msg}"),
+    }
+}
 
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -15,8 +38,8 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(len: u64, label: &str) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = ProgressBar::new(len);
+        let bar = bars().map(|m| {
+            let b = m.add(ProgressBar::new(len));
             b.set_style(
                 ProgressStyle::with_template(
                     "{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta})",
@@ -58,6 +81,9 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+            if let Some(m) = bars() {
+                m.remove(b);
+            }
         }
     }
 }

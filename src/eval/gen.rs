@@ -27,7 +27,7 @@ use crate::model::decode::{generate, DecodeStats, Finish, GenerateOptions};
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -75,7 +75,7 @@ pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
 }
 
 /// How prompts are laid out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PromptFormat {
     Plain,
@@ -295,7 +295,7 @@ pub struct GenRecord {
 }
 
 /// The evaluation's summary.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GenResult {
     pub task: String,
     /// correct / n.

@@ -24,7 +24,7 @@ use crate::model::forward::forward;
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -198,7 +198,7 @@ pub struct McRecord {
     pub correct_norm: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct McResult {
     pub task: String,
     pub acc: f64,

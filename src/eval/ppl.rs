@@ -4,9 +4,9 @@ use crate::model::forward::nll;
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PplResult {
     pub ppl: f64,
     /// Mean next-token NLL (nats).

@@ -6,11 +6,11 @@ use crate::model::forward::{forward, synthetic_ids, Geometry};
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// Timing summary of one model, seconds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Timing {
     pub median_s: f64,
     pub min_s: f64,
@@ -28,7 +28,7 @@ impl Timing {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PrefillResult {
     pub seq_len: usize,
     pub repeats: usize,

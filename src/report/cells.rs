@@ -1,0 +1,342 @@
+//! Resume bookkeeping of a report: the fingerprint of its inputs, the key
+//! of every cell, and the `cells/` directory of finished cells.
+//!
+//! A cell is one unit of resumable work (the statistics pass, one metric
+//! of the dense model, one pruning, one metric of one pruned model). Its
+//! key is a digest of exactly the inputs its value depends on, so a rerun
+//! that changes, say, the multiple-choice file invalidates the mc cells
+//! and nothing else. Paths are not part of any key (moving a file changes
+//! nothing); digests of the contents are.
+use crate::io::atomic::write_file;
+use crate::io::text::hex;
+use crate::prune::Method;
+use crate::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// An evaluation of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    Ppl,
+    Gen,
+    Mc,
+    /// Prefill time against the dense model (pruned models only).
+    Prefill,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Ppl => "ppl",
+            Metric::Gen => "gen",
+            Metric::Mc => "mc",
+            Metric::Prefill => "prefill",
+        }
+    }
+}
+
+/// One unit of resumable work.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Cell {
+    Stats,
+    Dense(Metric),
+    Prune {
+        method: Method,
+        sparsity: f64,
+    },
+    Pruned {
+        method: Method,
+        sparsity: f64,
+        metric: Metric,
+    },
+}
+
+/// `<method>-s<sparsity>`, as `prune` names its outputs.
+pub fn model_name(method: Method, sparsity: f64) -> String {
+    format!("{}-s{sparsity}", method.name())
+}
+
+impl Cell {
+    /// The cell's file stem under `cells/`.
+    pub fn name(&self) -> String {
+        match *self {
+            Cell::Stats => "stats".into(),
+            Cell::Dense(m) => format!("dense.{}", m.name()),
+            Cell::Prune { method, sparsity } => format!("{}.prune", model_name(method, sparsity)),
+            Cell::Pruned {
+                method,
+                sparsity,
+                metric,
+            } => format!("{}.{}", model_name(method, sparsity), metric.name()),
+        }
+    }
+}
+
+/// The inputs of a report, as recorded in `fingerprint.json`: sections
+/// `backend`, `model`, `calib`, `prune`, and `ppl`, `gen`, `mc`, `prefill`
+/// when those evaluations are requested (absent otherwise).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fingerprint(pub Value);
+
+fn digest(parts: &Value) -> String {
+    hex(&Sha256::digest(parts.to_string().as_bytes()))
+}
+
+impl Fingerprint {
+    /// A section without its `path` (paths do not change results).
+    fn part(&self, name: &str) -> Value {
+        let mut v = self.0.get(name).cloned().unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("path");
+        }
+        v
+    }
+
+    /// The key of `cell` under these inputs.
+    pub fn key(&self, cell: &Cell) -> String {
+        let stats = || {
+            json!([
+                "stats",
+                self.part("backend"),
+                self.part("model"),
+                self.part("calib")
+            ])
+        };
+        let prune = |method: Method, sparsity: f64| {
+            json!([
+                "prune",
+                digest(&stats()),
+                self.part("prune"),
+                method.name(),
+                sparsity
+            ])
+        };
+        digest(&match *cell {
+            Cell::Stats => stats(),
+            Cell::Dense(m) => json!([
+                "dense",
+                self.part("backend"),
+                self.part("model"),
+                self.part(m.name())
+            ]),
+            Cell::Prune { method, sparsity } => prune(method, sparsity),
+            Cell::Pruned {
+                method,
+                sparsity,
+                metric,
+            } => json!([digest(&prune(method, sparsity)), self.part(metric.name())]),
+        })
+    }
+
+    /// The leaves that differ from an older fingerprint, as
+    /// `section.field: old → new` lines.
+    pub fn diff(&self, old: &Value) -> Vec<String> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        flatten("", old, &mut a);
+        flatten("", &self.0, &mut b);
+        let get = |v: &[(String, String)], k: &str| {
+            v.iter()
+                .find(|(p, _)| p == k)
+                .map(|(_, x)| x.clone())
+                .unwrap_or_else(|| "(none)".into())
+        };
+        let mut keys: Vec<&String> = a.iter().chain(&b).map(|(k, _)| k).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter_map(|k| {
+                let (x, y) = (get(&a, k), get(&b, k));
+                (x != y).then(|| format!("{k}: {x} → {y}"))
+            })
+            .collect()
+    }
+}
+
+/// Leaf values of a JSON tree as (dotted path, JSON text).
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&p, x, out);
+            }
+        }
+        leaf => out.push((prefix.to_string(), leaf.to_string())),
+    }
+}
+
+/// What a cell file holds.
+#[derive(Serialize, Deserialize)]
+struct Record<T> {
+    cell: String,
+    key: String,
+    /// Wall time the cell took.
+    seconds: f64,
+    value: T,
+}
+
+/// Where a cell stands on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub enum State {
+    Missing,
+    Done,
+    /// Finished under other inputs (its stored key differs).
+    Stale,
+}
+
+/// The `cells/` directory: one JSON file per finished cell, written atomically.
+pub struct CellStore {
+    dir: PathBuf,
+}
+
+impl CellStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<Record<T>>> {
+        let path = self.path(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            Error::format(
+                &path,
+                format!("not a cell record ({e}); delete it to recompute the cell"),
+            )
+        })
+    }
+
+    pub fn state(&self, name: &str, key: &str) -> Result<State> {
+        Ok(match self.load::<Value>(name)? {
+            None => State::Missing,
+            Some(r) if r.key == key => State::Done,
+            Some(_) => State::Stale,
+        })
+    }
+
+    /// The value and time of a cell finished under `key`.
+    pub fn get<T: DeserializeOwned>(&self, name: &str, key: &str) -> Result<Option<(T, f64)>> {
+        Ok(self
+            .load::<T>(name)?
+            .filter(|r| r.key == key)
+            .map(|r| (r.value, r.seconds)))
+    }
+
+    pub fn put<T: Serialize>(&self, name: &str, key: &str, seconds: f64, value: &T) -> Result<()> {
+        let rec = Record {
+            cell: name.to_string(),
+            key: key.to_string(),
+            seconds,
+            value,
+        };
+        let text = serde_json::to_string_pretty(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file(&self.path(name), text.as_bytes())
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let path = self.path(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&path, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(calib_digest: &str, mc: Option<&str>) -> Fingerprint {
+        let mut v = json!({
+            "backend": "cpu",
+            "model": {"path": "/a", "digest": "m1"},
+            "calib": {"path": "/c", "digest": calib_digest, "samples": 4},
+            "prune": {"min_keep": null, "align": 1},
+            "ppl": {"path": "/p", "digest": "p1", "seq_len": 128},
+        });
+        if let Some(d) = mc {
+            v["mc"] = json!({"path": "/m", "digest": d});
+        }
+        Fingerprint(v)
+    }
+
+    #[test]
+    fn keys_depend_on_exactly_their_inputs() {
+        let rku = |metric| Cell::Pruned {
+            method: Method::Rku,
+            sparsity: 0.3,
+            metric,
+        };
+        let (a, b) = (fp("c1", Some("x")), fp("c2", Some("x")));
+        // The calibration moves the stats and everything pruned, not the dense evals.
+        assert_ne!(a.key(&Cell::Stats), b.key(&Cell::Stats));
+        assert_ne!(a.key(&rku(Metric::Ppl)), b.key(&rku(Metric::Ppl)));
+        assert_eq!(
+            a.key(&Cell::Dense(Metric::Ppl)),
+            b.key(&Cell::Dense(Metric::Ppl))
+        );
+        // Another mc file moves only the mc cells.
+        let c = fp("c1", Some("y"));
+        assert_ne!(a.key(&rku(Metric::Mc)), c.key(&rku(Metric::Mc)));
+        assert_eq!(a.key(&rku(Metric::Ppl)), c.key(&rku(Metric::Ppl)));
+        // Paths are not inputs.
+        let mut d = fp("c1", Some("x"));
+        d.0["model"]["path"] = json!("/elsewhere");
+        assert_eq!(a.key(&rku(Metric::Ppl)), d.key(&rku(Metric::Ppl)));
+        // Methods and sparsities have their own cells.
+        let agf = Cell::Pruned {
+            method: Method::Agf,
+            sparsity: 0.3,
+            metric: Metric::Ppl,
+        };
+        assert_ne!(a.key(&rku(Metric::Ppl)), a.key(&agf));
+        assert_eq!(
+            b.diff(&a.0),
+            vec!["calib.digest: \"c1\" → \"c2\"".to_string()]
+        );
+        assert_eq!(
+            fp("c1", None).diff(&a.0),
+            vec!["mc.digest: \"x\" → (none)", "mc.path: \"/m\" → (none)"]
+        );
+    }
+
+    #[test]
+    fn store_round_trip_and_staleness() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = CellStore::open(&tmp.path().join("cells")).unwrap();
+        assert_eq!(s.state("x", "k1").unwrap(), State::Missing);
+        s.put("x", "k1", 1.5, &vec![1, 2, 3]).unwrap();
+        assert_eq!(s.state("x", "k1").unwrap(), State::Done);
+        assert_eq!(s.state("x", "k2").unwrap(), State::Stale);
+        assert_eq!(
+            s.get::<Vec<i32>>("x", "k1").unwrap(),
+            Some((vec![1, 2, 3], 1.5))
+        );
+        assert_eq!(s.get::<Vec<i32>>("x", "k2").unwrap(), None);
+        s.remove("x").unwrap();
+        assert_eq!(s.state("x", "k1").unwrap(), State::Missing);
+        std::fs::write(tmp.path().join("cells/bad.json"), "{").unwrap();
+        assert!(s
+            .state("bad", "k")
+            .unwrap_err()
+            .to_string()
+            .contains("delete it"));
+    }
+}

@@ -1,0 +1,825 @@
+//! `rku-engine report`: one statistics pass, every method × sparsity
+//! pruned and evaluated (and the dense model), written up as
+//! `report.json`, `report.md` and SVG plots. Resumable: every finished
+//! cell is a small JSON file, and a rerun computes only what is missing.
+//!
+//! The output directory:
+//!
+//! ```text
+//! fingerprint.json      the inputs (digests and settings) of the cells
+//! stats.safetensors     the statistics pass, shared by every method
+//! cells/*.json          one finished cell each (see `cells`): stats,
+//!                       dense.<metric>, <method>-s<sparsity>.prune (the
+//!                       mask), <method>-s<sparsity>.<metric>
+//! models/<method>-s<sparsity>/   a pruned model while it is evaluated
+//!                       (kept afterwards with --keep-models)
+//! records/*.jsonl       per-problem and per-item outputs of gen and mc
+//! report.json  report.md  plots/*.svg
+//! ```
+//!
+//! A rerun whose inputs would make finished cells inconsistent (another
+//! model, calibration text, evaluation file or setting) is refused, naming
+//! what changed, unless `force`, which recomputes exactly those cells.
+pub mod cells;
+pub mod data;
+pub mod markdown;
+pub mod plots;
+
+use crate::backend::Backend;
+use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
+use crate::eval::iou::read_kept;
+use crate::eval::mc::{evaluate_mc, McArgs, McResult};
+use crate::eval::ppl::{perplexity, PplResult};
+use crate::eval::prefill::{bench_prefill, PrefillResult};
+use crate::io::atomic::write_file;
+use crate::io::export::ExportLayout;
+use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
+use crate::model::Model;
+use crate::progress::{println, Progress};
+use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest, CalibSpec};
+use crate::prune::pipeline::{check_stats_match, prune_model, PruneJob};
+use crate::prune::{ColumnNorms, EnergyAt, Method, Objective, Objectives, Stats};
+use crate::{Error, Result};
+use cells::{model_name, Cell, CellStore, Fingerprint, Metric, State};
+use data::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Calibration input (METHODS.md section 2).
+#[derive(Clone, Debug)]
+pub struct CalibSource {
+    pub path: PathBuf,
+    /// jsonl field; `None` for `text`.
+    pub field: Option<String>,
+    /// N sequences.
+    pub samples: usize,
+    /// T tokens each.
+    pub seq_len: usize,
+    /// Prefix each window with the BOS token.
+    pub bos: bool,
+    /// Sequences per batch (speed and memory only; not an input of any cell).
+    pub batch: usize,
+    pub energy_at: EnergyAt,
+}
+
+/// Perplexity evaluation.
+#[derive(Clone, Debug)]
+pub struct PplSpec {
+    pub text: PathBuf,
+    pub field: Option<String>,
+    pub seq_len: usize,
+    pub max_windows: Option<usize>,
+    /// Windows per forward pass (speed only).
+    pub batch: usize,
+}
+
+/// Prefill timing of every pruned model against the dense one.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillSpec {
+    pub seq_len: usize,
+    pub repeats: usize,
+}
+
+/// Everything a report is made from.
+#[derive(Clone, Debug)]
+pub struct ReportSpec {
+    pub model: PathBuf,
+    pub calib: CalibSource,
+    pub methods: Vec<Method>,
+    pub sparsities: Vec<f64>,
+    pub min_keep: Option<usize>,
+    pub align: usize,
+    pub ppl: Option<PplSpec>,
+    /// Generative evaluation; its `out` is set per model (records/).
+    pub gen: Option<GenArgs>,
+    /// Multiple choice; its `out` is set per model (records/).
+    pub mc: Option<McArgs>,
+    pub prefill: Option<PrefillSpec>,
+    pub out: PathBuf,
+    /// Keep every pruned model under models/ (else each is removed once evaluated).
+    pub keep_models: bool,
+    /// Recompute cells whose inputs changed instead of refusing.
+    pub force: bool,
+}
+
+impl ReportSpec {
+    /// Argument errors, before anything is loaded.
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.methods.is_empty() || self.sparsities.is_empty() {
+            return bad("at least one method and one sparsity are needed".into());
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                return bad(format!("method {m} is listed twice"));
+            }
+        }
+        for (i, &s) in self.sparsities.iter().enumerate() {
+            if !(s > 0.0 && s < 1.0) {
+                return bad(format!(
+                    "sparsity must be strictly between 0 and 1, got {s}"
+                ));
+            }
+            if self.sparsities[..i].contains(&s) {
+                return bad(format!("sparsity {s} is listed twice"));
+            }
+        }
+        let limits = [
+            self.gen.as_ref().and_then(|g| g.limit),
+            self.mc.as_ref().and_then(|m| m.limit),
+        ];
+        if limits.contains(&Some(0)) {
+            return bad("--limit must be at least 1".into());
+        }
+        if let Some(p) = self.prefill {
+            if p.seq_len == 0 || p.repeats == 0 {
+                return bad("--prefill-seq-len and --prefill-repeats must be at least 1".into());
+            }
+        }
+        if self.align == 0 {
+            return bad("--align must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The evaluations requested, in column order.
+    fn metrics(&self) -> Vec<Metric> {
+        [
+            (Metric::Ppl, self.ppl.is_some()),
+            (Metric::Gen, self.gen.is_some()),
+            (Metric::Mc, self.mc.is_some()),
+            (Metric::Prefill, self.prefill.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(m, on)| on.then_some(m))
+        .collect()
+    }
+
+    /// Every cell of the report, in the order they are computed.
+    fn plan(&self) -> Vec<Cell> {
+        let metrics = self.metrics();
+        let mut cells = vec![Cell::Stats];
+        cells.extend(
+            metrics
+                .iter()
+                .filter(|&&m| m != Metric::Prefill)
+                .map(|&m| Cell::Dense(m)),
+        );
+        for &sparsity in &self.sparsities {
+            for &method in &self.methods {
+                cells.push(Cell::Prune { method, sparsity });
+                cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
+                    method,
+                    sparsity,
+                    metric,
+                }));
+            }
+        }
+        cells
+    }
+
+    /// The objectives the methods' scores need (energy when none does:
+    /// the forward-only methods read s1 and s2, which every pass fills).
+    fn objectives(&self) -> Objectives {
+        let needs = |o| self.methods.iter().any(|m| m.needs() == Some(o));
+        let o = Objectives {
+            energy: needs(Objective::Energy),
+            ce: needs(Objective::Ce),
+        };
+        if o.energy || o.ce {
+            o
+        } else {
+            Objectives {
+                energy: true,
+                ce: false,
+            }
+        }
+    }
+}
+
+fn file_digest(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+/// The report's inputs (see `cells::Fingerprint`).
+fn fingerprint(
+    backend: &str,
+    model_digest: &str,
+    calib_digest: &str,
+    spec: &ReportSpec,
+) -> Result<Fingerprint> {
+    let c = &spec.calib;
+    let mut v = json!({
+        "engine_version": env!("CARGO_PKG_VERSION"),
+        "backend": backend,
+        "model": {"path": spec.model.display().to_string(), "digest": model_digest},
+        "calib": {
+            "path": c.path.display().to_string(), "field": c.field, "digest": calib_digest,
+            "samples": c.samples, "seq_len": c.seq_len, "bos": c.bos,
+            "energy_at": c.energy_at.to_string(),
+        },
+        "prune": {"min_keep": spec.min_keep, "align": spec.align},
+    });
+    if let Some(p) = &spec.ppl {
+        v["ppl"] = json!({
+            "path": p.text.display().to_string(), "field": p.field, "digest": file_digest(&p.text)?,
+            "seq_len": p.seq_len, "max_windows": p.max_windows,
+        });
+    }
+    if let Some(g) = &spec.gen {
+        let shots_digest = g.shots_file.as_deref().map(file_digest).transpose()?;
+        v["gen"] = json!({
+            "path": g.data.display().to_string(), "digest": file_digest(&g.data)?,
+            "shots": g.shots, "shots_file_digest": shots_digest, "format": g.format,
+            "max_new_tokens": g.max_new_tokens, "limit": g.limit, "stop": g.stop,
+        });
+    }
+    if let Some(m) = &spec.mc {
+        v["mc"] = json!({
+            "path": m.data.display().to_string(), "digest": file_digest(&m.data)?, "limit": m.limit,
+        });
+    }
+    if let Some(p) = spec.prefill {
+        v["prefill"] = json!({"seq_len": p.seq_len, "repeats": p.repeats});
+    }
+    Ok(Fingerprint(v))
+}
+
+/// The calibration windows (METHODS.md section 2) and their digest.
+fn calib_windows<B: Backend>(
+    model: &Model<B>,
+    tok: &Tokenizer,
+    c: &CalibSource,
+) -> Result<(Vec<u32>, String)> {
+    let ids = tok.encode(&read_text(&c.path, c.field.as_deref())?)?;
+    let bos = match c.bos {
+        true => Some(model.cfg.bos_token_id.ok_or_else(|| {
+            Error::Invalid("--bos given but config.json has no bos_token_id".into())
+        })?),
+        false => None,
+    };
+    let w = windows(&ids, c.samples, c.seq_len, bos)?;
+    let digest = token_digest(&w);
+    Ok((w, digest))
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+fn objectives_of(s: &str) -> Objectives {
+    s.parse().unwrap_or_default()
+}
+
+/// Opens (or starts) the output directory: refuses a directory that is
+/// not a report, and finished cells whose inputs changed unless `force`
+/// (then removes them). Returns the store and the objectives to score
+/// with should the statistics be (re)computed.
+fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellStore, Objectives)> {
+    let out = &spec.out;
+    let fp_path = out.join("fingerprint.json");
+    let old: Option<Value> = match std::fs::read_to_string(&fp_path) {
+        Ok(t) => Some(
+            serde_json::from_str(&t)
+                .map_err(|e| Error::format(&fp_path, format!("not valid JSON: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    if out.exists() && !out.is_dir() {
+        return Err(Error::Invalid(format!("--out {} is a file", out.display())));
+    }
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if old.is_none() && non_empty && !spec.force {
+        return Err(Error::Invalid(format!(
+            "{} exists and is not a report directory (no fingerprint.json): \
+             choose another --out, or pass --force to write into it",
+            out.display()
+        )));
+    }
+    let store = CellStore::open(&out.join("cells"))?;
+    let mut stale: Vec<String> = Vec::new();
+    for c in plan {
+        if store.state(&c.name(), &fp.key(c))? == State::Stale {
+            stale.push(c.name());
+        }
+    }
+    // Statistics scored for fewer objectives than the methods need are stale too.
+    let needed = spec.objectives();
+    let mut score = needed;
+    if let Some((s, _)) = store.get::<StatsInfo>("stats", &fp.key(&Cell::Stats))? {
+        let have = objectives_of(&s.objectives);
+        if (needed.energy && !have.energy) || (needed.ce && !have.ce) {
+            stale.push(format!(
+                "stats (scored for {have}; the methods need {needed})"
+            ));
+            // Rescoring keeps what the other methods had.
+            score.energy |= have.energy;
+            score.ce |= have.ce;
+        }
+    }
+    if !stale.is_empty() {
+        let changes = old.as_ref().map(|o| fp.diff(o)).unwrap_or_default();
+        let shown = stale.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+        let more = match stale.len() {
+            n if n > 6 => format!(" and {} more", n - 6),
+            _ => String::new(),
+        };
+        if !spec.force {
+            return Err(Error::Invalid(format!(
+                "{} holds results computed from other inputs{}\n{} finished cell(s) would not match them: {shown}{more}.\n\
+                 Use another --out, or pass --force to recompute those cells.",
+                out.display(),
+                if changes.is_empty() {
+                    String::new()
+                } else {
+                    format!(":\n  {}", changes.join("\n  "))
+                },
+                stale.len(),
+            )));
+        }
+        println(&format!(
+            "--force: recomputing {} cell(s) whose inputs changed: {shown}{more}",
+            stale.len()
+        ));
+        for c in plan {
+            if store.state(&c.name(), &fp.key(c))? == State::Stale {
+                store.remove(&c.name())?;
+            }
+        }
+        if stale.iter().any(|s| s.starts_with("stats")) {
+            store.remove("stats")?;
+        }
+    }
+    let text = serde_json::to_string_pretty(&fp.0).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_file(&fp_path, text.as_bytes())?;
+    Ok((store, score))
+}
+
+/// A report being computed.
+struct Run<'a, B: Backend> {
+    be: &'a B,
+    spec: &'a ReportSpec,
+    fp: Fingerprint,
+    store: CellStore,
+    plan: Vec<Cell>,
+    dense: Model<B>,
+    tok: Tokenizer,
+    calib_ids: Vec<u32>,
+    calib_digest: String,
+    /// Objectives a statistics pass runs (if it has to).
+    objectives: Objectives,
+    ppl_ids: Vec<u32>,
+    /// Loaded on the first pruning.
+    stats: Option<Stats>,
+    norms: Vec<ColumnNorms>,
+    progress: Progress,
+    computed: usize,
+    skipped: usize,
+    start: Instant,
+}
+
+/// Runs (or resumes) the report; returns what `report.json` holds.
+pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
+    let start = Instant::now();
+    spec.check()?;
+    let dense = Model::load(be, &spec.model)?;
+    println(&format!(
+        "model: {} ({:?}, {} layers, {:.1}M parameters)",
+        spec.model.display(),
+        dense.cfg.arch,
+        dense.cfg.layers,
+        dense.cfg.param_count() as f64 / 1e6
+    ));
+    let tok = Tokenizer::load(&spec.model)?;
+    let (calib_ids, calib_digest) = calib_windows(&dense, &tok, &spec.calib)?;
+    let ppl_ids = match &spec.ppl {
+        Some(p) => tok.encode(&read_text(&p.text, p.field.as_deref())?)?,
+        None => Vec::new(),
+    };
+    let fp = fingerprint(be.name(), &model_digest(&dense), &calib_digest, spec)?;
+    let plan = spec.plan();
+    let (store, objectives) = open_out(spec, &fp, &plan)?;
+    let mut todo = 0;
+    for c in &plan {
+        todo += usize::from(!cell_done(&store, &fp, &spec.out, c)?);
+    }
+    println(&format!(
+        "report {}: {} cells, {} already done (skipped), {todo} to compute",
+        spec.out.display(),
+        plan.len(),
+        plan.len() - todo
+    ));
+    Run {
+        be,
+        spec,
+        fp,
+        store,
+        dense,
+        tok,
+        calib_ids,
+        calib_digest,
+        objectives,
+        ppl_ids,
+        stats: None,
+        norms: Vec::new(),
+        progress: Progress::new(todo as u64, "report"),
+        computed: 0,
+        skipped: plan.len() - todo,
+        plan,
+        start,
+    }
+    .all()
+}
+
+/// Whether `c` is finished under the inputs `fp` (the statistics cell
+/// also needs its file).
+fn cell_done(store: &CellStore, fp: &Fingerprint, out: &Path, c: &Cell) -> Result<bool> {
+    Ok(store.state(&c.name(), &fp.key(c))? == State::Done
+        && (*c != Cell::Stats || out.join("stats.safetensors").exists()))
+}
+
+impl<B: Backend> Run<'_, B> {
+    fn stats_file(&self) -> PathBuf {
+        self.spec.out.join("stats.safetensors")
+    }
+
+    fn done(&self, c: &Cell) -> Result<bool> {
+        cell_done(&self.store, &self.fp, &self.spec.out, c)
+    }
+
+    /// Cells of the plan not done.
+    fn remaining(&self) -> Result<usize> {
+        let mut n = 0;
+        for c in &self.plan {
+            n += usize::from(!self.done(c)?);
+        }
+        Ok(n)
+    }
+
+    /// The value of a finished cell.
+    fn value<T: DeserializeOwned>(&self, c: &Cell) -> Result<Option<T>> {
+        Ok(self
+            .store
+            .get::<T>(&c.name(), &self.fp.key(c))?
+            .map(|(v, _)| v))
+    }
+
+    /// Records a finished cell.
+    fn put<T: Serialize>(&mut self, c: &Cell, started: Instant, value: &T) -> Result<()> {
+        self.store.put(
+            &c.name(),
+            &self.fp.key(c),
+            started.elapsed().as_secs_f64(),
+            value,
+        )?;
+        self.computed += 1;
+        self.progress.inc(1);
+        Ok(())
+    }
+
+    fn all(mut self) -> Result<Report> {
+        if !self.done(&Cell::Stats)? {
+            self.score()?;
+        }
+        let metrics = self.spec.metrics();
+        for &m in metrics.iter().filter(|&&m| m != Metric::Prefill) {
+            let c = Cell::Dense(m);
+            if !self.done(&c)? {
+                let t = Instant::now();
+                let (v, line) = self.evaluate(&self.dense, m, "dense")?;
+                println(&format!(
+                    "dense: {line} ({:.1}s)",
+                    t.elapsed().as_secs_f64()
+                ));
+                self.put(&c, t, &v)?;
+            }
+        }
+        self.write_outputs()?;
+        for &sparsity in &self.spec.sparsities {
+            for &method in &self.spec.methods {
+                self.model(method, sparsity, &metrics)?;
+            }
+        }
+        self.progress.finish();
+        if !self.spec.keep_models {
+            // Only removes models/ when empty; it holds nothing when models are not kept.
+            let _ = std::fs::remove_dir(self.spec.out.join("models"));
+        }
+        self.write_outputs()
+    }
+
+    /// The statistics pass.
+    fn score(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let c = &self.spec.calib;
+        let spec = CalibSpec {
+            samples: c.samples,
+            seq_len: c.seq_len,
+            batch: c.batch,
+            objectives: self.objectives,
+            energy_at: c.energy_at,
+        };
+        println(&format!(
+            "scoring {} x {} calibration tokens ({})",
+            c.samples, c.seq_len, self.objectives
+        ));
+        let s = collect_stats(
+            self.be,
+            &self.dense,
+            &self.calib_ids,
+            spec,
+            self.calib_digest.clone(),
+        )?;
+        s.save(&self.stats_file())?;
+        let info = StatsInfo {
+            objectives: self.objectives.to_string(),
+            samples: s.meta.samples,
+            seq_len: s.meta.seq_len,
+            tokens: s.meta.tokens,
+        };
+        self.stats = Some(s);
+        self.put(&Cell::Stats, t, &info)
+    }
+
+    /// The prune cell and the metrics of one method at one sparsity.
+    fn model(&mut self, method: Method, sparsity: f64, metrics: &[Metric]) -> Result<()> {
+        let name = model_name(method, sparsity);
+        let dir = self.spec.out.join("models").join(&name);
+        let cell = |metric| Cell::Pruned {
+            method,
+            sparsity,
+            metric,
+        };
+        let mut pending = Vec::new();
+        for &metric in metrics {
+            if !self.done(&cell(metric))? {
+                pending.push(metric);
+            }
+        }
+        let prune = Cell::Prune { method, sparsity };
+        let kept = match self.value::<PrunedInfo>(&prune)? {
+            Some(p) => p.kept,
+            None => {
+                let t = Instant::now();
+                let p = self.export(method, sparsity, &dir)?;
+                println(&format!(
+                    "{name}: kept {} of {} FFN channels, {} -> {} parameters",
+                    p.widths.iter().sum::<usize>(),
+                    self.dense.cfg.ffn_widths.iter().sum::<usize>(),
+                    p.params_before,
+                    p.params_after
+                ));
+                self.put(&prune, t, &p)?;
+                p.kept
+            }
+        };
+        let on_disk = dir.join("pruning.json").exists() && read_kept(&dir)? == kept;
+        if (!pending.is_empty() || self.spec.keep_models) && !on_disk {
+            // The mask is recorded; the model is rebuilt from the statistics.
+            if self.export(method, sparsity, &dir)?.kept != kept {
+                return Err(Error::Invalid(format!(
+                    "pruning {name} again gave another mask than cells/{name}.prune.json \
+                     records (were the statistics replaced?); pass --force after deleting that cell"
+                )));
+            }
+        }
+        if !pending.is_empty() {
+            let model = Model::load(self.be, &dir)?;
+            for metric in pending {
+                let t = Instant::now();
+                let (v, line) = self.evaluate(&model, metric, &name)?;
+                println(&format!(
+                    "{name}: {line} ({:.1}s)",
+                    t.elapsed().as_secs_f64()
+                ));
+                self.put(&cell(metric), t, &v)?;
+            }
+            self.write_outputs()?;
+        }
+        if !self.spec.keep_models && dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Prunes the dense model into `dir` (replacing what is there).
+    fn export(&mut self, method: Method, sparsity: f64, dir: &Path) -> Result<PrunedInfo> {
+        let stats = match self.stats.take() {
+            Some(s) => s,
+            None => {
+                let path = self.stats_file();
+                let s = Stats::load(&path)?;
+                check_stats_match(&self.dense, &s)?;
+                if s.meta.calib_digest != self.calib_digest {
+                    return Err(Error::format(
+                        &path,
+                        "computed on other calibration windows than cells/stats.json records; \
+                         delete cells/stats.json to rescore",
+                    ));
+                }
+                s
+            }
+        };
+        if self.norms.is_empty() {
+            self.norms = down_column_norms(&self.dense)?;
+        }
+        let job = PruneJob {
+            method,
+            allocation: method.default_allocation(),
+            sparsity,
+            min_keep: self.spec.min_keep,
+            align: self.spec.align,
+            layout: ExportLayout::Compact,
+            out: dir.to_path_buf(),
+            force: true,
+        };
+        let r = prune_model(&self.dense, &stats, &self.norms, &job);
+        self.stats = Some(stats);
+        let r = r?;
+        Ok(PrunedInfo {
+            allocation: job.allocation.to_string(),
+            kept: read_kept(&r.out)?,
+            widths: r.widths,
+            params_before: r.params_before,
+            params_after: r.params_after,
+        })
+    }
+
+    /// One metric of `model`; its value and a one-line summary.
+    fn evaluate(&self, model: &Model<B>, metric: Metric, name: &str) -> Result<(Value, String)> {
+        let records = |kind: &str| {
+            self.spec
+                .out
+                .join("records")
+                .join(format!("{name}.{kind}.jsonl"))
+        };
+        let planned = "evaluations are planned only when requested";
+        Ok(match metric {
+            Metric::Ppl => {
+                let p = self.spec.ppl.as_ref().expect(planned);
+                let r = perplexity(
+                    self.be,
+                    model,
+                    &self.ppl_ids,
+                    p.seq_len,
+                    p.max_windows,
+                    p.batch,
+                )?;
+                (to_value(&r)?, format!("perplexity {:.3}", r.ppl))
+            }
+            Metric::Gen => {
+                let args = GenArgs {
+                    out: Some(records("gen")),
+                    ..self.spec.gen.clone().expect(planned)
+                };
+                let (r, _) = evaluate_gen(self.be, model, &self.tok, &args)?;
+                let line = format!(
+                    "{} accuracy {:.3} ({}/{})",
+                    r.task, r.accuracy, r.correct, r.n
+                );
+                (to_value(&r)?, line)
+            }
+            Metric::Mc => {
+                let args = McArgs {
+                    out: Some(records("mc")),
+                    ..self.spec.mc.clone().expect(planned)
+                };
+                let (r, _) = evaluate_mc(self.be, model, &self.tok, &args)?;
+                let line = format!(
+                    "{} acc {:.3}, acc_norm {:.3} ({} items)",
+                    r.task, r.acc, r.acc_norm, r.n
+                );
+                (to_value(&r)?, line)
+            }
+            Metric::Prefill => {
+                let p = self.spec.prefill.expect(planned);
+                let r = bench_prefill(self.be, &self.dense, model, p.seq_len, p.repeats)?;
+                let line = format!(
+                    "prefill {:.2}x ({} vs {} dense)",
+                    r.speedup,
+                    markdown::duration(r.pruned.median_s),
+                    markdown::duration(r.dense.median_s)
+                );
+                (to_value(&r)?, line)
+            }
+        })
+    }
+
+    /// The evaluations of one model found done.
+    fn evals(&self, cell: impl Fn(Metric) -> Cell) -> Result<Evals> {
+        let want = |m: Metric| self.spec.metrics().contains(&m);
+        let get = |m: Metric| -> Result<Option<Value>> {
+            match want(m) {
+                true => self.value(&cell(m)),
+                false => Ok(None),
+            }
+        };
+        fn typed<T: DeserializeOwned>(v: Option<Value>) -> Result<Option<T>> {
+            v.map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| Error::Invalid(format!("a cell holds an unexpected value: {e}")))
+        }
+        Ok(Evals {
+            ppl: typed::<PplResult>(get(Metric::Ppl)?)?,
+            gen: typed::<GenResult>(get(Metric::Gen)?)?,
+            mc: typed::<McResult>(get(Metric::Mc)?)?,
+        })
+    }
+
+    /// The report as the finished cells stand.
+    fn assemble(&self) -> Result<Report> {
+        let cfg = &self.dense.cfg;
+        let params = cfg.param_count();
+        let mut cells = Vec::new();
+        let mut iou = Vec::new();
+        for &sparsity in &self.spec.sparsities {
+            let mut masks = Vec::new();
+            for &method in &self.spec.methods {
+                let pruned = self.value::<PrunedInfo>(&Cell::Prune { method, sparsity })?;
+                let metric = |metric| Cell::Pruned {
+                    method,
+                    sparsity,
+                    metric,
+                };
+                cells.push(CellReport {
+                    method: method.name().into(),
+                    sparsity,
+                    size: pruned.as_ref().map(|p| Size {
+                        widths: p.widths.clone(),
+                        params_after: p.params_after,
+                        params_removed_fraction: 1.0 - p.params_after as f64 / params as f64,
+                    }),
+                    evals: self.evals(metric)?,
+                    prefill: match self.spec.prefill {
+                        Some(_) => self.value::<PrefillResult>(&metric(Metric::Prefill))?,
+                        None => None,
+                    },
+                });
+                if let Some(p) = pruned {
+                    masks.push((method.name().to_string(), p.kept));
+                }
+            }
+            let named: Vec<(String, &[Vec<usize>])> = masks
+                .iter()
+                .map(|(n, k)| (n.clone(), k.as_slice()))
+                .collect();
+            iou.push(IouMatrix::of(sparsity, &named)?);
+        }
+        let remaining = self.remaining()?;
+        Ok(Report {
+            format: "rku-report".into(),
+            version: 1,
+            complete: remaining == 0,
+            inputs: self.fp.0.clone(),
+            model: ModelInfo {
+                path: self.spec.model.display().to_string(),
+                params,
+                layers: cfg.layers,
+                ffn_widths: cfg.ffn_widths.clone(),
+            },
+            stats: self.value::<StatsInfo>(&Cell::Stats)?,
+            methods: self
+                .spec
+                .methods
+                .iter()
+                .map(|m| MethodInfo {
+                    name: m.name().into(),
+                    allocation: m.default_allocation().to_string(),
+                })
+                .collect(),
+            sparsities: self.spec.sparsities.clone(),
+            metrics: self
+                .spec
+                .metrics()
+                .iter()
+                .map(|m| m.name().to_string())
+                .collect(),
+            dense: self.evals(Cell::Dense)?,
+            cells,
+            iou,
+            plots: Vec::new(),
+            run: RunInfo {
+                computed: self.computed,
+                skipped: self.skipped,
+                remaining,
+                seconds: self.start.elapsed().as_secs_f64(),
+            },
+        })
+    }
+
+    /// report.json, report.md and the plots, from the finished cells.
+    fn write_outputs(&self) -> Result<Report> {
+        let out = &self.spec.out;
+        let mut r = self.assemble()?;
+        r.plots = plots::write_plots(&r, out)?;
+        let json = serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_file(&out.join("report.json"), json.as_bytes())?;
+        write_file(&out.join("report.md"), markdown::render(&r).as_bytes())?;
+        Ok(r)
+    }
+}
