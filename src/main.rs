@@ -611,14 +611,18 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_model<B: Backend>(be: &B, dir: &std::path::Path, common: &Common) -> Result<Model<B>> {
-    let t = Instant::now();
-    let residency = if common.stream {
+/// Where `--stream` puts the layers.
+fn residency(common: &Common) -> Residency {
+    if common.stream {
         Residency::Streamed
     } else {
         Residency::Resident
-    };
-    let m = Model::load_with(be, dir, residency)
+    }
+}
+
+fn load_model<B: Backend>(be: &B, dir: &std::path::Path, common: &Common) -> Result<Model<B>> {
+    let t = Instant::now();
+    let m = Model::load_with(be, dir, residency(common))
         .with_context(|| format!("loading model {}", dir.display()))?;
     eprintln!(
         "model: {} ({:?}, {} layers, {:.1}M parameters) loaded in {:.1}s{}",
@@ -1124,6 +1128,7 @@ fn report<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
         out: a.out.clone(),
         keep_models: a.keep_models,
         force: a.force,
+        residency: residency(&a.common),
     };
     let r = run_report(be, &spec)?;
     println!(

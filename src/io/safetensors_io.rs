@@ -1,9 +1,9 @@
 //! Memory-mapped safetensors reading: one file or an HF sharded index.
 //! Tensors are never copied until a caller asks for an f32 conversion.
-use rayon::prelude::*;
 use crate::{Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -34,6 +34,7 @@ use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::atomic::write_file;
 use crate::io::export::ExportLayout;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
+use crate::model::weights::Residency;
 use crate::model::Model;
 use crate::progress::{println, Progress};
 use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest, CalibSpec};
@@ -104,6 +105,8 @@ pub struct ReportSpec {
     pub keep_models: bool,
     /// Recompute cells whose inputs changed instead of refusing.
     pub force: bool,
+    /// How every model (dense and pruned) keeps its layers (`--stream`).
+    pub residency: Residency,
 }
 
 impl ReportSpec {
@@ -387,7 +390,7 @@ struct Run<'a, B: Backend> {
 pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     let start = Instant::now();
     spec.check()?;
-    let dense = Model::load(be, &spec.model)?;
+    let dense = Model::load_with(be, &spec.model, spec.residency)?;
     println(&format!(
         "model: {} ({:?}, {} layers, {:.1}M parameters)",
         spec.model.display(),
@@ -589,7 +592,7 @@ impl<B: Backend> Run<'_, B> {
             }
         }
         if !pending.is_empty() {
-            let model = Model::load(self.be, &dir)?;
+            let model = Model::load_with(self.be, &dir, self.spec.residency)?;
             for metric in pending {
                 let t = Instant::now();
                 let (v, line) = self.evaluate(&model, metric, &name)?;

@@ -2,8 +2,8 @@
 //! on a [`Device`]. Activations (`Buf`) are f32, weights (`Weight`) bf16;
 //! matrix products round their activation operand to bf16 and accumulate in
 //! f32 (cuBLAS `CUBLAS_COMPUTE_32F`).
-use rayon::prelude::*;
 use half::bf16;
+use rayon::prelude::*;
 
 use super::buf::DevBuf;
 use super::device::{Device, Gemm, GemmType};
