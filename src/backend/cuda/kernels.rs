@@ -459,7 +459,8 @@ pub fn rope<D: Device>(
     launch(dev, "rope_f32", LaunchCfg::linear(rows, 128), args)
 }
 
-/// Warps per block of attention.cu (its `kAttnWarps`) and its tile rows.
+/// Warps per block and rows per tile of attention.cu (`kAttnWarps`, `kTile`)
+/// and of attention_decode.cu (`kDecWarps`, `kDecTile`).
 const ATTN_WARPS: u32 = 4;
 const ATTN_TILE: usize = 32;
 
