@@ -7,15 +7,18 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use rku_engine::backend::cuda::{kernels as k, DevBuf, Device, EmuDevice, GpuDevice};
-use rku_engine::backend::AttnShape;
+use rku_engine::backend::{AttnShape, CacheShape};
 use std::time::Duration;
 
-/// Shapes of one run: FFN rows × width, hidden size, attention.
+/// Shapes of one run: FFN rows × width, hidden size, attention, and
+/// KV-cache decoding with `cached` positions already in every sequence.
 struct Shapes {
     rows: usize,
     m: usize,
     d: usize,
     attn: AttnShape,
+    cache: CacheShape,
+    cached: usize,
 }
 
 fn filled<D: Device>(dev: &D, n: usize) -> DevBuf<D, f32> {
@@ -104,6 +107,35 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             dev.synchronize().unwrap()
         })
     });
+    // Decoding: every call appends the same rows at `cached` (so the caches
+    // stay as they are) and reads the pos+n live rows of both caches.
+    let cs = s.cache;
+    let (new_rows, kvd) = (cs.seqs * cs.n, cs.kv_heads * cs.head_dim);
+    let qd = cs.heads * cs.head_dim;
+    let (cq, ck, cv, cout) = (
+        filled(dev, new_rows * qd),
+        filled(dev, new_rows * kvd),
+        filled(dev, new_rows * kvd),
+        filled(dev, new_rows * qd),
+    );
+    let (kc, vc) = (
+        filled(dev, cs.seqs * cs.cap * kvd),
+        filled(dev, cs.seqs * cs.cap * kvd),
+    );
+    let pos = vec![s.cached; cs.seqs];
+    let split = k::decode_split(cs, &pos);
+    let live = cs.seqs * (s.cached + cs.n) * kvd;
+    g.throughput(Throughput::BytesDecimal(
+        (4 * (2 * live + 2 * new_rows * qd + 4 * new_rows * kvd)) as u64,
+    ));
+    g.bench_function(
+        BenchmarkId::new("attention_decode_f32", s.cached + cs.n),
+        |it| {
+            it.iter(|| {
+                k::attention_cached(dev, &cq, &ck, &cv, &kc, &vc, &pos, &cout, cs, split).unwrap()
+            })
+        },
+    );
     g.finish();
 }
 
@@ -119,6 +151,15 @@ fn kernels(c: &mut Criterion) {
             kv_heads: 1,
             head_dim: 64,
         },
+        cache: CacheShape {
+            seqs: 1,
+            n: 1,
+            cap: 256,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+        },
+        cached: 199,
     };
     bench_device(c, &EmuDevice::new(), &tiny);
     match GpuDevice::new(0) {
@@ -134,6 +175,16 @@ fn kernels(c: &mut Criterion) {
                     kv_heads: 4,
                     head_dim: 128,
                 },
+                // One sequence decoding one token at 2048 live positions.
+                cache: CacheShape {
+                    seqs: 1,
+                    n: 1,
+                    cap: 4096,
+                    heads: 28,
+                    kv_heads: 4,
+                    head_dim: 128,
+                },
+                cached: 2047,
             };
             bench_device(c, &gpu, &layer);
         }

@@ -25,6 +25,7 @@ use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{kernels as k, CudaBackend, DevBuf, EmuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, logits};
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
@@ -185,6 +186,67 @@ fn tiny_qwen2_cuda_emu_matches_cpu() {
 #[test]
 fn tiny_llama3_cuda_emu_matches_cpu() {
     check_model("tiny-llama3");
+}
+
+/// Greedy tokens and the logits after every call of a `Decoder` run: a
+/// prefill of unequal prompts, greedy steps, a chunk of unequal forced
+/// tokens into the non-empty caches, more greedy steps.
+fn decode_run<B: Backend>(be: &B, model: &Model<B>) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let vocab = model.cfg.vocab;
+    let text = ids(24, vocab);
+    let prompts = vec![
+        text[..7].to_vec(),
+        text[7..9].to_vec(),
+        text[9..13].to_vec(),
+    ];
+    let chunk = vec![
+        text[13..16].to_vec(),
+        text[16..17].to_vec(),
+        text[17..19].to_vec(),
+    ];
+    // Capacity 24: more than the 18 positions the longest sequence uses.
+    let mut dec = Decoder::new(be, model, prompts.len(), 24).unwrap();
+    let mut logits = vec![dec.extend(&prompts).unwrap()];
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    for step in 0..8 {
+        let next: Vec<u32> = logits.last().unwrap().chunks(vocab).map(argmax).collect();
+        tokens.iter_mut().zip(&next).for_each(|(t, &id)| t.push(id));
+        logits.push(dec.step(&next).unwrap());
+        if step == 3 {
+            logits.push(dec.extend(&chunk).unwrap());
+        }
+    }
+    (tokens, logits)
+}
+
+/// KV-cache decoding through `CudaBackend<EmuDevice>` (its native
+/// attention_cached) against the CPU backend on the bf16-rounded model: the
+/// same greedy tokens, and logits within the logits' tolerance after every call.
+fn check_decode(name: &str) {
+    let dir = fixture(name);
+    let rounded = bf16_copy(&dir);
+    let cpu = CpuBackend::new();
+    let cpu_model = Model::load(&cpu, rounded.path()).unwrap();
+    let cuda = CudaBackend::new(EmuDevice::new());
+    let cuda_model = Model::load(&cuda, &dir).unwrap();
+    let (want_ids, want) = decode_run(&cpu, &cpu_model);
+    let (got_ids, got) = decode_run(&cuda, &cuda_model);
+    assert_eq!(got_ids, want_ids, "{name}: greedy tokens");
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    for (call, (g, w)) in got.iter().zip(&want).enumerate() {
+        let what = format!("{name} decode call {call} logits");
+        check(&f64s(g), &f64s(w), RTOL_LOGITS, &what);
+    }
+}
+
+#[test]
+fn tiny_qwen2_cuda_emu_decode_matches_cpu() {
+    check_decode("tiny-qwen2");
+}
+
+#[test]
+fn tiny_llama3_cuda_emu_decode_matches_cpu() {
+    check_decode("tiny-llama3");
 }
 
 /// compact.cu on the device against prune::compact on the host, bit for

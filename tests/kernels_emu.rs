@@ -8,7 +8,7 @@ use rku_engine::backend::cuda::{
     has_kernels, kernels as k, CudaBackend, DevBuf, Device, EmuDevice, Gemm, GemmType, GpuDevice,
     PTXAS_LOG,
 };
-use rku_engine::backend::{AttnShape, Backend};
+use rku_engine::backend::{AttnShape, Backend, CacheShape};
 use std::sync::OnceLock;
 
 const F32_TOL: (f32, f32) = (1e-5, 1e-4);
@@ -137,6 +137,7 @@ on_devices! {
     attention_fwd_bwd_gqa => check_attention,
     attention_head_dim_8 => check_attention_hd8,
     attention_head_dim_40 => check_attention_hd40,
+    attention_cached_splits => check_attention_cached,
     gemm_cublas_contract => check_gemm,
 }
 
@@ -159,6 +160,7 @@ on_backends! {
     backend_linear => check_backend_linear,
     backend_cross_entropy_chunked => check_cross_entropy,
     backend_channel_stats_energy => check_backend_channel_stats,
+    backend_attention_cached_calls => check_backend_attention_cached,
 }
 
 fn silu(a: f32) -> f32 {
@@ -690,6 +692,208 @@ fn check_attention_at<D: Device>(dev: &D, shapes: &[AttnShape]) {
     }
 }
 
+/// Inputs of one `attention_cached` call. The caches hold random rows below
+/// pos[s] and NaN from pos[s] on: the new rows must land at pos[s]..pos[s]+n,
+/// and a row past that read (NaN in the output) or written shows.
+struct CacheCase {
+    sh: CacheShape,
+    pos: Vec<usize>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+}
+
+impl CacheCase {
+    fn new(sh: CacheShape, pos: &[usize], seed: u64) -> Self {
+        let mut r = Rng::new(seed);
+        let (rows, kvd) = (sh.seqs * sh.n, sh.kv_heads * sh.head_dim);
+        let mut cache = || {
+            let mut c = r.vec(sh.seqs * sh.cap * kvd);
+            for (s, &p) in pos.iter().enumerate() {
+                c[(s * sh.cap + p) * kvd..(s + 1) * sh.cap * kvd].fill(f32::NAN);
+            }
+            c
+        };
+        let (k_cache, v_cache) = (cache(), cache());
+        CacheCase {
+            sh,
+            pos: pos.to_vec(),
+            q: r.vec(rows * sh.heads * sh.head_dim),
+            k: r.vec(rows * kvd),
+            v: r.vec(rows * kvd),
+            k_cache,
+            v_cache,
+        }
+    }
+
+    /// The caches after the call: rows pos[s]..pos[s]+n replaced by the new ones.
+    fn appended(&self) -> (Vec<f32>, Vec<f32>) {
+        let (n, kvd) = (self.sh.n, self.sh.kv_heads * self.sh.head_dim);
+        let (mut kc, mut vc) = (self.k_cache.clone(), self.v_cache.clone());
+        for (s, &p) in self.pos.iter().enumerate() {
+            let at = (s * self.sh.cap + p) * kvd;
+            kc[at..at + n * kvd].copy_from_slice(&self.k[s * n * kvd..(s + 1) * n * kvd]);
+            vc[at..at + n * kvd].copy_from_slice(&self.v[s * n * kvd..(s + 1) * n * kvd]);
+        }
+        (kc, vc)
+    }
+
+    /// The CPU backend's output.
+    fn cpu_out(&self) -> Vec<f32> {
+        let (mut kc, mut vc) = (self.k_cache.clone(), self.v_cache.clone());
+        CpuBackend::new()
+            .attention_cached(
+                &self.q, &self.k, &self.v, &mut kc, &mut vc, &self.pos, self.sh,
+            )
+            .unwrap()
+    }
+}
+
+/// Bit-for-bit equality (NaN equals the same NaN).
+fn assert_same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+/// attention_decode.cu against the CPU backend's `attention_cached`, each
+/// case with one split (direct output) and several (combine), splits that
+/// some sequences never reach, and query tiles of 4 rows left partial.
+fn check_attention_cached<D: Device>(dev: &D) {
+    let shape = |seqs, n, cap, heads, kv_heads, head_dim| CacheShape {
+        seqs,
+        n,
+        cap,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let cases: [(CacheShape, &[usize], &[usize]); 3] = [
+        // Decoding one token at three depths (an empty cache, the last free
+        // position of a 71-row prefix); hd 40 is not a multiple of 32.
+        (shape(3, 1, 80, 4, 2, 40), &[0, 37, 70], &[32, 64, 96]),
+        // A prefill chunk of 5 into non-empty caches, group 3: 15 query rows
+        // per kv head, the last block holding 3; hd 8, the tiny fixtures'.
+        (shape(2, 5, 60, 6, 2, 8), &[3, 41], &[32, 64]),
+        // hd 128 (four accumulator slots per lane), no grouping, n = 2.
+        (shape(2, 2, 48, 2, 2, 128), &[33, 5], &[32, 64]),
+    ];
+    for (sh, pos, splits) in cases {
+        let c = CacheCase::new(sh, pos, 40 + sh.head_dim as u64);
+        let want = c.cpu_out();
+        let (kc_want, vc_want) = c.appended();
+        for &split in splits {
+            let what = format!("attention_cached {sh:?} split {split}");
+            let (kc, vc) = (up(dev, &c.k_cache), up(dev, &c.v_cache));
+            let out = poisoned(dev, c.q.len());
+            k::attention_cached(
+                dev,
+                &up(dev, &c.q),
+                &up(dev, &c.k),
+                &up(dev, &c.v),
+                &kc,
+                &vc,
+                pos,
+                &out,
+                sh,
+                split,
+            )
+            .unwrap();
+            assert_close(&down(dev, &out), &want, F32_TOL, &format!("{what} out"));
+            assert_same_bits(&down(dev, &kc), &kc_want, &format!("{what} k_cache"));
+            assert_same_bits(&down(dev, &vc), &vc_want, &format!("{what} v_cache"));
+        }
+    }
+}
+
+/// `CudaBackend::attention_cached` (its own choice of split) against the
+/// CPU backend over a run of calls on the same caches, as a decoder makes
+/// them: a prefill chunk, single tokens, another chunk, then lengths past
+/// 64 (two splits) up to the last position; and its argument checks.
+fn check_backend_attention_cached<D: Device>(be: &CudaBackend<D>) {
+    let cpu = CpuBackend::new();
+    let (seqs, cap, heads, kv_heads, head_dim) = (3, 100, 4, 2, 16);
+    let kvd = kv_heads * head_dim;
+    let mut r = Rng::new(77);
+    let (mut kc_want, mut vc_want) = (r.vec(seqs * cap * kvd), r.vec(seqs * cap * kvd));
+    let (mut kc, mut vc) = (be.upload(&kc_want).unwrap(), be.upload(&vc_want).unwrap());
+    let calls: [(usize, [usize; 3]); 5] = [
+        (7, [0, 2, 0]),
+        (1, [7, 5, 3]),
+        (3, [8, 40, 4]),
+        (1, [70, 43, 99]),
+        (1, [71, 0, 12]),
+    ];
+    for (n, pos) in calls {
+        let sh = CacheShape {
+            seqs,
+            n,
+            cap,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (q, kk, v) = (
+            r.vec(seqs * n * heads * head_dim),
+            r.vec(seqs * n * kvd),
+            r.vec(seqs * n * kvd),
+        );
+        let want = cpu
+            .attention_cached(&q, &kk, &v, &mut kc_want, &mut vc_want, &pos, sh)
+            .unwrap();
+        let (gq, gk, gv) = (
+            be.upload(&q).unwrap(),
+            be.upload(&kk).unwrap(),
+            be.upload(&v).unwrap(),
+        );
+        let got = be
+            .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos, sh)
+            .unwrap();
+        let what = format!("{} attention_cached n {n} pos {pos:?}", be.name());
+        assert_close(&be.download(&got).unwrap(), &want, F32_TOL, &what);
+        assert_same_bits(&be.download(&kc).unwrap(), &kc_want, &what);
+        assert_same_bits(&be.download(&vc).unwrap(), &vc_want, &what);
+        if n == 1 {
+            let err = be
+                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos[..2], sh)
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains("2 positions for 3"), "{err}");
+            let full = [pos[0], pos[1], cap];
+            let err = be
+                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &full, sh)
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains("KV cache full"), "{err}");
+        }
+    }
+}
+
+/// The split policy: one sequence of Qwen2.5-7B decoding at 2048 cached
+/// positions is cut into 32 splits of 64 keys (256 blocks); a 512-token
+/// prefill chunk already fills the GPU and gets one split.
+#[test]
+fn decode_split_policy() {
+    let sh = CacheShape {
+        seqs: 1,
+        n: 1,
+        cap: 4096,
+        heads: 28,
+        kv_heads: 4,
+        head_dim: 128,
+    };
+    assert_eq!(k::decode_split(sh, &[2047]), 64);
+    assert_eq!(k::decode_split(sh, &[0]), 64);
+    assert_eq!(k::decode_split(CacheShape { n: 512, ..sh }, &[1024]), 1536);
+    assert_eq!(
+        k::decode_split(CacheShape { seqs: 64, ..sh }, &[2047; 64]),
+        2048
+    );
+}
+
 /// Column-major C = alpha·op(A)·op(B) + beta·C per batch, by plain loops.
 fn gemm_ref(g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     for bi in 0..g.batch {
@@ -1059,6 +1263,31 @@ fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
     out.push(("attention_dq", dl(&dq), tol));
     out.push(("attention_dk", dl(&dk), tol));
     out.push(("attention_dv", dl(&dv), tol));
+    // Decoding: 3 new tokens per sequence after 4 and 9 cached positions.
+    let csh = CacheShape {
+        seqs,
+        n: 3,
+        cap: 16,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let new_rows = seqs * csh.n;
+    let (mut kc, mut vc) = (up(&bf(seqs * 16 * 64)), up(&bf(seqs * 16 * 64)));
+    let ac = be
+        .attention_cached(
+            &up(&q[..new_rows * 128]),
+            &up(&kv[..new_rows * 64]),
+            &up(&v2[..new_rows * 64]),
+            &mut kc,
+            &mut vc,
+            &[4, 9],
+            csh,
+        )
+        .unwrap();
+    out.push(("attention_cached", dl(&ac), tol));
+    out.push(("attention_cached_k_cache", dl(&kc), tol));
+    out.push(("attention_cached_v_cache", dl(&vc), tol));
     let (ga, gbb) = (up(&dy), up(&dh));
     let h = be.swiglu_fwd(&ga, &gbb, rows * m).unwrap();
     out.push(("swiglu_fwd", dl(&h), tol));

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::buf::DevBuf;
 use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
-use crate::backend::{AttnShape, Backend, ChannelPartial};
+use crate::backend::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
 use crate::{Error, Result};
 
 /// Vocabulary entries per cross-entropy chunk by default: at 2048 rows the
@@ -287,6 +287,30 @@ impl<D: Device> Backend for CudaBackend<D> {
         let dv = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
         k::attention_bwd(&self.dev, dout, q, k_, v, out, lse, &dq, &dk, &dv, shape)?;
         Ok((dq, dk, dv))
+    }
+
+    /// Native: the new rows are appended on the device and each new query
+    /// reads only its sequence's live cache rows (attention_decode.cu).
+    fn attention_cached(
+        &self,
+        q: &Self::Buf,
+        k_: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        pos: &[usize],
+        shape: CacheShape,
+    ) -> Result<Self::Buf> {
+        check_cache_call(pos, shape)?;
+        let out = DevBuf::alloc(
+            &self.dev,
+            shape.seqs * shape.n * shape.heads * shape.head_dim,
+        )?;
+        let split = k::decode_split(shape, pos);
+        k::attention_cached(
+            &self.dev, q, k_, v, k_cache, v_cache, pos, &out, shape, split,
+        )?;
+        Ok(out)
     }
 
     fn swiglu_fwd(&self, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf> {

@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::buf::{DevBuf, Elem};
 use super::device::{Args, Device, LaunchCfg};
-use crate::backend::AttnShape;
+use crate::backend::{check_cache_call, AttnShape, CacheShape};
 use crate::{Error, Result};
 
 fn bad<D: Device>(dev: &D, msg: String) -> Error {
@@ -459,7 +459,8 @@ pub fn rope<D: Device>(
     launch(dev, "rope_f32", LaunchCfg::linear(rows, 128), args)
 }
 
-/// Warps per block of attention.cu (its `kAttnWarps`) and its tile rows.
+/// Warps per block and rows per tile of attention.cu (`kAttnWarps`, `kTile`)
+/// and of attention_decode.cu (`kDecWarps`, `kDecTile`).
 const ATTN_WARPS: u32 = 4;
 const ATTN_TILE: usize = 32;
 
@@ -604,6 +605,160 @@ pub fn attention_bwd<D: Device>(
         attn_dims(dev, args, s)?,
     )?;
     dev.synchronize() // `delta` is freed on return
+}
+
+/// Blocks `decode_split` aims the decode grid at (about 4 per SM on a
+/// 132-SM H100), and the shortest split it makes: each split costs its
+/// partials (hd floats per query and head) written and read back.
+const DECODE_BLOCKS: usize = 512;
+const DECODE_MIN_SPLIT: usize = 64;
+
+/// Keys per split of attention_decode.cu for `attention_cached`: one split
+/// when the (sequence, kv head, 4 query rows) blocks already fill the GPU
+/// (prefill chunks, large batches), else as many as bring the grid to about
+/// `DECODE_BLOCKS` (one sequence of Qwen2.5-7B: 8 blocks per split), each a
+/// multiple of 32 keys and at least `DECODE_MIN_SPLIT`.
+pub fn decode_split(sh: CacheShape, pos: &[usize]) -> usize {
+    let longest = pos.iter().max().map_or(0, |p| p + sh.n);
+    let group = sh.heads / sh.kv_heads.max(1);
+    let blocks = (group * sh.n).div_ceil(ATTN_WARPS as usize) * sh.kv_heads * sh.seqs;
+    let splits = DECODE_BLOCKS.div_ceil(blocks.max(1));
+    longest
+        .div_ceil(splits)
+        .next_multiple_of(ATTN_TILE)
+        .max(DECODE_MIN_SPLIT)
+}
+
+/// attention_decode.cu: `kv_append_f32` writes the new rows `k`, `v`
+/// `[seqs·n, KV·hd]` into the caches `[seqs, cap, KV·hd]` at `pos`,
+/// `attention_decode_f32` attends each new query of `q [seqs·n, H·hd]` to
+/// its sequence's cache in splits of `split` keys and, when there is more
+/// than one split, `attention_decode_combine_f32` merges them into
+/// `out [seqs·n, H·hd]` (the contract of `Backend::attention_cached`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached<D: Device>(
+    dev: &D,
+    q: &DevBuf<D, f32>,
+    k: &DevBuf<D, f32>,
+    v: &DevBuf<D, f32>,
+    k_cache: &DevBuf<D, f32>,
+    v_cache: &DevBuf<D, f32>,
+    pos: &[usize],
+    out: &DevBuf<D, f32>,
+    sh: CacheShape,
+    split: usize,
+) -> Result<()> {
+    // pos[s] + n ≤ cap bounds every cache row the kernels touch.
+    check_cache_call(pos, sh)?;
+    attn_check(
+        dev,
+        AttnShape {
+            seqs: sh.seqs,
+            t: sh.n,
+            heads: sh.heads,
+            kv_heads: sh.kv_heads,
+            head_dim: sh.head_dim,
+        },
+    )?;
+    if split == 0 || !split.is_multiple_of(ATTN_TILE) {
+        return Err(bad(
+            dev,
+            format!("attention_cached: split {split} is not a positive multiple of {ATTN_TILE}"),
+        ));
+    }
+    let (rows, hd) = (sh.seqs * sh.n, sh.head_dim);
+    let (qd, kvd) = (sh.heads * hd, sh.kv_heads * hd);
+    need(dev, q, rows * qd, "attention_cached q")?;
+    need(dev, k, rows * kvd, "attention_cached k")?;
+    need(dev, v, rows * kvd, "attention_cached v")?;
+    need(
+        dev,
+        k_cache,
+        sh.seqs * sh.cap * kvd,
+        "attention_cached k_cache",
+    )?;
+    need(
+        dev,
+        v_cache,
+        sh.seqs * sh.cap * kvd,
+        "attention_cached v_cache",
+    )?;
+    need(dev, out, rows * qd, "attention_cached out")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let positions = pos
+        .iter()
+        .map(|&p| int(dev, p, "cache position"))
+        .collect::<Result<Vec<i32>>>()?;
+    let pos_dev = DevBuf::upload(dev, &positions)?;
+    let (n, cap) = (int(dev, sh.n, "n")?, int(dev, sh.cap, "cap")?);
+    let (heads, hd_i) = (int(dev, sh.heads, "heads")?, int(dev, hd, "head_dim")?);
+    let args = Args::new()
+        .ptr(k.addr(dev))
+        .ptr(v.addr(dev))
+        .ptr(k_cache.addr(dev))
+        .ptr(v_cache.addr(dev))
+        .ptr(pos_dev.addr(dev))
+        .i32(n)
+        .i32(cap)
+        .i32(int(dev, kvd, "kv width")?);
+    launch(dev, "kv_append_f32", LaunchCfg::linear(rows, 128), args)?;
+
+    let splits = pos.iter().max().map_or(0, |p| p + sh.n).div_ceil(split);
+    let tiles = (sh.heads / sh.kv_heads * sh.n).div_ceil(ATTN_WARPS as usize);
+    let cfg = LaunchCfg {
+        grid: [
+            int(dev, tiles * splits, "decode blocks")? as u32,
+            sh.kv_heads as u32,
+            sh.seqs as u32,
+        ],
+        block: [32, ATTN_WARPS, 1],
+        shmem: ((2 * ATTN_TILE * (hd + 1) + ATTN_WARPS as usize * hd) * 4) as u32,
+    };
+    // With one split the kernel's normalised partial is the output itself.
+    let (part, lse) = if splits == 1 {
+        (None, DevBuf::<D, f32>::alloc(dev, rows * sh.heads)?)
+    } else {
+        (
+            Some(DevBuf::<D, f32>::alloc(dev, rows * sh.heads * splits * hd)?),
+            DevBuf::<D, f32>::alloc(dev, rows * sh.heads * splits)?,
+        )
+    };
+    let o_part = part.as_ref().unwrap_or(out);
+    let args = Args::new()
+        .ptr(q.addr(dev))
+        .ptr(k_cache.addr(dev))
+        .ptr(v_cache.addr(dev))
+        .ptr(pos_dev.addr(dev))
+        .ptr(o_part.addr(dev))
+        .ptr(lse.addr(dev))
+        .i32(n)
+        .i32(cap)
+        .i32(heads)
+        .i32(int(dev, sh.kv_heads, "kv_heads")?)
+        .i32(hd_i)
+        .i32(int(dev, split, "split")?);
+    launch(dev, "attention_decode_f32", cfg, args)?;
+    if let Some(part) = &part {
+        let args = Args::new()
+            .ptr(part.addr(dev))
+            .ptr(lse.addr(dev))
+            .ptr(pos_dev.addr(dev))
+            .ptr(out.addr(dev))
+            .i32(n)
+            .i32(heads)
+            .i32(hd_i)
+            .i32(int(dev, splits, "splits")?)
+            .i32(int(dev, split, "split")?);
+        launch(
+            dev,
+            "attention_decode_combine_f32",
+            LaunchCfg::linear(rows, 128),
+            args,
+        )?;
+    }
+    dev.synchronize() // `pos_dev` and the partials are freed on return
 }
 
 /// cross_entropy.cu `ce_stats_f32`: folds the logits chunk `[rows, vc]` of
