@@ -13,8 +13,9 @@
 #   2. score (energy + ce) with --backend cuda, resident and --stream, against
 #      --backend cpu, on the tiny fixture and on the synthetic 7B-shaped model:
 #      statistics compared with the tolerance rule of tests/cuda_emu_model.rs;
-#   3. perplexity (cuda vs cpu) and the CUDA backend's throughput at T = 2048
-#      (bench forward/score, resident and streamed).
+#   3. perplexity (cuda vs cpu), greedy decoding speed (cpu, cuda) and the
+#      CUDA backend's throughput at T = 2048 (bench forward/score, resident
+#      and streamed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "$1")
@@ -81,6 +82,9 @@ check_model() { # model label T
     echo "== 3. $l: perplexity (cpu, cuda) and cuda throughput"
     for b in cpu cuda; do
         "$RKU" eval ppl --model "$m" --text "$calib" --seq-len "$t" --max-windows 8 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
+    done
+    for b in cpu cuda; do
+        "$RKU" bench decode --model "$m" --prompt-len 32 --new-tokens 64 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
     done
     for s in "" --stream; do
         "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"

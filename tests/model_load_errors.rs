@@ -229,4 +229,25 @@ fn sharded_bf16_model_loads() {
         / scale;
     assert!(err < 3e-2, "bf16 sharded logits differ by {err}");
     assert!(err > 0.0, "bf16 rounding should change something");
+
+    // An infinity in a bf16 tensor is refused like one in an f32 tensor.
+    let bad = "model.layers.1.mlp.down_proj.weight";
+    let tensors: Vec<OutTensor> = files
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = files.get_any(n).unwrap();
+            let mut v = t.to_f32().unwrap();
+            if n == bad {
+                v[3] = f32::INFINITY;
+            }
+            OutTensor::from_f32(n, OutDtype::BF16, t.shape.to_vec(), &v)
+        })
+        .collect();
+    let dst = tmp.path().join("inf");
+    std::fs::create_dir(&dst).unwrap();
+    std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
+    write_model(&dst, &tensors, 40_000).unwrap();
+    let e = load_err_with(&dst, Residency::Resident);
+    assert!(e.contains(bad) && e.contains("non-finite"), "{e}");
 }

@@ -79,6 +79,18 @@ pub trait Backend: Send + Sync {
     fn upload_weight_async(&self, data: &[f32]) -> Result<Self::Weight> {
         self.upload_weight(data)
     }
+    /// `upload_weight` (or with `in_flight`, `upload_weight_async`) of a
+    /// tensor stored in bf16. The default widens it to f32 (exactly); a
+    /// backend that keeps bf16 weights copies it as it is.
+    fn upload_weight_bf16(&self, data: &[half::bf16], in_flight: bool) -> Result<Self::Weight> {
+        use rayon::prelude::*;
+        let wide: Vec<f32> = data.par_iter().map(|v| v.to_f32()).collect();
+        if in_flight {
+            self.upload_weight_async(&wide)
+        } else {
+            self.upload_weight(&wide)
+        }
+    }
     /// Waits until every `upload_weight_async` issued so far has landed.
     fn weights_fence(&self) -> Result<()> {
         Ok(())

@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,37 @@ impl TensorRef<'_> {
             ));
         }
         Ok(out)
+    }
+}
+
+impl<'a> TensorRef<'a> {
+    /// The values of a bf16 tensor as stored (borrowed from the map when
+    /// aligned), refusing NaN or infinite values like `to_f32`. None for
+    /// other dtypes.
+    pub fn as_bf16(&self) -> Option<Result<Cow<'a, [bf16]>>> {
+        if self.dtype != FloatType::BF16 {
+            return None;
+        }
+        let values: Cow<'a, [bf16]> = match bytemuck::try_cast_slice(self.bytes) {
+            Ok(v) => Cow::Borrowed(v),
+            Err(_) => Cow::Owned(
+                self.bytes
+                    .par_chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+        };
+        // Exponent bits all set: infinite or NaN.
+        let bad = values
+            .par_iter()
+            .position_first(|v| v.to_bits() & 0x7F80 == 0x7F80);
+        Some(match bad {
+            Some(i) => Err(Error::tensor(
+                self.name,
+                format!("non-finite value {} at flat index {i}", values[i]),
+            )),
+            None => Ok(values),
+        })
     }
 }
 

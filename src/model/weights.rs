@@ -78,12 +78,15 @@ fn load<B: Backend>(
     shape: &[usize],
     how: Upload,
 ) -> Result<B::Weight> {
-    let data = files.get(name, shape)?.to_f32()?;
+    let t = files.get(name, shape)?;
+    let in_flight = matches!(how, Upload::InFlight);
+    let w = match t.as_bf16() {
+        Some(values) => b.upload_weight_bf16(&values?, in_flight),
+        None if in_flight => b.upload_weight_async(&t.to_f32()?),
+        None => b.upload_weight(&t.to_f32()?),
+    };
     files.release_tensor(name);
-    match how {
-        Upload::Now => b.upload_weight(&data),
-        Upload::InFlight => b.upload_weight_async(&data),
-    }
+    w
 }
 
 fn load_opt<B: Backend>(

@@ -134,6 +134,14 @@ impl<D: Device> Backend for CudaBackend<D> {
         DevBuf::upload_async(&self.dev, &to_bf16_host(data))
     }
 
+    fn upload_weight_bf16(&self, data: &[bf16], in_flight: bool) -> Result<Self::Weight> {
+        if in_flight {
+            DevBuf::upload_async(&self.dev, data)
+        } else {
+            DevBuf::upload(&self.dev, data)
+        }
+    }
+
     fn weights_fence(&self) -> Result<()> {
         self.dev.upload_fence()
     }
