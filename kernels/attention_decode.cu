@@ -37,7 +37,7 @@
 //     splits: decoding one sequence of Qwen2.5-7B has 4 kv heads, 8 blocks
 //     per split; splitting the keys is what lets a single sequence use the
 //     whole GPU (the host picks the split: about 512 blocks, 64 keys at least).
-//   combine: grid (seqs·n), block 128 striding over H·hd.
+//   combine: grid (seqs·n, H), block 32·ceil(hd/32), a thread per output dim.
 // Shared memory: (2·32·(hd+1) + 4·hd)·4 bytes, 35 KB at hd = 128, whatever cap.
 // Bytes: the live cache rows of each (sequence, kv head) are read once:
 // 2·L·KV·hd·4 per sequence (L = pos+n), plus q, out, the appended rows and the
@@ -64,14 +64,23 @@ extern "C" __global__ void kv_append_f32(const float *__restrict__ k, const floa
 }
 
 // Copies cache rows [j0, j0+32) of one (sequence, kv head) into a padded
-// [32][hd+1] shared tile with the whole block; rows from j_stop on are not
-// read (they may be unwritten) and become zeros. Row j starts at head + j·kvd.
+// [32][hd+1] shared tile with the whole block: warp w takes rows w, w+4, ...,
+// lane l dims l, l+32, l+64, l+96 of each (coalesced). Both loops are fully
+// unrolled, so a thread's 32 loads are all in flight before its first store.
+// Rows from j_stop on are not read (they may be unwritten) and become zeros.
+// Row j starts at head + j·kvd.
 __device__ __forceinline__ void load_cache_tile(float *tile, const float *head, int j0, int j_stop,
                                                 int kvd, int hd) {
-    const int tid = threadIdx.y * 32 + threadIdx.x;
-    for (int e = tid; e < kDecTile * hd; e += 32 * kDecWarps) {
-        const int jj = e / hd, d = e % hd, j = j0 + jj;
-        tile[jj * (hd + 1) + d] = j < j_stop ? head[(size_t)j * kvd + d] : 0.f;
+    RKU_UNROLL
+    for (int rr = 0; rr < kDecTile / kDecWarps; ++rr) {
+        const int jj = threadIdx.y + rr * kDecWarps;
+        const bool live = j0 + jj < j_stop;
+        const float *src = head + (size_t)(live ? j0 + jj : j0) * kvd;  // row j0 is live
+        RKU_UNROLL
+        for (int dd = 0; dd < kDecMaxDims; ++dd) {
+            const int d = threadIdx.x + 32 * dd;
+            if (d < hd) tile[jj * (hd + 1) + d] = live ? src[d] : 0.f;
+        }
     }
 }
 
@@ -145,20 +154,19 @@ extern "C" __global__ void attention_decode_combine_f32(const float *__restrict_
                                                         const int *__restrict__ pos,
                                                         float *__restrict__ out, int n, int heads,
                                                         int hd, int splits, int split) {
-    const int row = blockIdx.x, s = row / n, i = row % n;
+    const int row = blockIdx.x, h = blockIdx.y, s = row / n, i = row % n;
     const int used = (pos[s] + i) / split + 1;  // the splits holding keys ≤ pos[s]+i
-    for (int e = threadIdx.x; e < heads * hd; e += blockDim.x) {
-        const int h = e / hd, d = e % hd;
-        const size_t base = ((size_t)row * heads + h) * splits;
-        float m = -INFINITY;
-        for (int c = 0; c < used; ++c) m = fmaxf(m, lse_part[base + c]);
+    const size_t base = ((size_t)row * heads + h) * splits;
+    float m = -INFINITY;  // every thread reads the same lse values: broadcasts
+    for (int c = 0; c < used; ++c) m = fmaxf(m, lse_part[base + c]);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float num = 0.f, den = 0.f;
         for (int c = 0; c < used; ++c) {
             const float wc = expf(lse_part[base + c] - m);
             num += wc * o_part[(base + c) * hd + d];
             den += wc;
         }
-        out[(size_t)row * heads * hd + e] = num / den;
+        out[((size_t)row * heads + h) * hd + d] = num / den;
     }
 }
 RKU_EXPORT(kv_append_f32)

@@ -751,12 +751,12 @@ pub fn attention_cached<D: Device>(
             .i32(hd_i)
             .i32(int(dev, splits, "splits")?)
             .i32(int(dev, split, "split")?);
-        launch(
-            dev,
-            "attention_decode_combine_f32",
-            LaunchCfg::linear(rows, 128),
-            args,
-        )?;
+        let cfg = LaunchCfg {
+            grid: [int(dev, rows, "rows")? as u32, sh.heads as u32, 1],
+            block: [hd.next_multiple_of(32) as u32, 1, 1],
+            shmem: 0,
+        };
+        launch(dev, "attention_decode_combine_f32", cfg, args)?;
     }
     dev.synchronize() // `pos_dev` and the partials are freed on return
 }
