@@ -1,6 +1,9 @@
-//! Matrix products on the CPU through the `gemm` crate (AVX-512 kernels
-//! with its `x86-v4` feature), all row-major f32.
+//! Matrix products on the CPU, all row-major f32: the `gemm` crate
+//! (AVX-512 kernels with its `x86-v4` feature) for real matrices, and a
+//! streaming kernel for products with only a few rows (decoding steps).
+use super::simd::{self, Isa};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// How many threads a product may use; 1 inside already-parallel loops.
 pub fn parallelism(threads: usize) -> Parallelism {
@@ -137,4 +140,121 @@ pub fn matmul_w(
         )
     };
     dx
+}
+
+/// Up to this many rows, `y = x·Wᵀ` takes the skinny path (`matvec_wt`):
+/// a decoding step is memory-bound on reading W, which gemm would first
+/// pack; streaming W once with every x row dotted against each block of W
+/// rows while it is in L1 reads each weight exactly once.
+pub const SKINNY_ROWS: usize = 4;
+
+/// Bytes of W per parallel task of `matvec_wt`: big enough that a task
+/// costs far more than scheduling it, small enough to balance two threads.
+const MATVEC_TASK_BYTES: usize = 96 * 1024;
+
+/// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ` for a few rows: W is read once,
+/// four of its rows at a time (`simd::dot4`), by tasks over contiguous row
+/// ranges.
+pub fn matvec_wt(
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    threads: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), rows * inp);
+    assert_eq!(w.len(), out * inp);
+    let isa = Isa::get();
+    // Output rows of W per task, a multiple of the 4-row block.
+    let per = (MATVEC_TASK_BYTES / (4 * inp.max(1)))
+        .max(1)
+        .next_multiple_of(4);
+    // yt is yᵀ, [out, rows]: each task owns a contiguous range of it.
+    let mut yt = vec![0f32; out * rows];
+    let task = |(ti, yc): (usize, &mut [f32])| {
+        let o0 = ti * per;
+        let n_o = yc.len() / rows;
+        let mut o = 0;
+        while o + 4 <= n_o {
+            let wb = &w[(o0 + o) * inp..(o0 + o + 4) * inp];
+            for r in 0..rows {
+                let d = simd::dot4(isa, &x[r * inp..(r + 1) * inp], wb, inp);
+                for (j, v) in d.into_iter().enumerate() {
+                    yc[(o + j) * rows + r] = v;
+                }
+            }
+            o += 4;
+        }
+        for o in o..n_o {
+            let wr = &w[(o0 + o) * inp..(o0 + o + 1) * inp];
+            for r in 0..rows {
+                yc[o * rows + r] = simd::dot(isa, &x[r * inp..(r + 1) * inp], wr);
+            }
+        }
+    };
+    if threads <= 1 || out <= per {
+        yt.chunks_mut(per * rows).enumerate().for_each(task);
+    } else {
+        yt.par_chunks_mut(per * rows).enumerate().for_each(task);
+    }
+    if rows == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; rows * out];
+    for (o, col) in yt.chunks(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * out + o] = v;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matvec_matches_a_plain_loop() {
+        let mut s = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        // Widths around the vector and block sizes, and a W big enough to
+        // be split into several parallel tasks with a ragged last one.
+        for (inp, out) in [
+            (1, 1),
+            (17, 3),
+            (33, 9),
+            (131, 37),
+            (577, 203),
+            (1000, 7001),
+        ] {
+            for rows in 1..=SKINNY_ROWS {
+                let (x, w) = (rnd(rows * inp), rnd(out * inp));
+                for threads in [1, 2] {
+                    let y = matvec_wt(&x, &w, rows, inp, out, threads);
+                    for r in 0..rows {
+                        for o in 0..out {
+                            let want: f64 = (0..inp)
+                                .map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64)
+                                .sum();
+                            let got = y[r * out + o] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{rows}x{inp}x{out} t{threads} [{r},{o}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod decode;
 mod loss;
 pub mod matmul;
 mod ops;
+mod simd;
 
 use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
 use crate::Result;
@@ -62,7 +63,11 @@ impl Backend for CpuBackend {
         inp: usize,
         out: usize,
     ) -> Result<Vec<f32>> {
-        let mut y = matmul::matmul_wt(x, w, rows, inp, out, self.threads);
+        let mut y = if rows <= matmul::SKINNY_ROWS {
+            matmul::matvec_wt(x, w, rows, inp, out, self.threads)
+        } else {
+            matmul::matmul_wt(x, w, rows, inp, out, self.threads)
+        };
         if let Some(b) = bias {
             for row in y.chunks_mut(out) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
