@@ -148,13 +148,12 @@ pub fn matmul_w(
 /// rows while it is in L1 reads each weight exactly once.
 pub const SKINNY_ROWS: usize = 4;
 
-/// Bytes of W per parallel task of `matvec_wt`: big enough that a task
+/// Bytes of W per parallel task of `matvec_many`: big enough that a task
 /// costs far more than scheduling it, small enough to balance two threads.
 const MATVEC_TASK_BYTES: usize = 96 * 1024;
 
-/// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ` for a few rows: W is read once,
-/// four of its rows at a time (`simd::dot4`), by tasks over contiguous row
-/// ranges.
+/// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ` for a few rows (`matvec_many`
+/// with one weight).
 pub fn matvec_wt(
     x: &[f32],
     w: &[f32],
@@ -163,17 +162,40 @@ pub fn matvec_wt(
     out: usize,
     threads: usize,
 ) -> Vec<f32> {
+    let [y] = matvec_many(x, [(w, out)], rows, inp, threads);
+    y
+}
+
+/// `y_i[rows,out_i] = x[rows,inp] · W_i[out_i,inp]ᵀ` for each `(W_i, out_i)`
+/// of `ws`, for a few rows. Each W is read once, four of its rows at a
+/// time (`simd::dot4`), by tasks over contiguous row ranges; the tasks of
+/// all the products share one parallel pass, so that products too small to
+/// keep every core busy alone (a layer's k and v) run together.
+pub fn matvec_many<const N: usize>(
+    x: &[f32],
+    ws: [(&[f32], usize); N],
+    rows: usize,
+    inp: usize,
+    threads: usize,
+) -> [Vec<f32>; N] {
     assert_eq!(x.len(), rows * inp);
-    assert_eq!(w.len(), out * inp);
+    for (w, out) in ws {
+        assert_eq!(w.len(), out * inp);
+    }
     let isa = Isa::get();
     // Output rows of W per task, a multiple of the 4-row block.
     let per = (MATVEC_TASK_BYTES / (4 * inp.max(1)))
         .max(1)
         .next_multiple_of(4);
-    // yt is yᵀ, [out, rows]: each task owns a contiguous range of it.
-    let mut yt = vec![0f32; out * rows];
-    let task = |(ti, yc): (usize, &mut [f32])| {
-        let o0 = ti * per;
+    // yt_i is y_iᵀ, [out_i, rows]: each task owns a contiguous range of one.
+    let mut yts: [Vec<f32>; N] = ws.map(|(_, out)| vec![0f32; out * rows]);
+    let mut tasks: Vec<(&[f32], usize, &mut [f32])> = Vec::new();
+    for ((w, _), yt) in ws.into_iter().zip(yts.iter_mut()) {
+        for (ti, yc) in yt.chunks_mut(per * rows).enumerate() {
+            tasks.push((w, ti * per, yc));
+        }
+    }
+    let task = |(w, o0, yc): (&[f32], usize, &mut [f32])| {
         let n_o = yc.len() / rows;
         let mut o = 0;
         while o + 4 <= n_o {
@@ -193,21 +215,24 @@ pub fn matvec_wt(
             }
         }
     };
-    if threads <= 1 || out <= per {
-        yt.chunks_mut(per * rows).enumerate().for_each(task);
+    if threads <= 1 || tasks.len() <= 1 {
+        tasks.into_iter().for_each(task);
     } else {
-        yt.par_chunks_mut(per * rows).enumerate().for_each(task);
+        tasks.into_par_iter().for_each(task);
     }
     if rows == 1 {
-        return yt;
+        return yts;
     }
-    let mut y = vec![0f32; rows * out];
-    for (o, col) in yt.chunks(rows).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            y[r * out + o] = v;
+    yts.map(|yt| {
+        let out = yt.len() / rows;
+        let mut y = vec![0f32; rows * out];
+        for (o, col) in yt.chunks(rows).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                y[r * out + o] = v;
+            }
         }
-    }
-    y
+        y
+    })
 }
 
 #[cfg(test)]
@@ -239,6 +264,10 @@ mod tests {
         ] {
             for rows in 1..=SKINNY_ROWS {
                 let (x, w) = (rnd(rows * inp), rnd(out * inp));
+                // A second product sharing the pass gives what it gives alone.
+                let w2 = rnd(5 * inp);
+                let [_, y2] = matvec_many(&x, [(&w, out), (&w2, 5)], rows, inp, 2);
+                assert_eq!(y2, matvec_wt(&x, &w2, rows, inp, 5, 1));
                 for threads in [1, 2] {
                     let y = matvec_wt(&x, &w, rows, inp, out, threads);
                     for r in 0..rows {

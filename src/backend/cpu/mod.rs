@@ -7,7 +7,7 @@ pub mod matmul;
 mod ops;
 mod simd;
 
-use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
+use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart};
 use crate::Result;
 
 /// f32 host buffers for activations and weights.
@@ -27,6 +27,15 @@ impl CpuBackend {
 impl Default for CpuBackend {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `y[r,:] += bias` for each row r of `y` (`[rows, bias.len()]`).
+fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
     }
 }
 
@@ -68,12 +77,27 @@ impl Backend for CpuBackend {
         } else {
             matmul::matmul_wt(x, w, rows, inp, out, self.threads)
         };
-        if let Some(b) = bias {
-            for row in y.chunks_mut(out) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-        }
+        add_bias(&mut y, bias);
         Ok(y)
+    }
+
+    fn linear_many<const N: usize>(
+        &self,
+        x: &Vec<f32>,
+        parts: [LinearPart<'_, Vec<f32>>; N],
+        rows: usize,
+        inp: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        let mut ys = if rows <= matmul::SKINNY_ROWS {
+            let ws = parts.map(|(w, _, out)| (w.as_slice(), out));
+            matmul::matvec_many(x, ws, rows, inp, self.threads)
+        } else {
+            parts.map(|(w, _, out)| matmul::matmul_wt(x, w, rows, inp, out, self.threads))
+        };
+        for (y, (_, bias, _)) in ys.iter_mut().zip(parts) {
+            add_bias(y, bias);
+        }
+        Ok(ys)
     }
 
     fn linear_bwd_input(
