@@ -1,6 +1,7 @@
 //! Matrix products on the CPU, all row-major f32: the `gemm` crate
 //! (AVX-512 kernels with its `x86-v4` feature) for real matrices, and a
 //! streaming kernel for products with only a few rows (decoding steps).
+use super::mem::written_by;
 use super::simd::{self, Isa};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -93,23 +94,23 @@ pub fn matmul_wt(
 ) -> Vec<f32> {
     assert_eq!(x.len(), rows * inp);
     assert_eq!(w.len(), out * inp);
-    let mut y = vec![0f32; rows * out];
-    // SAFETY: shapes asserted above; y is a fresh buffer.
+    // SAFETY: shapes asserted above; gemm writes all of the fresh buffer.
     unsafe {
-        gemm_into(
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            out,
-            Mat::rows(x, inp),
-            Mat::rows_t(w, inp),
-            1.0,
-            false,
-            parallelism(threads),
-        )
-    };
-    y
+        written_by(rows * out, |y| {
+            gemm_into(
+                rows,
+                out,
+                inp,
+                y,
+                out,
+                Mat::rows(x, inp),
+                Mat::rows_t(w, inp),
+                1.0,
+                false,
+                parallelism(threads),
+            )
+        })
+    }
 }
 
 /// `dx[rows,inp] = dy[rows,out] · W[out,inp]`.
@@ -123,23 +124,23 @@ pub fn matmul_w(
 ) -> Vec<f32> {
     assert_eq!(dy.len(), rows * out);
     assert_eq!(w.len(), out * inp);
-    let mut dx = vec![0f32; rows * inp];
-    // SAFETY: shapes asserted above; dx is a fresh buffer.
+    // SAFETY: shapes asserted above; gemm writes all of the fresh buffer.
     unsafe {
-        gemm_into(
-            rows,
-            inp,
-            out,
-            dx.as_mut_ptr(),
-            inp,
-            Mat::rows(dy, out),
-            Mat::rows(w, inp),
-            1.0,
-            false,
-            parallelism(threads),
-        )
-    };
-    dx
+        written_by(rows * inp, |dx| {
+            gemm_into(
+                rows,
+                inp,
+                out,
+                dx,
+                inp,
+                Mat::rows(dy, out),
+                Mat::rows(w, inp),
+                1.0,
+                false,
+                parallelism(threads),
+            )
+        })
+    }
 }
 
 /// Up to this many rows, `y = x·Wᵀ` takes the skinny path (`matvec_wt`):

@@ -4,6 +4,7 @@ mod attention;
 mod decode;
 mod loss;
 pub mod matmul;
+mod mem;
 mod ops;
 mod simd;
 
@@ -16,8 +17,11 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Uses rayon's global pool (RAYON_NUM_THREADS, default: all cores).
+    /// Uses rayon's global pool (RAYON_NUM_THREADS, default: all cores),
+    /// and tunes the process's allocator for big activation buffers
+    /// (`mem::tune_allocator`).
     pub fn new() -> Self {
+        mem::tune_allocator();
         Self {
             threads: rayon::current_num_threads(),
         }
@@ -60,7 +64,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+        Ok(mem::huge_page_copy(data))
     }
 
     fn linear(
