@@ -18,6 +18,7 @@
 //! NaN. 2ⁿ is applied with `vscalefps` (AVX-512, exact down through the
 //! subnormals) or as two exactly representable powers 2^⌊n/2⌋·2^(n−⌊n/2⌋)
 //! (AVX2), so the result is rounded once.
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Which body of the kernels runs. A variant other than `Scalar` is only
@@ -132,12 +133,44 @@ pub fn exp_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     )
 }
 
+/// `h = silu(a)·b = a·b / (1 + e^−a)`, elementwise; writes every slot of `h`.
+pub fn silu_mul(isa: Isa, h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    assert!(a.len() == h.len() && b.len() == h.len());
+    dispatch!(
+        isa,
+        x86::silu_mul_512(h, a, b),
+        x86::silu_mul_256(h, a, b),
+        for ((h, &a), &b) in h.iter_mut().zip(a).zip(b) {
+            h.write(a * b / (1.0 + (-a).exp()));
+        }
+    )
+}
+
+/// Backward of `silu_mul` given `dh`, with σ = 1/(1 + e^−a):
+/// `da = dh·b·σ·(1 + a·(1 − σ))`, `db = dh·a·σ`.
+pub fn silu_mul_bwd(isa: Isa, da: &mut [f32], db: &mut [f32], dh: &[f32], a: &[f32], b: &[f32]) {
+    let n = da.len();
+    assert!(db.len() == n && dh.len() == n && a.len() == n && b.len() == n);
+    dispatch!(
+        isa,
+        x86::silu_mul_bwd_512(da, db, dh, a, b),
+        x86::silu_mul_bwd_256(da, db, dh, a, b),
+        for i in 0..n {
+            let (av, bv, g) = (a[i], b[i], dh[i]);
+            let s = 1.0 / (1.0 + (-av).exp());
+            da[i] = g * bv * s * (1.0 + av * (1.0 - s));
+            db[i] = g * av * s;
+        }
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The AVX-512 (`_512`) and AVX2 (`_256`) bodies. Loops step a full
     //! register at a time; the last, partial step loads and stores through
     //! a lane mask (AVX-512) or a zero-padded buffer (AVX2).
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits.
@@ -274,6 +307,27 @@ mod x86 {
         let p1 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n1, bias)));
         let p2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n2, bias)));
         _mm256_mul_ps(_mm256_mul_ps(er, p1), p2)
+    }
+
+    /// `a·b / (1 + e^−a)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn silu_mul16(a: __m512, b: __m512) -> __m512 {
+        let den = _mm512_add_ps(
+            _mm512_set1_ps(1.0),
+            exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)),
+        );
+        _mm512_div_ps(_mm512_mul_ps(a, b), den)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn silu_mul8(a: __m256, b: __m256) -> __m256 {
+        let den = _mm256_add_ps(
+            _mm256_set1_ps(1.0),
+            exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)),
+        );
+        _mm256_div_ps(_mm256_mul_ps(a, b), den)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -454,10 +508,111 @@ mod x86 {
         }
         hsum8(sum)
     }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul_512(h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+        let (n, ph, pa, pb) = (
+            h.len(),
+            h.as_mut_ptr().cast::<f32>(),
+            a.as_ptr(),
+            b.as_ptr(),
+        );
+        let mut i = 0;
+        while i < n {
+            let m = mask16(n, i);
+            store16(
+                ph.add(i),
+                m,
+                silu_mul16(load16(pa.add(i), m), load16(pb.add(i), m)),
+            );
+            i += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul_256(h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+        let (n, ph, pa, pb) = (
+            h.len(),
+            h.as_mut_ptr().cast::<f32>(),
+            a.as_ptr(),
+            b.as_ptr(),
+        );
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(8);
+            store8(
+                ph.add(i),
+                k,
+                silu_mul8(load8(pa.add(i), k), load8(pb.add(i), k)),
+            );
+            i += 8;
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_mul_bwd_512(
+        da: &mut [f32],
+        db: &mut [f32],
+        dh: &[f32],
+        a: &[f32],
+        b: &[f32],
+    ) {
+        let n = da.len();
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let m = mask16(n, i);
+            let av = load16(a.as_ptr().add(i), m);
+            let bv = load16(b.as_ptr().add(i), m);
+            let g = load16(dh.as_ptr().add(i), m);
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), av));
+            let s = _mm512_div_ps(one, _mm512_add_ps(one, e)); // σ(a)
+            let gs = _mm512_mul_ps(g, s);
+            let t = _mm512_fmadd_ps(av, _mm512_sub_ps(one, s), one); // 1 + a·(1 − σ)
+            store16(
+                da.as_mut_ptr().add(i),
+                m,
+                _mm512_mul_ps(_mm512_mul_ps(gs, bv), t),
+            );
+            store16(db.as_mut_ptr().add(i), m, _mm512_mul_ps(gs, av));
+            i += 16;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul_bwd_256(
+        da: &mut [f32],
+        db: &mut [f32],
+        dh: &[f32],
+        a: &[f32],
+        b: &[f32],
+    ) {
+        let n = da.len();
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(8);
+            let av = load8(a.as_ptr().add(i), k);
+            let bv = load8(b.as_ptr().add(i), k);
+            let g = load8(dh.as_ptr().add(i), k);
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), av));
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, e)); // σ(a)
+            let gs = _mm256_mul_ps(g, s);
+            let t = _mm256_fmadd_ps(av, _mm256_sub_ps(one, s), one); // 1 + a·(1 − σ)
+            store8(
+                da.as_mut_ptr().add(i),
+                k,
+                _mm256_mul_ps(_mm256_mul_ps(gs, bv), t),
+            );
+            store8(db.as_mut_ptr().add(i), k, _mm256_mul_ps(gs, av));
+            i += 8;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::mem::written_slots;
     use super::*;
 
     /// Deterministic values in [lo, hi) (64-bit LCG).
@@ -580,6 +735,29 @@ mod tests {
                 want.iter_mut().zip(&x).for_each(|(w, x)| *w += 0.75 * x);
                 for (g, w) in y.iter().zip(&want) {
                     assert!(close(*g as f64, *w as f64, 1e-6), "{isa:?} axpy n={n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_and_its_backward_match_the_formulas() {
+        for isa in Isa::available() {
+            for n in [1, 7, 9, 16, 19, 101] {
+                let a = values(n, -12.0, 12.0, 5);
+                let b = values(n, -2.0, 2.0, 6);
+                let dh = values(n, -2.0, 2.0, 7);
+                // SAFETY: silu_mul writes every slot.
+                let h = unsafe { written_slots(n, |h| silu_mul(isa, h, &a, &b)) };
+                let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+                silu_mul_bwd(isa, &mut da, &mut db, &dh, &a, &b);
+                for i in 0..n {
+                    let (av, bv, g) = (a[i] as f64, b[i] as f64, dh[i] as f64);
+                    let s = 1.0 / (1.0 + (-av).exp());
+                    assert!(close(h[i] as f64, av * s * bv, 1e-6), "{isa:?} h[{i}]");
+                    let want_da = g * bv * s * (1.0 + av * (1.0 - s));
+                    assert!(close(da[i] as f64, want_da, 1e-6), "{isa:?} da[{i}]");
+                    assert!(close(db[i] as f64, g * av * s, 1e-6), "{isa:?} db[{i}]");
                 }
             }
         }
