@@ -23,6 +23,11 @@ pub struct Mat {
     pub cs: isize,
 }
 
+// SAFETY: a read-only view; whoever passes it to `gemm_into` vouches that
+// it is valid, and threads may read the same matrix at once.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
 impl Mat {
     /// Row-major matrix with `cols` columns.
     pub fn rows(data: &[f32], cols: usize) -> Self {
@@ -30,6 +35,17 @@ impl Mat {
             ptr: data.as_ptr(),
             rs: cols as isize,
             cs: 1,
+        }
+    }
+    /// The view of columns `lo..` (a method, so that closures capture the
+    /// whole Sync view rather than its raw-pointer field).
+    ///
+    /// # Safety
+    /// Column `lo` must lie inside the viewed matrix.
+    pub unsafe fn cols_from(self, lo: usize) -> Self {
+        Mat {
+            ptr: self.ptr.offset(lo as isize * self.cs),
+            ..self
         }
     }
     /// The transpose of a row-major matrix with `cols` columns.
@@ -83,6 +99,49 @@ pub unsafe fn gemm_into(
     );
 }
 
+/// Column blocks of `gemm_fresh`'s own split start at multiples of this.
+const COL_ALIGN: usize = 16;
+
+/// `lhs[m,k]·rhs[k,n]` into a fresh row-major `[m, n]` buffer, on up to
+/// `threads` threads. When k ≥ n, each thread runs a single-threaded gemm
+/// over its own block of the n columns (its own packing, no synchronisation
+/// between threads), which measured 2–37% faster here than gemm's own
+/// threading on such shapes (down_proj 1536→576 at 512 rows: 297 against
+/// 216 GFLOP/s, medians of 5) and not faster when k < n, where gemm's
+/// threading is kept (the lm_head 576→49152: 227 against 259).
+fn gemm_fresh(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, threads: usize) -> Vec<f32> {
+    // SAFETY (both branches): the callers' views cover m×k and k×n values;
+    // gemm writes all m×n values of the fresh buffer, the column blocks
+    // disjoint parts of it.
+    unsafe {
+        written_by(m * n, |dst| {
+            if threads > 1 && k >= n && n >= 2 * COL_ALIGN {
+                let per = n.div_ceil(threads).next_multiple_of(COL_ALIGN);
+                let dst = dst as usize; // Send, unlike the pointer
+                (0..n.div_ceil(per)).into_par_iter().for_each(|b| {
+                    let (lo, hi) = (b * per, ((b + 1) * per).min(n));
+                    let rhs = rhs.cols_from(lo);
+                    let dst = (dst as *mut f32).add(lo);
+                    gemm_into(
+                        m,
+                        hi - lo,
+                        k,
+                        dst,
+                        n,
+                        lhs,
+                        rhs,
+                        1.0,
+                        false,
+                        Parallelism::None,
+                    )
+                });
+            } else {
+                gemm_into(m, n, k, dst, n, lhs, rhs, 1.0, false, parallelism(threads))
+            }
+        })
+    }
+}
+
 /// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ`.
 pub fn matmul_wt(
     x: &[f32],
@@ -94,23 +153,14 @@ pub fn matmul_wt(
 ) -> Vec<f32> {
     assert_eq!(x.len(), rows * inp);
     assert_eq!(w.len(), out * inp);
-    // SAFETY: shapes asserted above; gemm writes all of the fresh buffer.
-    unsafe {
-        written_by(rows * out, |y| {
-            gemm_into(
-                rows,
-                out,
-                inp,
-                y,
-                out,
-                Mat::rows(x, inp),
-                Mat::rows_t(w, inp),
-                1.0,
-                false,
-                parallelism(threads),
-            )
-        })
-    }
+    gemm_fresh(
+        rows,
+        out,
+        inp,
+        Mat::rows(x, inp),
+        Mat::rows_t(w, inp),
+        threads,
+    )
 }
 
 /// `dx[rows,inp] = dy[rows,out] · W[out,inp]`.
@@ -124,23 +174,14 @@ pub fn matmul_w(
 ) -> Vec<f32> {
     assert_eq!(dy.len(), rows * out);
     assert_eq!(w.len(), out * inp);
-    // SAFETY: shapes asserted above; gemm writes all of the fresh buffer.
-    unsafe {
-        written_by(rows * inp, |dx| {
-            gemm_into(
-                rows,
-                inp,
-                out,
-                dx,
-                inp,
-                Mat::rows(dy, out),
-                Mat::rows(w, inp),
-                1.0,
-                false,
-                parallelism(threads),
-            )
-        })
-    }
+    gemm_fresh(
+        rows,
+        inp,
+        out,
+        Mat::rows(dy, out),
+        Mat::rows(w, inp),
+        threads,
+    )
 }
 
 /// Up to this many rows, `y = x·Wᵀ` takes the skinny path (`matvec_wt`):
@@ -239,6 +280,46 @@ pub fn matvec_many<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn products_split_by_columns_match_a_plain_loop() {
+        let mut s = 11u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        // inp ≥ out splits y = x·Wᵀ by columns, out ≥ inp splits dx = dy·W;
+        // three threads leave a ragged last block.
+        for (rows, inp, out) in [(37, 131, 50), (9, 20, 70), (5, 33, 33)] {
+            let (x, w, dy) = (rnd(rows * inp), rnd(out * inp), rnd(rows * out));
+            for threads in [1, 2, 3] {
+                let y = matmul_wt(&x, &w, rows, inp, out, threads);
+                let dx = matmul_w(&dy, &w, rows, inp, out, threads);
+                for r in 0..rows {
+                    for o in 0..out {
+                        let want: f64 = (0..inp)
+                            .map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64)
+                            .sum();
+                        let got = y[r * out + o] as f64;
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "y");
+                    }
+                    for i in 0..inp {
+                        let want: f64 = (0..out)
+                            .map(|o| dy[r * out + o] as f64 * w[o * inp + i] as f64)
+                            .sum();
+                        let got = dx[r * inp + i] as f64;
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "dx");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matvec_matches_a_plain_loop() {
