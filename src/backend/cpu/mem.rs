@@ -5,10 +5,12 @@
 //! 1–32 MB. With glibc's default, adaptive thresholds, freed memory at the
 //! top of the heap is soon given back to the system (trimmed) and the next
 //! buffers fault their pages in again: about 50 000 page faults per
-//! SmolLM2 forward pass at T=512, ~2 µs each here. `tune_allocator` keeps
+//! SmolLM2 forward pass at T=512, 2–3 µs each here. `tune_allocator` keeps
 //! such buffers on the heap (mmap threshold 32 MiB, glibc's maximum) and
-//! up to `TRIM_THRESHOLD` of freed heap for reuse: under 500 faults per
-//! pass, and the same peak RSS for a scoring run (884 MiB either way).
+//! up to `TRIM_THRESHOLD` of freed heap for reuse: about 600 faults per
+//! pass. The cost is memory kept rather than returned: peak RSS of a
+//! SmolLM2 scoring run 883 MiB against 830 MiB untuned (and 883 MiB
+//! before any of this module).
 //!
 //! In this VM a first touch of 100 MB costs ~80 ms through 4 KiB pages and
 //! ~25 ms through 2 MiB ones (page-fault overhead), and streaming a whole
