@@ -59,6 +59,9 @@ pub struct ChannelPartial {
     pub hg_seq: Vec<f64>,
 }
 
+/// One product of a `Backend::linear_many` call: `(W [out, inp], bias [out], out)`.
+pub type LinearPart<'a, W> = (&'a W, Option<&'a W>, usize);
+
 /// The ops the transformer runtime needs. One implementation per device.
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
@@ -106,6 +109,26 @@ pub trait Backend: Send + Sync {
         inp: usize,
         out: usize,
     ) -> Result<Self::Buf>;
+    /// `linear` of one input through several weights: `ys[i] = x·W_iᵀ + b_i`,
+    /// `[rows, out_i]`. The default runs `linear` per weight; a backend may
+    /// instead share one pass over the work of all the products (decoding
+    /// steps, where a layer's k and v products alone are too small to keep
+    /// every core busy).
+    fn linear_many<const N: usize>(
+        &self,
+        x: &Self::Buf,
+        parts: [LinearPart<'_, Self::Weight>; N],
+        rows: usize,
+        inp: usize,
+    ) -> Result<[Self::Buf; N]> {
+        let mut ys = Vec::with_capacity(N);
+        for (w, bias, out) in parts {
+            ys.push(self.linear(x, w, bias, rows, inp, out)?);
+        }
+        Ok(ys
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one output per part")))
+    }
     /// Gradient of `linear` w.r.t. its input: `dx[rows,inp] = dy[rows,out] · W[out,inp]`.
     fn linear_bwd_input(
         &self,

@@ -227,9 +227,16 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let eps = c.rms_eps as f32;
 
         let (u, _) = be.rmsnorm_fwd(x, &lw.attn_norm, rows, d, eps)?; // [rows, d]
-        let mut q = be.linear(&u, &lw.wq, lw.bq.as_ref(), rows, d, qd)?; // [rows, q]
-        let mut k = be.linear(&u, &lw.wk, lw.bk.as_ref(), rows, d, kvd)?; // [rows, kv]
-        let v = be.linear(&u, &lw.wv, lw.bv.as_ref(), rows, d, kvd)?; // [rows, kv]
+        let [mut q, mut k, v] = be.linear_many(
+            &u,
+            [
+                (&lw.wq, lw.bq.as_ref(), qd),  // [rows, q]
+                (&lw.wk, lw.bk.as_ref(), kvd), // [rows, kv]
+                (&lw.wv, lw.bv.as_ref(), kvd), // [rows, kv]
+            ],
+            rows,
+            d,
+        )?;
         drop(u);
         be.rope(&mut q, cos, sin, 1, rows, c.heads, c.head_dim, false)?;
         be.rope(&mut k, cos, sin, 1, rows, c.kv_heads, c.head_dim, false)?;
@@ -239,8 +246,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
         be.add_assign(x, &o, rows * d)?; // x' = x + Attn
 
         let (u2, _) = be.rmsnorm_fwd(x, &lw.ffn_norm, rows, d, eps)?; // [rows, d]
-        let a = be.linear(&u2, &lw.w_gate, None, rows, d, m)?; // [rows, m]
-        let b = be.linear(&u2, &lw.w_up, None, rows, d, m)?; // [rows, m]
+        let gate_up = [(&lw.w_gate, None, m), (&lw.w_up, None, m)];
+        let [a, b] = be.linear_many(&u2, gate_up, rows, d)?; // [rows, m] each
         drop(u2);
         let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
         let y = be.linear(&h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]

@@ -4,9 +4,11 @@ mod attention;
 mod decode;
 mod loss;
 pub mod matmul;
+mod mem;
 mod ops;
+mod simd;
 
-use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
+use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart};
 use crate::Result;
 
 /// f32 host buffers for activations and weights.
@@ -15,8 +17,11 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Uses rayon's global pool (RAYON_NUM_THREADS, default: all cores).
+    /// Uses rayon's global pool (RAYON_NUM_THREADS, default: all cores),
+    /// and tunes the process's allocator for big activation buffers
+    /// (`mem::tune_allocator`).
     pub fn new() -> Self {
+        mem::tune_allocator();
         Self {
             threads: rayon::current_num_threads(),
         }
@@ -26,6 +31,15 @@ impl CpuBackend {
 impl Default for CpuBackend {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `y[r,:] += bias` for each row r of `y` (`[rows, bias.len()]`).
+fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in y.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
     }
 }
 
@@ -50,7 +64,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
+        Ok(mem::huge_page_copy(data))
     }
 
     fn linear(
@@ -62,13 +76,32 @@ impl Backend for CpuBackend {
         inp: usize,
         out: usize,
     ) -> Result<Vec<f32>> {
-        let mut y = matmul::matmul_wt(x, w, rows, inp, out, self.threads);
-        if let Some(b) = bias {
-            for row in y.chunks_mut(out) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-        }
+        let mut y = if rows <= matmul::SKINNY_ROWS {
+            matmul::matvec_wt(x, w, rows, inp, out, self.threads)
+        } else {
+            matmul::matmul_wt(x, w, rows, inp, out, self.threads)
+        };
+        add_bias(&mut y, bias);
         Ok(y)
+    }
+
+    fn linear_many<const N: usize>(
+        &self,
+        x: &Vec<f32>,
+        parts: [LinearPart<'_, Vec<f32>>; N],
+        rows: usize,
+        inp: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        let mut ys = if rows <= matmul::SKINNY_ROWS {
+            let ws = parts.map(|(w, _, out)| (w.as_slice(), out));
+            matmul::matvec_many(x, ws, rows, inp, self.threads)
+        } else {
+            parts.map(|(w, _, out)| matmul::matmul_wt(x, w, rows, inp, out, self.threads))
+        };
+        for (y, (_, bias, _)) in ys.iter_mut().zip(parts) {
+            add_bias(y, bias);
+        }
+        Ok(ys)
     }
 
     fn linear_bwd_input(

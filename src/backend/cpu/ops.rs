@@ -1,4 +1,6 @@
 //! Row-wise and elementwise ops of the CPU backend (rayon over rows).
+use super::mem::written_slots;
+use super::simd::{self, Isa};
 use crate::backend::ChannelPartial;
 use rayon::prelude::*;
 
@@ -8,34 +10,43 @@ const ROWS_PER_TASK: usize = 16;
 /// RMSNorm forward: `y = x·rstd·w`, `rstd = 1/sqrt(mean(x²)+eps)`; `x` is `[rows, d]`.
 pub fn rmsnorm_fwd(x: &[f32], w: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / d;
-    let mut y = vec![0f32; x.len()];
+    let isa = Isa::get();
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(d)
-        .zip(rstd.par_iter_mut())
-        .zip(x.par_chunks(d))
-        .for_each(|((yr, r), xr)| {
-            let ms: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            *r = 1.0 / (ms + eps).sqrt();
-            for ((yo, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
-                *yo = xi * *r * wi;
-            }
-        });
+    // SAFETY: each row of y is written whole.
+    let y = unsafe {
+        written_slots(x.len(), |y| {
+            y.par_chunks_mut(d)
+                .zip(rstd.par_iter_mut())
+                .zip(x.par_chunks(d))
+                .for_each(|((yr, r), xr)| {
+                    let ms = simd::dot(isa, xr, xr) / d as f32;
+                    *r = 1.0 / (ms + eps).sqrt();
+                    for ((yo, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
+                        yo.write(xi * *r * wi);
+                    }
+                })
+        })
+    };
     (y, rstd)
 }
 
 /// RMSNorm backward w.r.t. x: `dx = rstd·(w⊙dy) − x·rstd³·(Σ x⊙w⊙dy)/d`.
 pub fn rmsnorm_bwd(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], d: usize) -> Vec<f32> {
+    let isa = Isa::get();
     let mut dx = vec![0f32; x.len()];
     dx.par_chunks_mut(d)
         .zip(dy.par_chunks(d))
         .zip(x.par_chunks(d))
         .zip(rstd.par_iter())
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, b), c)| a * b * c).sum();
-            let c = r * r * r * dot / d as f32;
-            for i in 0..d {
-                dxr[i] = r * w[i] * dyr[i] - xr[i] * c;
-            }
+            // dx first holds w⊙dy, then the result.
+            dxr.iter_mut()
+                .zip(w.iter().zip(dyr))
+                .for_each(|(o, (w, g))| *o = w * g);
+            let c = r * r * r * simd::dot(isa, xr, dxr) / d as f32;
+            dxr.iter_mut()
+                .zip(xr)
+                .for_each(|(o, x)| *o = r * *o - x * c);
         });
     dx
 }
@@ -68,40 +79,32 @@ pub fn rope(
         });
 }
 
-#[inline]
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
+/// Values per rayon task of the elementwise SwiGLU kernels.
+const SWIGLU_CHUNK: usize = 8192;
 
 /// `h = silu(a)·b`.
 pub fn swiglu_fwd(a: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut h = vec![0f32; a.len()];
-    h.par_chunks_mut(4096)
-        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-        .for_each(|(hc, (ac, bc))| {
-            for i in 0..hc.len() {
-                hc[i] = ac[i] * sigmoid(ac[i]) * bc[i];
-            }
-        });
-    h
+    let isa = Isa::get();
+    // SAFETY: silu_mul writes every slot of its chunk, the chunks cover h.
+    unsafe {
+        written_slots(a.len(), |h| {
+            h.par_chunks_mut(SWIGLU_CHUNK)
+                .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
+                .for_each(|(hc, (ac, bc))| simd::silu_mul(isa, hc, ac, bc))
+        })
+    }
 }
 
 /// `da = dh·b·σ(a)·(1 + a·(1−σ(a)))`, `db = dh·silu(a)`.
 pub fn swiglu_bwd(dh: &[f32], a: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let isa = Isa::get();
     let mut da = vec![0f32; a.len()];
     let mut db = vec![0f32; a.len()];
-    da.par_chunks_mut(4096)
-        .zip(db.par_chunks_mut(4096))
-        .enumerate()
-        .for_each(|(ci, (dac, dbc))| {
-            let off = ci * 4096;
-            for i in 0..dac.len() {
-                let (av, bv, g) = (a[off + i], b[off + i], dh[off + i]);
-                let s = sigmoid(av);
-                dac[i] = g * bv * s * (1.0 + av * (1.0 - s));
-                dbc[i] = g * av * s;
-            }
-        });
+    da.par_chunks_mut(SWIGLU_CHUNK)
+        .zip(db.par_chunks_mut(SWIGLU_CHUNK))
+        .zip(dh.par_chunks(SWIGLU_CHUNK))
+        .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
+        .for_each(|(((dac, dbc), dhc), (ac, bc))| simd::silu_mul_bwd(isa, dac, dbc, dhc, ac, bc));
     (da, db)
 }
 
