@@ -8,7 +8,6 @@ use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
 use rku_engine::io::safetensors_io::SafeModel;
 use rku_engine::model::forward::logits;
 use rku_engine::model::{Geometry, Model, ModelConfig};
-use std::process::Command;
 
 fn export_fixture_keep(
     name: &str,
@@ -132,31 +131,6 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
         1,
         "temporary directories left behind: {leftovers:?}"
     );
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rku-engine"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} should have failed");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    err
 }
 
 /// The CLI end to end on a tiny model: score once, prune with every method,

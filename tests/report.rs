@@ -52,31 +52,6 @@ fn inputs(dir: &Path) -> Inputs {
     i
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rku-engine"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} should have failed");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    err
-}
-
 /// The last JSON line of a command's output.
 fn json_line(stdout: &str) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()

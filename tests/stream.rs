@@ -3,7 +3,6 @@
 //! weights' lifetime differs), with fewer weights on the device.
 mod common;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
@@ -126,7 +125,7 @@ fn cli_score_stream_matches_resident() {
         .collect();
     std::fs::write(&calib, text).unwrap();
     let score = |out: &Path, stream: bool| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rku-engine"));
+        let mut cmd = bin();
         cmd.args(["score", "--model"])
             .arg(fixture("tiny-llama3"))
             .arg("--calib")
@@ -137,8 +136,7 @@ fn cli_score_stream_matches_resident() {
         if stream {
             cmd.arg("--stream");
         }
-        let o = cmd.output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run_ok(&mut cmd);
         Stats::load(out).unwrap()
     };
     let resident = score(&tmp.path().join("a.safetensors"), false);

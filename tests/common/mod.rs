@@ -80,3 +80,31 @@ pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
         / scale
 }
+
+/// The `rku-engine` binary of this build.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rku-engine"))
+}
+
+/// Runs `cmd`, which must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd`, which must fail with an error and no panic; returns its stderr.
+pub fn run_err(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
