@@ -264,14 +264,11 @@ impl<B: Backend> Model<B> {
         order: impl IntoIterator<Item = usize>,
         mut f: impl FnMut(usize, &LayerWeights<B::Weight>) -> Result<()>,
     ) -> Result<()> {
-        let layers = match &self.layers {
-            LayerStore::Resident(layers) => {
-                return order.into_iter().try_for_each(|l| f(l, &layers[l]));
-            }
-            LayerStore::Streamed => order,
-        };
+        if let LayerStore::Resident(layers) = &self.layers {
+            return order.into_iter().try_for_each(|l| f(l, &layers[l]));
+        }
         let upload = |l: usize| load_layer(be, &self.files, &self.cfg, l, Upload::InFlight);
-        let mut order = layers.into_iter();
+        let mut order = order.into_iter();
         let Some(first) = order.next() else {
             return Ok(());
         };
