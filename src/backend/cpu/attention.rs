@@ -301,15 +301,7 @@ mod tests {
     use super::*;
 
     fn rnd(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect()
+        super::super::test_values(len, -2.0, 2.0, seed)
     }
 
     /// Two sequences spanning several query blocks, the last one partial.

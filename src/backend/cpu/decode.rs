@@ -186,15 +186,9 @@ mod tests {
     #[test]
     fn direct_attention_matches_gemm_attention() {
         let mut seed = 3u64;
-        let mut rnd = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
+        let mut rnd = |n: usize| {
+            seed += 1;
+            super::super::test_values(n, -1.0, 1.0, seed)
         };
         for (n, pos) in [(1, vec![1200, 3]), (3, vec![0, 997])] {
             let sh = CacheShape {

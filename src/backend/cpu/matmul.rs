@@ -287,15 +287,9 @@ mod tests {
     #[test]
     fn products_split_by_columns_match_a_plain_loop() {
         let mut s = 11u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
+        let mut rnd = |n: usize| {
+            s += 1;
+            super::super::test_values(n, -1.0, 1.0, s)
         };
         // inp ≥ out splits y = x·Wᵀ by columns, out ≥ inp splits dx = dy·W;
         // three threads leave a ragged last block.
@@ -327,15 +321,9 @@ mod tests {
     #[test]
     fn matvec_matches_a_plain_loop() {
         let mut s = 7u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect()
+        let mut rnd = |n: usize| {
+            s += 1;
+            super::super::test_values(n, -1.0, 1.0, s)
         };
         // Widths around the vector and block sizes, and a W big enough to
         // be split into several parallel tasks with a ragged last one.

@@ -257,3 +257,17 @@ impl Backend for CpuBackend {
         ))
     }
 }
+
+/// Deterministic values in [lo, hi) for the unit tests (a 64-bit LCG seeded by `seed`).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}

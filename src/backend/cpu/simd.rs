@@ -613,20 +613,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::super::mem::written_slots;
+    use super::super::test_values as values;
     use super::*;
-
-    /// Deterministic values in [lo, hi) (64-bit LCG).
-    fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005) | 1;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect()
-    }
 
     /// Distance in units in the last place between two non-negative floats
     /// (their bit patterns are ordered like their values, subnormals included).
