@@ -140,24 +140,31 @@ struct CalibArgs {
     /// Calibration text: plain text, or .jsonl read through --field.
     #[arg(long)]
     calib: Option<PathBuf>,
+    #[command(flatten)]
+    windows: WindowArgs,
+    /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
+    #[arg(long, default_value = "both", value_parser = ["energy", "ce", "both"])]
+    objective: String,
+}
+
+/// How the calibration text becomes scored windows (METHODS.md section 2).
+#[derive(Args)]
+struct WindowArgs {
     /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
     #[arg(long)]
     field: Option<String>,
     /// N: calibration sequences.
     #[arg(long, default_value_t = 128)]
     samples: usize,
-    /// T: tokens per sequence.
+    /// T: tokens per calibration sequence.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Prefix each window with the BOS token.
+    /// Prefix each calibration window with the BOS token.
     #[arg(long)]
     bos: bool,
-    /// Sequences per forward/backward batch (memory vs speed; results do not change).
+    /// Calibration sequences per forward/backward batch (memory vs speed; results do not change).
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
-    #[arg(long, default_value = "both", value_parser = ["energy", "ce", "both"])]
-    objective: String,
     /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
     #[arg(long, default_value = "final-norm")]
     energy_at: String,
@@ -294,24 +301,8 @@ struct ReportArgs {
     /// Calibration text: plain text, or .jsonl read through --field.
     #[arg(long)]
     calib: PathBuf,
-    /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
-    #[arg(long)]
-    field: Option<String>,
-    /// N: calibration sequences.
-    #[arg(long, default_value_t = 128)]
-    samples: usize,
-    /// T: tokens per calibration sequence.
-    #[arg(long, default_value_t = 512)]
-    seq_len: usize,
-    /// Prefix each calibration window with the BOS token.
-    #[arg(long)]
-    bos: bool,
-    /// Calibration sequences per forward/backward batch (memory vs speed; results do not change).
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
-    #[arg(long, default_value = "final-norm")]
-    energy_at: String,
+    #[command(flatten)]
+    windows: WindowArgs,
     /// Methods, comma-separated (rku, agf, wanda-struct, flap, taylor, rku-fisher), each
     /// with its own allocation; the statistics pass runs the objectives they need.
     #[arg(
@@ -753,11 +744,11 @@ fn memory_plan(a: &PlanArgs) -> Result<()> {
 fn calib_spec(c: &CalibArgs) -> Result<CalibSpec> {
     let objectives = parse_objectives(&c.objective)?;
     Ok(CalibSpec {
-        samples: c.samples,
-        seq_len: c.seq_len,
-        batch: c.batch,
+        samples: c.windows.samples,
+        seq_len: c.windows.seq_len,
+        batch: c.windows.batch,
         objectives,
-        energy_at: c.energy_at.parse::<EnergyAt>()?,
+        energy_at: c.windows.energy_at.parse::<EnergyAt>()?,
     })
 }
 
@@ -768,9 +759,9 @@ fn calib_windows<B: Backend>(model: &Model<B>, c: &CalibArgs) -> Result<(Vec<u32
         .as_ref()
         .context("calibration text needed: pass --calib FILE (or --stats)")?;
     let tok = Tokenizer::load(&model.dir)?;
-    let text = read_text(path, c.field.as_deref())?;
+    let text = read_text(path, c.windows.field.as_deref())?;
     let ids = tok.encode(&text)?;
-    let bos = if c.bos {
+    let bos = if c.windows.bos {
         Some(
             model
                 .cfg
@@ -780,12 +771,12 @@ fn calib_windows<B: Backend>(model: &Model<B>, c: &CalibArgs) -> Result<(Vec<u32
     } else {
         None
     };
-    let windows = windows(&ids, c.samples, c.seq_len, bos)?;
+    let windows = windows(&ids, c.windows.samples, c.windows.seq_len, bos)?;
     let digest = token_digest(&windows);
     eprintln!(
         "calibration: {} sequences x {} tokens from {} (digest {}…)",
-        c.samples,
-        c.seq_len,
+        c.windows.samples,
+        c.windows.seq_len,
         path.display(),
         &digest[..12]
     );
@@ -1101,12 +1092,12 @@ fn report<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
         model: a.model.clone(),
         calib: CalibSource {
             path: a.calib.clone(),
-            field: a.field.clone(),
-            samples: a.samples,
-            seq_len: a.seq_len,
-            bos: a.bos,
-            batch: a.batch,
-            energy_at: a.energy_at.parse()?,
+            field: a.windows.field.clone(),
+            samples: a.windows.samples,
+            seq_len: a.windows.seq_len,
+            bos: a.windows.bos,
+            batch: a.windows.batch,
+            energy_at: a.windows.energy_at.parse()?,
         },
         methods,
         sparsities: a.sparsity.clone(),
