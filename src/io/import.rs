@@ -1,6 +1,7 @@
 //! Imports a LLaMA or Qwen2 GGUF as an HF model directory: dequantised
 //! `model.safetensors` with HF tensor names, `config.json`, `tokenizer.json`
-//! and `tokenizer_config.json`, written atomically.
+//! and `tokenizer_config.json`, written atomically; with f32 output also the
+//! Q4_1/Q8_0 matrices' own blocks (`ggml_blocks`), for faster decoding.
 //!
 //! GGUF shapes are reversed relative to HF (`dims[0]` is the contiguous
 //! one), so a GGUF `[cols, rows]` matrix is the HF `[rows, cols]` matrix
@@ -11,6 +12,7 @@
 //! KV heads for K. Qwen2 GGUFs are stored unpermuted.
 use crate::io::atomic::AtomicDir;
 use crate::io::dequant::dequantize;
+use crate::io::ggml_blocks::{self, BlockKind, BlockTensor, BLOCK_LEN};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
 use crate::io::safetensors_out::{write_model_with, OutDtype, TensorSpec, DEFAULT_MAX_SHARD_BYTES};
@@ -26,6 +28,9 @@ pub struct ImportOptions {
     pub dtype: OutDtype,
     /// Replace an existing output directory.
     pub force: bool,
+    /// With f32 output, also write the blocks of the Q4_1 and Q8_0
+    /// matrices (`ggml_blocks::BLOCKS_FILE`).
+    pub blocks: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -236,12 +241,17 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
     out
 }
 
-/// Undoes llama.cpp's rotary row permutation of a `[rows, cols]` matrix
-/// (see the module doc).
-fn unpermute_rows(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// Undoes llama.cpp's rotary row permutation of a matrix of `rows` rows of
+/// `cols` elements (values, or a row's blocks; see the module doc).
+fn unpermute_rows<T: Copy + Default + Send + Sync>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<T> {
     let hd = rows / heads;
     let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     out.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
         let (h, within) = (r / hd, r % hd);
         let (j, i) = (within / half, within % half);
@@ -270,6 +280,33 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }
     Ok(dtype.encode(&w))
+}
+
+/// The blocks of a Q4_1 or Q8_0 matrix whose rows are whole blocks, in HF
+/// row order; `None` for any other tensor.
+fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTensor<'g>> {
+    let kind = BlockKind::from_ggml(t.ty)?;
+    let [rows, cols] = plan.shape[..] else {
+        return None;
+    };
+    if !cols.is_multiple_of(BLOCK_LEN) {
+        return None;
+    }
+    let data = g.tensor_data(t);
+    let data = match plan.unpermute_heads {
+        Some(heads) => {
+            let row_bytes = cols / BLOCK_LEN * kind.block_bytes();
+            Cow::Owned(unpermute_rows(data, rows, row_bytes, heads))
+        }
+        None => Cow::Borrowed(data),
+    };
+    Some(BlockTensor {
+        name: plan.hf_name.clone(),
+        kind,
+        rows,
+        cols,
+        data,
+    })
 }
 
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
@@ -373,6 +410,14 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     json_file("config.json", &config_json(&g, &arch, &h, opts.dtype))?;
     json_file("tokenizer.json", &tokenizer)?;
     json_file("tokenizer_config.json", &tokenizer_config)?;
+    if opts.blocks && opts.dtype == OutDtype::F32 {
+        let blocks: Vec<BlockTensor> = (0..plans.len())
+            .filter_map(|i| blocks_of(&g, sources[i], &plans[i].1))
+            .collect();
+        if !blocks.is_empty() {
+            ggml_blocks::write(dir.path(), &blocks)?;
+        }
+    }
     let out_dir = dir.commit()?;
     Ok(ImportSummary {
         out_dir,

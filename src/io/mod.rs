@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod dequant;
 pub mod export;
+pub mod ggml_blocks;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;

@@ -3,6 +3,7 @@
 //! tensor, so the host never holds two copies of the model).
 use super::config::ModelConfig;
 use crate::backend::Backend;
+use crate::io::ggml_blocks::BlockFile;
 use crate::io::safetensors_io::SafeModel;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,26 @@ pub enum Residency {
     Streamed,
 }
 
+/// How `Model::load_with` loads a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub residency: Residency,
+    /// Also hand the backend the ggml blocks of the matrices that have them
+    /// (`ggml_blocks.safetensors`, written by a GGUF import), each checked
+    /// to dequantise to its f32 tensor: for decoding, which the CPU backend
+    /// then runs from the blocks. Off, the file is not read.
+    pub ggml_blocks: bool,
+}
+
+impl From<Residency> for LoadOptions {
+    fn from(residency: Residency) -> Self {
+        Self {
+            residency,
+            ggml_blocks: false,
+        }
+    }
+}
+
 /// The decoder layers, as `Residency` says.
 enum LayerStore<W> {
     Resident(Vec<LayerWeights<W>>),
@@ -56,6 +77,9 @@ pub struct Model<B: Backend> {
     pub norm: B::Weight,        // [d]
     lm_head: Option<B::Weight>, // [vocab, d]; None when tied to `embed`
     layers: LayerStore<B::Weight>,
+    /// The blocks file, when `LoadOptions::ggml_blocks` found one (streamed
+    /// layers read it at each upload).
+    blocks: Option<BlockFile>,
 }
 
 /// HF tensor name of a layer's parameter.
@@ -71,33 +95,50 @@ enum Upload {
     InFlight,
 }
 
+/// Where a model's tensors are read from: the safetensors, and the blocks
+/// file when the load uses one.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    files: &'a SafeModel,
+    blocks: Option<&'a BlockFile>,
+}
+
 fn load<B: Backend>(
     b: &B,
-    files: &SafeModel,
+    src: Sources<'_>,
     name: &str,
     shape: &[usize],
     how: Upload,
 ) -> Result<B::Weight> {
-    let t = files.get(name, shape)?;
+    let t = src.files.get(name, shape)?;
     let in_flight = matches!(how, Upload::InFlight);
-    let w = match t.as_bf16() {
-        Some(values) => b.upload_weight_bf16(&values?, in_flight),
-        None if in_flight => b.upload_weight_async(&t.to_f32()?),
-        None => b.upload_weight(&t.to_f32()?),
+    let blocks = match (src.blocks, shape) {
+        (Some(f), &[rows, cols]) => f.get(name, rows, cols)?.map(|bm| (f, bm)),
+        _ => None,
     };
-    files.release_tensor(name);
+    let w = match (blocks, t.as_bf16()) {
+        (Some((f, bm)), _) => {
+            let values = t.to_f32()?;
+            f.check(name, &bm, &values)?;
+            b.upload_weight_blocks(&values, &bm, in_flight)
+        }
+        (None, Some(values)) => b.upload_weight_bf16(&values?, in_flight),
+        (None, None) if in_flight => b.upload_weight_async(&t.to_f32()?),
+        (None, None) => b.upload_weight(&t.to_f32()?),
+    };
+    src.files.release_tensor(name);
     w
 }
 
 fn load_opt<B: Backend>(
     b: &B,
-    files: &SafeModel,
+    src: Sources<'_>,
     name: &str,
     shape: &[usize],
     how: Upload,
 ) -> Result<Option<B::Weight>> {
-    if files.contains(name) {
-        load(b, files, name, shape, how).map(Some)
+    if src.files.contains(name) {
+        load(b, src, name, shape, how).map(Some)
     } else {
         Ok(None)
     }
@@ -144,7 +185,7 @@ fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, boo
 /// Uploads layer `l` (all of `layer_tensors`, optional ones when present).
 fn load_layer<B: Backend>(
     b: &B,
-    files: &SafeModel,
+    src: Sources<'_>,
     cfg: &ModelConfig,
     l: usize,
     how: Upload,
@@ -153,9 +194,9 @@ fn load_layer<B: Backend>(
     for (leaf, shape, required) in layer_tensors(cfg, l) {
         let name = layer_tensor(l, leaf);
         loaded.push(if required {
-            Some(load(b, files, &name, &shape, how)?)
+            Some(load(b, src, &name, &shape, how)?)
         } else {
-            load_opt(b, files, &name, &shape, how)?
+            load_opt(b, src, &name, &shape, how)?
         });
     }
     // The order of `layer_tensors`.
@@ -201,24 +242,34 @@ impl<B: Backend> Model<B> {
         Self::load_with(backend, dir, Residency::Resident)
     }
 
-    /// Loads `dir` onto `backend` with the layers kept as `residency` says.
-    pub fn load_with(backend: &B, dir: &Path, residency: Residency) -> Result<Self> {
+    /// Loads `dir` onto `backend` as `opts` says (a `Residency` alone: no blocks).
+    pub fn load_with(backend: &B, dir: &Path, opts: impl Into<LoadOptions>) -> Result<Self> {
+        let opts = opts.into();
         let cfg = ModelConfig::load(&dir.join("config.json"))?;
         let files = SafeModel::open_dir(dir)?;
+        let blocks = if opts.ggml_blocks {
+            BlockFile::open(dir)?
+        } else {
+            None
+        };
+        let src = Sources {
+            files: &files,
+            blocks: blocks.as_ref(),
+        };
         let (d, v) = (cfg.hidden, cfg.vocab);
         let now = Upload::Now;
-        let embed = load(backend, &files, "model.embed_tokens.weight", &[v, d], now)?;
-        let norm = load(backend, &files, "model.norm.weight", &[d], now)?;
+        let embed = load(backend, src, "model.embed_tokens.weight", &[v, d], now)?;
+        let norm = load(backend, src, "model.norm.weight", &[d], now)?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(load(backend, &files, "lm_head.weight", &[v, d], now)?)
+            Some(load(backend, src, "lm_head.weight", &[v, d], now)?)
         };
         check_no_gate_up_bias(&files, &cfg)?;
-        let layers = match residency {
+        let layers = match opts.residency {
             Residency::Resident => LayerStore::Resident(
                 (0..cfg.layers)
-                    .map(|l| load_layer(backend, &files, &cfg, l, now))
+                    .map(|l| load_layer(backend, src, &cfg, l, now))
                     .collect::<Result<_>>()?,
             ),
             Residency::Streamed => {
@@ -234,7 +285,14 @@ impl<B: Backend> Model<B> {
             norm,
             lm_head,
             layers,
+            blocks,
         })
+    }
+
+    /// Whether the backend was given ggml blocks (`LoadOptions::ggml_blocks`
+    /// and the directory has a blocks file).
+    pub fn has_ggml_blocks(&self) -> bool {
+        self.blocks.is_some()
     }
 
     /// How the decoder layers are kept.
@@ -267,7 +325,11 @@ impl<B: Backend> Model<B> {
         if let LayerStore::Resident(layers) = &self.layers {
             return order.into_iter().try_for_each(|l| f(l, &layers[l]));
         }
-        let upload = |l: usize| load_layer(be, &self.files, &self.cfg, l, Upload::InFlight);
+        let src = Sources {
+            files: &self.files,
+            blocks: self.blocks.as_ref(),
+        };
+        let upload = |l: usize| load_layer(be, src, &self.cfg, l, Upload::InFlight);
         let mut order = order.into_iter();
         let Some(first) = order.next() else {
             return Ok(());

@@ -34,7 +34,7 @@ use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::atomic::write_file;
 use crate::io::export::ExportLayout;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
-use crate::model::weights::Residency;
+use crate::model::weights::LoadOptions;
 use crate::model::Model;
 use crate::progress::{println, Progress};
 use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest, CalibSpec};
@@ -105,8 +105,9 @@ pub struct ReportSpec {
     pub keep_models: bool,
     /// Recompute cells whose inputs changed instead of refusing.
     pub force: bool,
-    /// How every model (dense and pruned) keeps its layers (`--stream`).
-    pub residency: Residency,
+    /// How every model (dense and pruned) is loaded: `--stream`, and ggml
+    /// blocks for decoding where a model directory has them.
+    pub load: LoadOptions,
 }
 
 impl ReportSpec {
@@ -390,7 +391,7 @@ struct Run<'a, B: Backend> {
 pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     let start = Instant::now();
     spec.check()?;
-    let dense = Model::load_with(be, &spec.model, spec.residency)?;
+    let dense = Model::load_with(be, &spec.model, spec.load)?;
     println(&format!(
         "model: {} ({:?}, {} layers, {:.1}M parameters)",
         spec.model.display(),
@@ -592,7 +593,7 @@ impl<B: Backend> Run<'_, B> {
             }
         }
         if !pending.is_empty() {
-            let model = Model::load_with(self.be, &dir, self.spec.residency)?;
+            let model = Model::load_with(self.be, &dir, self.spec.load)?;
             for metric in pending {
                 let t = Instant::now();
                 let (v, line) = self.evaluate(&model, metric, &name)?;

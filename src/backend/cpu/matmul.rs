@@ -1,8 +1,10 @@
 //! Matrix products on the CPU, all row-major f32: the `gemm` crate
 //! (AVX-512 kernels with its `x86-v4` feature) for real matrices, and a
 //! streaming kernel for products with only a few rows (decoding steps).
+use super::blocks::PackedBlocks;
 use super::mem::written_by;
 use super::simd::{self, Isa};
+use crate::io::ggml_blocks::BLOCK_LEN;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -201,7 +203,7 @@ const MATVEC_TASK_BYTES: usize = 96 * 1024;
 /// with one weight).
 pub fn matvec_wt(
     x: &[f32],
-    w: &[f32],
+    w: FewRowWeight<'_>,
     rows: usize,
     inp: usize,
     out: usize,
@@ -211,36 +213,61 @@ pub fn matvec_wt(
     y
 }
 
+/// A W `[out, inp]` as the few-row products read it.
+#[derive(Clone, Copy)]
+pub enum FewRowWeight<'a> {
+    F32(&'a [f32]),
+    /// ggml blocks that dequantise to W (`blocks`); `inp` a multiple of 32.
+    Blocks(&'a PackedBlocks),
+}
+
+impl FewRowWeight<'_> {
+    /// Bytes read per row of W.
+    fn row_bytes(&self, inp: usize) -> usize {
+        match self {
+            Self::F32(_) => 4 * inp,
+            Self::Blocks(b) => inp / BLOCK_LEN * b.block_bytes(),
+        }
+    }
+}
+
 /// `y_i[rows,out_i] = x[rows,inp] · W_i[out_i,inp]ᵀ` for each `(W_i, out_i)`
-/// of `ws`, for a few rows. Each W is read once, four of its rows at a
-/// time (`simd::dot4`), by tasks over contiguous row ranges; the tasks of
-/// all the products share one parallel pass, so that products too small to
-/// keep every core busy alone (a layer's k and v) run together.
+/// of `ws`, for a few rows. Each W is read once (f32 W four of its rows at
+/// a time, `simd::dot4`; block W one row at a time, `PackedBlocks::rows_dot`),
+/// by tasks over contiguous row ranges; the tasks of all the products share
+/// one parallel pass, so that products too small to keep every core busy
+/// alone (a layer's k and v) run together.
 pub fn matvec_many<const N: usize>(
     x: &[f32],
-    ws: [(&[f32], usize); N],
+    ws: [(FewRowWeight<'_>, usize); N],
     rows: usize,
     inp: usize,
     threads: usize,
 ) -> [Vec<f32>; N] {
     assert_eq!(x.len(), rows * inp);
     for (w, out) in ws {
-        assert_eq!(w.len(), out * inp);
+        if let FewRowWeight::F32(w) = w {
+            assert_eq!(w.len(), out * inp);
+        }
     }
     let isa = Isa::get();
-    // Output rows of W per task, a multiple of the 4-row block.
-    let per = (MATVEC_TASK_BYTES / (4 * inp.max(1)))
-        .max(1)
-        .next_multiple_of(4);
     // yt_i is y_iᵀ, [out_i, rows]: each task owns a contiguous range of one.
     let mut yts: [Vec<f32>; N] = ws.map(|(_, out)| vec![0f32; out * rows]);
-    let mut tasks: Vec<(&[f32], usize, &mut [f32])> = Vec::new();
+    let mut tasks: Vec<(FewRowWeight, usize, &mut [f32])> = Vec::new();
     for ((w, _), yt) in ws.into_iter().zip(yts.iter_mut()) {
+        // Output rows of W per task, a multiple of the 4-row block.
+        let per = (MATVEC_TASK_BYTES / w.row_bytes(inp).max(1))
+            .max(1)
+            .next_multiple_of(4);
         for (ti, yc) in yt.chunks_mut(per * rows).enumerate() {
             tasks.push((w, ti * per, yc));
         }
     }
-    let task = |(w, o0, yc): (&[f32], usize, &mut [f32])| {
+    let task = |(w, o0, yc): (FewRowWeight, usize, &mut [f32])| {
+        let w = match w {
+            FewRowWeight::F32(w) => w,
+            FewRowWeight::Blocks(b) => return b.rows_dot(isa, x, rows, inp, o0, yc),
+        };
         let n_o = yc.len() / rows;
         let mut o = 0;
         while o + 4 <= n_o {
@@ -339,10 +366,11 @@ mod tests {
                 let (x, w) = (rnd(rows * inp), rnd(out * inp));
                 // A second product sharing the pass gives what it gives alone.
                 let w2 = rnd(5 * inp);
-                let [_, y2] = matvec_many(&x, [(&w, out), (&w2, 5)], rows, inp, 2);
-                assert_eq!(y2, matvec_wt(&x, &w2, rows, inp, 5, 1));
+                let (fw, fw2) = (FewRowWeight::F32(&w), FewRowWeight::F32(&w2));
+                let [_, y2] = matvec_many(&x, [(fw, out), (fw2, 5)], rows, inp, 2);
+                assert_eq!(y2, matvec_wt(&x, fw2, rows, inp, 5, 1));
                 for threads in [1, 2] {
-                    let y = matvec_wt(&x, &w, rows, inp, out, threads);
+                    let y = matvec_wt(&x, fw, rows, inp, out, threads);
                     for r in 0..rows {
                         for o in 0..out {
                             let want: f64 = (0..inp)

@@ -1,6 +1,7 @@
 //! The CPU backend: the reference every other backend is tested against,
 //! and a fast fallback (rayon over rows, `gemm` for matrix products, f32).
 mod attention;
+mod blocks;
 mod decode;
 mod loss;
 pub mod matmul;
@@ -9,7 +10,10 @@ mod ops;
 mod simd;
 
 use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart};
+use crate::io::ggml_blocks::BlockMatrix;
 use crate::Result;
+use blocks::PackedBlocks;
+use matmul::FewRowWeight;
 
 /// f32 host buffers for activations and weights.
 pub struct CpuBackend {
@@ -34,18 +38,57 @@ impl Default for CpuBackend {
     }
 }
 
+/// A weight as the CPU backend holds it: its f32 values and, for a matrix
+/// given with its ggml blocks (`Backend::upload_weight_blocks`), the
+/// blocks too, which the few-row products (decoding steps) read instead.
+pub struct CpuWeight {
+    values: Vec<f32>,
+    blocks: Option<PackedBlocks>,
+}
+
+impl std::ops::Deref for CpuWeight {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.values
+    }
+}
+
+impl From<Vec<f32>> for CpuWeight {
+    fn from(values: Vec<f32>) -> Self {
+        Self {
+            values,
+            blocks: None,
+        }
+    }
+}
+
+impl CpuWeight {
+    /// What the few-row products read: the blocks when there are some.
+    fn few_rows(&self) -> FewRowWeight<'_> {
+        match &self.blocks {
+            Some(b) => FewRowWeight::Blocks(b),
+            None => FewRowWeight::F32(&self.values),
+        }
+    }
+
+    /// Whether the few-row products read ggml blocks.
+    pub fn has_blocks(&self) -> bool {
+        self.blocks.is_some()
+    }
+}
+
 /// `y[r,:] += bias` for each row r of `y` (`[rows, bias.len()]`).
-fn add_bias(y: &mut [f32], bias: Option<&Vec<f32>>) {
+fn add_bias(y: &mut [f32], bias: Option<&CpuWeight>) {
     if let Some(b) = bias {
         for row in y.chunks_mut(b.len()) {
-            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            row.iter_mut().zip(b.iter()).for_each(|(y, b)| *y += b);
         }
     }
 }
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
-    type Weight = Vec<f32>;
+    type Weight = CpuWeight;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -63,21 +106,33 @@ impl Backend for CpuBackend {
         Ok(vec![0.0; len])
     }
 
-    fn upload_weight(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(mem::huge_page_copy(data))
+    fn upload_weight(&self, data: &[f32]) -> Result<CpuWeight> {
+        Ok(mem::huge_page_copy(data).into())
+    }
+
+    fn upload_weight_blocks(
+        &self,
+        data: &[f32],
+        blocks: &BlockMatrix<'_>,
+        _in_flight: bool,
+    ) -> Result<CpuWeight> {
+        Ok(CpuWeight {
+            values: mem::huge_page_copy(data),
+            blocks: Some(PackedBlocks::pack(blocks)),
+        })
     }
 
     fn linear(
         &self,
         x: &Vec<f32>,
-        w: &Vec<f32>,
-        bias: Option<&Vec<f32>>,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
         rows: usize,
         inp: usize,
         out: usize,
     ) -> Result<Vec<f32>> {
         let mut y = if rows <= matmul::SKINNY_ROWS {
-            matmul::matvec_wt(x, w, rows, inp, out, self.threads)
+            matmul::matvec_wt(x, w.few_rows(), rows, inp, out, self.threads)
         } else {
             matmul::matmul_wt(x, w, rows, inp, out, self.threads)
         };
@@ -88,12 +143,12 @@ impl Backend for CpuBackend {
     fn linear_many<const N: usize>(
         &self,
         x: &Vec<f32>,
-        parts: [LinearPart<'_, Vec<f32>>; N],
+        parts: [LinearPart<'_, CpuWeight>; N],
         rows: usize,
         inp: usize,
     ) -> Result<[Vec<f32>; N]> {
         let mut ys = if rows <= matmul::SKINNY_ROWS {
-            let ws = parts.map(|(w, _, out)| (w.as_slice(), out));
+            let ws = parts.map(|(w, _, out)| (w.few_rows(), out));
             matmul::matvec_many(x, ws, rows, inp, self.threads)
         } else {
             parts.map(|(w, _, out)| matmul::matmul_wt(x, w, rows, inp, out, self.threads))
@@ -107,7 +162,7 @@ impl Backend for CpuBackend {
     fn linear_bwd_input(
         &self,
         dy: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         rows: usize,
         inp: usize,
         out: usize,
@@ -115,7 +170,7 @@ impl Backend for CpuBackend {
         Ok(matmul::matmul_w(dy, w, rows, inp, out, self.threads))
     }
 
-    fn embedding(&self, ids: &[u32], table: &Vec<f32>, d: usize) -> Result<Vec<f32>> {
+    fn embedding(&self, ids: &[u32], table: &CpuWeight, d: usize) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(ids.len() * d);
         for &id in ids {
             out.extend_from_slice(&table[id as usize * d..][..d]);
@@ -126,7 +181,7 @@ impl Backend for CpuBackend {
     fn rmsnorm_fwd(
         &self,
         x: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         _rows: usize,
         d: usize,
         eps: f32,
@@ -138,7 +193,7 @@ impl Backend for CpuBackend {
         &self,
         dy: &Vec<f32>,
         x: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         rstd: &Vec<f32>,
         _rows: usize,
         d: usize,
@@ -237,7 +292,7 @@ impl Backend for CpuBackend {
     fn cross_entropy(
         &self,
         z: &Vec<f32>,
-        lm_head: &Vec<f32>,
+        lm_head: &CpuWeight,
         targets: &[u32],
         _rows: usize,
         d: usize,

@@ -1,0 +1,256 @@
+//! The ggml blocks an f32 GGUF import keeps (`ggml_blocks.safetensors`):
+//! which matrices get them, that they load (each checked bit for bit
+//! against its f32 tensor, LLaMA's permuted q/k rows included), that
+//! decoding from them gives what decoding from the f32 weights gives, and
+//! that a stale or damaged file is refused by name.
+mod common;
+use common::*;
+use rku_engine::backend::cpu::{CpuBackend, CpuWeight};
+use rku_engine::io::ggml_blocks::{BlockFile, BlockKind, BLOCKS_FILE};
+use rku_engine::io::import::{import_gguf, ImportOptions};
+use rku_engine::io::safetensors_out::OutDtype;
+use rku_engine::model::decode::{argmax, Decoder};
+use rku_engine::model::weights::{LayerWeights, LoadOptions, Residency};
+use rku_engine::model::Model;
+use std::path::{Path, PathBuf};
+
+fn import(gguf: &str, dtype: OutDtype, blocks: bool) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let opts = ImportOptions {
+        dtype,
+        force: false,
+        blocks,
+    };
+    import_gguf(&fixture(&format!("gguf/{gguf}")), &out, &opts).unwrap();
+    (tmp, out)
+}
+
+fn with_blocks(residency: Residency) -> LoadOptions {
+    LoadOptions {
+        residency,
+        ggml_blocks: true,
+    }
+}
+
+#[test]
+fn f32_imports_keep_the_blocks_of_q4_1_and_q8_0_matrices() {
+    // tiny_llama: token_embd Q8_0, attn_output Q4_1, every other matrix of
+    // another type (make_gguf_fixtures.py).
+    let (_t, dir) = import("tiny_llama.gguf", OutDtype::F32, true);
+    let f = BlockFile::open(&dir).unwrap().expect("a blocks file");
+    let want = vec![
+        ("model.embed_tokens.weight", BlockKind::Q8_0),
+        ("model.layers.0.self_attn.o_proj.weight", BlockKind::Q4_1),
+        ("model.layers.1.self_attn.o_proj.weight", BlockKind::Q4_1),
+    ];
+    assert_eq!(f.kinds(), want);
+    // tiny_llama3 is Q8_0 throughout: LLaMA's permuted q/k rows included.
+    let (_t3, dir3) = import("tiny_llama3.gguf", OutDtype::F32, true);
+    let names: Vec<String> = BlockFile::open(&dir3)
+        .unwrap()
+        .unwrap()
+        .kinds()
+        .iter()
+        .map(|k| k.0.to_string())
+        .collect();
+    for leaf in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        assert!(
+            names.contains(&format!("model.layers.0.self_attn.{leaf}.weight")),
+            "{names:?}"
+        );
+    }
+    // Neither a bf16 import (its values are not the blocks') nor --no-blocks writes one.
+    for (dtype, blocks) in [(OutDtype::BF16, true), (OutDtype::F32, false)] {
+        let (_t, dir) = import("tiny_llama.gguf", dtype, blocks);
+        assert!(!dir.join(BLOCKS_FILE).exists(), "{dtype:?} blocks={blocks}");
+    }
+}
+
+/// Teacher-forced decoding of `prompt` then `steps` tokens chosen by the
+/// first model: each model's logits after the prefill and after every step.
+fn decode_logits(
+    be: &CpuBackend,
+    models: &[&Model<CpuBackend>],
+    prompt: &[u32],
+    steps: usize,
+) -> Vec<Vec<Vec<f32>>> {
+    let mut decs: Vec<Decoder<CpuBackend>> = models
+        .iter()
+        .map(|m| Decoder::new(be, m, 1, prompt.len() + steps).unwrap())
+        .collect();
+    let mut out: Vec<Vec<Vec<f32>>> = decs
+        .iter_mut()
+        .map(|d| vec![d.extend(&[prompt.to_vec()]).unwrap()])
+        .collect();
+    for _ in 0..steps {
+        let next = argmax(out[0].last().unwrap());
+        for (d, o) in decs.iter_mut().zip(out.iter_mut()) {
+            o.push(d.step(&[next]).unwrap());
+        }
+    }
+    out
+}
+
+/// Whether `f` holds for layer 0's weights.
+fn layer0_has(
+    m: &Model<CpuBackend>,
+    be: &CpuBackend,
+    f: fn(&LayerWeights<CpuWeight>) -> bool,
+) -> bool {
+    let mut has = false;
+    m.for_each_layer(be, [0], |_, lw| {
+        has = f(lw);
+        Ok(())
+    })
+    .unwrap();
+    has
+}
+
+/// Decoding steps read the blocks (checked: the weights hold them) and give
+/// the f32 weights' logits up to summation order and the same greedy
+/// tokens; a streamed model reads the same blocks and gives the same bits.
+#[test]
+fn decoding_from_blocks_equals_decoding_from_f32() {
+    // Each fixture with a matrix that must have come with blocks.
+    type Pick = fn(&Model<CpuBackend>, &CpuBackend) -> bool;
+    let cases: [(&str, Pick); 3] = [
+        ("tiny_llama.gguf", |m, be| {
+            m.embed.has_blocks() && layer0_has(m, be, |lw| lw.wo.has_blocks())
+        }),
+        ("tiny_llama3.gguf", |m, be| {
+            layer0_has(m, be, |lw| lw.wq.has_blocks() && lw.wk.has_blocks())
+        }),
+        ("tiny_qwen2.gguf", |m, be| {
+            layer0_has(m, be, |lw| lw.w_gate.has_blocks())
+        }),
+    ];
+    for (gguf, has_blocks) in cases {
+        let (_t, dir) = import(gguf, OutDtype::F32, true);
+        let be = CpuBackend::new();
+        let f32_model = Model::load(&be, &dir).unwrap();
+        let blocks = Model::load_with(&be, &dir, with_blocks(Residency::Resident)).unwrap();
+        let streamed = Model::load_with(&be, &dir, with_blocks(Residency::Streamed)).unwrap();
+        assert!(!f32_model.has_ggml_blocks() && blocks.has_ggml_blocks());
+        assert!(
+            has_blocks(&blocks, &be),
+            "{gguf}: blocks given to the backend"
+        );
+        assert!(
+            !has_blocks(&f32_model, &be),
+            "{gguf}: none without the option"
+        );
+        let prompt: Vec<u32> = (0..5)
+            .map(|i| (7 + 13 * i) % blocks.cfg.vocab as u32)
+            .collect();
+        let runs = decode_logits(&be, &[&f32_model, &blocks, &streamed], &prompt, 12);
+        for (step, ((a, b), s)) in runs[0].iter().zip(&runs[1]).zip(&runs[2]).enumerate() {
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= 1e-5 * scale, "{gguf} step {step}: {err} of {scale}");
+            assert_eq!(argmax(a), argmax(b), "{gguf} step {step}");
+            assert_eq!(b, s, "{gguf} step {step}: streamed blocks");
+        }
+    }
+}
+
+fn flip_last_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x11;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_stale_or_damaged_blocks_file_is_refused_by_name() {
+    let (_t, dir) = import("tiny_llama3.gguf", OutDtype::F32, true);
+    let file = dir.join(BLOCKS_FILE);
+    let be = CpuBackend::new();
+    // The last byte holds two quants of some matrix's last block: the
+    // block no longer dequantises to the f32 tensor.
+    flip_last_byte(&file);
+    let e = Model::load_with(&be, &dir, with_blocks(Residency::Resident))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(BLOCKS_FILE) && e.contains("element") && e.contains("import again"),
+        "{e}"
+    );
+    // Streamed, the layer is checked when a pass uploads it.
+    let streamed = Model::load_with(&be, &dir, with_blocks(Residency::Streamed));
+    let e = match streamed {
+        Err(e) => e.to_string(),
+        Ok(m) => m
+            .for_each_layer(&be, 0..m.cfg.layers, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string(),
+    };
+    assert!(e.contains(BLOCKS_FILE), "{e}");
+    // Without blocks the file is not read; from the CLI the flag says so.
+    Model::load(&be, &dir).unwrap();
+    let err = run_err(
+        bin()
+            .args([
+                "bench",
+                "decode",
+                "--backend",
+                "cpu",
+                "--new-tokens",
+                "2",
+                "--model",
+            ])
+            .arg(&dir),
+    );
+    assert!(err.contains(BLOCKS_FILE), "{err}");
+    run_ok(
+        bin()
+            .args([
+                "bench",
+                "decode",
+                "--backend",
+                "cpu",
+                "--new-tokens",
+                "2",
+                "--no-ggml-blocks",
+                "--model",
+            ])
+            .arg(&dir),
+    );
+    // Truncated: not a safetensors file any more.
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = Model::load_with(&be, &dir, with_blocks(Residency::Resident))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(BLOCKS_FILE) && e.contains("not a safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_cli_decodes_from_blocks_by_default() {
+    let (_t, dir) = import("tiny_qwen2.gguf", OutDtype::F32, true);
+    let out = bin()
+        .args([
+            "bench",
+            "decode",
+            "--backend",
+            "cpu",
+            "--new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("with its ggml blocks"), "{err}");
+}
