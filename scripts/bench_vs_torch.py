@@ -6,7 +6,11 @@ Measures, in one run on the same machine, model, tokens and thread count:
   score    - forward + activation backward + per-channel statistics of the
              energy objective (tokens/s and peak RSS of the process)
   decode   - greedy decoding with a KV cache at batch 1 after a 32-token
-             prompt (tokens/s; transformers' generate, prefill subtracted)
+             prompt (tokens/s; transformers' generate, prefill subtracted);
+             rku-engine reads the ggml blocks the import kept
+             (ggml_blocks.safetensors), which dequantise to exactly the f32
+             weights transformers reads
+  decode_f32 - the same with rku-engine reading the f32 weights (--no-ggml-blocks)
 Each side runs in its own child process so peak RSS is measured per side
 (os.wait4's ru_maxrss). torch/transformers are needed only here, never in CI.
 
@@ -118,7 +122,7 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="sequences scored (score benchmark)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed (decode benchmark)")
-    ap.add_argument("--only", choices=["forward", "score", "decode"])
+    ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32"])
     ap.add_argument("--torch-worker", choices=["forward", "score", "decode"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
@@ -129,20 +133,25 @@ def main():
           "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads),
           "--new-tokens", str(args.new_tokens)]
     results = {}
-    for kind in ["forward", "score", "decode"]:
+    if not os.path.exists(os.path.join(args.model, "ggml_blocks.safetensors")):
+        print(f"note: {args.model} has no ggml_blocks.safetensors: decode reads the f32 weights too")
+    for kind in ["forward", "score", "decode", "decode_f32"]:
         if args.only and args.only != kind:
             continue
         if kind == "forward":
             ours_cmd = [args.bin, "bench", "forward", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--repeats", str(args.repeats), "--backend", "cpu", "--json"]
-        elif kind == "decode":
+        elif kind.startswith("decode"):
             ours_cmd = [args.bin, "bench", "decode", "--model", args.model, "--prompt-len", "32",
                         "--new-tokens", str(args.new_tokens), "--backend", "cpu", "--json"]
+            if kind == "decode_f32":
+                ours_cmd.append("--no-ggml-blocks")
         else:
             ours_cmd = [args.bin, "bench", "score", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--samples", str(args.samples), "--backend", "cpu", "--json"]
         ours_out, ours_rss = run_child(ours_cmd, env)
-        torch_out, torch_rss = run_child(me + ["--torch-worker", kind], env)
+        torch_kind = "decode" if kind == "decode_f32" else kind
+        torch_out, torch_rss = run_child(me + ["--torch-worker", torch_kind], env)
         ours, theirs = last_json(ours_out), last_json(torch_out)
         r = {
             "rku_tokens_per_s": ours["tokens_per_s"],
@@ -153,7 +162,7 @@ def main():
             "memory_ratio": ours_rss / torch_rss,
         }
         results[kind] = r
-        print(f"{kind:8s} T={args.seq_len} threads={args.threads}: rku {r['rku_tokens_per_s']:.0f} tok/s, "
+        print(f"{kind:10s} T={args.seq_len} threads={args.threads}: rku {r['rku_tokens_per_s']:.0f} tok/s, "
               f"torch {r['torch_tokens_per_s']:.0f} tok/s, ratio {r['speed_ratio']:.2f}x; "
               f"peak RSS rku {ours_rss:.0f} MiB, torch {torch_rss:.0f} MiB (ratio {r['memory_ratio']:.2f})")
     print(json.dumps(results))
