@@ -8,7 +8,7 @@
 //!   Q4_1: w = fl(fl(q·d) + m),   Q8_0: w = fl(q·d),
 //! so it is bit for bit the f32 value the model's safetensors hold, and the
 //! product differs from the f32 path only in summation order.
-use super::simd::Isa;
+use super::simd::{dispatch, Isa};
 use crate::io::ggml_blocks::{BlockKind, BlockMatrix, BLOCK_LEN};
 use half::f16;
 
@@ -114,21 +114,6 @@ impl PackedBlocks {
             }
         }
     }
-}
-
-/// Runs the AVX-512 body `$a`, the AVX2 body `$b` or the plain body `$s` for `$isa`.
-macro_rules! dispatch {
-    ($isa:expr, $a:expr, $b:expr, $s:expr) => {
-        match $isa {
-            // SAFETY: these variants come from `Isa::available`, which
-            // checked that the CPU has the features the bodies enable.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { $a },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { $b },
-            _ => $s,
-        }
-    };
 }
 
 /// `y[r] = x[r,:] · w` for one W row given as Q4_1 blocks.

@@ -69,6 +69,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(super) use dispatch;
 
 /// `Σ a_i·b_i`.
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
