@@ -40,17 +40,25 @@ fn f32_imports_keep_the_blocks_of_q4_1_and_q8_0_matrices() {
     let (_t, dir) = import("tiny_llama.gguf", OutDtype::F32, true);
     let f = BlockFile::open(&dir).unwrap().expect("a blocks file");
     let want = vec![
-        ("model.embed_tokens.weight", BlockKind::Q8_0),
-        ("model.layers.0.self_attn.o_proj.weight", BlockKind::Q4_1),
-        ("model.layers.1.self_attn.o_proj.weight", BlockKind::Q4_1),
+        ("model.embed_tokens.weight", BlockKind::Q8_0, [266, 32]),
+        (
+            "model.layers.0.self_attn.o_proj.weight",
+            BlockKind::Q4_1,
+            [32, 32],
+        ),
+        (
+            "model.layers.1.self_attn.o_proj.weight",
+            BlockKind::Q4_1,
+            [32, 32],
+        ),
     ];
-    assert_eq!(f.kinds(), want);
+    assert_eq!(f.matrices(), want);
     // tiny_llama3 is Q8_0 throughout: LLaMA's permuted q/k rows included.
     let (_t3, dir3) = import("tiny_llama3.gguf", OutDtype::F32, true);
     let names: Vec<String> = BlockFile::open(&dir3)
         .unwrap()
         .unwrap()
-        .kinds()
+        .matrices()
         .iter()
         .map(|k| k.0.to_string())
         .collect();
@@ -253,4 +261,55 @@ fn the_cli_decodes_from_blocks_by_default() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("with its ggml blocks"), "{err}");
+}
+
+/// A pruned export keeps the blocks of every matrix the compaction keeps
+/// whole (gate/up rows gathered, padded rows zero) but not down_proj's;
+/// they load (checked against the pruned values) and decode like f32.
+#[test]
+fn pruned_exports_keep_the_blocks_of_whole_rows() {
+    use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
+    use rku_engine::io::safetensors_io::SafeModel;
+    for gguf in ["tiny_llama3.gguf", "tiny_qwen2.gguf"] {
+        let (tmp, dir) = import(gguf, OutDtype::F32, true);
+        let be = CpuBackend::new();
+        let dense = Model::load(&be, &dir).unwrap();
+        let m = dense.cfg.ffn_widths[0];
+        let kept: Vec<Vec<usize>> = (0..dense.cfg.layers)
+            .map(|l| (0..m).filter(|c| (c + l) % 3 != 1).collect())
+            .collect();
+        for layout in [ExportLayout::Compact, ExportLayout::Padded] {
+            let spec = ExportSpec {
+                kept: &kept,
+                layout,
+                down_bias: None,
+                record: serde_json::json!({}),
+            };
+            let out = tmp.path().join(format!("{layout:?}"));
+            let files = SafeModel::open_dir(&dir).unwrap();
+            export_pruned(&dir, &files, &dense.cfg, &spec, &out, false).unwrap();
+            let f = BlockFile::open(&out).unwrap().expect("a blocks file");
+            let names: Vec<&str> = f.matrices().iter().map(|e| e.0).collect();
+            assert!(
+                names.iter().any(|n| n.ends_with("gate_proj.weight")),
+                "{gguf}: {names:?}"
+            );
+            assert!(
+                !names.iter().any(|n| n.ends_with("down_proj.weight")),
+                "{gguf}: {names:?}"
+            );
+            let f32_model = Model::load(&be, &out).unwrap();
+            let blocks = Model::load_with(&be, &out, with_blocks(Residency::Resident)).unwrap();
+            assert!(layer0_has(&blocks, &be, |lw| lw.w_gate.has_blocks()));
+            let prompt: Vec<u32> = (0..4)
+                .map(|i| (3 + 11 * i) % blocks.cfg.vocab as u32)
+                .collect();
+            let runs = decode_logits(&be, &[&f32_model, &blocks], &prompt, 6);
+            for (a, b) in runs[0].iter().zip(&runs[1]) {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err <= 1e-5 * scale, "{gguf} {layout:?}: {err} of {scale}");
+            }
+        }
+    }
 }

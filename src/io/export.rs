@@ -1,7 +1,9 @@
 //! Writes a pruned model directory (METHODS.md section 7): safetensors in
 //! the input dtype with HF names (sharded above 4 GB), config.json,
-//! pruning.json and the tokenizer files, atomically.
+//! pruning.json and the tokenizer files, atomically; and the ggml blocks
+//! of the matrices the compaction keeps whole (`ggml_blocks`).
 use crate::io::atomic::{write_file, AtomicDir};
+use crate::io::ggml_blocks::{self, BlockFile, BlockTensor};
 use crate::io::safetensors_io::{FloatType, SafeModel};
 use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::config::{Arch, ModelConfig};
@@ -116,12 +118,7 @@ pub fn export_pruned(
         let t = files.get_any(name)?;
         let elem = t.dtype.size();
         let dtype = out_dtype(t.dtype);
-        let ffn = (0..cfg.layers).find_map(|l| {
-            ["gate_proj", "up_proj", "down_proj"].iter().find_map(|p| {
-                (layer_tensor(l, &format!("mlp.{p}.weight")) == name).then_some((l, *p))
-            })
-        });
-        let (shape, data) = match ffn {
+        let (shape, data) = match ffn_tensor(cfg, name) {
             None => (t.shape.to_vec(), t.bytes.to_vec()),
             Some((l, "down_proj")) => {
                 let m = cfg.ffn_widths[l];
@@ -179,6 +176,12 @@ pub fn export_pruned(
         }
     }
     write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
+    if let Some(src_blocks) = BlockFile::open(src_dir)? {
+        let blocks = pruned_blocks(&src_blocks, cfg, spec, widest)?;
+        if !blocks.is_empty() {
+            ggml_blocks::write(dir.path(), &blocks)?;
+        }
+    }
     let config = pruned_config(cfg, &widths, spec.layout, spec.down_bias.is_some());
     write_json(&dir.path().join("config.json"), &config)?;
     write_json(&dir.path().join("pruning.json"), &spec.record)?;
@@ -190,6 +193,54 @@ pub fn export_pruned(
         }
     }
     dir.commit()
+}
+
+/// `(layer, projection)` when `name` is an FFN weight matrix.
+fn ffn_tensor(cfg: &ModelConfig, name: &str) -> Option<(usize, &'static str)> {
+    (0..cfg.layers).find_map(|l| {
+        ["gate_proj", "up_proj", "down_proj"]
+            .into_iter()
+            .find_map(|p| (layer_tensor(l, &format!("mlp.{p}.weight")) == name).then_some((l, p)))
+    })
+}
+
+/// The source's ggml blocks that survive the compaction: every matrix
+/// outside the FFN as it is, gate and up with their kept rows gathered
+/// like the values (a row is whole blocks; padded rows are zero bytes,
+/// which dequantise to the zeros padded into the values). down_proj loses
+/// columns, which cuts through its blocks: it has none. Loading checks
+/// them against the values as for any blocks file.
+fn pruned_blocks<'a>(
+    src: &'a BlockFile,
+    cfg: &ModelConfig,
+    spec: &ExportSpec,
+    widest: usize,
+) -> Result<Vec<BlockTensor<'a>>> {
+    let mut out = Vec::new();
+    for (name, _, shape) in src.matrices() {
+        let Some(m) = src.get(name, shape[0], shape[1])? else {
+            continue;
+        };
+        let (rows, data) = match ffn_tensor(cfg, name) {
+            None => (m.rows, m.data.into()),
+            Some((_, "down_proj")) => continue,
+            Some((l, _)) => {
+                let g = gather_rows(m.data, 1, m.row_bytes(), &spec.kept[l]);
+                match spec.layout {
+                    ExportLayout::Compact => (spec.kept[l].len(), g.into()),
+                    ExportLayout::Padded => (widest, pad_rows(g, 1, m.row_bytes(), widest).into()),
+                }
+            }
+        };
+        out.push(BlockTensor {
+            name: name.to_string(),
+            kind: m.kind,
+            rows,
+            cols: m.cols,
+            data,
+        });
+    }
+    Ok(out)
 }
 
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {

@@ -197,12 +197,12 @@ impl BlockFile {
         &self.path
     }
 
-    /// The tensors it has blocks for, with their kind, sorted by name.
-    pub fn kinds(&self) -> Vec<(&str, BlockKind)> {
+    /// The matrices it has blocks for: name, kind and `[rows, cols]`, sorted by name.
+    pub fn matrices(&self) -> Vec<(&str, BlockKind, [usize; 2])> {
         let mut v: Vec<_> = self
             .entries
             .iter()
-            .map(|(n, e)| (n.as_str(), e.0))
+            .map(|(n, e)| (n.as_str(), e.0, [e.1, e.2]))
             .collect();
         v.sort_unstable_by_key(|e| e.0);
         v
