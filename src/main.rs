@@ -503,6 +503,9 @@ struct BenchDecodeArgs {
     /// Decoding steps timed.
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Sequences decoded together (the same prompt each); tokens/s counts all.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -1053,28 +1056,30 @@ fn eval_mc<B: Backend>(be: &B, a: &McCliArgs) -> Result<()> {
 }
 
 fn bench_decode<B: Backend>(be: &B, a: &BenchDecodeArgs) -> Result<()> {
-    if a.prompt_len == 0 || a.new_tokens == 0 {
-        bail!("--prompt-len and --new-tokens must be at least 1");
+    if a.prompt_len == 0 || a.new_tokens == 0 || a.batch == 0 {
+        bail!("--prompt-len, --new-tokens and --batch must be at least 1");
     }
     let model = load_model_with(be, &a.model, &a.common, Some(&a.decode_weights))?;
     let prompt = synthetic_ids(a.prompt_len, model.cfg.vocab);
-    let mut dec = Decoder::new(be, &model, 1, a.prompt_len + a.new_tokens)?;
-    let mut next = argmax(&dec.extend(&[prompt])?);
+    let mut dec = Decoder::new(be, &model, a.batch, a.prompt_len + a.new_tokens)?;
+    let vocab = model.cfg.vocab;
+    let next_ids = |logits: &[f32]| -> Vec<u32> { logits.chunks(vocab).map(argmax).collect() };
+    let mut next = next_ids(&dec.extend(&vec![prompt; a.batch])?);
     let start = Instant::now();
     for _ in 0..a.new_tokens {
-        next = argmax(&dec.step(&[next])?);
+        next = next_ids(&dec.step(&next)?);
     }
     let secs = start.elapsed().as_secs_f64();
-    let tps = a.new_tokens as f64 / secs;
+    let tps = (a.batch * a.new_tokens) as f64 / secs;
     println!(
-        "decode: {} tokens after a {}-token prompt, batch 1: {secs:.2}s, {tps:.1} tokens/s",
-        a.new_tokens, a.prompt_len
+        "decode: {} tokens after a {}-token prompt, batch {}: {secs:.2}s, {tps:.1} tokens/s",
+        a.new_tokens, a.prompt_len, a.batch
     );
     if a.json {
         println!(
             "{}",
             serde_json::json!({"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                "seconds": secs, "tokens_per_s": tps, "backend": be.name()})
+                "batch": a.batch, "seconds": secs, "tokens_per_s": tps, "backend": be.name()})
         );
     }
     Ok(())

@@ -9,7 +9,8 @@ use rku_engine::backend::cpu::{CpuBackend, CpuWeight};
 use rku_engine::io::ggml_blocks::{BlockFile, BlockKind, BLOCKS_FILE};
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::OutDtype;
-use rku_engine::model::decode::{argmax, Decoder};
+use rku_engine::io::text::Tokenizer;
+use rku_engine::model::decode::{argmax, generate, Decoder, GenerateOptions};
 use rku_engine::model::weights::{LayerWeights, LoadOptions, Residency};
 use rku_engine::model::Model;
 use std::path::{Path, PathBuf};
@@ -158,6 +159,25 @@ fn decoding_from_blocks_equals_decoding_from_f32() {
             assert!(err <= 1e-5 * scale, "{gguf} step {step}: {err} of {scale}");
             assert_eq!(argmax(a), argmax(b), "{gguf} step {step}");
             assert_eq!(b, s, "{gguf} step {step}: streamed blocks");
+        }
+        // Eight sequences at once (`eval gen`'s default batch): the block
+        // products take all eight rows, the f32 ones a matrix product.
+        let tok = Tokenizer::load(&dir).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..8u32)
+            .map(|s| {
+                (0..3 + s % 4)
+                    .map(|i| (5 + 7 * s + 3 * i) % blocks.cfg.vocab as u32)
+                    .collect()
+            })
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            ..Default::default()
+        };
+        let (want, _) = generate(&be, &f32_model, &tok, &prompts, &opts).unwrap();
+        let (got, _) = generate(&be, &blocks, &tok, &prompts, &opts).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.ids, w.ids, "{gguf}: batch of 8");
         }
     }
 }

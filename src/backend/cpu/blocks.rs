@@ -12,6 +12,10 @@ use super::simd::{dispatch, Isa};
 use crate::io::ggml_blocks::{BlockKind, BlockMatrix, BLOCK_LEN};
 use half::f16;
 
+/// Up to this many rows, `y = x·Wᵀ` reads a weight's blocks when it has
+/// them (`eval gen` decodes 8 sequences at once by default).
+pub const BLOCK_ROWS: usize = 8;
+
 /// A Q4_1 block: w_j = q_j·d + m, q_j the low nibble of `qs[j]` for j < 16
 /// and the high nibble of `qs[j − 16]` after.
 #[repr(C)]
@@ -73,7 +77,7 @@ impl PackedBlocks {
     }
 
     /// `yc[o·rows + r] = x[r,:] · W[o0 + o,:]` for `o < yc.len() / rows`,
-    /// with `x` `[rows, inp]`, `1 ≤ rows ≤ 6` and `inp` a multiple of 32.
+    /// with `x` `[rows, inp]`, `1 ≤ rows ≤ BLOCK_ROWS` and `inp` a multiple of 32.
     pub fn rows_dot(
         &self,
         isa: Isa,
@@ -90,7 +94,9 @@ impl PackedBlocks {
             4 => self.rows_dot_n::<4>(isa, x, inp, o0, yc),
             5 => self.rows_dot_n::<5>(isa, x, inp, o0, yc),
             6 => self.rows_dot_n::<6>(isa, x, inp, o0, yc),
-            _ => panic!("block products take 1 to 6 rows, not {rows}"),
+            7 => self.rows_dot_n::<7>(isa, x, inp, o0, yc),
+            8 => self.rows_dot_n::<8>(isa, x, inp, o0, yc),
+            _ => panic!("block products take 1 to {BLOCK_ROWS} rows, not {rows}"),
         }
     }
 
@@ -358,7 +364,7 @@ mod tests {
                 let ty = GgmlType::from_id(id).unwrap();
                 let w = dequantize("w", ty, &data, out * inp).unwrap();
                 let packed = PackedBlocks::pack(&m);
-                for rows in 1..=6 {
+                for rows in 1..=BLOCK_ROWS {
                     let x = super::super::test_values(rows * inp, -1.0, 1.0, rows as u64);
                     let mut plain = vec![0f32; out * rows];
                     packed.rows_dot(Isa::Scalar, &x, rows, inp, 0, &mut plain);

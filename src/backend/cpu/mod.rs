@@ -71,6 +71,14 @@ impl CpuWeight {
         }
     }
 
+    /// Up to how many rows `y = x·Wᵀ` takes the few-row path.
+    fn few_rows_max(&self) -> usize {
+        match self.blocks {
+            Some(_) => blocks::BLOCK_ROWS,
+            None => matmul::SKINNY_ROWS,
+        }
+    }
+
     /// Whether the few-row products read ggml blocks.
     pub fn has_blocks(&self) -> bool {
         self.blocks.is_some()
@@ -131,7 +139,7 @@ impl Backend for CpuBackend {
         inp: usize,
         out: usize,
     ) -> Result<Vec<f32>> {
-        let mut y = if rows <= matmul::SKINNY_ROWS {
+        let mut y = if rows <= w.few_rows_max() {
             matmul::matvec_wt(x, w.few_rows(), rows, inp, out, self.threads)
         } else {
             matmul::matmul_wt(x, w, rows, inp, out, self.threads)
@@ -147,7 +155,8 @@ impl Backend for CpuBackend {
         rows: usize,
         inp: usize,
     ) -> Result<[Vec<f32>; N]> {
-        let mut ys = if rows <= matmul::SKINNY_ROWS {
+        let few_rows_max = parts.iter().map(|p| p.0.few_rows_max()).min();
+        let mut ys = if rows <= few_rows_max.unwrap_or(0) {
             let ws = parts.map(|(w, _, out)| (w.few_rows(), out));
             matmul::matvec_many(x, ws, rows, inp, self.threads)
         } else {
