@@ -56,8 +56,14 @@ impl<D: Device, T: Elem> DevBuf<D, T> {
         Ok(b)
     }
     /// `upload` through `Device::htod_async`: usable after `Device::upload_fence`.
+    /// The memory comes from `Device::alloc_for_upload`, which the upload
+    /// stream may write while compute is still queued.
     pub fn upload_async(dev: &D, data: &[T]) -> Result<Self> {
-        let b = Self::alloc(dev, data.len())?;
+        let b = DevBuf {
+            mem: dev.alloc_for_upload(std::mem::size_of_val(data))?,
+            len: data.len(),
+            _t: PhantomData,
+        };
         dev.htod_async(bytemuck::cast_slice(data), &b.mem)?;
         Ok(b)
     }

@@ -159,6 +159,13 @@ pub trait Device: Send + Sync + Sized + 'static {
     fn backend_name(&self) -> &'static str;
     /// Allocates `bytes` (contents unspecified).
     fn alloc(&self, bytes: usize) -> Result<Self::Mem>;
+    /// Allocates `bytes` that `htod_async` will write: memory no work queued
+    /// on the compute stream may still touch, since the upload stream is not
+    /// ordered after it (on the GPU `alloc` may hand out memory freed in
+    /// stream order whose last readers have not run yet). Default: `alloc`.
+    fn alloc_for_upload(&self, bytes: usize) -> Result<Self::Mem> {
+        self.alloc(bytes)
+    }
     /// The device address of an allocation.
     fn ptr(&self, mem: &Self::Mem) -> u64;
     /// Copies host bytes to the start of `dst`.
@@ -166,7 +173,8 @@ pub trait Device: Send + Sync + Sized + 'static {
     /// Copies host bytes to the start of `dst` on the upload stream: the
     /// copy may still run when this returns, overlapping compute queued
     /// meanwhile, and `dst` may be used only after `upload_fence`. `src`
-    /// is staged, so it may be dropped at once. Default: `htod`.
+    /// is staged, so it may be dropped at once. `dst` must come from
+    /// `alloc_for_upload`. Default: `htod`.
     fn htod_async(&self, src: &[u8], dst: &Self::Mem) -> Result<()> {
         self.htod(src, dst)
     }

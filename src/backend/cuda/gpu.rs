@@ -1,7 +1,21 @@
 //! The real device, through cudarc's driver and cuBLAS bindings (loaded at
 //! run time: `dynamic-loading`). Kernels come from the fatbin that build.rs
-//! embedded; all work goes to the legacy default stream, so a download
-//! (synchronous copy) sees every earlier launch.
+//! embedded; all work goes to the legacy default stream (the NULL stream:
+//! cudarc calls the driver's non-`_ptsz` entry points, and cuBLAS's handle
+//! keeps its default stream), so a download (synchronous copy) sees every
+//! earlier launch.
+//!
+//! Memory: `alloc` takes it from the device's default memory pool in stream
+//! order on that same stream (`cuMemAllocAsync`, `cuMemFreeAsync`), with the
+//! pool's release threshold at its maximum so freed memory stays cached and
+//! a later allocation reuses it without synchronising the device (the
+//! synchronous `cuMemAlloc`/`cuMemFree` pair cost most of a decode step).
+//! A block freed that way may be handed out again while kernels queued
+//! before the free still read it; that is safe for everything ordered on the
+//! compute stream, which includes the synchronous copies and memsets, but not
+//! for the upload stream of layer streaming. Its targets therefore come from
+//! `alloc_for_upload`: plain `cuMemAlloc` memory, which no queued work can
+//! still touch, freed by `cuMemFree` (which waits for the device).
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
@@ -25,11 +39,77 @@ fn drv_err(what: &str) -> impl FnOnce(drv::DriverError) -> Error + '_ {
     move |e| err(format!("{what}: {e:?}"))
 }
 
-/// One device allocation, freed on drop.
+/// The stream kernels, cuBLAS, copies and pool allocations are ordered on:
+/// the legacy default stream.
+const COMPUTE: sys::CUstream = std::ptr::null_mut();
+
+/// The retained primary context (and the device's memory pool, when it has
+/// one), shared by the device and every allocation: the context is released
+/// only when the last of them goes, so a buffer that outlives its
+/// `GpuDevice` is still freed in its own context.
+struct Ctx {
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    /// The default memory pool, or None where the device has no
+    /// stream-ordered allocator (then every allocation is synchronous).
+    pool: Option<sys::CUmemoryPool>,
+}
+
+// SAFETY: driver handles; the driver API is thread-safe.
+unsafe impl Send for Ctx {}
+unsafe impl Sync for Ctx {}
+
+impl Ctx {
+    fn bind(&self) -> Result<()> {
+        // SAFETY: `ctx` is the retained primary context.
+        unsafe { drv::ctx::set_current(self.ctx) }.map_err(drv_err("cuCtxSetCurrent"))
+    }
+}
+
+impl Drop for Ctx {
+    /// Waits for queued work (stream-ordered frees included) and releases
+    /// the primary context. Failures while tearing down are ignored.
+    fn drop(&mut self) {
+        // SAFETY: retained in `GpuDevice::new`; no allocation or handle is
+        // left (every holder of this `Ctx` is gone).
+        unsafe {
+            let _ = drv::ctx::set_current(self.ctx);
+            let _ = drv::ctx::synchronize();
+            let _ = drv::primary_ctx::release(self.dev);
+        }
+    }
+}
+
+/// The device's default memory pool, set to keep what is freed into it
+/// (release threshold: all of it) instead of returning it to the driver at
+/// every synchronisation; None if the device has no stream-ordered allocator.
+fn default_pool(dev: sys::CUdevice) -> Result<Option<sys::CUmemoryPool>> {
+    use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED as POOLS;
+    // SAFETY: `dev` came from cuDeviceGet and its primary context is current.
+    unsafe {
+        if drv::device::get_attribute(dev, POOLS).map_err(drv_err("cuDeviceGetAttribute"))? == 0 {
+            return Ok(None);
+        }
+        let pool =
+            drv::device::get_default_mem_pool(dev).map_err(drv_err("cuDeviceGetDefaultMemPool"))?;
+        let mut threshold = u64::MAX;
+        drv::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut c_void,
+        )
+        .map_err(drv_err("cuMemPoolSetAttribute(release threshold)"))?;
+        Ok(Some(pool))
+    }
+}
+
+/// One device allocation, freed on drop: in stream order on the compute
+/// stream when it came from the pool, synchronously otherwise.
 pub struct GpuMem {
     ptr: sys::CUdeviceptr,
     bytes: usize,
-    ctx: sys::CUcontext,
+    pooled: bool,
+    ctx: Arc<Ctx>,
     tracker: Arc<Tracker>,
 }
 
@@ -39,11 +119,18 @@ unsafe impl Sync for GpuMem {}
 
 impl Drop for GpuMem {
     fn drop(&mut self) {
-        // SAFETY: allocated by `GpuDevice::alloc` in this context. A failure
-        // here (the context already torn down) leaves nothing to free.
+        // SAFETY: allocated by `GpuDevice::alloc` (pooled: on `COMPUTE`) or
+        // `alloc_for_upload` in this context, which `self.ctx` keeps alive.
+        // A stream-ordered free lets later allocations on `COMPUTE` reuse the
+        // block only after the work queued so far; a failure here leaves
+        // nothing to free.
         unsafe {
-            let _ = drv::ctx::set_current(self.ctx);
-            let _ = drv::free_sync(self.ptr);
+            let _ = drv::ctx::set_current(self.ctx.ctx);
+            let _ = if self.pooled {
+                drv::free_async(self.ptr, COMPUTE)
+            } else {
+                drv::free_sync(self.ptr)
+            };
         }
         self.tracker.sub(self.bytes);
     }
@@ -107,8 +194,7 @@ impl Uploads {
 /// The GPU: a primary context, the kernels module, a cuBLAS handle and the
 /// upload stream of layer streaming.
 pub struct GpuDevice {
-    dev: sys::CUdevice,
-    ctx: sys::CUcontext,
+    ctx: Arc<Ctx>,
     module: sys::CUmodule,
     functions: HashMap<&'static str, sys::CUfunction>,
     cublas: blas_sys::cublasHandle_t,
@@ -139,8 +225,15 @@ impl GpuDevice {
         // SAFETY: `dev` came from cuDeviceGet.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(drv_err("cuDevicePrimaryCtxRetain"))?;
-        // SAFETY: a retained primary context.
-        unsafe { drv::ctx::set_current(ctx) }.map_err(drv_err("cuCtxSetCurrent"))?;
+        // From here on dropping `ctx` releases the primary context again.
+        let mut ctx = Ctx {
+            dev,
+            ctx,
+            pool: None,
+        };
+        ctx.bind()?;
+        ctx.pool = default_pool(dev)?;
+        let ctx = Arc::new(ctx);
         // The image must be 8-byte aligned; include_bytes! promises nothing.
         let mut image = vec![0u64; fatbin.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut image)[..fatbin.len()].copy_from_slice(fatbin);
@@ -161,7 +254,6 @@ impl GpuDevice {
         }
         let cublas = blas::create_handle().map_err(|e| err(format!("cublasCreate: {e:?}")))?;
         Ok(GpuDevice {
-            dev,
             ctx,
             module,
             functions,
@@ -182,20 +274,53 @@ impl GpuDevice {
     }
 
     fn bind(&self) -> Result<()> {
-        // SAFETY: `ctx` is the retained primary context.
-        unsafe { drv::ctx::set_current(self.ctx) }.map_err(drv_err("cuCtxSetCurrent"))
+        self.ctx.bind()
+    }
+
+    fn mem(&self, ptr: sys::CUdeviceptr, bytes: usize, pooled: bool) -> GpuMem {
+        self.tracker.add(bytes);
+        GpuMem {
+            ptr,
+            bytes,
+            pooled,
+            ctx: self.ctx.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+
+    /// `bytes` from `cuMemAlloc`. If the device is out of memory, the pool's
+    /// cached blocks may be what holds it: after the device is idle (every
+    /// stream-ordered free done) they go back to the driver and it is tried
+    /// once more.
+    fn alloc_sync(&self, bytes: usize) -> Result<GpuMem> {
+        self.bind()?;
+        // SAFETY: context bound.
+        let mut got = unsafe { drv::malloc_sync(bytes) };
+        if let (Err(drv::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)), Some(pool)) =
+            (&got, self.ctx.pool)
+        {
+            // SAFETY: the context's own pool; trimming releases only blocks
+            // no allocation holds, and nothing is queued any more.
+            got = unsafe {
+                drv::ctx::synchronize()
+                    .and_then(|()| drv::mem_pool::trim_to(pool, 0))
+                    .and_then(|()| drv::malloc_sync(bytes))
+            };
+        }
+        let ptr = got.map_err(drv_err(&format!("cuMemAlloc({bytes} bytes)")))?;
+        Ok(self.mem(ptr, bytes, false))
     }
 }
 
 impl Drop for GpuDevice {
-    /// Releases the cuBLAS handle, the module and this device's hold on the
-    /// primary context. Drop buffers first: once the context's last holder
-    /// lets go its memory is gone, and a later buffer drop frees nothing.
-    /// Failures while tearing down are ignored.
+    /// Releases the staging buffers, the upload stream, the cuBLAS handle
+    /// and the module; the primary context goes with the last of this
+    /// device and its buffers (`Ctx`). Failures while tearing down are
+    /// ignored.
     fn drop(&mut self) {
         // SAFETY: handles created in `new` and not used after this.
         unsafe {
-            let _ = drv::ctx::set_current(self.ctx);
+            let _ = self.ctx.bind();
             let _ = drv::ctx::synchronize();
             let up = self.uploads.get_mut().unwrap_or_else(|e| e.into_inner());
             up.release_all();
@@ -204,7 +329,6 @@ impl Drop for GpuDevice {
             }
             let _ = blas::destroy_handle(self.cublas);
             let _ = drv::module::unload(self.module);
-            let _ = drv::primary_ctx::release(self.dev);
         }
     }
 }
@@ -216,18 +340,25 @@ impl Device for GpuDevice {
         "cuda"
     }
 
+    /// From the pool, in stream order on `COMPUTE` (no synchronisation).
     fn alloc(&self, bytes: usize) -> Result<GpuMem> {
+        let bytes = bytes.max(1);
+        if self.ctx.pool.is_none() {
+            return self.alloc_sync(bytes);
+        }
         self.bind()?;
-        // SAFETY: context bound.
-        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }
-            .map_err(drv_err(&format!("cuMemAlloc({bytes} bytes)")))?;
-        self.tracker.add(bytes.max(1));
-        Ok(GpuMem {
-            ptr,
-            bytes: bytes.max(1),
-            ctx: self.ctx,
-            tracker: self.tracker.clone(),
-        })
+        // SAFETY: context bound; every use of the memory (kernels, cuBLAS,
+        // the synchronous copies and memsets) is ordered on `COMPUTE`, and
+        // so is its free (`GpuMem::drop`).
+        let ptr = unsafe { drv::malloc_async(COMPUTE, bytes) }
+            .map_err(drv_err(&format!("cuMemAllocAsync({bytes} bytes)")))?;
+        Ok(self.mem(ptr, bytes, true))
+    }
+
+    /// Synchronous `cuMemAlloc`: memory no queued work still reads, which
+    /// the upload stream may write at once.
+    fn alloc_for_upload(&self, bytes: usize) -> Result<GpuMem> {
+        self.alloc_sync(bytes.max(1))
     }
 
     fn ptr(&self, mem: &GpuMem) -> u64 {
@@ -243,6 +374,11 @@ impl Device for GpuDevice {
 
     fn htod_async(&self, src: &[u8], dst: &GpuMem) -> Result<()> {
         dst.check_fits(src.len())?;
+        if dst.pooled {
+            // Queued kernels may still read this block (freed and reused in
+            // stream order), and the upload stream is not ordered after them.
+            return Err(err("htod_async into pool memory (use alloc_for_upload)"));
+        }
         self.bind()?;
         let mut up = self.uploads.lock().unwrap_or_else(|e| e.into_inner());
         if up.stream.is_null() {
@@ -308,15 +444,8 @@ impl Device for GpuDevice {
         self.bind()?;
         let [gx, gy, gz] = cfg.grid;
         let [bx, by, bz] = cfg.block;
-        drv::launch_kernel(
-            f,
-            (gx, gy, gz),
-            (bx, by, bz),
-            cfg.shmem,
-            std::ptr::null_mut(),
-            params,
-        )
-        .map_err(drv_err(&format!("launch {name} {cfg:?}")))
+        drv::launch_kernel(f, (gx, gy, gz), (bx, by, bz), cfg.shmem, COMPUTE, params)
+            .map_err(drv_err(&format!("launch {name} {cfg:?}")))
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
