@@ -201,6 +201,29 @@ pub struct GpuDevice {
     tracker: Arc<Tracker>,
     name: String,
     uploads: Mutex<Uploads>,
+    alloc_mode: AllocMode,
+}
+
+/// Where `GpuDevice::alloc` takes memory from: environment `RKU_CUDA_ALLOC`,
+/// `pool` (the default) or `sync` (an escape hatch: the synchronous
+/// `cuMemAlloc`/`cuMemFree` per buffer of earlier builds, e.g. for tools or
+/// drivers that do not handle the stream-ordered allocator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AllocMode {
+    Pool,
+    Sync,
+}
+
+impl AllocMode {
+    fn from_env() -> Result<Self> {
+        match std::env::var("RKU_CUDA_ALLOC").as_deref() {
+            Err(_) | Ok("pool") => Ok(Self::Pool),
+            Ok("sync") => Ok(Self::Sync),
+            Ok(other) => Err(err(format!(
+                "RKU_CUDA_ALLOC={other:?}: expected pool or sync"
+            ))),
+        }
+    }
 }
 
 // SAFETY: driver and cuBLAS handles are used with the context bound first;
@@ -215,6 +238,7 @@ impl GpuDevice {
         let fatbin = FATBIN.ok_or_else(|| {
             err("built without kernels (no nvcc at build time; see .ci/install-nvcc.sh)")
         })?;
+        let alloc_mode = AllocMode::from_env()?;
         // SAFETY: probing only loads the library.
         if !unsafe { sys::is_culib_present() } {
             return Err(err("no CUDA driver library (libcuda.so) found"));
@@ -265,6 +289,7 @@ impl GpuDevice {
                 in_flight: Vec::new(),
                 free: Vec::new(),
             }),
+            alloc_mode,
         })
     }
 
@@ -340,10 +365,11 @@ impl Device for GpuDevice {
         "cuda"
     }
 
-    /// From the pool, in stream order on `COMPUTE` (no synchronisation).
+    /// From the pool, in stream order on `COMPUTE` (no synchronisation),
+    /// unless `AllocMode` says otherwise.
     fn alloc(&self, bytes: usize) -> Result<GpuMem> {
         let bytes = bytes.max(1);
-        if self.ctx.pool.is_none() {
+        if self.alloc_mode == AllocMode::Sync || self.ctx.pool.is_none() {
             return self.alloc_sync(bytes);
         }
         self.bind()?;
