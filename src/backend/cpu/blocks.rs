@@ -8,6 +8,7 @@
 //!   Q4_1: w = fl(fl(q·d) + m),   Q8_0: w = fl(q·d),
 //! so it is bit for bit the f32 value the model's safetensors hold, and the
 //! product differs from the f32 path only in summation order.
+use super::mem::huge_page_collect;
 use super::simd::{dispatch, Isa};
 use crate::io::ggml_blocks::{BlockKind, BlockMatrix, BLOCK_LEN};
 use half::f16;
@@ -46,25 +47,26 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 impl PackedBlocks {
-    /// Repacks the ggml bytes of `m`.
+    /// Repacks the ggml bytes of `m` (huge-page backed, as f32 weights are).
     pub fn pack(m: &BlockMatrix<'_>) -> Self {
         let raw = m.data.chunks_exact(m.kind.block_bytes());
+        let n = raw.len();
         match m.kind {
-            BlockKind::Q4_1 => Self::Q41(
+            BlockKind::Q4_1 => Self::Q41(huge_page_collect(
+                n,
                 raw.map(|b| Q41 {
                     d: f16_at(b, 0),
                     m: f16_at(b, 2),
                     qs: b[4..20].try_into().expect("20-byte block"),
-                })
-                .collect(),
-            ),
-            BlockKind::Q8_0 => Self::Q80(
+                }),
+            )),
+            BlockKind::Q8_0 => Self::Q80(huge_page_collect(
+                n,
                 raw.map(|b| Q80 {
                     d: f16_at(b, 0),
                     qs: std::array::from_fn(|j| b[2 + j] as i8),
-                })
-                .collect(),
-            ),
+                }),
+            )),
         }
     }
 

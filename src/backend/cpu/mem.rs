@@ -65,7 +65,7 @@ const ADVISE_MIN_BYTES: usize = 4 << 20;
 /// Asks Linux to back the 2 MiB-aligned interior of `[ptr, ptr + bytes)`
 /// with huge pages. A hint: it changes neither contents nor memory use,
 /// and errors (THP off, other kernels) are ignored.
-fn advise_huge_pages(ptr: *const f32, bytes: usize) {
+fn advise_huge_pages<T>(ptr: *const T, bytes: usize) {
     #[cfg(target_os = "linux")]
     if bytes >= ADVISE_MIN_BYTES {
         const HUGE: usize = 2 << 20;
@@ -91,9 +91,15 @@ fn advise_huge_pages(ptr: *const f32, bytes: usize) {
 
 /// A copy of `data` (resident weights), huge-page backed when big.
 pub fn huge_page_copy(data: &[f32]) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(data.len());
-    advise_huge_pages(v.as_ptr(), data.len() * 4);
-    v.extend_from_slice(data);
+    huge_page_collect(data.len(), data.iter().copied())
+}
+
+/// The `len` values of `values` (resident weights) in a vector that is
+/// huge-page backed when big.
+pub fn huge_page_collect<T>(len: usize, values: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(v.as_ptr(), len * std::mem::size_of::<T>());
+    v.extend(values);
     v
 }
 
