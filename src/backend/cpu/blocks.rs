@@ -1,5 +1,5 @@
 //! Few-row products `y = x·Wᵀ` read from ggml blocks (Q4_1, Q8_0) instead
-//! of f32 weights: decoding steps, which are bound by reading W, read 4–6×
+//! of f32 weights: decoding steps, which are bound by reading W, read 3.5–5.3×
 //! fewer bytes.
 //!
 //! At upload the blocks are repacked with their f16 scale (and min)
