@@ -6,6 +6,7 @@
 mod common;
 use common::*;
 use rku_engine::backend::cpu::{CpuBackend, CpuWeight};
+use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
 use rku_engine::io::ggml_blocks::{BlockFile, BlockKind, BLOCKS_FILE};
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::OutDtype;
@@ -193,8 +194,8 @@ fn a_stale_or_damaged_blocks_file_is_refused_by_name() {
     let (_t, dir) = import("tiny_llama3.gguf", OutDtype::F32, true);
     let file = dir.join(BLOCKS_FILE);
     let be = CpuBackend::new();
-    // The last byte holds two quants of some matrix's last block: the
-    // block no longer dequantises to the f32 tensor.
+    // The last byte is a quant (an i8: the fixture is Q8_0 throughout) of
+    // some matrix's last block: the block no longer dequantises to the f32 tensor.
     flip_last_byte(&file);
     let e = Model::load_with(&be, &dir, with_blocks(Residency::Resident))
         .err()
@@ -214,8 +215,12 @@ fn a_stale_or_damaged_blocks_file_is_refused_by_name() {
             .to_string(),
     };
     assert!(e.contains(BLOCKS_FILE), "{e}");
-    // Without blocks the file is not read; from the CLI the flag says so.
+    // Without blocks the file is not read, nor by a backend that does not
+    // use blocks (the CUDA one keeps bf16); from the CLI the flag says so.
     Model::load(&be, &dir).unwrap();
+    let cuda = CudaBackend::new(EmuDevice::new());
+    let m = Model::load_with(&cuda, &dir, with_blocks(Residency::Resident)).unwrap();
+    assert!(!m.has_ggml_blocks());
     let err = run_err(
         bin()
             .args([
@@ -375,4 +380,50 @@ fn damaged_blocks_files_never_panic() {
             Ok(Err(e)) => assert!(e.to_string().contains(BLOCKS_FILE), "damage {i}: {e}"),
         }
     }
+}
+
+/// Blocks whose shape is not the model's tensor's are refused by name when
+/// loading and when exporting a pruned copy (never a panic in the gather).
+#[test]
+fn blocks_of_the_wrong_shape_are_refused() {
+    use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
+    use rku_engine::io::ggml_blocks::{write, BlockTensor};
+    use rku_engine::io::safetensors_io::SafeModel;
+    let (tmp, dir) = import("tiny_qwen2.gguf", OutDtype::F32, true);
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let (m, d) = (model.cfg.ffn_widths[0], model.cfg.hidden);
+    // gate_proj is [m, d]; these blocks claim half its rows.
+    let rows = m / 2;
+    let bytes = vec![0u8; rows * d / 32 * BlockKind::Q8_0.block_bytes()];
+    let t = BlockTensor {
+        name: "model.layers.0.mlp.gate_proj.weight".into(),
+        kind: BlockKind::Q8_0,
+        rows,
+        cols: d,
+        data: bytes.as_slice().into(),
+    };
+    write(&dir, &[t]).unwrap();
+    let e = Model::load_with(&be, &dir, with_blocks(Residency::Resident))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(BLOCKS_FILE) && e.contains(&format!("[{rows}, {d}]")),
+        "{e}"
+    );
+    let kept = vec![(0..m).step_by(2).chain([m - 1]).collect::<Vec<_>>()];
+    let spec = ExportSpec {
+        kept: &kept,
+        layout: ExportLayout::Compact,
+        down_bias: None,
+        record: serde_json::json!({}),
+    };
+    let files = SafeModel::open_dir(&dir).unwrap();
+    let out = tmp.path().join("pruned");
+    let e = export_pruned(&dir, &files, &model.cfg, &spec, &out, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(BLOCKS_FILE), "{e}");
+    assert!(!out.exists(), "a failed export leaves nothing");
 }

@@ -113,6 +113,11 @@ pub trait Backend: Send + Sync {
             self.upload_weight(data)
         }
     }
+    /// Whether `upload_weight_blocks` keeps the blocks (else the loader
+    /// does not read or check them for this backend).
+    fn uses_ggml_blocks(&self) -> bool {
+        false
+    }
     /// Waits until every `upload_weight_async` issued so far has landed.
     fn weights_fence(&self) -> Result<()> {
         Ok(())

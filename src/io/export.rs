@@ -177,7 +177,7 @@ pub fn export_pruned(
     }
     write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
     if let Some(src_blocks) = BlockFile::open(src_dir)? {
-        let blocks = pruned_blocks(&src_blocks, cfg, spec, widest)?;
+        let blocks = pruned_blocks(&src_blocks, files, cfg, spec, widest)?;
         if !blocks.is_empty() {
             ggml_blocks::write(dir.path(), &blocks)?;
         }
@@ -208,17 +208,30 @@ fn ffn_tensor(cfg: &ModelConfig, name: &str) -> Option<(usize, &'static str)> {
 /// outside the FFN as it is, gate and up with their kept rows gathered
 /// like the values (a row is whole blocks; padded rows are zero bytes,
 /// which dequantise to the zeros padded into the values). down_proj loses
-/// columns, which cuts through its blocks: it has none. Loading checks
-/// them against the values as for any blocks file.
+/// columns, which cuts through its blocks: it has none. Blocks of another
+/// shape than the model's tensor, or of a tensor the model lacks, are an
+/// error naming the file; loading checks the values as for any blocks file.
 fn pruned_blocks<'a>(
     src: &'a BlockFile,
+    files: &SafeModel,
     cfg: &ModelConfig,
     spec: &ExportSpec,
     widest: usize,
 ) -> Result<Vec<BlockTensor<'a>>> {
     let mut out = Vec::new();
-    for (name, _, shape) in src.matrices() {
-        let Some(m) = src.get(name, shape[0], shape[1])? else {
+    for (name, _, _) in src.matrices() {
+        let shape = if files.contains(name) {
+            files.get_any(name)?.shape.to_vec()
+        } else {
+            vec![]
+        };
+        let &[rows, cols] = &shape[..] else {
+            return Err(Error::format(
+                src.path(),
+                format!("blocks of {name}, which the model has no matrix of"),
+            ));
+        };
+        let Some(m) = src.get(name, rows, cols)? else {
             continue;
         };
         let (rows, data) = match ffn_tensor(cfg, name) {

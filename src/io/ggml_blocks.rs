@@ -18,6 +18,7 @@ use crate::io::dequant::dequantize;
 use crate::io::gguf::GgmlType;
 use crate::{Error, Result};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -172,7 +173,7 @@ impl BlockFile {
             let shape = view.shape();
             let whole_rows = shape.len() == 2
                 && cols.is_multiple_of(BLOCK_LEN)
-                && shape[1] == cols / BLOCK_LEN * kind.block_bytes();
+                && (cols / BLOCK_LEN).checked_mul(kind.block_bytes()) == Some(shape[1]);
             if view.dtype() != Dtype::U8 || !whole_rows {
                 return Err(bad(format!(
                     "tensor {name}: {:?} {shape:?} is not rows of {cols} {} values",
@@ -230,26 +231,55 @@ impl BlockFile {
         }))
     }
 
-    /// Checks that `blocks` (tensor `name`) dequantise to `values` bit for bit.
+    /// Checks that `blocks` (tensor `name`) dequantise to `values` bit for
+    /// bit, a few rows at a time (never a second copy of a whole tensor).
     pub fn check(&self, name: &str, blocks: &BlockMatrix<'_>, values: &[f32]) -> Result<()> {
-        let deq = blocks.dequantize(name)?;
-        let differ = deq
-            .iter()
-            .zip(values)
-            .position(|(a, b)| a.to_bits() != b.to_bits());
-        if let Some(i) = differ {
+        let (rows, cols) = (blocks.rows, blocks.cols);
+        if values.len() != rows * cols {
             return Err(Error::format(
                 &self.path,
                 format!(
-                    "tensor {name}: element {i} dequantises to {} but model.safetensors holds {}; \
-                     these blocks are not this model's (delete the file, or import again)",
-                    deq[i], values[i]
+                    "tensor {name}: {} values for [{rows}, {cols}] blocks",
+                    values.len()
                 ),
             ));
         }
-        Ok(())
+        let per = (CHECK_VALUES / cols.max(1)).max(1); // rows per piece
+        let pieces = blocks.data.par_chunks(per * blocks.row_bytes());
+        pieces
+            .zip(values.par_chunks(per * cols))
+            .enumerate()
+            .try_for_each(|(p, (data, want))| {
+                let piece = BlockMatrix {
+                    rows: want.len() / cols.max(1),
+                    data,
+                    ..*blocks
+                };
+                let got = piece.dequantize(name)?;
+                match got
+                    .iter()
+                    .zip(want)
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    None => Ok(()),
+                    Some(j) => Err(Error::format(
+                        &self.path,
+                        format!(
+                            "tensor {name}: element {} dequantises to {} but model.safetensors \
+                             holds {}; these blocks are not this model's (delete the file, or \
+                             import again)",
+                            p * per * cols + j,
+                            got[j],
+                            want[j]
+                        ),
+                    )),
+                }
+            })
     }
 }
+
+/// Values per piece of `BlockFile::check`.
+const CHECK_VALUES: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

@@ -47,7 +47,8 @@ pub struct LoadOptions {
     /// Also hand the backend the ggml blocks of the matrices that have them
     /// (`ggml_blocks.safetensors`, written by a GGUF import), each checked
     /// to dequantise to its f32 tensor: for decoding, which the CPU backend
-    /// then runs from the blocks. Off, the file is not read.
+    /// then runs from the blocks. Off, or on a backend that does not use
+    /// blocks (`Backend::uses_ggml_blocks`), the file is not read.
     pub ggml_blocks: bool,
 }
 
@@ -247,7 +248,7 @@ impl<B: Backend> Model<B> {
         let opts = opts.into();
         let cfg = ModelConfig::load(&dir.join("config.json"))?;
         let files = SafeModel::open_dir(dir)?;
-        let blocks = if opts.ggml_blocks {
+        let blocks = if opts.ggml_blocks && backend.uses_ggml_blocks() {
             BlockFile::open(dir)?
         } else {
             None

@@ -70,6 +70,14 @@ impl PackedBlocks {
         }
     }
 
+    /// Number of blocks.
+    pub fn n_blocks(&self) -> usize {
+        match self {
+            Self::Q41(b) => b.len(),
+            Self::Q80(b) => b.len(),
+        }
+    }
+
     /// Bytes held per block (for sizing parallel tasks).
     pub fn block_bytes(&self) -> usize {
         match self {
@@ -323,53 +331,63 @@ mod x86 {
 }
 
 #[cfg(test)]
+/// Random ggml blocks of `kind` for a `[rows, cols]` matrix: f16 scales
+/// of either sign and magnitude around 0.01–1, any nibbles/bytes.
+pub(super) fn random_blocks(kind: BlockKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let n = rows * cols / BLOCK_LEN;
+    let vals = super::test_values(n * 40, 0.0, 1.0, seed);
+    let mut it = vals.into_iter();
+    let half = |it: &mut std::vec::IntoIter<f32>| {
+        let v = (it.next().unwrap() - 0.5) * 2.0;
+        f16::from_f32(v * v * v).to_le_bytes()
+    };
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.extend(half(&mut it));
+        if kind == BlockKind::Q4_1 {
+            out.extend(half(&mut it));
+        }
+        let body = kind.block_bytes() - out.len() % kind.block_bytes();
+        for _ in 0..body {
+            out.push((it.next().unwrap() * 256.0) as u8);
+        }
+    }
+    out
+}
+
+/// Random blocks (`random_blocks`) of a `[rows, cols]` matrix, packed, with
+/// their dequantised values.
+#[cfg(test)]
+pub(super) fn random_packed(
+    kind: BlockKind,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (PackedBlocks, Vec<f32>) {
+    let data = random_blocks(kind, rows, cols, seed);
+    let m = BlockMatrix {
+        kind,
+        rows,
+        cols,
+        data: &data,
+    };
+    (
+        PackedBlocks::pack(&m),
+        m.dequantize("w").expect("whole blocks"),
+    )
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::dequant::dequantize;
-    use crate::io::gguf::GgmlType;
-
-    /// Random ggml blocks of `kind` for a `[rows, cols]` matrix: f16 scales
-    /// of either sign and magnitude around 0.01–1, any nibbles/bytes.
-    fn random_blocks(kind: BlockKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let n = rows * cols / BLOCK_LEN;
-        let vals = super::super::test_values(n * 40, 0.0, 1.0, seed);
-        let mut it = vals.into_iter();
-        let half = |it: &mut std::vec::IntoIter<f32>| {
-            let v = (it.next().unwrap() - 0.5) * 2.0;
-            f16::from_f32(v * v * v).to_le_bytes()
-        };
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.extend(half(&mut it));
-            if kind == BlockKind::Q4_1 {
-                out.extend(half(&mut it));
-            }
-            let body = kind.block_bytes() - out.len() % kind.block_bytes();
-            for _ in 0..body {
-                out.push((it.next().unwrap() * 256.0) as u8);
-            }
-        }
-        out
-    }
 
     #[test]
     fn block_products_use_exactly_the_dequantised_weights() {
-        for (kind, id) in [(BlockKind::Q4_1, 3), (BlockKind::Q8_0, 8)] {
+        for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
             for (inp, out) in [(32, 1), (64, 7), (576, 37)] {
-                let data = random_blocks(kind, out, inp, (inp + out) as u64);
-                let m = BlockMatrix {
-                    kind,
-                    rows: out,
-                    cols: inp,
-                    data: &data,
-                };
-                let ty = GgmlType::from_id(id).unwrap();
-                let w = dequantize("w", ty, &data, out * inp).unwrap();
-                let packed = PackedBlocks::pack(&m);
+                let (packed, w) = random_packed(kind, out, inp, (inp + out) as u64);
                 for rows in 1..=BLOCK_ROWS {
                     let x = super::super::test_values(rows * inp, -1.0, 1.0, rows as u64);
-                    let mut plain = vec![0f32; out * rows];
-                    packed.rows_dot(Isa::Scalar, &x, rows, inp, 0, &mut plain);
                     for isa in Isa::available() {
                         let mut y = vec![0f32; out * rows];
                         packed.rows_dot(isa, &x, rows, inp, 0, &mut y);
@@ -386,6 +404,22 @@ mod tests {
                                     (got - want).abs() <= 1e-5 * scale + 1e-30,
                                     "{kind:?} {isa:?} {rows}x{inp}x{out} [{r},{o}]: {got} vs {want}"
                                 );
+                            }
+                        }
+                        // One-hot rows pick single weights: bit for bit the
+                        // dequantised values (an FMA-fused q·d + m would not be).
+                        let k = (rows * 13) % inp;
+                        let mut hot = vec![0f32; rows * inp];
+                        for r in 0..rows {
+                            hot[r * inp + (k + r) % inp] = 1.0;
+                        }
+                        let mut picked = vec![0f32; out * rows];
+                        packed.rows_dot(isa, &hot, rows, inp, 0, &mut picked);
+                        for o in 0..out {
+                            for r in 0..rows {
+                                let want = w[o * inp + (k + r) % inp];
+                                // `==`: a -0.0 weight sums to +0.0.
+                                assert_eq!(picked[o * rows + r], want, "{kind:?} {isa:?}");
                             }
                         }
                         // Rows from the middle of W land where o0 says.

@@ -246,8 +246,9 @@ pub fn matvec_many<const N: usize>(
 ) -> [Vec<f32>; N] {
     assert_eq!(x.len(), rows * inp);
     for (w, out) in ws {
-        if let FewRowWeight::F32(w) = w {
-            assert_eq!(w.len(), out * inp);
+        match w {
+            FewRowWeight::F32(w) => assert_eq!(w.len(), out * inp),
+            FewRowWeight::Blocks(b) => assert_eq!(b.n_blocks() * BLOCK_LEN, out * inp),
         }
     }
     let isa = Isa::get();
@@ -382,6 +383,36 @@ mod tests {
                                 "{rows}x{inp}x{out} t{threads} [{r},{o}]: {got} vs {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Block weights split into several parallel tasks (a ragged last one,
+    /// each from its own row offset) give what their f32 values give.
+    #[test]
+    fn block_matvec_across_tasks_matches_f32() {
+        use crate::io::ggml_blocks::BlockKind;
+        let (inp, out) = (1024, 701); // 768-byte Q4_1 rows: 128 per task, 6 tasks
+        for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
+            let (packed, w) = super::super::blocks::random_packed(kind, out, inp, 5);
+            for rows in 1..=super::super::blocks::BLOCK_ROWS {
+                let x = super::super::test_values(rows * inp, -1.0, 1.0, rows as u64);
+                let want = matvec_wt(&x, FewRowWeight::F32(&w), rows, inp, out, 1);
+                // Σ|x·w| per output: the scale of the summation-order error.
+                let (ax, aw): (Vec<f32>, Vec<f32>) = (
+                    x.iter().map(|v| v.abs()).collect(),
+                    w.iter().map(|v| v.abs()).collect(),
+                );
+                let scale = matvec_wt(&ax, FewRowWeight::F32(&aw), rows, inp, out, 1);
+                for threads in [1, 2] {
+                    let got = matvec_wt(&x, FewRowWeight::Blocks(&packed), rows, inp, out, threads);
+                    for ((g, v), s) in got.iter().zip(&want).zip(&scale) {
+                        assert!(
+                            (g - v).abs() <= 1e-5 * s,
+                            "{kind:?} {rows} rows: {g} vs {v} (scale {s})"
+                        );
                     }
                 }
             }

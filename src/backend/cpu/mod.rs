@@ -118,6 +118,10 @@ impl Backend for CpuBackend {
         Ok(mem::huge_page_copy(data).into())
     }
 
+    fn uses_ggml_blocks(&self) -> bool {
+        true
+    }
+
     fn upload_weight_blocks(
         &self,
         data: &[f32],
