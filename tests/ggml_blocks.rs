@@ -102,6 +102,27 @@ fn decode_logits(
     out
 }
 
+/// Logits from blocks within 1e-5 of those from f32, relative to the
+/// largest logit (the two differ only in summation order).
+fn assert_close(f32_logits: &[f32], block_logits: &[f32], what: &str) {
+    let scale = f32_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = f32_logits
+        .iter()
+        .zip(block_logits)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(err <= 1e-5 * scale, "{what}: {err} of {scale}");
+}
+
+/// `rku-engine bench decode` on `dir` (2 tokens, CPU) with `extra` flags.
+fn bench_decode(dir: &Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = bin();
+    cmd.args(["bench", "decode", "--backend", "cpu", "--new-tokens", "2"])
+        .args(extra)
+        .arg("--model")
+        .arg(dir);
+    cmd
+}
+
 /// Whether `f` holds for layer 0's weights.
 fn layer0_has(
     m: &Model<CpuBackend>,
@@ -155,9 +176,7 @@ fn decoding_from_blocks_equals_decoding_from_f32() {
             .collect();
         let runs = decode_logits(&be, &[&f32_model, &blocks, &streamed], &prompt, 12);
         for (step, ((a, b), s)) in runs[0].iter().zip(&runs[1]).zip(&runs[2]).enumerate() {
-            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(err <= 1e-5 * scale, "{gguf} step {step}: {err} of {scale}");
+            assert_close(a, b, &format!("{gguf} step {step}"));
             assert_eq!(argmax(a), argmax(b), "{gguf} step {step}");
             assert_eq!(b, s, "{gguf} step {step}: streamed blocks");
         }
@@ -221,34 +240,9 @@ fn a_stale_or_damaged_blocks_file_is_refused_by_name() {
     let cuda = CudaBackend::new(EmuDevice::new());
     let m = Model::load_with(&cuda, &dir, with_blocks(Residency::Resident)).unwrap();
     assert!(!m.has_ggml_blocks());
-    let err = run_err(
-        bin()
-            .args([
-                "bench",
-                "decode",
-                "--backend",
-                "cpu",
-                "--new-tokens",
-                "2",
-                "--model",
-            ])
-            .arg(&dir),
-    );
+    let err = run_err(&mut bench_decode(&dir, &[]));
     assert!(err.contains(BLOCKS_FILE), "{err}");
-    run_ok(
-        bin()
-            .args([
-                "bench",
-                "decode",
-                "--backend",
-                "cpu",
-                "--new-tokens",
-                "2",
-                "--no-ggml-blocks",
-                "--model",
-            ])
-            .arg(&dir),
-    );
+    run_ok(&mut bench_decode(&dir, &["--no-ggml-blocks"]));
     // Truncated: not a safetensors file any more.
     let len = std::fs::metadata(&file).unwrap().len();
     std::fs::File::options()
@@ -270,19 +264,7 @@ fn a_stale_or_damaged_blocks_file_is_refused_by_name() {
 #[test]
 fn the_cli_decodes_from_blocks_by_default() {
     let (_t, dir) = import("tiny_qwen2.gguf", OutDtype::F32, true);
-    let out = bin()
-        .args([
-            "bench",
-            "decode",
-            "--backend",
-            "cpu",
-            "--new-tokens",
-            "2",
-            "--model",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = bench_decode(&dir, &[]).output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("with its ggml blocks"), "{err}");
@@ -331,9 +313,7 @@ fn pruned_exports_keep_the_blocks_of_whole_rows() {
                 .collect();
             let runs = decode_logits(&be, &[&f32_model, &blocks], &prompt, 6);
             for (a, b) in runs[0].iter().zip(&runs[1]) {
-                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(err <= 1e-5 * scale, "{gguf} {layout:?}: {err} of {scale}");
+                assert_close(a, b, &format!("{gguf} {layout:?}"));
             }
         }
     }
