@@ -330,18 +330,16 @@ fn damaged_blocks_files_never_panic() {
     let good = std::fs::read(&file).unwrap();
     let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
     let be = CpuBackend::new();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     for i in 0..300 {
         let mut b = good.clone();
         for _ in 0..1 + next() % 3 {
             // Mostly the JSON header, sometimes the data.
-            let span = if next() % 4 == 0 { b.len() } else { header_end };
+            let span = if next().is_multiple_of(4) {
+                b.len()
+            } else {
+                header_end
+            };
             let at = (next() % span as u64) as usize;
             b[at] = match next() % 3 {
                 0 => 0xFF,

@@ -1,6 +1,7 @@
 //! GGUF reading, dequantisation, tokenizer rebuild and import, checked
 //! against fixtures from gguf-py and transformers
 //! (scripts/make_gguf_fixtures.py).
+mod common;
 use rku_engine::io::dequant::dequantize;
 use rku_engine::io::gguf::{GgmlType, GgufFile};
 use rku_engine::io::import::{import_gguf, ImportOptions};
@@ -431,13 +432,7 @@ fn corrupt_headers_never_panic() {
     let bytes = std::fs::read(fixture("tiny_qwen2.gguf")).unwrap();
     let g = GgufFile::open(&fixture("tiny_qwen2.gguf")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = common::xorshift(0x2545_f491_4f6c_dd1du64);
     for i in 0..1000 {
         let mut b = bytes.clone();
         for _ in 0..1 + next() % 4 {

@@ -108,3 +108,14 @@ pub fn run_err(cmd: &mut std::process::Command) -> String {
     );
     err
 }
+
+/// A xorshift64 generator of the fuzz tests' damage (`seed` nonzero).
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
