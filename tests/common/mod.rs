@@ -109,8 +109,10 @@ pub fn run_err(cmd: &mut std::process::Command) -> String {
     err
 }
 
-/// A xorshift64 generator of the fuzz tests' damage (`seed` nonzero).
+/// The tests' one seeded generator: xorshift64 (`seed` nonzero), used
+/// directly for fuzz damage and through `values` for test data.
 pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    assert_ne!(seed, 0, "xorshift needs a nonzero seed");
     let mut state = seed;
     move || {
         state ^= state << 13;
@@ -118,4 +120,12 @@ pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
         state ^= state << 17;
         state
     }
+}
+
+/// `n` seeded values uniform in `[lo, hi)` (24 random bits each).
+pub fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut next = xorshift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    (0..n)
+        .map(|_| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32))
+        .collect()
 }
