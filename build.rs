@@ -100,9 +100,10 @@ fn build_fatbin(sources: &[PathBuf], out: &Path) {
     let required = env::var("RKU_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let gen = out.join("fatbin.rs");
     let Some(nvcc) = find_nvcc() else {
-        let msg = "nvcc not found (NVCC, CUDA_HOME, PATH): building without GPU kernels; \
-                   the cuda backend will report \"built without kernels\" \
-                   (install with .ci/install-nvcc.sh DIR and set NVCC=DIR/nvidia/cu13/bin/nvcc)";
+        let msg = "note: no nvcc found (NVCC, CUDA_HOME, PATH), so this build runs on the CPU \
+                   (the default, all that is needed without a GPU; the emulated CUDA device is \
+                   built as always). For a real GPU, install nvcc with .ci/install-nvcc.sh DIR \
+                   and set NVCC=DIR/nvidia/cu13/bin/nvcc";
         if required {
             panic!("RKU_REQUIRE_NVCC=1: {msg}");
         }

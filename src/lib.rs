@@ -9,6 +9,7 @@ pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod prune;
+pub mod quant;
 pub mod report;
 
 pub use error::{Error, Result};

@@ -26,8 +26,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::backend::cuda::backend::CE_CHUNK;
+use crate::model::objective::{EnergyAt, Objectives};
 use crate::model::ModelConfig;
-use crate::prune::stats::{EnergyAt, Objectives};
 use crate::{Error, Result};
 
 /// What is planned: one batch of `seqs` sequences of `t` tokens.

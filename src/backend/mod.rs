@@ -13,7 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::io::ggml_blocks::BlockMatrix;
+use crate::quant::BlockMatrix;
 use crate::Result;
 
 /// Shape of one causal grouped-query attention call.

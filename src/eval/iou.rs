@@ -14,7 +14,14 @@ pub struct Iou {
 /// Reads the per-layer kept indices of a pruned model directory (or its pruning.json).
 pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
     let file = if path.is_dir() {
-        path.join("pruning.json")
+        let file = path.join("pruning.json");
+        if !file.exists() {
+            return Err(Error::Invalid(format!(
+                "{} is not a pruned model (it has no pruning.json)",
+                path.display()
+            )));
+        }
+        file
     } else {
         path.to_path_buf()
     };
@@ -31,7 +38,13 @@ pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
             layer
                 .as_array()
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| Error::format(&file, format!("kept[{l}] is not a list of indices")))
+                .filter(|k: &Vec<usize>| k.windows(2).all(|w| w[0] < w[1]))
+                .ok_or_else(|| {
+                    Error::format(
+                        &file,
+                        format!("kept[{l}] is not an ascending list of distinct channel indices"),
+                    )
+                })
         })
         .collect()
 }

@@ -241,7 +241,7 @@ pub fn evaluate_mc<B: Backend>(
             requests.push(encode_pair(tok, &it.context, ch, prefix)?);
         }
     }
-    let progress = Progress::new(requests.len() as u64, "mc");
+    let progress = Progress::new(requests.len() as u64, "mc (context, choice) pairs");
     let ll = loglikelihoods(be, model, &requests, args.batch, &progress)?;
     progress.finish();
     let mut at = 0;

@@ -1,8 +1,9 @@
 //! Measuring what pruning did: perplexity, reasoning accuracy (generation),
-//! multiple choice and the overlap of prunings.
+//! multiple choice, the overlap of prunings, and speed (prefill, throughput).
 pub mod answer;
 pub mod gen;
 pub mod iou;
 pub mod mc;
 pub mod ppl;
 pub mod prefill;
+pub mod throughput;

@@ -18,12 +18,15 @@ pub struct Timing {
 }
 
 impl Timing {
-    fn of(mut xs: Vec<f64>) -> Self {
+    /// Median (the mean of the two middle values for an even count), min
+    /// and max of `xs` (not empty).
+    pub(crate) fn of(mut xs: Vec<f64>) -> Self {
         xs.sort_by(f64::total_cmp);
+        let n = xs.len();
         Self {
-            median_s: xs[xs.len() / 2],
+            median_s: (xs[(n - 1) / 2] + xs[n / 2]) / 2.0,
             min_s: xs[0],
-            max_s: xs[xs.len() - 1],
+            max_s: xs[n - 1],
         }
     }
 }
@@ -38,13 +41,15 @@ pub struct PrefillResult {
     pub speedup: f64,
 }
 
-/// One prefill (forward + logits of every position, as a prefill does).
-fn prefill_once<B: Backend>(be: &B, model: &Model<B>, ids: &[u32]) -> Result<f64> {
+/// Seconds of one forward pass over `ids` (`geo`) with the logits of every
+/// position, as a prefill computes them.
+pub(crate) fn timed_forward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<f64> {
     let c = &model.cfg;
-    let geo = Geometry {
-        seqs: 1,
-        t: ids.len(),
-    };
     let start = Instant::now();
     let out = forward(be, model, ids, geo, false)?;
     let logits = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
@@ -74,13 +79,18 @@ pub fn bench_prefill<B: Backend>(
         )));
     }
     let ids = synthetic_ids(seq_len, dense.cfg.vocab);
-    prefill_once(be, dense, &ids)?;
-    prefill_once(be, pruned, &ids)?;
+    let geo = Geometry {
+        seqs: 1,
+        t: seq_len,
+    };
+    let prefill_once = |model| timed_forward(be, model, &ids, geo);
+    prefill_once(dense)?;
+    prefill_once(pruned)?;
     let (mut d, mut p) = (Vec::new(), Vec::new());
     let progress = Progress::new(repeats as u64, "prefill");
     for _ in 0..repeats {
-        d.push(prefill_once(be, dense, &ids)?);
-        p.push(prefill_once(be, pruned, &ids)?);
+        d.push(prefill_once(dense)?);
+        p.push(prefill_once(pruned)?);
         progress.inc(1);
     }
     progress.finish();

@@ -11,11 +11,12 @@
 //! `w.reshape(n, hd/2, 2, cols).swapaxes(1, 2)` with n = heads for Q and
 //! KV heads for K. Qwen2 GGUFs are stored unpermuted.
 use crate::io::atomic::AtomicDir;
-use crate::io::dequant::dequantize;
-use crate::io::ggml_blocks::{self, BlockKind, BlockTensor, BLOCK_LEN};
+use crate::io::ggml_blocks::{self, BlockTensor};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
 use crate::io::safetensors_out::{write_model_with, OutDtype, TensorSpec, DEFAULT_MAX_SHARD_BYTES};
+use crate::quant::dequant::dequantize;
+use crate::quant::{BlockKind, BLOCK_LEN};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use serde_json::json;

@@ -1,8 +1,7 @@
-//! Everything that touches files: GGUF and safetensors readers, the model
-//! importer, tokenizer, text reading, statistics files and export writers.
+//! Bytes in and out, and nothing about methods or backends: the GGUF
+//! reader and importer, the tokenizer rebuild, safetensors reading (mmap)
+//! and writing, the ggml blocks file, text reading and atomic output.
 pub mod atomic;
-pub mod dequant;
-pub mod export;
 pub mod ggml_blocks;
 pub mod gguf;
 pub mod gguf_tokenizer;

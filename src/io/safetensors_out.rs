@@ -20,10 +20,13 @@ use std::path::Path;
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 4_000_000_000;
 
 /// Element type of an output tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutDtype {
+    #[value(name = "f32")]
     F32,
+    #[value(name = "f16")]
     F16,
+    #[value(name = "bf16")]
     BF16,
 }
 
@@ -66,20 +69,6 @@ impl OutDtype {
             OutDtype::F32 => par(values, f32::to_le_bytes),
             OutDtype::F16 => par(values, |v| f16::from_f32(v).to_le_bytes()),
             OutDtype::BF16 => par(values, |v| bf16::from_f32(v).to_le_bytes()),
-        }
-    }
-}
-
-impl std::str::FromStr for OutDtype {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(OutDtype::F32),
-            "f16" | "float16" => Ok(OutDtype::F16),
-            "bf16" | "bfloat16" => Ok(OutDtype::BF16),
-            _ => Err(Error::Invalid(format!(
-                "dtype {s:?}: expected f32, f16 or bf16"
-            ))),
         }
     }
 }

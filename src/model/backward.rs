@@ -5,19 +5,10 @@
 //! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
 //! on to the layer's input. Only one layer's intermediates are alive at a time.
 use super::forward::{layer_acts, next_token_targets, ForwardOut, Geometry, RopeTables};
+use super::objective::{EnergyAt, Objective};
 use super::weights::Model;
 use crate::backend::{AttnShape, Backend, ChannelPartial};
 use crate::{Error, Result};
-
-/// The scalar J whose gradient scores the channels (METHODS.md section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Objective {
-    /// J = scale·Σ_t ½‖z_t‖², z the final-norm output (or the pre-norm
-    /// residual x_L when `pre_norm`).
-    Energy { pre_norm: bool },
-    /// J = scale·Σ next-token NLL.
-    Ce,
-}
 
 /// Backward pass of `objective` over the batch whose forward (`fwd`, with
 /// residuals kept) ran on `ids`. `scale` is the objective's normaliser over
@@ -33,6 +24,7 @@ pub fn backward_channel_stats<B: Backend>(
     ids: &[u32],
     geo: Geometry,
     objective: Objective,
+    energy_at: EnergyAt,
     scale: f32,
     mut on_layer: impl FnMut(usize, ChannelPartial) -> Result<()>,
 ) -> Result<f64> {
@@ -45,16 +37,16 @@ pub fn backward_channel_stats<B: Backend>(
         ));
     }
     let x_last = &fwd.residuals[c.layers];
-    let (j, mut dx) = match objective {
-        Objective::Energy { pre_norm: true } => be.energy(x_last, rows, d, scale)?,
-        Objective::Energy { pre_norm: false } => {
+    let (j, mut dx) = match (objective, energy_at) {
+        (Objective::Energy, EnergyAt::PreNorm) => be.energy(x_last, rows, d, scale)?,
+        (Objective::Energy, EnergyAt::FinalNorm) => {
             let (j, dz) = be.energy(&fwd.z, rows, d, scale)?;
             (
                 j,
                 be.rmsnorm_bwd(&dz, x_last, &model.norm, &fwd.rstd_final, rows, d)?,
             )
         }
-        Objective::Ce => {
+        (Objective::Ce, _) => {
             let tg = next_token_targets(ids, geo);
             let (sum, _, dz) =
                 be.cross_entropy(&fwd.z, model.lm_head(), &tg, rows, d, c.vocab, scale, true)?;

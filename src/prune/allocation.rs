@@ -18,10 +18,9 @@
 use crate::{Error, Result};
 use std::cmp::Ordering;
 use std::fmt;
-use std::str::FromStr;
 
 /// How the pruned channels are spread over the layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Allocation {
     /// The same fraction of every layer.
     Uniform,
@@ -35,19 +34,6 @@ impl fmt::Display for Allocation {
             Allocation::Uniform => "uniform",
             Allocation::Global => "global",
         })
-    }
-}
-
-impl FromStr for Allocation {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "uniform" => Ok(Allocation::Uniform),
-            "global" => Ok(Allocation::Global),
-            _ => Err(Error::Invalid(format!(
-                "unknown allocation {s:?} (valid: uniform, global)"
-            ))),
-        }
     }
 }
 

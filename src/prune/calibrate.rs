@@ -2,15 +2,18 @@
 //! windows keeping the residual stream, then one activation-only backward
 //! pass per objective, accumulating per-channel sums in f64.
 use crate::backend::Backend;
-use crate::io::text::hex;
-use crate::model::backward::{backward_channel_stats, Objective as PassObjective};
-use crate::model::forward::forward;
+use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
+use crate::model::backward::backward_channel_stats;
+use crate::model::forward::{forward, synthetic_ids};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
-use crate::prune::stats::{EnergyAt, Objectives, Stats, StatsMeta};
+use crate::prune::stats::{EnergyAt, Objective, Objectives, Stats, StatsMeta};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::time::Instant;
 
 /// What the statistics pass runs over.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +26,55 @@ pub struct CalibSpec {
     pub batch: usize,
     pub objectives: Objectives,
     pub energy_at: EnergyAt,
+}
+
+/// Calibration input (METHODS.md section 2).
+#[derive(Clone, Debug)]
+pub struct CalibSource {
+    pub path: PathBuf,
+    /// jsonl field; `None` for `text`.
+    pub field: Option<String>,
+    /// N sequences.
+    pub samples: usize,
+    /// T tokens each.
+    pub seq_len: usize,
+    /// Prefix each window with the BOS token.
+    pub bos: bool,
+    /// Sequences per batch (speed and memory only; not an input of any cell).
+    pub batch: usize,
+    pub energy_at: EnergyAt,
+}
+
+impl CalibSource {
+    /// The statistics pass over these windows, running `objectives`.
+    pub fn spec(&self, objectives: Objectives) -> CalibSpec {
+        CalibSpec {
+            samples: self.samples,
+            seq_len: self.seq_len,
+            batch: self.batch,
+            objectives,
+            energy_at: self.energy_at,
+        }
+    }
+
+    /// The calibration windows, `[N, T]` ids (each preceded by BOS with
+    /// `bos`), and the sha256 of their token ids.
+    pub fn windows<B: Backend>(
+        &self,
+        model: &Model<B>,
+        tok: &Tokenizer,
+    ) -> Result<(Vec<u32>, String)> {
+        let ids = tok.encode(&read_text(&self.path, self.field.as_deref())?)?;
+        let bos = match self.bos {
+            true => Some(model.cfg.bos_token_id.ok_or_else(|| {
+                Error::Invalid("--bos given but config.json has no bos_token_id".into())
+            })?),
+            false => None,
+        };
+        let w = windows(&ids, self.samples, self.seq_len, bos)?;
+        let digest = token_digest(&w);
+        Ok((w, digest))
+    }
 }
 
 /// Identifies a model by its config and, for every tensor, name, dtype,
@@ -107,10 +159,8 @@ pub fn collect_stats<B: Backend>(
         let geo = Geometry { seqs, t };
         let fwd = forward(be, model, ids, geo, true)?;
         if spec.objectives.energy {
-            let obj = PassObjective::Energy {
-                pre_norm: spec.energy_at == EnergyAt::PreNorm,
-            };
-            backward_channel_stats(be, model, &fwd, ids, geo, obj, energy_scale, |l, p| {
+            let (obj, at) = (Objective::Energy, spec.energy_at);
+            backward_channel_stats(be, model, &fwd, ids, geo, obj, at, energy_scale, |l, p| {
                 let s = &mut stats.layers[l];
                 add(&mut s.s1, &p.s1);
                 add(&mut s.s2, &p.s2);
@@ -127,7 +177,8 @@ pub fn collect_stats<B: Backend>(
                 &fwd,
                 ids,
                 geo,
-                PassObjective::Ce,
+                Objective::Ce,
+                EnergyAt::FinalNorm, // not read by the ce objective
                 ce_scale,
                 |l, p| {
                     let s = &mut stats.layers[l];
@@ -149,6 +200,53 @@ pub fn collect_stats<B: Backend>(
     }
     progress.finish();
     Ok(stats)
+}
+
+/// `bench score`: the statistics pass of the energy objective.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScoreBench {
+    pub seq_len: usize,
+    pub samples: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub backend: String,
+}
+
+/// Times the energy statistics pass (forward, backward, statistics) over
+/// `samples` sequences of `seq_len` tokens, one at a time, after a warm-up one.
+pub fn bench_score<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    seq_len: usize,
+    samples: usize,
+) -> Result<ScoreBench> {
+    if seq_len < 2 || samples == 0 {
+        return Err(Error::Invalid(
+            "--seq-len must be at least 2 and --samples at least 1".into(),
+        ));
+    }
+    let ids = synthetic_ids((samples + 1) * seq_len, model.cfg.vocab);
+    let spec = |n| CalibSpec {
+        samples: n,
+        seq_len,
+        batch: 1,
+        objectives: Objectives {
+            energy: true,
+            ce: false,
+        },
+        energy_at: EnergyAt::FinalNorm,
+    };
+    collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
+    let start = Instant::now();
+    collect_stats(be, model, &ids[seq_len..], spec(samples), String::new())?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(ScoreBench {
+        seq_len,
+        samples,
+        seconds,
+        tokens_per_s: (samples * seq_len) as f64 / seconds,
+        backend: be.name().into(),
+    })
 }
 
 fn add(acc: &mut [f64], x: &[f64]) {

@@ -29,16 +29,21 @@ use super::allocation::Allocation;
 use super::stats::{Objective, Stats};
 use crate::{Error, Result};
 use std::fmt;
-use std::str::FromStr;
 
 /// A channel-scoring method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Method {
+    /// Relative kinetic utility: Σ|h·g| of the energy objective, divided by its layer's sum.
     Rku,
+    /// Absolute kinetic utility: Σ|h·g| of the energy objective.
     Agf,
+    /// ‖W_d column‖₁ · sqrt(Σh²), uniform allocation.
     WandaStruct,
+    /// Activation variance × ‖W_d column‖₂², standardised per layer, with bias compensation.
     Flap,
+    /// First-order Taylor: Σ_sequences |Σ_t h·g| of the cross-entropy, uniform allocation.
     Taylor,
+    /// Fisher-trace ablation: sqrt(mean h²)·sqrt(mean g²), normalised per layer.
     RkuFisher,
 }
 
@@ -100,22 +105,6 @@ impl Method {
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for Method {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                let valid: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
-                Error::Invalid(format!(
-                    "unknown method {s:?} (valid: {})",
-                    valid.join(", ")
-                ))
-            })
     }
 }
 

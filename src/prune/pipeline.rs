@@ -1,28 +1,16 @@
 //! From statistics to pruned model directories: score, allocate, compact
 //! and export one model per sparsity (METHODS.md sections 5–7).
 use crate::backend::Backend;
-use crate::io::export::{export_pruned, ExportLayout, ExportSpec};
 use crate::model::weights::layer_tensor;
 use crate::model::Model;
 use crate::prune::calibrate::model_digest;
 use crate::prune::compact::flap_bias;
-use crate::prune::{allocate, scores, Allocation, ColumnNorms, Method, Stats};
+use crate::prune::export::{export_pruned, ExportSpec};
+use crate::prune::job::PruneJob;
+use crate::prune::{allocate, scores, ColumnNorms, Method, Stats};
 use crate::{Error, Result};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
-
-/// One pruning request.
-#[derive(Clone, Debug)]
-pub struct PruneJob {
-    pub method: Method,
-    pub allocation: Allocation,
-    pub sparsity: f64,
-    pub min_keep: Option<usize>,
-    pub align: usize,
-    pub layout: ExportLayout,
-    pub out: PathBuf,
-    pub force: bool,
-}
+use std::path::PathBuf;
 
 /// What a pruning produced.
 #[derive(Clone, Debug, Serialize)]
@@ -62,7 +50,13 @@ pub fn kept_channels(
     job: &PruneJob,
 ) -> Result<Vec<Vec<usize>>> {
     let s = scores(job.method, stats, norms)?;
-    allocate(&s, job.allocation, job.sparsity, job.min_keep, job.align)
+    allocate(
+        &s,
+        job.allocation,
+        job.sparsity.get(),
+        job.min_keep,
+        job.align,
+    )
 }
 
 /// Scores, allocates, compacts and exports one pruned model.
@@ -106,7 +100,7 @@ pub fn prune_model<B: Backend>(
     let kept_total: usize = widths.iter().sum();
     let record = serde_json::json!({
         "method": job.method.name(),
-        "sparsity": job.sparsity,
+        "sparsity": job.sparsity.get(),
         "ffn_channels_removed_fraction": 1.0 - kept_total as f64 / channels as f64,
         "params_removed_fraction": 1.0 - params_after as f64 / params_before as f64,
         "allocation": job.allocation.to_string(),
@@ -122,7 +116,7 @@ pub fn prune_model<B: Backend>(
         },
         "source_model": model.dir.display().to_string(),
         "source_model_digest": stats.meta.model_digest,
-        "export": match job.layout { ExportLayout::Compact => "compact", ExportLayout::Padded => "padded" },
+        "export": job.layout.name(),
         "flap_bias_compensation": bias.is_some(),
         "params_before": params_before,
         "params_after": params_after,
@@ -141,19 +135,9 @@ pub fn prune_model<B: Backend>(
     Ok(PruneOutcome {
         out,
         method: job.method.name().to_string(),
-        sparsity: job.sparsity,
+        sparsity: job.sparsity.get(),
         widths,
         params_before,
         params_after,
     })
-}
-
-/// Where the model for `sparsity` goes when several are requested:
-/// `<out>/<method>-s<sparsity>`; with one sparsity, `<out>` itself.
-pub fn output_dir(out: &Path, method: Method, sparsity: f64, several: bool) -> PathBuf {
-    if several {
-        out.join(format!("{}-s{sparsity}", method.name()))
-    } else {
-        out.to_path_buf()
-    }
 }

@@ -9,7 +9,8 @@
 //! nothing); digests of the contents are.
 use crate::io::atomic::write_file;
 use crate::io::text::hex;
-use crate::prune::Method;
+use crate::prune::job::model_name;
+use crate::prune::{Method, Sparsity};
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -45,18 +46,13 @@ pub enum Cell {
     Dense(Metric),
     Prune {
         method: Method,
-        sparsity: f64,
+        sparsity: Sparsity,
     },
     Pruned {
         method: Method,
-        sparsity: f64,
+        sparsity: Sparsity,
         metric: Metric,
     },
-}
-
-/// `<method>-s<sparsity>`, as `prune` names its outputs.
-pub fn model_name(method: Method, sparsity: f64) -> String {
-    format!("{}-s{sparsity}", method.name())
 }
 
 impl Cell {
@@ -105,7 +101,7 @@ impl Fingerprint {
                 self.part("calib")
             ])
         };
-        let prune = |method: Method, sparsity: f64| {
+        let prune = |method: Method, sparsity: Sparsity| {
             json!([
                 "prune",
                 digest(&stats()),
@@ -281,7 +277,7 @@ mod tests {
     fn keys_depend_on_exactly_their_inputs() {
         let rku = |metric| Cell::Pruned {
             method: Method::Rku,
-            sparsity: 0.3,
+            sparsity: Sparsity::new(0.3).unwrap(),
             metric,
         };
         let (a, b) = (fp("c1", Some("x")), fp("c2", Some("x")));
@@ -303,7 +299,7 @@ mod tests {
         // Methods and sparsities have their own cells.
         let agf = Cell::Pruned {
             method: Method::Agf,
-            sparsity: 0.3,
+            sparsity: Sparsity::new(0.3).unwrap(),
             metric: Metric::Ppl,
         };
         assert_ne!(a.key(&rku(Metric::Ppl)), a.key(&agf));

@@ -24,6 +24,7 @@ pub mod cells;
 pub mod data;
 pub mod markdown;
 pub mod plots;
+pub mod spec;
 
 use crate::backend::Backend;
 use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
@@ -32,245 +33,23 @@ use crate::eval::mc::{evaluate_mc, McArgs, McResult};
 use crate::eval::ppl::{perplexity, PplResult};
 use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::atomic::write_file;
-use crate::io::export::ExportLayout;
-use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
-use crate::model::weights::LoadOptions;
+use crate::io::text::{read_text, Tokenizer};
 use crate::model::Model;
 use crate::progress::{println, Progress};
-use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest, CalibSpec};
-use crate::prune::pipeline::{check_stats_match, prune_model, PruneJob};
-use crate::prune::{ColumnNorms, EnergyAt, Method, Objective, Objectives, Stats};
+use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest};
+use crate::prune::job::model_name;
+use crate::prune::pipeline::{check_stats_match, prune_model};
+use crate::prune::{ColumnNorms, ExportLayout, Method, Objectives, PruneJob, Sparsity, Stats};
 use crate::{Error, Result};
-use cells::{model_name, Cell, CellStore, Fingerprint, Metric, State};
+use cells::{Cell, CellStore, Fingerprint, Metric, State};
 use data::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
+use spec::fingerprint;
+pub use spec::{PplSpec, PrefillSpec, ReportSpec};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Calibration input (METHODS.md section 2).
-#[derive(Clone, Debug)]
-pub struct CalibSource {
-    pub path: PathBuf,
-    /// jsonl field; `None` for `text`.
-    pub field: Option<String>,
-    /// N sequences.
-    pub samples: usize,
-    /// T tokens each.
-    pub seq_len: usize,
-    /// Prefix each window with the BOS token.
-    pub bos: bool,
-    /// Sequences per batch (speed and memory only; not an input of any cell).
-    pub batch: usize,
-    pub energy_at: EnergyAt,
-}
-
-/// Perplexity evaluation.
-#[derive(Clone, Debug)]
-pub struct PplSpec {
-    pub text: PathBuf,
-    pub field: Option<String>,
-    pub seq_len: usize,
-    pub max_windows: Option<usize>,
-    /// Windows per forward pass (speed only).
-    pub batch: usize,
-}
-
-/// Prefill timing of every pruned model against the dense one.
-#[derive(Clone, Copy, Debug)]
-pub struct PrefillSpec {
-    pub seq_len: usize,
-    pub repeats: usize,
-}
-
-/// Everything a report is made from.
-#[derive(Clone, Debug)]
-pub struct ReportSpec {
-    pub model: PathBuf,
-    pub calib: CalibSource,
-    pub methods: Vec<Method>,
-    pub sparsities: Vec<f64>,
-    pub min_keep: Option<usize>,
-    pub align: usize,
-    pub ppl: Option<PplSpec>,
-    /// Generative evaluation; its `out` is set per model (records/).
-    pub gen: Option<GenArgs>,
-    /// Multiple choice; its `out` is set per model (records/).
-    pub mc: Option<McArgs>,
-    pub prefill: Option<PrefillSpec>,
-    pub out: PathBuf,
-    /// Keep every pruned model under models/ (else each is removed once evaluated).
-    pub keep_models: bool,
-    /// Recompute cells whose inputs changed instead of refusing.
-    pub force: bool,
-    /// How every model (dense and pruned) is loaded: `--stream`, and ggml
-    /// blocks for decoding where a model directory has them.
-    pub load: LoadOptions,
-}
-
-impl ReportSpec {
-    /// Argument errors, before anything is loaded.
-    fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
-        if self.methods.is_empty() || self.sparsities.is_empty() {
-            return bad("at least one method and one sparsity are needed".into());
-        }
-        for (i, m) in self.methods.iter().enumerate() {
-            if self.methods[..i].contains(m) {
-                return bad(format!("method {m} is listed twice"));
-            }
-        }
-        for (i, &s) in self.sparsities.iter().enumerate() {
-            if !(s > 0.0 && s < 1.0) {
-                return bad(format!(
-                    "sparsity must be strictly between 0 and 1, got {s}"
-                ));
-            }
-            if self.sparsities[..i].contains(&s) {
-                return bad(format!("sparsity {s} is listed twice"));
-            }
-        }
-        let limits = [
-            self.gen.as_ref().and_then(|g| g.limit),
-            self.mc.as_ref().and_then(|m| m.limit),
-        ];
-        if limits.contains(&Some(0)) {
-            return bad("--limit must be at least 1".into());
-        }
-        if let Some(p) = self.prefill {
-            if p.seq_len == 0 || p.repeats == 0 {
-                return bad("--prefill-seq-len and --prefill-repeats must be at least 1".into());
-            }
-        }
-        if self.align == 0 {
-            return bad("--align must be at least 1".into());
-        }
-        Ok(())
-    }
-
-    /// The evaluations requested, in column order.
-    fn metrics(&self) -> Vec<Metric> {
-        [
-            (Metric::Ppl, self.ppl.is_some()),
-            (Metric::Gen, self.gen.is_some()),
-            (Metric::Mc, self.mc.is_some()),
-            (Metric::Prefill, self.prefill.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(m, on)| on.then_some(m))
-        .collect()
-    }
-
-    /// Every cell of the report, in the order they are computed.
-    fn plan(&self) -> Vec<Cell> {
-        let metrics = self.metrics();
-        let mut cells = vec![Cell::Stats];
-        cells.extend(
-            metrics
-                .iter()
-                .filter(|&&m| m != Metric::Prefill)
-                .map(|&m| Cell::Dense(m)),
-        );
-        for &sparsity in &self.sparsities {
-            for &method in &self.methods {
-                cells.push(Cell::Prune { method, sparsity });
-                cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
-                    method,
-                    sparsity,
-                    metric,
-                }));
-            }
-        }
-        cells
-    }
-
-    /// The objectives the methods' scores need (energy when none does:
-    /// the forward-only methods read s1 and s2, which every pass fills).
-    fn objectives(&self) -> Objectives {
-        let needs = |o| self.methods.iter().any(|m| m.needs() == Some(o));
-        let o = Objectives {
-            energy: needs(Objective::Energy),
-            ce: needs(Objective::Ce),
-        };
-        if o.energy || o.ce {
-            o
-        } else {
-            Objectives {
-                energy: true,
-                ce: false,
-            }
-        }
-    }
-}
-
-fn file_digest(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
-/// The report's inputs (see `cells::Fingerprint`).
-fn fingerprint(
-    backend: &str,
-    model_digest: &str,
-    calib_digest: &str,
-    spec: &ReportSpec,
-) -> Result<Fingerprint> {
-    let c = &spec.calib;
-    let mut v = json!({
-        "engine_version": env!("CARGO_PKG_VERSION"),
-        "backend": backend,
-        "model": {"path": spec.model.display().to_string(), "digest": model_digest},
-        "calib": {
-            "path": c.path.display().to_string(), "field": c.field, "digest": calib_digest,
-            "samples": c.samples, "seq_len": c.seq_len, "bos": c.bos,
-            "energy_at": c.energy_at.to_string(),
-        },
-        "prune": {"min_keep": spec.min_keep, "align": spec.align},
-    });
-    if let Some(p) = &spec.ppl {
-        v["ppl"] = json!({
-            "path": p.text.display().to_string(), "field": p.field, "digest": file_digest(&p.text)?,
-            "seq_len": p.seq_len, "max_windows": p.max_windows,
-        });
-    }
-    if let Some(g) = &spec.gen {
-        let shots_digest = g.shots_file.as_deref().map(file_digest).transpose()?;
-        v["gen"] = json!({
-            "path": g.data.display().to_string(), "digest": file_digest(&g.data)?,
-            "shots": g.shots, "shots_file_digest": shots_digest, "format": g.format,
-            "max_new_tokens": g.max_new_tokens, "limit": g.limit, "stop": g.stop,
-        });
-    }
-    if let Some(m) = &spec.mc {
-        v["mc"] = json!({
-            "path": m.data.display().to_string(), "digest": file_digest(&m.data)?, "limit": m.limit,
-        });
-    }
-    if let Some(p) = spec.prefill {
-        v["prefill"] = json!({"seq_len": p.seq_len, "repeats": p.repeats});
-    }
-    Ok(Fingerprint(v))
-}
-
-/// The calibration windows (METHODS.md section 2) and their digest.
-fn calib_windows<B: Backend>(
-    model: &Model<B>,
-    tok: &Tokenizer,
-    c: &CalibSource,
-) -> Result<(Vec<u32>, String)> {
-    let ids = tok.encode(&read_text(&c.path, c.field.as_deref())?)?;
-    let bos = match c.bos {
-        true => Some(model.cfg.bos_token_id.ok_or_else(|| {
-            Error::Invalid("--bos given but config.json has no bos_token_id".into())
-        })?),
-        false => None,
-    };
-    let w = windows(&ids, c.samples, c.seq_len, bos)?;
-    let digest = token_digest(&w);
-    Ok((w, digest))
-}
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value> {
     serde_json::to_value(v).map_err(|e| Error::Invalid(e.to_string()))
@@ -400,7 +179,7 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
         dense.cfg.param_count() as f64 / 1e6
     ));
     let tok = Tokenizer::load(&spec.model)?;
-    let (calib_ids, calib_digest) = calib_windows(&dense, &tok, &spec.calib)?;
+    let (calib_ids, calib_digest) = spec.calib.windows(&dense, &tok)?;
     let ppl_ids = match &spec.ppl {
         Some(p) => tok.encode(&read_text(&p.text, p.field.as_deref())?)?,
         None => Vec::new(),
@@ -521,13 +300,7 @@ impl<B: Backend> Run<'_, B> {
     fn score(&mut self) -> Result<()> {
         let t = Instant::now();
         let c = &self.spec.calib;
-        let spec = CalibSpec {
-            samples: c.samples,
-            seq_len: c.seq_len,
-            batch: c.batch,
-            objectives: self.objectives,
-            energy_at: c.energy_at,
-        };
+        let spec = c.spec(self.objectives);
         println(&format!(
             "scoring {} x {} calibration tokens ({})",
             c.samples, c.seq_len, self.objectives
@@ -551,7 +324,7 @@ impl<B: Backend> Run<'_, B> {
     }
 
     /// The prune cell and the metrics of one method at one sparsity.
-    fn model(&mut self, method: Method, sparsity: f64, metrics: &[Metric]) -> Result<()> {
+    fn model(&mut self, method: Method, sparsity: Sparsity, metrics: &[Metric]) -> Result<()> {
         let name = model_name(method, sparsity);
         let dir = self.spec.out.join("models").join(&name);
         let cell = |metric| Cell::Pruned {
@@ -612,7 +385,7 @@ impl<B: Backend> Run<'_, B> {
     }
 
     /// Prunes the dense model into `dir` (replacing what is there).
-    fn export(&mut self, method: Method, sparsity: f64, dir: &Path) -> Result<PrunedInfo> {
+    fn export(&mut self, method: Method, sparsity: Sparsity, dir: &Path) -> Result<PrunedInfo> {
         let stats = match self.stats.take() {
             Some(s) => s,
             None => {
@@ -752,7 +525,7 @@ impl<B: Backend> Run<'_, B> {
                 };
                 cells.push(CellReport {
                     method: method.name().into(),
-                    sparsity,
+                    sparsity: sparsity.get(),
                     size: pruned.as_ref().map(|p| Size {
                         widths: p.widths.clone(),
                         params_after: p.params_after,
@@ -772,7 +545,7 @@ impl<B: Backend> Run<'_, B> {
                 .iter()
                 .map(|(n, k)| (n.clone(), k.as_slice()))
                 .collect();
-            iou.push(IouMatrix::of(sparsity, &named)?);
+            iou.push(IouMatrix::of(sparsity.get(), &named)?);
         }
         let remaining = self.remaining()?;
         Ok(Report {
@@ -796,7 +569,7 @@ impl<B: Backend> Run<'_, B> {
                     allocation: m.default_allocation().to_string(),
                 })
                 .collect(),
-            sparsities: self.spec.sparsities.clone(),
+            sparsities: self.spec.sparsities.iter().map(|s| s.get()).collect(),
             metrics: self
                 .spec
                 .metrics()

@@ -10,7 +10,7 @@
 //! product differs from the f32 path only in summation order.
 use super::mem::huge_page_collect;
 use super::simd::{dispatch, Isa};
-use crate::io::ggml_blocks::{BlockKind, BlockMatrix, BLOCK_LEN};
+use crate::quant::{BlockKind, BlockMatrix, BLOCK_LEN};
 use half::f16;
 
 /// Up to this many rows, `y = x·Wᵀ` reads a weight's blocks when it has

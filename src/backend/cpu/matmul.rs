@@ -4,7 +4,7 @@
 use super::blocks::PackedBlocks;
 use super::mem::written_by;
 use super::simd::{self, Isa};
-use crate::io::ggml_blocks::BLOCK_LEN;
+use crate::quant::BLOCK_LEN;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -393,7 +393,7 @@ mod tests {
     /// each from its own row offset) give what their f32 values give.
     #[test]
     fn block_matvec_across_tasks_matches_f32() {
-        use crate::io::ggml_blocks::BlockKind;
+        use crate::quant::BlockKind;
         let (inp, out) = (1024, 701); // 768-byte Q4_1 rows: 128 per task, 6 tasks
         for kind in [BlockKind::Q4_1, BlockKind::Q8_0] {
             let (packed, w) = super::super::blocks::random_packed(kind, out, inp, 5);

@@ -10,7 +10,7 @@ mod ops;
 mod simd;
 
 use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart};
-use crate::io::ggml_blocks::BlockMatrix;
+use crate::quant::BlockMatrix;
 use crate::Result;
 use blocks::PackedBlocks;
 use matmul::FewRowWeight;

@@ -18,7 +18,7 @@
 //! The K-quants hold 6-bit (sub-block scale, min) pairs packed into 12
 //! bytes (`scale_min_k4`). Products are evaluated in the same order as
 //! ggml's C code and gguf-py (never fused), so results are bit-identical.
-use crate::io::gguf::GgmlType;
+use crate::quant::GgmlType;
 use crate::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;

@@ -2,7 +2,7 @@
 //! the input dtype with HF names (sharded above 4 GB), config.json,
 //! pruning.json and the tokenizer files, atomically; and the ggml blocks
 //! of the matrices the compaction keeps whole (`ggml_blocks`).
-use crate::io::atomic::{write_file, AtomicDir};
+use crate::io::atomic::{write_json, AtomicDir};
 use crate::io::ggml_blocks::{self, BlockFile, BlockTensor};
 use crate::io::safetensors_io::{FloatType, SafeModel};
 use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
@@ -13,7 +13,7 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// How per-layer widths are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportLayout {
     /// Physically smaller layers; a non-uniform model lists `layer_intermediate_sizes`.
     Compact,
@@ -21,15 +21,12 @@ pub enum ExportLayout {
     Padded,
 }
 
-impl std::str::FromStr for ExportLayout {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "compact" => Ok(Self::Compact),
-            "padded" => Ok(Self::Padded),
-            _ => Err(Error::Invalid(format!(
-                "export layout {s:?}: expected compact or padded"
-            ))),
+impl ExportLayout {
+    /// The name on the command line and in `pruning.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Compact => "compact",
+            Self::Padded => "padded",
         }
     }
 }
@@ -254,9 +251,4 @@ fn pruned_blocks<'a>(
         });
     }
     Ok(out)
-}
-
-pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
-    write_file(path, text.as_bytes())
 }

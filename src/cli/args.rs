@@ -1,0 +1,654 @@
+//! The command line as clap structures: every closed set is a `ValueEnum`,
+//! every count and path is checked by a value parser, so a typo or an
+//! absurd value fails before anything is loaded.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rku_engine::io::safetensors_out::OutDtype;
+use rku_engine::prune::calibrate::CalibSource;
+use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "rku-engine",
+    version,
+    about = "Reasoning-aware structural pruning of LLM FFN channels (Relative Kinetic Utility)",
+    long_about = "Scores every FFN channel of a LLaMA/Qwen2 model by |activation × gradient| of a \
+label-free energy objective, prunes the lowest globally and exports a smaller HF model.\n\n\
+Typical run:\n  rku-engine import SmolLM2.gguf --out models/smollm2\n  \
+rku-engine prune --model models/smollm2 --calib wiki.jsonl --field 0 --method rku --sparsity 0.4 --out models/smollm2-rku40\n  \
+rku-engine eval ppl --model models/smollm2-rku40 --text owt.jsonl --field 0"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Convert a GGUF (LLaMA or Qwen2) into an HF model directory.
+    Import(ImportArgs),
+    /// Compute per-channel statistics on calibration text (one pass serves every method).
+    Score(ScoreArgs),
+    /// Score (or read statistics), allocate, compact and export pruned models.
+    Prune(PruneArgs),
+    /// Work with statistics files.
+    #[command(subcommand)]
+    Stats(StatsCmd),
+    /// Overlap (IoU) of the kept channels of two pruned models.
+    Iou(IouArgs),
+    /// Device memory of a scoring run: every resident buffer and the peak.
+    Plan(PlanArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// One statistics pass, every method × sparsity pruned and evaluated (and
+    /// the dense model): report.json, report.md (tables), SVG plots. Resumable.
+    Report(Box<ReportArgs>),
+}
+
+#[derive(Subcommand)]
+pub enum StatsCmd {
+    /// Sum statistics files computed on disjoint calibration shards of one model.
+    Merge(MergeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum EvalCmd {
+    /// Token perplexity over non-overlapping windows of held-out text.
+    Ppl(PplArgs),
+    /// GSM8K-style reasoning accuracy: greedy decoding with a KV cache, exact match.
+    Gen(GenArgs),
+    /// Multiple choice by log-likelihood (acc and acc_norm, lm-eval conventions).
+    Mc(McArgs),
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Forward-pass throughput (tokens/s and GFLOP/s, logits included).
+    Forward(BenchForwardArgs),
+    /// Scoring throughput: forward + energy backward + statistics (tokens/s).
+    Score(BenchScoreArgs),
+    /// Greedy decoding throughput with the KV cache (tokens/s).
+    Decode(BenchDecodeArgs),
+    /// Prefill time of a dense and a pruned model, timed alternately; the speedup.
+    Prefill(BenchPrefillArgs),
+}
+
+/// Which device computes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendKind {
+    /// The CUDA backend when kernels were built and a driver answers, else the CPU.
+    Auto,
+    /// Multithreaded f32 on the CPU.
+    Cpu,
+    /// The CUDA kernels on the GPU (cuBLAS for matrix products, bf16 weights).
+    Cuda,
+    /// The same CUDA kernels and launch code executed on the CPU by the
+    /// emulated device (slow: for checking, on tiny models).
+    CudaEmu,
+}
+
+/// The objectives a statistics pass runs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ObjectiveChoice {
+    /// The energy objective (rku, agf, rku-fisher).
+    Energy,
+    /// Next-token cross-entropy (taylor).
+    Ce,
+    /// Both, from one forward pass.
+    Both,
+}
+
+impl ObjectiveChoice {
+    pub fn objectives(self) -> Objectives {
+        Objectives {
+            energy: matches!(self, Self::Energy | Self::Both),
+            ce: matches!(self, Self::Ce | Self::Both),
+        }
+    }
+}
+
+// Value parsers: bounds are sanity limits far above any real use, so that
+// arithmetic on them cannot overflow and a typo fails at once.
+
+/// A count of sequences, windows, items or repeats: 1 ..= 2^24.
+pub fn count(s: &str) -> Result<usize, String> {
+    bounded(s, 1, 1 << 24)
+}
+
+/// Tokens per sequence: 2 ..= 2^20 (a window of one token predicts nothing).
+pub fn seq_len(s: &str) -> Result<usize, String> {
+    bounded(s, 2, 1 << 20)
+}
+
+/// Tokens generated or timed: 1 ..= 2^20.
+pub fn tokens(s: &str) -> Result<usize, String> {
+    bounded(s, 1, 1 << 20)
+}
+
+fn bounded(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
+    let v: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if v < lo || v > hi {
+        return Err(format!("{v} is out of range ({lo} to {hi})"));
+    }
+    Ok(v)
+}
+
+/// A file that exists and is not a directory.
+pub fn existing_file(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_dir() => Err(format!("{s} is a directory, not a file")),
+        Ok(_) => Ok(p),
+        Err(e) => Err(format!("cannot read {s}: {e}")),
+    }
+}
+
+/// A directory that exists.
+pub fn existing_dir(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_dir() => Ok(p),
+        Ok(_) => Err(format!("{s} is a file, not a directory")),
+        Err(e) => Err(format!("cannot read {s}: {e}")),
+    }
+}
+
+/// `--sparsity 0.3,0.4,0.5`: distinct sparsities, parsed as one value so
+/// that a repeat is refused before anything runs.
+#[derive(Clone, Debug)]
+pub struct SparsityList(pub Vec<Sparsity>);
+
+fn sparsities(s: &str) -> Result<SparsityList, String> {
+    Sparsity::parse_list(s)
+        .map(SparsityList)
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Args)]
+pub struct Common {
+    /// Compute device.
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// Upload the decoder layers one at a time from the memory-mapped files
+    /// as each pass reaches them (two layers resident; on a GPU the next
+    /// layer's upload overlaps the current layer's compute) instead of all at
+    /// load: for models larger than the device. `rku-engine plan --stream`
+    /// shows the peak. Slow for generation, which passes every layer per token.
+    #[arg(long)]
+    pub stream: bool,
+}
+
+/// The weights decoding reads.
+#[derive(Args)]
+pub struct DecodeWeightArgs {
+    /// Decode from the f32 weights even when the model directory has
+    /// ggml_blocks.safetensors (written by `import` from a GGUF's Q4_1/Q8_0
+    /// matrices). By default the CPU backend's decoding steps read those
+    /// blocks, which dequantise to exactly the f32 weights (checked at load)
+    /// in 4-6x fewer bytes.
+    #[arg(long)]
+    pub no_ggml_blocks: bool,
+}
+
+/// How the calibration text becomes scored windows (METHODS.md §2).
+#[derive(Args)]
+pub struct WindowArgs {
+    /// jsonl field of the calibration text (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    pub field: Option<String>,
+    /// N: calibration sequences.
+    #[arg(long, default_value_t = 128, value_parser = count)]
+    pub samples: usize,
+    /// T: tokens per calibration sequence.
+    #[arg(long, default_value_t = 512, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Prefix each calibration window with the BOS token.
+    #[arg(long)]
+    pub bos: bool,
+    /// Calibration sequences per forward/backward batch (memory vs speed; results do not change).
+    #[arg(long, default_value_t = 4, value_parser = count)]
+    pub batch: usize,
+    /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
+    #[arg(long, value_enum, default_value_t = EnergyAt::FinalNorm)]
+    pub energy_at: EnergyAt,
+}
+
+impl WindowArgs {
+    /// The calibration windows of the text at `path`.
+    pub fn source(&self, path: PathBuf) -> CalibSource {
+        CalibSource {
+            path,
+            field: self.field.clone(),
+            samples: self.samples,
+            seq_len: self.seq_len,
+            bos: self.bos,
+            batch: self.batch,
+            energy_at: self.energy_at,
+        }
+    }
+}
+
+/// Calibration input (METHODS.md §2).
+#[derive(Args)]
+pub struct CalibArgs {
+    /// Calibration text: plain text, or .jsonl read through --field.
+    #[arg(long, value_parser = existing_file)]
+    pub calib: Option<PathBuf>,
+    #[command(flatten)]
+    pub windows: WindowArgs,
+    /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
+    #[arg(long, value_enum, default_value_t = ObjectiveChoice::Both)]
+    pub objective: ObjectiveChoice,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// HF model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Output statistics file (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    /// HF model directory to prune.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Statistics files from `score` (summed when several); instead of --calib.
+    #[arg(long, num_args = 1.., conflicts_with = "calib", value_parser = existing_file)]
+    pub stats: Vec<PathBuf>,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Scoring method (METHODS.md §5).
+    #[arg(long, value_enum, default_value_t = Method::Rku)]
+    pub method: Method,
+    /// Fractions of FFN channels to remove, comma-separated and distinct (one model each).
+    #[arg(long, required = true, value_parser = sparsities)]
+    pub sparsity: SparsityList,
+    /// How the cut is spread over layers; default: the method's own (METHODS.md §5).
+    #[arg(long, value_enum)]
+    pub allocation: Option<Allocation>,
+    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    #[arg(long, value_parser = count)]
+    pub min_keep: Option<usize>,
+    /// Round every layer's kept width to a multiple of this.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub align: usize,
+    /// compact (smaller layers) or padded (zero-padded to the widest, loads in stock transformers).
+    #[arg(long, value_enum, default_value_t = ExportLayout::Compact)]
+    pub export: ExportLayout,
+    /// Output directory; with several sparsities, one subdirectory `<method>-s<sparsity>` each.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace existing outputs.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// The GGUF file (v2/v3; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K tensors).
+    #[arg(value_parser = existing_file)]
+    pub gguf: PathBuf,
+    /// Output model directory (model.safetensors, config.json, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// dtype of the written weights.
+    #[arg(long, value_enum, default_value_t = OutDtype::F32)]
+    pub dtype: OutDtype,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Do not also write ggml_blocks.safetensors, the Q4_1/Q8_0 matrices'
+    /// own blocks (f32 output only), which decoding reads instead of the
+    /// f32 values it equals: 4-6x fewer bytes per token.
+    #[arg(long)]
+    pub no_blocks: bool,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Statistics files to sum (two or more, from `score` on disjoint shards).
+    #[arg(required = true, num_args = 2.., value_parser = existing_file)]
+    pub files: Vec<PathBuf>,
+    /// Output statistics file (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct IouArgs {
+    /// A pruned model directory (or its pruning.json).
+    pub a: PathBuf,
+    /// Another pruned model directory (or its pruning.json).
+    pub b: PathBuf,
+    /// End the output with one JSON line (per-layer and mean IoU).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// HF model directory (its config.json is read).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config", value_parser = existing_dir)]
+    pub model: Option<PathBuf>,
+    /// A config.json alone (e.g. a 7B model's, without its weights).
+    #[arg(long, value_parser = existing_file)]
+    pub config: Option<PathBuf>,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub batch: usize,
+    /// Objectives scored.
+    #[arg(long, value_enum, default_value_t = ObjectiveChoice::Energy)]
+    pub objective: ObjectiveChoice,
+    /// Weights streamed one layer at a time (about two layers resident).
+    #[arg(long)]
+    pub stream: bool,
+    /// End the output with the plan as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+#[command(after_help = "Example (SmolLM2, short evaluations):\n  \
+rku-engine report --model assets/models/smollm2 --calib assets/text/wikipedia.jsonl --field 0 \\\n    \
+--samples 32 --seq-len 128 --ppl-text assets/text/owt.jsonl --ppl-field 0 --ppl-max-windows 50 \\\n    \
+--gen-data gsm.jsonl --mc-data mc.jsonl --limit 20 --out reports/smollm2\n\n\
+Every finished cell (statistics, a pruning, one metric of one model) is saved under OUT/cells/; \
+rerunning the same command skips them. Changed inputs (model, calibration, evaluation files \
+or settings) that would make finished cells inconsistent are refused unless --force, which \
+recomputes exactly those cells.")]
+pub struct ReportArgs {
+    /// HF model directory of the dense model.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Calibration text: plain text, or .jsonl read through --field.
+    #[arg(long, value_parser = existing_file)]
+    pub calib: PathBuf,
+    #[command(flatten)]
+    pub windows: WindowArgs,
+    /// Methods, comma-separated, each with its own allocation; the
+    /// statistics pass runs the objectives they need.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "rku,agf,wanda-struct,flap,taylor"
+    )]
+    pub methods: Vec<Method>,
+    /// Fractions of FFN channels to remove, comma-separated and distinct.
+    #[arg(long, default_value = "0.3,0.4,0.5", value_parser = sparsities)]
+    pub sparsity: SparsityList,
+    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    #[arg(long, value_parser = count)]
+    pub min_keep: Option<usize>,
+    /// Round every layer's kept width to a multiple of this.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub align: usize,
+    /// Held-out text for perplexity (plain, or .jsonl through --ppl-field); omitted: no ppl column.
+    #[arg(long, value_parser = existing_file)]
+    pub ppl_text: Option<PathBuf>,
+    /// jsonl field of --ppl-text; default `text`.
+    #[arg(long)]
+    pub ppl_field: Option<String>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 128, value_parser = seq_len)]
+    pub ppl_seq_len: usize,
+    /// Score at most this many perplexity windows.
+    #[arg(long, value_parser = count)]
+    pub ppl_max_windows: Option<usize>,
+    /// GSM8K-style problems (jsonl, as `eval gen`); omitted: no gen column.
+    #[arg(long, value_parser = existing_file)]
+    pub gen_data: Option<PathBuf>,
+    /// Few-shot examples per gen prompt (the first rows of --gen-data, not evaluated).
+    #[arg(long, default_value_t = 8)]
+    pub gen_shots: usize,
+    /// Prompt gen with the model's chat template instead of plain "Question: ... Answer:".
+    #[arg(long)]
+    pub gen_chat: bool,
+    /// Most tokens generated per problem.
+    #[arg(long, default_value_t = 256, value_parser = tokens)]
+    pub gen_max_new_tokens: usize,
+    /// Problems decoded together.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub gen_batch: usize,
+    /// Multiple-choice items (jsonl, as `eval mc`); omitted: no mc column.
+    #[arg(long, value_parser = existing_file)]
+    pub mc_data: Option<PathBuf>,
+    /// (context, choice) sequences per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = count)]
+    pub mc_batch: usize,
+    /// Evaluate at most this many gen problems and mc items (the first ones).
+    #[arg(long, value_parser = count)]
+    pub limit: Option<usize>,
+    /// Prompt tokens of the prefill timing (each pruned model against the dense one).
+    #[arg(long, default_value_t = 512, value_parser = tokens)]
+    pub prefill_seq_len: usize,
+    /// Timed prefills of each model, after one warm-up each; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = count)]
+    pub prefill_repeats: usize,
+    /// Skip the prefill timing (no speedup column).
+    #[arg(long)]
+    pub no_prefill: bool,
+    /// Output directory; rerunning into it resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep every pruned model under OUT/models/ (by default each is removed once evaluated).
+    #[arg(long)]
+    pub keep_models: bool,
+    /// Recompute the finished cells whose inputs changed, instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub decode_weights: DecodeWeightArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Text input: a plain text file, or jsonl with the string field --field.
+#[derive(Args)]
+pub struct TextArgs {
+    /// Plain text, or .jsonl (each row's --field, rows joined by a blank line).
+    #[arg(long, value_parser = existing_file)]
+    pub text: PathBuf,
+    /// jsonl field to read (e.g. `0` for the evals passages); default `text`.
+    #[arg(long)]
+    pub field: Option<String>,
+}
+
+#[derive(Args)]
+pub struct PplArgs {
+    /// HF model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Score at most this many windows.
+    #[arg(long, value_parser = count)]
+    pub max_windows: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub batch: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct GenArgs {
+    /// HF model directory to evaluate.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Problems: jsonl with question/answer ("... #### N") or a numeric answer field.
+    #[arg(long, value_parser = existing_file)]
+    pub data: PathBuf,
+    /// Few-shot examples per prompt (held out from --data unless --shots-file).
+    #[arg(long, default_value_t = 8)]
+    pub shots: usize,
+    /// Take the shots from this jsonl instead of the first rows of --data.
+    #[arg(long, value_parser = existing_file)]
+    pub shots_file: Option<PathBuf>,
+    /// Prompt with the model's chat template (tokenizer_config.json) instead of plain "Question: ... Answer:".
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens generated per problem (decoding also stops at EOS and the stop strings).
+    #[arg(long, default_value_t = 256, value_parser = tokens)]
+    pub max_new_tokens: usize,
+    /// Evaluate at most this many problems.
+    #[arg(long, value_parser = count)]
+    pub limit: Option<usize>,
+    /// Problems decoded together.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub batch: usize,
+    /// Label of the task in the results (e.g. GSM-symbolic).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Per-problem jsonl (prompt, generation, extracted, gold, correct).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// End the output with the summary as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub decode_weights: DecodeWeightArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct McArgs {
+    /// HF model directory to evaluate.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Items: jsonl with question/context, choices, gold index.
+    #[arg(long, value_parser = existing_file)]
+    pub data: PathBuf,
+    /// Evaluate at most this many items (the first ones).
+    #[arg(long, value_parser = count)]
+    pub limit: Option<usize>,
+    /// (context, choice) sequences per forward pass.
+    #[arg(long, default_value_t = 16, value_parser = count)]
+    pub batch: usize,
+    /// Label of the task in the results; default: the data file's name.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Per-item jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// End the output with the summary as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct BenchForwardArgs {
+    /// HF model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512, value_parser = tokens)]
+    pub seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub batch: usize,
+    /// Timed repeats after one warm-up pass; the median is reported.
+    #[arg(long, default_value_t = 5, value_parser = count)]
+    pub repeats: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct BenchScoreArgs {
+    /// HF model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Sequences scored after one warm-up sequence.
+    #[arg(long, default_value_t = 4, value_parser = count)]
+    pub samples: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct BenchDecodeArgs {
+    /// HF model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Prompt tokens (prefilled, not timed).
+    #[arg(long, default_value_t = 32, value_parser = tokens)]
+    pub prompt_len: usize,
+    /// Decoding steps timed.
+    #[arg(long, default_value_t = 64, value_parser = tokens)]
+    pub new_tokens: usize,
+    /// Sequences decoded together (the same prompt each); tokens/s counts all.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub batch: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub decode_weights: DecodeWeightArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct BenchPrefillArgs {
+    /// The dense model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// The pruned model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub pruned: PathBuf,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 2048, value_parser = tokens)]
+    pub seq_len: usize,
+    /// Timed prefills of each model after one warm-up each (median, min and max reported).
+    #[arg(long, default_value_t = 5, value_parser = count)]
+    pub repeats: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}

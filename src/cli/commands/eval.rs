@@ -1,0 +1,81 @@
+//! `rku-engine eval ppl|gen|mc`: perplexity, generation accuracy, multiple choice.
+use crate::cli::args::{GenArgs, McArgs, PplArgs};
+use crate::cli::load_model;
+use anyhow::Result;
+use rku_engine::backend::Backend;
+use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat};
+use rku_engine::eval::mc::{self, evaluate_mc};
+use rku_engine::eval::ppl::perplexity;
+use rku_engine::io::text::{read_text, Tokenizer};
+
+pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
+    let model = load_model(be, &a.model, &a.common, None)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let text = read_text(&a.text.text, a.text.field.as_deref())?;
+    let ids = tok.encode(&text)?;
+    let r = perplexity(be, &model, &ids, a.seq_len, a.max_windows, a.batch)?;
+    println!(
+        "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens)",
+        r.ppl, r.nll, r.windows, r.seq_len, r.tokens
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
+    let model = load_model(be, &a.model, &a.common, Some(&a.decode_weights))?;
+    let tok = Tokenizer::load(&a.model)?;
+    let mut args = gen::GenArgs::new(a.data.clone());
+    args.task = a.task.clone();
+    args.shots = a.shots;
+    args.shots_file = a.shots_file.clone();
+    args.format = if a.chat {
+        PromptFormat::Chat
+    } else {
+        PromptFormat::Plain
+    };
+    args.limit = a.limit;
+    args.batch = a.batch;
+    args.max_new_tokens = a.max_new_tokens;
+    args.out = a.out.clone();
+    let (r, _) = evaluate_gen(be, &model, &tok, &args)?;
+    println!(
+        "{}: accuracy {:.4} ({}/{}), {}-shot {:?}; decode {:.1} tokens/s, prefill {:.0} tokens/s",
+        r.task,
+        r.accuracy,
+        r.correct,
+        r.n,
+        r.shots,
+        r.format,
+        r.decode_tokens_per_s,
+        r.prefill_tokens_per_s
+    );
+    if let Some(o) = &a.out {
+        println!("per-problem outputs: {}", o.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+pub fn mc<B: Backend>(be: &B, a: &McArgs) -> Result<()> {
+    let model = load_model(be, &a.model, &a.common, None)?;
+    let tok = Tokenizer::load(&a.model)?;
+    let mut args = mc::McArgs::new(a.data.clone());
+    args.task = a.task.clone();
+    args.limit = a.limit;
+    args.batch = a.batch;
+    args.out = a.out.clone();
+    let (r, _) = evaluate_mc(be, &model, &tok, &args)?;
+    println!(
+        "{}: acc {:.4}, acc_norm {:.4} over {} items ({:.1}s)",
+        r.task, r.acc, r.acc_norm, r.n, r.seconds
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}

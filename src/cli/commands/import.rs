@@ -1,0 +1,26 @@
+//! `rku-engine import`: a GGUF file to an HF model directory.
+use crate::cli::args::ImportArgs;
+use anyhow::Result;
+use rku_engine::io::import::{import_gguf, ImportOptions};
+use std::time::Instant;
+
+pub fn run(a: &ImportArgs) -> Result<()> {
+    let t = Instant::now();
+    let opts = ImportOptions {
+        dtype: a.dtype,
+        force: a.force,
+        blocks: !a.no_blocks,
+    };
+    let r = import_gguf(&a.gguf, &a.out, &opts)?;
+    println!(
+        "imported {} ({}, {} layers, {} tensors, {:.1}M parameters) into {} in {:.1}s",
+        a.gguf.display(),
+        r.architecture,
+        r.n_layers,
+        r.n_tensors,
+        r.n_params as f64 / 1e6,
+        r.out_dir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

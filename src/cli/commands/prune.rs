@@ -1,0 +1,55 @@
+//! `rku-engine prune`: statistics (computed or read), then one pruned model
+//! per sparsity.
+use crate::cli::args::PruneArgs;
+use crate::cli::commands::score::{calib_source, run_scoring};
+use crate::cli::{load_model, refuse_existing};
+use anyhow::Result;
+use rku_engine::backend::Backend;
+use rku_engine::prune::calibrate::down_column_norms;
+use rku_engine::prune::job::output_dirs;
+use rku_engine::prune::pipeline::prune_model;
+use rku_engine::prune::{merge, PruneJob, Stats};
+
+pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
+    let sparsities = &a.sparsity.0;
+    let outs = output_dirs(&a.out, a.method, sparsities);
+    for o in &outs {
+        refuse_existing(o, a.force)?;
+    }
+    let source = match a.stats.is_empty() {
+        true => Some(calib_source(&a.calib)?),
+        false => None,
+    };
+    let model = load_model(be, &a.model, &a.common, None)?;
+    let stats = match (&source, a.stats.as_slice()) {
+        (Some(source), _) => run_scoring(be, &model, source, &a.calib)?,
+        (None, [one]) => Stats::load(one)?,
+        (None, many) => merge(many)?,
+    };
+    let norms = down_column_norms(&model)?;
+    for (&sparsity, out) in sparsities.iter().zip(outs) {
+        let job = PruneJob {
+            method: a.method,
+            allocation: a.allocation.unwrap_or(a.method.default_allocation()),
+            sparsity,
+            min_keep: a.min_keep,
+            align: a.align,
+            layout: a.export,
+            out,
+            force: a.force,
+        };
+        let r = prune_model(&model, &stats, &norms, &job)?;
+        println!(
+            "{} at sparsity {}: {} -> {} parameters ({:.1}% removed), widths {}..{}, wrote {}",
+            r.method,
+            r.sparsity,
+            r.params_before,
+            r.params_after,
+            100.0 * (1.0 - r.params_after as f64 / r.params_before as f64),
+            r.widths.iter().min().unwrap_or(&0),
+            r.widths.iter().max().unwrap_or(&0),
+            r.out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! What a report is made from (`ReportSpec`), checked before anything
+//! loads, the cells it consists of, and the fingerprint of its inputs that
+//! keys every cell (`cells::Fingerprint`).
+use super::cells::{Cell, Fingerprint, Metric};
+use crate::eval::gen::GenArgs;
+use crate::eval::mc::McArgs;
+use crate::io::text::hex;
+use crate::model::weights::LoadOptions;
+use crate::prune::calibrate::CalibSource;
+use crate::prune::{Method, Objective, Objectives, Sparsity};
+use crate::{Error, Result};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Perplexity evaluation.
+#[derive(Clone, Debug)]
+pub struct PplSpec {
+    pub text: PathBuf,
+    pub field: Option<String>,
+    pub seq_len: usize,
+    pub max_windows: Option<usize>,
+    /// Windows per forward pass (speed only).
+    pub batch: usize,
+}
+
+/// Prefill timing of every pruned model against the dense one.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillSpec {
+    pub seq_len: usize,
+    pub repeats: usize,
+}
+
+/// Everything a report is made from.
+#[derive(Clone, Debug)]
+pub struct ReportSpec {
+    pub model: PathBuf,
+    pub calib: CalibSource,
+    pub methods: Vec<Method>,
+    pub sparsities: Vec<Sparsity>,
+    pub min_keep: Option<usize>,
+    pub align: usize,
+    pub ppl: Option<PplSpec>,
+    /// Generative evaluation; its `out` is set per model (records/).
+    pub gen: Option<GenArgs>,
+    /// Multiple choice; its `out` is set per model (records/).
+    pub mc: Option<McArgs>,
+    pub prefill: Option<PrefillSpec>,
+    pub out: PathBuf,
+    /// Keep every pruned model under models/ (else each is removed once evaluated).
+    pub keep_models: bool,
+    /// Recompute cells whose inputs changed instead of refusing.
+    pub force: bool,
+    /// How every model (dense and pruned) is loaded: `--stream`, and ggml
+    /// blocks for decoding where a model directory has them.
+    pub load: LoadOptions,
+}
+
+impl ReportSpec {
+    /// Argument errors, before anything is loaded.
+    pub(super) fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.methods.is_empty() {
+            return bad("at least one method is needed".into());
+        }
+        Sparsity::check_distinct(&self.sparsities)?;
+        for (i, m) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(m) {
+                return bad(format!("method {m} is listed twice"));
+            }
+        }
+        let limits = [
+            self.gen.as_ref().and_then(|g| g.limit),
+            self.mc.as_ref().and_then(|m| m.limit),
+        ];
+        if limits.contains(&Some(0)) {
+            return bad("--limit must be at least 1".into());
+        }
+        if let Some(p) = self.prefill {
+            if p.seq_len == 0 || p.repeats == 0 {
+                return bad("--prefill-seq-len and --prefill-repeats must be at least 1".into());
+            }
+        }
+        if self.align == 0 {
+            return bad("--align must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The evaluations requested, in column order.
+    pub(super) fn metrics(&self) -> Vec<Metric> {
+        [
+            (Metric::Ppl, self.ppl.is_some()),
+            (Metric::Gen, self.gen.is_some()),
+            (Metric::Mc, self.mc.is_some()),
+            (Metric::Prefill, self.prefill.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(m, on)| on.then_some(m))
+        .collect()
+    }
+
+    /// Every cell of the report, in the order they are computed.
+    pub(super) fn plan(&self) -> Vec<Cell> {
+        let metrics = self.metrics();
+        let mut cells = vec![Cell::Stats];
+        cells.extend(
+            metrics
+                .iter()
+                .filter(|&&m| m != Metric::Prefill)
+                .map(|&m| Cell::Dense(m)),
+        );
+        for &sparsity in &self.sparsities {
+            for &method in &self.methods {
+                cells.push(Cell::Prune { method, sparsity });
+                cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
+                    method,
+                    sparsity,
+                    metric,
+                }));
+            }
+        }
+        cells
+    }
+
+    /// The objectives the methods' scores need (energy when none does:
+    /// the forward-only methods read s1 and s2, which every pass fills).
+    pub(super) fn objectives(&self) -> Objectives {
+        let needs = |o| self.methods.iter().any(|m| m.needs() == Some(o));
+        let o = Objectives {
+            energy: needs(Objective::Energy),
+            ce: needs(Objective::Ce),
+        };
+        if o.energy || o.ce {
+            o
+        } else {
+            Objectives {
+                energy: true,
+                ce: false,
+            }
+        }
+    }
+}
+
+fn file_digest(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+/// The report's inputs (see `cells::Fingerprint`).
+pub(super) fn fingerprint(
+    backend: &str,
+    model_digest: &str,
+    calib_digest: &str,
+    spec: &ReportSpec,
+) -> Result<Fingerprint> {
+    let c = &spec.calib;
+    let mut v = json!({
+        "engine_version": env!("CARGO_PKG_VERSION"),
+        "backend": backend,
+        "model": {"path": spec.model.display().to_string(), "digest": model_digest},
+        "calib": {
+            "path": c.path.display().to_string(), "field": c.field, "digest": calib_digest,
+            "samples": c.samples, "seq_len": c.seq_len, "bos": c.bos,
+            "energy_at": c.energy_at.to_string(),
+        },
+        "prune": {"min_keep": spec.min_keep, "align": spec.align},
+    });
+    if let Some(p) = &spec.ppl {
+        v["ppl"] = json!({
+            "path": p.text.display().to_string(), "field": p.field, "digest": file_digest(&p.text)?,
+            "seq_len": p.seq_len, "max_windows": p.max_windows,
+        });
+    }
+    if let Some(g) = &spec.gen {
+        let shots_digest = g.shots_file.as_deref().map(file_digest).transpose()?;
+        v["gen"] = json!({
+            "path": g.data.display().to_string(), "digest": file_digest(&g.data)?,
+            "shots": g.shots, "shots_file_digest": shots_digest, "format": g.format,
+            "max_new_tokens": g.max_new_tokens, "limit": g.limit, "stop": g.stop,
+        });
+    }
+    if let Some(m) = &spec.mc {
+        v["mc"] = json!({
+            "path": m.data.display().to_string(), "digest": file_digest(&m.data)?, "limit": m.limit,
+        });
+    }
+    if let Some(p) = spec.prefill {
+        v["prefill"] = json!({"seq_len": p.seq_len, "repeats": p.repeats});
+    }
+    Ok(Fingerprint(v))
+}
