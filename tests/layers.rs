@@ -1,4 +1,4 @@
-//! The import order of the crate's rooms (docs/DESIGN.md §1): a module may
+//! The import order of the crate's rooms (docs/DESIGN.md §3): a module may
 //! use only modules of a lower layer, never one of its own layer (siblings)
 //! or of a higher one. Every `crate::<room>` path in src/ (and every
 //! `rku_engine::<room>` path in the binary's cli/) is checked.

@@ -14,12 +14,13 @@
 //!
 //! transformers and other tools read `model.safetensors` only; they never
 //! see this file.
+use crate::io::safetensors_out::serialize_sorted;
 use crate::quant::{BlockKind, BlockMatrix, BLOCK_LEN};
 use crate::{Error, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +41,7 @@ pub struct BlockTensor<'a> {
 /// writes `dir` as a whole atomically: `AtomicDir`).
 pub fn write(dir: &Path, tensors: &[BlockTensor<'_>]) -> Result<()> {
     let path = dir.join(BLOCKS_FILE);
-    let mut meta: HashMap<String, String> = HashMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert("format".into(), FORMAT.into());
     let mut views = Vec::with_capacity(tensors.len());
     for t in tensors {
@@ -48,10 +49,10 @@ pub fn write(dir: &Path, tensors: &[BlockTensor<'_>]) -> Result<()> {
         meta.insert(t.name.clone(), format!("{} {}", t.kind.name(), t.cols));
         let view = TensorView::new(Dtype::U8, vec![t.rows, row_bytes], &t.data)
             .map_err(|e| Error::tensor(&t.name, format!("block bytes: {e}")))?;
-        views.push((t.name.as_str(), view));
+        views.push((t.name.clone(), view));
     }
-    safetensors::serialize_to_file(views, Some(meta), &path)
-        .map_err(|e| Error::format(&path, format!("cannot write blocks: {e}")))
+    let bytes = serialize_sorted(views, &meta)?;
+    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
 }
 
 /// An opened `BLOCKS_FILE`: the mapped file and where each matrix lies.

@@ -10,9 +10,9 @@
 use crate::{Error, Result};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -248,4 +248,29 @@ fn write_file<'a>(
         w.write_all(&data).map_err(io)?;
     }
     w.flush().map_err(io)
+}
+
+/// The safetensors bytes of `views` with `metadata` as `__metadata__`, its
+/// keys sorted. (The safetensors crate serialises metadata from a HashMap,
+/// whose order changes from run to run: equal inputs would give files that
+/// differ in their bytes.)
+pub fn serialize_sorted<'a>(
+    views: Vec<(String, TensorView<'a>)>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bad = |e: String| Error::Invalid(format!("safetensors serialisation: {e}"));
+    let plain = safetensors::serialize(views, None).map_err(|e| bad(e.to_string()))?;
+    let n = u64::from_le_bytes(plain[..8].try_into().expect("8 bytes")) as usize;
+    let tensors: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&plain[8..8 + n]).map_err(|e| bad(e.to_string()))?;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    header.extend(tensors);
+    let mut json = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + plain.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&plain[8 + n..]);
+    Ok(out)
 }

@@ -38,11 +38,12 @@
 //! | `energy_at`      | `final-norm` or `pre-norm`                    |
 //! | `engine_version` | version of the engine that wrote the numbers  |
 use crate::io::atomic;
+use crate::io::safetensors_out::serialize_sorted;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};
 use crate::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "rku-stats";
@@ -237,7 +238,7 @@ impl Stats {
             })
             .collect::<Result<Vec<_>>>()?;
         let meta = &self.meta;
-        let header: HashMap<String, String> = [
+        let header: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
             ("format_version", FORMAT_VERSION.to_string()),
             ("model_digest", meta.model_digest.clone()),
@@ -253,8 +254,7 @@ impl Stats {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let file = safetensors::serialize(views, Some(header))
-            .map_err(|e| Error::format(path, format!("cannot serialize stats: {e}")))?;
+        let file = serialize_sorted(views, &header)?;
         atomic::write_file(path, &file)
     }
 
