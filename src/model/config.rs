@@ -53,6 +53,65 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+// Bounds on config sizes: far above any released model, low enough that
+// parameter and buffer arithmetic in u64 cannot overflow.
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_VOCAB: usize = 1 << 24;
+
+fn check_range(path: &Path, key: &str, v: usize, max: usize) -> Result<()> {
+    if v == 0 || v > max {
+        return Err(Error::format(
+            path,
+            format!("{key} = {v} is out of range (1 to {max})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses, by name, config fields that change the model's math in ways
+/// the engine does not implement (rather than silently computing another
+/// model).
+fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::Unsupported(format!(
+            "{}: {what} is not implemented",
+            path.display()
+        )))
+    };
+    if let Some(act) = raw
+        .get("hidden_act")
+        .or_else(|| raw.get("hidden_activation"))
+    {
+        if act.as_str() != Some("silu") {
+            return refuse(format!("hidden_act {act} (only silu)"));
+        }
+    }
+    for key in [
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "num_experts",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "vision_config",
+    ] {
+        if raw.get(key).is_some_and(|v| !v.is_null()) {
+            return refuse(format!("`{key}`"));
+        }
+    }
+    if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+        return refuse("use_sliding_window: true (sliding-window attention)".into());
+    }
+    if arch == Arch::Llama && raw.get("attention_bias").and_then(Value::as_bool) == Some(true) {
+        // transformers' LLaMA then also has an o_proj bias, which the engine does not load.
+        return refuse("attention_bias: true on a LLaMA model (o_proj bias)".into());
+    }
+    Ok(())
+}
+
 fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
     v.get(key)
         .and_then(Value::as_u64)
@@ -98,8 +157,11 @@ impl ModelConfig {
                 )))
             }
         };
+        refuse_unimplemented(&raw, arch, path)?;
         let hidden = get_usize(&raw, "hidden_size", path)?;
         let layers = get_usize(&raw, "num_hidden_layers", path)?;
+        // Sizes are bounded before anything is allocated from them.
+        check_range(path, "num_hidden_layers", layers, MAX_LAYERS)?;
         let heads = get_usize(&raw, "num_attention_heads", path)?;
         let kv_heads = raw
             .get("num_key_value_heads")
@@ -177,14 +239,9 @@ impl ModelConfig {
                 }
             }
         };
-        let qkv_bias = match arch {
-            Arch::Qwen2 => true,
-            Arch::Llama => raw
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        };
-        Ok(Self {
+        // Qwen2 has q/k/v biases; a LLaMA with `attention_bias` was refused above.
+        let qkv_bias = arch == Arch::Qwen2;
+        let cfg = Self {
             arch,
             hidden,
             layers,
@@ -215,7 +272,52 @@ impl ModelConfig {
             bos_token_id: ids(raw.get("bos_token_id")).first().copied(),
             eos_token_ids: ids(raw.get("eos_token_id")),
             raw,
-        })
+        };
+        cfg.check_values(path)?;
+        Ok(cfg)
+    }
+
+    /// Every size within sane bounds (so no product of them overflows) and
+    /// every float finite and positive.
+    fn check_values(&self, path: &Path) -> Result<()> {
+        check_range(path, "hidden_size", self.hidden, MAX_WIDTH)?;
+        check_range(path, "num_attention_heads", self.heads, MAX_HEADS)?;
+        check_range(path, "num_key_value_heads", self.kv_heads, MAX_HEADS)?;
+        check_range(path, "head_dim", self.head_dim, MAX_HEAD_DIM)?;
+        check_range(path, "vocab_size", self.vocab, MAX_VOCAB)?;
+        for &m in &self.ffn_widths {
+            check_range(path, "intermediate_size", m, MAX_WIDTH)?;
+        }
+        let mut floats = vec![
+            ("rope_theta", self.rope_theta),
+            ("rms_norm_eps", self.rms_eps),
+        ];
+        if let Some(s) = self.rope_scaling {
+            floats.extend([
+                ("rope_scaling.factor", s.factor),
+                ("rope_scaling.low_freq_factor", s.low_freq_factor),
+                ("rope_scaling.high_freq_factor", s.high_freq_factor),
+                (
+                    "rope_scaling.original_max_position_embeddings",
+                    s.original_max_position_embeddings,
+                ),
+            ]);
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(Error::format(
+                    path,
+                    "rope_scaling.high_freq_factor must exceed low_freq_factor",
+                ));
+            }
+        }
+        for (key, v) in floats {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::format(
+                    path,
+                    format!("{key} = {v}: must be finite and positive"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Width of the query projection output (heads · head_dim).
@@ -271,5 +373,94 @@ impl ModelConfig {
         let emb = self.vocab as u64 * d;
         let head = if self.tie_embeddings { 0 } else { emb };
         emb + head + self.layers as u64 * (attn + bias + 2 * d) + ffn + d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+            "intermediate_size": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "hidden_act": "silu"
+        })
+    }
+
+    fn load(edit: impl FnOnce(&mut Value)) -> Result<ModelConfig> {
+        let mut v = base();
+        edit(&mut v);
+        ModelConfig::from_json(v, Path::new("cfg/config.json"))
+    }
+
+    #[test]
+    fn a_plain_config_loads() {
+        let c = load(|_| {}).unwrap();
+        assert_eq!((c.layers, c.head_dim, c.ffn_widths.len()), (2, 16, 2));
+        assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused_before_allocation() {
+        for (key, v) in [
+            ("num_hidden_layers", json!(1u64 << 40)),
+            ("num_hidden_layers", json!(0)),
+            ("vocab_size", json!(1u64 << 62)),
+            ("hidden_size", json!(0)),
+            ("intermediate_size", json!(1u64 << 30)),
+        ] {
+            let e = load(|c| c[key] = v.clone()).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("out of range"), "{key}: {e}");
+            assert!(e.contains("cfg/config.json"), "{e}");
+        }
+    }
+
+    #[test]
+    fn non_positive_or_non_finite_floats_are_refused() {
+        for (key, v) in [
+            ("rms_norm_eps", json!(0.0)),
+            ("rms_norm_eps", json!(-1e-5)),
+            ("rope_theta", json!(0.0)),
+            ("rope_theta", json!(-5.0)),
+        ] {
+            let e = load(|c| c[key] = v.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("finite and positive"),
+                "{key}: {e}"
+            );
+        }
+        let e = load(|c| {
+            c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 0.0});
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rope_scaling.factor"), "{e}");
+    }
+
+    #[test]
+    fn unimplemented_fields_are_refused_by_name() {
+        for (key, v) in [
+            ("hidden_act", json!("gelu")),
+            ("use_sliding_window", json!(true)),
+            ("final_logit_softcapping", json!(30.0)),
+            ("num_local_experts", json!(8)),
+            ("attention_bias", json!(true)),
+        ] {
+            let e = load(|c| c[key] = v.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("not implemented"),
+                "{key}: {e}"
+            );
+        }
+        // Present but neutral values are accepted.
+        load(|c| {
+            c["use_sliding_window"] = json!(false);
+            c["final_logit_softcapping"] = Value::Null;
+            c["attention_bias"] = json!(false);
+        })
+        .unwrap();
     }
 }
