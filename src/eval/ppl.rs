@@ -64,6 +64,12 @@ pub fn perplexity<B: Backend>(
     }
     progress.finish();
     let mean = total / count as f64;
+    if !mean.is_finite() {
+        return Err(Error::Invalid(format!(
+            "the mean NLL over {windows} windows is {mean}: the model's logits are not finite \
+             (check its weights and config)"
+        )));
+    }
     Ok(PplResult {
         ppl: mean.exp(),
         nll: mean,

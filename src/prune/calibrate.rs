@@ -199,6 +199,7 @@ pub fn collect_stats<B: Backend>(
         progress.inc(seqs as u64);
     }
     progress.finish();
+    stats.check_shapes()?;
     Ok(stats)
 }
 

@@ -154,7 +154,8 @@ impl Stats {
 
     /// Checks that every vector has the length its objective implies:
     /// s1, s2 of length m_l ≥ 1; f2, k1 of length m_l iff energy ran, else
-    /// empty; tk of length m_l iff ce ran, else empty.
+    /// empty; tk of length m_l iff ce ran, else empty; and that every value
+    /// is finite (so nothing non-finite is ever saved, summed or scored).
     pub fn check_shapes(&self) -> Result<()> {
         if !self.meta.objectives.energy && !self.meta.objectives.ce {
             return Err(Error::Invalid(
@@ -172,7 +173,17 @@ impl Stats {
                 } else {
                     0
                 };
-                let got = layer.field(name).len();
+                let values = layer.field(name);
+                let got = values.len();
+                if let Some(c) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(
+                        format!("layers.{l}.{name}"),
+                        format!(
+                            "channel {c} is {} (the pass overflowed, or the file is damaged)",
+                            values[c]
+                        ),
+                    ));
+                }
                 if got != want {
                     return Err(Error::tensor(
                         format!("layers.{l}.{name}"),
@@ -479,4 +490,40 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_statistics_are_refused_by_tensor_name_and_never_saved() {
+        let meta = StatsMeta {
+            model_digest: "m".into(),
+            calib_digest: "c".into(),
+            samples: 1,
+            seq_len: 4,
+            tokens: 4,
+            objectives: Objectives {
+                energy: true,
+                ce: false,
+            },
+            energy_at: EnergyAt::FinalNorm,
+            engine_version: "test".into(),
+        };
+        let mut stats = Stats::zeros(meta, &[3, 2]);
+        stats.check_shapes().unwrap();
+        stats.layers[1].k1[1] = f64::NAN;
+        let e = stats.check_shapes().unwrap_err().to_string();
+        assert!(
+            e.contains("layers.1.k1") && e.contains("channel 1 is NaN"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.safetensors");
+        assert!(stats.save(&path).is_err());
+        assert!(!path.exists());
+        stats.layers[1].k1[1] = f64::INFINITY;
+        assert!(stats.check_shapes().is_err());
+    }
 }
