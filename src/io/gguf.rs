@@ -200,7 +200,12 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let value = c
             .value(ty, 0)
             .map_err(|e| format!("metadata key {key:?}: {e}"))?;
-        metadata.insert(key, value);
+        if let Some(f) = value.as_f64().filter(|f| !f.is_finite()) {
+            return Err(format!("metadata key {key:?} is {f}, not a finite number"));
+        }
+        if metadata.insert(key.clone(), value).is_some() {
+            return Err(format!("metadata key {key:?} appears twice"));
+        }
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -218,6 +223,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         rel: u64,
     }
     let mut raw = Vec::with_capacity(n_tensors as usize);
+    let mut names = std::collections::HashSet::new();
     for _ in 0..n_tensors {
         let name = c.string()?;
         let n_dims = c.u32()?;
@@ -229,6 +235,12 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
         let dims = (0..n_dims)
             .map(|_| c.u64())
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        if dims.contains(&0) {
+            return Err(format!("tensor {name}: a zero dimension in {dims:?}"));
+        }
+        if !names.insert(name.clone()) {
+            return Err(format!("tensor {name} appears twice"));
+        }
         let ty_id = c.u32()?;
         let ty = GgmlType::from_id(ty_id)
             .ok_or_else(|| format!("tensor {name}: unknown ggml type id {ty_id}"))?;

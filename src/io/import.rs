@@ -277,6 +277,18 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
             ),
         ));
     }
+    if let Some(bad) = w.par_iter().position_any(|&v| dtype.overflows(v)) {
+        return Err(Error::tensor(
+            &t.name,
+            format!(
+                "value {} at element {bad} of {} does not fit in {} (it would become inf); \
+                 import with --dtype f32",
+                w[bad],
+                g.path().display(),
+                dtype.torch_name()
+            ),
+        ));
+    }
     if let Some(heads) = plan.unpermute_heads {
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }

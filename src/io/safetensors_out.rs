@@ -52,6 +52,15 @@ impl OutDtype {
             OutDtype::BF16 => Dtype::BF16,
         }
     }
+    /// Whether the finite `v` rounds to infinity in this dtype.
+    pub fn overflows(self, v: f32) -> bool {
+        match self {
+            OutDtype::F32 => false,
+            OutDtype::F16 => f16::from_f32(v).is_infinite(),
+            OutDtype::BF16 => bf16::from_f32(v).is_infinite(),
+        }
+    }
+
     /// Little-endian bytes of `values` in this dtype (round to nearest even).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         fn par<const N: usize>(values: &[f32], f: impl Fn(f32) -> [u8; N] + Sync) -> Vec<u8> {

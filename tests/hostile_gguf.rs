@@ -1,0 +1,177 @@
+//! GGUF files crafted to be inconsistent: duplicate keys or tensors,
+//! non-finite hyperparameters, zero dimensions, and weights that overflow
+//! the requested output dtype. Each is a clear error naming the file and
+//! the key or tensor; none panics, and nothing is written.
+mod common;
+
+use common::{bin, fixture, run_err};
+use rku_engine::io::gguf::GgufFile;
+use std::path::{Path, PathBuf};
+
+/// A minimal GGUF v3 writer for crafted headers.
+#[derive(Default)]
+struct Gguf {
+    kv: Vec<(String, u32, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl Gguf {
+    fn kv_f32(mut self, key: &str, v: f32) -> Self {
+        self.kv.push((key.into(), 6, v.to_le_bytes().to_vec()));
+        self
+    }
+    fn kv_str(mut self, key: &str, v: &str) -> Self {
+        let mut b = (v.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(v.as_bytes());
+        self.kv.push((key.into(), 8, b));
+        self
+    }
+    /// An F32 tensor of `dims` (ggml order), zero-filled.
+    fn tensor(mut self, name: &str, dims: &[u64]) -> Self {
+        let n: u64 = dims.iter().product();
+        self.tensors
+            .push((name.into(), dims.to_vec(), 0, vec![0u8; 4 * n as usize]));
+        self
+    }
+    fn bytes(&self) -> Vec<u8> {
+        let s = |b: &mut Vec<u8>, x: &str| {
+            b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+            b.extend_from_slice(x.as_bytes());
+        };
+        let mut b = b"GGUF".to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        b.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
+        for (k, ty, v) in &self.kv {
+            s(&mut b, k);
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(v);
+        }
+        let mut offset = 0u64;
+        for (name, dims, ty, data) in &self.tensors {
+            s(&mut b, name);
+            b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            dims.iter()
+                .for_each(|d| b.extend_from_slice(&d.to_le_bytes()));
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(&offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        b.resize(b.len().div_ceil(32) * 32, 0);
+        for (_, _, _, data) in &self.tensors {
+            b.extend_from_slice(data);
+            b.resize(b.len().div_ceil(32) * 32, 0);
+        }
+        b
+    }
+    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, self.bytes()).unwrap();
+        p
+    }
+}
+
+fn base() -> Gguf {
+    Gguf::default()
+        .kv_str("general.architecture", "llama")
+        .kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .tensor("token_embd.weight", &[8, 4])
+}
+
+fn open_err(path: &Path) -> String {
+    match GgufFile::open(path) {
+        Ok(_) => panic!("{} should be refused", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_writer_makes_files_the_reader_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = GgufFile::open(&base().write(tmp.path(), "ok.gguf")).unwrap();
+    assert_eq!(g.tensor("token_embd.weight").unwrap().dims, vec![8, 4]);
+    assert!(g.get("llama.attention.layer_norm_rms_epsilon").is_some());
+}
+
+#[test]
+fn inconsistent_headers_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "dup-key.gguf",
+            base().kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-6),
+            "\"llama.attention.layer_norm_rms_epsilon\" appears twice",
+        ),
+        (
+            "dup-tensor.gguf",
+            base().tensor("token_embd.weight", &[8, 4]),
+            "tensor token_embd.weight appears twice",
+        ),
+        (
+            "zero-dim.gguf",
+            base().tensor("output.weight", &[8, 0]),
+            "tensor output.weight: a zero dimension",
+        ),
+        (
+            "nan-eps.gguf",
+            Gguf::default()
+                .kv_str("general.architecture", "llama")
+                .kv_f32("llama.attention.layer_norm_rms_epsilon", f32::NAN),
+            "not a finite number",
+        ),
+        (
+            "inf-theta.gguf",
+            base().kv_f32("llama.rope.freq_base", f32::INFINITY),
+            "\"llama.rope.freq_base\" is inf",
+        ),
+    ];
+    for (name, g, needle) in cases {
+        let path = g.write(tmp.path(), name);
+        let msg = open_err(&path);
+        assert!(msg.contains(needle), "{name}: {needle:?} not in {msg}");
+        assert!(msg.contains(name), "{name}: no file name in {msg}");
+        // The command line says the same and writes nothing.
+        let out = tmp.path().join(format!("{name}.out"));
+        let err = run_err(bin().arg("import").arg(&path).arg("--out").arg(&out));
+        assert!(err.contains(needle), "{name}: {err}");
+        assert!(!out.exists(), "{name}: wrote {}", out.display());
+    }
+}
+
+/// A weight of 1e6 fits f32 and bf16 but not f16: importing as f16 names
+/// the tensor instead of writing inf.
+#[test]
+fn a_weight_that_overflows_f16_is_refused() {
+    let src = fixture("gguf/tiny_llama.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    let t = g.tensor("output_norm.weight").unwrap();
+    let mut b = std::fs::read(&src).unwrap();
+    b[t.offset..t.offset + 4].copy_from_slice(&1e6f32.to_le_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("big.gguf");
+    std::fs::write(&path, &b).unwrap();
+    let out = tmp.path().join("f16");
+    let err = run_err(
+        bin()
+            .arg("import")
+            .arg(&path)
+            .args(["--dtype", "f16", "--out"])
+            .arg(&out),
+    );
+    assert!(
+        err.contains("output_norm.weight") && err.contains("float16") && err.contains("inf"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    for dtype in ["bf16", "f32"] {
+        let out = tmp.path().join(dtype);
+        common::run_ok(
+            bin()
+                .arg("import")
+                .arg(&path)
+                .args(["--dtype", dtype, "--out"])
+                .arg(&out),
+        );
+        assert!(out.join("model.safetensors").exists());
+    }
+}
