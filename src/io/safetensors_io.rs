@@ -138,15 +138,70 @@ impl SafeModel {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
-            let mut shards: Vec<PathBuf> = map
+            // Shard names are plain file names inside `dir` (a hub cache's
+            // symlinked files are fine; `..`, absolute paths and
+            // subdirectories are not).
+            let mut shard_of = BTreeMap::new();
+            for (tensor, file) in map {
+                let name = file.as_str().filter(|f| {
+                    let mut parts = Path::new(f).components();
+                    matches!(
+                        (parts.next(), parts.next()),
+                        (Some(std::path::Component::Normal(_)), None)
+                    )
+                });
+                let Some(name) = name else {
+                    return Err(Error::format(
+                        &index,
+                        format!(
+                            "tensor {tensor}: shard {file} is not a plain file name in {}",
+                            dir.display()
+                        ),
+                    ));
+                };
+                shard_of.insert(tensor.as_str(), name);
+            }
+            let shards: Vec<&str> = shard_of
                 .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
+                .copied()
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            shards.sort();
-            Self::open_files(&shards)
+            let paths: Vec<PathBuf> = shards.iter().map(|f| dir.join(f)).collect();
+            let model = Self::open_files(&paths)?;
+            // Every tensor lies in the shard the index names, and every
+            // tensor of a shard is listed.
+            for (tensor, file) in &shard_of {
+                let Some(e) = model.entries.get(*tensor) else {
+                    return Err(Error::format(
+                        &index,
+                        format!("tensor {tensor} is listed in {file} but not found there"),
+                    ));
+                };
+                if shards[e.file] != *file {
+                    return Err(Error::format(
+                        &index,
+                        format!(
+                            "tensor {tensor} is listed in {file} but lies in {}",
+                            shards[e.file]
+                        ),
+                    ));
+                }
+            }
+            if let Some(extra) = model
+                .entries
+                .keys()
+                .find(|t| !shard_of.contains_key(t.as_str()))
+            {
+                return Err(Error::format(
+                    &index,
+                    format!(
+                        "tensor {extra} of {} is not in the weight_map",
+                        shards[model.entries[extra].file]
+                    ),
+                ));
+            }
+            Ok(model)
         } else {
             Err(Error::format(
                 dir,
@@ -156,7 +211,7 @@ impl SafeModel {
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut files = Vec::new();
+        let mut files: Vec<(PathBuf, Mmap)> = Vec::new();
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -181,6 +236,17 @@ impl SafeModel {
                         ))
                     }
                 };
+                if let Some(first) = entries.get(&name) {
+                    let first: &Entry = first;
+                    return Err(Error::tensor(
+                        &name,
+                        format!(
+                            "found in both {} and {}",
+                            files[first.file].0.display(),
+                            path.display()
+                        ),
+                    ));
+                }
                 entries.insert(
                     name,
                     Entry {

@@ -162,6 +162,60 @@ fn check_no_gate_up_bias(files: &SafeModel, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Refuses files whose layers disagree with `num_hidden_layers` (a layer
+/// the config does not count would be silently skipped, and an export
+/// would write a config and tensors that disagree), and warns about the
+/// tensors the engine does not read.
+fn check_tensor_names(files: &SafeModel, cfg: &ModelConfig, dir: &Path) -> Result<()> {
+    let mut known: std::collections::HashSet<String> =
+        ["model.embed_tokens.weight", "model.norm.weight"]
+            .map(String::from)
+            .into();
+    if !cfg.tie_embeddings {
+        known.insert("lm_head.weight".into());
+    }
+    for l in 0..cfg.layers {
+        known.extend(layer_tensors(cfg, l).map(|(leaf, _, _)| layer_tensor(l, leaf)));
+        for p in ["gate_proj", "up_proj"] {
+            known.insert(layer_tensor(l, &format!("mlp.{p}.bias")));
+        }
+    }
+    let mut unused = Vec::new();
+    for name in files.names() {
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(l) = layer.filter(|&l| l >= cfg.layers) {
+            return Err(Error::format(
+                &dir.join("config.json"),
+                format!(
+                    "num_hidden_layers is {} but the weights hold layer {l} ({name})",
+                    cfg.layers
+                ),
+            ));
+        }
+        if !known.contains(name) {
+            unused.push(name);
+        }
+    }
+    if !unused.is_empty() {
+        let shown: Vec<&str> = unused.iter().take(5).copied().collect();
+        eprintln!(
+            "warning: {} tensor(s) in {} are not used by the engine: {}{}",
+            unused.len(),
+            dir.display(),
+            shown.join(", "),
+            if unused.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 /// The tensors of layer `l`: (leaf name, shape, required).
 fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, bool); 13] {
     let (d, m) = (cfg.hidden, cfg.ffn_widths[l]);
@@ -248,6 +302,7 @@ impl<B: Backend> Model<B> {
         let opts = opts.into();
         let cfg = ModelConfig::load(&dir.join("config.json"))?;
         let files = SafeModel::open_dir(dir)?;
+        check_tensor_names(&files, &cfg, dir)?;
         let blocks = if opts.ggml_blocks && backend.uses_ggml_blocks() {
             BlockFile::open(dir)?
         } else {
