@@ -383,6 +383,25 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
             spec.t, spec.seqs
         )));
     }
+    // An upper bound of every byte count below, in u128: all weights, plus
+    // (L + 64) buffers of rows × (the widest dimension + a T×heads score
+    // row) in f32. Below 2^62,
+    // the plan's usize arithmetic cannot wrap.
+    let widest = [cfg.vocab, cfg.hidden, cfg.q_dim(), cfg.kv_dim()]
+        .into_iter()
+        .chain(cfg.ffn_widths.iter().copied())
+        .max()
+        .unwrap_or(0) as u128;
+    let weights = 4 * (cfg.param_count() as u128);
+    let rows = spec.seqs as u128 * spec.t as u128;
+    let attn = spec.t as u128 * cfg.heads as u128;
+    let bound = weights + 4 * rows * (widest + attn) * (cfg.layers as u128 + 64);
+    if bound >= 1 << 62 {
+        return Err(Error::Invalid(format!(
+            "plan: {} sequences of {} tokens on this model would need more than 2^62 bytes",
+            spec.seqs, spec.t
+        )));
+    }
     let g = Dims {
         rows: spec.seqs * spec.t,
         seqs: spec.seqs,
@@ -537,5 +556,31 @@ impl fmt::Display for Plan {
             .map(|p| format!("{} {}", p.phase, human(p.bytes)))
             .collect();
         write!(f, "phase peaks: {}", phases.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_sizes_are_refused_instead_of_wrapping() {
+        let cfg = ModelConfig::from_json(
+            serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000,
+                "intermediate_size": 128
+            }),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap();
+        let energy = Objectives {
+            energy: true,
+            ce: false,
+        };
+        let ok = plan(&cfg, &PlanSpec::new(128, 2, energy, false)).unwrap();
+        assert!(ok.peak_bytes > ok.weight_bytes);
+        let e = plan(&cfg, &PlanSpec::new(1 << 20, 1 << 24, energy, false)).unwrap_err();
+        assert!(e.to_string().contains("2^62"), "{e}");
     }
 }
