@@ -14,8 +14,11 @@
 //! request's continuation rows go through `Backend::cross_entropy`.
 //!
 //! Data: jsonl with a context under `query`, `question` or `context`, a
-//! list `choices` of strings, and the gold index under `gold`, `label` or
-//! `answer` (an integer, or a string equal to one of the choices).
+//! list `choices` of strings, and the gold answer under `gold`, `label` or
+//! `answer`. The one label rule: a JSON number is a 0-based index into
+//! `choices`; a JSON string is the text of one of the choices. A string
+//! that is not a choice, or that reads as an index pointing at another
+//! choice than the one whose text it is, is refused as ambiguous.
 use super::gen::{stem, write_jsonl};
 use crate::backend::Backend;
 use crate::io::text::jsonl_rows;
@@ -59,6 +62,16 @@ pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
             .iter()
             .find_map(|k| v.get(*k))
             .ok_or_else(|| bad("no field `gold`, `label` or `answer`".into()))?;
+        if let Value::String(s) = gold_v {
+            let as_index = s.trim().parse::<usize>().ok();
+            let as_text = choices.iter().position(|c| c == s);
+            if as_index.is_some() && as_index != as_text {
+                return Err(bad(format!(
+                    "gold {gold_v} is a string that reads as an index; a string names a \
+                     choice by its text, an index is a JSON number ({s} without quotes)"
+                )));
+            }
+        }
         let gold = match gold_v {
             Value::Number(n) => n.as_u64().map(|g| g as usize),
             Value::String(s) => choices.iter().position(|c| c == s),
@@ -282,4 +295,34 @@ pub fn evaluate_mc<B: Backend>(
         },
         records,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gold_of(label: &str, choices: &str) -> Result<usize> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("items.jsonl");
+        let row = format!(r#"{{"query": "q", "choices": {choices}, "label": {label}}}"#);
+        std::fs::write(&p, row).unwrap();
+        read_items(&p).map(|items| items[0].gold)
+    }
+
+    #[test]
+    fn one_label_rule_numbers_are_indices_strings_are_choice_texts() {
+        assert_eq!(gold_of("1", r#"["1", "2"]"#).unwrap(), 1);
+        assert_eq!(gold_of(r#""b""#, r#"["a", "b"]"#).unwrap(), 1);
+        // The text of the choice at the same index: both readings agree.
+        assert_eq!(gold_of(r#""1""#, r#"["0", "1"]"#).unwrap(), 1);
+        // "1" is choice 0's text but would be index 1 as a number.
+        let e = gold_of(r#""1""#, r#"["1", "2"]"#).unwrap_err().to_string();
+        assert!(
+            e.contains("reads as an index") && e.contains("line 1"),
+            "{e}"
+        );
+        // "1" names no choice: an index must be a number.
+        let e = gold_of(r#""1""#, r#"["a", "b"]"#).unwrap_err().to_string();
+        assert!(e.contains("reads as an index"), "{e}");
+    }
 }
