@@ -11,8 +11,19 @@ pub struct Iou {
     pub mean: f64,
 }
 
-/// Reads the per-layer kept indices of a pruned model directory (or its pruning.json).
-pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
+/// What `iou` reads of a pruning: the kept channels of every layer and the
+/// digest of the model they were pruned from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pruning {
+    pub kept: Vec<Vec<usize>>,
+    pub source_model_digest: Option<String>,
+}
+
+/// Reads the per-layer kept indices of a pruned model directory (or its
+/// pruning.json). Each layer's list must be ascending, without repeats,
+/// and, where the file records `layer_widths`, as long as that
+/// layer's width.
+pub fn read_pruning(path: &Path) -> Result<Pruning> {
     let file = if path.is_dir() {
         let file = path.join("pruning.json");
         if !file.exists() {
@@ -32,21 +43,75 @@ pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
         .get("kept")
         .and_then(|k| k.as_array())
         .ok_or_else(|| Error::format(&file, "no `kept` array (is this a pruning.json?)"))?;
-    kept.iter()
+    let widths: Option<Vec<u64>> = v
+        .get("layer_widths")
+        .and_then(|w| w.as_array())
+        .map(|w| w.iter().filter_map(|x| x.as_u64()).collect());
+    if let Some(w) = &widths {
+        if w.len() != kept.len() {
+            return Err(Error::format(
+                &file,
+                format!("{} layer_widths for {} kept lists", w.len(), kept.len()),
+            ));
+        }
+    }
+    let kept = kept
+        .iter()
         .enumerate()
         .map(|(l, layer)| {
-            layer
+            let list: Option<Vec<usize>> = layer
                 .as_array()
-                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .filter(|k: &Vec<usize>| k.windows(2).all(|w| w[0] < w[1]))
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+            let list = list
+                .filter(|k| !k.is_empty() && k.windows(2).all(|w| w[0] < w[1]))
                 .ok_or_else(|| {
                     Error::format(
                         &file,
                         format!("kept[{l}] is not an ascending list of distinct channel indices"),
                     )
-                })
+                })?;
+            if let Some(w) = &widths {
+                if list.len() as u64 != w[l] {
+                    return Err(Error::format(
+                        &file,
+                        format!(
+                            "kept[{l}] lists {} channels, layer_widths says {}",
+                            list.len(),
+                            w[l]
+                        ),
+                    ));
+                }
+            }
+            Ok(list)
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(Pruning {
+        kept,
+        source_model_digest: v
+            .get("source_model_digest")
+            .and_then(|d| d.as_str())
+            .map(str::to_string),
+    })
+}
+
+/// The kept channels of a pruning (`read_pruning`).
+pub fn read_kept(path: &Path) -> Result<Vec<Vec<usize>>> {
+    Ok(read_pruning(path)?.kept)
+}
+
+/// IoU of two prunings of the same source model; refuses prunings whose
+/// pruning.json records different source models.
+pub fn iou_of(a: &Pruning, b: &Pruning) -> Result<Iou> {
+    if let (Some(da), Some(db)) = (&a.source_model_digest, &b.source_model_digest) {
+        if da != db {
+            return Err(Error::Invalid(format!(
+                "the two models were pruned from different source models (digests {}… and {}…)",
+                &da[..12.min(da.len())],
+                &db[..12.min(db.len())]
+            )));
+        }
+    }
+    iou(&a.kept, &b.kept)
 }
 
 /// IoU of two kept-index lists with the same number of layers.
@@ -89,5 +154,48 @@ mod tests {
         assert_eq!(r.per_layer, vec![0.5, 1.0]);
         assert_eq!(r.mean, 0.75);
         assert!(iou(&a, &b[..1]).is_err());
+    }
+
+    fn pruning_file(dir: &Path, body: serde_json::Value) -> std::path::PathBuf {
+        let p = dir.join(format!("{}.json", body.to_string().len()));
+        std::fs::write(&p, body.to_string()).unwrap();
+        p
+    }
+
+    #[test]
+    fn damaged_or_foreign_prunings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ok = serde_json::json!({"kept": [[0, 2], [1]], "layer_widths": [2, 1],
+                                    "source_model_digest": "aaaa"});
+        let a = read_pruning(&pruning_file(d, ok.clone())).unwrap();
+        assert_eq!(a.kept, vec![vec![0, 2], vec![1]]);
+        for (body, needle) in [
+            (serde_json::json!({"kept": [[2, 0], [1]]}), "ascending"),
+            (serde_json::json!({"kept": [[0, 0], [1]]}), "distinct"),
+            (serde_json::json!({"kept": [[], [1]]}), "kept[0]"),
+            (
+                serde_json::json!({"kept": [[0, 1], [1]], "layer_widths": [3, 1]}),
+                "layer_widths says 3",
+            ),
+            (
+                serde_json::json!({"kept": [[0, 1]], "layer_widths": [2, 1]}),
+                "2 layer_widths for 1",
+            ),
+            (serde_json::json!({"kept": [[0, -1]]}), "kept[0]"),
+        ] {
+            let e = read_pruning(&pruning_file(d, body))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let mut other = ok;
+        other["source_model_digest"] = "bbbb".into();
+        let b = read_pruning(&pruning_file(d, other)).unwrap();
+        let e = iou_of(&a, &b).unwrap_err().to_string();
+        assert!(e.contains("different source models"), "{e}");
+        assert_eq!(iou_of(&a, &a).unwrap().mean, 1.0);
+        let e = read_pruning(d).unwrap_err().to_string();
+        assert!(e.contains("not a pruned model"), "{e}");
     }
 }
