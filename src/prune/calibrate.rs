@@ -146,6 +146,10 @@ pub fn collect_stats<B: Backend>(
         objectives: spec.objectives,
         energy_at: spec.energy_at,
         engine_version: env!("CARGO_PKG_VERSION").to_string(),
+        window_digests: windows
+            .chunks_exact(t)
+            .map(|w| Sha256::digest(bytemuck::cast_slice::<u32, u8>(w)).into())
+            .collect(),
     };
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
     // Normalisers over the whole calibration set, so that batches add up.

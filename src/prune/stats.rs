@@ -47,7 +47,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "rku-stats";
-const FORMAT_VERSION: &str = "1";
+/// 2: adds the window digests and the tensor checksum.
+const FORMAT_VERSION: &str = "2";
+/// The tensor of per-window digests: `[N, 32]` u8, sha256 of each
+/// calibration window's token ids (little-endian u32), in scoring order.
+const WINDOWS_TENSOR: &str = "windows.sha256";
 
 /// What the statistics were computed from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +68,9 @@ pub struct StatsMeta {
     pub objectives: Objectives,
     pub energy_at: EnergyAt,
     pub engine_version: String,
+    /// sha256 of every calibration window's token ids, one per sequence:
+    /// what lets `merge` refuse shards that share a window.
+    pub window_digests: Vec<[u8; 32]>,
 }
 
 /// The statistics of one layer; every non-empty vector has length m_l.
@@ -217,12 +224,15 @@ impl Stats {
         }
         self.meta.samples += other.meta.samples;
         self.meta.tokens += other.meta.tokens;
+        self.meta
+            .window_digests
+            .extend_from_slice(&other.meta.window_digests);
         Ok(())
     }
 
-    /// Writes the statistics to `path` (a temporary file renamed into place).
-    /// Checks shapes; values are written as they are (a NaN is reported by
-    /// [`Stats::load`], so a bad run can still be inspected).
+    /// Writes the statistics to `path` (a temporary file renamed into place),
+    /// with the window digests and a checksum of every tensor's bytes.
+    /// Refuses misshapen or non-finite statistics (`check_shapes`).
     pub fn save(&self, path: &Path) -> Result<()> {
         self.check_shapes()?;
         let bytes: Vec<(String, Vec<u8>, usize)> = self
@@ -240,7 +250,8 @@ impl Stats {
                     })
             })
             .collect();
-        let views = bytes
+        let windows: Vec<u8> = self.meta.window_digests.concat();
+        let mut views = bytes
             .iter()
             .map(|(name, data, m)| {
                 TensorView::new(Dtype::F64, vec![*m], data)
@@ -248,6 +259,13 @@ impl Stats {
                     .map_err(|e| Error::tensor(name, e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let n_windows = self.meta.window_digests.len();
+        views.push((
+            WINDOWS_TENSOR.to_string(),
+            TensorView::new(Dtype::U8, vec![n_windows, 32], &windows)
+                .map_err(|e| Error::tensor(WINDOWS_TENSOR, e.to_string()))?,
+        ));
+        let checksum = tensors_checksum(views.iter().map(|(n, v)| (n.as_str(), v.data())));
         let meta = &self.meta;
         let header: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
@@ -261,6 +279,7 @@ impl Stats {
             ("objectives", meta.objectives.to_string()),
             ("energy_at", meta.energy_at.to_string()),
             ("engine_version", meta.engine_version.clone()),
+            ("tensors_sha256", checksum),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -299,6 +318,35 @@ impl Stats {
                 get("format_version")?
             )));
         }
+        let checksum = tensors_checksum(
+            st.tensors()
+                .into_iter()
+                .map(|(n, v)| (n, v.data()))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(|(n, d)| (n.as_str(), *d)),
+        );
+        if get("tensors_sha256")? != checksum {
+            return Err(bad(
+                "the tensors do not match the file's checksum (tensors_sha256): the file is damaged"
+                    .into(),
+            ));
+        }
+        let windows = st
+            .tensor(WINDOWS_TENSOR)
+            .map_err(|_| bad(format!("missing tensor {WINDOWS_TENSOR}")))?;
+        if windows.dtype() != Dtype::U8 || windows.shape().len() != 2 || windows.shape()[1] != 32 {
+            return Err(bad(format!(
+                "tensor {WINDOWS_TENSOR} is {:?} {:?}, expected U8 [N, 32]",
+                windows.dtype(),
+                windows.shape()
+            )));
+        }
+        let window_digests: Vec<[u8; 32]> = windows
+            .data()
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32-byte chunk"))
+            .collect();
         let num = |key: &str| -> Result<u64> {
             get(key)?
                 .parse::<u64>()
@@ -317,13 +365,21 @@ impl Stats {
                 .parse()
                 .map_err(|e: Error| bad(format!("metadata \"energy_at\": {e}")))?,
             engine_version: get("engine_version")?.to_string(),
+            window_digests,
         };
+        if meta.window_digests.len() != meta.samples {
+            return Err(bad(format!(
+                "{} window digests for {} samples",
+                meta.window_digests.len(),
+                meta.samples
+            )));
+        }
         let num_layers = num("num_layers")? as usize;
         if num_layers == 0 {
             return Err(bad("stats file has 0 layers".into()));
         }
 
-        let mut expected = std::collections::HashSet::new();
+        let mut expected = std::collections::HashSet::from([WINDOWS_TENSOR.to_string()]);
         let mut layers = Vec::with_capacity(num_layers);
         for l in 0..num_layers {
             let mut layer = LayerStats::default();
@@ -434,7 +490,8 @@ fn check_compatible(
 /// Sums stats files scored on disjoint calibration shards of one model.
 ///
 /// Refuses fewer than two files, two files with the same `calib_digest`
-/// (the same shard twice, or a file merged with itself), and files that
+/// (the same shard twice, or a file merged with itself), two files that
+/// share a calibration window (overlapping shards), and files that
 /// differ in model digest, sequence length, objectives, energy position or
 /// layer widths. The result has `samples` and `tokens` summed,
 /// `calib_digest` = lowercase hex sha256 of the input calib digests sorted
@@ -450,6 +507,7 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
     }
     let mut total: Option<(Stats, &Path)> = None;
     let mut digests: Vec<(String, &Path)> = Vec::with_capacity(files.len());
+    let mut windows: HashMap<[u8; 32], (&Path, usize)> = HashMap::new();
     for path in files {
         let s = Stats::load(path)?;
         if let Some((_, first)) = digests.iter().find(|(d, _)| *d == s.meta.calib_digest) {
@@ -461,6 +519,16 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
             )));
         }
         digests.push((s.meta.calib_digest.clone(), path));
+        for (w, d) in s.meta.window_digests.iter().enumerate() {
+            if let Some((first, w0)) = windows.insert(*d, (path, w)) {
+                return Err(Error::Invalid(format!(
+                    "window {w0} of {} and window {w} of {} are the same calibration window: \
+                     overlapping shards would count it twice",
+                    first.display(),
+                    path.display()
+                )));
+            }
+        }
         match &mut total {
             None => total = Some((s, path)),
             Some((acc, first)) => {
@@ -482,6 +550,21 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
     sorted.sort_unstable();
     merged.meta.calib_digest = sha256_hex(sorted.join("\n").as_bytes());
     Ok(merged)
+}
+
+/// sha256 over every tensor, in name order, of its name and its bytes: the
+/// `tensors_sha256` a stats file records and `Stats::load` verifies.
+pub fn tensors_checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut sorted: Vec<(&str, &[u8])> = tensors.collect();
+    sorted.sort_unstable_by_key(|(n, _)| *n);
+    let mut h = Sha256::new();
+    for (name, data) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -510,6 +593,7 @@ mod tests {
             },
             energy_at: EnergyAt::FinalNorm,
             engine_version: "test".into(),
+            window_digests: vec![[0; 32]],
         };
         let mut stats = Stats::zeros(meta, &[3, 2]);
         stats.check_shapes().unwrap();

@@ -1,0 +1,92 @@
+//! Statistics files that were damaged or would be double-counted: a flipped
+//! bit anywhere in the tensors, and shards that share calibration windows.
+mod common;
+
+use common::{bin, fixture, run_err, run_ok};
+use std::path::{Path, PathBuf};
+
+/// `score` on tiny-llama3 over `samples` windows of 16 tokens of one text.
+fn score(dir: &Path, name: &str, text: &Path, samples: usize) -> PathBuf {
+    let out = dir.join(name);
+    run_ok(
+        bin()
+            .arg("score")
+            .arg("--model")
+            .arg(fixture("tiny-llama3"))
+            .arg("--calib")
+            .arg(text)
+            .args(["--seq-len", "16", "--samples", &samples.to_string()])
+            .args(["--backend", "cpu", "--out"])
+            .arg(&out),
+    );
+    out
+}
+
+fn text(dir: &Path) -> PathBuf {
+    let p = dir.join("calib.txt");
+    let words = [
+        "the", "model", "prunes", "channels", "of", "a", "layer", "and", "keeps",
+    ];
+    let body: Vec<&str> = (0..2000)
+        .map(|i| words[(i * 7 + i / 3) % words.len()])
+        .collect();
+    std::fs::write(&p, body.join(" ")).unwrap();
+    p
+}
+
+#[test]
+fn overlapping_shards_are_refused_naming_files_and_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = text(tmp.path());
+    let a = score(tmp.path(), "a.st", &t, 2);
+    let b = score(tmp.path(), "b.st", &t, 3);
+    let out = tmp.path().join("merged.st");
+    let e = run_err(
+        bin()
+            .args(["stats", "merge"])
+            .arg(&a)
+            .arg(&b)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(
+        e.contains("window 0 of") && e.contains("a.st") && e.contains("b.st"),
+        "{e}"
+    );
+    assert!(e.contains("same calibration window"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_flipped_bit_in_any_tensor_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = text(tmp.path());
+    let good = score(tmp.path(), "good.st", &t, 2);
+    let bytes = std::fs::read(&good).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data = 8 + header;
+    // Flip one exponent bit in a handful of places across the tensor data:
+    // a changed statistic would change the mask with exit 0.
+    let n = bytes.len() - data;
+    for (k, at) in [0, n / 7, n / 3, n / 2, n - 9].into_iter().enumerate() {
+        let mut b = bytes.clone();
+        b[data + at] ^= 0x40;
+        let bad = tmp.path().join(format!("bad{k}.st"));
+        std::fs::write(&bad, &b).unwrap();
+        let e = run_err(
+            bin()
+                .arg("prune")
+                .arg("--model")
+                .arg(fixture("tiny-llama3"))
+                .arg("--stats")
+                .arg(&bad)
+                .args(["--sparsity", "0.5", "--backend", "cpu", "--out"])
+                .arg(tmp.path().join(format!("out{k}"))),
+        );
+        assert!(
+            e.contains(&format!("bad{k}.st")) && e.contains("checksum"),
+            "{e}"
+        );
+        assert!(!tmp.path().join(format!("out{k}")).exists());
+    }
+}
