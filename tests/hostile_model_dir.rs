@@ -173,3 +173,44 @@ fn sizes_listed_in_the_weights_must_match_the_config_sizes() {
         "{e}"
     );
 }
+
+/// A weights file truncated or rewritten under a streamed run stops it with
+/// a named error at the next layer it reads, instead of SIGBUS or other weights.
+#[test]
+fn a_weights_file_changed_under_a_streamed_run_is_detected() {
+    use rku_engine::model::forward::forward;
+    use rku_engine::model::weights::Residency;
+    use rku_engine::model::Geometry;
+    for truncate in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = fixture("tiny-llama3");
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+        }
+        let be = CpuBackend::new();
+        let model = Model::load_with(&be, tmp.path(), Residency::Streamed).unwrap();
+        let geo = Geometry { seqs: 1, t: 4 };
+        forward(&be, &model, &[1, 2, 3, 4], geo, false).unwrap();
+        let weights = tmp.path().join("model.safetensors");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&weights)
+            .unwrap();
+        let len = file.metadata().unwrap().len();
+        if truncate {
+            file.set_len(len / 2).unwrap();
+        } else {
+            // Same length, later modification time: rewritten in place.
+            let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+            file.set_modified(later).unwrap();
+        }
+        let e = match forward(&be, &model, &[1, 2, 3, 4], geo, false) {
+            Ok(_) => panic!("truncate={truncate}: the change went unnoticed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("model.safetensors") && e.contains("changed"),
+            "truncate={truncate}: {e}"
+        );
+    }
+}

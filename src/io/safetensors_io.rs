@@ -119,7 +119,15 @@ impl<'a> TensorRef<'a> {
 /// All tensors of a model directory, memory-mapped.
 pub struct SafeModel {
     files: Vec<(PathBuf, Mmap)>,
+    /// Each file's (length, modification time) when it was mapped.
+    stamps: Vec<(u64, Option<std::time::SystemTime>)>,
     entries: HashMap<String, Entry>,
+}
+
+/// A file's length and modification time now.
+fn stamp(path: &Path) -> Result<(u64, Option<std::time::SystemTime>)> {
+    let m = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    Ok((m.len(), m.modified().ok()))
 }
 
 impl SafeModel {
@@ -212,9 +220,11 @@ impl SafeModel {
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files: Vec<(PathBuf, Mmap)> = Vec::new();
+        let mut stamps = Vec::new();
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            stamps.push(stamp(path)?);
             // SAFETY: the file is opened read-only; the engine never writes to
             // a model it reads (outputs go to a fresh directory).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -260,7 +270,11 @@ impl SafeModel {
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            stamps,
+            entries,
+        })
     }
 
     /// Drops the mapped pages from this process's resident set (they stay
@@ -301,12 +315,29 @@ impl SafeModel {
         v
     }
 
-    /// A view of `name`, checked against the expected `shape`.
+    /// Errs when file `i` no longer has the length and modification time
+    /// it had when mapped: reading a truncated mapping would kill the
+    /// process (SIGBUS), and a rewritten one would give other weights.
+    fn check_unchanged(&self, i: usize) -> Result<()> {
+        let path = &self.files[i].0;
+        if stamp(path)? != self.stamps[i] {
+            return Err(Error::format(
+                path,
+                "the file changed (length or modification time) while this run was reading it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A view of `name`, checked against the expected `shape`. Every call
+    /// first checks that the tensor's file has not changed since it was
+    /// mapped (a streamed run reads each layer this way as it reaches it).
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
         let (key, e) = self
             .entries
             .get_key_value(name)
             .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.files_display())))?;
+        self.check_unchanged(e.file)?;
         if e.shape != shape {
             return Err(Error::tensor(
                 name,
