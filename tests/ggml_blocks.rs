@@ -7,13 +7,14 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::{CpuBackend, CpuWeight};
 use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
-use rku_engine::io::ggml_blocks::{BlockFile, BlockKind, BLOCKS_FILE};
+use rku_engine::io::ggml_blocks::{BlockFile, BLOCKS_FILE};
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, GenerateOptions};
 use rku_engine::model::weights::{LayerWeights, LoadOptions, Residency};
 use rku_engine::model::Model;
+use rku_engine::quant::BlockKind;
 use std::path::{Path, PathBuf};
 
 fn import(gguf: &str, dtype: OutDtype, blocks: bool) -> (tempfile::TempDir, PathBuf) {

@@ -2,10 +2,11 @@
 //! against fixtures from gguf-py and transformers
 //! (scripts/make_gguf_fixtures.py).
 mod common;
-use rku_engine::io::dequant::dequantize;
-use rku_engine::io::gguf::{GgmlType, GgufFile};
+use rku_engine::io::gguf::GgufFile;
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
+use rku_engine::quant::dequant::dequantize;
+use rku_engine::quant::GgmlType;
 use rku_engine::Error;
 use safetensors::SafeTensors;
 use serde_json::Value as Json;

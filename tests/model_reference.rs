@@ -3,7 +3,8 @@
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::backward::backward_channel_stats;
+use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::forward::{forward, logits};
 use rku_engine::model::{Geometry, Model};
 
@@ -44,15 +45,12 @@ fn check_stats(name: &str) {
     let fwd = forward(&be, &model, &ids, geo, true).unwrap();
     let layers = model.cfg.layers;
     for (obj, prefix, scale) in [
-        (
-            Objective::Energy { pre_norm: false },
-            "energy",
-            1.0 / (n * t) as f32,
-        ),
+        (Objective::Energy, "energy", 1.0 / (n * t) as f32),
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
     ] {
         let mut parts = vec![None; layers];
-        let j = backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, scale, |l, p| {
+        let at = EnergyAt::FinalNorm;
+        let j = backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, at, scale, |l, p| {
             parts[l] = Some(p);
             Ok(())
         })
