@@ -126,7 +126,6 @@ on_devices! {
     swiglu_bf16 => check_swiglu_bf16,
     channel_stats_f32 => check_channel_stats_f32,
     channel_stats_bf16 => check_channel_stats_bf16,
-    fisher_trace_f32 => check_fisher_trace,
     compact_all_dtypes => check_compact,
     rmsnorm_fwd_bwd_f32 => check_rmsnorm,
     embedding_bf16 => check_embedding,
@@ -256,50 +255,6 @@ fn check_channel_stats_bf16<D: Device>(dev: &D) {
     let got: Vec<f64> = down(dev, &part).iter().map(|&v| v as f64).collect();
     // Inputs are exactly representable: only the f32 accumulation differs.
     assert_close64(&got, &stats_ref(&h, &g, seqs, t, m), (1e-5, 1e-4), "part");
-}
-
-fn check_fisher_trace<D: Device>(dev: &D) {
-    let (layers, m, n) = (3, 300, 1234.0);
-    let mut r = Rng::new(5);
-    let k1: Vec<f32> = r.vec(layers * m).iter().map(|v| v.abs()).collect();
-    let f2: Vec<f32> = r.vec(layers * m).iter().map(|v| v.abs() * 10.0).collect();
-    let x = r.vec(layers * m);
-    let out = DevBuf::<D, f64>::upload(dev, &vec![f64::NAN; 4 * layers]).unwrap();
-    k::fisher_trace(
-        dev,
-        &up(dev, &k1),
-        &up(dev, &f2),
-        &up(dev, &x),
-        &out,
-        layers,
-        m,
-        n,
-    )
-    .unwrap();
-    let mut want = Vec::new();
-    for l in 0..layers {
-        let sl = |v: &[f32]| {
-            v[l * m..(l + 1) * m]
-                .iter()
-                .map(|&e| e as f64)
-                .collect::<Vec<_>>()
-        };
-        let (k1l, f2l, xl) = (sl(&k1), sl(&f2), sl(&x));
-        let mean = xl.iter().sum::<f64>() / m as f64;
-        let var = xl.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (m - 1) as f64;
-        want.extend([
-            k1l.iter().sum::<f64>(),
-            f2l.iter().map(|v| (v / n).sqrt()).sum::<f64>(),
-            mean,
-            var.sqrt(),
-        ]);
-    }
-    assert_close64(
-        &out.download(dev).unwrap(),
-        &want,
-        (1e-9, 1e-9),
-        "fisher_trace",
-    );
 }
 
 fn check_compact<D: Device>(dev: &D) {

@@ -25,9 +25,6 @@ impl Elem for u32 {
 impl Elem for i32 {
     const NAME: &'static str = "i32";
 }
-impl Elem for f64 {
-    const NAME: &'static str = "f64";
-}
 
 /// `len` elements of `T` in device memory.
 pub struct DevBuf<D: Device, T: Elem> {

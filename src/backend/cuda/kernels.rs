@@ -125,38 +125,6 @@ pub fn channel_stats<D: Device, T: Float>(
     launch(dev, &format!("channel_stats_{}", T::NAME), cfg, args)
 }
 
-/// fisher_trace.cu `fisher_trace_f32`: per layer `out[l] = {Σk1, Σsqrt(f2/n),
-/// mean x, unbiased std x}` for `k1`, `f2`, `x` `[layers, m]`.
-#[allow(clippy::too_many_arguments)]
-pub fn fisher_trace<D: Device>(
-    dev: &D,
-    k1: &DevBuf<D, f32>,
-    f2: &DevBuf<D, f32>,
-    x: &DevBuf<D, f32>,
-    out: &DevBuf<D, f64>,
-    layers: usize,
-    m: usize,
-    n: f64,
-) -> Result<()> {
-    for (b, what) in [(k1, "k1"), (f2, "f2"), (x, "x")] {
-        need(dev, b, layers * m, what)?;
-    }
-    need(dev, out, 4 * layers, "fisher_trace out")?;
-    let args = Args::new()
-        .ptr(k1.addr(dev))
-        .ptr(f2.addr(dev))
-        .ptr(x.addr(dev))
-        .ptr(out.addr(dev))
-        .i32(int(dev, m, "m")?)
-        .f64(n);
-    launch(
-        dev,
-        "fisher_trace_f32",
-        LaunchCfg::linear(layers, 256),
-        args,
-    )
-}
-
 /// Weight dtypes the compaction gathers.
 pub trait Stored: Elem {}
 impl Stored for f32 {}
