@@ -160,6 +160,7 @@ on_backends! {
     backend_cross_entropy_chunked => check_cross_entropy,
     backend_channel_stats_energy => check_backend_channel_stats,
     backend_attention_cached_calls => check_backend_attention_cached,
+    backend_gather_matches_cpu => check_backend_gather,
 }
 
 fn silu(a: f32) -> f32 {
@@ -257,55 +258,127 @@ fn check_channel_stats_bf16<D: Device>(dev: &D) {
     assert_close64(&got, &stats_ref(&h, &g, seqs, t, m), (1e-5, 1e-4), "part");
 }
 
+/// compact.cu moves words: f32 values as u32, bf16 and f16 as u16, bit for bit.
 fn check_compact<D: Device>(dev: &D) {
     let (m, d) = (37, 29);
     let mut r = Rng::new(6);
     let keep: Vec<u32> = (0..m as u32).filter(|_| r.below(3) != 0).collect();
     let src = r.vec(m * d);
-    let rows_ref: Vec<f32> = keep
-        .iter()
-        .flat_map(|&c| src[c as usize * d..][..d].to_vec())
-        .collect();
-    // down_proj view: src as [d, m].
-    let cols_ref: Vec<f32> = (0..d)
-        .flat_map(|row| keep.iter().map(move |&c| (row, c)))
-        .map(|(row, c)| src[row * m + c as usize])
-        .collect();
     let kn = keep.len();
-    fn run<D: Device, T: k::Stored>(
+    fn run<D: Device, W: k::Word + PartialEq + std::fmt::Debug>(
         dev: &D,
-        src: &[T],
+        src: &[W],
         keep: &[u32],
         (m, d, kn): (usize, usize, usize),
-        nan: T,
-    ) -> (Vec<T>, Vec<T>) {
+        poison: W,
+    ) {
+        let rows_ref: Vec<W> = keep
+            .iter()
+            .flat_map(|&c| src[c as usize * d..][..d].to_vec())
+            .collect();
+        // down_proj view: src as [d, m].
+        let cols_ref: Vec<W> = (0..d)
+            .flat_map(|row| keep.iter().map(move |&c| src[row * m + c as usize]))
+            .collect();
         let s = DevBuf::upload(dev, src).unwrap();
-        let rows = DevBuf::upload(dev, &vec![nan; kn * d]).unwrap();
-        let cols = DevBuf::upload(dev, &vec![nan; d * kn]).unwrap();
+        let rows = DevBuf::upload(dev, &vec![poison; kn * d]).unwrap();
+        let cols = DevBuf::upload(dev, &vec![poison; d * kn]).unwrap();
         k::compact_rows(dev, &s, keep, &rows, m, d).unwrap();
         k::compact_cols(dev, &s, keep, &cols, d, m).unwrap();
-        (rows.download(dev).unwrap(), cols.download(dev).unwrap())
+        assert_eq!(
+            rows.download(dev).unwrap(),
+            rows_ref,
+            "compact_rows_{}",
+            W::NAME
+        );
+        assert_eq!(
+            cols.download(dev).unwrap(),
+            cols_ref,
+            "compact_cols_{}",
+            W::NAME
+        );
+        // An out-of-range channel is an error, not a wild read.
+        assert!(k::compact_rows(dev, &s, &[m as u32], &rows, m, d).is_err());
     }
     let dims = (m, d, kn);
-    let (a, b) = run(dev, &src, &keep, dims, f32::NAN);
-    assert_eq!(a, rows_ref);
-    assert_eq!(b, cols_ref);
-    let (a, b) = run(dev, &to_bf16(&src), &keep, dims, bf16::NAN);
-    assert_eq!(a, to_bf16(&rows_ref));
-    assert_eq!(b, to_bf16(&cols_ref));
-    let h: Vec<f16> = src.iter().map(|&v| f16::from_f32(v)).collect();
-    let (a, b) = run(dev, &h, &keep, dims, f16::NAN);
-    assert!(a
-        .iter()
-        .zip(&rows_ref)
-        .all(|(x, &y)| *x == f16::from_f32(y)));
-    assert!(b
-        .iter()
-        .zip(&cols_ref)
-        .all(|(x, &y)| *x == f16::from_f32(y)));
-    // An out-of-range channel is an error, not a wild read.
-    let s = DevBuf::upload(dev, &src).unwrap();
-    assert!(k::compact_rows(dev, &s, &[m as u32], &poisoned(dev, d), m, d).is_err());
+    let f32_bits: Vec<u32> = src.iter().map(|v| v.to_bits()).collect();
+    run(dev, &f32_bits, &keep, dims, f32::NAN.to_bits());
+    let bf16_bits: Vec<u16> = src.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    run(dev, &bf16_bits, &keep, dims, bf16::NAN.to_bits());
+    let f16_bits: Vec<u16> = src.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+    run(dev, &f16_bits, &keep, dims, f16::NAN.to_bits());
+}
+
+/// `gather_rows`/`gather_cols` on the CUDA backend (compact.cu) against the
+/// CPU backend, byte for byte: 2- and 4-byte elements, odd shapes, one kept
+/// index, all kept, kept out of order; bad calls are errors on both.
+fn check_backend_gather<D: Device>(be: &CudaBackend<D>) {
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new(18);
+    for (elem, rows, cols) in [(2, 37, 29), (4, 37, 29), (2, 1, 1), (4, 3, 1), (2, 1, 5)] {
+        let bytes: Vec<u8> = (0..rows * cols * elem)
+            .map(|_| r.below(256) as u8)
+            .collect();
+        let every = |n: usize| -> Vec<Vec<usize>> {
+            vec![
+                (0..n).collect(),
+                vec![n - 1],
+                (0..n).filter(|c| c % 3 != 1).collect(),
+                (0..n).rev().collect(),
+            ]
+        };
+        for keep in every(rows) {
+            let what = format!("gather_rows {elem}-byte [{rows}, {cols}] keep {keep:?}");
+            let want = cpu.gather_rows(&bytes, elem, cols, &keep).unwrap();
+            assert_eq!(want.len(), keep.len() * cols * elem, "{what}");
+            assert_eq!(
+                be.gather_rows(&bytes, elem, cols, &keep).unwrap(),
+                want,
+                "{what}"
+            );
+        }
+        for keep in every(cols) {
+            let what = format!("gather_cols {elem}-byte [{rows}, {cols}] keep {keep:?}");
+            let want = cpu.gather_cols(&bytes, elem, cols, &keep).unwrap();
+            assert_eq!(want.len(), rows * keep.len() * elem, "{what}");
+            assert_eq!(
+                be.gather_cols(&bytes, elem, cols, &keep).unwrap(),
+                want,
+                "{what}"
+            );
+        }
+        // An index out of range, bytes that are not whole rows, other widths.
+        let bad: [(&[u8], usize, usize, &[usize], bool); 5] = [
+            (&bytes, elem, cols, &[rows], true),
+            (&bytes, elem, cols, &[cols], false),
+            (&bytes[1..], elem, cols, &[0], true),
+            (&bytes, 1, cols * elem, &[0], true),
+            (&bytes, 8, cols, &[0], false),
+        ];
+        for (b, e, c, keep, by_rows) in bad {
+            for (name, got) in [
+                (
+                    "cpu",
+                    if by_rows {
+                        cpu.gather_rows(b, e, c, keep)
+                    } else {
+                        cpu.gather_cols(b, e, c, keep)
+                    },
+                ),
+                (
+                    be.name(),
+                    if by_rows {
+                        be.gather_rows(b, e, c, keep)
+                    } else {
+                        be.gather_cols(b, e, c, keep)
+                    },
+                ),
+            ] {
+                let msg = got.expect_err(name).to_string();
+                assert!(msg.contains("gather_"), "{name}: {msg}");
+            }
+        }
+    }
 }
 
 fn check_rmsnorm<D: Device>(dev: &D) {

@@ -125,11 +125,17 @@ pub fn channel_stats<D: Device, T: Float>(
     launch(dev, &format!("channel_stats_{}", T::NAME), cfg, args)
 }
 
-/// Weight dtypes the compaction gathers.
+/// Storage dtypes the casts convert between.
 pub trait Stored: Elem {}
 impl Stored for f32 {}
 impl Stored for bf16 {}
 impl Stored for f16 {}
+
+/// Words the compaction moves (compact.cu names its kernels by word width):
+/// u16 for bf16 and f16, u32 for f32.
+pub trait Word: Elem {}
+impl Word for u16 {}
+impl Word for u32 {}
 
 fn upload_keep<D: Device>(dev: &D, keep: &[u32], m: usize) -> Result<DevBuf<D, u32>> {
     if let Some(&c) = keep.iter().find(|&&c| c as usize >= m) {
@@ -141,12 +147,12 @@ fn upload_keep<D: Device>(dev: &D, keep: &[u32], m: usize) -> Result<DevBuf<D, u
     DevBuf::upload(dev, keep)
 }
 
-/// compact.cu `compact_rows_<T>`: `dst[i, :] = src[keep[i], :]`, src `[m, d]`, dst `[keep.len(), d]`.
-pub fn compact_rows<D: Device, T: Stored>(
+/// compact.cu `compact_rows_<W>`: `dst[i, :] = src[keep[i], :]`, src `[m, d]`, dst `[keep.len(), d]`.
+pub fn compact_rows<D: Device, W: Word>(
     dev: &D,
-    src: &DevBuf<D, T>,
+    src: &DevBuf<D, W>,
     keep: &[u32],
-    dst: &DevBuf<D, T>,
+    dst: &DevBuf<D, W>,
     m: usize,
     d: usize,
 ) -> Result<()> {
@@ -163,19 +169,19 @@ pub fn compact_rows<D: Device, T: Stored>(
         .i32(int(dev, d, "d")?);
     launch(
         dev,
-        &format!("compact_rows_{}", T::NAME),
+        &format!("compact_rows_{}", W::NAME),
         LaunchCfg::linear(keep.len(), 256),
         args,
     )?;
     dev.synchronize() // `idx` is freed on return
 }
 
-/// compact.cu `compact_cols_<T>`: `dst[r, j] = src[r, keep[j]]`, src `[rows, m]`, dst `[rows, keep.len()]`.
-pub fn compact_cols<D: Device, T: Stored>(
+/// compact.cu `compact_cols_<W>`: `dst[r, j] = src[r, keep[j]]`, src `[rows, m]`, dst `[rows, keep.len()]`.
+pub fn compact_cols<D: Device, W: Word>(
     dev: &D,
-    src: &DevBuf<D, T>,
+    src: &DevBuf<D, W>,
     keep: &[u32],
-    dst: &DevBuf<D, T>,
+    dst: &DevBuf<D, W>,
     rows: usize,
     m: usize,
 ) -> Result<()> {
@@ -193,7 +199,7 @@ pub fn compact_cols<D: Device, T: Stored>(
         .i32(int(dev, m, "m")?)
         .i32(int(dev, keep.len(), "k")?);
     let cfg = LaunchCfg::elementwise(rows * keep.len());
-    launch(dev, &format!("compact_cols_{}", T::NAME), cfg, args)?;
+    launch(dev, &format!("compact_cols_{}", W::NAME), cfg, args)?;
     dev.synchronize() // `idx` is freed on return
 }
 
