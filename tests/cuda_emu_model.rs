@@ -250,9 +250,10 @@ fn tiny_llama3_cuda_emu_decode_matches_cpu() {
     check_decode("tiny-llama3");
 }
 
-/// The compaction gather through `CudaBackend<EmuDevice>` (compact.cu)
-/// against the CPU backend, byte for byte, on every layer's FFN weights of
-/// the fixture in f32 and bf16.
+/// The compaction gather through `CudaBackend<EmuDevice>` (compact.cu) and
+/// the CPU backend against the naive gather, byte for byte, on every
+/// layer's FFN weights of the fixture in f32 and bf16: gate and up lose
+/// rows `[m, d]`, down loses columns `[d, m]`.
 fn check_compaction(name: &str) {
     let dir = fixture(name);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
@@ -262,26 +263,8 @@ fn check_compaction(name: &str) {
     let (d, m) = (cfg.hidden, cfg.ffn_widths[0]);
     // Irregular: drops every third channel and the last one, keeps order.
     let keep: Vec<usize> = (0..m - 1).filter(|c| c % 3 != 1).collect();
-    fn gather<B: Backend>(
-        be: &B,
-        raw: &[u8],
-        elem: usize,
-        rows: Option<usize>,
-        m: usize,
-        keep: &[usize],
-    ) -> Vec<u8> {
-        match rows {
-            Some(d) => be.gather_rows(raw, elem, d, keep),
-            None => be.gather_cols(raw, elem, m, keep),
-        }
-        .unwrap()
-    }
     for l in 0..cfg.layers {
-        for (leaf, rows) in [
-            ("gate_proj", Some(d)),
-            ("up_proj", Some(d)),
-            ("down_proj", None),
-        ] {
+        for (leaf, by_rows) in [("gate_proj", true), ("up_proj", true), ("down_proj", false)] {
             let tname = format!("model.layers.{l}.mlp.{leaf}.weight");
             let f32_raw = st.tensor(&tname).unwrap().data().to_vec();
             let bf16_raw: Vec<u8> = f32_raw
@@ -291,13 +274,23 @@ fn check_compaction(name: &str) {
                 })
                 .collect();
             for (raw, elem) in [(&f32_raw, 4), (&bf16_raw, 2)] {
-                let want = gather(&cpu, raw, elem, rows, m, &keep);
-                assert_eq!(want.len(), keep.len() * d * elem, "{tname}");
-                assert_eq!(
-                    gather(&cuda, raw, elem, rows, m, &keep),
-                    want,
-                    "{tname} {elem}-byte"
-                );
+                let what = format!("{tname} {elem}-byte");
+                let (want, cpu_got, cuda_got) = if by_rows {
+                    (
+                        naive::gather_rows(raw, elem, d, &keep),
+                        cpu.gather_rows(raw, elem, d, &keep).unwrap(),
+                        cuda.gather_rows(raw, elem, d, &keep).unwrap(),
+                    )
+                } else {
+                    (
+                        naive::gather_cols(raw, elem, m, &keep),
+                        cpu.gather_cols(raw, elem, m, &keep).unwrap(),
+                        cuda.gather_cols(raw, elem, m, &keep).unwrap(),
+                    )
+                };
+                assert_eq!(want.len(), keep.len() * d * elem, "{what}");
+                assert!(cpu_got == want, "{what}: cpu");
+                assert!(cuda_got == want, "{what}: cuda-emu");
             }
         }
     }
