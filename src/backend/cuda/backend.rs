@@ -101,12 +101,29 @@ impl<D: Device> CudaBackend<D> {
         unsafe { self.dev.gemm(&g) }
     }
 
-    /// `gather_rows`/`gather_cols` (by `axis`) of a `[rows, cols]` matrix
-    /// that `check_gather` passed, on the device: its bytes uploaded as
-    /// `W` words (u16 for 2-byte elements, u32 for 4-byte ones), `keep` as
-    /// u32, compact.cu's `compact_rows_<W>` or `compact_cols_<W>`, the
-    /// result downloaded.
-    fn gather<W: k::Word>(
+    /// `gather_rows`/`gather_cols` (by `axis`): the arguments checked,
+    /// then the matrix moved as u16 words (2-byte elements) or u32 words
+    /// (4-byte ones, the only other width `check_gather` lets through).
+    fn gather(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+        axis: GatherAxis,
+    ) -> Result<Vec<u8>> {
+        let rows = check_gather(bytes, elem, cols, keep, axis)?;
+        if elem == 2 {
+            self.gather_words::<u16>(bytes, (rows, cols), keep, axis)
+        } else {
+            self.gather_words::<u32>(bytes, (rows, cols), keep, axis)
+        }
+    }
+
+    /// `gather` of a checked `[rows, cols]` matrix of `W` words on the
+    /// device: the bytes uploaded as words, `keep` as u32, compact.cu's
+    /// `compact_rows_<W>` or `compact_cols_<W>`, the result downloaded.
+    fn gather_words<W: k::Word>(
         &self,
         bytes: &[u8],
         (rows, cols): (usize, usize),
@@ -123,7 +140,9 @@ impl<D: Device> CudaBackend<D> {
         }
         let keep = keep
             .iter()
-            .map(|&i| u32::try_from(i).map_err(|_| self.err(format!("gather: index {i} > u32"))))
+            .map(|&i| {
+                u32::try_from(i).map_err(|_| self.err(format!("gather: index {i} > u32::MAX")))
+            })
             .collect::<Result<Vec<u32>>>()?;
         let dev = &self.dev;
         let src = DevBuf::<D, W>::upload_bytes(dev, bytes)?;
@@ -523,11 +542,7 @@ impl<D: Device> Backend for CudaBackend<D> {
         cols: usize,
         keep: &[usize],
     ) -> Result<Vec<u8>> {
-        let rows = check_gather(bytes, elem, cols, keep, GatherAxis::Rows)?;
-        match elem {
-            2 => self.gather::<u16>(bytes, (rows, cols), keep, GatherAxis::Rows),
-            _ => self.gather::<u32>(bytes, (rows, cols), keep, GatherAxis::Rows), // 4
-        }
+        self.gather(bytes, elem, cols, keep, GatherAxis::Rows)
     }
 
     fn gather_cols(
@@ -537,10 +552,6 @@ impl<D: Device> Backend for CudaBackend<D> {
         cols: usize,
         keep: &[usize],
     ) -> Result<Vec<u8>> {
-        let rows = check_gather(bytes, elem, cols, keep, GatherAxis::Cols)?;
-        match elem {
-            2 => self.gather::<u16>(bytes, (rows, cols), keep, GatherAxis::Cols),
-            _ => self.gather::<u32>(bytes, (rows, cols), keep, GatherAxis::Cols), // 4
-        }
+        self.gather(bytes, elem, cols, keep, GatherAxis::Cols)
     }
 }

@@ -115,8 +115,10 @@ impl<'a, D: Device> Launch<'a, D> {
             None => Ok(()),
         };
         let mut l = self.check(ok);
-        if l.err.is_some() {
-            l.args = l.args.ptr(0); // never launched
+        if l.err.is_some() || idx.is_empty() {
+            // Never read: a failed check launches nothing, and no entry of an
+            // empty array is in range.
+            l.args = l.args.ptr(0);
             return l;
         }
         match DevBuf::upload(l.dev, idx) {
