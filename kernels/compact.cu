@@ -1,11 +1,13 @@
 // Compaction, the gather that removes FFN channels (METHODS.md §7):
 //   rows: dst[i, :] = src[idx[i], :]   src [m, d] (gate_proj, up_proj), dst [k, d]
 //   cols: dst[r, j] = src[r, idx[j]]   src [d, m] (down_proj),          dst [d, k]
-// idx: [k] u32 kept channels, ascending. Pure data movement: bf16 and f16
-// move as 16-bit words, f32 as 32-bit words; kernels are named by dtype.
+// idx: [k] u32 kept channels (the export passes them ascending). Pure data
+// movement, so kernels are named by word width, not dtype: bf16 and f16
+// move as u16 words, f32 as u32 words (and any other matrix whose rows are
+// whole 16- or 32-bit words, such as the ggml blocks' byte rows), bit for bit.
 // Launch: rows — grid (k), block 256 striding over d; cols — 1-D grid-stride
 // over d·k outputs (consecutive threads write consecutive j).
-// Bytes: 2·k·d·sizeof(T) (+ idx). Qwen2.5-7B layer at 50 % (k = 9472, bf16):
+// Bytes: 2·k·d·sizeof(W) (+ idx). Qwen2.5-7B layer at 50 % (k = 9472, bf16):
 // 3 matrices × 2 × 9472·3584·2 = 407 MB → floor 0.40 ms on an RTX 4090
 // (1008 GB/s), 0.12 ms on an H100 (3.35 TB/s).
 #include "common.cuh"
@@ -36,12 +38,9 @@ __device__ __forceinline__ void compact_cols(const W *__restrict__ src, const un
         compact_cols(src, idx, dst, rows, m, k);                                                 \
     }
 
-COMPACT(bf16, uint16_t)
-COMPACT(f16, uint16_t)
-COMPACT(f32, float)
-RKU_EXPORT(compact_rows_bf16)
-RKU_EXPORT(compact_cols_bf16)
-RKU_EXPORT(compact_rows_f16)
-RKU_EXPORT(compact_cols_f16)
-RKU_EXPORT(compact_rows_f32)
-RKU_EXPORT(compact_cols_f32)
+COMPACT(u16, uint16_t)
+COMPACT(u32, uint32_t)
+RKU_EXPORT(compact_rows_u16)
+RKU_EXPORT(compact_cols_u16)
+RKU_EXPORT(compact_rows_u32)
+RKU_EXPORT(compact_cols_u32)

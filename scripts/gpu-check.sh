@@ -4,7 +4,7 @@
 #   bash scripts/gpu-check.sh BINDIR [OUTDIR]
 #
 # BINDIR holds binaries built elsewhere with nvcc (RKU_REQUIRE_NVCC=1):
-# `rku-engine` and the test binaries `kernels_emu-*` (each kernel on the
+# `rku-engine` and the test binaries `kernels_emu_*-*` (each kernel on the
 # emulated device and then on the GPU, against the CPU backend). On the GPU
 # machine only python3 with torch/transformers/safetensors is needed (to
 # make a model with Qwen2.5-7B's layer shapes, scripts/make_synthetic_model.py).
@@ -30,7 +30,7 @@ export LD_LIBRARY_PATH="$CUBLAS:${LD_LIBRARY_PATH:-}"
 echo "cuBLAS from $CUBLAS"
 
 echo "== 1. kernel tests (emulated device, then the GPU)"
-for t in "$BIN"/kernels_emu-*; do
+for t in "$BIN"/kernels_emu_*-*; do
     "$t" --test-threads 8 2>&1 | grep -Ev "^test .* ok$" || true
 done
 

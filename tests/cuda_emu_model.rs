@@ -1,5 +1,6 @@
 //! The whole scoring run of the tiny fixtures through `CudaBackend<EmuDevice>`
-//! against the CPU backend, and device compaction against the host gather.
+//! against the CPU backend, and the compaction gather on the device against
+//! the CPU backend's, down to `prune`'s exported files.
 //!
 //! Tolerance. The CUDA backend stores weights in bf16 and rounds the
 //! activation operand of every matrix product to bf16 (f32 accumulation).
@@ -17,19 +18,19 @@
 //! for tk = Σ_seq |Σ_t h·g|, atol = rtol·Σ_t |h·g| of the ce pass, the bound
 //! of a signed sum's error.
 mod common;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use common::*;
 use half::bf16;
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::backend::cuda::{kernels as k, CudaBackend, DevBuf, EmuDevice};
+use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::model::backward::{backward_channel_stats, Objective};
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, logits};
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
-use rku_engine::prune::compact::{gather_cols, gather_rows};
 use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
 use safetensors::{Dtype, SafeTensors};
 
@@ -249,68 +250,169 @@ fn tiny_llama3_cuda_emu_decode_matches_cpu() {
     check_decode("tiny-llama3");
 }
 
-/// compact.cu on the device against prune::compact on the host, bit for
-/// bit, on every layer's FFN weights of the fixture, in f32 and bf16.
+/// The compaction gather through `CudaBackend<EmuDevice>` (compact.cu) and
+/// the CPU backend against the naive gather, byte for byte, on every
+/// layer's FFN weights of the fixture in f32 and bf16: gate and up lose
+/// rows `[m, d]`, down loses columns `[d, m]`.
 fn check_compaction(name: &str) {
     let dir = fixture(name);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let dev = EmuDevice::new();
+    let (cpu, cuda) = (CpuBackend::new(), CudaBackend::new(EmuDevice::new()));
     let cfg = rku_engine::model::ModelConfig::load(&dir.join("config.json")).unwrap();
     let (d, m) = (cfg.hidden, cfg.ffn_widths[0]);
     // Irregular: drops every third channel and the last one, keeps order.
     let keep: Vec<usize> = (0..m - 1).filter(|c| c % 3 != 1).collect();
-    let keep32: Vec<u32> = keep.iter().map(|&c| c as u32).collect();
     for l in 0..cfg.layers {
-        for (leaf, rows) in [("gate_proj", true), ("up_proj", true), ("down_proj", false)] {
+        for (leaf, by_rows) in [("gate_proj", true), ("up_proj", true), ("down_proj", false)] {
             let tname = format!("model.layers.{l}.mlp.{leaf}.weight");
-            let f32s: Vec<f32> = st
-                .tensor(&tname)
-                .unwrap()
-                .data()
+            let f32_raw = st.tensor(&tname).unwrap().data().to_vec();
+            let bf16_raw: Vec<u8> = f32_raw
                 .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .flat_map(|c| {
+                    bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+                })
                 .collect();
-            let bf: Vec<bf16> = f32s.iter().map(|&x| bf16::from_f32(x)).collect();
-            // Host gathers over raw bytes.
-            let host = |raw: &[u8], elem: usize| {
-                if rows {
-                    gather_rows(raw, elem, d, &keep)
+            for (raw, elem) in [(&f32_raw, 4), (&bf16_raw, 2)] {
+                let what = format!("{tname} {elem}-byte");
+                let (want, cpu_got, cuda_got) = if by_rows {
+                    (
+                        naive::gather_rows(raw, elem, d, &keep),
+                        cpu.gather_rows(raw, elem, d, &keep).unwrap(),
+                        cuda.gather_rows(raw, elem, d, &keep).unwrap(),
+                    )
                 } else {
-                    gather_cols(raw, elem, m, &keep)
-                }
-            };
-            let want32 = host(bytemuck::cast_slice(&f32s), 4);
-            let want16 = host(bytemuck::cast_slice(&bf), 2);
-            let src32 = DevBuf::upload(&dev, &f32s).unwrap();
-            let src16 = DevBuf::upload(&dev, &bf).unwrap();
-            let dst32 = DevBuf::<_, f32>::alloc(&dev, keep.len() * d).unwrap();
-            let dst16 = DevBuf::<_, bf16>::alloc(&dev, keep.len() * d).unwrap();
-            if rows {
-                k::compact_rows(&dev, &src32, &keep32, &dst32, m, d).unwrap();
-                k::compact_rows(&dev, &src16, &keep32, &dst16, m, d).unwrap();
-            } else {
-                k::compact_cols(&dev, &src32, &keep32, &dst32, d, m).unwrap();
-                k::compact_cols(&dev, &src16, &keep32, &dst16, d, m).unwrap();
+                    (
+                        naive::gather_cols(raw, elem, m, &keep),
+                        cpu.gather_cols(raw, elem, m, &keep).unwrap(),
+                        cuda.gather_cols(raw, elem, m, &keep).unwrap(),
+                    )
+                };
+                assert_eq!(want.len(), keep.len() * d * elem, "{what}");
+                assert!(cpu_got == want, "{what}: cpu");
+                assert!(cuda_got == want, "{what}: cuda-emu");
             }
-            let got32 = dst32.download(&dev).unwrap();
-            let got16 = dst16.download(&dev).unwrap();
-            assert_eq!(
-                bytemuck::cast_slice::<f32, u8>(&got32),
-                &want32[..],
-                "{tname} f32"
-            );
-            assert_eq!(
-                bytemuck::cast_slice::<bf16, u8>(&got16),
-                &want16[..],
-                "{tname} bf16"
-            );
         }
     }
 }
 
 #[test]
-fn tiny_fixtures_compaction_on_device_matches_host_gather() {
+fn tiny_fixtures_compaction_on_device_matches_cpu() {
     check_compaction("tiny-qwen2");
     check_compaction("tiny-llama3");
+}
+
+/// Tensors of a safetensors file by name: (dtype, shape, bytes), and its
+/// metadata.
+#[allow(clippy::type_complexity)]
+fn tensors(
+    path: &Path,
+) -> (
+    BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
+    Option<HashMap<String, String>>,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    (t, meta.metadata().clone())
+}
+
+/// `prune --backend cuda-emu` writes what `--backend cpu` writes, byte for
+/// byte: the gathers run on compact.cu instead of the host. Two models
+/// imported from the GGUF fixtures: tiny_llama3 in f32 with its Q8_0
+/// blocks (4-byte elements, and the blocks file's byte rows gathered as
+/// 2-byte words), pruned by rku into the compact layout; tiny_qwen2 in bf16
+/// (2-byte elements), pruned by flap (bias compensation) into the padded
+/// one. The blocks file is compared tensor by tensor: its writer orders the
+/// header's metadata differently from run to run.
+#[test]
+fn prune_on_cuda_emu_writes_the_cpu_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let calib = t.join("calib.txt");
+    let text: String = (0..200)
+        .map(|i| {
+            format!(
+                "Line {i}: the quick brown fox jumps over {} lazy dogs.\n",
+                i * 7
+            )
+        })
+        .collect();
+    std::fs::write(&calib, text).unwrap();
+    for (gguf, dtype, method, export, blocks) in [
+        ("tiny_llama3", "f32", "rku", "compact", true),
+        ("tiny_qwen2", "bf16", "flap", "padded", false),
+    ] {
+        let model = t.join(gguf);
+        run_ok(
+            bin()
+                .arg("import")
+                .arg(fixture(&format!("gguf/{gguf}.gguf")))
+                .args(["--dtype", dtype, "--out"])
+                .arg(&model),
+        );
+        let stats = t.join(format!("{gguf}.stats.safetensors"));
+        run_ok(
+            bin()
+                .args(["score", "--backend", "cpu", "--model"])
+                .arg(&model)
+                .arg("--calib")
+                .arg(&calib)
+                .args(["--samples", "4", "--seq-len", "16", "--out"])
+                .arg(&stats),
+        );
+        let out = |backend: &str| t.join(format!("{gguf}-{backend}"));
+        for backend in ["cpu", "cuda-emu"] {
+            run_ok(
+                bin()
+                    .args(["prune", "--backend", backend, "--model"])
+                    .arg(&model)
+                    .arg("--stats")
+                    .arg(&stats)
+                    .args([
+                        "--method",
+                        method,
+                        "--sparsity",
+                        "0.4",
+                        "--export",
+                        export,
+                        "--out",
+                    ])
+                    .arg(out(backend)),
+            );
+        }
+        let f = "model.safetensors";
+        let want = std::fs::read(out("cpu").join(f)).unwrap();
+        assert!(
+            std::fs::read(out("cuda-emu").join(f)).unwrap() == want,
+            "{gguf} {f}: cuda-emu differs from cpu"
+        );
+        // A pruned copy, in the source's dtype.
+        let (source, pruned) = (tensors(&model.join(f)).0, tensors(&out("cpu").join(f)).0);
+        assert!(source.keys().all(|n| pruned.contains_key(n)), "{gguf}");
+        let gate = "model.layers.0.mlp.gate_proj.weight";
+        assert!(
+            pruned[gate].1[0] < source[gate].1[0],
+            "{gguf}: {gate} not pruned"
+        );
+        assert!(
+            pruned.values().all(|p| p.0 == source[gate].0),
+            "{gguf}: dtype"
+        );
+        let f = "ggml_blocks.safetensors";
+        assert_eq!(out("cpu").join(f).exists(), blocks, "{gguf} {f}");
+        if blocks {
+            let want = tensors(&out("cpu").join(f));
+            assert!(want.0[gate].1[0] < tensors(&model.join(f)).0[gate].1[0]);
+            assert!(
+                tensors(&out("cuda-emu").join(f)) == want,
+                "{gguf} {f}: cuda-emu differs from cpu"
+            );
+        }
+    }
 }

@@ -295,7 +295,7 @@ fn pruned_exports_keep_the_blocks_of_whole_rows() {
             };
             let out = tmp.path().join(format!("{layout:?}"));
             let files = SafeModel::open_dir(&dir).unwrap();
-            export_pruned(&dir, &files, &dense.cfg, &spec, &out, false).unwrap();
+            export_pruned(&be, &dir, &files, &dense.cfg, &spec, &out, false).unwrap();
             let f = BlockFile::open(&out).unwrap().expect("a blocks file");
             let names: Vec<&str> = f.matrices().iter().map(|e| e.0).collect();
             assert!(
@@ -400,7 +400,7 @@ fn blocks_of_the_wrong_shape_are_refused() {
     };
     let files = SafeModel::open_dir(&dir).unwrap();
     let out = tmp.path().join("pruned");
-    let e = export_pruned(&dir, &files, &model.cfg, &spec, &out, false)
+    let e = export_pruned(&be, &dir, &files, &model.cfg, &spec, &out, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains(BLOCKS_FILE), "{e}");

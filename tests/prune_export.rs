@@ -33,7 +33,7 @@ fn export_fixture_keep(
         down_bias: None,
         record: serde_json::json!({ "kept": kept }),
     };
-    export_pruned(&dir, &files, &cfg, &spec, out, false).unwrap();
+    export_pruned(&CpuBackend::new(), &dir, &files, &cfg, &spec, out, false).unwrap();
     let ids_t = &r["input_ids"];
     let geo = Geometry {
         seqs: ids_t.shape[0],
@@ -106,7 +106,7 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
         down_bias: None,
         record: serde_json::json!({}),
     };
-    let err = export_pruned(&dir, &files, &cfg, &spec, &out, false)
+    let err = export_pruned(&CpuBackend::new(), &dir, &files, &cfg, &spec, &out, false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("already exists"), "{err}");
@@ -120,7 +120,7 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
         record: serde_json::json!({}),
     };
     let out2 = tmp.path().join("other");
-    assert!(export_pruned(&dir, &files, &cfg, &spec, &out2, false).is_err());
+    assert!(export_pruned(&CpuBackend::new(), &dir, &files, &cfg, &spec, &out2, false).is_err());
     assert!(!out2.exists());
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -318,6 +318,7 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
     };
     let uniform = tmp.join("llama3-uniform");
     export_pruned(
+        &CpuBackend::new(),
         &dir,
         &SafeModel::open_dir(&dir).unwrap(),
         &cfg,

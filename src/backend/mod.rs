@@ -299,6 +299,77 @@ pub trait Backend: Send + Sync {
         scale: f32,
         want_grad: bool,
     ) -> Result<(f64, usize, Option<Self::Buf>)>;
+
+    /// The compaction gather (METHODS.md section 7) over the raw
+    /// little-endian bytes of a row-major `[rows, cols]` matrix of
+    /// `elem`-byte values (`elem` 2 or 4; rows = `bytes.len() / (cols·elem)`):
+    /// rows `keep`, in the order of `keep`, `out[i, :] = in[keep[i], :]`,
+    /// `[keep.len(), cols]`. Pure data movement: the output is the input
+    /// dtype bit for bit. Errs as `check_gather` says (kept rows < rows).
+    fn gather_rows(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>>;
+    /// Columns `keep` of the same matrix, in the order of `keep`:
+    /// `out[r, j] = in[r, keep[j]]`, `[rows, keep.len()]` (kept columns < cols).
+    fn gather_cols(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>>;
+}
+
+/// The axis `Backend::gather_rows` (`Rows`) or `gather_cols` (`Cols`) keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatherAxis {
+    Rows,
+    Cols,
+}
+
+/// Checks the arguments of a gather along `axis` (`Backend::gather_rows`,
+/// `gather_cols`) and returns the matrix's row count: `elem` is 2 or 4,
+/// `bytes` whole rows of `cols > 0` elements, every kept index inside the
+/// axis, and the output's byte count representable.
+pub fn check_gather(
+    bytes: &[u8],
+    elem: usize,
+    cols: usize,
+    keep: &[usize],
+    axis: GatherAxis,
+) -> Result<usize> {
+    let what = match axis {
+        GatherAxis::Rows => "gather_rows",
+        GatherAxis::Cols => "gather_cols",
+    };
+    let invalid = |msg: String| crate::Error::Invalid(format!("{what}: {msg}"));
+    if elem != 2 && elem != 4 {
+        return Err(invalid(format!("{elem}-byte elements (2 or 4)")));
+    }
+    let row = cols
+        .checked_mul(elem)
+        .filter(|&r| r > 0)
+        .ok_or_else(|| invalid(format!("rows of {cols} elements")))?;
+    if !bytes.len().is_multiple_of(row) {
+        return Err(invalid(format!(
+            "{} bytes are not whole rows of {cols} {elem}-byte elements",
+            bytes.len()
+        )));
+    }
+    let rows = bytes.len() / row;
+    let (extent, out) = match axis {
+        GatherAxis::Rows => (rows, keep.len().checked_mul(row)),
+        GatherAxis::Cols => (cols, (rows * elem).checked_mul(keep.len())),
+    };
+    if let Some(&i) = keep.iter().find(|&&i| i >= extent) {
+        return Err(invalid(format!("kept index {i} out of range (< {extent})")));
+    }
+    out.ok_or_else(|| invalid(format!("{} kept indices overflow the output", keep.len())))?;
+    Ok(rows)
 }
 
 /// Checks the arguments of `attention_cached` against its shape.

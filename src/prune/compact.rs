@@ -1,30 +1,8 @@
-//! Physical compaction of FFN channels (METHODS.md section 7): kept channels
-//! keep their original order; W_g' = W_g[keep,:], W_u' = W_u[keep,:],
-//! W_d' = W_d[:,keep]. Works on the raw little-endian bytes of any dtype, so
-//! the output keeps the input dtype bit for bit.
-
-/// Rows `keep` of a row-major `[rows, cols]` matrix of `elem`-byte values.
-pub fn gather_rows(bytes: &[u8], elem: usize, cols: usize, keep: &[usize]) -> Vec<u8> {
-    let row = cols * elem;
-    let mut out = Vec::with_capacity(keep.len() * row);
-    for &r in keep {
-        out.extend_from_slice(&bytes[r * row..(r + 1) * row]);
-    }
-    out
-}
-
-/// Columns `keep` of a row-major `[rows, cols]` matrix of `elem`-byte values.
-pub fn gather_cols(bytes: &[u8], elem: usize, cols: usize, keep: &[usize]) -> Vec<u8> {
-    let rows = bytes.len() / (cols * elem);
-    let mut out = Vec::with_capacity(rows * keep.len() * elem);
-    for r in 0..rows {
-        let row = &bytes[r * cols * elem..(r + 1) * cols * elem];
-        for &c in keep {
-            out.extend_from_slice(&row[c * elem..(c + 1) * elem]);
-        }
-    }
-    out
-}
+//! Physical compaction of FFN channels (METHODS.md section 7) around the
+//! gather itself, which is a `Backend` op (`gather_rows`, `gather_cols`):
+//! zero padding of the gathered matrices (raw little-endian bytes of any
+//! dtype, so the output keeps the input dtype bit for bit) and FLAP's bias
+//! compensation.
 
 /// Appends zero rows to a row-major matrix until it has `to` rows.
 pub fn pad_rows(mut bytes: Vec<u8>, elem: usize, cols: usize, to: usize) -> Vec<u8> {
@@ -66,15 +44,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gathers_and_pads_preserve_order_and_bytes() {
-        // [3, 4] matrix of 2-byte elements with distinct values.
-        let m: Vec<u8> = (0..24).collect();
-        assert_eq!(
-            gather_rows(&m, 2, 4, &[0, 2]),
-            [&m[0..8], &m[16..24]].concat()
-        );
-        let cols = gather_cols(&m, 2, 4, &[1, 3]);
-        assert_eq!(cols, vec![2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23]);
+    fn pads_preserve_order_and_bytes() {
+        // [3, 2] matrix of 2-byte elements padded to 3 columns.
+        let cols = vec![2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23];
         let padded = pad_cols(&cols, 2, 2, 3);
         assert_eq!(
             padded,

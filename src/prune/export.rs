@@ -2,13 +2,14 @@
 //! the input dtype with HF names (sharded above 4 GB), config.json,
 //! pruning.json and the tokenizer files, atomically; and the ggml blocks
 //! of the matrices the compaction keeps whole (`ggml_blocks`).
+use crate::backend::Backend;
 use crate::io::atomic::{write_json, AtomicDir};
 use crate::io::ggml_blocks::{self, BlockFile, BlockTensor};
 use crate::io::safetensors_io::{FloatType, SafeModel};
 use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::weights::layer_tensor;
-use crate::prune::compact::{gather_cols, gather_rows, pad_cols, pad_rows};
+use crate::prune::compact::{pad_cols, pad_rows};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -79,8 +80,10 @@ pub fn pruned_config(
     v
 }
 
-/// Writes the pruned copy of `files`/`cfg` (from `src_dir`) to `out`.
-pub fn export_pruned(
+/// Writes the pruned copy of `files`/`cfg` (from `src_dir`) to `out`,
+/// gathering the kept channels on `be`.
+pub fn export_pruned<B: Backend>(
+    be: &B,
     src_dir: &Path,
     files: &SafeModel,
     cfg: &ModelConfig,
@@ -119,7 +122,7 @@ pub fn export_pruned(
             None => (t.shape.to_vec(), t.bytes.to_vec()),
             Some((l, "down_proj")) => {
                 let m = cfg.ffn_widths[l];
-                let g = gather_cols(t.bytes, elem, m, &kept[l]);
+                let g = be.gather_cols(t.bytes, elem, m, &kept[l])?;
                 match spec.layout {
                     ExportLayout::Compact => (vec![d, widths[l]], g),
                     ExportLayout::Padded => {
@@ -128,7 +131,7 @@ pub fn export_pruned(
                 }
             }
             Some((l, _)) => {
-                let g = gather_rows(t.bytes, elem, d, &kept[l]);
+                let g = be.gather_rows(t.bytes, elem, d, &kept[l])?;
                 match spec.layout {
                     ExportLayout::Compact => (vec![widths[l], d], g),
                     ExportLayout::Padded => (vec![widest, d], pad_rows(g, elem, d, widest)),
@@ -174,7 +177,7 @@ pub fn export_pruned(
     }
     write_model(dir.path(), &tensors, DEFAULT_MAX_SHARD_BYTES)?;
     if let Some(src_blocks) = BlockFile::open(src_dir)? {
-        let blocks = pruned_blocks(&src_blocks, files, cfg, spec, widest)?;
+        let blocks = pruned_blocks(be, &src_blocks, files, cfg, spec, widest)?;
         if !blocks.is_empty() {
             ggml_blocks::write(dir.path(), &blocks)?;
         }
@@ -208,7 +211,8 @@ fn ffn_tensor(cfg: &ModelConfig, name: &str) -> Option<(usize, &'static str)> {
 /// columns, which cuts through its blocks: it has none. Blocks of another
 /// shape than the model's tensor, or of a tensor the model lacks, are an
 /// error naming the file; loading checks the values as for any blocks file.
-fn pruned_blocks<'a>(
+fn pruned_blocks<'a, B: Backend>(
+    be: &B,
     src: &'a BlockFile,
     files: &SafeModel,
     cfg: &ModelConfig,
@@ -235,7 +239,15 @@ fn pruned_blocks<'a>(
             None => (m.rows, m.data.into()),
             Some((_, "down_proj")) => continue,
             Some((l, _)) => {
-                let g = gather_rows(m.data, 1, m.row_bytes(), &spec.kept[l]);
+                // A row is whole blocks of an even byte count (Q4_1: 20,
+                // Q8_0: 34), gathered as 2-byte words.
+                if !m.row_bytes().is_multiple_of(2) {
+                    return Err(Error::format(
+                        src.path(),
+                        format!("{name}: rows of {} bytes, not 2-byte words", m.row_bytes()),
+                    ));
+                }
+                let g = be.gather_rows(m.data, 2, m.row_bytes() / 2, &spec.kept[l])?;
                 match spec.layout {
                     ExportLayout::Compact => (spec.kept[l].len(), g.into()),
                     ExportLayout::Padded => (widest, pad_rows(g, 1, m.row_bytes(), widest).into()),

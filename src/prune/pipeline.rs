@@ -59,8 +59,10 @@ pub fn kept_channels(
     )
 }
 
-/// Scores, allocates, compacts and exports one pruned model.
+/// Scores, allocates, compacts (on `be`, the model's backend) and exports
+/// one pruned model.
 pub fn prune_model<B: Backend>(
+    be: &B,
     model: &Model<B>,
     stats: &Stats,
     norms: &[ColumnNorms],
@@ -131,7 +133,15 @@ pub fn prune_model<B: Backend>(
         down_bias: bias.as_deref(),
         record,
     };
-    let out = export_pruned(&model.dir, &model.files, cfg, &spec, &job.out, job.force)?;
+    let out = export_pruned(
+        be,
+        &model.dir,
+        &model.files,
+        cfg,
+        &spec,
+        &job.out,
+        job.force,
+    )?;
     Ok(PruneOutcome {
         out,
         method: job.method.name().to_string(),

@@ -415,7 +415,7 @@ impl<B: Backend> Run<'_, B> {
             out: dir.to_path_buf(),
             force: true,
         };
-        let r = prune_model(&self.dense, &stats, &self.norms, &job);
+        let r = prune_model(self.be, &self.dense, &stats, &self.norms, &job);
         self.stats = Some(stats);
         let r = r?;
         Ok(PrunedInfo {

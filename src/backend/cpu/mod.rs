@@ -3,6 +3,7 @@
 mod attention;
 mod blocks;
 mod decode;
+mod gather;
 mod loss;
 pub mod matmul;
 mod mem;
@@ -323,6 +324,26 @@ impl Backend for CpuBackend {
             want_grad,
             self.threads,
         ))
+    }
+
+    fn gather_rows(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>> {
+        gather::gather_rows(bytes, elem, cols, keep)
+    }
+
+    fn gather_cols(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>> {
+        gather::gather_cols(bytes, elem, cols, keep)
     }
 }
 

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 use super::buf::DevBuf;
 use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
-use crate::backend::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial};
+use crate::backend::{
+    check_cache_call, check_gather, AttnShape, Backend, CacheShape, ChannelPartial, GatherAxis,
+};
 use crate::{Error, Result};
 
 /// Vocabulary entries per cross-entropy chunk by default: at 2048 rows the
@@ -97,6 +99,59 @@ impl<D: Device> CudaBackend<D> {
         };
         // SAFETY: operand extents checked above.
         unsafe { self.dev.gemm(&g) }
+    }
+
+    /// `gather_rows`/`gather_cols` (by `axis`): the arguments checked,
+    /// then the matrix moved as u16 words (2-byte elements) or u32 words
+    /// (4-byte ones, the only other width `check_gather` lets through).
+    fn gather(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+        axis: GatherAxis,
+    ) -> Result<Vec<u8>> {
+        let rows = check_gather(bytes, elem, cols, keep, axis)?;
+        if elem == 2 {
+            self.gather_words::<u16>(bytes, (rows, cols), keep, axis)
+        } else {
+            self.gather_words::<u32>(bytes, (rows, cols), keep, axis)
+        }
+    }
+
+    /// `gather` of a checked `[rows, cols]` matrix of `W` words on the
+    /// device: the bytes uploaded as words, `keep` as u32, compact.cu's
+    /// `compact_rows_<W>` or `compact_cols_<W>`, the result downloaded.
+    fn gather_words<W: k::Word>(
+        &self,
+        bytes: &[u8],
+        (rows, cols): (usize, usize),
+        keep: &[usize],
+        axis: GatherAxis,
+    ) -> Result<Vec<u8>> {
+        let out_words = keep.len()
+            * match axis {
+                GatherAxis::Rows => cols,
+                GatherAxis::Cols => rows,
+            };
+        if out_words == 0 {
+            return Ok(Vec::new());
+        }
+        let keep = keep
+            .iter()
+            .map(|&i| {
+                u32::try_from(i).map_err(|_| self.err(format!("gather: index {i} > u32::MAX")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        let dev = &self.dev;
+        let src = DevBuf::<D, W>::upload_bytes(dev, bytes)?;
+        let dst = DevBuf::<D, W>::alloc(dev, out_words)?;
+        match axis {
+            GatherAxis::Rows => k::compact_rows(dev, &src, &keep, &dst, rows, cols)?,
+            GatherAxis::Cols => k::compact_cols(dev, &src, &keep, &dst, rows, cols)?,
+        }
+        dst.download_bytes(dev)
     }
 }
 
@@ -478,5 +533,25 @@ impl<D: Device> Backend for CudaBackend<D> {
             dev.synchronize()?; // `dl` is freed at the end of the iteration
         }
         Ok((nll, count, Some(dz)))
+    }
+
+    fn gather_rows(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.gather(bytes, elem, cols, keep, GatherAxis::Rows)
+    }
+
+    fn gather_cols(
+        &self,
+        bytes: &[u8],
+        elem: usize,
+        cols: usize,
+        keep: &[usize],
+    ) -> Result<Vec<u8>> {
+        self.gather(bytes, elem, cols, keep, GatherAxis::Cols)
     }
 }

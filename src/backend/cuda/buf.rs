@@ -10,6 +10,9 @@ use crate::{Error, Result};
 pub trait Elem: bytemuck::Pod + Send + Sync {
     const NAME: &'static str;
 }
+impl Elem for u16 {
+    const NAME: &'static str = "u16";
+}
 impl Elem for f32 {
     const NAME: &'static str = "f32";
 }
@@ -24,9 +27,6 @@ impl Elem for u32 {
 }
 impl Elem for i32 {
     const NAME: &'static str = "i32";
-}
-impl Elem for f64 {
-    const NAME: &'static str = "f64";
 }
 
 /// `len` elements of `T` in device memory.
@@ -66,6 +66,25 @@ impl<D: Device, T: Elem> DevBuf<D, T> {
         };
         dev.htod_async(bytemuck::cast_slice(data), &b.mem)?;
         Ok(b)
+    }
+    /// `upload` of raw little-endian bytes, a whole number of elements.
+    pub fn upload_bytes(dev: &D, bytes: &[u8]) -> Result<Self> {
+        let size = std::mem::size_of::<T>();
+        if !bytes.len().is_multiple_of(size) {
+            return Err(Error::Backend {
+                backend: dev.backend_name(),
+                msg: format!("{} bytes are not whole {}-byte elements", bytes.len(), size),
+            });
+        }
+        let b = Self::alloc(dev, bytes.len() / size)?;
+        dev.htod(bytes, &b.mem)?;
+        Ok(b)
+    }
+    /// `download` as raw little-endian bytes.
+    pub fn download_bytes(&self, dev: &D) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.bytes()];
+        dev.dtoh(&self.mem, &mut out)?;
+        Ok(out)
     }
     pub fn download(&self, dev: &D) -> Result<Vec<T>> {
         let mut out = vec![T::zeroed(); self.len];

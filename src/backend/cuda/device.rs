@@ -137,10 +137,6 @@ impl Args {
         self.slots.push(v.to_bits() as u64);
         self
     }
-    pub fn f64(mut self, v: f64) -> Self {
-        self.slots.push(v.to_bits());
-        self
-    }
     /// cuLaunchKernel's `kernelParams`: one pointer per argument, valid while `self` lives.
     pub fn params(&mut self) -> Vec<*mut c_void> {
         self.slots

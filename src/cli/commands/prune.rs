@@ -38,7 +38,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             out,
             force: a.force,
         };
-        let r = prune_model(&model, &stats, &norms, &job)?;
+        let r = prune_model(be, &model, &stats, &norms, &job)?;
         println!(
             "{} at sparsity {}: {} -> {} parameters ({:.1}% removed), widths {}..{}, wrote {}",
             r.method,

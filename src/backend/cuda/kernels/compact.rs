@@ -1,0 +1,58 @@
+//! Launches of kernels/compact.cu, the compaction gather
+//! (`Backend::gather_rows`, `gather_cols` on the CUDA backend).
+use super::Launch;
+use crate::backend::cuda::buf::{DevBuf, Elem};
+use crate::backend::cuda::device::{Device, LaunchCfg};
+use crate::Result;
+
+/// Words the compaction moves (compact.cu names its kernels by word width):
+/// u16 for bf16 and f16, u32 for f32.
+pub trait Word: Elem {}
+impl Word for u16 {}
+impl Word for u32 {}
+
+/// compact.cu `compact_rows_<W>`: `dst[i, :] = src[keep[i], :]`, src `[m, d]`,
+/// dst `[keep.len(), d]`; one block per kept row.
+pub fn compact_rows<D: Device, W: Word>(
+    dev: &D,
+    src: &DevBuf<D, W>,
+    keep: &[u32],
+    dst: &DevBuf<D, W>,
+    m: usize,
+    d: usize,
+) -> Result<()> {
+    Launch::new(dev)
+        .buf(src, m * d, "compact src")
+        .indices(keep, m, "compact: kept channel")
+        .buf(dst, keep.len() * d, "compact dst")
+        .int(d, "d")
+        .run_if(
+            !keep.is_empty(),
+            &format!("compact_rows_{}", W::NAME),
+            LaunchCfg::linear(keep.len(), 256),
+        )
+}
+
+/// compact.cu `compact_cols_<W>`: `dst[r, j] = src[r, keep[j]]`, src
+/// `[rows, m]`, dst `[rows, keep.len()]`; grid-stride over dst.
+pub fn compact_cols<D: Device, W: Word>(
+    dev: &D,
+    src: &DevBuf<D, W>,
+    keep: &[u32],
+    dst: &DevBuf<D, W>,
+    rows: usize,
+    m: usize,
+) -> Result<()> {
+    Launch::new(dev)
+        .buf(src, rows * m, "compact src")
+        .indices(keep, m, "compact: kept channel")
+        .buf(dst, rows * keep.len(), "compact dst")
+        .int(rows, "rows")
+        .int(m, "m")
+        .int(keep.len(), "k")
+        .run_if(
+            !keep.is_empty() && rows > 0,
+            &format!("compact_cols_{}", W::NAME),
+            LaunchCfg::elementwise(rows * keep.len()),
+        )
+}
