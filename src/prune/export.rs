@@ -2,8 +2,8 @@
 //! the input dtype with HF names (sharded above 4 GB), config.json,
 //! pruning.json and the tokenizer files, atomically; and the ggml blocks
 //! of the matrices the compaction keeps whole (`ggml_blocks`).
-use crate::io::atomic::{write_json, AtomicDir};
 use crate::io::ggml_blocks::{self, BlockFile, BlockTensor};
+use crate::io::output::{write_json, OutputDir, MODEL_DIR};
 use crate::io::safetensors_io::{FloatType, SafeModel};
 use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::config::{Arch, ModelConfig};
@@ -107,7 +107,7 @@ pub fn export_pruned(
     }
     let widths: Vec<usize> = kept.iter().map(Vec::len).collect();
     let widest = widths.iter().copied().max().unwrap_or(0);
-    let dir = AtomicDir::create(out, force)?;
+    let dir = OutputDir::create(out, MODEL_DIR, force)?;
     let d = cfg.hidden;
     let main_dtype = out_dtype(files.main_dtype());
     let mut tensors = Vec::new();
