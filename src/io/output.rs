@@ -1,5 +1,5 @@
 //! Every file and directory the engine writes goes through this module
-//! (docs/DESIGN.md §10, "Outputs"):
+//! (docs/DESIGN.md §10):
 //!
 //! - Written under a temporary sibling `.<name>.rku-tmp-<pid>-<n>`, created
 //!   exclusively (`create_new`, i.e. `O_EXCL`, for a file; `create_dir` for
@@ -53,8 +53,8 @@ pub const REPORT_DIR: Kind = Kind::Dir("report");
 impl Kind {
     fn describe(self) -> String {
         match self {
-            Kind::Dir(k) => format!("an rku-engine {k} directory (with {MARKER})"),
-            Kind::Safetensors(f) => format!("a `{f}` safetensors file"),
+            Kind::Dir(k) => format!("an rku-engine {k} directory"),
+            Kind::Safetensors(f) => format!("a safetensors file of format `{f}`"),
             Kind::Jsonl(_) => "an rku-engine record file (jsonl)".into(),
         }
     }
