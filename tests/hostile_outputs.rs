@@ -224,26 +224,21 @@ impl Cmd {
 
     /// The command's inputs, each a path an `--out` must never replace.
     fn inputs(self, w: &World) -> Vec<PathBuf> {
-        let model = [w.model.clone(), w.model.join("model.safetensors")];
+        let model = || vec![w.model.clone(), w.model.join("model.safetensors")];
+        let with = |mut v: Vec<PathBuf>, more: &[&PathBuf]| {
+            v.extend(more.iter().map(|p| p.to_path_buf()));
+            v
+        };
         match self {
-            Cmd::Score => [&model[..], &[w.calib.clone()]].concat(),
-            Cmd::Prune => [
-                &model[..],
-                &[w.model.join("config.json"), w.stats_a.clone()],
-            ]
-            .concat(),
+            Cmd::Score => with(model(), &[&w.calib]),
+            Cmd::Prune => with(model(), &[&w.model.join("config.json"), &w.stats_a]),
             Cmd::Import => vec![w.gguf.clone()],
             Cmd::Merge => vec![w.stats_a.clone(), w.stats_b.clone()],
-            Cmd::Gen => [
-                &model[..],
-                &[
-                    w.gen.clone(),
-                    w.shots.clone(),
-                    w.model.join("tokenizer.json"),
-                ],
-            ]
-            .concat(),
-            Cmd::Mc => [&model[..], &[w.mc.clone()]].concat(),
+            Cmd::Gen => with(
+                model(),
+                &[&w.gen, &w.shots, &w.model.join("tokenizer.json")],
+            ),
+            Cmd::Mc => with(model(), &[&w.mc]),
         }
     }
 }
@@ -448,7 +443,7 @@ fn links_at_temporary_names_are_never_followed() {
             &w,
             &mut cmd.command(&w, &out, false),
             &out,
-            &[stale.clone()],
+            std::slice::from_ref(&stale),
         );
         assert!(std::fs::symlink_metadata(&stale).is_err(), "{cmd:?}");
         for p in &planted {

@@ -175,18 +175,7 @@ pub fn check(dest: &Path, kind: Kind, force: bool) -> Result<()> {
     };
     let link = meta.file_type().is_symlink();
     if !force {
-        return Err(Error::Invalid(if link {
-            format!(
-                "{} already exists as a symbolic link (pass --force to replace the link itself; \
-                 what it points to is never written)",
-                dest.display()
-            )
-        } else {
-            format!(
-                "{} already exists (pass --force to replace it)",
-                dest.display()
-            )
-        }));
+        return Err(exists(dest, link));
     }
     if let Some(why) = input_conflict(&abs) {
         return Err(Error::Invalid(format!(
@@ -204,6 +193,22 @@ pub fn check(dest: &Path, kind: Kind, force: bool) -> Result<()> {
             dest.display(),
             kind.describe()
         ))
+    })
+}
+
+/// The refusal of an existing `dest` without force.
+fn exists(dest: &Path, link: bool) -> Error {
+    Error::Invalid(if link {
+        format!(
+            "{} already exists as a symbolic link (pass --force to replace the link itself; \
+             what it points to is never written)",
+            dest.display()
+        )
+    } else {
+        format!(
+            "{} already exists (pass --force to replace it)",
+            dest.display()
+        )
     })
 }
 
@@ -287,6 +292,10 @@ fn safetensors_format(path: &Path) -> Option<String> {
 fn records_file(path: &Path, fields: &[&str]) -> std::result::Result<(), String> {
     let f = File::open(path).map_err(|e| format!("it cannot be read ({e})"))?;
     let mut r = BufReader::new(f);
+    match r.fill_buf() {
+        Ok(b) if b.first() == Some(&b'{') => {}
+        _ => return Err("its line 1 is not a JSON object".into()),
+    }
     let mut line = Vec::new();
     for n in 1.. {
         line.clear();
@@ -437,11 +446,26 @@ impl Drop for Temp {
 fn install(tmp: &Path, dest: &Path, kind: Kind, force: bool) -> Result<()> {
     check(dest, kind, force)?;
     let rename = |from: &Path, to: &Path| fs::rename(from, to).map_err(|e| Error::io(to, e));
+    let tmp_is_dir = fs::symlink_metadata(tmp).is_ok_and(|m| m.is_dir());
     let old = match fs::symlink_metadata(dest) {
+        Err(_) if !force && !tmp_is_dir => {
+            // A hard link never replaces: what appeared at `dest` since
+            // the check stays (where the file system has hard links).
+            return match fs::hard_link(tmp, dest) {
+                Ok(()) => {
+                    let _ = fs::remove_file(tmp); // else removed as stale later
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let link = fs::symlink_metadata(dest).is_ok_and(|m| m.is_symlink());
+                    Err(exists(dest, link))
+                }
+                Err(_) => rename(tmp, dest),
+            };
+        }
         Err(_) => return rename(tmp, dest),
         Ok(m) => m,
     };
-    let tmp_is_dir = fs::symlink_metadata(tmp).is_ok_and(|m| m.is_dir());
     if !tmp_is_dir && !old.is_dir() {
         return rename(tmp, dest);
     }
@@ -460,10 +484,15 @@ fn install(tmp: &Path, dest: &Path, kind: Kind, force: bool) -> Result<()> {
     let mut aside_guard = Temp(Some(aside.clone()));
     rename(dest, &aside)?;
     if let Err(e) = rename(tmp, dest) {
-        if fs::rename(&aside, dest).is_ok() {
-            aside_guard.disarm();
-        }
-        return Err(e);
+        aside_guard.disarm(); // the old entry is never removed unless replaced
+        return Err(match fs::rename(&aside, dest) {
+            Ok(()) => e,
+            Err(_) => Error::Invalid(format!(
+                "{e}; what was at {} is now at {}",
+                dest.display(),
+                aside.display()
+            )),
+        });
     }
     drop(aside_guard); // removes the old entry
     Ok(())
