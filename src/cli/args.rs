@@ -257,7 +257,8 @@ pub struct ScoreArgs {
     /// Output statistics file (safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace an existing output.
+    /// Replace an existing output: only a statistics file an earlier run
+    /// wrote (or an empty file), never an input of this run.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -295,7 +296,8 @@ pub struct PruneArgs {
     /// Output directory; with several sparsities, one subdirectory `<method>-s<sparsity>` each.
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace existing outputs.
+    /// Replace existing outputs: only model directories an earlier run
+    /// wrote (or empty ones), never an input of this run.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -313,7 +315,8 @@ pub struct ImportArgs {
     /// dtype of the written weights.
     #[arg(long, value_enum, default_value_t = OutDtype::F32)]
     pub dtype: OutDtype,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory: only a model directory an
+    /// earlier run wrote (or an empty one), never the GGUF.
     #[arg(long)]
     pub force: bool,
     /// Do not also write ggml_blocks.safetensors, the Q4_1/Q8_0 matrices'
@@ -331,7 +334,8 @@ pub struct MergeArgs {
     /// Output statistics file (safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace an existing output.
+    /// Replace an existing output: only a statistics file an earlier run
+    /// wrote (or an empty file), never an input of this run.
     #[arg(long)]
     pub force: bool,
 }
@@ -453,7 +457,8 @@ pub struct ReportArgs {
     /// Skip the prefill timing (no speedup column).
     #[arg(long)]
     pub no_prefill: bool,
-    /// Output directory; rerunning into it resumes.
+    /// Output directory; rerunning into it resumes. An existing directory
+    /// that is not a report (or holds an input) is refused, even with --force.
     #[arg(long)]
     pub out: PathBuf,
     /// Keep every pruned model under OUT/models/ (by default each is removed once evaluated).
@@ -534,6 +539,10 @@ pub struct GenArgs {
     /// Per-problem jsonl (prompt, generation, extracted, gold, correct).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an existing --out: only a gen record file an earlier run
+    /// wrote (or an empty file), never an input of this run.
+    #[arg(long, requires = "out")]
+    pub force: bool,
     /// End the output with the summary as one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -563,6 +572,10 @@ pub struct McArgs {
     /// Per-item jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an existing --out: only an mc record file an earlier run
+    /// wrote (or an empty file), never an input of this run.
+    #[arg(long, requires = "out")]
+    pub force: bool,
     /// End the output with the summary as one JSON line.
     #[arg(long)]
     pub json: bool,

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use args::{BackendKind, BenchCmd, Cli, Cmd, Common, DecodeWeightArgs, EvalCmd, StatsCmd};
 use rku_engine::backend::cuda::{has_kernels, GpuDevice};
 use rku_engine::backend::Backend;
+use rku_engine::io::output::{self, Kind};
 use rku_engine::model::weights::{LoadOptions, Residency};
 use rku_engine::model::Model;
 use std::path::Path;
@@ -123,13 +124,18 @@ fn load_model<B: Backend>(
     Ok(m)
 }
 
-/// Errs when `out` exists and `force` is not given.
-fn refuse_existing(out: &Path, force: bool) -> Result<()> {
-    if out.exists() && !force {
-        anyhow::bail!(
-            "{} already exists (pass --force to replace it)",
-            out.display()
-        );
+/// Registers the paths a command reads, then refuses at once, before
+/// anything loads, an output `out` of `kind` the run could not write
+/// (DESIGN.md §10): an existing one without `force`; with it, an input of
+/// the run or anything but an earlier output of `kind`.
+fn check_output<'a>(
+    inputs: impl IntoIterator<Item = &'a Path>,
+    out: &Path,
+    kind: Kind,
+    force: bool,
+) -> Result<()> {
+    for p in inputs {
+        output::protect(p);
     }
-    Ok(())
+    Ok(output::check(out, kind, force)?)
 }

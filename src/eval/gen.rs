@@ -21,6 +21,7 @@
 //! `eos_token_id`, and tokenizer_config.json's `eos_token`.
 use super::answer::{extract_answer, gold_answer};
 use crate::backend::Backend;
+use crate::io::output::{self, Kind};
 use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
 use crate::model::decode::{generate, DecodeStats, Finish, GenerateOptions};
@@ -260,6 +261,9 @@ pub struct GenArgs {
     pub stop: Option<Vec<String>>,
     /// Per-problem jsonl output.
     pub out: Option<PathBuf>,
+    /// Replace an existing `out`: only an earlier record file of gen
+    /// (DESIGN.md §10).
+    pub force: bool,
 }
 
 impl GenArgs {
@@ -276,9 +280,23 @@ impl GenArgs {
             max_new_tokens: 256,
             stop: None,
             out: None,
+            force: false,
         }
     }
 }
+
+/// A per-problem jsonl as an output: every line an object with the
+/// fields of [`GenRecord`] (DESIGN.md §10, §15).
+pub const GEN_RECORDS: Kind = Kind::Jsonl(&[
+    "index",
+    "prompt",
+    "generation",
+    "extracted",
+    "gold",
+    "correct",
+    "finish",
+    "new_tokens",
+]);
 
 /// One scored problem (a line of the per-problem jsonl).
 #[derive(Clone, Debug, Serialize)]
@@ -315,19 +333,20 @@ pub struct GenResult {
     pub seconds: f64,
 }
 
-/// Writes `lines` as jsonl to `path` through a temporary name.
-pub(crate) fn write_jsonl<T: Serialize>(path: &Path, lines: &[T]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+/// Writes `lines` as jsonl to `path`, an output of `kind` (a temporary
+/// name renamed into place; `force` as in `output::write_file`).
+pub(crate) fn write_jsonl<T: Serialize>(
+    path: &Path,
+    lines: &[T],
+    kind: Kind,
+    force: bool,
+) -> Result<()> {
     let mut text = String::new();
     for l in lines {
         text.push_str(&serde_json::to_string(l).map_err(|e| Error::Invalid(e.to_string()))?);
         text.push('\n');
     }
-    let tmp = path.with_extension("jsonl.partial");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    output::write_file(path, kind, force, text.as_bytes())
 }
 
 /// Label of a data file: its stem.
@@ -345,6 +364,13 @@ pub fn evaluate_gen<B: Backend>(
     tok: &Tokenizer,
     args: &GenArgs,
 ) -> Result<(GenResult, Vec<GenRecord>)> {
+    if let Some(out) = &args.out {
+        // Before the work; the records never replace what is read.
+        for input in [Some(&model.dir), Some(&args.data), args.shots_file.as_ref()] {
+            input.into_iter().for_each(|p| output::protect(p));
+        }
+        output::check(out, GEN_RECORDS, args.force)?;
+    }
     let start = Instant::now();
     let mut problems = read_problems(&args.data)?;
     let (shots, first) = match &args.shots_file {
@@ -438,7 +464,7 @@ pub fn evaluate_gen<B: Backend>(
         })
         .collect();
     if let Some(out) = &args.out {
-        write_jsonl(out, &records)?;
+        write_jsonl(out, &records, GEN_RECORDS, args.force)?;
     }
     let correct = records.iter().filter(|r| r.correct).count();
     let result = GenResult {
@@ -461,4 +487,29 @@ pub fn evaluate_gen<B: Backend>(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((result, records))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_kind_lists_every_field_of_a_record() {
+        let r = GenRecord {
+            index: 0,
+            prompt: String::new(),
+            generation: String::new(),
+            extracted: None,
+            gold: String::new(),
+            correct: false,
+            finish: Finish::Eos,
+            new_tokens: 0,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let Kind::Jsonl(fields) = GEN_RECORDS else {
+            panic!("a jsonl kind")
+        };
+        assert_eq!(keys, fields);
+    }
 }

@@ -21,6 +21,7 @@
 //! choice than the one whose text it is, is refused as ambiguous.
 use super::gen::{stem, write_jsonl};
 use crate::backend::Backend;
+use crate::io::output::{self, Kind};
 use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
 use crate::model::forward::forward;
@@ -182,6 +183,9 @@ pub struct McArgs {
     pub batch: usize,
     /// Per-item jsonl output.
     pub out: Option<PathBuf>,
+    /// Replace an existing `out`: only an earlier record file of mc
+    /// (DESIGN.md §10).
+    pub force: bool,
 }
 
 impl McArgs {
@@ -192,9 +196,23 @@ impl McArgs {
             limit: None,
             batch: 16,
             out: None,
+            force: false,
         }
     }
 }
+
+/// A per-item jsonl as an output: every line an object with the fields
+/// of [`McRecord`] (DESIGN.md §10, §15).
+pub const MC_RECORDS: Kind = Kind::Jsonl(&[
+    "index",
+    "loglik",
+    "chars",
+    "pred",
+    "pred_norm",
+    "gold",
+    "correct",
+    "correct_norm",
+]);
 
 /// One scored item (a line of the per-item jsonl).
 #[derive(Clone, Debug, Serialize)]
@@ -240,6 +258,12 @@ pub fn evaluate_mc<B: Backend>(
     tok: &Tokenizer,
     args: &McArgs,
 ) -> Result<(McResult, Vec<McRecord>)> {
+    if let Some(out) = &args.out {
+        // Before the work; the records never replace what is read.
+        output::protect(&model.dir);
+        output::protect(&args.data);
+        output::check(out, MC_RECORDS, args.force)?;
+    }
     let start = Instant::now();
     let mut items = read_items(&args.data)?;
     items.truncate(args.limit.unwrap_or(usize::MAX));
@@ -281,7 +305,7 @@ pub fn evaluate_mc<B: Backend>(
         })
         .collect();
     if let Some(out) = &args.out {
-        write_jsonl(out, &records)?;
+        write_jsonl(out, &records, MC_RECORDS, args.force)?;
     }
     let n = records.len();
     Ok((
@@ -324,5 +348,25 @@ mod tests {
         // "1" names no choice: an index must be a number.
         let e = gold_of(r#""1""#, r#"["a", "b"]"#).unwrap_err().to_string();
         assert!(e.contains("reads as an index"), "{e}");
+    }
+
+    #[test]
+    fn the_record_kind_lists_every_field_of_a_record() {
+        let r = McRecord {
+            index: 0,
+            loglik: vec![],
+            chars: vec![],
+            pred: 0,
+            pred_norm: 0,
+            gold: 0,
+            correct: false,
+            correct_norm: false,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let Kind::Jsonl(fields) = MC_RECORDS else {
+            panic!("a jsonl kind")
+        };
+        assert_eq!(keys, fields);
     }
 }

@@ -38,7 +38,8 @@ pub struct BlockTensor<'a> {
 }
 
 /// Writes `BLOCKS_FILE` into `dir`, streaming from `tensors` (the caller
-/// writes `dir` as a whole atomically: `AtomicDir`).
+/// writes `dir` as a whole atomically: `output::OutputDir`); refuses a
+/// file already there.
 pub fn write(dir: &Path, tensors: &[BlockTensor<'_>]) -> Result<()> {
     let path = dir.join(BLOCKS_FILE);
     let mut meta = BTreeMap::new();
@@ -52,7 +53,7 @@ pub fn write(dir: &Path, tensors: &[BlockTensor<'_>]) -> Result<()> {
         views.push((t.name.clone(), view));
     }
     let bytes = serialize_sorted(views, &meta)?;
-    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+    crate::io::output::write_new(&path, &bytes)
 }
 
 /// An opened `BLOCKS_FILE`: the mapped file and where each matrix lies.

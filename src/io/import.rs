@@ -10,10 +10,10 @@
 //! GGUF row `2i + j` (i < hd/2, j < 2) is HF row `j·hd/2 + i`, i.e.
 //! `w.reshape(n, hd/2, 2, cols).swapaxes(1, 2)` with n = heads for Q and
 //! KV heads for K. Qwen2 GGUFs are stored unpermuted.
-use crate::io::atomic::AtomicDir;
 use crate::io::ggml_blocks::{self, BlockTensor};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
+use crate::io::output::{self, OutputDir, MODEL_DIR};
 use crate::io::safetensors_out::{write_model_with, OutDtype, TensorSpec, DEFAULT_MAX_SHARD_BYTES};
 use crate::quant::dequant::dequantize;
 use crate::quant::{BlockKind, BLOCK_LEN};
@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 pub struct ImportOptions {
     /// dtype of the written tensors.
     pub dtype: OutDtype,
-    /// Replace an existing output directory.
+    /// Replace an existing output directory (one an earlier run wrote;
+    /// DESIGN.md §10).
     pub force: bool,
     /// With f32 output, also write the blocks of the Q4_1 and Q8_0
     /// matrices (`ggml_blocks::BLOCKS_FILE`).
@@ -354,8 +355,10 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
     c
 }
 
-/// Imports the GGUF `src` into the HF model directory `out`.
+/// Imports the GGUF `src` into the HF model directory `out` (an output:
+/// `src` is protected from it, DESIGN.md §10).
 pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportSummary> {
+    output::protect(src);
     let g = GgufFile::open(src)?;
     let arch = g
         .get("general.architecture")
@@ -411,15 +414,12 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
         .sum();
 
     // Tensors are dequantised one at a time as they are written.
-    let dir = AtomicDir::create(out, opts.force)?;
+    let dir = OutputDir::create(out, MODEL_DIR, opts.force)?;
     write_model_with(dir.path(), &specs, DEFAULT_MAX_SHARD_BYTES, |i| {
         convert(&g, sources[i], &plans[i].1, opts.dtype).map(Cow::Owned)
     })?;
-    let json_file = |name: &str, v: &serde_json::Value| {
-        let path = dir.path().join(name);
-        let text = serde_json::to_string_pretty(v).expect("serialising a JSON value");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
-    };
+    let json_file =
+        |name: &str, v: &serde_json::Value| output::write_json(&dir.path().join(name), v);
     json_file("config.json", &config_json(&g, &arch, &h, opts.dtype))?;
     json_file("tokenizer.json", &tokenizer)?;
     json_file("tokenizer_config.json", &tokenizer_config)?;

@@ -3,8 +3,8 @@
 //! pruning.json and the tokenizer files, atomically; and the ggml blocks
 //! of the matrices the compaction keeps whole (`ggml_blocks`).
 use crate::backend::Backend;
-use crate::io::atomic::{write_json, AtomicDir};
 use crate::io::ggml_blocks::{self, BlockFile, BlockTensor};
+use crate::io::output::{write_json, OutputDir, MODEL_DIR};
 use crate::io::safetensors_io::{FloatType, SafeModel};
 use crate::io::safetensors_out::{write_model, OutDtype, OutTensor, DEFAULT_MAX_SHARD_BYTES};
 use crate::model::config::{Arch, ModelConfig};
@@ -110,7 +110,7 @@ pub fn export_pruned<B: Backend>(
     }
     let widths: Vec<usize> = kept.iter().map(Vec::len).collect();
     let widest = widths.iter().copied().max().unwrap_or(0);
-    let dir = AtomicDir::create(out, force)?;
+    let dir = OutputDir::create(out, MODEL_DIR, force)?;
     let d = cfg.hidden;
     let main_dtype = out_dtype(files.main_dtype());
     let mut tensors = Vec::new();

@@ -37,7 +37,7 @@
 //! | `objectives`     | `energy`, `ce` or `energy,ce`                 |
 //! | `energy_at`      | `final-norm` or `pre-norm`                    |
 //! | `engine_version` | version of the engine that wrote the numbers  |
-use crate::io::atomic;
+use crate::io::output::{self, Kind};
 use crate::io::safetensors_out::serialize_sorted;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};
 use crate::{Error, Result};
@@ -47,6 +47,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 const FORMAT: &str = "rku-stats";
+/// A statistics file as an output: recognised by its `format` (DESIGN.md §10).
+pub const STATS_FILE: Kind = Kind::Safetensors(FORMAT);
 /// 2: adds the window digests and the tensor checksum.
 const FORMAT_VERSION: &str = "2";
 /// The tensor of per-window digests: `[N, 32]` u8, sha256 of each
@@ -230,10 +232,20 @@ impl Stats {
         Ok(())
     }
 
-    /// Writes the statistics to `path` (a temporary file renamed into place),
-    /// with the window digests and a checksum of every tensor's bytes.
-    /// Refuses misshapen or non-finite statistics (`check_shapes`).
+    /// Writes the statistics to `path` (a temporary file renamed into
+    /// place), replacing only an earlier statistics file or an empty one
+    /// there: [`Stats::save_with`] with `force`.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, true)
+    }
+
+    /// Writes the statistics to `path` as an output of a command
+    /// (DESIGN.md §10): without `force` nothing at `path` is replaced; with
+    /// it, only an earlier statistics file or an empty one, never an input
+    /// of the run. Writes the window digests and a checksum of every
+    /// tensor's bytes; refuses misshapen or non-finite statistics
+    /// (`check_shapes`).
+    pub fn save_with(&self, path: &Path, force: bool) -> Result<()> {
         self.check_shapes()?;
         let bytes: Vec<(String, Vec<u8>, usize)> = self
             .layers
@@ -285,7 +297,7 @@ impl Stats {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let file = serialize_sorted(views, &header)?;
-        atomic::write_file(path, &file)
+        output::write_file(path, STATS_FILE, force, &file)
     }
 
     /// Reads a stats file written by [`Stats::save`]. Every error names the

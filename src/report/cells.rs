@@ -7,7 +7,7 @@
 //! that changes, say, the multiple-choice file invalidates the mc cells
 //! and nothing else. Paths are not part of any key (moving a file changes
 //! nothing); digests of the contents are.
-use crate::io::atomic::write_file;
+use crate::io::output::replace_owned;
 use crate::io::text::hex;
 use crate::prune::job::model_name;
 use crate::prune::{Method, Sparsity};
@@ -243,7 +243,7 @@ impl CellStore {
             value,
         };
         let text = serde_json::to_string_pretty(&rec).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_file(&self.path(name), text.as_bytes())
+        replace_owned(&self.path(name), text.as_bytes())
     }
 
     pub fn remove(&self, name: &str) -> Result<()> {

@@ -32,7 +32,7 @@ use crate::eval::iou::read_kept;
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
 use crate::eval::ppl::{perplexity, PplResult};
 use crate::eval::prefill::{bench_prefill, PrefillResult};
-use crate::io::atomic::write_file;
+use crate::io::output::{self, replace_owned, REPORT_DIR};
 use crate::io::text::{read_text, Tokenizer};
 use crate::model::Model;
 use crate::progress::{println, Progress};
@@ -59,13 +59,17 @@ fn objectives_of(s: &str) -> Objectives {
     s.parse().unwrap_or_default()
 }
 
-/// Opens (or starts) the output directory: refuses a directory that is
-/// not a report, and finished cells whose inputs changed unless `force`
-/// (then removes them). Returns the store and the objectives to score
-/// with should the statistics be (re)computed.
+/// Opens (or starts) the output directory: refuses, even with `force`,
+/// one that is not a report (DESIGN.md §10: a report directory carries the
+/// engine's marker; one written before markers, its fingerprint.json), and
+/// finished cells whose inputs changed unless `force` (then removes them).
+/// Returns the store and the objectives to score with should the
+/// statistics be (re)computed.
 fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellStore, Objectives)> {
     let out = &spec.out;
     let fp_path = out.join("fingerprint.json");
+    let is_file = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+    output::open_in_place(out, REPORT_DIR, |d| is_file(&d.join("fingerprint.json")))?;
     let old: Option<Value> = match std::fs::read_to_string(&fp_path) {
         Ok(t) => Some(
             serde_json::from_str(&t)
@@ -73,17 +77,6 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
         ),
         Err(_) => None,
     };
-    if out.exists() && !out.is_dir() {
-        return Err(Error::Invalid(format!("--out {} is a file", out.display())));
-    }
-    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
-    if old.is_none() && non_empty && !spec.force {
-        return Err(Error::Invalid(format!(
-            "{} exists and is not a report directory (no fingerprint.json): \
-             choose another --out, or pass --force to write into it",
-            out.display()
-        )));
-    }
     let store = CellStore::open(&out.join("cells"))?;
     let mut stale: Vec<String> = Vec::new();
     for c in plan {
@@ -139,7 +132,7 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
         }
     }
     let text = serde_json::to_string_pretty(&fp.0).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_file(&fp_path, text.as_bytes())?;
+    replace_owned(&fp_path, text.as_bytes())?;
     Ok((store, score))
 }
 
@@ -170,6 +163,19 @@ struct Run<'a, B: Backend> {
 pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     let start = Instant::now();
     spec.check()?;
+    // Nothing the report writes may replace what it reads (DESIGN.md §10).
+    let gen = spec.gen.as_ref();
+    let inputs = [Some(&spec.model), Some(&spec.calib.path)]
+        .into_iter()
+        .chain([spec.ppl.as_ref().map(|p| &p.text)])
+        .chain([
+            gen.map(|g| &g.data),
+            gen.and_then(|g| g.shots_file.as_ref()),
+        ])
+        .chain([spec.mc.as_ref().map(|m| &m.data)]);
+    for input in inputs.flatten() {
+        output::protect(input);
+    }
     let dense = Model::load_with(be, &spec.model, spec.load)?;
     println(&format!(
         "model: {} ({:?}, {} layers, {:.1}M parameters)",
@@ -452,6 +458,7 @@ impl<B: Backend> Run<'_, B> {
             Metric::Gen => {
                 let args = GenArgs {
                     out: Some(records("gen")),
+                    force: true, // the report's own records
                     ..self.spec.gen.clone().expect(planned)
                 };
                 let (r, _) = evaluate_gen(self.be, model, &self.tok, &args)?;
@@ -464,6 +471,7 @@ impl<B: Backend> Run<'_, B> {
             Metric::Mc => {
                 let args = McArgs {
                     out: Some(records("mc")),
+                    force: true, // the report's own records
                     ..self.spec.mc.clone().expect(planned)
                 };
                 let (r, _) = evaluate_mc(self.be, model, &self.tok, &args)?;
@@ -595,8 +603,8 @@ impl<B: Backend> Run<'_, B> {
         let mut r = self.assemble()?;
         r.plots = plots::write_plots(&r, out)?;
         let json = serde_json::to_string_pretty(&r).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_file(&out.join("report.json"), json.as_bytes())?;
-        write_file(&out.join("report.md"), markdown::render(&r).as_bytes())?;
+        replace_owned(&out.join("report.json"), json.as_bytes())?;
+        replace_owned(&out.join("report.md"), markdown::render(&r).as_bytes())?;
         Ok(r)
     }
 }

@@ -4,7 +4,7 @@
 //! at each sparsity. Each method keeps one colour in every plot (its place
 //! in `Method::ALL`); the dense reference is dark grey.
 use super::data::{PlotInfo, Report, SeriesInfo};
-use crate::io::atomic::write_file;
+use crate::io::output::replace_owned;
 use crate::prune::Method;
 use crate::{Error, Result};
 use plotters::coord::ranged1d::{Ranged, ValueFormatter};
@@ -114,7 +114,7 @@ pub fn write_plots(r: &Report, out: &Path) -> Result<Vec<PlotInfo>> {
     {
         let path = dir.join(&c.file);
         let svg = render(c).map_err(|e| Error::format(&path, format!("cannot draw: {e}")))?;
-        write_file(&path, svg.as_bytes())?;
+        replace_owned(&path, svg.as_bytes())?;
         infos.push(PlotInfo {
             file: format!("plots/{}", c.file),
             title: c.title.clone(),

@@ -1,10 +1,10 @@
 //! `rku-engine eval ppl|gen|mc`: perplexity, generation accuracy, multiple choice.
 use crate::cli::args::{GenArgs, McArgs, PplArgs};
-use crate::cli::load_model;
+use crate::cli::{check_output, load_model};
 use anyhow::Result;
 use rku_engine::backend::Backend;
-use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat};
-use rku_engine::eval::mc::{self, evaluate_mc};
+use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
+use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
 use rku_engine::eval::ppl::perplexity;
 use rku_engine::io::text::{read_text, Tokenizer};
 
@@ -25,6 +25,11 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
 }
 
 pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        let inputs = [Some(&a.model), Some(&a.data), a.shots_file.as_ref()];
+        let inputs = inputs.into_iter().flatten().map(|p| p.as_path());
+        check_output(inputs, out, GEN_RECORDS, a.force)?;
+    }
     let model = load_model(be, &a.model, &a.common, Some(&a.decode_weights))?;
     let tok = Tokenizer::load(&a.model)?;
     let mut args = gen::GenArgs::new(a.data.clone());
@@ -40,6 +45,7 @@ pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
     args.batch = a.batch;
     args.max_new_tokens = a.max_new_tokens;
     args.out = a.out.clone();
+    args.force = a.force;
     let (r, _) = evaluate_gen(be, &model, &tok, &args)?;
     println!(
         "{}: accuracy {:.4} ({}/{}), {}-shot {:?}; decode {:.1} tokens/s, prefill {:.0} tokens/s",
@@ -62,6 +68,10 @@ pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
 }
 
 pub fn mc<B: Backend>(be: &B, a: &McArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        let inputs = [a.model.as_path(), a.data.as_path()];
+        check_output(inputs, out, MC_RECORDS, a.force)?;
+    }
     let model = load_model(be, &a.model, &a.common, None)?;
     let tok = Tokenizer::load(&a.model)?;
     let mut args = mc::McArgs::new(a.data.clone());
@@ -69,6 +79,7 @@ pub fn mc<B: Backend>(be: &B, a: &McArgs) -> Result<()> {
     args.limit = a.limit;
     args.batch = a.batch;
     args.out = a.out.clone();
+    args.force = a.force;
     let (r, _) = evaluate_mc(be, &model, &tok, &args)?;
     println!(
         "{}: acc {:.4}, acc_norm {:.4} over {} items ({:.1}s)",

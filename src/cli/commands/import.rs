@@ -1,11 +1,14 @@
 //! `rku-engine import`: a GGUF file to an HF model directory.
 use crate::cli::args::ImportArgs;
+use crate::cli::check_output;
 use anyhow::Result;
 use rku_engine::io::import::{import_gguf, ImportOptions};
+use rku_engine::io::output::MODEL_DIR;
 use std::time::Instant;
 
 pub fn run(a: &ImportArgs) -> Result<()> {
     let t = Instant::now();
+    check_output([a.gguf.as_path()], &a.out, MODEL_DIR, a.force)?;
     let opts = ImportOptions {
         dtype: a.dtype,
         force: a.force,

@@ -2,9 +2,10 @@
 //! per sparsity.
 use crate::cli::args::PruneArgs;
 use crate::cli::commands::score::{calib_source, run_scoring};
-use crate::cli::{load_model, refuse_existing};
+use crate::cli::{check_output, load_model};
 use anyhow::Result;
 use rku_engine::backend::Backend;
+use rku_engine::io::output::MODEL_DIR;
 use rku_engine::prune::calibrate::down_column_norms;
 use rku_engine::prune::job::output_dirs;
 use rku_engine::prune::pipeline::prune_model;
@@ -13,8 +14,14 @@ use rku_engine::prune::{merge, PruneJob, Stats};
 pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     let sparsities = &a.sparsity.0;
     let outs = output_dirs(&a.out, a.method, sparsities);
+    let inputs: Vec<&std::path::Path> = [&a.model]
+        .into_iter()
+        .chain(&a.calib.calib)
+        .chain(&a.stats)
+        .map(|p| p.as_path())
+        .collect();
     for o in &outs {
-        refuse_existing(o, a.force)?;
+        check_output(inputs.iter().copied(), o, MODEL_DIR, a.force)?;
     }
     let source = match a.stats.is_empty() {
         true => Some(calib_source(&a.calib)?),

@@ -1,20 +1,27 @@
 //! `rku-engine score`: the statistics pass over calibration windows.
 use crate::cli::args::{CalibArgs, ScoreArgs};
-use crate::cli::{load_model, refuse_existing};
+use crate::cli::{check_output, load_model};
 use anyhow::{Context, Result};
 use rku_engine::backend::Backend;
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_stats, CalibSource};
+use rku_engine::prune::stats::STATS_FILE;
 use rku_engine::prune::Stats;
 use std::time::Instant;
 
 pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
-    refuse_existing(&a.out, a.force)?;
+    let inputs = [Some(&a.model), a.calib.calib.as_ref()];
+    check_output(
+        inputs.into_iter().flatten().map(|p| p.as_path()),
+        &a.out,
+        STATS_FILE,
+        a.force,
+    )?;
     let source = calib_source(&a.calib)?;
     let model = load_model(be, &a.model, &a.common, None)?;
     let stats = run_scoring(be, &model, &source, &a.calib)?;
-    stats.save(&a.out)?;
+    stats.save_with(&a.out, a.force)?;
     println!("wrote {}", a.out.display());
     Ok(())
 }

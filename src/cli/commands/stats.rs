@@ -1,13 +1,19 @@
 //! `rku-engine stats merge`: sum statistics of disjoint calibration shards.
 use crate::cli::args::MergeArgs;
-use crate::cli::refuse_existing;
+use crate::cli::check_output;
 use anyhow::Result;
 use rku_engine::prune;
+use rku_engine::prune::stats::STATS_FILE;
 
 pub fn merge(a: &MergeArgs) -> Result<()> {
-    refuse_existing(&a.out, a.force)?;
+    check_output(
+        a.files.iter().map(|p| p.as_path()),
+        &a.out,
+        STATS_FILE,
+        a.force,
+    )?;
     let merged = prune::merge(&a.files)?;
-    merged.save(&a.out)?;
+    merged.save_with(&a.out, a.force)?;
     println!(
         "merged {} files: {} sequences, {} tokens -> {}",
         a.files.len(),
