@@ -188,7 +188,7 @@ fn check_tensor_names(files: &SafeModel, cfg: &ModelConfig, dir: &Path) -> Resul
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(l) = layer.filter(|&l| l >= cfg.layers) {
             return Err(Error::format(
-                &dir.join("config.json"),
+                dir.join("config.json"),
                 format!(
                     "num_hidden_layers is {} but the weights hold layer {l} ({name})",
                     cfg.layers
