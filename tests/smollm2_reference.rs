@@ -2,7 +2,7 @@
 //! scripts/fetch-assets.sh --import) against transformers run on the same
 //! GGUF (tests/fixtures/smollm2, made by scripts/make_fixtures.py): logits,
 //! the DATA.md loss, and the channel statistics. Skipped with a printed
-//! reason when the model has not been fetched.
+//! reason when the model has not been imported, a failure under CI.
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
