@@ -540,23 +540,31 @@ fn bad_gen_rows_name_file_and_line() {
     assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
 }
 
-/// The files of scripts/make-eval-data.py parse, and their gold numbers
-/// are the generator's answers.
+/// The files of scripts/make-eval-data.py parse, row for row, and their
+/// gold numbers are the generator's answers.
 #[test]
 fn eval_assets_parse() {
     let Some(dir) = asset("eval") else { return };
     let gsm = dir.join("gsm_symbolic.jsonl");
     let problems = read_problems(&gsm).unwrap();
     let text = std::fs::read_to_string(&gsm).unwrap();
+    assert!(!problems.is_empty(), "{}: no problems", gsm.display());
+    assert_eq!(problems.len(), text.lines().count(), "one problem per row");
     for (p, line) in problems.iter().zip(text.lines()) {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(p.gold, v["answer_value"].to_string(), "{line}");
         assert_eq!(v["label"], "GSM-symbolic");
     }
     for task in ["winowhy", "strategyqa", "physical_intuition"] {
-        let items =
-            rku_engine::eval::mc::read_items(&dir.join(format!("bigbench_{task}.jsonl"))).unwrap();
+        let path = dir.join(format!("bigbench_{task}.jsonl"));
+        let items = rku_engine::eval::mc::read_items(&path).unwrap();
+        let rows = std::fs::read_to_string(&path).unwrap().lines().count();
         println!("{task}: {} items", items.len());
+        assert!(!items.is_empty(), "{}: no items", path.display());
+        assert_eq!(items.len(), rows, "{task}: one item per row");
+        for it in &items {
+            assert!(it.choices.len() >= 2 && it.gold < it.choices.len());
+        }
     }
 }
 

@@ -97,7 +97,9 @@ fn smollm2_stats_match_autograd() {
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
     ] {
         let mut worst = 0f64;
+        let mut layers = 0;
         backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, scale, |l, p| {
+            layers += 1;
             let m = p.s1.len();
             let tk: Vec<f64> = (0..m)
                 .map(|c| (0..n).map(|s| p.hg_seq[s * m + c].abs()).sum())
@@ -118,6 +120,7 @@ fn smollm2_stats_match_autograd() {
             Ok(())
         })
         .unwrap();
+        assert_eq!(layers, model.cfg.layers, "{prefix}: every layer reported");
         println!("{prefix}: worst per-layer relative error {worst:.2e}");
     }
 }
