@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: on a fresh machine it installs what the tests need
-# (nvcc from the Python package index, the real test model and text),
-# then checks formatting and lints and runs every test.
+# (nvcc from the Python package index, the real test model and text, the
+# evaluation sets), then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,10 +11,18 @@ bash .ci/install-nvcc.sh "$NVCC_DIR"
 export NVCC="$NVCC_DIR/nvidia/cu13/bin/nvcc"
 export RKU_REQUIRE_NVCC=1
 
+# Every asset a test reads (tests/common `asset`), each from its script; with
+# CI set a test whose asset is missing fails instead of skipping.
+export CI=${CI:-true}
 # The default real model (SmolLM2-135M-Instruct GGUF) and text, imported once.
 bash scripts/fetch-assets.sh
 cargo build --bin rku-engine
-bash scripts/fetch-assets.sh --import target/debug/rku-engine
+bash scripts/fetch-assets.sh --import "${CARGO_TARGET_DIR:-target}/debug/rku-engine"
+# The evaluation sets (assets/eval): GSM-symbolic from reasoning-gym and three
+# BIG-bench tasks; about 2.5 minutes the first time (downloads reasoning-gym
+# with its dependencies and bigbench's 358 MB source archive into
+# assets/wheels), nothing once built.
+python3 scripts/make-eval-data.py
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

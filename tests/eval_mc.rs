@@ -167,23 +167,3 @@ fn bad_mc_rows_name_file_and_line() {
         );
     }
 }
-
-/// BIG-bench multiple choice on SmolLM2 (run with --ignored; prints the summaries).
-#[test]
-#[ignore]
-fn smollm2_bigbench_smoke() {
-    let (Some(dir), Some(data)) = (asset("models/smollm2"), asset("eval")) else {
-        return;
-    };
-    let be = CpuBackend::new();
-    let model = Model::load(&be, &dir).unwrap();
-    let tok = Tokenizer::load(&dir).unwrap();
-    for task in ["physical_intuition", "strategyqa", "winowhy"] {
-        let args = McArgs {
-            limit: Some(60),
-            ..McArgs::new(data.join(format!("bigbench_{task}.jsonl")))
-        };
-        let (res, _) = evaluate_mc(&be, &model, &tok, &args).unwrap();
-        println!("{}", serde_json::to_string(&res).unwrap());
-    }
-}

@@ -332,6 +332,7 @@ fn damaged_blocks_files_never_panic() {
     let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
     let be = CpuBackend::new();
     let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
+    let mut refused = 0;
     for i in 0..300 {
         let mut b = good.clone();
         for _ in 0..1 + next() % 3 {
@@ -356,9 +357,19 @@ fn damaged_blocks_files_never_panic() {
         match loaded {
             Err(_) => panic!("damage {i} panicked"),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => assert!(e.to_string().contains(BLOCKS_FILE), "damage {i}: {e}"),
+            Ok(Err(e)) => {
+                assert!(e.to_string().contains(BLOCKS_FILE), "damage {i}: {e}");
+                refused += 1;
+            }
         }
     }
+    println!("{refused} of 300 damaged files refused");
+    // Most damage is seen (298 of 300 with this seed): the error branch
+    // above ran, not only the Ok one.
+    assert!(
+        refused >= 200,
+        "only {refused} of 300 damaged files refused"
+    );
 }
 
 /// Blocks whose shape is not the model's tensor's are refused by name when

@@ -1,26 +1,11 @@
 //! Scores and allocation against an independent, loop-by-loop reading of
 //! METHODS.md §5–6.
+mod common;
+use common::values;
 use rku_engine::prune::{
     allocate, floors, scores, Allocation, ColumnNorms, EnergyAt, LayerStats, Method, Objectives,
     Stats, StatsMeta,
 };
-
-/// A tiny deterministic generator (Knuth's MMIX LCG), values in [0, 1).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// One of `levels` values in [0, 1): coarse on purpose, to make ties.
-    fn coarse(&mut self, levels: f64) -> f64 {
-        (self.next() * levels).floor() / levels
-    }
-}
 
 const WIDTHS: [usize; 4] = [16, 30, 50, 12];
 /// Per-layer scale of the gradient statistics: layer 3 is small in absolute
@@ -42,24 +27,46 @@ fn meta(objectives: Objectives) -> StatsMeta {
     }
 }
 
+/// Seeded statistics and column norms: per layer, one draw of `m` values
+/// in [0, 1) per field, most of them coarse (a few levels) on purpose, to
+/// make ties.
 fn fixture(seed: u64) -> (Stats, Vec<ColumnNorms>) {
-    let mut r = Lcg(seed);
     let n = (SAMPLES * SEQ_LEN) as f64;
     let mut layers = Vec::new();
     let mut norms = Vec::new();
-    for (&m, &scale) in WIDTHS.iter().zip(&SCALES) {
-        let mut s = LayerStats::default();
-        let mut w = ColumnNorms::default();
-        for _ in 0..m {
-            let s1 = (r.next() - 0.5) * n;
-            s.s1.push(s1);
-            s.s2.push(s1 * s1 / n + r.coarse(6.0) * n);
-            s.f2.push(r.coarse(5.0) * scale * scale + 0.01);
-            s.k1.push(r.coarse(8.0) * scale);
-            s.tk.push(r.coarse(7.0) * scale);
-            w.l1.push(1.0 + r.coarse(4.0));
-            w.l2sq.push(0.5 + r.coarse(4.0));
-        }
+    for (l, (&m, &scale)) in WIDTHS.iter().zip(&SCALES).enumerate() {
+        let draw = |field: u64| -> Vec<f64> {
+            values(m, 0.0, 1.0, seed * 1000 + l as u64 * 10 + field)
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
+        // One of `levels` values in [0, 1).
+        let coarse = |field: u64, levels: f64| -> Vec<f64> {
+            draw(field)
+                .into_iter()
+                .map(|u| (u * levels).floor() / levels)
+                .collect()
+        };
+        let s1: Vec<f64> = draw(0).into_iter().map(|u| (u - 0.5) * n).collect();
+        let s = LayerStats {
+            s2: s1
+                .iter()
+                .zip(coarse(1, 6.0))
+                .map(|(s1, c)| s1 * s1 / n + c * n)
+                .collect(),
+            f2: coarse(2, 5.0)
+                .into_iter()
+                .map(|c| c * scale * scale + 0.01)
+                .collect(),
+            k1: coarse(3, 8.0).into_iter().map(|c| c * scale).collect(),
+            tk: coarse(4, 7.0).into_iter().map(|c| c * scale).collect(),
+            s1,
+        };
+        let w = ColumnNorms {
+            l1: coarse(5, 4.0).into_iter().map(|c| 1.0 + c).collect(),
+            l2sq: coarse(6, 4.0).into_iter().map(|c| 0.5 + c).collect(),
+        };
         layers.push(s);
         norms.push(w);
     }

@@ -1,4 +1,6 @@
 //! Stats files: round trip, merging of calibration shards, refusals.
+mod common;
+use common::values;
 use rku_engine::prune::{merge, EnergyAt, LayerStats, Objectives, Stats, StatsMeta};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
@@ -12,18 +14,12 @@ const BOTH: Objectives = Objectives {
     ce: true,
 };
 
-/// Deterministic per-token activation h and gradient g of (seq, t, layer, channel).
+/// Seeded per-token activation h and gradient g of (seq, t, layer, channel):
+/// one seed per tuple, two draws.
 fn hg(seq: usize, t: usize, l: usize, c: usize) -> (f64, f64) {
-    let mut x = (seq * 7919 + t * 104729 + l * 1299709 + c * 15485863) as u64;
-    x = x
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let a = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-    x = x
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let b = (x >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-    (3.0 * a, 0.1 * b)
+    assert!(t < 16 && l < 4 && c < 16, "the seed below must stay unique");
+    let v = values(2, -0.5, 0.5, (((seq * 16 + t) * 4 + l) * 16 + c) as u64);
+    (3.0 * v[0] as f64, 0.1 * v[1] as f64)
 }
 
 /// Statistics over sequences `seqs`, straight from METHODS.md §4.

@@ -2,7 +2,7 @@
 //! scripts/fetch-assets.sh --import) against transformers run on the same
 //! GGUF (tests/fixtures/smollm2, made by scripts/make_fixtures.py): logits,
 //! the DATA.md loss, and the channel statistics. Skipped with a printed
-//! reason when the model has not been fetched.
+//! reason when the model has not been imported, a failure under CI.
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
@@ -97,7 +97,9 @@ fn smollm2_stats_match_autograd() {
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
     ] {
         let mut worst = 0f64;
+        let mut layers = 0;
         backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, scale, |l, p| {
+            layers += 1;
             let m = p.s1.len();
             let tk: Vec<f64> = (0..m)
                 .map(|c| (0..n).map(|s| p.hg_seq[s * m + c].abs()).sum())
@@ -118,6 +120,7 @@ fn smollm2_stats_match_autograd() {
             Ok(())
         })
         .unwrap();
+        assert_eq!(layers, model.cfg.layers, "{prefix}: every layer reported");
         println!("{prefix}: worst per-layer relative error {worst:.2e}");
     }
 }

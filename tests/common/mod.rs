@@ -13,20 +13,37 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// Path under the fetched assets (scripts/fetch-assets.sh); `None` when absent.
+/// The script that makes `assets/<rel>` (what a missing-asset message names).
+pub fn asset_script(rel: &str) -> &'static str {
+    match rel.split('/').next().unwrap_or("") {
+        "eval" => "python3 scripts/make-eval-data.py",
+        "models" => "bash scripts/fetch-assets.sh --import path/to/rku-engine",
+        _ => "bash scripts/fetch-assets.sh",
+    }
+}
+
+/// Path under the fetched assets. When absent: a panic under CI (the
+/// environment variable `CI` set: scripts/test.sh makes every asset, so a
+/// missing one is a broken script, not a reason to pass), otherwise `None`
+/// with a printed reason, and the caller skips. Either way the message names
+/// the file and the script that makes it.
 pub fn asset(rel: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("assets")
         .join(rel);
     if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipped: {} not present (run scripts/fetch-assets.sh)",
-            p.display()
-        );
-        None
+        return Some(p);
     }
+    let why = format!(
+        "{} not present (made by `{}`)",
+        p.display(),
+        asset_script(rel)
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set and {why}");
+    }
+    eprintln!("skipped: {why}");
+    None
 }
 
 /// A reference tensor as f64 with its shape.
