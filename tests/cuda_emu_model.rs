@@ -26,9 +26,10 @@ use half::bf16;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
 use rku_engine::backend::Backend;
-use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::backward::backward_channel_stats;
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::objective::Objective;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
 use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
@@ -125,6 +126,7 @@ fn ce_abs_hg<B: Backend>(
         windows,
         geo,
         Objective::Ce,
+        EnergyAt::FinalNorm,
         scale,
         |l, p| {
             k1[l] = p.k1;

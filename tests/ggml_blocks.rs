@@ -276,8 +276,8 @@ fn the_cli_decodes_from_blocks_by_default() {
 /// they load (checked against the pruned values) and decode like f32.
 #[test]
 fn pruned_exports_keep_the_blocks_of_whole_rows() {
-    use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
     use rku_engine::io::safetensors_io::SafeModel;
+    use rku_engine::prune::export::{export_pruned, ExportLayout, ExportSpec};
     for gguf in ["tiny_llama3.gguf", "tiny_qwen2.gguf"] {
         let (tmp, dir) = import(gguf, OutDtype::F32, true);
         let be = CpuBackend::new();
@@ -376,9 +376,9 @@ fn damaged_blocks_files_never_panic() {
 /// loading and when exporting a pruned copy (never a panic in the gather).
 #[test]
 fn blocks_of_the_wrong_shape_are_refused() {
-    use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
     use rku_engine::io::ggml_blocks::{write, BlockTensor};
     use rku_engine::io::safetensors_io::SafeModel;
+    use rku_engine::prune::export::{export_pruned, ExportLayout, ExportSpec};
     let (tmp, dir) = import("tiny_qwen2.gguf", OutDtype::F32, true);
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();

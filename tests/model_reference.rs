@@ -4,8 +4,8 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::model::backward::backward_channel_stats;
-use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::{Geometry, Model};
 
 fn check_logits(name: &str) {

@@ -4,10 +4,10 @@
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::io::export::{export_pruned, ExportLayout, ExportSpec};
 use rku_engine::io::safetensors_io::SafeModel;
 use rku_engine::model::forward::logits;
 use rku_engine::model::{Geometry, Model, ModelConfig};
+use rku_engine::prune::export::{export_pruned, ExportLayout, ExportSpec};
 
 fn export_fixture_keep(
     name: &str,

@@ -1,6 +1,7 @@
 //! Stats files: round trip, merging of calibration shards, refusals.
 mod common;
 use common::values;
+use rku_engine::prune::stats::tensors_checksum;
 use rku_engine::prune::{merge, EnergyAt, LayerStats, Objectives, Stats, StatsMeta};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
@@ -33,6 +34,8 @@ fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -
         objectives,
         energy_at: EnergyAt::FinalNorm,
         engine_version: "0.1.0".into(),
+        // One distinct digest per sequence index, as a pass over distinct windows gives.
+        window_digests: seqs.clone().map(|s| [s as u8; 32]).collect(),
     };
     let mut st = Stats::zeros(meta, &WIDTHS);
     for (l, layer) in st.layers.iter_mut().enumerate() {
@@ -82,15 +85,21 @@ fn save(dir: &Path, name: &str, st: &Stats) -> PathBuf {
     p
 }
 
-/// Rewrites a saved file through `edit` of its tensors (name → F64 values).
-fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<f64>)>)) {
+/// Rewrites a saved file through `edit` of its F64 tensors (name → values),
+/// keeping the other tensors as they are. With `resign`, the checksum is
+/// recomputed, as a crafted (not merely damaged) file would have it, so the
+/// load gets past it to the checks behind it.
+fn rewrite_with(path: &Path, resign: bool, edit: impl FnOnce(&mut Vec<(String, Vec<f64>)>)) {
     let buf = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&buf).unwrap();
     let (_, header) = SafeTensors::read_metadata(&buf).unwrap();
-    let meta: HashMap<String, String> = header.metadata().clone().unwrap();
-    let mut tensors: Vec<(String, Vec<f64>)> = st
+    let mut meta: HashMap<String, String> = header.metadata().clone().unwrap();
+    let (mut tensors, others): (Vec<_>, Vec<_>) = st
         .tensors()
         .into_iter()
+        .partition(|(_, t)| t.dtype() == Dtype::F64);
+    let mut values: Vec<(String, Vec<f64>)> = tensors
+        .drain(..)
         .map(|(n, t)| {
             let v = t
                 .data()
@@ -100,27 +109,30 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<f64>)>)) {
             (n, v)
         })
         .collect();
-    edit(&mut tensors);
-    let bytes: Vec<(String, Vec<u8>, usize)> = tensors
+    edit(&mut values);
+    let bytes: Vec<(String, Vec<u8>)> = values
         .iter()
-        .map(|(n, v)| {
+        .map(|(n, v)| (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let mut views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, b)| {
             (
                 n.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                v.len(),
+                TensorView::new(Dtype::F64, vec![b.len() / 8], b).unwrap(),
             )
         })
         .collect();
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, b, len)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F64, vec![*len], b).unwrap(),
-            )
-        })
-        .collect();
+    views.extend(others);
+    if resign {
+        let sum = tensors_checksum(views.iter().map(|(n, v)| (n.as_str(), v.data())));
+        meta.insert("tensors_sha256".into(), sum);
+    }
     std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+fn rewrite(path: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<f64>)>)) {
+    rewrite_with(path, true, edit)
 }
 
 fn load_err(path: &Path) -> String {
@@ -247,22 +259,53 @@ fn merge_refusals() {
 #[test]
 fn nan_and_inf_are_reported_with_tensor_and_file() {
     let dir = tempfile::tempdir().unwrap();
+    // Never written: save refuses non-finite statistics.
     let mut st = stats_of(0..2, "a", BOTH);
     st.layers[1].k1[4] = f64::NAN;
-    let p = save(dir.path(), "nan.safetensors", &st);
+    assert!(st.save(&dir.path().join("never.safetensors")).is_err());
+    assert!(!dir.path().join("never.safetensors").exists());
+
+    // Crafted into a file (with a matching checksum): load names them.
+    let good = stats_of(0..2, "a", BOTH);
+    for (name, tensor, at, value, needle) in [
+        (
+            "nan.safetensors",
+            "layers.1.k1",
+            4,
+            f64::NAN,
+            "NaN in layers.1.k1",
+        ),
+        (
+            "inf.safetensors",
+            "layers.2.tk",
+            0,
+            f64::INFINITY,
+            "infinity in layers.2.tk",
+        ),
+        (
+            "neg.safetensors",
+            "layers.0.s2",
+            1,
+            -1.0,
+            "negative value -1 in layers.0.s2",
+        ),
+    ] {
+        let p = save(dir.path(), name, &good);
+        rewrite(&p, |t| {
+            t.iter_mut().find(|(n, _)| n == tensor).unwrap().1[at] = value
+        });
+        let e = load_err(&p);
+        assert!(e.contains(needle) && e.contains(name), "{e}");
+    }
+
+    // Damaged (checksum not recomputed): refused by the checksum.
+    let p = save(dir.path(), "flipped.safetensors", &good);
+    rewrite_with(&p, false, |t| t[0].1[0] += 1.0);
     let e = load_err(&p);
-    assert!(e.contains("NaN in layers.1.k1"), "{e}");
-    assert!(e.contains("nan.safetensors"), "{e}");
-
-    let mut st = stats_of(0..2, "a", BOTH);
-    st.layers[2].tk[0] = f64::INFINITY;
-    let p = save(dir.path(), "inf.safetensors", &st);
-    assert!(load_err(&p).contains("infinity in layers.2.tk"));
-
-    let mut st = stats_of(0..2, "a", BOTH);
-    st.layers[0].s2[1] = -1.0;
-    let p = save(dir.path(), "neg.safetensors", &st);
-    assert!(load_err(&p).contains("negative value -1 in layers.0.s2"));
+    assert!(
+        e.contains("checksum") && e.contains("flipped.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]

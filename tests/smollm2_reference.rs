@@ -6,8 +6,9 @@
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::model::backward::{backward_channel_stats, Objective};
+use rku_engine::model::backward::backward_channel_stats;
 use rku_engine::model::forward::{forward, logits, nll};
+use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::{Geometry, Model};
 
 fn ids_of(r: &std::collections::HashMap<String, RefTensor>, key: &str) -> Vec<u32> {
@@ -89,16 +90,13 @@ fn smollm2_stats_match_autograd() {
     let geo = Geometry { seqs: n, t };
     let fwd = forward(&be, &model, &ids, geo, true).unwrap();
     for (obj, prefix, scale) in [
-        (
-            Objective::Energy { pre_norm: false },
-            "energy",
-            1.0 / (n * t) as f32,
-        ),
+        (Objective::Energy, "energy", 1.0 / (n * t) as f32),
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
     ] {
         let mut worst = 0f64;
         let mut layers = 0;
-        backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, scale, |l, p| {
+        let at = EnergyAt::FinalNorm;
+        backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, at, scale, |l, p| {
             layers += 1;
             let m = p.s1.len();
             let tk: Vec<f64> = (0..m)
