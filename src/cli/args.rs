@@ -1,6 +1,11 @@
 //! The command line as clap structures: every closed set is a `ValueEnum`,
 //! every count and path is checked by a value parser, so a typo or an
 //! absurd value fails before anything is loaded.
+//!
+//! Why one long file: every flag of every command reads in one place (as
+//! uv lays out its CLI): declarations, value parsers and their small
+//! conversions into library values; the commands
+//! themselves are in `commands/`.
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::prune::calibrate::CalibSource;

@@ -14,6 +14,10 @@
 //!   are removed when the next run writes the same destination.
 //!
 //! Bytes and paths only: what an output holds is the caller's business.
+//!
+//! Why one long file: every rule about writing lives here, each in one
+//! function, so no command can write around it; about a quarter is the
+//! unit tests of those rules.
 use crate::{Error, Result};
 use serde_json::Value;
 use std::ffi::{OsStr, OsString};

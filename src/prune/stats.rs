@@ -37,6 +37,10 @@
 //! | `objectives`     | `energy`, `ce` or `energy,ce`                 |
 //! | `energy_at`      | `final-norm` or `pre-norm`                    |
 //! | `engine_version` | version of the engine that wrote the numbers  |
+//!
+//! Why one long file: the statistics, their file format and its reader
+//! and merger share every invariant (shapes, finiteness, checksum, window
+//! digests), checked in one place; the end holds the unit tests.
 use crate::io::output::{self, Kind};
 use crate::io::safetensors_out::serialize_sorted;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};

@@ -20,6 +20,10 @@
 //! A rerun whose inputs would make finished cells inconsistent (another
 //! model, calibration text, evaluation file or setting) is refused, naming
 //! what changed, unless `force`, which recomputes exactly those cells.
+//!
+//! Why one long file: the run loop and the cell bookkeeping it drives
+//! belong together; the spec, cells, data, tables and plots are in their
+//! own files.
 pub mod cells;
 pub mod data;
 pub mod markdown;
