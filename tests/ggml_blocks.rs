@@ -393,6 +393,8 @@ fn blocks_of_the_wrong_shape_are_refused() {
         cols: d,
         data: bytes.as_slice().into(),
     };
+    // The blocks file is written into a fresh model directory only: replace it by hand.
+    std::fs::remove_file(dir.join(BLOCKS_FILE)).unwrap();
     write(&dir, &[t]).unwrap();
     let e = Model::load_with(&be, &dir, with_blocks(Residency::Resident))
         .err()
