@@ -106,8 +106,8 @@ pub fn iou_of(a: &Pruning, b: &Pruning) -> Result<Iou> {
         if da != db {
             return Err(Error::Invalid(format!(
                 "the two models were pruned from different source models (digests {}… and {}…)",
-                &da[..12.min(da.len())],
-                &db[..12.min(db.len())]
+                da.chars().take(12).collect::<String>(),
+                db.chars().take(12).collect::<String>()
             )));
         }
     }

@@ -81,12 +81,12 @@ impl CalibSource {
 /// shape and 8 bytes at each of 32 evenly spaced offsets: cheap on a 15 GB
 /// model (it touches a few pages per tensor), and different for any two
 /// models one would confuse.
-pub fn model_digest<B: Backend>(model: &Model<B>) -> String {
+pub fn model_digest<B: Backend>(model: &Model<B>) -> Result<String> {
     let mut h = Sha256::new();
     let cfg = serde_json::to_string(&model.cfg.raw).expect("config serialises");
     h.update(cfg.as_bytes());
     for name in model.files.names() {
-        let t = model.files.get_any(name).expect("listed tensors exist");
+        let t = model.files.get_any(name)?;
         h.update(name.as_bytes());
         h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
         const SAMPLES: usize = 32;
@@ -96,7 +96,7 @@ pub fn model_digest<B: Backend>(model: &Model<B>) -> String {
         }
     }
     model.files.release_pages();
-    hex(&h.finalize())
+    Ok(hex(&h.finalize()))
 }
 
 /// ‖w_c‖₁ and ‖w_c‖₂² of every column c of every layer's down_proj `[d, m]`.
@@ -138,7 +138,7 @@ pub fn collect_stats<B: Backend>(
         )));
     }
     let meta = StatsMeta {
-        model_digest: model_digest(model),
+        model_digest: model_digest(model)?,
         calib_digest,
         samples: n_seq,
         seq_len: t,

@@ -26,10 +26,10 @@ pub struct PruneOutcome {
 
 /// Refuses statistics that were not computed on this model.
 pub fn check_stats_match<B: Backend>(model: &Model<B>, stats: &Stats) -> Result<()> {
-    if stats.meta.model_digest != model_digest(model) {
+    if stats.meta.model_digest != model_digest(model)? {
         return Err(Error::Invalid(format!(
             "the statistics were computed on another model (digest {}…), not {}",
-            &stats.meta.model_digest[..12.min(stats.meta.model_digest.len())],
+            stats.meta.model_digest.chars().take(12).collect::<String>(),
             model.dir.display()
         )));
     }

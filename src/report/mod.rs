@@ -194,7 +194,7 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
         Some(p) => tok.encode(&read_text(&p.text, p.field.as_deref())?)?,
         None => Vec::new(),
     };
-    let fp = fingerprint(be.name(), &model_digest(&dense), &calib_digest, spec)?;
+    let fp = fingerprint(be.name(), &model_digest(&dense)?, &calib_digest, spec)?;
     let plan = spec.plan();
     let (store, objectives) = open_out(spec, &fp, &plan)?;
     let mut todo = 0;
