@@ -330,22 +330,13 @@ fn tensors(
 /// blocks (4-byte elements, and the blocks file's byte rows gathered as
 /// 2-byte words), pruned by rku into the compact layout; tiny_qwen2 in bf16
 /// (2-byte elements), pruned by flap (bias compensation) into the padded
-/// one. The blocks file is compared tensor by tensor: its writer orders the
-/// header's metadata differently from run to run.
+/// one. The blocks file is compared byte for byte (its header's metadata is
+/// written in sorted order) and tensor by tensor.
 #[test]
 fn prune_on_cuda_emu_writes_the_cpu_export() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let calib = t.join("calib.txt");
-    let text: String = (0..200)
-        .map(|i| {
-            format!(
-                "Line {i}: the quick brown fox jumps over {} lazy dogs.\n",
-                i * 7
-            )
-        })
-        .collect();
-    std::fs::write(&calib, text).unwrap();
+    let calib = calib_text(t, 200);
     for (gguf, dtype, method, export, blocks) in [
         ("tiny_llama3", "f32", "rku", "compact", true),
         ("tiny_qwen2", "bf16", "flap", "padded", false),
@@ -414,6 +405,11 @@ fn prune_on_cuda_emu_writes_the_cpu_export() {
             assert!(
                 tensors(&out("cuda-emu").join(f)) == want,
                 "{gguf} {f}: cuda-emu differs from cpu"
+            );
+            assert!(
+                std::fs::read(out("cuda-emu").join(f)).unwrap()
+                    == std::fs::read(out("cpu").join(f)).unwrap(),
+                "{gguf} {f}: the bytes differ"
             );
         }
     }

@@ -2,7 +2,7 @@
 //! bit anywhere in the tensors, and shards that share calibration windows.
 mod common;
 
-use common::{bin, fixture, run_err, run_ok};
+use common::{bin, calib_text, fixture, run_err, run_ok};
 use std::path::{Path, PathBuf};
 
 /// `score` on tiny-llama3 over `samples` windows of 16 tokens of one text.
@@ -22,22 +22,10 @@ fn score(dir: &Path, name: &str, text: &Path, samples: usize) -> PathBuf {
     out
 }
 
-fn text(dir: &Path) -> PathBuf {
-    let p = dir.join("calib.txt");
-    let words = [
-        "the", "model", "prunes", "channels", "of", "a", "layer", "and", "keeps",
-    ];
-    let body: Vec<&str> = (0..2000)
-        .map(|i| words[(i * 7 + i / 3) % words.len()])
-        .collect();
-    std::fs::write(&p, body.join(" ")).unwrap();
-    p
-}
-
 #[test]
 fn overlapping_shards_are_refused_naming_files_and_windows() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = text(tmp.path());
+    let t = calib_text(tmp.path(), 200);
     let a = score(tmp.path(), "a.st", &t, 2);
     let b = score(tmp.path(), "b.st", &t, 3);
     let out = tmp.path().join("merged.st");
@@ -60,7 +48,7 @@ fn overlapping_shards_are_refused_naming_files_and_windows() {
 #[test]
 fn a_flipped_bit_in_any_tensor_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = text(tmp.path());
+    let t = calib_text(tmp.path(), 200);
     let good = score(tmp.path(), "good.st", &t, 2);
     let bytes = std::fs::read(&good).unwrap();
     let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

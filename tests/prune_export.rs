@@ -139,16 +139,7 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
 fn cli_score_prune_eval_and_refusals() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let calib = t.join("calib.txt");
-    let text: String = (0..400)
-        .map(|i| {
-            format!(
-                "Line {i}: the quick brown fox jumps over {} lazy dogs.\n",
-                i * 7
-            )
-        })
-        .collect();
-    std::fs::write(&calib, text).unwrap();
+    let calib = calib_text(t, 400);
     let model = fixture("tiny-qwen2");
     let stats = t.join("stats.safetensors");
     run_ok(

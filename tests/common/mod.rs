@@ -149,3 +149,18 @@ pub fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
         .map(|_| lo + (hi - lo) * ((next() >> 40) as f32 / (1u64 << 24) as f32))
         .collect()
 }
+
+/// A plain calibration text of `lines` numbered lines in `dir`.
+pub fn calib_text(dir: &Path, lines: usize) -> PathBuf {
+    let path = dir.join("calib.txt");
+    let text: String = (0..lines)
+        .map(|i| {
+            format!(
+                "Line {i}: the quick brown fox jumps over {} lazy dogs.\n",
+                i * 7
+            )
+        })
+        .collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
