@@ -83,6 +83,17 @@ pub enum PromptFormat {
     Chat,
 }
 
+impl PromptFormat {
+    /// The format a `--chat` flag asks for.
+    pub fn from_chat_flag(chat: bool) -> Self {
+        if chat {
+            PromptFormat::Chat
+        } else {
+            PromptFormat::Plain
+        }
+    }
+}
+
 /// A shot's answer text: the solution, or "#### N" for a bare number.
 fn shot_answer(p: &Problem) -> String {
     if p.answer.contains("####") {

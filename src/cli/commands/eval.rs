@@ -36,11 +36,7 @@ pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
     args.task = a.task.clone();
     args.shots = a.shots;
     args.shots_file = a.shots_file.clone();
-    args.format = if a.chat {
-        PromptFormat::Chat
-    } else {
-        PromptFormat::Plain
-    };
+    args.format = PromptFormat::from_chat_flag(a.chat);
     args.limit = a.limit;
     args.batch = a.batch;
     args.max_new_tokens = a.max_new_tokens;

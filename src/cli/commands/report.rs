@@ -11,11 +11,7 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
     let gen = a.gen_data.as_ref().map(|d| {
         let mut g = GenArgs::new(d.clone());
         g.shots = a.gen_shots;
-        g.format = if a.gen_chat {
-            PromptFormat::Chat
-        } else {
-            PromptFormat::Plain
-        };
+        g.format = PromptFormat::from_chat_flag(a.gen_chat);
         g.max_new_tokens = a.gen_max_new_tokens;
         g.batch = a.gen_batch;
         g.limit = a.limit;
