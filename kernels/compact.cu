@@ -38,9 +38,23 @@ __device__ __forceinline__ void compact_cols(const W *__restrict__ src, const un
         compact_cols(src, idx, dst, rows, m, k);                                                 \
     }
 
+// The refit's gather (METHODS.md §9), widening to f64 for its normal
+// equations: dst[r, j] = src[r, idx[j]] for j < k, and with ones, dst[r, k] = 1
+// (the bias column). src [rows, m] f32 (h), dst [rows, k + ones] f64.
+// Launch: 1-D grid-stride over the rows·(k + ones) outputs.
+extern "C" __global__ void compact_cols_f32_to_f64(const float *__restrict__ src, const unsigned *__restrict__ idx,
+                                                   double *__restrict__ dst, int rows, int m, int k, int ones) {
+    const int w = k + ones;
+    GRID_STRIDE(i, (long long)rows * w) {
+        long long r = i / w, j = i % w;
+        dst[i] = j < k ? (double)src[r * m + idx[j]] : 1.0;
+    }
+}
+
 COMPACT(u16, uint16_t)
 COMPACT(u32, uint32_t)
 RKU_EXPORT(compact_rows_u16)
 RKU_EXPORT(compact_cols_u16)
 RKU_EXPORT(compact_rows_u32)
 RKU_EXPORT(compact_cols_u32)
+RKU_EXPORT(compact_cols_f32_to_f64)

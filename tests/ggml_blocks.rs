@@ -290,6 +290,7 @@ fn pruned_exports_keep_the_blocks_of_whole_rows() {
             let spec = ExportSpec {
                 kept: &kept,
                 layout,
+                down_weights: None,
                 down_bias: None,
                 record: serde_json::json!({}),
             };
@@ -408,6 +409,7 @@ fn blocks_of_the_wrong_shape_are_refused() {
     let spec = ExportSpec {
         kept: &kept,
         layout: ExportLayout::Compact,
+        down_weights: None,
         down_bias: None,
         record: serde_json::json!({}),
     };

@@ -30,6 +30,7 @@ fn export_fixture_keep(
     let spec = ExportSpec {
         kept: &kept,
         layout,
+        down_weights: None,
         down_bias: None,
         record: serde_json::json!({ "kept": kept }),
     };
@@ -103,6 +104,7 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let spec = ExportSpec {
         kept: &kept,
         layout: ExportLayout::Compact,
+        down_weights: None,
         down_bias: None,
         record: serde_json::json!({}),
     };
@@ -116,6 +118,7 @@ fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let spec = ExportSpec {
         kept: &bad,
         layout: ExportLayout::Compact,
+        down_weights: None,
         down_bias: None,
         record: serde_json::json!({}),
     };
@@ -304,6 +307,7 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
     let spec = ExportSpec {
         kept: &kept,
         layout: ExportLayout::Compact,
+        down_weights: None,
         down_bias: None,
         record: serde_json::json!({ "kept": kept }),
     };

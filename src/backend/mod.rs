@@ -60,6 +60,49 @@ pub struct ChannelPartial {
     pub hg_seq: Vec<f64>,
 }
 
+/// One batch's share of the refit's least-squares system (METHODS.md
+/// section 9), from `Backend::normal_equations`; batches add up.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NormalEquations {
+    /// k' = kept channels (+ 1 for the bias column).
+    pub width: usize,
+    /// Output width d.
+    pub d: usize,
+    /// G = Σ_t h_K h_Kᵀ, `[k', k']` row-major.
+    pub g: Vec<f64>,
+    /// C = Σ_t h_K rᵀ, `[k', d]` row-major.
+    pub c: Vec<f64>,
+    /// Σ_t ‖r‖², the target's energy (for reconstruction errors).
+    pub rr: f64,
+}
+
+impl NormalEquations {
+    /// Zeros for `width` kept columns and outputs of width `d`.
+    pub fn zeros(width: usize, d: usize) -> Self {
+        Self {
+            width,
+            d,
+            g: vec![0.0; width * width],
+            c: vec![0.0; width * d],
+            rr: 0.0,
+        }
+    }
+
+    /// Adds another batch's sums (same shape).
+    pub fn add(&mut self, other: &Self) -> crate::Result<()> {
+        if (self.width, self.d) != (other.width, other.d) {
+            return Err(crate::Error::Invalid(format!(
+                "normal equations of width {}×{} added to {}×{}",
+                other.width, other.d, self.width, self.d
+            )));
+        }
+        self.g.iter_mut().zip(&other.g).for_each(|(a, b)| *a += b);
+        self.c.iter_mut().zip(&other.c).for_each(|(a, b)| *a += b);
+        self.rr += other.rr;
+        Ok(())
+    }
+}
+
 /// One product of a `Backend::linear_many` call: `(W [out, inp], bias [out], out)`.
 pub type LinearPart<'a, W> = (&'a W, Option<&'a W>, usize);
 
@@ -278,6 +321,26 @@ pub trait Backend: Send + Sync {
         t: usize,
         m: usize,
     ) -> Result<ChannelPartial>;
+
+    /// The refit's normal equations over one batch (METHODS.md section 9).
+    /// With `h_K` the columns `keep` of `h` `[rows, m]`, in that order,
+    /// followed by a column of ones when `ones` (width k' = |keep| + ones),
+    /// and `r = y − y_sub` (`[rows, d]`; `r = y` without `y_sub`):
+    /// `G = h_Kᵀ h_K` `[k', k']`, `C = h_Kᵀ r` `[k', d]` and `‖r‖²`, every
+    /// product formed in f64 from the f32 values. Errs when a kept index
+    /// is not below `m`.
+    #[allow(clippy::too_many_arguments)]
+    fn normal_equations(
+        &self,
+        h: &Self::Buf,
+        keep: &[usize],
+        ones: bool,
+        y: &Self::Buf,
+        y_sub: Option<&Self::Buf>,
+        rows: usize,
+        m: usize,
+        d: usize,
+    ) -> Result<NormalEquations>;
 
     /// Energy objective over `rows` tokens: `J = scale · Σ_r ½‖z_r‖²`,
     /// `dz = scale · z`. Returns `(J, dz)`.

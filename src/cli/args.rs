@@ -9,6 +9,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::prune::calibrate::CalibSource;
+use rku_engine::prune::refit::RefitTarget;
 use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
 use std::path::PathBuf;
 
@@ -132,6 +133,15 @@ pub fn seq_len(s: &str) -> Result<usize, String> {
 /// Tokens generated or timed: 1 ..= 2^20.
 pub fn tokens(s: &str) -> Result<usize, String> {
     bounded(s, 1, 1 << 20)
+}
+
+/// A finite number > 0.
+pub fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number > 0")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 fn bounded(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
@@ -305,6 +315,22 @@ pub struct PruneArgs {
     /// wrote (or empty ones), never an input of this run.
     #[arg(long)]
     pub force: bool,
+    /// Refit the kept down_proj columns by least squares after the cut
+    /// (METHODS.md §9), reproducing the original FFN output (`layer`, the
+    /// default) or the dense residual stream (`residual`). The windows come
+    /// from --refit-calib (or --calib) with --field, --samples, --seq-len,
+    /// --bos and --batch.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
+    pub refit: Option<RefitTarget>,
+    /// With --refit, also fit a down_proj bias.
+    #[arg(long, requires = "refit")]
+    pub refit_bias: bool,
+    /// With --refit: ridge damping λ = DAMP · mean(diag G).
+    #[arg(long, default_value_t = 0.01, requires = "refit", value_parser = positive_finite)]
+    pub refit_damp: f64,
+    /// With --refit: the calibration text of the refit (default: --calib).
+    #[arg(long, requires = "refit", value_parser = existing_file)]
+    pub refit_calib: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }

@@ -50,10 +50,13 @@ fn out_dtype(t: FloatType) -> OutDtype {
 }
 
 /// What to write: kept channel indices per layer (ascending), the layout,
-/// FLAP's per-layer down_proj bias (`[d]` each) if any, and pruning.json.
+/// refitted down_proj columns (`[d, |K|]` each, METHODS.md section 9) if
+/// any, a per-layer down_proj bias (`[d]` each: FLAP's compensation or the
+/// refit's) if any, and pruning.json.
 pub struct ExportSpec<'a> {
     pub kept: &'a [Vec<usize>],
     pub layout: ExportLayout,
+    pub down_weights: Option<&'a [Vec<f32>]>,
     pub down_bias: Option<&'a [Vec<f32>]>,
     pub record: serde_json::Value,
 }
@@ -92,7 +95,11 @@ pub fn export_pruned<B: Backend>(
     force: bool,
 ) -> Result<PathBuf> {
     let kept = spec.kept;
-    if kept.len() != cfg.layers {
+    let lists = [
+        spec.down_weights.map(<[_]>::len),
+        spec.down_bias.map(<[_]>::len),
+    ];
+    if kept.len() != cfg.layers || lists.iter().flatten().any(|&n| n != cfg.layers) {
         return Err(Error::Invalid(format!(
             "{} kept lists for {} layers",
             kept.len(),
@@ -122,7 +129,17 @@ pub fn export_pruned<B: Backend>(
             None => (t.shape.to_vec(), t.bytes.to_vec()),
             Some((l, "down_proj")) => {
                 let m = cfg.ffn_widths[l];
-                let g = be.gather_cols(t.bytes, elem, m, &kept[l])?;
+                let g = match spec.down_weights {
+                    Some(w) if w[l].len() == d * widths[l] => dtype.encode(&w[l]),
+                    Some(w) => {
+                        return Err(Error::Invalid(format!(
+                            "layer {l}: {} refitted down_proj values for [{d}, {}]",
+                            w[l].len(),
+                            widths[l]
+                        )))
+                    }
+                    None => be.gather_cols(t.bytes, elem, m, &kept[l])?,
+                };
                 match spec.layout {
                     ExportLayout::Compact => (vec![d, widths[l]], g),
                     ExportLayout::Padded => {

@@ -1,6 +1,7 @@
 //! A pruning request in typed, validated values: the sparsity, the list of
 //! sparsities one statistics pass serves (METHODS.md §6), and where each
 //! pruned model is written.
+use crate::prune::refit::RefitSpec;
 use crate::prune::{Allocation, Method};
 use crate::{Error, Result};
 use std::fmt;
@@ -85,6 +86,9 @@ pub struct PruneJob {
     pub out: PathBuf,
     /// Replace an existing output.
     pub force: bool,
+    /// Refit the kept down_proj columns (METHODS.md section 9) over the
+    /// windows handed to `prune_model`.
+    pub refit: Option<RefitSpec>,
 }
 
 /// `<method>-s<sparsity>`: the name of a pruned model among several.

@@ -17,6 +17,7 @@ pub mod export;
 pub mod job;
 pub mod methods;
 pub mod pipeline;
+pub mod refit;
 pub mod stats;
 
 pub use allocation::{allocate, floors, Allocation};

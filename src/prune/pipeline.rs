@@ -7,6 +7,7 @@ use crate::prune::calibrate::model_digest;
 use crate::prune::compact::flap_bias;
 use crate::prune::export::{export_pruned, ExportSpec};
 use crate::prune::job::PruneJob;
+use crate::prune::refit::{refit, RefitWindows};
 use crate::prune::{allocate, scores, ColumnNorms, Method, Stats};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -59,20 +60,48 @@ pub fn kept_channels(
     )
 }
 
-/// Scores, allocates, compacts (on `be`, the model's backend) and exports
-/// one pruned model.
+/// Scores, allocates, refits (with `job.refit`, over `refit_windows`),
+/// compacts (on `be`, the model's backend) and exports one pruned model.
 pub fn prune_model<B: Backend>(
     be: &B,
     model: &Model<B>,
     stats: &Stats,
     norms: &[ColumnNorms],
     job: &PruneJob,
+    refit_windows: Option<&RefitWindows>,
 ) -> Result<PruneOutcome> {
     check_stats_match(model, stats)?;
     let kept = kept_channels(stats, norms, job)?;
     let cfg = &model.cfg;
     let d = cfg.hidden;
-    let bias = if job.method == Method::Flap {
+    let refitted = match (job.refit, refit_windows) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Error::Invalid(
+                "a refit needs calibration windows (--refit-calib or --calib)".into(),
+            ))
+        }
+        (Some(spec), Some(w)) => {
+            let (layers, timing) = refit(be, model, &kept, &w.ids, w.seq_len, w.batch, spec)?;
+            crate::progress::println(&format!(
+                "refit ({} windows of {}): layer passes {:.1} s, solves {:.1} s",
+                w.ids.len() / w.seq_len,
+                w.seq_len,
+                timing.passes_s,
+                timing.solves_s
+            ));
+            Some((spec, w, layers, timing))
+        }
+    };
+    // FLAP's bias compensation is not applied on top of a refit (METHODS.md §9).
+    let bias = if let Some((spec, _, layers, _)) = &refitted {
+        spec.bias.then(|| {
+            layers
+                .iter()
+                .map(|r| r.bias.clone().unwrap_or_default())
+                .collect()
+        })
+    } else if job.method == Method::Flap {
         let n = stats.meta.tokens as f64;
         let mut out = Vec::with_capacity(cfg.layers);
         for (l, k) in kept.iter().enumerate() {
@@ -119,7 +148,21 @@ pub fn prune_model<B: Backend>(
         "source_model": model.dir.display().to_string(),
         "source_model_digest": stats.meta.model_digest,
         "export": job.layout.name(),
-        "flap_bias_compensation": bias.is_some(),
+        "flap_bias_compensation": bias.is_some() && refitted.is_none(),
+        "refit": refitted.as_ref().map(|(spec, w, layers, timing)| serde_json::json!({
+            "target": spec.target,
+            "bias": spec.bias,
+            "damp": spec.damp,
+            "calibration": {
+                "source": w.source.display().to_string(),
+                "digest": w.digest,
+                "samples": w.ids.len() / w.seq_len,
+                "seq_len": w.seq_len,
+                "tokens": w.ids.len(),
+            },
+            "time_s": timing,
+            "layers": layers,
+        })),
         "params_before": params_before,
         "params_after": params_after,
         "layer_widths": widths,
@@ -127,9 +170,13 @@ pub fn prune_model<B: Backend>(
         "engine": "rku-engine",
         "engine_version": env!("CARGO_PKG_VERSION"),
     });
+    let down_weights: Option<Vec<Vec<f32>>> = refitted
+        .as_ref()
+        .map(|(_, _, layers, _)| layers.iter().map(|r| r.w_down.clone()).collect());
     let spec = ExportSpec {
         kept: &kept,
         layout: job.layout,
+        down_weights: down_weights.as_deref(),
         down_bias: bias.as_deref(),
         record,
     };

@@ -424,8 +424,9 @@ impl<B: Backend> Run<'_, B> {
             layout: ExportLayout::Compact,
             out: dir.to_path_buf(),
             force: true,
+            refit: None,
         };
-        let r = prune_model(self.be, &self.dense, &stats, &self.norms, &job);
+        let r = prune_model(self.be, &self.dense, &stats, &self.norms, &job, None);
         self.stats = Some(stats);
         let r = r?;
         Ok(PrunedInfo {

@@ -362,3 +362,42 @@ pub fn gather_cols(bytes: &[u8], elem: usize, cols: usize, keep: &[usize]) -> Ve
     }
     out
 }
+
+/// The refit's normal equations (METHODS.md §9), by definition: h_K =
+/// columns `keep` of h `[rows, m]` (plus a column of ones with `ones`),
+/// r = y − y_sub; returns (G = h_Kᵀh_K, C = h_Kᵀr, Σ r²), row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn normal_equations(
+    h: &[f64],
+    keep: &[usize],
+    ones: bool,
+    y: &[f64],
+    y_sub: Option<&[f64]>,
+    rows: usize,
+    m: usize,
+    d: usize,
+) -> (Vec<f64>, Vec<f64>, f64) {
+    let w = keep.len() + ones as usize;
+    let hk = |t: usize, j: usize| match keep.get(j) {
+        Some(&c) => h[t * m + c],
+        None => 1.0,
+    };
+    let r = |t: usize, o: usize| y[t * d + o] - y_sub.map_or(0.0, |s| s[t * d + o]);
+    let mut g = vec![0.0; w * w];
+    let mut c = vec![0.0; w * d];
+    let mut rr = 0.0;
+    for t in 0..rows {
+        for i in 0..w {
+            for j in 0..w {
+                g[i * w + j] += hk(t, i) * hk(t, j);
+            }
+            for o in 0..d {
+                c[i * d + o] += hk(t, i) * r(t, o);
+            }
+        }
+        for o in 0..d {
+            rr += r(t, o) * r(t, o);
+        }
+    }
+    (g, c, rr)
+}

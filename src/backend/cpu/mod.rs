@@ -7,10 +7,13 @@ mod gather;
 mod loss;
 pub mod matmul;
 mod mem;
+mod normal;
 mod ops;
 mod simd;
 
-use super::{check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart};
+use super::{
+    check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart, NormalEquations,
+};
 use crate::quant::BlockMatrix;
 use crate::Result;
 use blocks::PackedBlocks;
@@ -297,6 +300,21 @@ impl Backend for CpuBackend {
         m: usize,
     ) -> Result<ChannelPartial> {
         Ok(ops::channel_stats(h, g, seqs, t, m))
+    }
+
+    fn normal_equations(
+        &self,
+        h: &Vec<f32>,
+        keep: &[usize],
+        ones: bool,
+        y: &Vec<f32>,
+        y_sub: Option<&Vec<f32>>,
+        rows: usize,
+        m: usize,
+        d: usize,
+    ) -> Result<NormalEquations> {
+        let y_sub = y_sub.map(|v| v.as_slice());
+        normal::normal_equations(h, keep, ones, y, y_sub, rows, m, d, self.threads)
     }
 
     fn energy(&self, z: &Vec<f32>, _rows: usize, _d: usize, scale: f32) -> Result<(f64, Vec<f32>)> {

@@ -10,6 +10,7 @@ use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
 use crate::backend::{
     check_cache_call, check_gather, AttnShape, Backend, CacheShape, ChannelPartial, GatherAxis,
+    NormalEquations,
 };
 use crate::{Error, Result};
 
@@ -434,6 +435,99 @@ impl<D: Device> Backend for CudaBackend<D> {
                 .iter()
                 .map(|&v| v as f64)
                 .collect(),
+        })
+    }
+
+    fn normal_equations(
+        &self,
+        h: &Self::Buf,
+        keep: &[usize],
+        ones: bool,
+        y: &Self::Buf,
+        y_sub: Option<&Self::Buf>,
+        rows: usize,
+        m: usize,
+        d: usize,
+    ) -> Result<NormalEquations> {
+        let keep: Vec<u32> = keep
+            .iter()
+            .map(|&c| u32::try_from(c).map_err(|_| self.err(format!("kept channel {c}"))))
+            .collect::<Result<_>>()?;
+        let k = keep.len() + usize::from(ones);
+        // h_K [rows, k] and r = y − y_sub [rows, d] in f64 (compact.cu, cast.cu).
+        let hk = DevBuf::<D, f64>::alloc(&self.dev, rows * k)?;
+        k::compact_cols_widen(&self.dev, h, &keep, ones, &hk, rows, m)?;
+        let r = DevBuf::<D, f64>::alloc(&self.dev, rows * d)?;
+        k::diff_f64(&self.dev, y, y_sub, &r, rows * d)?;
+        let g = DevBuf::<D, f64>::zeros(&self.dev, k * k)?;
+        let c = DevBuf::<D, f64>::zeros(&self.dev, k * d)?;
+        let rr = DevBuf::<D, f64>::zeros(&self.dev, rows)?;
+        if rows > 0 && k > 0 {
+            // Column-major, as cuBLAS sees the row-major buffers: h_K is
+            // [k, rows] (ld k), r is [d, rows] (ld d). G = h_K·h_Kᵀ [k, k]
+            // (symmetric, so also row-major); Cᵀ = r·h_Kᵀ [d, k] (ld d) is the
+            // row-major C [k, d].
+            let f64_product = |trans_b, (m, n, kk), (a, lda), (b, ldb), (c, ldc)| Gemm {
+                trans_a: false,
+                trans_b,
+                m,
+                n,
+                k: kk,
+                alpha: 1.0,
+                a,
+                lda,
+                stride_a: 0,
+                b,
+                ldb,
+                stride_b: 0,
+                beta: 0.0,
+                c,
+                ldc,
+                stride_c: 0,
+                batch: 1,
+                ab: GemmType::F64,
+            };
+            let (hk_a, r_a) = (hk.addr(&self.dev), r.addr(&self.dev));
+            let gram = f64_product(
+                true,
+                (k, k, rows),
+                (hk_a, k),
+                (hk_a, k),
+                (g.addr(&self.dev), k),
+            );
+            let cross = f64_product(
+                true,
+                (d, k, rows),
+                (r_a, d),
+                (hk_a, k),
+                (c.addr(&self.dev), d),
+            );
+            // ‖r_t‖² per row t: `rows` 1×1 products r_tᵀ·r_t (strided batch), summed on the host.
+            let energy = Gemm {
+                trans_a: true,
+                stride_a: d,
+                stride_b: d,
+                stride_c: 1,
+                batch: rows,
+                ..f64_product(
+                    false,
+                    (1, 1, d),
+                    (r_a, d),
+                    (r_a, d),
+                    (rr.addr(&self.dev), 1),
+                )
+            };
+            for p in [gram, cross, energy] {
+                // SAFETY: hk holds rows·k values, r rows·d, g k·k, c k·d, rr rows.
+                unsafe { self.dev.gemm(&p) }?;
+            }
+        }
+        Ok(NormalEquations {
+            width: k,
+            d,
+            g: g.download(&self.dev)?,
+            c: c.download(&self.dev)?,
+            rr: rr.download(&self.dev)?.iter().sum(),
         })
     }
 

@@ -25,6 +25,9 @@ impl Elem for f16 {
 impl Elem for u32 {
     const NAME: &'static str = "u32";
 }
+impl Elem for f64 {
+    const NAME: &'static str = "f64";
+}
 impl Elem for i32 {
     const NAME: &'static str = "i32";
 }

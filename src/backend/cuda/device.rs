@@ -7,18 +7,32 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::Result;
 
-/// Storage type of the A and B operands of a matrix product (C is always f32,
-/// accumulation always f32).
+/// Storage type of the A and B operands of a matrix product: with `F32`
+/// and `Bf16`, C is f32 and accumulation f32; with `F64` (the refit's
+/// normal equations) A, B and C are f64 and so is the accumulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmType {
     F32,
     Bf16,
+    F64,
+}
+
+impl GemmType {
+    /// Bytes of one A or B element.
+    pub fn size(self) -> usize {
+        match self {
+            GemmType::F32 => 4,
+            GemmType::Bf16 => 2,
+            GemmType::F64 => 8,
+        }
+    }
 }
 
 /// One `cublasGemmStridedBatchedEx` call, column-major as cuBLAS has it:
 /// for each batch i, `C_i = alpha·op(A_i)·op(B_i) + beta·C_i` with `op(A_i)`
 /// m×k, `op(B_i)` k×n, `C_i` m×n; `X_i = x + i·stride_x` (elements); with
-/// `beta == 0` C is not read.
+/// `beta == 0` C is not read. `alpha` and `beta` are widened to f64 for
+/// `GemmType::F64`.
 #[derive(Clone, Copy, Debug)]
 pub struct Gemm {
     pub trans_a: bool,

@@ -77,18 +77,92 @@ impl EmuDevice {
 /// # Safety
 /// `addr` must hold `ld·(cols−1) + rows` elements of type `ty`.
 unsafe fn operand(addr: u64, ty: GemmType, rows: usize, cols: usize, ld: usize) -> Vec<f32> {
-    let len = if rows == 0 || cols == 0 {
-        0
-    } else {
-        ld * (cols - 1) + rows
-    };
+    let len = extent(rows, cols, ld);
     match ty {
-        GemmType::F32 => std::slice::from_raw_parts(addr as *const f32, len).to_vec(),
         GemmType::Bf16 => std::slice::from_raw_parts(addr as *const bf16, len)
             .iter()
             .map(|v| v.to_f32())
             .collect(),
+        // f64 operands are read in place by `EmuDevice::gemm`, never widened here.
+        GemmType::F32 | GemmType::F64 => {
+            std::slice::from_raw_parts(addr as *const f32, len).to_vec()
+        }
     }
+}
+
+/// Elements spanned by a column-major `rows × cols` operand with leading
+/// dimension `ld`.
+fn extent(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        ld * (cols - 1) + rows
+    }
+}
+
+/// The element types of the emulated products' C (f32, or f64 for `GemmType::F64`).
+trait Acc: 'static + Copy + PartialEq {
+    const ZERO: Self;
+    fn times(self, other: Self) -> Self;
+}
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    fn times(self, other: Self) -> Self {
+        self * other
+    }
+}
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    fn times(self, other: Self) -> Self {
+        self * other
+    }
+}
+
+/// One batch entry of `g`: `C = alpha·op(A)·op(B) + beta·C` over
+/// column-major `a`, `b` (each `extent` elements) and `c`, in `T`.
+///
+/// # Safety
+/// `c` must hold `ldc·(n−1) + m` elements of `T`.
+unsafe fn product<T: Acc>(g: &Gemm, a: &[T], b: &[T], c: *mut T, alpha: T, beta: T) {
+    // op(X)(r, q) of a column-major X: (r + q·ld) untransposed, (q + r·ld) transposed.
+    let (a_rs, a_cs) = if g.trans_a { (g.lda, 1) } else { (1, g.lda) };
+    let (b_rs, b_cs) = if g.trans_b { (g.ldb, 1) } else { (1, g.ldb) };
+    if g.k == 0 {
+        // cuBLAS: C = beta·C (C not read when beta == 0).
+        for q in 0..g.n {
+            for r in 0..g.m {
+                let p = c.add(r + q * g.ldc);
+                *p = if beta == T::ZERO {
+                    T::ZERO
+                } else {
+                    beta.times(*p)
+                };
+            }
+        }
+        return;
+    }
+    // gemm crate: dst = alpha_g·dst + beta_g·lhs·rhs.
+    gemm::gemm(
+        g.m,
+        g.n,
+        g.k,
+        c,
+        g.ldc as isize,
+        1,
+        beta != T::ZERO,
+        a.as_ptr(),
+        a_cs as isize,
+        a_rs as isize,
+        b.as_ptr(),
+        b_cs as isize,
+        b_rs as isize,
+        beta,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(0),
+    );
 }
 
 impl Device for EmuDevice {
@@ -191,49 +265,21 @@ impl Device for EmuDevice {
         g.check().map_err(err)?;
         let (ra, ca) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
         let (rb, cb) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
-        let esize = match g.ab {
-            GemmType::F32 => 4,
-            GemmType::Bf16 => 2,
-        } as u64;
+        let esize = g.ab.size() as u64;
         for i in 0..g.batch {
-            let a = operand(g.a + (i * g.stride_a) as u64 * esize, g.ab, ra, ca, g.lda);
-            let b = operand(g.b + (i * g.stride_b) as u64 * esize, g.ab, rb, cb, g.ldb);
-            let c = (g.c as *mut f32).add(i * g.stride_c);
-            // op(X)(r, q) of a column-major X: (r + q·ld) untransposed, (q + r·ld) transposed.
-            let (a_rs, a_cs) = if g.trans_a { (g.lda, 1) } else { (1, g.lda) };
-            let (b_rs, b_cs) = if g.trans_b { (g.ldb, 1) } else { (1, g.ldb) };
-            if g.k == 0 {
-                // cuBLAS: C = beta·C (C not read when beta == 0).
-                for q in 0..g.n {
-                    for r in 0..g.m {
-                        let p = c.add(r + q * g.ldc);
-                        *p = if g.beta == 0.0 { 0.0 } else { g.beta * *p };
-                    }
-                }
-                continue;
+            let a = g.a + (i * g.stride_a) as u64 * esize;
+            let b = g.b + (i * g.stride_b) as u64 * esize;
+            if g.ab == GemmType::F64 {
+                let a = std::slice::from_raw_parts(a as *const f64, extent(ra, ca, g.lda));
+                let b = std::slice::from_raw_parts(b as *const f64, extent(rb, cb, g.ldb));
+                let c = (g.c as *mut f64).add(i * g.stride_c);
+                product(g, a, b, c, g.alpha as f64, g.beta as f64);
+            } else {
+                let a = operand(a, g.ab, ra, ca, g.lda);
+                let b = operand(b, g.ab, rb, cb, g.ldb);
+                let c = (g.c as *mut f32).add(i * g.stride_c);
+                product(g, &a, &b, c, g.alpha, g.beta);
             }
-            // gemm crate: dst = alpha_g·dst + beta_g·lhs·rhs.
-            gemm::gemm(
-                g.m,
-                g.n,
-                g.k,
-                c,
-                g.ldc as isize,
-                1,
-                g.beta != 0.0,
-                a.as_ptr(),
-                a_cs as isize,
-                a_rs as isize,
-                b.as_ptr(),
-                b_cs as isize,
-                b_rs as isize,
-                g.beta,
-                g.alpha,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
         }
         Ok(())
     }

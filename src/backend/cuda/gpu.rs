@@ -492,6 +492,7 @@ impl Device for GpuDevice {
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
         g.check().map_err(err)?;
         self.bind()?;
+        use blas_sys::cublasComputeType_t as Compute;
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -499,9 +500,23 @@ impl Device for GpuDevice {
                 blas_sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let ty = match g.ab {
-            GemmType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
-            GemmType::Bf16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+        use blas_sys::cudaDataType_t as T;
+        // A and B storage, C storage, compute type; alpha and beta in C's type.
+        let (ty, c_ty, compute) = match g.ab {
+            GemmType::F32 => (T::CUDA_R_32F, T::CUDA_R_32F, Compute::CUBLAS_COMPUTE_32F),
+            GemmType::Bf16 => (T::CUDA_R_16BF, T::CUDA_R_32F, Compute::CUBLAS_COMPUTE_32F),
+            GemmType::F64 => (T::CUDA_R_64F, T::CUDA_R_64F, Compute::CUBLAS_COMPUTE_64F),
+        };
+        let (alpha64, beta64) = (g.alpha as f64, g.beta as f64);
+        let (alpha, beta) = match g.ab {
+            GemmType::F64 => (
+                &alpha64 as *const f64 as *const c_void,
+                &beta64 as *const f64 as *const c_void,
+            ),
+            _ => (
+                &g.alpha as *const f32 as *const c_void,
+                &g.beta as *const f32 as *const c_void,
+            ),
         };
         blas::gemm_strided_batched_ex(
             self.cublas,
@@ -510,7 +525,7 @@ impl Device for GpuDevice {
             g.m as i32,
             g.n as i32,
             g.k as i32,
-            &g.alpha as *const f32 as *const c_void,
+            alpha,
             g.a as *const c_void,
             ty,
             g.lda as i32,
@@ -519,13 +534,13 @@ impl Device for GpuDevice {
             ty,
             g.ldb as i32,
             g.stride_b as i64,
-            &g.beta as *const f32 as *const c_void,
+            beta,
             g.c as *mut c_void,
-            blas_sys::cudaDataType_t::CUDA_R_32F,
+            c_ty,
             g.ldc as i32,
             g.stride_c as i64,
             g.batch as i32,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            compute,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
         .map_err(|e| err(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))

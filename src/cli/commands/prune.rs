@@ -3,12 +3,14 @@
 use crate::cli::args::PruneArgs;
 use crate::cli::commands::score::{calib_source, run_scoring};
 use crate::cli::{check_output, load_model};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use rku_engine::backend::Backend;
 use rku_engine::io::output::MODEL_DIR;
+use rku_engine::io::text::Tokenizer;
 use rku_engine::prune::calibrate::down_column_norms;
 use rku_engine::prune::job::output_dirs;
 use rku_engine::prune::pipeline::prune_model;
+use rku_engine::prune::refit::{RefitSpec, RefitWindows};
 use rku_engine::prune::{merge, PruneJob, Stats};
 
 pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
@@ -17,12 +19,19 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     let inputs: Vec<&std::path::Path> = [&a.model]
         .into_iter()
         .chain(&a.calib.calib)
+        .chain(&a.refit_calib)
         .chain(&a.stats)
         .map(|p| p.as_path())
         .collect();
     for o in &outs {
         check_output(inputs.iter().copied(), o, MODEL_DIR, a.force)?;
     }
+    // The refit's windows: --refit-calib, else the scoring text.
+    let refit_text = match (a.refit, a.refit_calib.as_ref().or(a.calib.calib.as_ref())) {
+        (Some(_), Some(path)) => Some(a.calib.windows.source(path.clone())),
+        (Some(_), None) => bail!("--refit needs calibration text: --refit-calib FILE (or --calib)"),
+        (None, _) => None,
+    };
     let source = match a.stats.is_empty() {
         true => Some(calib_source(&a.calib)?),
         false => None,
@@ -34,6 +43,24 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         (None, many) => merge(many)?,
     };
     let norms = down_column_norms(&model)?;
+    let refit = a.refit.map(|target| RefitSpec {
+        target,
+        bias: a.refit_bias,
+        damp: a.refit_damp,
+    });
+    let refit_windows = match (&refit, &refit_text) {
+        (Some(_), Some(source)) => {
+            let (ids, digest) = source.windows(&model, &Tokenizer::load(&model.dir)?)?;
+            Some(RefitWindows {
+                ids,
+                seq_len: source.seq_len,
+                batch: source.batch,
+                source: source.path.clone(),
+                digest,
+            })
+        }
+        _ => None,
+    };
     for (&sparsity, out) in sparsities.iter().zip(outs) {
         let job = PruneJob {
             method: a.method,
@@ -44,8 +71,9 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             layout: a.export,
             out,
             force: a.force,
+            refit,
         };
-        let r = prune_model(be, &model, &stats, &norms, &job)?;
+        let r = prune_model(be, &model, &stats, &norms, &job, refit_windows.as_ref())?;
         println!(
             "{} at sparsity {}: {} -> {} parameters ({:.1}% removed), widths {}..{}, wrote {}",
             r.method,

@@ -21,3 +21,21 @@ pub fn cast<D: Device, S: Stored, T: Stored>(
             LaunchCfg::elementwise(n),
         )
 }
+
+/// cast.cu `diff_f32_to_f64`: `dst = a − b` (or `a` without `b`) over
+/// the first `n` values, each operand widened to f64 before the subtraction.
+pub fn diff_f64<D: Device>(
+    dev: &D,
+    a: &DevBuf<D, f32>,
+    b: Option<&DevBuf<D, f32>>,
+    dst: &DevBuf<D, f64>,
+    n: usize,
+) -> Result<()> {
+    Launch::new(dev)
+        .buf(a, n, "diff a")
+        .buf(b.unwrap_or(a), n, "diff b")
+        .buf(dst, n, "diff dst")
+        .i64(n)
+        .int(usize::from(b.is_some()), "sub")
+        .run_if(n > 0, "diff_f32_to_f64", LaunchCfg::elementwise(n))
+}

@@ -56,3 +56,31 @@ pub fn compact_cols<D: Device, W: Word>(
             LaunchCfg::elementwise(rows * keep.len()),
         )
 }
+
+/// compact.cu `compact_cols_f32_to_f64`, the refit's gather: `dst[r, j] =
+/// src[r, keep[j]]` widened to f64, and with `ones` a last column of ones;
+/// src `[rows, m]`, dst `[rows, keep.len() + ones]`.
+pub fn compact_cols_widen<D: Device>(
+    dev: &D,
+    src: &DevBuf<D, f32>,
+    keep: &[u32],
+    ones: bool,
+    dst: &DevBuf<D, f64>,
+    rows: usize,
+    m: usize,
+) -> Result<()> {
+    let width = keep.len() + usize::from(ones);
+    Launch::new(dev)
+        .buf(src, rows * m, "compact src")
+        .indices(keep, m, "compact: kept channel")
+        .buf(dst, rows * width, "compact dst")
+        .int(rows, "rows")
+        .int(m, "m")
+        .int(keep.len(), "k")
+        .int(usize::from(ones), "ones")
+        .run_if(
+            width > 0 && rows > 0,
+            "compact_cols_f32_to_f64",
+            LaunchCfg::elementwise(rows * width),
+        )
+}
