@@ -66,6 +66,7 @@ for r in rows:
         rec = json.load(open(f"{out}/{method}-{sparsity}-{variant}/pruning.json"))["refit"]
         t = rec["time_s"]
         kept = sum(1 for l in rec["layers"] if l["refitted"])
-        print(f"{method} refit {variant}: layer passes {t['passes_s']:.1f} s, solves {t['solves_s']:.1f} s, "
+        print(f"{method} refit {variant}: layer passes {t['passes_s']:.1f} s, normal equations "
+              f"{t['products_s']:.1f} s, solves {t['solves_s']:.1f} s, "
               f"{kept}/{len(rec['layers'])} layers refitted")
 PY

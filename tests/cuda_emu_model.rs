@@ -414,3 +414,54 @@ fn prune_on_cuda_emu_writes_the_cpu_export() {
         }
     }
 }
+
+/// The refit (METHODS.md §9) on the emulated device against the CPU backend
+/// on the bf16-rounded copy, both targets with the bias column. The
+/// reconstruction errors are the least-squares objective itself, whose
+/// minimum moves only to first order with its inputs: they get the
+/// statistics' tolerance (h passes through the forward's bf16 products).
+/// The refitted columns are printed, not bounded: the solve amplifies the
+/// bf16 rounding of G and C by the condition number of G + λI.
+#[test]
+fn refit_cuda_emu_matches_cpu() {
+    use rku_engine::prune::refit::{refit, RefitSpec, RefitTarget};
+    // One fixture (the emulated device is slow); 5 windows in batches of 3.
+    for name in ["tiny-qwen2"] {
+        let dir = fixture(name);
+        let rounded = bf16_copy(&dir);
+        let cpu = CpuBackend::new();
+        let cpu_model = Model::load(&cpu, rounded.path()).unwrap();
+        let cuda = CudaBackend::new(EmuDevice::new());
+        let cuda_model = Model::load(&cuda, &dir).unwrap();
+        let (seqs, t) = (5, 12);
+        let windows = ids(seqs * t, cpu_model.cfg.vocab);
+        let kept: Vec<Vec<usize>> = cpu_model
+            .cfg
+            .ffn_widths
+            .iter()
+            .map(|&m| (0..m).filter(|c| c % 3 != 1).collect())
+            .collect();
+        for target in [RefitTarget::Layer, RefitTarget::Residual] {
+            let spec = RefitSpec {
+                target,
+                bias: true,
+                damp: 0.01,
+            };
+            let (want, _) = refit(&cpu, &cpu_model, &kept, &windows, t, 3, spec).unwrap();
+            let (got, _) = refit(&cuda, &cuda_model, &kept, &windows, t, 3, spec).unwrap();
+            for (l, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{name} {target:?} layer {l}");
+                check(
+                    &[g.err_zeroed, g.err_refit],
+                    &[w.err_zeroed, w.err_refit],
+                    RTOL_STATS,
+                    &format!("{what} errors"),
+                );
+                assert!(g.err_refit <= g.err_zeroed, "{what}: error raised");
+                let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                let e = common::max_rel_err(&f64s(&g.w_down), &f64s(&w.w_down));
+                println!("{what}: refitted columns differ by {e:.3e} of their max");
+            }
+        }
+    }
+}

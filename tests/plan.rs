@@ -128,3 +128,63 @@ fn llama3_8b_fits_24_gib_resident_8_gib_streamed() {
     assert!(resident <= 24.0, "{resident} GiB");
     assert!(streamed <= 8.0, "{streamed} GiB");
 }
+
+/// The refit's plan (src/plan/refit.rs) against the allocator: a refit of
+/// `samples` windows through `CudaBackend<EmuDevice>` reaches the peak the
+/// plan predicts, to the byte.
+fn check_refit_peak(dir: &Path, residual: bool, bias: bool, residency: Residency) {
+    use rku_engine::plan::{plan_refit, RefitPlanSpec};
+    use rku_engine::prune::refit::{refit, RefitSpec, RefitTarget};
+    let be = CudaBackend::new(EmuDevice::new());
+    let model = Model::load_with(&be, dir, residency).unwrap();
+    // Two passes per layer, the second one partial.
+    let (t, samples, batch) = (12, 3, 2);
+    let vocab = model.cfg.vocab as u32;
+    let windows: Vec<u32> = (0..(samples * t) as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let kept: Vec<Vec<usize>> = (model.cfg.ffn_widths.iter().enumerate())
+        .map(|(l, &m)| (0..m).filter(|c| (c + l) % 3 != 0).collect())
+        .collect();
+    let target = match residual {
+        true => RefitTarget::Residual,
+        false => RefitTarget::Layer,
+    };
+    let spec = RefitSpec {
+        target,
+        bias,
+        damp: 0.01,
+    };
+    refit(&be, &model, &kept, &windows, t, batch, spec).unwrap();
+    let measured = be.device().mem_stats().high_water;
+    let p = plan_refit(
+        &model.cfg,
+        &RefitPlanSpec {
+            t,
+            samples,
+            batch,
+            residual,
+            bias,
+            kept: kept.iter().map(Vec::len).collect(),
+            stream: residency == Residency::Streamed,
+        },
+    )
+    .unwrap();
+    println!("{p}");
+    assert_eq!(
+        p.peak_bytes,
+        measured,
+        "{} refit ({target:?}, bias {bias}, {residency:?}): plan vs measured high water",
+        dir.display()
+    );
+}
+
+/// Both targets, with and without the bias column, resident and streamed,
+/// spread over the two fixtures (the emulated device is slow).
+#[test]
+fn refit_plan_matches_high_water() {
+    check_refit_peak(&fixture("tiny-qwen2"), false, false, Residency::Resident);
+    check_refit_peak(&fixture("tiny-qwen2"), true, true, Residency::Streamed);
+    check_refit_peak(&fixture("tiny-llama3"), true, false, Residency::Resident);
+    check_refit_peak(&fixture("tiny-llama3"), false, true, Residency::Streamed);
+}

@@ -402,6 +402,17 @@ pub struct PlanArgs {
     /// Weights streamed one layer at a time (about two layers resident).
     #[arg(long)]
     pub stream: bool,
+    /// Plan a refit (METHODS.md §9) instead of scoring: over --refit-samples
+    /// windows of --seq-len tokens, --batch per pass, every channel kept
+    /// (the upper bound of any mask).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
+    pub refit: Option<RefitTarget>,
+    /// With --refit: the bias column.
+    #[arg(long, requires = "refit")]
+    pub refit_bias: bool,
+    /// With --refit: calibration windows held on the device.
+    #[arg(long, default_value_t = 32, requires = "refit", value_parser = count)]
+    pub refit_samples: usize,
     /// End the output with the plan as one JSON line.
     #[arg(long)]
     pub json: bool,

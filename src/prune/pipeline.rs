@@ -84,10 +84,11 @@ pub fn prune_model<B: Backend>(
         (Some(spec), Some(w)) => {
             let (layers, timing) = refit(be, model, &kept, &w.ids, w.seq_len, w.batch, spec)?;
             crate::progress::println(&format!(
-                "refit ({} windows of {}): layer passes {:.1} s, solves {:.1} s",
+                "refit ({} windows of {}): layer passes {:.1} s, normal equations {:.1} s, solves {:.1} s",
                 w.ids.len() / w.seq_len,
                 w.seq_len,
                 timing.passes_s,
+                timing.products_s,
                 timing.solves_s
             ));
             Some((spec, w, layers, timing))

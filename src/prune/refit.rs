@@ -84,11 +84,14 @@ pub struct RefitWindows {
     pub digest: String,
 }
 
-/// Where the refit's time went.
+/// Where the refit's time went (host wall time).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct RefitTiming {
-    /// Layer evaluations over the windows (forward, products, advancing).
+    /// Layer evaluations over the windows: each layer's forward on x' (and
+    /// on x for `residual`), the target, and advancing x'.
     pub passes_s: f64,
+    /// Forming G and C (`Backend::normal_equations`, f64 products).
+    pub products_s: f64,
     /// Cholesky solves and reconstruction errors.
     pub solves_s: f64,
 }
@@ -148,7 +151,7 @@ pub fn refit<B: Backend>(
         RefitTarget::Layer => Vec::new(),
     };
     let mut out = Vec::with_capacity(c.layers);
-    let (mut passes, mut solves) = (Duration::ZERO, Duration::ZERO);
+    let (mut passes, mut products, mut solves) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let progress = Progress::new(c.layers as u64, "refit");
     model.for_each_layer(be, 0..c.layers, |l, lw| {
         let (m, keep) = (lw.ffn, &kept[l]);
@@ -159,30 +162,23 @@ pub fn refit<B: Backend>(
         for (i, &geo) in geos.iter().enumerate() {
             let rows = geo.rows();
             let acts = layer_acts(be, model, lw, &rope, &pruned[i], geo)?;
-            let part = match spec.target {
-                RefitTarget::Layer => {
-                    // y = W_d h: the original layer's FFN output on x'.
-                    let y = be.linear(&acts.h, &lw.w_down, None, rows, m, d)?;
-                    be.normal_equations(&acts.h, keep, spec.bias, &y, None, rows, m, d)?
-                }
-                RefitTarget::Residual => {
-                    // y = x_{l+1} − (x' + Attn), and x advances to x_{l+1}.
-                    let next = layer_forward(be, model, lw, &rope, &dense[i], geo)?;
-                    let p = be.normal_equations(
-                        &acts.h,
-                        keep,
-                        spec.bias,
-                        &next,
-                        Some(&acts.mid),
-                        rows,
-                        m,
-                        d,
-                    )?;
-                    dense[i] = next;
-                    p
-                }
+            // The target y, as `y − y_sub`.
+            let (y, y_sub) = match spec.target {
+                // y = W_d h: the original layer's FFN output on x'.
+                RefitTarget::Layer => (be.linear(&acts.h, &lw.w_down, None, rows, m, d)?, None),
+                // y = x_{l+1} − (x' + Attn); x then advances to x_{l+1}.
+                RefitTarget::Residual => (
+                    layer_forward(be, model, lw, &rope, &dense[i], geo)?,
+                    Some(&acts.mid),
+                ),
             };
+            let tp = Instant::now();
+            let part = be.normal_equations(&acts.h, keep, spec.bias, &y, y_sub, rows, m, d)?;
+            products += tp.elapsed();
             eqs.add(&part)?;
+            if spec.target == RefitTarget::Residual {
+                dense[i] = y;
+            }
             held.push((acts.mid, acts.h));
         }
         passes += t0.elapsed();
@@ -223,7 +219,8 @@ pub fn refit<B: Backend>(
     })?;
     progress.finish();
     let timing = RefitTiming {
-        passes_s: passes.as_secs_f64(),
+        passes_s: passes.saturating_sub(products).as_secs_f64(),
+        products_s: products.as_secs_f64(),
         solves_s: solves.as_secs_f64(),
     };
     Ok((out, timing))

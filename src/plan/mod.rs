@@ -1,4 +1,5 @@
-//! Device memory plan of a scoring run on the CUDA backend: every buffer
+//! Device memory plan of a scoring run (and, in `refit`, of a refit) on the
+//! CUDA backend: every buffer
 //! `CudaBackend` holds while `prune::calibrate::collect_stats` runs one batch
 //! (forward keeping the residual stream, then one activation-only backward
 //! pass per objective), with its bytes, and the peak.
@@ -29,6 +30,9 @@ use crate::backend::cuda::backend::CE_CHUNK;
 use crate::model::objective::{EnergyAt, Objectives};
 use crate::model::ModelConfig;
 use crate::{Error, Result};
+
+mod refit;
+pub use refit::{plan_refit, RefitPlanSpec};
 
 /// What is planned: one batch of `seqs` sequences of `t` tokens.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +107,7 @@ pub struct Plan {
 const F32: (&str, usize) = ("f32", 4);
 const BF16: (&str, usize) = ("bf16", 2);
 const U32: (&str, usize) = ("u32", 4);
+const F64: (&str, usize) = ("f64", 8);
 
 struct Live {
     name: &'static str,
@@ -367,6 +372,47 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
     s.free_all(&rope);
 }
 
+/// Refuses a run whose byte counts could overflow the plan's arithmetic.
+fn check_size(cfg: &ModelConfig, seqs: usize, t: usize) -> Result<()> {
+    // An upper bound of every byte count below, in u128: all weights, plus
+    // (L + 64) buffers of rows × (the widest dimension + a T×heads score
+    // row) in f32. Below 2^62,
+    // the plan's usize arithmetic cannot wrap.
+    let widest = [cfg.vocab, cfg.hidden, cfg.q_dim(), cfg.kv_dim()]
+        .into_iter()
+        .chain(cfg.ffn_widths.iter().copied())
+        .max()
+        .unwrap_or(0) as u128;
+    let weights = 4 * (cfg.param_count() as u128);
+    let rows = seqs as u128 * t as u128;
+    let attn = t as u128 * cfg.heads as u128;
+    let bound = weights + 4 * rows * (widest + attn) * (cfg.layers as u128 + 64);
+    if bound >= 1 << 62 {
+        return Err(Error::Invalid(format!(
+            "plan: {} sequences of {} tokens on this model would need more than 2^62 bytes",
+            seqs, t
+        )));
+    }
+    Ok(())
+}
+
+impl Dims {
+    fn new(cfg: &ModelConfig, seqs: usize, t: usize) -> Self {
+        Dims {
+            rows: seqs * t,
+            seqs,
+            t,
+            d: cfg.hidden,
+            qd: cfg.q_dim(),
+            kvd: cfg.kv_dim(),
+            heads: cfg.heads,
+            hd: cfg.head_dim,
+            vocab: cfg.vocab,
+            layers: cfg.layers,
+        }
+    }
+}
+
 /// Weight bytes (bf16) of layer l: norms, q/k/v (+ biases), o, gate, up, down.
 fn layer_weight_bytes(cfg: &ModelConfig, m: usize) -> usize {
     let (d, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
@@ -383,61 +429,11 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
             spec.t, spec.seqs
         )));
     }
-    // An upper bound of every byte count below, in u128: all weights, plus
-    // (L + 64) buffers of rows × (the widest dimension + a T×heads score
-    // row) in f32. Below 2^62,
-    // the plan's usize arithmetic cannot wrap.
-    let widest = [cfg.vocab, cfg.hidden, cfg.q_dim(), cfg.kv_dim()]
-        .into_iter()
-        .chain(cfg.ffn_widths.iter().copied())
-        .max()
-        .unwrap_or(0) as u128;
-    let weights = 4 * (cfg.param_count() as u128);
-    let rows = spec.seqs as u128 * spec.t as u128;
-    let attn = spec.t as u128 * cfg.heads as u128;
-    let bound = weights + 4 * rows * (widest + attn) * (cfg.layers as u128 + 64);
-    if bound >= 1 << 62 {
-        return Err(Error::Invalid(format!(
-            "plan: {} sequences of {} tokens on this model would need more than 2^62 bytes",
-            spec.seqs, spec.t
-        )));
-    }
-    let g = Dims {
-        rows: spec.seqs * spec.t,
-        seqs: spec.seqs,
-        t: spec.t,
-        d: cfg.hidden,
-        qd: cfg.q_dim(),
-        kvd: cfg.kv_dim(),
-        heads: cfg.heads,
-        hd: cfg.head_dim,
-        vocab: cfg.vocab,
-        layers: cfg.layers,
-    };
+    check_size(cfg, spec.seqs, spec.t)?;
+    let g = Dims::new(cfg, spec.seqs, spec.t);
     let widths = &cfg.ffn_widths;
     let mut s = Sim::default();
-
-    // Model::load: embedding, final norm, lm_head (untied), every layer.
-    s.begin("weights");
-    s.alloc("weights: embed_tokens", BF16, &[g.vocab, g.d]);
-    s.alloc("weights: final norm", BF16, &[g.d]);
-    if !cfg.tie_embeddings {
-        s.alloc("weights: lm_head", BF16, &[g.vocab, g.d]);
-    }
-    let per_layer: Vec<usize> = widths.iter().map(|&m| layer_weight_bytes(cfg, m)).collect();
-    let weight_bytes = if spec.stream {
-        let mut largest = per_layer.clone();
-        largest.sort_unstable_by(|a, b| b.cmp(a));
-        s.streamed_layers = Some(per_layer);
-        s.current + largest.iter().take(2).sum::<usize>()
-    } else {
-        s.alloc(
-            "weights: all layers",
-            BF16,
-            &[per_layer.iter().sum::<usize>() / 2],
-        );
-        s.current
-    };
+    let weight_bytes = load_weights(&mut s, cfg, spec.stream);
 
     s.begin("forward");
     let kept = forward(&mut s, &g, widths);
@@ -451,7 +447,52 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
         backward(&mut s, &g, widths, true, false, spec.ce_chunk);
     }
     s.free_all(&kept);
+    let objectives = [("energy", o.energy), ("ce", o.ce)]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect();
+    let run = (spec.t, spec.seqs, objectives, spec.stream);
+    Ok(finish(s, cfg, run, weight_bytes))
+}
 
+/// `Model::load`: embedding, final norm, lm_head (untied), every layer
+/// (or, streamed, none: `Sim::each_layer` uploads them). Returns the
+/// weights' bytes on the device (streamed: the resident ones plus the two
+/// largest layers).
+fn load_weights(s: &mut Sim, cfg: &ModelConfig, stream: bool) -> usize {
+    s.begin("weights");
+    s.alloc("weights: embed_tokens", BF16, &[cfg.vocab, cfg.hidden]);
+    s.alloc("weights: final norm", BF16, &[cfg.hidden]);
+    if !cfg.tie_embeddings {
+        s.alloc("weights: lm_head", BF16, &[cfg.vocab, cfg.hidden]);
+    }
+    let per_layer: Vec<usize> = cfg
+        .ffn_widths
+        .iter()
+        .map(|&m| layer_weight_bytes(cfg, m))
+        .collect();
+    if stream {
+        let mut largest = per_layer.clone();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        s.streamed_layers = Some(per_layer);
+        s.current + largest.iter().take(2).sum::<usize>()
+    } else {
+        s.alloc(
+            "weights: all layers",
+            BF16,
+            &[per_layer.iter().sum::<usize>() / 2],
+        );
+        s.current
+    }
+}
+
+/// The `Plan` of a finished replay: `(t, seqs, objectives, stream)` of the run.
+fn finish(
+    mut s: Sim,
+    cfg: &ModelConfig,
+    (t, seqs, objectives, stream): (usize, usize, Vec<&'static str>, bool),
+    weight_bytes: usize,
+) -> Plan {
     let mut buffers: Vec<PlanBuffer> = Vec::new();
     for (name, dtype, shape, bytes) in std::mem::take(&mut s.at_peak) {
         match buffers
@@ -471,25 +512,22 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
             }),
         }
     }
-    Ok(Plan {
+    Plan {
         arch: cfg.arch.hf_name(),
         hidden: cfg.hidden,
-        ffn: widths.iter().copied().max().unwrap_or(0),
+        ffn: cfg.ffn_widths.iter().copied().max().unwrap_or(0),
         layers: cfg.layers,
         vocab: cfg.vocab,
-        t: spec.t,
-        seqs: spec.seqs,
-        objectives: [("energy", o.energy), ("ce", o.ce)]
-            .into_iter()
-            .filter_map(|(n, on)| on.then_some(n))
-            .collect(),
-        stream: spec.stream,
+        t,
+        seqs,
+        objectives,
+        stream,
         weight_bytes,
         peak_bytes: s.peak,
         peak_phase: s.peak_phase,
         buffers,
         phases: s.phases,
-    })
+    }
 }
 
 /// Bytes as GiB with three decimals, or MiB/KiB/B when smaller.
