@@ -15,7 +15,11 @@
 #      statistics compared with the tolerance rule of tests/cuda_emu_model.rs;
 #   3. perplexity (cuda vs cpu), greedy decoding speed (cpu, cuda) and the
 #      CUDA backend's throughput at T = 2048 (bench forward/score, resident
-#      and streamed).
+#      and streamed);
+#   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
+#      from the cpu statistics: its time split (layer passes, normal
+#      equations, solves) and the per-layer reconstruction errors against
+#      the cpu refit's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "$1")
@@ -90,6 +94,22 @@ check_model() { # model label T
         "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
         "$RKU" bench score --model "$m" --seq-len 2048 --samples 2 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
     done
+    echo "== 4. $l: refit at 40% (cpu, cuda, cuda --stream)"
+    for run in "cpu" "cuda" "cuda --stream"; do
+        set -- $run
+        local o="$OUT/$l-refit-${run// /}"
+        "$RKU" prune --model "$m" --stats "$OUT/$l-cpu.safetensors" --method rku --sparsity 0.4 \
+            --refit --refit-calib "$calib" --samples 4 --seq-len "$t" --batch 2 --backend "$@" \
+            --out "$o" --force 2>&1 | grep -E "^refit \(" || { echo "  (failed)"; ok=1; }
+    done
+    python3 - "$OUT/$l-refit-cpu" "$OUT/$l-refit-cuda" "$OUT/$l-refit-cuda--stream" <<'PY' || ok=1
+import json, sys
+recs = [json.load(open(f"{d}/pruning.json"))["refit"]["layers"] for d in sys.argv[1:]]
+worst = max(abs(g["err_refit"] - c["err_refit"]) / c["err_zeroed"] for r in recs[1:] for g, c in zip(r, recs[0]))
+print(f"  refitted error, cuda vs cpu: worst {worst:.2e} of the zeroed error")
+print(f"  cuda --stream equals cuda: {recs[1] == recs[2]}")
+sys.exit(0 if worst <= 2e-2 and recs[1] == recs[2] else 1)
+PY
     return $ok
 }
 
