@@ -131,6 +131,7 @@ fn check_gemm<D: Device>(dev: &D) {
         let (ga, gb) = match ab {
             GemmType::F32 => (Operand::F(up(dev, &a)), Operand::F(up(dev, &b))),
             GemmType::Bf16 => (Operand::B(up_bf16(dev, &a)), Operand::B(up_bf16(dev, &b))),
+            GemmType::F64 => unreachable!("f64 products: tests/kernels_emu_refit.rs"),
         };
         let gc = up(dev, &c0);
         let g = Gemm {

@@ -64,12 +64,27 @@ fn check_diff_widen<D: Device>(dev: &D) {
     assert_eq!(down64(dev, &dst), f64s(&a), "a");
 }
 
+/// f64 products through cuBLAS's contract: op flags, leading dimensions
+/// past the rows, batch strides, alpha and beta (the refit uses strided
+/// batches for its row energies).
 fn check_gemm_f64<D: Device>(dev: &D) {
-    let (m, n, kk) = (13, 9, 21);
-    let a = f64s(&uniform(m * kk, 24));
-    let b = f64s(&uniform(kk * n, 25));
-    let c0 = f64s(&uniform(m * n, 26));
-    for (trans_a, trans_b, alpha, beta) in [(false, false, 1.0, 0.0), (true, true, -1.0, 1.0)] {
+    let (m, n, kk, batch) = (13, 9, 21, 3);
+    for (case, (trans_a, trans_b, alpha, beta)) in [
+        (false, false, 1.0, 0.0),
+        (true, true, -1.0, 1.0),
+        (true, false, 0.5, 0.25),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (ra, ca) = if trans_a { (kk, m) } else { (m, kk) };
+        let (rb, cb) = if trans_b { (n, kk) } else { (kk, n) };
+        let (lda, ldb, ldc) = (ra + 2, rb + 1, m + 3);
+        let (sa, sb, sc) = (lda * ca + 4, ldb * cb + 1, ldc * n + 2);
+        let seed = 24 + 3 * case as u64;
+        let a = f64s(&uniform(sa * batch, seed));
+        let b = f64s(&uniform(sb * batch, seed + 1));
+        let c0 = f64s(&uniform(sc * batch, seed + 2));
         let (ga, gb) = (
             DevBuf::upload(dev, &a).unwrap(),
             DevBuf::upload(dev, &b).unwrap(),
@@ -83,22 +98,27 @@ fn check_gemm_f64<D: Device>(dev: &D) {
             k: kk,
             alpha,
             a: ga.addr(dev),
-            lda: if trans_a { kk } else { m },
-            stride_a: 0,
+            lda,
+            stride_a: sa,
             b: gb.addr(dev),
-            ldb: if trans_b { n } else { kk },
-            stride_b: 0,
+            ldb,
+            stride_b: sb,
             beta,
             c: gc.addr(dev),
-            ldc: m,
-            stride_c: 0,
-            batch: 1,
+            ldc,
+            stride_c: sc,
+            batch,
             ab: GemmType::F64,
         };
-        // SAFETY: a is m·k, b k·n, c m·n elements, as the leading dimensions say.
+        // SAFETY: each operand holds `batch` strides of its stored extent.
         unsafe { dev.gemm(&g) }.unwrap();
         let want = naive::gemm(&g, &a, &b, &c0);
-        assert_close64(&down64(dev, &gc), &want, F64_TOL, "f64 gemm");
+        assert_close64(
+            &down64(dev, &gc),
+            &want,
+            F64_TOL,
+            &format!("f64 gemm case {case}"),
+        );
     }
 }
 
