@@ -135,6 +135,12 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`, validating every length and offset.
     pub fn open(path: &Path) -> Result<Self> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::format(
+                path,
+                "is a directory, where a GGUF file was expected",
+            ));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file changed underneath by another
         // process is outside what this program can guard against.
@@ -171,6 +177,16 @@ impl GgufFile {
 }
 
 type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>, u64, usize);
+
+/// The metadata and tensor infos of the GGUF file `buf`, validated as
+/// [`GgufFile::open`] does (every tensor's data lies inside `buf`); the
+/// message of an error is what `open` reports after the file's name. For
+/// the fuzz targets (fuzz/) and callers holding the bytes already.
+pub fn parse_header(
+    buf: &[u8],
+) -> std::result::Result<(BTreeMap<String, Value>, Vec<TensorInfo>), String> {
+    parse(buf).map(|(_, metadata, tensors, _, _)| (metadata, tensors))
+}
 
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut c = Cursor { buf, pos: 0 };
