@@ -120,7 +120,8 @@ impl Scratch {
         if o.status.success() {
             return Err(format!("accepted (exit 0)\n{err}"));
         }
-        if !o.status.code().is_some_and(|c| c != 101) || err.contains("panicked") {
+        // No exit code: killed by a signal (an abort); 101: a panic.
+        if o.status.code().is_none_or(|c| c == 101) || err.contains("panicked") {
             return Err(format!("crashed ({:?})\n{err}", o.status));
         }
         for n in names {
@@ -1230,7 +1231,8 @@ fn output_paths() {
     let foreign_dir = s.path("work/foreign-dir");
     std::fs::create_dir_all(&foreign_dir).unwrap();
     s.write("work/foreign-dir/notes.txt", "mine");
-    let commands: Vec<(&str, Box<dyn Fn(&Path, bool) -> Command>)> = vec![
+    type MakeCommand<'a> = Box<dyn Fn(&Path, bool) -> Command + 'a>;
+    let commands: Vec<(&str, MakeCommand)> = vec![
         (
             "score",
             Box::new(|out: &Path, force| {
