@@ -228,6 +228,7 @@ fn merge_refusals() {
 
     let mut st = stats_of(2..4, "db", BOTH);
     st.meta.seq_len = 7;
+    st.meta.tokens = st.meta.samples as u64 * 7; // a consistent file of other windows
     assert!(err(st, "t.safetensors").contains("sequence length"));
 
     let energy = Objectives {

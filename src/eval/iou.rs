@@ -55,6 +55,22 @@ pub fn read_pruning(path: &Path) -> Result<Pruning> {
             ));
         }
     }
+    // The widths of the source model (files since the engine recorded
+    // them): every index must lie below its layer's.
+    let source: Option<Vec<u64>> = match v.get("source_layer_widths") {
+        None => None,
+        Some(w) => Some(
+            w.as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+                .filter(|s| s.len() == kept.len())
+                .ok_or_else(|| {
+                    Error::format(
+                        &file,
+                        format!("source_layer_widths is not a list of {} widths", kept.len()),
+                    )
+                })?,
+        ),
+    };
     let kept = kept
         .iter()
         .enumerate()
@@ -70,6 +86,16 @@ pub fn read_pruning(path: &Path) -> Result<Pruning> {
                         format!("kept[{l}] is not an ascending list of distinct channel indices"),
                     )
                 })?;
+            if let Some(&m) = source.as_ref().and_then(|s| s.get(l)) {
+                if let Some(&c) = list.iter().find(|&&c| c as u64 >= m) {
+                    return Err(Error::format(
+                        &file,
+                        format!(
+                            "kept[{l}] holds channel {c}, past the source layer's {m} channels"
+                        ),
+                    ));
+                }
+            }
             if let Some(w) = &widths {
                 if list.len() as u64 != w[l] {
                     return Err(Error::format(

@@ -14,7 +14,10 @@
 //! type u32, a count u64, then the elements. `dims[0]` is the fastest-varying
 //! (contiguous) dimension, so a GGUF shape is the reverse of the numpy/HF one.
 //! Every length and offset is checked against the file size before use: a
-//! malformed file is an `Error::Format`, never a panic.
+//! malformed file is an `Error::Format`, never a panic. No indexing or
+//! slicing on the file's bytes: every access is a `get` with a named error
+//! (the lint below enforces it).
+#![deny(clippy::indexing_slicing)]
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 use memmap2::Mmap;
@@ -135,6 +138,12 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`, validating every length and offset.
     pub fn open(path: &Path) -> Result<Self> {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::format(
+                path,
+                "is a directory, where a GGUF file was expected",
+            ));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only; a file changed underneath by another
         // process is outside what this program can guard against.
@@ -164,13 +173,32 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw bytes of a tensor (bounds were checked at open).
-    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
-        &self.mmap[t.offset..t.offset + t.n_bytes]
+    /// The raw bytes of a tensor (bounds were checked at open; a
+    /// `TensorInfo` of another file is refused).
+    pub fn tensor_data(&self, t: &TensorInfo) -> Result<&[u8]> {
+        t.offset
+            .checked_add(t.n_bytes)
+            .and_then(|end| self.mmap.get(t.offset..end))
+            .ok_or_else(|| {
+                Error::format(
+                    &self.path,
+                    format!("tensor {}: data lies outside this file", t.name),
+                )
+            })
     }
 }
 
 type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>, u64, usize);
+
+/// The metadata and tensor infos of the GGUF file `buf`, validated as
+/// [`GgufFile::open`] does (every tensor's data lies inside `buf`); the
+/// message of an error is what `open` reports after the file's name. For
+/// the fuzz targets (fuzz/) and callers holding the bytes already.
+pub fn parse_header(
+    buf: &[u8],
+) -> std::result::Result<(BTreeMap<String, Value>, Vec<TensorInfo>), String> {
+    parse(buf).map(|(_, metadata, tensors, _, _)| (metadata, tensors))
+}
 
 fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
     let mut c = Cursor { buf, pos: 0 };
@@ -267,10 +295,11 @@ fn parse(buf: &[u8]) -> std::result::Result<Parsed, String> {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| format!("tensor {}: dimensions {:?} overflow", r.name, r.dims))?;
-        if r.dims[0] % r.ty.block_len as u64 != 0 {
+        let first = r.dims.first().copied().unwrap_or(0);
+        if first % r.ty.block_len as u64 != 0 {
             return Err(format!(
-                "tensor {}: first dimension {} is not a multiple of the {} block length {}",
-                r.name, r.dims[0], r.ty, r.ty.block_len
+                "tensor {}: first dimension {first} is not a multiple of the {} block length {}",
+                r.name, r.ty, r.ty.block_len
             ));
         }
         if r.rel % alignment != 0 {
@@ -320,15 +349,17 @@ const MAX_NESTING: u32 = 8;
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64) -> std::result::Result<&'a [u8], String> {
-        let left = (self.buf.len() - self.pos) as u64;
-        if n > left {
+        let end = usize::try_from(n)
+            .ok()
+            .and_then(|n| self.pos.checked_add(n));
+        let Some(s) = end.and_then(|end| self.buf.get(self.pos..end)) else {
             return Err(format!(
-                "truncated header: need {n} bytes at offset {}, only {left} left in the file",
-                self.pos
+                "truncated header: need {n} bytes at offset {}, only {} left in the file",
+                self.pos,
+                self.buf.len().saturating_sub(self.pos)
             ));
-        }
-        let s = &self.buf[self.pos..self.pos + n as usize];
-        self.pos += n as usize;
+        };
+        self.pos += s.len();
         Ok(s)
     }
     fn array<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
@@ -351,7 +382,7 @@ impl<'a> Cursor<'a> {
         min_size: u64,
         what: &str,
     ) -> std::result::Result<(), String> {
-        let left = (self.buf.len() - self.pos) as u64;
+        let left = self.buf.len().saturating_sub(self.pos) as u64;
         if count.saturating_mul(min_size) > left {
             return Err(format!(
                 "truncated or corrupt header: it claims {count} {what} at offset {}, more than the {left} bytes left in the file can hold",

@@ -266,7 +266,7 @@ fn unpermute_rows<T: Copy + Default + Send + Sync>(
 /// The tensor's data as `dtype` bytes: dequantised, checked finite,
 /// un-permuted where the plan says so.
 fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<Vec<u8>> {
-    let mut w = dequantize(&t.name, t.ty, g.tensor_data(t), t.n_elements())?;
+    let mut w = dequantize(&t.name, t.ty, g.tensor_data(t)?, t.n_elements())?;
     if let Some(bad) = w.par_iter().position_any(|v| !v.is_finite()) {
         return Err(Error::tensor(
             &t.name,
@@ -306,7 +306,7 @@ fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTe
     if !cols.is_multiple_of(BLOCK_LEN) {
         return None;
     }
-    let data = g.tensor_data(t);
+    let data = g.tensor_data(t).ok()?;
     let data = match plan.unpermute_heads {
         Some(heads) => {
             let row_bytes = cols / BLOCK_LEN * kind.block_bytes();

@@ -45,6 +45,8 @@ struct Entry {
 /// A borrowed view of one tensor inside a mapped file.
 pub struct TensorRef<'a> {
     pub name: &'a str,
+    /// The file the tensor lies in (named in errors about its values).
+    pub file: &'a Path,
     pub dtype: FloatType,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
@@ -78,7 +80,11 @@ impl TensorRef<'_> {
         if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
             return Err(Error::tensor(
                 self.name,
-                format!("non-finite value {} at flat index {i}", out[i]),
+                format!(
+                    "non-finite value {} at flat index {i} in {}",
+                    out[i],
+                    self.file.display()
+                ),
             ));
         }
         Ok(out)
@@ -109,11 +115,123 @@ impl<'a> TensorRef<'a> {
         Some(match bad {
             Some(i) => Err(Error::tensor(
                 self.name,
-                format!("non-finite value {} at flat index {i}", values[i]),
+                format!(
+                    "non-finite value {} at flat index {i} in {}",
+                    values[i],
+                    self.file.display()
+                ),
             )),
             None => Ok(values),
         })
     }
+}
+
+/// Why the safetensors crate refused the file `buf`, naming the tensor
+/// where the crate's own error does not (`TensorInvalidInfo`,
+/// `ValidationOverflow`, `MisalignedSlice`): the first tensor whose shape
+/// and dtype do not fill its `data_offsets` exactly.
+pub fn header_error(buf: &[u8], e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    if matches!(
+        e,
+        E::TensorInvalidInfo | E::ValidationOverflow | E::MisalignedSlice
+    ) {
+        if let Some(why) = misfit_tensor(buf) {
+            return why;
+        }
+    }
+    format!("{e:?}")
+}
+
+fn misfit_tensor(buf: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(buf.get(8..end)?).ok()?;
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: safetensors::tensor::TensorInfo = serde_json::from_value(v).ok()?;
+        let (start, stop) = info.data_offsets;
+        let bits = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|k| k.checked_mul(info.dtype.bitsize()));
+        let Some(bits) = bits else {
+            return Some(format!(
+                "tensor {name}: shape {:?} of {:?} overflows",
+                info.shape, info.dtype
+            ));
+        };
+        if bits % 8 != 0 || stop.checked_sub(start) != Some(bits / 8) {
+            return Some(format!(
+                "tensor {name}: shape {:?} of {:?} needs {} bits, but data_offsets [{start}, {stop}] hold {} bytes",
+                info.shape,
+                info.dtype,
+                bits,
+                stop.saturating_sub(start)
+            ));
+        }
+    }
+    None
+}
+
+/// One tensor a safetensors file declares.
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: FloatType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The tensors the safetensors file `buf` declares, each range inside
+/// `buf` and filled exactly by its shape and dtype (the safetensors
+/// crate's validation), each dtype one the runtime reads. `path` names the
+/// file in errors.
+pub fn header_entries(buf: &[u8], path: &Path) -> Result<Vec<HeaderEntry>> {
+    let (n, meta) = SafeTensors::read_metadata(buf).map_err(|e| {
+        Error::format(
+            path,
+            format!("not a valid safetensors file: {}", header_error(buf, &e)),
+        )
+    })?;
+    let base = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            Dtype::F32 => FloatType::F32,
+            Dtype::F16 => FloatType::F16,
+            Dtype::BF16 => FloatType::BF16,
+            other => {
+                return Err(Error::tensor(
+                    &name,
+                    format!(
+                        "{}: dtype {other:?} is not supported (bf16, f16, f32)",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        let (start, end) = (base + info.data_offsets.0, base + info.data_offsets.1);
+        if start > end || end > buf.len() {
+            return Err(Error::format(
+                path,
+                format!("tensor {name}: data [{start}, {end}) lies outside the file"),
+            ));
+        }
+        out.push(HeaderEntry {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            start,
+            end,
+        });
+    }
+    Ok(out)
 }
 
 /// All tensors of a model directory, memory-mapped.
@@ -223,29 +341,19 @@ impl SafeModel {
         let mut stamps = Vec::new();
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
+            if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+                return Err(Error::format(
+                    path,
+                    "is a directory, where a safetensors file was expected",
+                ));
+            }
             let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
             stamps.push(stamp(path)?);
             // SAFETY: the file is opened read-only; the engine never writes to
             // a model it reads (outputs go to a fresh directory).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e:?}")))?;
-            let base = 8 + n;
-            for (name, info) in meta.tensors() {
-                let dtype = match info.dtype {
-                    Dtype::F32 => FloatType::F32,
-                    Dtype::F16 => FloatType::F16,
-                    Dtype::BF16 => FloatType::BF16,
-                    other => {
-                        return Err(Error::tensor(
-                            &name,
-                            format!(
-                                "{}: dtype {other:?} is not supported (bf16, f16, f32)",
-                                path.display()
-                            ),
-                        ))
-                    }
-                };
+            for h in header_entries(&mmap, path)? {
+                let name = h.name;
                 if let Some(first) = entries.get(&name) {
                     let first: &Entry = first;
                     return Err(Error::tensor(
@@ -261,10 +369,10 @@ impl SafeModel {
                     name,
                     Entry {
                         file: fi,
-                        dtype,
-                        shape: info.shape.clone(),
-                        start: base + info.data_offsets.0,
-                        end: base + info.data_offsets.1,
+                        dtype: h.dtype,
+                        shape: h.shape,
+                        start: h.start,
+                        end: h.end,
                     },
                 );
             }
@@ -350,6 +458,7 @@ impl SafeModel {
         }
         Ok(TensorRef {
             name: key,
+            file: &self.files[e.file].0,
             dtype: e.dtype,
             shape: &e.shape,
             bytes: &self.files[e.file].1[e.start..e.end],

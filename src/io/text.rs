@@ -69,6 +69,13 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        // Else every text would read as "0 tokens", blaming the text.
+        if inner.get_vocab_size(false) == 0 {
+            return Err(Error::format(
+                &path,
+                "the tokenizer has an empty vocabulary (model.vocab holds no tokens)",
+            ));
+        }
         Ok(Self { inner })
     }
 

@@ -119,15 +119,38 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
         .ok_or_else(|| Error::format(path, format!("missing or non-integer field `{key}`")))
 }
 
-fn ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => Vec::new(),
+/// An optional field: absent or null is `None`; present with a value
+/// `f` does not accept is refused by name (a silent default would run
+/// another model than the one the file describes).
+fn opt<T>(
+    raw: &Value,
+    key: &str,
+    path: &Path,
+    what: &str,
+    f: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<T>> {
+    match raw.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => f(v)
+            .map(Some)
+            .ok_or_else(|| Error::format(path, format!("`{key}` is {v}, not {what}"))),
     }
+}
+
+/// Token ids: a number or a list of numbers, each a valid u32.
+fn ids(raw: &Value, key: &str, path: &Path) -> Result<Vec<u32>> {
+    let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    Ok(opt(
+        raw,
+        key,
+        path,
+        "a token id or a list of token ids",
+        |v| match v {
+            Value::Array(a) => a.iter().map(id).collect(),
+            v => id(v).map(|x| vec![x]),
+        },
+    )?
+    .unwrap_or_default())
 }
 
 impl ModelConfig {
@@ -163,14 +186,11 @@ impl ModelConfig {
         // Sizes are bounded before anything is allocated from them.
         check_range(path, "num_hidden_layers", layers, MAX_LAYERS)?;
         let heads = get_usize(&raw, "num_attention_heads", path)?;
-        let kv_heads = raw
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
+        let int = "a non-negative integer";
+        let kv_heads = opt(&raw, "num_key_value_heads", path, int, Value::as_u64)?
             .map(|x| x as usize)
             .unwrap_or(heads);
-        let head_dim = raw
-            .get("head_dim")
-            .and_then(Value::as_u64)
+        let head_dim = opt(&raw, "head_dim", path, int, Value::as_u64)?
             .map(|x| x as usize)
             .unwrap_or(hidden / heads.max(1));
         let vocab = get_usize(&raw, "vocab_size", path)?;
@@ -214,6 +234,12 @@ impl ModelConfig {
             .or_else(|| raw.get("rope_scaling"));
         let rope_scaling = match rope_params {
             None | Some(Value::Null) => None,
+            Some(v) if !v.is_object() => {
+                return Err(Error::format(
+                    path,
+                    format!("`rope_scaling` is {v}, not an object"),
+                ))
+            }
             Some(rs) => {
                 let kind = rs
                     .get("rope_type")
@@ -241,6 +267,31 @@ impl ModelConfig {
         };
         // Qwen2 has q/k/v biases; a LLaMA with `attention_bias` was refused above.
         let qkv_bias = arch == Arch::Qwen2;
+        let num = "a number";
+        let rope_theta = match opt(&raw, "rope_theta", path, num, Value::as_f64)? {
+            Some(t) => Some(t),
+            None => rope_params
+                .map(|p| opt(p, "rope_theta", path, num, Value::as_f64))
+                .transpose()?
+                .flatten(),
+        };
+        let rms_eps = opt(&raw, "rms_norm_eps", path, num, Value::as_f64)?;
+        let tie = opt(
+            &raw,
+            "tie_word_embeddings",
+            path,
+            "a boolean",
+            Value::as_bool,
+        )?;
+        let max_pos = opt(
+            &raw,
+            "max_position_embeddings",
+            path,
+            "a positive integer",
+            |v| v.as_u64().filter(|&n| n > 0),
+        )?;
+        let bos_token_id = ids(&raw, "bos_token_id", path)?.first().copied();
+        let eos_token_ids = ids(&raw, "eos_token_id", path)?;
         let cfg = Self {
             arch,
             hidden,
@@ -250,27 +301,14 @@ impl ModelConfig {
             head_dim,
             vocab,
             ffn_widths,
-            rope_theta: raw
-                .get("rope_theta")
-                .or_else(|| rope_params.and_then(|p| p.get("rope_theta")))
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta: rope_theta.unwrap_or(10000.0),
             rope_scaling,
-            rms_eps: raw
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
-            tie_embeddings: raw
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            rms_eps: rms_eps.unwrap_or(1e-6),
+            tie_embeddings: tie.unwrap_or(false),
             qkv_bias,
-            max_positions: raw
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(4096) as usize,
-            bos_token_id: ids(raw.get("bos_token_id")).first().copied(),
-            eos_token_ids: ids(raw.get("eos_token_id")),
+            max_positions: max_pos.unwrap_or(4096) as usize,
+            bos_token_id,
+            eos_token_ids,
             raw,
         };
         cfg.check_values(path)?;

@@ -167,6 +167,7 @@ pub fn prune_model<B: Backend>(
         "params_before": params_before,
         "params_after": params_after,
         "layer_widths": widths,
+        "source_layer_widths": cfg.ffn_widths,
         "kept": kept,
         "engine": "rku-engine",
         "engine_version": env!("CARGO_PKG_VERSION"),

@@ -310,10 +310,19 @@ impl Stats {
     /// and tk are sums of non-negative terms).
     pub fn load(path: &Path) -> Result<Stats> {
         let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&buf, path)
+    }
+
+    /// [`Stats::load`] of a file's bytes; `path` names it in errors.
+    pub fn from_bytes(buf: &[u8], path: &Path) -> Result<Stats> {
         let bad = |msg: String| Error::format(path, msg);
-        let st = SafeTensors::deserialize(&buf)
-            .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let (_, header) = SafeTensors::read_metadata(&buf)
+        let st = SafeTensors::deserialize(buf).map_err(|e| {
+            bad(format!(
+                "not a safetensors file: {}",
+                crate::io::safetensors_io::header_error(buf, &e)
+            ))
+        })?;
+        let (_, header) = SafeTensors::read_metadata(buf)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let empty = HashMap::new();
         let kv = header.metadata().as_ref().unwrap_or(&empty);
@@ -390,10 +399,26 @@ impl Stats {
                 meta.samples
             )));
         }
-        let num_layers = num("num_layers")? as usize;
-        if num_layers == 0 {
-            return Err(bad("stats file has 0 layers".into()));
+        // tokens = samples × seq_len (windows of seq_len ≥ 2 tokens): a
+        // header that says otherwise would rescale every statistic.
+        if meta.seq_len < 2
+            || (meta.samples as u64).checked_mul(meta.seq_len as u64) != Some(meta.tokens)
+        {
+            return Err(bad(format!(
+                "metadata says {} tokens in {} windows of {} tokens (need seq_len ≥ 2 and tokens = samples × seq_len)",
+                meta.tokens, meta.samples, meta.seq_len
+            )));
         }
+        let num_layers = num("num_layers")?;
+        // Bounded by the tensors present (each layer has several) before
+        // anything is sized by it.
+        let n_tensors = st.names().len() as u64;
+        if num_layers == 0 || num_layers > n_tensors {
+            return Err(bad(format!(
+                "num_layers {num_layers} is out of range (1 to the {n_tensors} tensors in the file)"
+            )));
+        }
+        let num_layers = num_layers as usize;
 
         let mut expected = std::collections::HashSet::from([WINDOWS_TENSOR.to_string()]);
         let mut layers = Vec::with_capacity(num_layers);

@@ -1,10 +1,11 @@
 //! `rku-engine iou`: overlap of the kept channels of two pruned models.
 use crate::cli::args::IouArgs;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rku_engine::eval::iou::{iou_of, read_pruning};
 
 pub fn run(a: &IouArgs) -> Result<()> {
-    let r = iou_of(&read_pruning(&a.a)?, &read_pruning(&a.b)?)?;
+    let r = iou_of(&read_pruning(&a.a)?, &read_pruning(&a.b)?)
+        .with_context(|| format!("iou of {} and {}", a.a.display(), a.b.display()))?;
     for (l, v) in r.per_layer.iter().enumerate() {
         println!("layer {l:>3}: {v:.4}");
     }

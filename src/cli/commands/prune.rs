@@ -3,13 +3,13 @@
 use crate::cli::args::PruneArgs;
 use crate::cli::commands::score::{calib_source, run_scoring};
 use crate::cli::{check_output, load_model};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rku_engine::backend::Backend;
 use rku_engine::io::output::MODEL_DIR;
 use rku_engine::io::text::Tokenizer;
 use rku_engine::prune::calibrate::down_column_norms;
 use rku_engine::prune::job::output_dirs;
-use rku_engine::prune::pipeline::prune_model;
+use rku_engine::prune::pipeline::{check_stats_match, prune_model};
 use rku_engine::prune::refit::{RefitSpec, RefitWindows};
 use rku_engine::prune::{merge, PruneJob, Stats};
 
@@ -42,6 +42,13 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         (None, [one]) => Stats::load(one)?,
         (None, many) => merge(many)?,
     };
+    if source.is_none() {
+        // Statistics read from files: a mismatch names them.
+        check_stats_match(&model, &stats).with_context(|| {
+            let files: Vec<String> = a.stats.iter().map(|p| p.display().to_string()).collect();
+            format!("--stats {}", files.join(", "))
+        })?;
+    }
     let norms = down_column_norms(&model)?;
     let refit = a.refit.map(|target| RefitSpec {
         target,

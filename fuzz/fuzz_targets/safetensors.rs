@@ -1,0 +1,8 @@
+//! AFL target: the safetensors parser (see fuzz/src/checks.rs).
+#[path = "../src/checks.rs"]
+#[allow(dead_code)] // each target uses one of the checks
+mod checks;
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| checks::safetensors(data));
+}
