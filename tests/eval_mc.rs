@@ -167,3 +167,29 @@ fn bad_mc_rows_name_file_and_line() {
         );
     }
 }
+
+/// An item longer than the model's positions is refused at once, naming
+/// the file and the item (a 100,000-character query used to run for hours).
+#[test]
+fn an_item_past_the_models_positions_is_refused() {
+    let dir = fixture("tiny-qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("long.jsonl");
+    let query = "the train leaves at noon ".repeat(4000);
+    let rows = format!(
+        "{}\n{}\n",
+        r#"{"query": "said the", "choices": ["teacher", "train"], "gold": 0}"#,
+        serde_json::json!({"query": query, "choices": ["a", "b"], "gold": 1})
+    );
+    std::fs::write(&data, rows).unwrap();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let err = evaluate_mc(&be, &model, &tok, &McArgs::new(data.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("long.jsonl") && err.contains("item 1") && err.contains("max_position"),
+        "{err}"
+    );
+}

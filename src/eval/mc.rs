@@ -273,9 +273,23 @@ pub fn evaluate_mc<B: Backend>(
         .or(model.cfg.eos_token_ids.first().copied())
         .unwrap_or(0);
     let mut requests = Vec::new();
-    for it in &items {
+    for (index, it) in items.iter().enumerate() {
         for ch in &it.choices {
-            requests.push(encode_pair(tok, &it.context, ch, prefix)?);
+            let (ctx, cont) = encode_pair(tok, &it.context, ch, prefix)?;
+            // Past the model's positions the scores mean nothing (and one
+            // huge item would run for hours): refused, not truncated.
+            let len = ctx.len() + cont.len();
+            if len > model.cfg.max_positions {
+                return Err(Error::format(
+                    &args.data,
+                    format!(
+                        "item {index}: context and choice are {len} tokens, more than the \
+                         model's max_position_embeddings ({})",
+                        model.cfg.max_positions
+                    ),
+                ));
+            }
+            requests.push((ctx, cont));
         }
     }
     let progress = Progress::new(requests.len() as u64, "mc (context, choice) pairs");
