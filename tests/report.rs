@@ -507,3 +507,62 @@ fn report_refuses_inconsistent_reruns() {
         "a refused run created its output directory"
     );
 }
+
+/// `--refit` adds the refitted export of every mask as its own rows
+/// (`<method>+refit`), equal to `prune --refit` then `eval ppl` on the same
+/// windows; it resumes, and another refit setting invalidates only the
+/// refitted cells.
+#[test]
+fn report_refit_rows_match_prune_refit_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    let first = run_ok(&mut small("tiny-qwen2", &i.text, &out, &["--refit"]));
+    // stats, dense.ppl, and for rku-s0.3 and rku-s0.3+refit: prune, ppl.
+    assert_eq!(counts(&first).0, 6);
+    assert!(out.join("cells/rku-s0.3+refit.prune.json").exists());
+    let r = read_json(&out.join("report.json"));
+    let names: Vec<&str> = (r["cells"].as_array().unwrap().iter())
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rku", "rku+refit"]);
+    assert_eq!(r["methods"][1]["name"], "rku+refit");
+    assert!(r["iou"][0]["methods"].as_array().unwrap().len() == 1, "a mask is listed once");
+    let refit_ppl = r["cells"][1]["ppl"]["ppl"].as_f64().unwrap();
+    assert_ne!(refit_ppl, r["cells"][0]["ppl"]["ppl"].as_f64().unwrap());
+
+    // The same through the single commands.
+    let pruned = tmp.path().join("pruned");
+    run_ok(
+        bin()
+            .args(["prune", "--model"])
+            .arg(fixture("tiny-qwen2"))
+            .arg("--calib")
+            .arg(&i.text)
+            .args(["--samples", "4", "--seq-len", "24", "--method", "rku"])
+            .args(["--sparsity", "0.3", "--refit", "--out"])
+            .arg(&pruned),
+    );
+    let ppl = json_line(&run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(&pruned)
+            .arg("--text")
+            .arg(&i.text)
+            .args(["--seq-len", "24", "--max-windows", "8", "--json"]),
+    ));
+    assert_eq!(ppl["ppl"].as_f64().unwrap(), refit_ppl);
+
+    // Resumes; without --refit the refitted rows are simply left out.
+    assert_eq!(counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &["--refit"]))).0, 0);
+    assert_eq!(counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]))).0, 0);
+    // Another target: only the refitted cells are inconsistent.
+    let e = run_err(&mut small(
+        "tiny-qwen2",
+        &i.text,
+        &out,
+        &["--refit", "residual"],
+    ));
+    assert!(e.contains("refit.target") && e.contains("+refit"), "{e}");
+    assert!(!e.contains("rku-s0.3.prune"), "{e}");
+}

@@ -499,6 +499,16 @@ pub struct ReportArgs {
     /// Skip the prefill timing (no speedup column).
     #[arg(long)]
     pub no_prefill: bool,
+    /// Also export every mask refitted by least squares (METHODS.md §9) on
+    /// the calibration windows, and evaluate it: rows `<method>+refit`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
+    pub refit: Option<RefitTarget>,
+    /// With --refit, also fit a down_proj bias.
+    #[arg(long, requires = "refit")]
+    pub refit_bias: bool,
+    /// With --refit: ridge damping λ = DAMP · mean(diag G).
+    #[arg(long, default_value_t = 0.01, requires = "refit", value_parser = positive_finite)]
+    pub refit_damp: f64,
     /// Output directory; rerunning into it resumes. An existing directory
     /// that is not a report (or holds an input) is refused, even with --force.
     #[arg(long)]

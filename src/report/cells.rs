@@ -44,15 +44,28 @@ impl Metric {
 pub enum Cell {
     Stats,
     Dense(Metric),
+    /// A mask and its export; with `refit`, the refitted export of the
+    /// same mask (METHODS.md §9).
     Prune {
         method: Method,
         sparsity: Sparsity,
+        refit: bool,
     },
     Pruned {
         method: Method,
         sparsity: Sparsity,
+        refit: bool,
         metric: Metric,
     },
+}
+
+/// The name of a pruned model in a report: `<method>-s<sparsity>`, with
+/// `+refit` for its refitted export.
+pub fn variant_name(method: Method, sparsity: Sparsity, refit: bool) -> String {
+    match refit {
+        true => format!("{}+refit", model_name(method, sparsity)),
+        false => model_name(method, sparsity),
+    }
 }
 
 impl Cell {
@@ -61,19 +74,24 @@ impl Cell {
         match *self {
             Cell::Stats => "stats".into(),
             Cell::Dense(m) => format!("dense.{}", m.name()),
-            Cell::Prune { method, sparsity } => format!("{}.prune", model_name(method, sparsity)),
+            Cell::Prune {
+                method,
+                sparsity,
+                refit,
+            } => format!("{}.prune", variant_name(method, sparsity, refit)),
             Cell::Pruned {
                 method,
                 sparsity,
+                refit,
                 metric,
-            } => format!("{}.{}", model_name(method, sparsity), metric.name()),
+            } => format!("{}.{}", variant_name(method, sparsity, refit), metric.name()),
         }
     }
 }
 
 /// The inputs of a report, as recorded in `fingerprint.json`: sections
-/// `backend`, `model`, `calib`, `prune`, and `ppl`, `gen`, `mc`, `prefill`
-/// when those evaluations are requested (absent otherwise).
+/// `backend`, `model`, `calib`, `prune`, and `refit`, `ppl`, `gen`, `mc`,
+/// `prefill` when requested (absent otherwise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fingerprint(pub Value);
 
@@ -101,14 +119,18 @@ impl Fingerprint {
                 self.part("calib")
             ])
         };
-        let prune = |method: Method, sparsity: Sparsity| {
-            json!([
+        let prune = |method: Method, sparsity: Sparsity, refit: bool| {
+            let mask = json!([
                 "prune",
                 digest(&stats()),
                 self.part("prune"),
                 method.name(),
                 sparsity
-            ])
+            ]);
+            match refit {
+                true => json!([mask, "refit", self.part("refit")]),
+                false => mask,
+            }
         };
         digest(&match *cell {
             Cell::Stats => stats(),
@@ -118,12 +140,20 @@ impl Fingerprint {
                 self.part("model"),
                 self.part(m.name())
             ]),
-            Cell::Prune { method, sparsity } => prune(method, sparsity),
+            Cell::Prune {
+                method,
+                sparsity,
+                refit,
+            } => prune(method, sparsity, refit),
             Cell::Pruned {
                 method,
                 sparsity,
+                refit,
                 metric,
-            } => json!([digest(&prune(method, sparsity)), self.part(metric.name())]),
+            } => json!([
+                digest(&prune(method, sparsity, refit)),
+                self.part(metric.name())
+            ]),
         })
     }
 

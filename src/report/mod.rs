@@ -10,7 +10,9 @@
 //! stats.safetensors     the statistics pass, shared by every method
 //! cells/*.json          one finished cell each (see `cells`): stats,
 //!                       dense.<metric>, <method>-s<sparsity>.prune (the
-//!                       mask), <method>-s<sparsity>.<metric>
+//!                       mask), <method>-s<sparsity>.<metric>; with --refit
+//!                       also <method>-s<sparsity>+refit.{prune,<metric>},
+//!                       the same mask refitted (METHODS.md §9)
 //! models/<method>-s<sparsity>/   a pruned model while it is evaluated
 //!                       (kept afterwards with --keep-models)
 //! records/*.jsonl       per-problem and per-item outputs of gen and mc
@@ -41,11 +43,11 @@ use crate::io::text::{read_text, Tokenizer};
 use crate::model::Model;
 use crate::progress::{println, Progress};
 use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest};
-use crate::prune::job::model_name;
 use crate::prune::pipeline::{check_stats_match, prune_model};
+use crate::prune::refit::RefitWindows;
 use crate::prune::{ColumnNorms, ExportLayout, Method, Objectives, PruneJob, Sparsity, Stats};
 use crate::{Error, Result};
-use cells::{Cell, CellStore, Fingerprint, Metric, State};
+use cells::{variant_name, Cell, CellStore, Fingerprint, Metric, State};
 use data::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -161,6 +163,14 @@ struct Run<'a, B: Backend> {
     computed: usize,
     skipped: usize,
     start: Instant,
+}
+
+/// A method's row label: its name, `+refit` for the refitted exports.
+fn variant_label(method: Method, refit: bool) -> String {
+    match refit {
+        true => format!("{}+refit", method.name()),
+        false => method.name().to_string(),
+    }
 }
 
 /// Runs (or resumes) the report; returns what `report.json` holds.
@@ -295,7 +305,9 @@ impl<B: Backend> Run<'_, B> {
         self.write_outputs()?;
         for &sparsity in &self.spec.sparsities {
             for &method in &self.spec.methods {
-                self.model(method, sparsity, &metrics)?;
+                for refit in self.spec.variants() {
+                    self.model(method, sparsity, refit, &metrics)?;
+                }
             }
         }
         self.progress.finish();
@@ -333,13 +345,21 @@ impl<B: Backend> Run<'_, B> {
         self.put(&Cell::Stats, t, &info)
     }
 
-    /// The prune cell and the metrics of one method at one sparsity.
-    fn model(&mut self, method: Method, sparsity: Sparsity, metrics: &[Metric]) -> Result<()> {
-        let name = model_name(method, sparsity);
+    /// The prune cell and the metrics of one method at one sparsity (the
+    /// refitted export of its mask with `refit`).
+    fn model(
+        &mut self,
+        method: Method,
+        sparsity: Sparsity,
+        refit: bool,
+        metrics: &[Metric],
+    ) -> Result<()> {
+        let name = variant_name(method, sparsity, refit);
         let dir = self.spec.out.join("models").join(&name);
         let cell = |metric| Cell::Pruned {
             method,
             sparsity,
+            refit,
             metric,
         };
         let mut pending = Vec::new();
@@ -348,12 +368,16 @@ impl<B: Backend> Run<'_, B> {
                 pending.push(metric);
             }
         }
-        let prune = Cell::Prune { method, sparsity };
+        let prune = Cell::Prune {
+            method,
+            sparsity,
+            refit,
+        };
         let kept = match self.value::<PrunedInfo>(&prune)? {
             Some(p) => p.kept,
             None => {
                 let t = Instant::now();
-                let p = self.export(method, sparsity, &dir)?;
+                let p = self.export(method, sparsity, refit, &dir)?;
                 println(&format!(
                     "{name}: kept {} of {} FFN channels, {} -> {} parameters",
                     p.widths.iter().sum::<usize>(),
@@ -368,7 +392,7 @@ impl<B: Backend> Run<'_, B> {
         let on_disk = dir.join("pruning.json").exists() && read_kept(&dir)? == kept;
         if (!pending.is_empty() || self.spec.keep_models) && !on_disk {
             // The mask is recorded; the model is rebuilt from the statistics.
-            if self.export(method, sparsity, &dir)?.kept != kept {
+            if self.export(method, sparsity, refit, &dir)?.kept != kept {
                 return Err(Error::Invalid(format!(
                     "pruning {name} again gave another mask than cells/{name}.prune.json \
                      records (were the statistics replaced?); pass --force after deleting that cell"
@@ -394,8 +418,15 @@ impl<B: Backend> Run<'_, B> {
         Ok(())
     }
 
-    /// Prunes the dense model into `dir` (replacing what is there).
-    fn export(&mut self, method: Method, sparsity: Sparsity, dir: &Path) -> Result<PrunedInfo> {
+    /// Prunes the dense model into `dir` (replacing what is there), with
+    /// `refit` refitting it over the calibration windows.
+    fn export(
+        &mut self,
+        method: Method,
+        sparsity: Sparsity,
+        refit: bool,
+        dir: &Path,
+    ) -> Result<PrunedInfo> {
         let stats = match self.stats.take() {
             Some(s) => s,
             None => {
@@ -424,9 +455,24 @@ impl<B: Backend> Run<'_, B> {
             layout: ExportLayout::Compact,
             out: dir.to_path_buf(),
             force: true,
-            refit: None,
+            refit: self.spec.refit.filter(|_| refit),
         };
-        let r = prune_model(self.be, &self.dense, &stats, &self.norms, &job, None);
+        let c = &self.spec.calib;
+        let windows = job.refit.map(|_| RefitWindows {
+            ids: self.calib_ids.clone(),
+            seq_len: c.seq_len,
+            batch: c.batch,
+            source: c.path.clone(),
+            digest: self.calib_digest.clone(),
+        });
+        let r = prune_model(
+            self.be,
+            &self.dense,
+            &stats,
+            &self.norms,
+            &job,
+            windows.as_ref(),
+        );
         self.stats = Some(stats);
         let r = r?;
         Ok(PrunedInfo {
@@ -530,28 +576,37 @@ impl<B: Backend> Run<'_, B> {
         for &sparsity in &self.spec.sparsities {
             let mut masks = Vec::new();
             for &method in &self.spec.methods {
-                let pruned = self.value::<PrunedInfo>(&Cell::Prune { method, sparsity })?;
-                let metric = |metric| Cell::Pruned {
-                    method,
-                    sparsity,
-                    metric,
-                };
-                cells.push(CellReport {
-                    method: method.name().into(),
-                    sparsity: sparsity.get(),
-                    size: pruned.as_ref().map(|p| Size {
-                        widths: p.widths.clone(),
-                        params_after: p.params_after,
-                        params_removed_fraction: 1.0 - p.params_after as f64 / params as f64,
-                    }),
-                    evals: self.evals(metric)?,
-                    prefill: match self.spec.prefill {
-                        Some(_) => self.value::<PrefillResult>(&metric(Metric::Prefill))?,
-                        None => None,
-                    },
-                });
-                if let Some(p) = pruned {
-                    masks.push((method.name().to_string(), p.kept));
+                for refit in self.spec.variants() {
+                    let prune = Cell::Prune {
+                        method,
+                        sparsity,
+                        refit,
+                    };
+                    let pruned = self.value::<PrunedInfo>(&prune)?;
+                    let metric = |metric| Cell::Pruned {
+                        method,
+                        sparsity,
+                        refit,
+                        metric,
+                    };
+                    cells.push(CellReport {
+                        method: variant_label(method, refit),
+                        sparsity: sparsity.get(),
+                        size: pruned.as_ref().map(|p| Size {
+                            widths: p.widths.clone(),
+                            params_after: p.params_after,
+                            params_removed_fraction: 1.0 - p.params_after as f64 / params as f64,
+                        }),
+                        evals: self.evals(metric)?,
+                        prefill: match self.spec.prefill {
+                            Some(_) => self.value::<PrefillResult>(&metric(Metric::Prefill))?,
+                            None => None,
+                        },
+                    });
+                    // A refit keeps its mask: the IoU matrices list masks once.
+                    if let (Some(p), false) = (pruned, refit) {
+                        masks.push((method.name().to_string(), p.kept));
+                    }
                 }
             }
             let named: Vec<(String, &[Vec<usize>])> = masks
@@ -577,8 +632,9 @@ impl<B: Backend> Run<'_, B> {
                 .spec
                 .methods
                 .iter()
-                .map(|m| MethodInfo {
-                    name: m.name().into(),
+                .flat_map(|&m| self.spec.variants().into_iter().map(move |r| (m, r)))
+                .map(|(m, refit)| MethodInfo {
+                    name: variant_label(m, refit),
                     allocation: m.default_allocation().to_string(),
                 })
                 .collect(),

@@ -7,6 +7,7 @@ use crate::eval::mc::McArgs;
 use crate::io::text::hex;
 use crate::model::weights::LoadOptions;
 use crate::prune::calibrate::CalibSource;
+use crate::prune::refit::RefitSpec;
 use crate::prune::{Method, Objective, Objectives, Sparsity};
 use crate::{Error, Result};
 use serde_json::json;
@@ -46,6 +47,9 @@ pub struct ReportSpec {
     /// Multiple choice; its `out` is set per model (records/).
     pub mc: Option<McArgs>,
     pub prefill: Option<PrefillSpec>,
+    /// Also export and evaluate every mask refitted (METHODS.md §9) over
+    /// the calibration windows.
+    pub refit: Option<RefitSpec>,
     pub out: PathBuf,
     /// Keep every pruned model under models/ (else each is removed once evaluated).
     pub keep_models: bool,
@@ -112,15 +116,30 @@ impl ReportSpec {
         );
         for &sparsity in &self.sparsities {
             for &method in &self.methods {
-                cells.push(Cell::Prune { method, sparsity });
-                cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
-                    method,
-                    sparsity,
-                    metric,
-                }));
+                for refit in self.variants() {
+                    cells.push(Cell::Prune {
+                        method,
+                        sparsity,
+                        refit,
+                    });
+                    cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
+                        method,
+                        sparsity,
+                        refit,
+                        metric,
+                    }));
+                }
             }
         }
         cells
+    }
+
+    /// The exports of each mask: as cut, and refitted with `refit`.
+    pub(super) fn variants(&self) -> Vec<bool> {
+        match self.refit {
+            Some(_) => vec![false, true],
+            None => vec![false],
+        }
     }
 
     /// The objectives the methods' scores need (energy when none does:
@@ -184,6 +203,9 @@ pub(super) fn fingerprint(
         v["mc"] = json!({
             "path": m.data.display().to_string(), "digest": file_digest(&m.data)?, "limit": m.limit,
         });
+    }
+    if let Some(r) = spec.refit {
+        v["refit"] = json!({"target": r.target, "bias": r.bias, "damp": r.damp});
     }
     if let Some(p) = spec.prefill {
         v["prefill"] = json!({"seq_len": p.seq_len, "repeats": p.repeats});

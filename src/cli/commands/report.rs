@@ -2,6 +2,7 @@
 use crate::cli::args::ReportArgs;
 use crate::cli::load_options;
 use anyhow::Result;
+use rku_engine::prune::refit::RefitSpec;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{GenArgs, PromptFormat};
 use rku_engine::eval::mc::McArgs;
@@ -42,6 +43,11 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
         prefill: (!a.no_prefill).then_some(PrefillSpec {
             seq_len: a.prefill_seq_len,
             repeats: a.prefill_repeats,
+        }),
+        refit: a.refit.map(|target| RefitSpec {
+            target,
+            bias: a.refit_bias,
+            damp: a.refit_damp,
         }),
         out: a.out.clone(),
         keep_models: a.keep_models,
