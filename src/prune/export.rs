@@ -130,6 +130,12 @@ pub fn export_pruned<B: Backend>(
             Some((l, "down_proj")) => {
                 let m = cfg.ffn_widths[l];
                 let g = match spec.down_weights {
+                    Some(w) if w[l].iter().any(|&v| dtype.overflows(v)) => {
+                        return Err(Error::Invalid(format!(
+                            "{name}: a refitted value overflows {dtype:?}; refit with a larger \
+                             --refit-damp, or export from an f32 model"
+                        )))
+                    }
                     Some(w) if w[l].len() == d * widths[l] => dtype.encode(&w[l]),
                     Some(w) => {
                         return Err(Error::Invalid(format!(

@@ -291,7 +291,13 @@ pub fn solve_layer(
             *v = chosen[(j, r)] as f32;
         }
     }
-    let bias = (w > k).then(|| (0..d).map(|r| chosen[(k, r)] as f32).collect());
+    let bias: Option<Vec<f32>> = (w > k).then(|| (0..d).map(|r| chosen[(k, r)] as f32).collect());
+    let values = w_new.iter().chain(bias.iter().flatten());
+    if values.into_iter().any(|v| !v.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "refit: layer {l}: the solution overflows f32; use a larger --refit-damp"
+        )));
+    }
     Ok(RefitLayer {
         w_down: w_new,
         bias,
