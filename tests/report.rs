@@ -527,7 +527,10 @@ fn report_refit_rows_match_prune_refit_and_resume() {
         .collect();
     assert_eq!(names, ["rku", "rku+refit"]);
     assert_eq!(r["methods"][1]["name"], "rku+refit");
-    assert!(r["iou"][0]["methods"].as_array().unwrap().len() == 1, "a mask is listed once");
+    assert!(
+        r["iou"][0]["methods"].as_array().unwrap().len() == 1,
+        "a mask is listed once"
+    );
     let refit_ppl = r["cells"][1]["ppl"]["ppl"].as_f64().unwrap();
     assert_ne!(refit_ppl, r["cells"][0]["ppl"]["ppl"].as_f64().unwrap());
 
@@ -554,8 +557,20 @@ fn report_refit_rows_match_prune_refit_and_resume() {
     assert_eq!(ppl["ppl"].as_f64().unwrap(), refit_ppl);
 
     // Resumes; without --refit the refitted rows are simply left out.
-    assert_eq!(counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &["--refit"]))).0, 0);
-    assert_eq!(counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]))).0, 0);
+    assert_eq!(
+        counts(&run_ok(&mut small(
+            "tiny-qwen2",
+            &i.text,
+            &out,
+            &["--refit"]
+        )))
+        .0,
+        0
+    );
+    assert_eq!(
+        counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]))).0,
+        0
+    );
     // Another target: only the refitted cells are inconsistent.
     let e = run_err(&mut small(
         "tiny-qwen2",

@@ -84,7 +84,11 @@ impl Cell {
                 sparsity,
                 refit,
                 metric,
-            } => format!("{}.{}", variant_name(method, sparsity, refit), metric.name()),
+            } => format!(
+                "{}.{}",
+                variant_name(method, sparsity, refit),
+                metric.name()
+            ),
         }
     }
 }

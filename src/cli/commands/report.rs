@@ -2,10 +2,10 @@
 use crate::cli::args::ReportArgs;
 use crate::cli::load_options;
 use anyhow::Result;
-use rku_engine::prune::refit::RefitSpec;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{GenArgs, PromptFormat};
 use rku_engine::eval::mc::McArgs;
+use rku_engine::prune::refit::RefitSpec;
 use rku_engine::report::{run_report, PplSpec, PrefillSpec, ReportSpec};
 
 pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
