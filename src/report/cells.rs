@@ -309,11 +309,13 @@ mod tests {
 
     #[test]
     fn keys_depend_on_exactly_their_inputs() {
-        let rku = |metric| Cell::Pruned {
+        let pruned = |refit, metric| Cell::Pruned {
             method: Method::Rku,
             sparsity: Sparsity::new(0.3).unwrap(),
+            refit,
             metric,
         };
+        let rku = |metric| pruned(false, metric);
         let (a, b) = (fp("c1", Some("x")), fp("c2", Some("x")));
         // The calibration moves the stats and everything pruned, not the dense evals.
         assert_ne!(a.key(&Cell::Stats), b.key(&Cell::Stats));
@@ -334,9 +336,23 @@ mod tests {
         let agf = Cell::Pruned {
             method: Method::Agf,
             sparsity: Sparsity::new(0.3).unwrap(),
+            refit: false,
             metric: Metric::Ppl,
         };
         assert_ne!(a.key(&rku(Metric::Ppl)), a.key(&agf));
+        // The refit settings move only the refitted cells.
+        let mut e = fp("c1", Some("x"));
+        e.0["refit"] = json!({"target": "layer", "bias": false, "damp": 0.01});
+        let mut f = e.clone();
+        f.0["refit"]["target"] = json!("residual");
+        assert_eq!(e.key(&rku(Metric::Ppl)), a.key(&rku(Metric::Ppl)));
+        assert_ne!(e.key(&pruned(true, Metric::Ppl)), e.key(&rku(Metric::Ppl)));
+        assert_ne!(
+            e.key(&pruned(true, Metric::Ppl)),
+            f.key(&pruned(true, Metric::Ppl))
+        );
+        assert_eq!(e.key(&rku(Metric::Ppl)), f.key(&rku(Metric::Ppl)));
+        assert_eq!(pruned(true, Metric::Ppl).name(), "rku-s0.3+refit.ppl");
         assert_eq!(
             b.diff(&a.0),
             vec!["calib.digest: \"c1\" → \"c2\"".to_string()]
