@@ -68,3 +68,29 @@ fn the_scan_sees_code_and_skips_comments_and_tests() {
     assert_eq!(found, vec!["f.rs:1: let a = f().unwrap();".to_string()]);
     assert_eq!(offences("g.rs", "todo!(\"later\")").len(), 1);
 }
+
+/// The parsers of the engine's binary inputs (GGUF, safetensors with its
+/// shard index, statistics files) deny clippy's `indexing_slicing`, so
+/// `cargo clippy -D warnings` (part of the test command) refuses any
+/// positional index or slice into what they read.
+#[test]
+fn binary_parsers_deny_indexing() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "src/io/gguf.rs",
+        "src/io/safetensors_io.rs",
+        "src/prune/stats.rs",
+    ] {
+        let src = std::fs::read_to_string(root.join(file)).unwrap();
+        let head: Vec<&str> = src
+            .lines()
+            .skip_while(|l| l.starts_with("//!") || l.is_empty())
+            .take(1)
+            .collect();
+        assert_eq!(
+            head,
+            ["#![deny(clippy::indexing_slicing)]"],
+            "{file}: the lint must follow the module docs"
+        );
+    }
+}

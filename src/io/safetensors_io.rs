@@ -1,5 +1,9 @@
 //! Memory-mapped safetensors reading: one file or an HF sharded index.
 //! Tensors are never copied until a caller asks for an f32 conversion.
+//! No indexing or slicing by position (clippy's `indexing_slicing`):
+//! every byte range and file index goes through `get`, so a crafted file
+//! is an error, never a panic.
+#![deny(clippy::indexing_slicing)]
 use crate::{Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -64,17 +68,17 @@ impl TensorRef<'_> {
             FloatType::F32 => self
                 .bytes
                 .par_chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .map(|c| f32::from_le_bytes(word(c)))
                 .collect(),
             FloatType::F16 => self
                 .bytes
                 .par_chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .map(|c| f16::from_le_bytes(word(c)).to_f32())
                 .collect(),
             FloatType::BF16 => self
                 .bytes
                 .par_chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .map(|c| bf16::from_le_bytes(word(c)).to_f32())
                 .collect(),
         };
         if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
@@ -82,7 +86,7 @@ impl TensorRef<'_> {
                 self.name,
                 format!(
                     "non-finite value {} at flat index {i} in {}",
-                    out[i],
+                    out.get(i).copied().unwrap_or(f32::NAN),
                     self.file.display()
                 ),
             ));
@@ -104,7 +108,7 @@ impl<'a> TensorRef<'a> {
             Err(_) => Cow::Owned(
                 self.bytes
                     .par_chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .map(|c| bf16::from_le_bytes(word(c)))
                     .collect(),
             ),
         };
@@ -117,13 +121,18 @@ impl<'a> TensorRef<'a> {
                 self.name,
                 format!(
                     "non-finite value {} at flat index {i} in {}",
-                    values[i],
+                    values.get(i).map_or(f32::NAN, |v| v.to_f32()),
                     self.file.display()
                 ),
             )),
             None => Ok(values),
         })
     }
+}
+
+/// The `N` bytes of a chunk of `chunks_exact(N)` as an array.
+fn word<const N: usize>(chunk: &[u8]) -> [u8; N] {
+    <[u8; N]>::try_from(chunk).unwrap_or([0; N])
 }
 
 /// Why the safetensors crate refused the file `buf`, naming the tensor
@@ -234,6 +243,12 @@ pub fn header_entries(buf: &[u8], path: &Path) -> Result<Vec<HeaderEntry>> {
     Ok(out)
 }
 
+/// A file index the engine itself recorded that is out of range: a bug,
+/// reported as an error rather than a panic.
+fn internal(i: usize) -> Error {
+    Error::Invalid(format!("internal: no mapped file {i}"))
+}
+
 /// All tensors of a model directory, memory-mapped.
 pub struct SafeModel {
     files: Vec<(PathBuf, Mmap)>,
@@ -304,13 +319,11 @@ impl SafeModel {
                         format!("tensor {tensor} is listed in {file} but not found there"),
                     ));
                 };
-                if shards[e.file] != *file {
+                let lies_in = shards.get(e.file).copied().unwrap_or("another file");
+                if lies_in != *file {
                     return Err(Error::format(
                         &index,
-                        format!(
-                            "tensor {tensor} is listed in {file} but lies in {}",
-                            shards[e.file]
-                        ),
+                        format!("tensor {tensor} is listed in {file} but lies in {lies_in}"),
                     ));
                 }
             }
@@ -323,7 +336,9 @@ impl SafeModel {
                     &index,
                     format!(
                         "tensor {extra} of {} is not in the weight_map",
-                        shards[model.entries[extra].file]
+                        (model.entries.get(extra))
+                            .and_then(|e| shards.get(e.file))
+                            .unwrap_or(&"a shard")
                     ),
                 ));
             }
@@ -356,13 +371,10 @@ impl SafeModel {
                 let name = h.name;
                 if let Some(first) = entries.get(&name) {
                     let first: &Entry = first;
+                    let (earlier, _) = files.get(first.file).ok_or_else(|| internal(first.file))?;
                     return Err(Error::tensor(
                         &name,
-                        format!(
-                            "found in both {} and {}",
-                            files[first.file].0.display(),
-                            path.display()
-                        ),
+                        format!("found in both {} and {}", earlier.display(), path.display()),
                     ));
                 }
                 entries.insert(
@@ -400,13 +412,17 @@ impl SafeModel {
 
     /// Like `release_pages`, for the pages of one tensor only.
     pub fn release_tensor(&self, name: &str) {
-        if let Some(e) = self.entries.get(name) {
+        if let Some((e, (_, mmap))) = self
+            .entries
+            .get(name)
+            .and_then(|e| Some((e, self.files.get(e.file)?)))
+        {
             // SAFETY: as in `release_pages`.
             let _ = unsafe {
-                self.files[e.file].1.unchecked_advise_range(
+                mmap.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
                     e.start,
-                    e.end - e.start,
+                    e.end.saturating_sub(e.start),
                 )
             };
         }
@@ -427,8 +443,10 @@ impl SafeModel {
     /// it had when mapped: reading a truncated mapping would kill the
     /// process (SIGBUS), and a rewritten one would give other weights.
     fn check_unchanged(&self, i: usize) -> Result<()> {
-        let path = &self.files[i].0;
-        if stamp(path)? != self.stamps[i] {
+        let (Some((path, _)), Some(then)) = (self.files.get(i), self.stamps.get(i)) else {
+            return Err(internal(i));
+        };
+        if stamp(path)? != *then {
             return Err(Error::format(
                 path,
                 "the file changed (length or modification time) while this run was reading it",
@@ -446,22 +464,34 @@ impl SafeModel {
             .get_key_value(name)
             .ok_or_else(|| Error::tensor(name, format!("missing from {}", self.files_display())))?;
         self.check_unchanged(e.file)?;
+        let (path, mmap) = self.files.get(e.file).ok_or_else(|| internal(e.file))?;
         if e.shape != shape {
             return Err(Error::tensor(
                 name,
                 format!(
                     "shape {:?} in {}, expected {shape:?}",
                     e.shape,
-                    self.files[e.file].0.display()
+                    path.display()
                 ),
             ));
         }
+        let bytes = mmap.get(e.start..e.end).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!(
+                    "bytes [{}, {}) lie outside {}",
+                    e.start,
+                    e.end,
+                    path.display()
+                ),
+            )
+        })?;
         Ok(TensorRef {
             name: key,
-            file: &self.files[e.file].0,
+            file: path,
             dtype: e.dtype,
             shape: &e.shape,
-            bytes: &self.files[e.file].1[e.start..e.end],
+            bytes,
         })
     }
 

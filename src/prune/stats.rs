@@ -41,6 +41,10 @@
 //! Why one long file: the statistics, their file format and its reader
 //! and merger share every invariant (shapes, finiteness, checksum, window
 //! digests), checked in one place; the end holds the unit tests.
+//!
+//! No indexing or slicing by position (clippy's `indexing_slicing`): a
+//! crafted statistics file is an error, never a panic.
+#![deny(clippy::indexing_slicing)]
 use crate::io::output::{self, Kind};
 use crate::io::safetensors_out::serialize_sorted;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};
@@ -193,7 +197,7 @@ impl Stats {
                         format!("layers.{l}.{name}"),
                         format!(
                             "channel {c} is {} (the pass overflowed, or the file is damaged)",
-                            values[c]
+                            values.get(c).copied().unwrap_or(f64::NAN)
                         ),
                     ));
                 }
@@ -360,7 +364,10 @@ impl Stats {
         let windows = st
             .tensor(WINDOWS_TENSOR)
             .map_err(|_| bad(format!("missing tensor {WINDOWS_TENSOR}")))?;
-        if windows.dtype() != Dtype::U8 || windows.shape().len() != 2 || windows.shape()[1] != 32 {
+        if windows.dtype() != Dtype::U8
+            || windows.shape().len() != 2
+            || windows.shape().get(1) != Some(&32)
+        {
             return Err(bad(format!(
                 "tensor {WINDOWS_TENSOR} is {:?} {:?}, expected U8 [N, 32]",
                 windows.dtype(),
@@ -617,6 +624,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
