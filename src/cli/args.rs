@@ -9,7 +9,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::prune::calibrate::CalibSource;
-use rku_engine::prune::refit::RefitTarget;
+use rku_engine::prune::refit::{RefitSpec, RefitTarget};
 use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
 use std::path::PathBuf;
 
@@ -280,6 +280,33 @@ pub struct ScoreArgs {
     pub common: Common,
 }
 
+/// The least-squares refit of the kept down_proj columns (METHODS.md §9).
+#[derive(Args)]
+pub struct RefitArgs {
+    /// Refit the kept down_proj columns by least squares after the cut,
+    /// reproducing the original FFN output (`layer`, the default) or the
+    /// dense residual stream (`residual`).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
+    pub refit: Option<RefitTarget>,
+    /// With --refit, also fit a down_proj bias.
+    #[arg(long, requires = "refit")]
+    pub refit_bias: bool,
+    /// With --refit: ridge damping λ = DAMP · mean(diag G).
+    #[arg(long, default_value_t = 0.01, requires = "refit", value_parser = positive_finite)]
+    pub refit_damp: f64,
+}
+
+impl RefitArgs {
+    /// The refit asked for, if any.
+    pub fn spec(&self) -> Option<RefitSpec> {
+        self.refit.map(|target| RefitSpec {
+            target,
+            bias: self.refit_bias,
+            damp: self.refit_damp,
+        })
+    }
+}
+
 #[derive(Args)]
 pub struct PruneArgs {
     /// HF model directory to prune.
@@ -315,20 +342,10 @@ pub struct PruneArgs {
     /// wrote (or empty ones), never an input of this run.
     #[arg(long)]
     pub force: bool,
-    /// Refit the kept down_proj columns by least squares after the cut
-    /// (METHODS.md §9), reproducing the original FFN output (`layer`, the
-    /// default) or the dense residual stream (`residual`). The windows come
-    /// from --refit-calib (or --calib) with --field, --samples, --seq-len,
-    /// --bos and --batch.
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
-    pub refit: Option<RefitTarget>,
-    /// With --refit, also fit a down_proj bias.
-    #[arg(long, requires = "refit")]
-    pub refit_bias: bool,
-    /// With --refit: ridge damping λ = DAMP · mean(diag G).
-    #[arg(long, default_value_t = 0.01, requires = "refit", value_parser = positive_finite)]
-    pub refit_damp: f64,
-    /// With --refit: the calibration text of the refit (default: --calib).
+    #[command(flatten)]
+    pub refit: RefitArgs,
+    /// With --refit: the calibration text of the refit (default: --calib),
+    /// cut by --field, --samples, --seq-len, --bos and --batch.
     #[arg(long, requires = "refit", value_parser = existing_file)]
     pub refit_calib: Option<PathBuf>,
     #[command(flatten)]
@@ -499,16 +516,10 @@ pub struct ReportArgs {
     /// Skip the prefill timing (no speedup column).
     #[arg(long)]
     pub no_prefill: bool,
-    /// Also export every mask refitted by least squares (METHODS.md §9) on
-    /// the calibration windows, and evaluate it: rows `<method>+refit`.
-    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "layer")]
-    pub refit: Option<RefitTarget>,
-    /// With --refit, also fit a down_proj bias.
-    #[arg(long, requires = "refit")]
-    pub refit_bias: bool,
-    /// With --refit: ridge damping λ = DAMP · mean(diag G).
-    #[arg(long, default_value_t = 0.01, requires = "refit", value_parser = positive_finite)]
-    pub refit_damp: f64,
+    /// Also export every mask refitted on the calibration windows, and
+    /// evaluate it: rows `<method>+refit`.
+    #[command(flatten)]
+    pub refit: RefitArgs,
     /// Output directory; rerunning into it resumes. An existing directory
     /// that is not a report (or holds an input) is refused, even with --force.
     #[arg(long)]

@@ -10,7 +10,7 @@ use rku_engine::io::text::Tokenizer;
 use rku_engine::prune::calibrate::down_column_norms;
 use rku_engine::prune::job::output_dirs;
 use rku_engine::prune::pipeline::{check_stats_match, prune_model};
-use rku_engine::prune::refit::{RefitSpec, RefitWindows};
+use rku_engine::prune::refit::RefitWindows;
 use rku_engine::prune::{merge, PruneJob, Stats};
 
 pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
@@ -27,7 +27,8 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         check_output(inputs.iter().copied(), o, MODEL_DIR, a.force)?;
     }
     // The refit's windows: --refit-calib, else the scoring text.
-    let refit_text = match (a.refit, a.refit_calib.as_ref().or(a.calib.calib.as_ref())) {
+    let refit = a.refit.spec();
+    let refit_text = match (refit, a.refit_calib.as_ref().or(a.calib.calib.as_ref())) {
         (Some(_), Some(path)) => Some(a.calib.windows.source(path.clone())),
         (Some(_), None) => bail!("--refit needs calibration text: --refit-calib FILE (or --calib)"),
         (None, _) => None,
@@ -50,11 +51,6 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         })?;
     }
     let norms = down_column_norms(&model)?;
-    let refit = a.refit.map(|target| RefitSpec {
-        target,
-        bias: a.refit_bias,
-        damp: a.refit_damp,
-    });
     let refit_windows = match (&refit, &refit_text) {
         (Some(_), Some(source)) => {
             let (ids, digest) = source.windows(&model, &Tokenizer::load(&model.dir)?)?;

@@ -5,7 +5,6 @@ use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{GenArgs, PromptFormat};
 use rku_engine::eval::mc::McArgs;
-use rku_engine::prune::refit::RefitSpec;
 use rku_engine::report::{run_report, PplSpec, PrefillSpec, ReportSpec};
 
 pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
@@ -44,11 +43,7 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
             seq_len: a.prefill_seq_len,
             repeats: a.prefill_repeats,
         }),
-        refit: a.refit.map(|target| RefitSpec {
-            target,
-            bias: a.refit_bias,
-            damp: a.refit_damp,
-        }),
+        refit: a.refit.spec(),
         out: a.out.clone(),
         keep_models: a.keep_models,
         force: a.force,
