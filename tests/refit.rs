@@ -18,8 +18,21 @@ use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{refit, solve_layer, RefitSpec, RefitTarget};
 use rku_engine::prune::EnergyAt;
 use std::collections::HashMap;
+use std::path::Path;
 
 const DAMP: f64 = 0.01;
+
+/// `rku-engine prune --model MODEL --sparsity 0.3 ARGS… --out OUT`.
+fn prune(model: &Path, args: &[&str], out: &Path) -> std::process::Command {
+    let mut c = bin();
+    c.args(["prune", "--model"])
+        .arg(model)
+        .args(["--sparsity", "0.3"])
+        .args(args)
+        .arg("--out")
+        .arg(out);
+    c
+}
 
 struct Fixture {
     model: Model<CpuBackend>,
@@ -215,32 +228,28 @@ fn singular_gram_is_an_error_naming_the_layer() {
 
 #[test]
 fn bad_refit_flags_are_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny-llama3");
-    let text = calib_text(&tempfile::tempdir().unwrap().keep(), 40);
+    let text = calib_text(tmp.path(), 40);
+    let calib = text.to_str().unwrap();
+    let out = tmp.path().join("never-written");
     for damp in ["0", "-1", "nan", "inf", "x"] {
-        let err = run_err(bin().args(["prune", "--model"]).arg(&model).args([
-            "--calib",
-            text.to_str().unwrap(),
-            "--sparsity",
-            "0.3",
-            "--out",
-            "/nonexistent/never-written",
-            "--refit",
-            &format!("--refit-damp={damp}"),
-        ]));
-        assert!(err.contains("--refit-damp"), "damp {damp}: {err}");
+        let damp = format!("--refit-damp={damp}");
+        let err = run_err(&mut prune(
+            &model,
+            &["--calib", calib, "--refit", &damp],
+            &out,
+        ));
+        assert!(err.contains("--refit-damp"), "{damp}: {err}");
     }
     // --refit-bias without --refit.
-    let err = run_err(bin().args(["prune", "--model"]).arg(&model).args([
-        "--calib",
-        text.to_str().unwrap(),
-        "--sparsity",
-        "0.3",
-        "--out",
-        "/nonexistent/never-written",
-        "--refit-bias",
-    ]));
+    let err = run_err(&mut prune(
+        &model,
+        &["--calib", calib, "--refit-bias"],
+        &out,
+    ));
     assert!(err.contains("--refit"), "{err}");
+    assert!(!out.exists());
 }
 
 /// `prune --stats S --refit` has no text to refit on unless --refit-calib
@@ -263,38 +272,19 @@ fn refit_needs_text_and_a_bias_free_model() {
             .arg(&stats),
     );
     let out = tmp.path().join("p");
-    let err = run_err(
-        bin()
-            .args(["prune", "--model"])
-            .arg(&model)
-            .arg("--stats")
-            .arg(&stats)
-            .args(["--method", "flap", "--sparsity", "0.3", "--refit", "--out"])
-            .arg(&out),
-    );
+    let flap_stats = ["--method", "flap", "--stats", stats.to_str().unwrap()];
+    let err = run_err(&mut prune(
+        &model,
+        &[&flap_stats[..], &["--refit"]].concat(),
+        &out,
+    ));
     assert!(err.contains("--refit-calib"), "{err}");
     assert!(!out.exists());
     // FLAP without a refit writes a down_proj bias; refitting that model is refused.
-    run_ok(
-        bin()
-            .args(["prune", "--model"])
-            .arg(&model)
-            .arg("--stats")
-            .arg(&stats)
-            .args(["--method", "flap", "--sparsity", "0.3", "--out"])
-            .arg(&out),
-    );
+    run_ok(&mut prune(&model, &flap_stats, &out));
     let again = tmp.path().join("q");
-    let err = run_err(
-        bin()
-            .args(["prune", "--model"])
-            .arg(&out)
-            .arg("--calib")
-            .arg(&text)
-            .args(calib)
-            .args(["--method", "flap", "--sparsity", "0.3", "--refit", "--out"])
-            .arg(&again),
-    );
+    let refit_text = [&["--calib", text.to_str().unwrap(), "--refit"], &calib[..]].concat();
+    let err = run_err(&mut prune(&out, &refit_text, &again));
     assert!(err.contains("down_proj bias"), "{err}");
     assert!(!again.exists());
 }
@@ -308,24 +298,24 @@ fn prune_refit_exports_the_refitted_layer() {
     let model = fixture("tiny-llama3");
     let text = calib_text(tmp.path(), 40);
     let out = tmp.path().join("p");
-    run_ok(
-        bin()
-            .args(["prune", "--model"])
-            .arg(&model)
-            .arg("--calib")
-            .arg(&text)
-            .args(["--samples", "4", "--seq-len", "16", "--batch", "3"])
-            .args([
-                "--method",
-                "flap",
-                "--sparsity",
-                "0.3",
-                "--refit",
-                "residual",
-            ])
-            .args(["--refit-bias", "--refit-damp", "0.05", "--out"])
-            .arg(&out),
-    );
+    let args = [
+        "--calib",
+        text.to_str().unwrap(),
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--batch",
+        "3",
+        "--method",
+        "flap",
+        "--refit",
+        "residual",
+        "--refit-bias",
+        "--refit-damp",
+        "0.05",
+    ];
+    run_ok(&mut prune(&model, &args, &out));
     let rec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pruning.json")).unwrap()).unwrap();
     let r = &rec["refit"];
