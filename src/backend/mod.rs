@@ -103,6 +103,63 @@ impl NormalEquations {
     }
 }
 
+/// Shape of a `Backend::matmul` on f32 buffers, row-major:
+/// `c[m, n] = alpha · op(a) · op(b) + beta · c`, with `op(a)` `[m, k]` (`a`
+/// is `[m, k]`, or `[k, m]` when `trans_a`) and `op(b)` `[k, n]` (`b` is
+/// `[k, n]`, or `[n, k]` when `trans_b`). With `beta == 0` c is not read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatMul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl MatMul {
+    /// Checks the buffers' lengths against the shape.
+    pub fn check(&self, a: usize, b: usize, c: usize) -> Result<()> {
+        let need = (self.m * self.k, self.k * self.n, self.m * self.n);
+        if (a, b, c) != need {
+            return Err(crate::Error::Invalid(format!(
+                "matmul {}×{}×{}: operands of {a}, {b} and {c} elements, need {}, {} and {}",
+                self.m, self.k, self.n, need.0, need.1, need.2
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One AdamW update (METHODS.md section 10), in torch.optim.AdamW's order:
+/// `g ← grad_scale·g; p ← p·(1 − lr·wd); m ← m + (1−β1)(g − m);
+/// v ← β2·v + (1−β2)·g²; p ← p − step_size · m / (√v / bc2_sqrt + ε)`,
+/// where `step_size = lr / (1 − β1^t)` and `bc2_sqrt = √(1 − β2^t)` are
+/// formed on the host in f64 (as PyTorch forms them in Python floats).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamwStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number t.
+    pub step: u64,
+    /// The gradient clipping factor, min(1, max_norm / (‖g‖ + 1e-6)).
+    pub grad_scale: f32,
+}
+
+impl AdamwStep {
+    /// `(lr / (1 − β1^t), √(1 − β2^t))`, the two bias corrections.
+    pub fn corrections(&self) -> (f32, f32) {
+        let t = self.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
+        ((self.lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+    }
+}
+
 /// One product of a `Backend::linear_many` call: `(W [out, inp], bias [out], out)`.
 pub type LinearPart<'a, W> = (&'a W, Option<&'a W>, usize);
 
@@ -362,6 +419,47 @@ pub trait Backend: Send + Sync {
         scale: f32,
         want_grad: bool,
     ) -> Result<(f64, usize, Option<Self::Buf>)>;
+
+    /// Knowledge-distillation loss of the student's `logits = z · Wᵀ`
+    /// against the teacher's `z_t · W_tᵀ` (both `[vocab, d]`), computed over
+    /// vocabulary chunks so full logits are never held. For each row r with
+    /// `counted[r]`: `KL_r = Σ_v p_t(v)·(log p_t(v) − log p_s(v))`
+    /// (KL(p_teacher ‖ p_student), `F.kl_div(log p_s, log p_t, log_target=True)`).
+    /// Returns `(Σ KL_r, count, dz)` with `dz_r = scale·(p_s − p_t)·W` when
+    /// `want_grad` (zero for rows not counted).
+    #[allow(clippy::too_many_arguments)]
+    fn kl_div(
+        &self,
+        z: &Self::Buf,
+        lm_head: &Self::Weight,
+        z_teacher: &Self::Buf,
+        lm_head_teacher: &Self::Weight,
+        counted: &[bool],
+        rows: usize,
+        d: usize,
+        vocab: usize,
+        scale: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Option<Self::Buf>)>;
+
+    /// The f32 product of the LoRA adapters (METHODS.md section 10):
+    /// `c = alpha·op(a)·op(b) + beta·c`, shapes as `MatMul` says.
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, mm: MatMul) -> Result<()>;
+
+    /// `Σ x²` over the first `n` values, accumulated in f64.
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> Result<f64>;
+
+    /// One AdamW update of `n` parameters `p` in place, from gradient `g`,
+    /// with moments `m`, `v` updated in place (see `AdamwStep`).
+    fn adamw(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        step: AdamwStep,
+    ) -> Result<()>;
 
     /// The compaction gather (METHODS.md section 7) over the raw
     /// little-endian bytes of a row-major `[rows, cols]` matrix of

@@ -4,6 +4,7 @@
 use super::blocks::PackedBlocks;
 use super::mem::written_by;
 use super::simd::{self, Isa};
+use crate::backend::MatMul;
 use crate::quant::BLOCK_LEN;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -184,6 +185,47 @@ pub fn matmul_w(
         Mat::rows(w, inp),
         threads,
     )
+}
+
+/// `Backend::matmul` on host buffers: `c = alpha·op(a)·op(b) + beta·c`
+/// (row-major; shapes as `MatMul` says, checked by the caller).
+pub fn matmul_f32(a: &[f32], b: &[f32], c: &mut [f32], mm: MatMul, threads: usize) {
+    let lhs = if mm.trans_a {
+        Mat::rows_t(a, mm.m)
+    } else {
+        Mat::rows(a, mm.k)
+    };
+    let rhs = if mm.trans_b {
+        Mat::rows_t(b, mm.k)
+    } else {
+        Mat::rows(b, mm.n)
+    };
+    // SAFETY: the caller checked a, b and c against the shape (`MatMul::check`);
+    // c is borrowed mutably, so it aliases neither input.
+    unsafe {
+        // gemm's convention is dst = alpha·dst + beta·lhs·rhs.
+        gemm::gemm(
+            mm.m,
+            mm.n,
+            mm.k,
+            c.as_mut_ptr(),
+            1,
+            mm.n as isize,
+            mm.beta != 0.0,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            mm.beta,
+            mm.alpha,
+            false,
+            false,
+            false,
+            parallelism(threads),
+        )
+    }
 }
 
 /// Up to this many rows, `y = x·Wᵀ` takes the skinny path (`matvec_wt`):

@@ -9,10 +9,12 @@ pub mod matmul;
 mod mem;
 mod normal;
 mod ops;
+mod optim;
 mod simd;
 
 use super::{
-    check_cache_call, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart, NormalEquations,
+    check_cache_call, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart,
+    MatMul, NormalEquations,
 };
 use crate::quant::BlockMatrix;
 use crate::Result;
@@ -344,6 +346,75 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn kl_div(
+        &self,
+        z: &Vec<f32>,
+        lm_head: &CpuWeight,
+        z_teacher: &Vec<f32>,
+        lm_head_teacher: &CpuWeight,
+        counted: &[bool],
+        rows: usize,
+        d: usize,
+        vocab: usize,
+        scale: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Option<Vec<f32>>)> {
+        let n = rows * d;
+        if counted.len() != rows
+            || z.len() != n
+            || z_teacher.len() != n
+            || lm_head.len() != vocab * d
+            || lm_head_teacher.len() != vocab * d
+        {
+            return Err(crate::Error::Invalid(
+                "kl_div: z, the lm_heads or the row mask do not match rows, d, vocab".into(),
+            ));
+        }
+        Ok(loss::kl_div(
+            z,
+            lm_head,
+            z_teacher,
+            lm_head_teacher,
+            counted,
+            d,
+            vocab,
+            scale,
+            want_grad,
+            self.threads,
+        ))
+    }
+
+    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, mm: MatMul) -> Result<()> {
+        mm.check(a.len(), b.len(), c.len())?;
+        matmul::matmul_f32(a, b, c, mm, self.threads);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Vec<f32>, n: usize) -> Result<f64> {
+        let x = x.get(..n).ok_or_else(|| {
+            crate::Error::Invalid(format!("sum_squares: {n} values of {}", x.len()))
+        })?;
+        Ok(optim::sum_squares(x))
+    }
+
+    fn adamw(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        n: usize,
+        step: AdamwStep,
+    ) -> Result<()> {
+        if [p.len(), g.len(), m.len(), v.len()].iter().any(|&l| l != n) {
+            return Err(crate::Error::Invalid(format!(
+                "adamw: parameter, gradient and moments must all hold {n} values"
+            )));
+        }
+        optim::adamw(p, g, m, v, step);
+        Ok(())
+    }
+
     fn gather_rows(
         &self,
         bytes: &[u8],
@@ -377,4 +448,38 @@ pub(crate) fn test_values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
             lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect()
+}
+
+/// INTERIM: the CPU's KL for the CUDA backend's host path.
+#[allow(clippy::too_many_arguments)]
+pub fn host_kl_div(
+    z: &[f32],
+    w: &[f32],
+    zt: &[f32],
+    wt: &[f32],
+    counted: &[bool],
+    rows: usize,
+    d: usize,
+    vocab: usize,
+    scale: f32,
+    want_grad: bool,
+) -> Result<(f64, usize, Option<Vec<f32>>)> {
+    let _ = rows;
+    Ok(loss::kl_div(
+        z, w, zt, wt, counted, d, vocab, scale, want_grad, 1,
+    ))
+}
+
+/// INTERIM: the CPU's AdamW for the CUDA backend's host path.
+pub fn host_adamw(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    n: usize,
+    step: AdamwStep,
+) -> Result<()> {
+    let _ = n;
+    optim::adamw(p, g, m, v, step);
+    Ok(())
 }

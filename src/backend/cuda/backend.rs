@@ -9,8 +9,8 @@ use super::buf::DevBuf;
 use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
 use crate::backend::{
-    check_cache_call, check_gather, AttnShape, Backend, CacheShape, ChannelPartial, GatherAxis,
-    NormalEquations,
+    check_cache_call, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
+    GatherAxis, MatMul, NormalEquations,
 };
 use crate::{Error, Result};
 
@@ -627,6 +627,109 @@ impl<D: Device> Backend for CudaBackend<D> {
             dev.synchronize()?; // `dl` is freed at the end of the iteration
         }
         Ok((nll, count, Some(dz)))
+    }
+
+    fn kl_div(
+        &self,
+        z: &Self::Buf,
+        lm_head: &Self::Weight,
+        z_teacher: &Self::Buf,
+        lm_head_teacher: &Self::Weight,
+        counted: &[bool],
+        rows: usize,
+        d: usize,
+        vocab: usize,
+        scale: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Option<Self::Buf>)> {
+        // INTERIM host path, replaced by kernels/kl_div.cu.
+        let wide = |w: &DevBuf<D, bf16>| -> Result<Vec<f32>> {
+            Ok(w.download(&self.dev)?.iter().map(|v| v.to_f32()).collect())
+        };
+        let round = |x: &Self::Buf| -> Result<Vec<f32>> {
+            Ok(x.download(&self.dev)?
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f32())
+                .collect())
+        };
+        let (sum, n, dz) = crate::backend::cpu::host_kl_div(
+            &round(z)?,
+            &wide(lm_head)?,
+            &round(z_teacher)?,
+            &wide(lm_head_teacher)?,
+            counted,
+            rows,
+            d,
+            vocab,
+            scale,
+            want_grad,
+        )?;
+        let dz = match dz {
+            Some(v) => Some(DevBuf::upload(&self.dev, &v)?),
+            None => None,
+        };
+        Ok((sum, n, dz))
+    }
+
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, mm: MatMul) -> Result<()> {
+        mm.check(a.len(), b.len(), c.len())?;
+        // Row-major c[m, n] is column-major cᵀ[n, m] = op(b)ᵀ·op(a)ᵀ: b is
+        // cuBLAS's A (b [k, n] row-major is [n, k] column-major, ld n; with
+        // trans_b it is [k, n], ld k, transposed) and a its B likewise.
+        let g = Gemm {
+            trans_a: mm.trans_b,
+            trans_b: mm.trans_a,
+            m: mm.n,
+            n: mm.m,
+            k: mm.k,
+            alpha: mm.alpha,
+            a: b.addr(&self.dev),
+            lda: if mm.trans_b { mm.k } else { mm.n }.max(1),
+            stride_a: 0,
+            b: a.addr(&self.dev),
+            ldb: if mm.trans_a { mm.m } else { mm.k }.max(1),
+            stride_b: 0,
+            beta: mm.beta,
+            c: c.addr(&self.dev),
+            ldc: mm.n.max(1),
+            stride_c: 0,
+            batch: 1,
+            ab: GemmType::F32,
+        };
+        // SAFETY: `mm.check` matched a, b and c against the shape.
+        unsafe { self.dev.gemm(&g) }
+    }
+
+    fn sum_squares(&self, x: &Self::Buf, n: usize) -> Result<f64> {
+        // INTERIM host path, replaced by a kernel.
+        let h = x.download(&self.dev)?;
+        let h = h
+            .get(..n)
+            .ok_or_else(|| self.err(format!("sum_squares: {n} values of {}", h.len())))?;
+        Ok(h.iter().map(|&v| (v as f64) * (v as f64)).sum())
+    }
+
+    fn adamw(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        step: AdamwStep,
+    ) -> Result<()> {
+        // INTERIM host path, replaced by kernels/adamw.cu.
+        let dev = &self.dev;
+        let (mut ph, gh, mut mh, mut vh) = (
+            p.download(dev)?,
+            g.download(dev)?,
+            m.download(dev)?,
+            v.download(dev)?,
+        );
+        crate::backend::cpu::host_adamw(&mut ph, &gh, &mut mh, &mut vh, n, step)?;
+        p.write(dev, &ph)?;
+        m.write(dev, &mh)?;
+        v.write(dev, &vh)
     }
 
     fn gather_rows(
