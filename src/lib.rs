@@ -10,6 +10,7 @@ pub mod plan;
 pub mod progress;
 pub mod prune;
 pub mod quant;
+pub mod recover;
 pub mod report;
 
 pub use error::{Error, Result};

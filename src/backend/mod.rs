@@ -135,28 +135,53 @@ impl MatMul {
 /// One AdamW update (METHODS.md section 10), in torch.optim.AdamW's order:
 /// `g ← grad_scale·g; p ← p·(1 − lr·wd); m ← m + (1−β1)(g − m);
 /// v ← β2·v + (1−β2)·g²; p ← p − step_size · m / (√v / bc2_sqrt + ε)`,
-/// where `step_size = lr / (1 − β1^t)` and `bc2_sqrt = √(1 − β2^t)` are
-/// formed on the host in f64 (as PyTorch forms them in Python floats).
+/// with `step_size = lr / (1 − β1^t)` and `bc2_sqrt = √(1 − β2^t)`. Every
+/// scalar is formed in f64 and then rounded to f32 (`scalars`), as PyTorch
+/// forms them in Python floats before its f32 kernels see them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamwStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// 1-based step number t.
     pub step: u64,
     /// The gradient clipping factor, min(1, max_norm / (‖g‖ + 1e-6)).
     pub grad_scale: f32,
 }
 
+/// The f32 scalars an AdamW update applies (`AdamwStep::scalars`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamwScalars {
+    /// 1 − lr·wd.
+    pub decay: f32,
+    /// 1 − β1.
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    /// 1 − β2.
+    pub one_minus_beta2: f32,
+    /// lr / (1 − β1^t).
+    pub step_size: f32,
+    /// √(1 − β2^t).
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub grad_scale: f32,
+}
+
 impl AdamwStep {
-    /// `(lr / (1 − β1^t), √(1 − β2^t))`, the two bias corrections.
-    pub fn corrections(&self) -> (f32, f32) {
+    pub fn scalars(&self) -> AdamwScalars {
         let t = self.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
-        ((self.lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+        AdamwScalars {
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            step_size: (self.lr / (1.0 - self.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            eps: self.eps as f32,
+            grad_scale: self.grad_scale,
+        }
     }
 }
 

@@ -1,10 +1,12 @@
-//! The backward pass: activation gradients only, never weight gradients.
+//! The backward pass: activation gradients only, never the base weights'
+//! gradients (the LoRA adapters' are formed when the model has adapters).
 //!
 //! The forward pass keeps the residual stream x_0..x_L; walking backward,
 //! each layer is recomputed from its stored input, its FFN channel gradient
 //! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
 //! on to the layer's input. Only one layer's intermediates are alive at a time.
 use super::forward::{layer_acts, next_token_targets, ForwardOut, Geometry, RopeTables};
+use super::lora::{Adapters, Proj};
 use super::objective::{EnergyAt, Objective};
 use super::weights::Model;
 use crate::backend::{AttnShape, Backend, ChannelPartial};
@@ -30,14 +32,13 @@ pub fn backward_channel_stats<B: Backend>(
 ) -> Result<f64> {
     let c = &model.cfg;
     let (rows, d) = (geo.rows(), c.hidden);
-    let (qd, kvd) = (c.q_dim(), c.kv_dim());
     if fwd.residuals.len() != c.layers + 1 {
         return Err(Error::Invalid(
             "backward pass needs the forward pass's residual stream".into(),
         ));
     }
     let x_last = &fwd.residuals[c.layers];
-    let (j, mut dx) = match (objective, energy_at) {
+    let (j, dx) = match (objective, energy_at) {
         (Objective::Energy, EnergyAt::PreNorm) => be.energy(x_last, rows, d, scale)?,
         (Objective::Energy, EnergyAt::FinalNorm) => {
             let (j, dz) = be.energy(&fwd.z, rows, d, scale)?;
@@ -57,7 +58,61 @@ pub fn backward_channel_stats<B: Backend>(
             )
         }
     };
+    backward_layers(be, model, None, fwd, geo, dx, Some(&mut on_layer))?;
+    Ok(j)
+}
+
+/// The adapters' gradients of an objective whose gradient w.r.t. the final
+/// norm's output z is `dz` `[rows, d]`, over the batch whose forward pass
+/// (`fwd`, with residuals kept, through `forward_with` with the same
+/// adapters) ran: `lora = (adapters, s = α / r)`; each adapter's gradient
+/// is added into `grads` (same shapes).
+pub fn backward_adapters<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: (&Adapters<B>, f32),
+    grads: &mut Adapters<B>,
+    fwd: &ForwardOut<B>,
+    geo: Geometry,
+    dz: &B::Buf,
+) -> Result<()> {
+    let c = &model.cfg;
+    if fwd.residuals.len() != c.layers + 1 {
+        return Err(Error::Invalid(
+            "backward pass needs the forward pass's residual stream".into(),
+        ));
+    }
+    let (rows, d) = (geo.rows(), c.hidden);
+    let x_last = &fwd.residuals[c.layers];
+    let dx = be.rmsnorm_bwd(dz, x_last, &model.norm, &fwd.rstd_final, rows, d)?;
+    backward_layers::<B, fn(usize, ChannelPartial) -> Result<()>>(
+        be,
+        model,
+        Some((lora.0, lora.1, grads)),
+        fwd,
+        geo,
+        dx,
+        None,
+    )
+}
+
+/// The walk down the layers from `dx = ∂J/∂x_L`: hands each layer's
+/// channel statistics to `on_layer` when given, and adds the adapters'
+/// gradients into the third member of `lora` when given.
+fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
+    be: &B,
+    model: &Model<B>,
+    mut lora: Option<(&Adapters<B>, f32, &mut Adapters<B>)>,
+    fwd: &ForwardOut<B>,
+    geo: Geometry,
+    mut dx: B::Buf,
+    mut on_layer: Option<&mut F>,
+) -> Result<()> {
+    let c = &model.cfg;
+    let (rows, d) = (geo.rows(), c.hidden);
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let rope = RopeTables::new(be, model, geo.t)?;
+    let adapted = lora.is_some();
     let shape = AttnShape {
         seqs: geo.seqs,
         t: geo.t,
@@ -68,32 +123,65 @@ pub fn backward_channel_stats<B: Backend>(
     model.for_each_layer(be, (0..c.layers).rev(), |l, lw| {
         let m = lw.ffn;
         let x = &fwd.residuals[l];
-        let acts = layer_acts(be, model, lw, &rope, x, geo)?;
+        // This layer's adapters, and where their gradients go.
+        let mut lora_l = match lora.as_mut() {
+            Some((ad, s, grads)) => Some((
+                ad.layer(l, *s)?,
+                grads
+                    .layers
+                    .get_mut(l)
+                    .ok_or_else(|| Error::Invalid(format!("no adapter gradients for layer {l}")))?,
+            )),
+            None => None,
+        };
+        let acts = layer_acts(
+            be,
+            model,
+            lw,
+            lora_l.as_ref().map(|(ll, _)| ll),
+            &rope,
+            x,
+            geo,
+        )?;
+        // `∂(adapter of p)` from its input and output gradient, adding its
+        // input gradient into `dx_in` (LayerLora::backward).
+        let mut adapter_bwd =
+            |p: Proj, inp: &B::Buf, dy: &B::Buf, dx_in: &mut B::Buf| match lora_l.as_mut() {
+                Some((ll, g)) => ll.backward(be, p, &mut g[p as usize], inp, dy, dx_in, rows),
+                None => Ok(()),
+            };
 
         // FFN: x_next = x' + W_d h  ⇒  g = dh = dx·W_d  [rows, m]
-        let dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;
-        on_layer(l, be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?)?;
+        let mut dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;
+        adapter_bwd(Proj::Down, &acts.h, &dx, &mut dh)?;
+        if let Some(f) = on_layer.as_mut() {
+            f(l, be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?)?;
+        }
         drop(acts.h); // [rows, m] buffers go as soon as they are used (src/plan.rs)
-        if l == 0 {
+        if l == 0 && !adapted {
             return Ok(()); // nothing below layer 0 needs a gradient
         }
         let (da, db) = be.swiglu_bwd(&dh, &acts.a, &acts.b, rows * m)?;
         drop((dh, acts.a, acts.b));
         let mut du2 = be.linear_bwd_input(&da, &lw.w_gate, rows, d, m)?; // [rows, d]
+        if acts.u2.is_some() {
+            adapter_bwd(Proj::Gate, kept(&acts.u2)?, &da, &mut du2)?;
+        }
         drop(da);
-        be.add_assign(
-            &mut du2,
-            &be.linear_bwd_input(&db, &lw.w_up, rows, d, m)?,
-            rows * d,
-        )?;
-        drop(db);
+        let mut du2_up = be.linear_bwd_input(&db, &lw.w_up, rows, d, m)?;
+        if acts.u2.is_some() {
+            adapter_bwd(Proj::Up, kept(&acts.u2)?, &db, &mut du2_up)?;
+        }
+        be.add_assign(&mut du2, &du2_up, rows * d)?;
+        drop((db, du2_up));
         let dnorm = be.rmsnorm_bwd(&du2, &acts.mid, &lw.ffn_norm, &acts.rstd_ffn, rows, d)?;
         drop(du2);
         be.add_assign(&mut dx, &dnorm, rows * d)?; // dx is now ∂J/∂x'
         drop(dnorm);
 
         // Attention: x' = x + W_o Attn(rope(W_q u), rope(W_k u), W_v u), u = norm(x)
-        let datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
+        let mut datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
+        adapter_bwd(Proj::O, &acts.att, &dx, &mut datt)?;
         let (mut dq, mut dk, dv) = be.attention_bwd(
             &datt, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, shape,
         )?;
@@ -103,19 +191,28 @@ pub fn backward_channel_stats<B: Backend>(
         be.rope(
             &mut dk, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true,
         )?;
-        let mut du = be.linear_bwd_input(&dq, &lw.wq, rows, d, qd)?; // [rows, d]
-        be.add_assign(
-            &mut du,
-            &be.linear_bwd_input(&dk, &lw.wk, rows, d, kvd)?,
-            rows * d,
-        )?;
-        be.add_assign(
-            &mut du,
-            &be.linear_bwd_input(&dv, &lw.wv, rows, d, kvd)?,
-            rows * d,
-        )?;
+        // du = dq·W_q + dk·W_k + dv·W_v  [rows, d], one term alive at a time
+        let mut du = be.linear_bwd_input(&dq, &lw.wq, rows, d, qd)?;
+        for (p, dy, w, out) in [(Proj::K, &dk, &lw.wk, kvd), (Proj::V, &dv, &lw.wv, kvd)] {
+            let mut term = be.linear_bwd_input(dy, w, rows, d, out)?;
+            if acts.u.is_some() {
+                adapter_bwd(p, kept(&acts.u)?, dy, &mut term)?;
+            }
+            be.add_assign(&mut du, &term, rows * d)?;
+        }
+        if acts.u.is_some() {
+            adapter_bwd(Proj::Q, kept(&acts.u)?, &dq, &mut du)?;
+        }
+        if l == 0 {
+            return Ok(()); // the embedding is frozen
+        }
         let dnorm = be.rmsnorm_bwd(&du, x, &lw.attn_norm, &acts.rstd_attn, rows, d)?;
         be.add_assign(&mut dx, &dnorm, rows * d) // dx is now ∂J/∂x_l
-    })?;
-    Ok(j)
+    })
+}
+
+/// An adapted projection's input, which `layer_acts` keeps when the layer has adapters.
+fn kept<T>(u: &Option<T>) -> Result<&T> {
+    u.as_ref()
+        .ok_or_else(|| Error::Invalid("adapter inputs were not kept".into()))
 }

@@ -1,5 +1,6 @@
 //! The forward pass, written once over `Backend`. One layer reads top to
 //! bottom (llama2.c style); shapes in comments, rows = seqs·t.
+use super::lora::{Adapters, LayerLora, Proj};
 use super::weights::{LayerWeights, Model};
 use crate::backend::{AttnShape, Backend};
 use crate::{Error, Result};
@@ -49,6 +50,11 @@ pub struct LayerActs<B: Backend> {
     pub a: B::Buf,         // [rows, m] gate pre-activation
     pub b: B::Buf,         // [rows, m] up projection
     pub h: B::Buf,         // [rows, m] silu(a)·b, the channels
+    /// The inputs of the adapted projections, kept only when the layer has
+    /// LoRA adapters (their backward pass reads them): `u = norm(x)` and
+    /// `u2 = norm(x')`, `[rows, d]` each.
+    pub u: Option<B::Buf>,
+    pub u2: Option<B::Buf>,
 }
 
 /// Batch geometry: `seqs` sequences of `t` tokens.
@@ -66,17 +72,22 @@ impl Geometry {
 
 /// One decoder layer: `x → x' = x + Attn(norm(x))`, then
 /// `x_next = x' + W_d h` with `h = silu(W_g u)·W_u u`, `u = norm(x')`.
+/// With `lora`, each projection adds its adapter's term (`LayerLora::apply`).
 pub fn layer_forward<B: Backend>(
     be: &B,
     model: &Model<B>,
     lw: &LayerWeights<B::Weight>,
+    lora: Option<&LayerLora<B>>,
     rope: &RopeTables<B>,
     x: &B::Buf,
     geo: Geometry,
 ) -> Result<B::Buf> {
     let (rows, d, m) = (geo.rows(), model.cfg.hidden, lw.ffn);
-    let acts = layer_acts(be, model, lw, rope, x, geo)?;
-    let y = be.linear(&acts.h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+    let acts = layer_acts(be, model, lw, lora, rope, x, geo)?;
+    let mut y = be.linear(&acts.h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+    if let Some(ll) = lora {
+        ll.apply(be, Proj::Down, &acts.h, &mut y, rows)?;
+    }
     let mut next = be.zeros(rows * d)?;
     be.add_assign(&mut next, &acts.mid, rows * d)?;
     be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
@@ -90,6 +101,7 @@ pub fn layer_acts<B: Backend>(
     be: &B,
     model: &Model<B>,
     lw: &LayerWeights<B::Weight>,
+    lora: Option<&LayerLora<B>>,
     rope: &RopeTables<B>,
     x: &B::Buf,
     geo: Geometry,
@@ -109,8 +121,13 @@ pub fn layer_acts<B: Backend>(
     let (u, rstd_attn) = be.rmsnorm_fwd(x, &lw.attn_norm, rows, d, eps)?; // [rows, d]
     let mut q = be.linear(&u, &lw.wq, lw.bq.as_ref(), rows, d, qd)?; // [rows, q]
     let mut k = be.linear(&u, &lw.wk, lw.bk.as_ref(), rows, d, kvd)?; // [rows, kv]
-    let v = be.linear(&u, &lw.wv, lw.bv.as_ref(), rows, d, kvd)?; // [rows, kv]
-    drop(u);
+    let mut v = be.linear(&u, &lw.wv, lw.bv.as_ref(), rows, d, kvd)?; // [rows, kv]
+    if let Some(ll) = lora {
+        ll.apply(be, Proj::Q, &u, &mut q, rows)?;
+        ll.apply(be, Proj::K, &u, &mut k, rows)?;
+        ll.apply(be, Proj::V, &u, &mut v, rows)?;
+    }
+    let u = lora.map(|_| u); // kept for the adapters' backward pass
     be.rope(
         &mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
     )?;
@@ -118,16 +135,23 @@ pub fn layer_acts<B: Backend>(
         &mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
     )?;
     let (att, lse) = be.attention_fwd(&q, &k, &v, shape)?; // [rows, q]
-    let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
+    let mut o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
+    if let Some(ll) = lora {
+        ll.apply(be, Proj::O, &att, &mut o, rows)?;
+    }
     let mut mid = be.zeros(rows * d)?;
     be.add_assign(&mut mid, x, rows * d)?;
     be.add_assign(&mut mid, &o, rows * d)?; // x' = x + Attn
     drop(o);
 
     let (u2, rstd_ffn) = be.rmsnorm_fwd(&mid, &lw.ffn_norm, rows, d, eps)?; // [rows, d]
-    let a = be.linear(&u2, &lw.w_gate, None, rows, d, m)?; // [rows, m]
-    let b = be.linear(&u2, &lw.w_up, None, rows, d, m)?; // [rows, m]
-    drop(u2);
+    let mut a = be.linear(&u2, &lw.w_gate, None, rows, d, m)?; // [rows, m]
+    let mut b = be.linear(&u2, &lw.w_up, None, rows, d, m)?; // [rows, m]
+    if let Some(ll) = lora {
+        ll.apply(be, Proj::Gate, &u2, &mut a, rows)?;
+        ll.apply(be, Proj::Up, &u2, &mut b, rows)?;
+    }
+    let u2 = lora.map(|_| u2);
     let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
     Ok(LayerActs {
         rstd_attn,
@@ -141,6 +165,8 @@ pub fn layer_acts<B: Backend>(
         a,
         b,
         h,
+        u,
+        u2,
     })
 }
 
@@ -174,6 +200,18 @@ pub fn forward<B: Backend>(
     geo: Geometry,
     keep_residuals: bool,
 ) -> Result<ForwardOut<B>> {
+    forward_with(be, model, None, ids, geo, keep_residuals)
+}
+
+/// `forward` with LoRA adapters `(adapters, s = α / r)` on every layer.
+pub fn forward_with<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: Option<(&Adapters<B>, f32)>,
+    ids: &[u32],
+    geo: Geometry,
+    keep_residuals: bool,
+) -> Result<ForwardOut<B>> {
     let c = &model.cfg;
     if ids.len() != geo.rows() {
         return Err(Error::Invalid(format!(
@@ -187,8 +225,9 @@ pub fn forward<B: Backend>(
     let rope = RopeTables::new(be, model, geo.t)?;
     let mut x = be.embedding(ids, &model.embed, c.hidden)?; // [rows, d]
     let mut residuals = Vec::new();
-    model.for_each_layer(be, 0..c.layers, |_, lw| {
-        let next = layer_forward(be, model, lw, &rope, &x, geo)?;
+    model.for_each_layer(be, 0..c.layers, |l, lw| {
+        let ll = lora.map(|(ad, s)| ad.layer(l, s)).transpose()?;
+        let next = layer_forward(be, model, lw, ll.as_ref(), &rope, &x, geo)?;
         if keep_residuals {
             residuals.push(std::mem::replace(&mut x, next));
         } else {

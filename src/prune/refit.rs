@@ -161,14 +161,14 @@ pub fn refit<B: Backend>(
         let mut held = Vec::with_capacity(geos.len());
         for (i, &geo) in geos.iter().enumerate() {
             let rows = geo.rows();
-            let acts = layer_acts(be, model, lw, &rope, &pruned[i], geo)?;
+            let acts = layer_acts(be, model, lw, None, &rope, &pruned[i], geo)?;
             // The target y, as `y − y_sub`.
             let (y, y_sub) = match spec.target {
                 // y = W_d h: the original layer's FFN output on x'.
                 RefitTarget::Layer => (be.linear(&acts.h, &lw.w_down, None, rows, m, d)?, None),
                 // y = x_{l+1} − (x' + Attn); x then advances to x_{l+1}.
                 RefitTarget::Residual => (
-                    layer_forward(be, model, lw, &rope, &dense[i], geo)?,
+                    layer_forward(be, model, lw, None, &rope, &dense[i], geo)?,
                     Some(&acts.mid),
                 ),
             };

@@ -11,18 +11,16 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 /// One AdamW update in place, in torch.optim.AdamW's order of operations
 /// (`AdamwStep`), every value in f32.
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: AdamwStep) {
-    let (step_size, bc2_sqrt) = s.corrections();
-    let decay = 1.0 - s.lr * s.weight_decay;
-    let (one_b1, one_b2) = (1.0 - s.beta1, 1.0 - s.beta2);
+    let k = s.scalars();
     p.par_iter_mut()
         .zip(g.par_iter())
         .zip(m.par_iter_mut().zip(v.par_iter_mut()))
         .for_each(|((p, &g), (m, v))| {
-            let g = g * s.grad_scale;
-            *p *= decay;
-            *m += one_b1 * (g - *m);
-            *v = *v * s.beta2 + one_b2 * g * g;
-            let denom = v.sqrt() / bc2_sqrt + s.eps;
-            *p -= step_size * (*m / denom);
+            let g = g * k.grad_scale;
+            *p *= k.decay;
+            *m += k.one_minus_beta1 * (g - *m);
+            *v = *v * k.beta2 + k.one_minus_beta2 * g * g;
+            let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+            *p -= k.step_size * (*m / denom);
         });
 }

@@ -1,0 +1,216 @@
+//! One LoRA-distillation training step (METHODS.md section 10): the loss
+//! and the adapters' gradients over a batch, gradient clipping and the
+//! AdamW update; and the adapters' seeded initialisation.
+use crate::backend::{AdamwStep, Backend};
+use crate::model::backward::backward_adapters;
+use crate::model::forward::{forward, forward_with, next_token_targets, Geometry};
+use crate::model::lora::Adapters;
+use crate::model::{Model, ModelConfig};
+use crate::{Error, Result};
+
+/// The training loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RecoverLoss {
+    /// KL(p_teacher ‖ p_student) of the next-token distributions.
+    Kd,
+    /// Next-token cross-entropy (no teacher).
+    Ce,
+}
+
+impl RecoverLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kd => "kd",
+            Self::Ce => "ce",
+        }
+    }
+}
+
+/// AdamW's fixed settings (METHODS.md section 10).
+pub const BETA1: f64 = 0.9;
+pub const BETA2: f64 = 0.999;
+pub const EPS: f64 = 1e-8;
+pub const WEIGHT_DECAY: f64 = 0.0;
+/// Gradient clipping at this global norm by default.
+pub const MAX_GRAD_NORM: f64 = 1.0;
+
+/// The learning rate of 1-based step `t`: linear warm-up to `lr` over the
+/// first `warmup` steps (`lr·t/warmup`), then constant.
+pub fn lr_at(lr: f64, warmup: u64, t: u64) -> f64 {
+    if t >= warmup {
+        lr
+    } else {
+        lr * t as f64 / warmup as f64
+    }
+}
+
+/// Fresh adapters of rank `r`: A ~ N(0, 1/inp) drawn from `seed` (layer,
+/// then projection order, row-major), B = 0, so the adapted model starts
+/// as the pruned one.
+pub fn init_adapters<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    rank: usize,
+    seed: u64,
+) -> Result<Adapters<B>> {
+    let mut rng = Normal::new(seed);
+    Adapters::build(be, cfg, rank, |_, _, inp, out| {
+        let std = (1.0 / inp as f64).sqrt();
+        let a = (0..rank * inp).map(|_| (rng.next() * std) as f32).collect();
+        Ok((a, vec![0.0; out * rank]))
+    })
+}
+
+/// Standard normal draws: splitmix64 uniforms through Box–Muller.
+struct Normal {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed,
+            spare: None,
+        }
+    }
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64 // in (0, 1)
+    }
+    fn next(&mut self) -> f64 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let th = std::f64::consts::TAU * u2;
+        self.spare = Some(r * th.sin());
+        r * th.cos()
+    }
+}
+
+/// The student's loss over one batch `ids` (`[seqs, t]`) and, added into
+/// `grads`, its gradient w.r.t. the adapters `lora = (adapters, s)`. The
+/// loss is the mean over predicted positions (those with a next token in
+/// the window, N·(T−1)): KL(p_teacher ‖ p_student) for `Kd` (the teacher
+/// runs in the same pass, on the same backend), next-token NLL for `Ce`.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_and_grads<B: Backend>(
+    be: &B,
+    student: &Model<B>,
+    teacher: Option<&Model<B>>,
+    lora: (&Adapters<B>, f32),
+    grads: &mut Adapters<B>,
+    ids: &[u32],
+    geo: Geometry,
+    loss: RecoverLoss,
+) -> Result<f64> {
+    let c = &student.cfg;
+    let (rows, d) = (geo.rows(), c.hidden);
+    let targets = next_token_targets(ids, geo);
+    let count = targets.iter().filter(|&&t| t != u32::MAX).count();
+    if count == 0 {
+        return Err(Error::Invalid(
+            "a training batch needs windows of at least 2 tokens".into(),
+        ));
+    }
+    let scale = 1.0 / count as f32;
+    let z_teacher = match (loss, teacher) {
+        (RecoverLoss::Kd, Some(t)) => Some(forward(be, t, ids, geo, false)?.z),
+        (RecoverLoss::Kd, None) => {
+            return Err(Error::Invalid("the kd loss needs a teacher".into()))
+        }
+        (RecoverLoss::Ce, _) => None,
+    };
+    let fwd = forward_with(be, student, Some(lora), ids, geo, true)?;
+    let (sum, dz) = match (z_teacher, teacher) {
+        (Some(zt), Some(t)) => {
+            let counted: Vec<bool> = targets.iter().map(|&t| t != u32::MAX).collect();
+            let (sum, _, dz) = be.kl_div(
+                &fwd.z,
+                student.lm_head(),
+                &zt,
+                t.lm_head(),
+                &counted,
+                rows,
+                d,
+                c.vocab,
+                scale,
+                true,
+            )?;
+            (sum, dz)
+        }
+        _ => {
+            let (sum, _, dz) = be.cross_entropy(
+                &fwd.z,
+                student.lm_head(),
+                &targets,
+                rows,
+                d,
+                c.vocab,
+                scale,
+                true,
+            )?;
+            (sum, dz)
+        }
+    };
+    let dz = dz.ok_or_else(|| Error::Invalid("the loss returned no gradient".into()))?;
+    backward_adapters(be, student, lora, grads, &fwd, geo, &dz)?;
+    Ok(sum / count as f64)
+}
+
+/// The clipping factor of `clip_grad_norm_` for a global norm `norm`:
+/// min(1, max_norm / (norm + 1e-6)); 1 without clipping (`max_norm` None).
+pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        Some(max) => (max / (norm + 1e-6)).min(1.0) as f32,
+        None => 1.0,
+    }
+}
+
+/// Clips `grads` to global norm `max_norm` (`clip_factor`) and applies one
+/// AdamW step of learning rate `lr` to `params`, moments `m`, `v`. Returns
+/// ‖g‖ before clipping; a non-finite norm is an error and nothing is updated.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_and_update<B: Backend>(
+    be: &B,
+    params: &mut Adapters<B>,
+    grads: &Adapters<B>,
+    (m, v): (&mut Adapters<B>, &mut Adapters<B>),
+    lr: f64,
+    max_norm: Option<f64>,
+    step: u64,
+) -> Result<f64> {
+    let mut sq = 0f64;
+    for (g, n) in grads.tensors() {
+        sq += be.sum_squares(g, n)?;
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        return Err(Error::Invalid(format!(
+            "step {step}: the adapters' gradient norm is {norm}"
+        )));
+    }
+    let grad_scale = clip_factor(norm, max_norm);
+    let hyper = AdamwStep {
+        lr,
+        beta1: BETA1,
+        beta2: BETA2,
+        eps: EPS,
+        weight_decay: WEIGHT_DECAY,
+        step,
+        grad_scale,
+    };
+    let moments = m.tensors_mut().zip(v.tensors_mut());
+    for (((p, n), (g, _)), ((m, _), (v, _))) in
+        params.tensors_mut().zip(grads.tensors()).zip(moments)
+    {
+        be.adamw(p, g, m, v, n, hyper)?;
+    }
+    Ok(norm)
+}
