@@ -11,6 +11,8 @@ use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
 use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
+use rku_engine::recover::step::RecoverLoss;
+use rku_engine::recover::RecoverSpec;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -53,6 +55,10 @@ pub enum Cmd {
     /// One statistics pass, every method × sparsity pruned and evaluated (and
     /// the dense model): report.json, report.md (tables), SVG plots. Resumable.
     Report(Box<ReportArgs>),
+    /// Recover a pruned model: LoRA adapters on every projection, trained by
+    /// distillation from the dense model (or cross-entropy), merged into a
+    /// new model directory. Checkpointed; an interrupted run resumes with --resume.
+    Recover(Box<RecoverArgs>),
 }
 
 #[derive(Subcommand)]
@@ -727,4 +733,87 @@ pub struct BenchPrefillArgs {
     pub json: bool,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// `recover` (METHODS.md §10).
+#[derive(Args)]
+pub struct RecoverArgs {
+    /// The pruned model (a compact export of `prune`).
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// The dense model it was pruned from (the distillation teacher; needed by --loss kd).
+    #[arg(long, value_parser = existing_dir)]
+    pub teacher: Option<PathBuf>,
+    /// Training text: plain text, or .jsonl read through --field.
+    #[arg(long, value_parser = existing_file)]
+    pub data: PathBuf,
+    /// jsonl field of the training text; default `text`.
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Training steps.
+    #[arg(long, default_value_t = 150, value_parser = count)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Prefix each window with the BOS token.
+    #[arg(long)]
+    pub bos: bool,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub lora_rank: usize,
+    /// LoRA α (the adapters' scale is α / r); default 2r.
+    #[arg(long, value_parser = positive_finite)]
+    pub lora_alpha: Option<f64>,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_finite)]
+    pub lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u64,
+    /// Clip the adapters' gradient to this global norm; 0: no clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// kd: KL(teacher ‖ student) of the next-token distributions; ce: next-token cross-entropy.
+    #[arg(long, value_enum, default_value_t = RecoverLoss::Kd)]
+    pub loss: RecoverLoss,
+    /// Seed of the adapters' initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a checkpoint (`<out>.checkpoint.safetensors`) every this many steps.
+    #[arg(long, default_value_t = 25, value_parser = count)]
+    pub save_every: usize,
+    /// Continue from the checkpoint of an interrupted run with the same settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing output: only a model directory an earlier run
+    /// wrote, never an input of this run.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+impl RecoverArgs {
+    /// The training settings.
+    pub fn spec(&self) -> RecoverSpec {
+        RecoverSpec {
+            steps: self.steps as u64,
+            batch: self.batch,
+            rank: self.lora_rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
+            lr: self.lr,
+            warmup: self.warmup,
+            max_grad_norm: (self.max_grad_norm != 0.0).then_some(self.max_grad_norm),
+            loss: self.loss,
+            seed: self.seed,
+            save_every: self.save_every as u64,
+        }
+    }
 }

@@ -33,7 +33,7 @@ impl ExportLayout {
 }
 
 /// Files copied unchanged from the source model directory when present.
-const COPIED_FILES: [&str; 5] = [
+pub const COPIED_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -41,7 +41,7 @@ const COPIED_FILES: [&str; 5] = [
     "chat_template.jinja",
 ];
 
-fn out_dtype(t: FloatType) -> OutDtype {
+pub fn out_dtype(t: FloatType) -> OutDtype {
     match t {
         FloatType::F32 => OutDtype::F32,
         FloatType::F16 => OutDtype::F16,

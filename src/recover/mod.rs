@@ -1,3 +1,256 @@
 //! Recovery of a pruned model by LoRA distillation from the dense model
-//! (`recover`, METHODS.md section 10).
+//! (`recover`, METHODS.md section 10): the training loop, its checkpoints
+//! and the merged export.
+pub mod checkpoint;
+pub mod export;
 pub mod step;
+
+use crate::backend::Backend;
+use crate::model::forward::Geometry;
+use crate::model::Model;
+use crate::progress::{self, Progress};
+use crate::{Error, Result};
+use checkpoint::TrainState;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use step::{clip_and_update, init_adapters, loss_and_grads, lr_at, RecoverLoss};
+
+/// The recovery's settings (METHODS.md section 10).
+#[derive(Clone, Debug)]
+pub struct RecoverSpec {
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch: usize,
+    pub rank: usize,
+    /// α; the adapters' scale is α / r.
+    pub alpha: f64,
+    pub lr: f64,
+    pub warmup: u64,
+    /// Global-norm clipping; `None`: none.
+    pub max_grad_norm: Option<f64>,
+    pub loss: RecoverLoss,
+    pub seed: u64,
+    /// Checkpoint every this many steps (and after the last).
+    pub save_every: u64,
+}
+
+impl RecoverSpec {
+    /// The adapters' scale s = α / r.
+    pub fn scale(&self) -> f32 {
+        (self.alpha / self.rank as f64) as f32
+    }
+
+    /// Refuses settings no run could use.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.batch == 0 || self.save_every == 0 {
+            return bad("--batch and --save-every must be at least 1".into());
+        }
+        if self.rank == 0 {
+            return bad("--lora-rank must be at least 1".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("--lora-alpha {} must be positive", self.alpha));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr {} must be positive", self.lr));
+        }
+        if let Some(c) = self.max_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("--max-grad-norm {c} must be positive"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The training text: `[n, t]` windows, used in order (window
+/// `(s−1)·batch + j` mod n at step s), with where they came from.
+pub struct RecoverData {
+    pub ids: Vec<u32>,
+    pub seq_len: usize,
+    pub source: PathBuf,
+    pub digest: String,
+}
+
+impl RecoverData {
+    fn windows(&self) -> usize {
+        self.ids.len() / self.seq_len
+    }
+
+    /// The ids of step `s` (1-based): `batch` windows in file order, wrapping.
+    fn batch(&self, s: u64, batch: usize) -> Vec<u32> {
+        let n = self.windows() as u64;
+        (0..batch as u64)
+            .flat_map(|j| {
+                let w = (((s - 1) * batch as u64 + j) % n) as usize;
+                self.ids[w * self.seq_len..(w + 1) * self.seq_len]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    }
+}
+
+/// The settings a checkpoint must share with the run resuming it.
+pub fn checkpoint_settings(
+    spec: &RecoverSpec,
+    data: &RecoverData,
+    student_digest: &str,
+    teacher_digest: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "student_digest": student_digest,
+        "teacher_digest": teacher_digest,
+        "data_digest": data.digest,
+        "seq_len": data.seq_len,
+        "steps": spec.steps,
+        "batch": spec.batch,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "lr": spec.lr,
+        "warmup": spec.warmup,
+        "max_grad_norm": spec.max_grad_norm,
+        "loss": spec.loss.name(),
+        "seed": spec.seed,
+    })
+}
+
+/// Checks that `teacher` can teach `student`: the same architecture,
+/// vocabulary, layer count and attention shapes (only FFN widths differ).
+pub fn check_teacher<B: Backend>(student: &Model<B>, teacher: &Model<B>) -> Result<()> {
+    let (s, t) = (&student.cfg, &teacher.cfg);
+    let pairs = [
+        ("vocab_size", s.vocab, t.vocab),
+        ("num_hidden_layers", s.layers, t.layers),
+        ("hidden_size", s.hidden, t.hidden),
+        ("num_attention_heads", s.heads, t.heads),
+        ("num_key_value_heads", s.kv_heads, t.kv_heads),
+        ("head_dim", s.head_dim, t.head_dim),
+    ];
+    if s.arch != t.arch {
+        return Err(Error::Invalid(format!(
+            "teacher {} is a {:?} model, the student {} a {:?}",
+            teacher.dir.display(),
+            t.arch,
+            student.dir.display(),
+            s.arch
+        )));
+    }
+    for (what, a, b) in pairs {
+        if a != b {
+            return Err(Error::Invalid(format!(
+                "teacher {} has {what} {b}, the student {} has {a}: not the same model family",
+                teacher.dir.display(),
+                student.dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Trains adapters on `student` (from `resume`'s state when given, else
+/// fresh from the seed) for the remaining steps of `spec`, saving to
+/// `ckpt` every `save_every` steps and after the last. Calls
+/// `on_step(step, loss, grad_norm)` after each step. A non-finite loss or
+/// gradient stops the run with an error naming the last good checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: Backend>(
+    be: &B,
+    student: &Model<B>,
+    teacher: Option<&Model<B>>,
+    spec: &RecoverSpec,
+    data: &RecoverData,
+    settings: &serde_json::Value,
+    ckpt: &Path,
+    resume: Option<TrainState<B>>,
+) -> Result<TrainState<B>> {
+    spec.check()?;
+    if data.windows() == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no training windows",
+            data.source.display()
+        )));
+    }
+    let mut state = match resume {
+        Some(s) => s,
+        None => {
+            let adapters = init_adapters(be, &student.cfg, spec.rank, spec.seed)?;
+            let (m, v) = (adapters.zeros_like(be)?, adapters.zeros_like(be)?);
+            TrainState {
+                step: 0,
+                adapters,
+                m,
+                v,
+                losses: Vec::new(),
+            }
+        }
+    };
+    let geo = Geometry {
+        seqs: spec.batch,
+        t: data.seq_len,
+    };
+    let scale = spec.scale();
+    let mut grads = state.adapters.zeros_like(be)?;
+    let left = spec.steps.saturating_sub(state.step);
+    let bar = Progress::new(left, "recover");
+    let start = Instant::now();
+    let mut last_saved = state.step;
+    while state.step < spec.steps {
+        let s = state.step + 1;
+        grads.zero(be)?;
+        let ids = data.batch(s, spec.batch);
+        let loss = loss_and_grads(
+            be,
+            student,
+            teacher,
+            (&state.adapters, scale),
+            &mut grads,
+            &ids,
+            geo,
+            spec.loss,
+        )?;
+        let stop = |what: String| {
+            Error::Invalid(format!(
+                "step {s}: {what}; stopped. The last good checkpoint is {} (step {last_saved})",
+                ckpt.display()
+            ))
+        };
+        if !loss.is_finite() {
+            return Err(stop(format!("the loss is {loss}")));
+        }
+        let lr = lr_at(spec.lr, spec.warmup, s);
+        let (m, v) = (&mut state.m, &mut state.v);
+        let norm = clip_and_update(
+            be,
+            &mut state.adapters,
+            &grads,
+            (m, v),
+            lr,
+            spec.max_grad_norm,
+            s,
+        )
+        .map_err(|e| stop(e.to_string()))?;
+        state.step = s;
+        state.losses.push(loss);
+        bar.inc(1);
+        let done = state.step - (spec.steps - left);
+        if s % 10 == 0 || s == spec.steps {
+            let per = start.elapsed().as_secs_f64() / done as f64;
+            progress::println(&format!(
+                "step {s}/{}: loss {loss:.4}, |g| {norm:.3}, lr {lr:.2e} ({per:.2} s/step, ~{:.0} s left)",
+                spec.steps,
+                per * (spec.steps - s) as f64
+            ));
+        }
+        if s % spec.save_every == 0 || s == spec.steps {
+            checkpoint::save(be, &state, settings, ckpt)?;
+            last_saved = s;
+        }
+    }
+    bar.finish();
+    Ok(state)
+}

@@ -6,6 +6,7 @@ pub mod import;
 pub mod iou;
 pub mod plan;
 pub mod prune;
+pub mod recover;
 pub mod report;
 pub mod score;
 pub mod stats;

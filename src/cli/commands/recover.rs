@@ -1,0 +1,215 @@
+//! `rku-engine recover`: LoRA distillation of a pruned model from its
+//! dense teacher, checkpointed, merged into a new model directory.
+use crate::cli::args::RecoverArgs;
+use crate::cli::{check_output, load_model};
+use anyhow::{bail, Context, Result};
+use rku_engine::backend::Backend;
+use rku_engine::io::output::MODEL_DIR;
+use rku_engine::io::text::{read_text, token_digest, windows, Tokenizer};
+use rku_engine::prune::calibrate::model_digest;
+use rku_engine::recover::checkpoint::{self, TrainState};
+use rku_engine::recover::export::export_recovered;
+use rku_engine::recover::step::{init_adapters, RecoverLoss};
+use rku_engine::recover::{check_teacher, checkpoint_settings, train, RecoverData};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where `recover --out DIR` keeps its checkpoint: `DIR.checkpoint.safetensors`.
+pub fn checkpoint_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".checkpoint.safetensors");
+    out.with_file_name(name)
+}
+
+pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
+    let spec = a.spec();
+    spec.check()?;
+    let inputs = [Some(&a.model), a.teacher.as_ref(), Some(&a.data)];
+    check_output(
+        inputs.into_iter().flatten().map(|p| p.as_path()),
+        &a.out,
+        MODEL_DIR,
+        a.force,
+    )?;
+    let ckpt = checkpoint_path(&a.out);
+    let ckpt_exists = ckpt.symlink_metadata().is_ok();
+    if ckpt_exists && !a.resume && !a.force {
+        bail!(
+            "{} holds the checkpoint of an earlier run: pass --resume to continue it, or \
+             --force to start over",
+            ckpt.display()
+        );
+    }
+    if spec.loss == RecoverLoss::Kd && a.teacher.is_none() {
+        bail!("--loss kd needs --teacher DIR (the dense model), or use --loss ce");
+    }
+
+    let student = load_model(be, &a.model, &a.common, None)?;
+    let pruning_path = a.model.join("pruning.json");
+    let pruning: serde_json::Value = match std::fs::read(&pruning_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not JSON", pruning_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", pruning_path.display())),
+    };
+    if !pruning.is_object() {
+        bail!("{}: not a JSON object", pruning_path.display());
+    }
+    if pruning.get("export").and_then(|v| v.as_str()) == Some("padded") {
+        bail!(
+            "{} is a padded export: adapters would revive its zeroed channels; recover the \
+             compact export (prune --export compact)",
+            a.model.display()
+        );
+    }
+    let teacher = match (&a.teacher, spec.loss) {
+        (Some(dir), RecoverLoss::Kd) => {
+            let t = load_model(be, dir, &a.common, None)?;
+            check_teacher(&student, &t)?;
+            Some(t)
+        }
+        _ => None,
+    };
+    let student_digest = model_digest(&student)?;
+    let teacher_digest = teacher.as_ref().map(model_digest).transpose()?;
+    if let (Some(src), Some(td)) = (
+        pruning.get("source_model_digest").and_then(|v| v.as_str()),
+        teacher_digest.as_deref(),
+    ) {
+        if src != td {
+            eprintln!(
+                "note: the teacher is not the model {} was pruned from (pruning.json's source digest differs)",
+                a.model.display()
+            );
+        }
+    }
+
+    let tok = Tokenizer::load(&a.model)?;
+    let ids = tok.encode(&read_text(&a.data, a.field.as_deref())?)?;
+    let bos = match a.bos {
+        true => Some(
+            student
+                .cfg
+                .bos_token_id
+                .context("--bos given but config.json has no bos_token_id")?,
+        ),
+        false => None,
+    };
+    let per = a.seq_len - usize::from(bos.is_some());
+    let wanted = spec.steps as usize * spec.batch;
+    let n = (ids.len() / per).min(wanted);
+    if n < spec.batch {
+        bail!(
+            "{}: {} tokens make {n} windows of {} tokens, fewer than one batch of {}",
+            a.data.display(),
+            ids.len(),
+            a.seq_len,
+            spec.batch
+        );
+    }
+    let w = windows(&ids, n, a.seq_len, bos)?;
+    let data = RecoverData {
+        digest: token_digest(&w),
+        ids: w,
+        seq_len: a.seq_len,
+        source: a.data.clone(),
+    };
+    if n < wanted {
+        eprintln!(
+            "note: {} has {n} windows of {} tokens; the {wanted} of {} steps × {} reuse them ({:.2} epochs)",
+            a.data.display(),
+            a.seq_len,
+            spec.steps,
+            spec.batch,
+            wanted as f64 / n as f64
+        );
+    }
+    let settings = checkpoint_settings(&spec, &data, &student_digest, teacher_digest.as_deref());
+    let resume: Option<TrainState<B>> = match (a.resume, ckpt_exists) {
+        (true, true) => {
+            let like = init_adapters(be, &student.cfg, spec.rank, spec.seed)?;
+            let s = checkpoint::load(be, &like, &settings, &ckpt)?;
+            eprintln!("resuming from {} at step {}", ckpt.display(), s.step);
+            Some(s)
+        }
+        (true, false) => {
+            eprintln!(
+                "note: no checkpoint at {}; starting at step 0",
+                ckpt.display()
+            );
+            None
+        }
+        (false, _) => None,
+    };
+    let resumed_from = resume.as_ref().map(|s| s.step);
+
+    let t0 = Instant::now();
+    let state = train(
+        be,
+        &student,
+        teacher.as_ref(),
+        &spec,
+        &data,
+        &settings,
+        &ckpt,
+        resume,
+    )?;
+    let train_s = t0.elapsed().as_secs_f64();
+    let trained = spec.steps - resumed_from.unwrap_or(0);
+    let tokens = trained as usize * spec.batch * a.seq_len;
+    let mut record = pruning.clone();
+    let previous = record.get("recovery").cloned();
+    record["recovery"] = serde_json::json!({
+        "method": "lora",
+        "loss": spec.loss.name(),
+        "steps": spec.steps,
+        "batch": spec.batch,
+        "seq_len": a.seq_len,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "lr": spec.lr,
+        "warmup": spec.warmup,
+        "max_grad_norm": spec.max_grad_norm,
+        "seed": spec.seed,
+        "adapted": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "teacher": a.teacher.as_ref().map(|p| p.display().to_string()),
+        "teacher_digest": teacher_digest,
+        "student_digest": student_digest,
+        "data": {
+            "source": a.data.display().to_string(),
+            "field": a.field,
+            "digest": data.digest,
+            "windows": n,
+            "tokens_seen": spec.steps as usize * spec.batch * a.seq_len,
+        },
+        "losses": state.losses,
+        "resumed_from_step": resumed_from,
+        "train_s": train_s,
+        "backend": be.name(),
+        "previous": previous,
+    });
+    let out = export_recovered(
+        be,
+        &student,
+        &state.adapters,
+        spec.scale(),
+        &record,
+        &a.out,
+        a.force,
+    )?;
+    let last = &state.losses[state.losses.len().saturating_sub(10)..];
+    println!(
+        "recovered {} in {} steps ({} loss {:.4} → {:.4}, mean of the last {} {:.4}); trained {trained} steps in {train_s:.1}s ({:.0} tokens/s); wrote {} (checkpoint {})",
+        a.model.display(),
+        spec.steps,
+        spec.loss.name(),
+        state.losses.first().copied().unwrap_or(f64::NAN),
+        state.losses.last().copied().unwrap_or(f64::NAN),
+        last.len(),
+        last.iter().sum::<f64>() / last.len().max(1) as f64,
+        tokens as f64 / train_s.max(1e-9),
+        out.display(),
+        ckpt.display()
+    );
+    Ok(())
+}
