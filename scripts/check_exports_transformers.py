@@ -15,7 +15,13 @@ from transformers import AutoModelForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-SOURCES = {"qwen2-padded": "tiny-qwen2", "llama3-uniform": "tiny-llama3"}
+SOURCES = {
+    "qwen2-padded": "tiny-qwen2",
+    "llama3-uniform": "tiny-llama3",
+    # `recover`'s merged export of llama3-uniform (RKU_WRITE_EXPORT_FIXTURES=1
+    # cargo test --test recover stock)
+    "llama3-uniform-recovered": "tiny-llama3",
+}
 
 for name, src in SOURCES.items():
     d = FIX / "exports" / name

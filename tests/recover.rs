@@ -9,11 +9,13 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::{AdamwStep, Backend};
-use rku_engine::model::forward::Geometry;
+use rku_engine::model::forward::{forward_with, logits, Geometry};
 use rku_engine::model::lora::{Adapters, Proj};
 use rku_engine::model::Model;
+use rku_engine::recover::export::export_recovered;
 use rku_engine::recover::step::{clip_factor, loss_and_grads, RecoverLoss};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 fn f32s(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
@@ -200,4 +202,301 @@ fn kl_div_matches_torch() {
         &refs["kl.dz"].data,
     );
     assert!(err < 1e-5, "dz: {err:e}");
+}
+
+/// Deterministic adapters for `model` (A and B both nonzero, so merging
+/// changes every adapted matrix).
+fn seeded_adapters(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    rank: usize,
+) -> Adapters<CpuBackend> {
+    let mut seed = 7u64;
+    Adapters::build(be, &model.cfg, rank, |_, _, inp, out| {
+        seed += 1;
+        Ok((
+            values(rank * inp, -0.3, 0.3, seed),
+            values(out * rank, -0.05, 0.05, seed + 1000),
+        ))
+    })
+    .unwrap()
+}
+
+/// The recovered export of the committed uniform-width export (the
+/// student), with seeded adapters of rank 4 merged at scale 2.
+fn recovered_export(dir: &std::path::Path) -> (Model<CpuBackend>, Adapters<CpuBackend>) {
+    let be = CpuBackend::new();
+    let student = Model::load(&be, &fixture("exports/llama3-uniform")).unwrap();
+    let ad = seeded_adapters(&be, &student, 4);
+    export_recovered(&be, &student, &ad, 2.0, &serde_json::json!({}), dir, false).unwrap();
+    (student, ad)
+}
+
+/// Merging the adapters changes nothing: the exported model's logits equal
+/// the adapter forward's on the student (1e-5 of the logits' scale).
+#[test]
+fn merged_export_equals_the_adapter_forward() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("recovered");
+    let (student, ad) = recovered_export(&out);
+    let be = CpuBackend::new();
+    let merged = Model::load(&be, &out).unwrap();
+    let refs = load_reference(&fixture("tiny-llama3/reference.safetensors"));
+    let ids_t = &refs["input_ids"];
+    let geo = Geometry {
+        seqs: ids_t.shape[0],
+        t: ids_t.shape[1],
+    };
+    let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
+    let fwd = forward_with(&be, &student, Some((&ad, 2.0)), &ids, geo, false).unwrap();
+    let c = &student.cfg;
+    let head = be
+        .linear(
+            &fwd.z,
+            student.lm_head(),
+            None,
+            geo.rows(),
+            c.hidden,
+            c.vocab,
+        )
+        .unwrap();
+    let want = f64s(&be.download(&head).unwrap());
+    let got = f64s(&logits(&be, &merged, &ids, geo).unwrap());
+    let err = max_rel_err(&got, &want);
+    assert!(err < 1e-5, "merged vs adapter logits: {err:e}");
+    let dense = f64s(&logits(&be, &student, &ids, geo).unwrap());
+    assert!(
+        max_rel_err(&dense, &want) > 1e-3,
+        "the adapters change nothing"
+    );
+}
+
+/// The recovered uniform-width export loads in stock transformers and gives
+/// the engine's logits: its files are committed under
+/// tests/fixtures/exports/llama3-uniform-recovered (written by this test
+/// with RKU_WRITE_EXPORT_FIXTURES=1) with transformers' logits on them
+/// (scripts/check_exports_transformers.py).
+#[test]
+fn stock_transformers_loads_a_recovered_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("recovered");
+    recovered_export(&out);
+    let committed = fixture("exports/llama3-uniform-recovered");
+    if std::env::var_os("RKU_WRITE_EXPORT_FIXTURES").is_some() {
+        std::fs::create_dir_all(&committed).unwrap();
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(out.join(f), committed.join(f)).unwrap();
+        }
+    }
+    for f in ["model.safetensors", "config.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(committed.join(f)).unwrap(),
+            "{f} differs from the committed export"
+        );
+    }
+    let r = load_reference(&committed.join("transformers_logits.safetensors"));
+    let ids_t = &r["input_ids"];
+    let geo = Geometry {
+        seqs: ids_t.shape[0],
+        t: ids_t.shape[1],
+    };
+    let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &out).unwrap();
+    let got = f64s(&logits(&be, &model, &ids, geo).unwrap());
+    let err = max_rel_err(&got, &r["logits"].data);
+    assert!(err < 1e-5, "engine vs transformers logits: {err:e}");
+}
+
+/// A pruned tiny-llama3 (30%, compact) and calibration text in `dir`.
+fn pruned_student(dir: &Path) -> (PathBuf, PathBuf) {
+    let text = calib_text(dir, 400);
+    let out = dir.join("p30");
+    run_ok(
+        bin()
+            .args(["prune", "--model"])
+            .arg(fixture("tiny-llama3"))
+            .arg("--calib")
+            .arg(&text)
+            .args([
+                "--samples",
+                "8",
+                "--seq-len",
+                "16",
+                "--sparsity",
+                "0.3",
+                "--out",
+            ])
+            .arg(&out),
+    );
+    (out, text)
+}
+
+/// `rku-engine recover` of `student` from tiny-llama3 on `text`, 3 windows
+/// of 16 tokens a step, then `extra` and `--out out`.
+fn recover_cmd(student: &Path, text: &Path, extra: &[&str], out: &Path) -> std::process::Command {
+    recover_from(&fixture("tiny-llama3"), student, text, extra, out)
+}
+
+/// `recover_cmd` with another teacher.
+fn recover_from(
+    teacher: &Path,
+    student: &Path,
+    text: &Path,
+    extra: &[&str],
+    out: &Path,
+) -> std::process::Command {
+    let mut c = bin();
+    c.args(["recover", "--model"])
+        .arg(student)
+        .arg("--teacher")
+        .arg(teacher)
+        .arg("--data")
+        .arg(text)
+        .args(["--batch", "3", "--seq-len", "16"])
+        .args(extra)
+        .arg("--out")
+        .arg(out);
+    c
+}
+
+/// The recovery record's per-step losses.
+fn losses(dir: &Path) -> Vec<f64> {
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("pruning.json")).unwrap()).unwrap();
+    r["recovery"]["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+/// An interrupted run resumed from its checkpoint equals the uninterrupted
+/// run bit for bit (the merged weights and every step's loss).
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, text) = pruned_student(tmp.path());
+    let whole = tmp.path().join("whole");
+    run_ok(&mut recover_cmd(&student, &text, &["--steps", "6"], &whole));
+    let ckpt = tmp.path().join("ck.safetensors");
+    let ck = ckpt.to_str().unwrap();
+    let first = tmp.path().join("first");
+    let args = ["--steps", "3", "--save-every", "2", "--checkpoint", ck];
+    run_ok(&mut recover_cmd(&student, &text, &args, &first));
+    let resumed = tmp.path().join("resumed");
+    let args = ["--steps", "6", "--resume", "--checkpoint", ck];
+    run_ok(&mut recover_cmd(&student, &text, &args, &resumed));
+    assert_eq!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(resumed.join("model.safetensors")).unwrap(),
+        "the resumed run's weights differ"
+    );
+    assert_eq!(losses(&whole), losses(&resumed));
+    assert_eq!(losses(&whole)[..3], losses(&first)[..]);
+    assert_ne!(
+        std::fs::read(whole.join("model.safetensors")).unwrap(),
+        std::fs::read(student.join("model.safetensors")).unwrap(),
+        "recovery changed nothing"
+    );
+    // A checkpoint of other settings is refused by name.
+    let other = tmp.path().join("other");
+    let args = [
+        "--steps",
+        "6",
+        "--resume",
+        "--checkpoint",
+        ck,
+        "--lora-rank",
+        "4",
+    ];
+    let err = run_err(&mut recover_cmd(&student, &text, &args, &other));
+    assert!(
+        err.contains("ck.safetensors") && err.contains("rank"),
+        "{err}"
+    );
+    assert!(!other.exists());
+}
+
+/// Each bad input is a clear error, and nothing is written.
+#[test]
+fn bad_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, text) = pruned_student(tmp.path());
+    let out = tmp.path().join("out");
+    let refuse = |extra: &[&str], needle: &str| {
+        let err = run_err(&mut recover_cmd(&student, &text, extra, &out));
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    };
+    refuse(&["--lora-rank", "0"], "--lora-rank");
+    refuse(&["--lora-rank", "40"], "rank 40");
+    refuse(&["--steps", "0"], "--steps");
+    refuse(&["--lora-alpha=-1"], "--lora-alpha");
+    refuse(&["--max-grad-norm=-1"], "--max-grad-norm");
+    refuse(&["--max-grad-norm", "nan"], "--max-grad-norm");
+    // A teacher of another family.
+    let err = run_err(&mut recover_from(
+        &fixture("tiny-qwen2"),
+        &student,
+        &text,
+        &[],
+        &out,
+    ));
+    assert!(err.contains("tiny-qwen2"), "{err}");
+    // kd without a teacher.
+    let err = run_err(
+        bin()
+            .args(["recover", "--model"])
+            .arg(&student)
+            .arg("--data")
+            .arg(&text)
+            .arg("--out")
+            .arg(&out),
+    );
+    assert!(err.contains("--teacher"), "{err}");
+    // A loss that becomes non-finite: stopped, the last good checkpoint kept.
+    let ck = tmp.path().join("nan.safetensors");
+    let args = [
+        "--steps",
+        "6",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--save-every",
+        "1",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+    ];
+    let err = run_err(&mut recover_cmd(&student, &text, &args, &out));
+    assert!(
+        err.contains("stopped") && err.contains("nan.safetensors"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // An existing output without --force.
+    std::fs::create_dir(&out).unwrap();
+    let err = run_err(&mut recover_cmd(&student, &text, &["--steps", "1"], &out));
+    assert!(err.contains("out"), "{err}");
+    std::fs::remove_dir(&out).unwrap();
+    // A padded export.
+    let padded = tmp.path().join("padded");
+    run_ok(
+        bin()
+            .args(["prune", "--model"])
+            .arg(fixture("tiny-llama3"))
+            .arg("--calib")
+            .arg(&text)
+            .args(["--samples", "8", "--seq-len", "16", "--sparsity", "0.3"])
+            .args(["--export", "padded", "--out"])
+            .arg(&padded),
+    );
+    let err = run_err(&mut recover_cmd(&padded, &text, &[], &out));
+    assert!(err.contains("padded"), "{err}");
+    assert!(!out.exists());
 }

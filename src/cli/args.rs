@@ -783,10 +783,14 @@ pub struct RecoverArgs {
     /// Seed of the adapters' initialisation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Save a checkpoint (`<out>.checkpoint.safetensors`) every this many steps.
+    /// Save a checkpoint every this many steps (and after the last).
     #[arg(long, default_value_t = 25, value_parser = count)]
     pub save_every: usize,
-    /// Continue from the checkpoint of an interrupted run with the same settings.
+    /// The checkpoint file; default `<out>.checkpoint.safetensors`.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint of an interrupted run with the same
+    /// settings (or of a shorter run: --steps may grow).
     #[arg(long)]
     pub resume: bool,
     /// Output model directory.

@@ -95,7 +95,10 @@ impl RecoverData {
     }
 }
 
-/// The settings a checkpoint must share with the run resuming it.
+/// The settings a checkpoint must share with the run resuming it. The step
+/// count is not one of them: the learning rate does not depend on it, so a
+/// run resumed with more steps continues the same training (a longer run,
+/// or a curve of checkpoints exported along the way).
 pub fn checkpoint_settings(
     spec: &RecoverSpec,
     data: &RecoverData,
@@ -107,7 +110,6 @@ pub fn checkpoint_settings(
         "teacher_digest": teacher_digest,
         "data_digest": data.digest,
         "seq_len": data.seq_len,
-        "steps": spec.steps,
         "batch": spec.batch,
         "rank": spec.rank,
         "alpha": spec.alpha,

@@ -31,7 +31,10 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         MODEL_DIR,
         a.force,
     )?;
-    let ckpt = checkpoint_path(&a.out);
+    let ckpt = a
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| checkpoint_path(&a.out));
     let ckpt_exists = ckpt.symlink_metadata().is_ok();
     if ckpt_exists && !a.resume && !a.force {
         bail!(
@@ -97,7 +100,7 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
     };
     let per = a.seq_len - usize::from(bos.is_some());
     let wanted = spec.steps as usize * spec.batch;
-    let n = (ids.len() / per).min(wanted);
+    let n = ids.len() / per; // every window: the digest must not depend on --steps
     if n < spec.batch {
         bail!(
             "{}: {} tokens make {n} windows of {} tokens, fewer than one batch of {}",
@@ -129,6 +132,14 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         (true, true) => {
             let like = init_adapters(be, &student.cfg, spec.rank, spec.seed)?;
             let s = checkpoint::load(be, &like, &settings, &ckpt)?;
+            if s.step > spec.steps {
+                bail!(
+                    "{} is at step {}, past --steps {}",
+                    ckpt.display(),
+                    s.step,
+                    spec.steps
+                );
+            }
             eprintln!("resuming from {} at step {}", ckpt.display(), s.step);
             Some(s)
         }
