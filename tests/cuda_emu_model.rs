@@ -465,3 +465,101 @@ fn refit_cuda_emu_matches_cpu() {
         }
     }
 }
+
+/// One LoRA-distillation step (METHODS.md §10) through the emulated device:
+/// the kd loss, every adapter gradient and the AdamW update equal the CPU
+/// backend's (the fixture's adapters of tests/fixtures/lora; teacher = the
+/// model without them, B scaled by 10).
+///
+/// Tolerance. The loss is checked as the statistics are (RTOL_STATS). An
+/// adapter gradient ∂A = dxaᵀ·x is a sum over tokens with cancellation,
+/// like tk, so its per-element error scales with Σ_t |dxa·x|, not with the
+/// element; here each gradient tensor is checked as a whole instead:
+/// ‖got − want‖ / ‖want‖ ≤ RTOL_STATS (a wrong product or transpose gives
+/// O(1)). The scaling of B matters too: the kd gradient (p_s − p_t)·W is a
+/// difference of two nearly equal distributions, whose bf16 error scales
+/// with p; with the fixture's B the student is so close to the teacher that
+/// the error is a sizeable part of the gradient, with 10·B it is not.
+#[test]
+fn recovery_step_cuda_emu_matches_cpu() {
+    use rku_engine::model::lora::Adapters;
+    use rku_engine::recover::step::{clip_and_update, loss_and_grads, RecoverLoss};
+    let name = "tiny-llama3";
+    let dir = fixture(name);
+    let rounded = bf16_copy(&dir);
+    let refs = load_reference(&fixture(&format!("lora/{name}.safetensors")));
+    let rank = refs["rank"].data[0] as usize;
+    let scale = (refs["alpha"].data[0] / rank as f64) as f32;
+    // Two of the fixture's windows (the emulated device is slow).
+    let ids_t = &refs["ids"];
+    let geo = Geometry {
+        seqs: 2,
+        t: ids_t.shape[1],
+    };
+    let x: Vec<u32> = ids_t.data[..geo.rows()].iter().map(|&v| v as u32).collect();
+    fn run<B: Backend>(
+        be: &B,
+        model: &Model<B>,
+        refs: &HashMap<String, RefTensor>,
+        rank: usize,
+        scale: f32,
+        x: &[u32],
+        geo: Geometry,
+    ) -> (f64, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let mut ad = Adapters::build(be, &model.cfg, rank, |l, p, _, _| {
+            Ok((
+                f32s(&refs[&format!("lora_a.{l}.{}", p.name())].data),
+                f32s(&refs[&format!("lora_b.{l}.{}", p.name())].data)
+                    .iter()
+                    .map(|b| 10.0 * b)
+                    .collect(),
+            ))
+        })
+        .unwrap();
+        let mut grads = ad.zeros_like(be).unwrap();
+        let loss = loss_and_grads(
+            be,
+            model,
+            Some(model),
+            (&ad, scale),
+            &mut grads,
+            x,
+            geo,
+            RecoverLoss::Kd,
+        )
+        .unwrap();
+        let host = |set: &Adapters<B>| -> Vec<Vec<f64>> {
+            set.tensors()
+                .map(|(b, _)| be.download(b).unwrap().iter().map(|&v| v as f64).collect())
+                .collect()
+        };
+        let g = host(&grads);
+        let (mut m, mut v) = (ad.zeros_like(be).unwrap(), ad.zeros_like(be).unwrap());
+        // A small lr: at step 1 each update is ±lr, whatever the gradient's size.
+        clip_and_update(be, &mut ad, &grads, (&mut m, &mut v), 1e-4, Some(1.0), 1).unwrap();
+        (loss, g, host(&ad))
+    }
+    let cpu = CpuBackend::new();
+    let cpu_model = Model::load(&cpu, rounded.path()).unwrap();
+    let cuda = CudaBackend::new(EmuDevice::new()).with_ce_chunk(100);
+    let cuda_model = Model::load(&cuda, &dir).unwrap();
+    let (want_loss, want_g, want_p) = run(&cpu, &cpu_model, &refs, rank, scale, &x, geo);
+    let (got_loss, got_g, got_p) = run(&cuda, &cuda_model, &refs, rank, scale, &x, geo);
+    check(&[got_loss], &[want_loss], RTOL_STATS, "kd loss");
+    let norm_err = |g: &[f64], w: &[f64]| {
+        let d: f64 = g.iter().zip(w).map(|(a, b)| (a - b) * (a - b)).sum();
+        (d / w.iter().map(|b| b * b).sum::<f64>()).sqrt()
+    };
+    let mut worst = 0f64;
+    for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+        assert!(w.iter().any(|&v| v != 0.0));
+        let e = norm_err(g, w);
+        worst = worst.max(e);
+        println!("adapter gradient {i}: ‖Δ‖/‖want‖ = {e:.3e}");
+    }
+    println!("adapter gradients: worst ‖Δ‖/‖want‖ {worst:.3e}");
+    for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+        check(g, w, RTOL_STATS, &format!("updated adapter {i}"));
+    }
+}

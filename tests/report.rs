@@ -581,3 +581,76 @@ fn report_refit_rows_match_prune_refit_and_resume() {
     assert!(e.contains("refit.target") && e.contains("+refit"), "{e}");
     assert!(!e.contains("rku-s0.3.prune"), "{e}");
 }
+
+/// `--recover-steps` adds every model recovered by LoRA-KD as its own rows
+/// (`<method>+lora`, and `<method>+refit+lora` with `--refit`), equal to
+/// `prune`, then `recover` on the calibration windows, then `eval ppl`;
+/// it resumes, and another step count invalidates only the recovered cells.
+#[test]
+fn report_recover_rows_match_prune_recover_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    // Two steps of two windows: the report's four calibration windows, which
+    // are also the first four windows `recover --data` takes from the text.
+    let args = ["--refit", "--recover-steps", "2", "--recover-batch", "2"];
+    let first = run_ok(&mut small("tiny-qwen2", &i.text, &out, &args));
+    // stats, dense.ppl, and for rku-s0.3{,+lora,+refit,+refit+lora}: prune, ppl.
+    assert_eq!(counts(&first).0, 10);
+    let r = read_json(&out.join("report.json"));
+    let names: Vec<&str> = (r["cells"].as_array().unwrap().iter())
+        .map(|c| c["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rku", "rku+lora", "rku+refit", "rku+refit+lora"]);
+    let ppl_of = |k: usize| r["cells"][k]["ppl"]["ppl"].as_f64().unwrap();
+    assert_ne!(ppl_of(1), ppl_of(0));
+    assert_ne!(ppl_of(3), ppl_of(2));
+    assert!(
+        !out.join("models").exists(),
+        "models are removed once evaluated"
+    );
+
+    // The same through the single commands.
+    let pruned = tmp.path().join("pruned");
+    run_ok(
+        bin()
+            .args(["prune", "--model"])
+            .arg(fixture("tiny-qwen2"))
+            .arg("--calib")
+            .arg(&i.text)
+            .args(["--samples", "4", "--seq-len", "24", "--method", "rku"])
+            .args(["--sparsity", "0.3", "--out"])
+            .arg(&pruned),
+    );
+    let recovered = tmp.path().join("recovered");
+    run_ok(
+        bin()
+            .args(["recover", "--model"])
+            .arg(&pruned)
+            .arg("--teacher")
+            .arg(fixture("tiny-qwen2"))
+            .arg("--data")
+            .arg(&i.text)
+            .args(["--seq-len", "24", "--batch", "2", "--steps", "2", "--out"])
+            .arg(&recovered),
+    );
+    let ppl = json_line(&run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(&recovered)
+            .arg("--text")
+            .arg(&i.text)
+            .args(["--seq-len", "24", "--max-windows", "8", "--json"]),
+    ));
+    assert_eq!(ppl["ppl"].as_f64().unwrap(), ppl_of(1));
+
+    // Resumes; another step count: only the recovered cells are inconsistent.
+    assert_eq!(
+        counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &args))).0,
+        0
+    );
+    let other = ["--refit", "--recover-steps", "3", "--recover-batch", "2"];
+    let e = run_err(&mut small("tiny-qwen2", &i.text, &out, &other));
+    assert!(e.contains("recover.steps") && e.contains("+lora"), "{e}");
+    assert!(!e.contains("rku-s0.3+refit.prune"), "{e}");
+}

@@ -526,6 +526,16 @@ pub struct ReportArgs {
     /// evaluate it: rows `<method>+refit`.
     #[command(flatten)]
     pub refit: RefitArgs,
+    /// Also recover every pruned model (and every refitted one) by this
+    /// many steps of LoRA distillation from the dense model on the
+    /// calibration windows (rank 8, α 16, lr 2e-4, 10 warm-up steps,
+    /// clipping at 1.0, seed 0; METHODS.md §10): rows `<method>+lora`
+    /// (and `<method>+refit+lora`).
+    #[arg(long, value_parser = count)]
+    pub recover_steps: Option<usize>,
+    /// With --recover-steps: calibration windows per training step.
+    #[arg(long, default_value_t = 8, requires = "recover_steps", value_parser = count)]
+    pub recover_batch: usize,
     /// Output directory; rerunning into it resumes. An existing directory
     /// that is not a report (or holds an input) is refused, even with --force.
     #[arg(long)]
@@ -819,5 +829,16 @@ impl RecoverArgs {
             seed: self.seed,
             save_every: self.save_every as u64,
         }
+    }
+}
+
+impl ReportArgs {
+    /// The recovery of every model with --recover-steps: `recover`'s defaults.
+    pub fn recover_spec(&self) -> Option<RecoverSpec> {
+        self.recover_steps.map(|steps| RecoverSpec {
+            steps: steps as u64,
+            batch: self.recover_batch,
+            ..RecoverSpec::default()
+        })
     }
 }

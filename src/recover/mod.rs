@@ -34,6 +34,25 @@ pub struct RecoverSpec {
     pub save_every: u64,
 }
 
+impl Default for RecoverSpec {
+    /// METHODS.md section 10's defaults (150 steps of 8 sequences, r 8,
+    /// α 16, lr 2e-4, 10 warm-up steps, clipping at 1.0, kd, seed 0).
+    fn default() -> Self {
+        Self {
+            steps: 150,
+            batch: 8,
+            rank: 8,
+            alpha: 16.0,
+            lr: 2e-4,
+            warmup: 10,
+            max_grad_norm: Some(step::MAX_GRAD_NORM),
+            loss: RecoverLoss::Kd,
+            seed: 0,
+            save_every: 25,
+        }
+    }
+}
+
 impl RecoverSpec {
     /// The adapters' scale s = α / r.
     pub fn scale(&self) -> f32 {
@@ -77,7 +96,7 @@ pub struct RecoverData {
 }
 
 impl RecoverData {
-    fn windows(&self) -> usize {
+    pub fn windows(&self) -> usize {
         self.ids.len() / self.seq_len
     }
 
@@ -119,6 +138,61 @@ pub fn checkpoint_settings(
         "loss": spec.loss.name(),
         "seed": spec.seed,
     })
+}
+
+/// Where the training data and the teacher came from, for the record.
+pub struct RecordSources<'a> {
+    pub data_field: Option<&'a str>,
+    pub teacher: Option<&'a Path>,
+    pub teacher_digest: Option<&'a str>,
+    pub student_digest: &'a str,
+    pub backend: &'a str,
+}
+
+/// `pruning` (the student's pruning.json) with the `recovery` record of a
+/// finished run (METHODS.md §10); an earlier recovery moves to its
+/// `previous`.
+pub fn recovery_record(
+    pruning: &serde_json::Value,
+    spec: &RecoverSpec,
+    data: &RecoverData,
+    src: &RecordSources,
+    state: &TrainState<impl Backend>,
+    resumed_from: Option<u64>,
+    train_s: f64,
+) -> serde_json::Value {
+    let mut record = pruning.clone();
+    let previous = record.get("recovery").cloned();
+    record["recovery"] = serde_json::json!({
+        "method": "lora",
+        "loss": spec.loss.name(),
+        "steps": spec.steps,
+        "batch": spec.batch,
+        "seq_len": data.seq_len,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "lr": spec.lr,
+        "warmup": spec.warmup,
+        "max_grad_norm": spec.max_grad_norm,
+        "seed": spec.seed,
+        "adapted": crate::model::lora::Proj::ALL.map(|p| p.name()),
+        "teacher": src.teacher.map(|p| p.display().to_string()),
+        "teacher_digest": src.teacher_digest,
+        "student_digest": src.student_digest,
+        "data": {
+            "source": data.source.display().to_string(),
+            "field": src.data_field,
+            "digest": data.digest,
+            "windows": data.windows(),
+            "tokens_seen": spec.steps as usize * spec.batch * data.seq_len,
+        },
+        "losses": state.losses,
+        "resumed_from_step": resumed_from,
+        "train_s": train_s,
+        "backend": src.backend,
+        "previous": previous,
+    });
+    record
 }
 
 /// Checks that `teacher` can teach `student`: the same architecture,

@@ -39,33 +39,55 @@ impl Metric {
     }
 }
 
+/// Which model of a mask a pruned cell is: as cut, refitted (METHODS.md
+/// §9), recovered by LoRA distillation (§10), or refitted then recovered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub refit: bool,
+    pub recover: bool,
+}
+
+impl Variant {
+    /// The mask's export as cut.
+    pub const PLAIN: Variant = Variant {
+        refit: false,
+        recover: false,
+    };
+
+    /// What names and labels append: `+refit`, `+lora`, `+refit+lora`.
+    pub fn suffix(self) -> &'static str {
+        match (self.refit, self.recover) {
+            (false, false) => "",
+            (true, false) => "+refit",
+            (false, true) => "+lora",
+            (true, true) => "+refit+lora",
+        }
+    }
+}
+
 /// One unit of resumable work.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Cell {
     Stats,
     Dense(Metric),
-    /// A mask and its export; with `refit`, the refitted export of the
-    /// same mask (METHODS.md §9).
+    /// A mask and its model: the export as cut, or its `variant`.
     Prune {
         method: Method,
         sparsity: Sparsity,
-        refit: bool,
+        variant: Variant,
     },
     Pruned {
         method: Method,
         sparsity: Sparsity,
-        refit: bool,
+        variant: Variant,
         metric: Metric,
     },
 }
 
-/// The name of a pruned model in a report: `<method>-s<sparsity>`, with
-/// `+refit` for its refitted export.
-pub fn variant_name(method: Method, sparsity: Sparsity, refit: bool) -> String {
-    match refit {
-        true => format!("{}+refit", model_name(method, sparsity)),
-        false => model_name(method, sparsity),
-    }
+/// The name of a pruned model in a report: `<method>-s<sparsity>` and the
+/// variant's suffix.
+pub fn variant_name(method: Method, sparsity: Sparsity, variant: Variant) -> String {
+    format!("{}{}", model_name(method, sparsity), variant.suffix())
 }
 
 impl Cell {
@@ -77,16 +99,16 @@ impl Cell {
             Cell::Prune {
                 method,
                 sparsity,
-                refit,
-            } => format!("{}.prune", variant_name(method, sparsity, refit)),
+                variant,
+            } => format!("{}.prune", variant_name(method, sparsity, variant)),
             Cell::Pruned {
                 method,
                 sparsity,
-                refit,
+                variant,
                 metric,
             } => format!(
                 "{}.{}",
-                variant_name(method, sparsity, refit),
+                variant_name(method, sparsity, variant),
                 metric.name()
             ),
         }
@@ -94,7 +116,7 @@ impl Cell {
 }
 
 /// The inputs of a report, as recorded in `fingerprint.json`: sections
-/// `backend`, `model`, `calib`, `prune`, and `refit`, `ppl`, `gen`, `mc`,
+/// `backend`, `model`, `calib`, `prune`, and `refit`, `recover`, `ppl`, `gen`, `mc`,
 /// `prefill` when requested (absent otherwise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fingerprint(pub Value);
@@ -123,7 +145,7 @@ impl Fingerprint {
                 self.part("calib")
             ])
         };
-        let prune = |method: Method, sparsity: Sparsity, refit: bool| {
+        let prune = |method: Method, sparsity: Sparsity, variant: Variant| {
             let mask = json!([
                 "prune",
                 digest(&stats()),
@@ -131,9 +153,13 @@ impl Fingerprint {
                 method.name(),
                 sparsity
             ]);
-            match refit {
+            let model = match variant.refit {
                 true => json!([mask, "refit", self.part("refit")]),
                 false => mask,
+            };
+            match variant.recover {
+                true => json!([model, "recover", self.part("recover")]),
+                false => model,
             }
         };
         digest(&match *cell {
@@ -147,15 +173,15 @@ impl Fingerprint {
             Cell::Prune {
                 method,
                 sparsity,
-                refit,
-            } => prune(method, sparsity, refit),
+                variant,
+            } => prune(method, sparsity, variant),
             Cell::Pruned {
                 method,
                 sparsity,
-                refit,
+                variant,
                 metric,
             } => json!([
-                digest(&prune(method, sparsity, refit)),
+                digest(&prune(method, sparsity, variant)),
                 self.part(metric.name())
             ]),
         })
@@ -312,7 +338,10 @@ mod tests {
         let pruned = |refit, metric| Cell::Pruned {
             method: Method::Rku,
             sparsity: Sparsity::new(0.3).unwrap(),
-            refit,
+            variant: Variant {
+                refit,
+                recover: false,
+            },
             metric,
         };
         let rku = |metric| pruned(false, metric);
@@ -336,7 +365,7 @@ mod tests {
         let agf = Cell::Pruned {
             method: Method::Agf,
             sparsity: Sparsity::new(0.3).unwrap(),
-            refit: false,
+            variant: Variant::PLAIN,
             metric: Metric::Ppl,
         };
         assert_ne!(a.key(&rku(Metric::Ppl)), a.key(&agf));
@@ -353,6 +382,29 @@ mod tests {
         );
         assert_eq!(e.key(&rku(Metric::Ppl)), f.key(&rku(Metric::Ppl)));
         assert_eq!(pruned(true, Metric::Ppl).name(), "rku-s0.3+refit.ppl");
+        // The recovery settings move only the recovered cells.
+        let lora = |refit| Cell::Pruned {
+            method: Method::Rku,
+            sparsity: Sparsity::new(0.3).unwrap(),
+            variant: Variant {
+                refit,
+                recover: true,
+            },
+            metric: Metric::Ppl,
+        };
+        let mut g = e.clone();
+        g.0["recover"] = json!({"steps": 10});
+        let mut h = g.clone();
+        h.0["recover"]["steps"] = json!(20);
+        assert_eq!(
+            g.key(&pruned(true, Metric::Ppl)),
+            e.key(&pruned(true, Metric::Ppl))
+        );
+        assert_ne!(g.key(&lora(false)), h.key(&lora(false)));
+        assert_ne!(g.key(&lora(true)), h.key(&lora(true)));
+        assert_ne!(g.key(&lora(true)), g.key(&lora(false)));
+        assert_eq!(lora(true).name(), "rku-s0.3+refit+lora.ppl");
+        assert_eq!(lora(false).name(), "rku-s0.3+lora.ppl");
         assert_eq!(
             b.diff(&a.0),
             vec!["calib.digest: \"c1\" → \"c2\"".to_string()]

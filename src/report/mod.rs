@@ -12,7 +12,9 @@
 //!                       dense.<metric>, <method>-s<sparsity>.prune (the
 //!                       mask), <method>-s<sparsity>.<metric>; with --refit
 //!                       also <method>-s<sparsity>+refit.{prune,<metric>},
-//!                       the same mask refitted (METHODS.md §9)
+//!                       the same mask refitted (METHODS.md §9); with
+//!                       --recover-steps also +lora and +refit+lora, each
+//!                       of those recovered by LoRA-KD (METHODS.md §10)
 //! models/<method>-s<sparsity>/   a pruned model while it is evaluated
 //!                       (kept afterwards with --keep-models)
 //! records/*.jsonl       per-problem and per-item outputs of gen and mc
@@ -46,8 +48,10 @@ use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest};
 use crate::prune::pipeline::{check_stats_match, prune_model};
 use crate::prune::refit::RefitWindows;
 use crate::prune::{ColumnNorms, ExportLayout, Method, Objectives, PruneJob, Sparsity, Stats};
+use crate::recover::export::export_recovered;
+use crate::recover::{checkpoint_settings, recovery_record, train, RecordSources, RecoverData};
 use crate::{Error, Result};
-use cells::{variant_name, Cell, CellStore, Fingerprint, Metric, State};
+use cells::{variant_name, Cell, CellStore, Fingerprint, Metric, State, Variant};
 use data::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -165,12 +169,10 @@ struct Run<'a, B: Backend> {
     start: Instant,
 }
 
-/// A method's row label: its name, `+refit` for the refitted exports.
-fn variant_label(method: Method, refit: bool) -> String {
-    match refit {
-        true => format!("{}+refit", method.name()),
-        false => method.name().to_string(),
-    }
+/// A method's row label: its name and the variant's suffix (`+refit`,
+/// `+lora`, `+refit+lora`).
+fn variant_label(method: Method, variant: Variant) -> String {
+    format!("{}{}", method.name(), variant.suffix())
 }
 
 /// Runs (or resumes) the report; returns what `report.json` holds.
@@ -305,8 +307,8 @@ impl<B: Backend> Run<'_, B> {
         self.write_outputs()?;
         for &sparsity in &self.spec.sparsities {
             for &method in &self.spec.methods {
-                for refit in self.spec.variants() {
-                    self.model(method, sparsity, refit, &metrics)?;
+                for variant in self.spec.variants() {
+                    self.model(method, sparsity, variant, &metrics)?;
                 }
             }
         }
@@ -346,20 +348,20 @@ impl<B: Backend> Run<'_, B> {
     }
 
     /// The prune cell and the metrics of one method at one sparsity (the
-    /// refitted export of its mask with `refit`).
+    /// `variant` of its mask).
     fn model(
         &mut self,
         method: Method,
         sparsity: Sparsity,
-        refit: bool,
+        variant: Variant,
         metrics: &[Metric],
     ) -> Result<()> {
-        let name = variant_name(method, sparsity, refit);
+        let name = variant_name(method, sparsity, variant);
         let dir = self.spec.out.join("models").join(&name);
         let cell = |metric| Cell::Pruned {
             method,
             sparsity,
-            refit,
+            variant,
             metric,
         };
         let mut pending = Vec::new();
@@ -371,13 +373,13 @@ impl<B: Backend> Run<'_, B> {
         let prune = Cell::Prune {
             method,
             sparsity,
-            refit,
+            variant,
         };
         let kept = match self.value::<PrunedInfo>(&prune)? {
             Some(p) => p.kept,
             None => {
                 let t = Instant::now();
-                let p = self.export(method, sparsity, refit, &dir)?;
+                let p = self.export(method, sparsity, variant, &dir)?;
                 println(&format!(
                     "{name}: kept {} of {} FFN channels, {} -> {} parameters",
                     p.widths.iter().sum::<usize>(),
@@ -392,7 +394,7 @@ impl<B: Backend> Run<'_, B> {
         let on_disk = dir.join("pruning.json").exists() && read_kept(&dir)? == kept;
         if (!pending.is_empty() || self.spec.keep_models) && !on_disk {
             // The mask is recorded; the model is rebuilt from the statistics.
-            if self.export(method, sparsity, refit, &dir)?.kept != kept {
+            if self.export(method, sparsity, variant, &dir)?.kept != kept {
                 return Err(Error::Invalid(format!(
                     "pruning {name} again gave another mask than cells/{name}.prune.json \
                      records (were the statistics replaced?); pass --force after deleting that cell"
@@ -418,15 +420,19 @@ impl<B: Backend> Run<'_, B> {
         Ok(())
     }
 
-    /// Prunes the dense model into `dir` (replacing what is there), with
-    /// `refit` refitting it over the calibration windows.
+    /// Prunes the dense model into `dir` (replacing what is there), as
+    /// `variant` says: refitted over the calibration windows, and recovered
+    /// by LoRA distillation on them.
     fn export(
         &mut self,
         method: Method,
         sparsity: Sparsity,
-        refit: bool,
+        variant: Variant,
         dir: &Path,
     ) -> Result<PrunedInfo> {
+        if variant.recover {
+            return self.export_recovered(method, sparsity, variant, dir);
+        }
         let stats = match self.stats.take() {
             Some(s) => s,
             None => {
@@ -455,7 +461,7 @@ impl<B: Backend> Run<'_, B> {
             layout: ExportLayout::Compact,
             out: dir.to_path_buf(),
             force: true,
-            refit: self.spec.refit.filter(|_| refit),
+            refit: self.spec.refit.filter(|_| variant.refit),
         };
         let c = &self.spec.calib;
         let windows = job.refit.map(|_| RefitWindows {
@@ -482,6 +488,95 @@ impl<B: Backend> Run<'_, B> {
             params_before: r.params_before,
             params_after: r.params_after,
         })
+    }
+
+    /// `export` of a recovered variant: the model it starts from (as cut,
+    /// or refitted) is exported to `<dir>.student`, recovered from the
+    /// dense model on the calibration windows (METHODS.md §10) into `dir`,
+    /// and removed with its checkpoint.
+    fn export_recovered(
+        &mut self,
+        method: Method,
+        sparsity: Sparsity,
+        variant: Variant,
+        dir: &Path,
+    ) -> Result<PrunedInfo> {
+        let spec =
+            self.spec.recover.clone().ok_or_else(|| {
+                Error::Invalid("a recovered cell without recovery settings".into())
+            })?;
+        let sibling = |suffix: &str| {
+            let mut name = dir.file_name().unwrap_or_default().to_os_string();
+            name.push(suffix);
+            dir.with_file_name(name)
+        };
+        let (student_dir, ckpt) = (sibling(".student"), sibling(".checkpoint.safetensors"));
+        let base = Variant {
+            recover: false,
+            ..variant
+        };
+        let info = self.export(method, sparsity, base, &student_dir)?;
+        let student = Model::load_with(self.be, &student_dir, self.spec.load)?;
+        let c = &self.spec.calib;
+        let data = RecoverData {
+            ids: self.calib_ids.clone(),
+            seq_len: c.seq_len,
+            source: c.path.clone(),
+            digest: self.calib_digest.clone(),
+        };
+        let student_digest = model_digest(&student)?;
+        let teacher_digest = self.fp.0["model"]["digest"].as_str().map(str::to_string);
+        let settings =
+            checkpoint_settings(&spec, &data, &student_digest, teacher_digest.as_deref());
+        if ckpt.exists() {
+            // An interrupted cell starts over: its key, not the checkpoint, is the record.
+            std::fs::remove_file(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        }
+        let t = Instant::now();
+        let state = train(
+            self.be,
+            &student,
+            Some(&self.dense),
+            &spec,
+            &data,
+            &settings,
+            &ckpt,
+            None,
+        )?;
+        let pruning: Value = serde_json::from_slice(
+            &std::fs::read(student_dir.join("pruning.json"))
+                .map_err(|e| Error::io(&student_dir, e))?,
+        )
+        .map_err(|e| Error::format(&student_dir.join("pruning.json"), e.to_string()))?;
+        let sources = RecordSources {
+            data_field: c.field.as_deref(),
+            teacher: Some(&self.spec.model),
+            teacher_digest: teacher_digest.as_deref(),
+            student_digest: &student_digest,
+            backend: self.be.name(),
+        };
+        let record = recovery_record(
+            &pruning,
+            &spec,
+            &data,
+            &sources,
+            &state,
+            None,
+            t.elapsed().as_secs_f64(),
+        );
+        export_recovered(
+            self.be,
+            &student,
+            &state.adapters,
+            spec.scale(),
+            &record,
+            dir,
+            true,
+        )?;
+        drop(student);
+        std::fs::remove_dir_all(&student_dir).map_err(|e| Error::io(&student_dir, e))?;
+        std::fs::remove_file(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        Ok(info)
     }
 
     /// One metric of `model`; its value and a one-line summary.
@@ -576,21 +671,21 @@ impl<B: Backend> Run<'_, B> {
         for &sparsity in &self.spec.sparsities {
             let mut masks = Vec::new();
             for &method in &self.spec.methods {
-                for refit in self.spec.variants() {
+                for variant in self.spec.variants() {
                     let prune = Cell::Prune {
                         method,
                         sparsity,
-                        refit,
+                        variant,
                     };
                     let pruned = self.value::<PrunedInfo>(&prune)?;
                     let metric = |metric| Cell::Pruned {
                         method,
                         sparsity,
-                        refit,
+                        variant,
                         metric,
                     };
                     cells.push(CellReport {
-                        method: variant_label(method, refit),
+                        method: variant_label(method, variant),
                         sparsity: sparsity.get(),
                         size: pruned.as_ref().map(|p| Size {
                             widths: p.widths.clone(),
@@ -603,8 +698,8 @@ impl<B: Backend> Run<'_, B> {
                             None => None,
                         },
                     });
-                    // A refit keeps its mask: the IoU matrices list masks once.
-                    if let (Some(p), false) = (pruned, refit) {
+                    // A refit or recovery keeps its mask: the IoU matrices list masks once.
+                    if let (Some(p), true) = (pruned, variant == Variant::PLAIN) {
                         masks.push((method.name().to_string(), p.kept));
                     }
                 }
@@ -633,8 +728,8 @@ impl<B: Backend> Run<'_, B> {
                 .methods
                 .iter()
                 .flat_map(|&m| self.spec.variants().into_iter().map(move |r| (m, r)))
-                .map(|(m, refit)| MethodInfo {
-                    name: variant_label(m, refit),
+                .map(|(m, variant)| MethodInfo {
+                    name: variant_label(m, variant),
                     allocation: m.default_allocation().to_string(),
                 })
                 .collect(),

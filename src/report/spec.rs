@@ -1,7 +1,7 @@
 //! What a report is made from (`ReportSpec`), checked before anything
 //! loads, the cells it consists of, and the fingerprint of its inputs that
 //! keys every cell (`cells::Fingerprint`).
-use super::cells::{Cell, Fingerprint, Metric};
+use super::cells::{Cell, Fingerprint, Metric, Variant};
 use crate::eval::gen::GenArgs;
 use crate::eval::mc::McArgs;
 use crate::io::text::hex;
@@ -9,6 +9,7 @@ use crate::model::weights::LoadOptions;
 use crate::prune::calibrate::CalibSource;
 use crate::prune::refit::RefitSpec;
 use crate::prune::{Method, Objective, Objectives, Sparsity};
+use crate::recover::RecoverSpec;
 use crate::{Error, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -50,6 +51,10 @@ pub struct ReportSpec {
     /// Also export and evaluate every mask refitted (METHODS.md §9) over
     /// the calibration windows.
     pub refit: Option<RefitSpec>,
+    /// Also recover every model (as cut, and refitted with `refit`) by
+    /// LoRA distillation from the dense model (METHODS.md §10) on the
+    /// calibration windows.
+    pub recover: Option<RecoverSpec>,
     pub out: PathBuf,
     /// Keep every pruned model under models/ (else each is removed once evaluated).
     pub keep_models: bool,
@@ -88,6 +93,9 @@ impl ReportSpec {
         if self.align == 0 {
             return bad("--align must be at least 1".into());
         }
+        if let Some(r) = &self.recover {
+            r.check()?;
+        }
         Ok(())
     }
 
@@ -116,16 +124,16 @@ impl ReportSpec {
         );
         for &sparsity in &self.sparsities {
             for &method in &self.methods {
-                for refit in self.variants() {
+                for variant in self.variants() {
                     cells.push(Cell::Prune {
                         method,
                         sparsity,
-                        refit,
+                        variant,
                     });
                     cells.extend(metrics.iter().map(|&metric| Cell::Pruned {
                         method,
                         sparsity,
-                        refit,
+                        variant,
                         metric,
                     }));
                 }
@@ -134,12 +142,25 @@ impl ReportSpec {
         cells
     }
 
-    /// The exports of each mask: as cut, and refitted with `refit`.
-    pub(super) fn variants(&self) -> Vec<bool> {
-        match self.refit {
-            Some(_) => vec![false, true],
-            None => vec![false],
-        }
+    /// The models of each mask: as cut, refitted with `refit`, and each of
+    /// those recovered with `recover`.
+    pub(super) fn variants(&self) -> Vec<Variant> {
+        let refits: &[bool] = match self.refit {
+            Some(_) => &[false, true],
+            None => &[false],
+        };
+        let recovers: &[bool] = match self.recover {
+            Some(_) => &[false, true],
+            None => &[false],
+        };
+        refits
+            .iter()
+            .flat_map(|&refit| {
+                recovers
+                    .iter()
+                    .map(move |&recover| Variant { refit, recover })
+            })
+            .collect()
     }
 
     /// The objectives the methods' scores need (energy when none does:
@@ -206,6 +227,13 @@ pub(super) fn fingerprint(
     }
     if let Some(r) = spec.refit {
         v["refit"] = json!({"target": r.target, "bias": r.bias, "damp": r.damp});
+    }
+    if let Some(r) = &spec.recover {
+        v["recover"] = json!({
+            "steps": r.steps, "batch": r.batch, "rank": r.rank, "alpha": r.alpha, "lr": r.lr,
+            "warmup": r.warmup, "max_grad_norm": r.max_grad_norm, "loss": r.loss.name(),
+            "seed": r.seed,
+        });
     }
     if let Some(p) = spec.prefill {
         v["prefill"] = json!({"seq_len": p.seq_len, "repeats": p.repeats});

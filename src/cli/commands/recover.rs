@@ -10,7 +10,9 @@ use rku_engine::prune::calibrate::model_digest;
 use rku_engine::recover::checkpoint::{self, TrainState};
 use rku_engine::recover::export::export_recovered;
 use rku_engine::recover::step::{init_adapters, RecoverLoss};
-use rku_engine::recover::{check_teacher, checkpoint_settings, train, RecoverData};
+use rku_engine::recover::{
+    check_teacher, checkpoint_settings, recovery_record, train, RecordSources, RecoverData,
+};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -168,37 +170,22 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
     let train_s = t0.elapsed().as_secs_f64();
     let trained = spec.steps - resumed_from.unwrap_or(0);
     let tokens = trained as usize * spec.batch * a.seq_len;
-    let mut record = pruning.clone();
-    let previous = record.get("recovery").cloned();
-    record["recovery"] = serde_json::json!({
-        "method": "lora",
-        "loss": spec.loss.name(),
-        "steps": spec.steps,
-        "batch": spec.batch,
-        "seq_len": a.seq_len,
-        "rank": spec.rank,
-        "alpha": spec.alpha,
-        "lr": spec.lr,
-        "warmup": spec.warmup,
-        "max_grad_norm": spec.max_grad_norm,
-        "seed": spec.seed,
-        "adapted": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "teacher": a.teacher.as_ref().map(|p| p.display().to_string()),
-        "teacher_digest": teacher_digest,
-        "student_digest": student_digest,
-        "data": {
-            "source": a.data.display().to_string(),
-            "field": a.field,
-            "digest": data.digest,
-            "windows": n,
-            "tokens_seen": spec.steps as usize * spec.batch * a.seq_len,
-        },
-        "losses": state.losses,
-        "resumed_from_step": resumed_from,
-        "train_s": train_s,
-        "backend": be.name(),
-        "previous": previous,
-    });
+    let sources = RecordSources {
+        data_field: a.field.as_deref(),
+        teacher: a.teacher.as_deref(),
+        teacher_digest: teacher_digest.as_deref(),
+        student_digest: &student_digest,
+        backend: be.name(),
+    };
+    let record = recovery_record(
+        &pruning,
+        &spec,
+        &data,
+        &sources,
+        &state,
+        resumed_from,
+        train_s,
+    );
     let out = export_recovered(
         be,
         &student,

@@ -44,6 +44,7 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
             repeats: a.prefill_repeats,
         }),
         refit: a.refit.spec(),
+        recover: a.recover_spec(),
         out: a.out.clone(),
         keep_models: a.keep_models,
         force: a.force,
