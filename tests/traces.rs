@@ -459,3 +459,36 @@ fn the_command_runs_resumes_and_refuses_bad_input() {
     }
     assert!(!dir.join("y.jsonl").exists());
 }
+
+/// scripts/make-eval-data.py's calibration prompts are never evaluation
+/// questions (their generator seeds are disjoint, and the script drops any
+/// collision).
+#[test]
+fn calibration_prompts_are_not_evaluation_questions() {
+    let (Some(eval), Some(calib)) = (
+        asset("eval/gsm_symbolic.jsonl"),
+        asset("eval/gsm_symbolic_calibration.jsonl"),
+    ) else {
+        return;
+    };
+    let eval: std::collections::HashSet<String> = read_questions(&eval)
+        .unwrap()
+        .into_iter()
+        .map(|q| q.question)
+        .collect();
+    let calib = read_questions(&calib).unwrap();
+    assert!(!calib.is_empty());
+    for q in &calib {
+        assert!(
+            !eval.contains(&q.question),
+            "calibration line {} is an evaluation question: {:?}",
+            q.line,
+            q.question
+        );
+    }
+    println!(
+        "{} calibration prompts, {} evaluation questions, none shared",
+        calib.len(),
+        eval.len()
+    );
+}
