@@ -32,6 +32,7 @@ use super::weights::{LayerWeights, Model};
 use crate::backend::{Backend, CacheShape};
 use crate::io::text::Tokenizer;
 use crate::{Error, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -509,12 +510,24 @@ fn decode<B: Backend>(
     let mut slots: Vec<usize> = (0..prompts.len()).collect();
     let t1 = Instant::now();
     for step in 0.. {
+        // Sampled draws, one per row, in parallel (each is a sort over the
+        // vocabulary); every draw depends only on its own row and key.
+        let drawn: Vec<u32> = match sampler {
+            None => Vec::new(),
+            Some((sm, keys)) => slots
+                .par_iter()
+                .enumerate()
+                .map(|(row, &s)| {
+                    let pos = out[s].ids.len() as u64;
+                    sm.choose(&logits[row * vocab..(row + 1) * vocab], keys[s], pos)
+                })
+                .collect::<Result<_>>()?,
+        };
         for (row, &s) in slots.iter().enumerate() {
             let g = &mut out[s];
-            let row = &logits[row * vocab..(row + 1) * vocab];
             let id = match sampler {
-                None => argmax(row),
-                Some((sm, keys)) => sm.choose(row, keys[s], g.ids.len() as u64)?,
+                None => argmax(&logits[row * vocab..(row + 1) * vocab]),
+                Some(_) => drawn[row],
             };
             next[s] = id;
             if step > 0 {
