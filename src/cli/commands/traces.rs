@@ -32,7 +32,7 @@ pub fn run<B: Backend>(be: &B, a: &TracesArgs) -> Result<()> {
     args.force = a.force;
     let (r, _) = run_traces(be, &model, &tok, &args)?;
     println!(
-        "traces: {} written, {} in {} ({} prompts × {} samples, {}); decode {:.1} tokens/s, prefill {:.0} tokens/s",
+        "traces: {} written, {} in {} ({} prompts, {} per prompt, {}); decode {:.1} tokens/s, prefill {:.0} tokens/s",
         r.written,
         r.total,
         r.out.display(),
