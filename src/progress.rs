@@ -5,7 +5,7 @@
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// The terminal's bars; `None` when stderr is not a terminal.
@@ -34,6 +34,8 @@ pub struct Progress {
     len: u64,
     done: AtomicU64,
     start: Instant,
+    /// Shown after the counts (e.g. a throughput), set by [`Progress::note`].
+    note: Mutex<String>,
 }
 
 impl Progress {
@@ -42,12 +44,12 @@ impl Progress {
             let b = m.add(ProgressBar::new(len));
             b.set_style(
                 ProgressStyle::with_template(
-                    "{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta})",
+                    "{prefix:>12} [{bar:40}] {pos}/{len} ({elapsed} < {eta}) {msg}",
                 )
                 .expect("valid template")
                 .progress_chars("=> "),
             );
-            b.set_message(label.to_string());
+            b.set_prefix(label.to_string());
             b
         });
         Self {
@@ -56,6 +58,15 @@ impl Progress {
             len,
             done: AtomicU64::new(0),
             start: Instant::now(),
+            note: Mutex::new(String::new()),
+        }
+    }
+
+    /// Text shown after the counts from now on (e.g. "812 tokens/s").
+    pub fn note(&self, text: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(text.to_string()),
+            None => *self.note.lock().unwrap_or_else(|e| e.into_inner()) = text.to_string(),
         }
     }
 
@@ -69,8 +80,14 @@ impl Progress {
                 if before / step != after / step || after == self.len {
                     let secs = self.start.elapsed().as_secs_f64();
                     let eta = secs / after.max(1) as f64 * (self.len.saturating_sub(after)) as f64;
+                    let note = self.note.lock().unwrap_or_else(|e| e.into_inner());
+                    let note = if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {note}")
+                    };
                     eprintln!(
-                        "{}: {after}/{} ({secs:.1}s elapsed, ~{eta:.0}s left)",
+                        "{}: {after}/{} ({secs:.1}s elapsed, ~{eta:.0}s left{note})",
                         self.label, self.len
                     );
                 }

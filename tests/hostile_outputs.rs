@@ -1,6 +1,6 @@
 //! Outputs under hostile conditions (docs/DESIGN.md §10), through the
 //! binary: every command that writes (score, prune, import, stats merge,
-//! eval gen, eval mc; report where it applies) × planted symbolic links,
+//! eval gen, eval mc, traces; report where it applies) × planted symbolic links,
 //! `--out` naming an input, `--force` over foreign and earlier outputs, and
 //! leftovers of killed runs. Every case checks the exit status, that the
 //! message names the path (and the flag), and that nothing outside the
@@ -134,15 +134,17 @@ enum Cmd {
     Merge,
     Gen,
     Mc,
+    Traces,
 }
 
-const ALL: [Cmd; 6] = [
+const ALL: [Cmd; 7] = [
     Cmd::Score,
     Cmd::Prune,
     Cmd::Import,
     Cmd::Merge,
     Cmd::Gen,
     Cmd::Mc,
+    Cmd::Traces,
 ];
 
 impl Cmd {
@@ -159,6 +161,7 @@ impl Cmd {
             Cmd::Prune | Cmd::Import => "model",
             Cmd::Gen => "gen",
             Cmd::Mc => "mc",
+            Cmd::Traces => "traces",
         }
     }
 
@@ -166,7 +169,7 @@ impl Cmd {
     fn out(self, w: &World, tag: &str) -> PathBuf {
         let ext = match self {
             Cmd::Score | Cmd::Merge => ".safetensors",
-            Cmd::Gen | Cmd::Mc => ".jsonl",
+            Cmd::Gen | Cmd::Mc | Cmd::Traces => ".jsonl",
             Cmd::Prune | Cmd::Import => "",
         };
         w.work.join(format!("{self:?}-{tag}{ext}").to_lowercase())
@@ -214,6 +217,17 @@ impl Cmd {
                     .args(["--limit", "1"]);
                 c
             }
+            Cmd::Traces => {
+                let mut c = bin();
+                c.args(["traces", "--backend", "cpu", "--model"])
+                    .arg(&w.model)
+                    .arg("--prompts")
+                    .arg(&w.gen)
+                    .arg("--shots-file")
+                    .arg(&w.shots)
+                    .args(["--shots", "1", "--limit", "1", "--max-new-tokens", "2"]);
+                c
+            }
         };
         c.arg("--out").arg(out);
         if force {
@@ -239,6 +253,10 @@ impl Cmd {
                 &[&w.gen, &w.shots, &w.model.join("tokenizer.json")],
             ),
             Cmd::Mc => with(model(), &[&w.mc]),
+            Cmd::Traces => with(
+                model(),
+                &[&w.gen, &w.shots, &w.model.join("tokenizer.json")],
+            ),
         }
     }
 }
@@ -527,10 +545,17 @@ fn force_replaces_earlier_outputs_of_its_kind_and_nothing_else() {
         })
         .collect();
     for cmd in ALL {
-        // Its own earlier output: replaced with --force only.
+        // Its own earlier output: replaced with --force only (traces
+        // resume theirs instead, and are refused when the settings differ).
         let (_, own) = earlier.iter().find(|(c, _)| *c == cmd).unwrap();
-        let e = refused(&w, &mut cmd.command(&w, own, false));
-        says(&e, &[&shown(own), "already exists", "--force"]);
+        if cmd == Cmd::Traces {
+            written(&w, &mut cmd.command(&w, own, false), own, &[]);
+            let e = refused(&w, cmd.command(&w, own, false).args(["--temperature", "1"]));
+            says(&e, &[&shown(own), "cannot be resumed", "--force"]);
+        } else {
+            let e = refused(&w, &mut cmd.command(&w, own, false));
+            says(&e, &[&shown(own), "already exists", "--force"]);
+        }
         written(&w, &mut cmd.command(&w, own, true), own, &[]);
         // Another kind's output, a foreign directory and a foreign file.
         let foreign_dir = cmd.out(&w, "foreign-dir");

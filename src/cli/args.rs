@@ -59,6 +59,10 @@ pub enum Cmd {
     /// distillation from the dense model (or cross-entropy), merged into a
     /// new model directory. Checkpointed; an interrupted run resumes with --resume.
     Recover(Box<RecoverArgs>),
+    /// Let the model answer prompts and keep its generations (traces) as
+    /// jsonl records: greedy, or seeded temperature / top-p sampling with K
+    /// samples per prompt. Resumable: rerun to add the missing traces.
+    Traces(Box<TracesArgs>),
 }
 
 #[derive(Subcommand)]
@@ -146,6 +150,24 @@ pub fn positive_finite(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         Ok(v) => Err(format!("{v} is not a finite number > 0")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// A finite number ≥ 0.
+pub fn non_negative_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number ≥ 0")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
+/// A probability mass in (0, 1].
+pub fn mass(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not in (0, 1]")),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
@@ -741,6 +763,75 @@ pub struct BenchPrefillArgs {
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `traces` (METHODS.md §11).
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+rku-engine traces --model assets/models/smollm2 --prompts calib.jsonl --chat --out traces.jsonl\n  \
+rku-engine traces --model assets/models/smollm2 --prompts calib.jsonl --chat \\\n    \
+--samples-per-prompt 4 --temperature 0.7 --top-p 0.95 --seed 1 --out traces-t07.jsonl\n\n\
+One jsonl record per (prompt, sample): prompt_index, sample, question, prompt_ids, generated_ids, \
+text, prompt_tokens, generated_tokens, finish, answer, gold, correct, tokenizer_digest, sampling. \
+Rerunning the same command into an existing --out generates only the missing traces (the file is \
+rewritten atomically every 30 s and at the end); other settings are refused unless --force.")]
+pub struct TracesArgs {
+    /// HF model directory that answers.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Prompts: jsonl with a string `question` per row and optionally an
+    /// `answer` (a solution ending "#### N", or a number), as `eval gen` reads.
+    #[arg(long, value_parser = existing_file)]
+    pub prompts: PathBuf,
+    /// Prompt with the model's chat template (tokenizer_config.json) instead of plain "Question: ... Answer:".
+    #[arg(long)]
+    pub chat: bool,
+    /// Few-shot examples per prompt: the first K rows of --prompts (which then
+    /// get no traces) unless --shots-file. Shots need answers.
+    #[arg(long, default_value_t = 0)]
+    pub shots: usize,
+    /// Take the shots from this jsonl instead of the first rows of --prompts.
+    #[arg(long, value_parser = existing_file)]
+    pub shots_file: Option<PathBuf>,
+    /// Traces per prompt (K). K = 1 without --temperature is greedy; otherwise sampled.
+    #[arg(long, default_value_t = 1, value_parser = count)]
+    pub samples_per_prompt: usize,
+    /// Sampling temperature: logits / T before the softmax; 0 is greedy.
+    /// Default 1 when --samples-per-prompt > 1.
+    #[arg(long, allow_hyphen_values = true, value_parser = non_negative_finite)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling: draw from the most probable tokens whose mass
+    /// reaches P, in (0, 1]; default 1 (every token).
+    #[arg(long, allow_hyphen_values = true, value_parser = mass)]
+    pub top_p: Option<f64>,
+    /// Seed of the sampling (default 0). Each draw depends only on (seed,
+    /// prompt index, sample index, position), not on --batch.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Most tokens generated per trace (decoding also stops at EOS and the stop strings).
+    #[arg(long, default_value_t = 512, value_parser = tokens)]
+    pub max_new_tokens: usize,
+    /// Traces for at most the first N prompts (after held-out shots).
+    #[arg(long, value_parser = count)]
+    pub limit: Option<usize>,
+    /// Sequences decoded together (the traces do not depend on it).
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub batch: usize,
+    /// Output jsonl, one record per trace. An existing traces file written
+    /// with the same settings is resumed: only missing traces are generated.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start --out over when it cannot be resumed (a traces file of other
+    /// settings, or an empty file); never replaces another kind of file or an input.
+    #[arg(long)]
+    pub force: bool,
+    /// End the output with the summary as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub decode_weights: DecodeWeightArgs,
     #[command(flatten)]
     pub common: Common,
 }

@@ -51,6 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Plan(a) => plan::run(&a),
         Cmd::Report(a) => with_backend!(a.common.backend, |be| report::run(&be, &a)),
         Cmd::Recover(a) => with_backend!(a.common.backend, |be| recover::run(&be, &a)),
+        Cmd::Traces(a) => with_backend!(a.common.backend, |be| traces::run(&be, &a)),
         Cmd::Eval(EvalCmd::Ppl(a)) => with_backend!(a.common.backend, |be| eval::ppl(&be, &a)),
         Cmd::Eval(EvalCmd::Gen(a)) => with_backend!(a.common.backend, |be| eval::gen(&be, &a)),
         Cmd::Eval(EvalCmd::Mc(a)) => with_backend!(a.common.backend, |be| eval::mc(&be, &a)),

@@ -43,8 +43,42 @@ pub struct Problem {
     pub gold: String,
 }
 
-/// Reads problems from jsonl (see the module doc); errors name file and line.
-pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
+/// A row of a problems file whose answer may be absent (the prompts of
+/// `traces`, METHODS.md §11).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Question {
+    /// 1-based line in the file.
+    pub line: usize,
+    pub question: String,
+    pub answer: Option<String>,
+    /// Canonical gold number, when there is an answer.
+    pub gold: Option<String>,
+}
+
+impl Question {
+    /// As a [`Problem`] (a shot or an evaluated row), which needs the answer.
+    pub fn into_problem(self, path: &Path) -> Result<Problem> {
+        match (self.answer, self.gold) {
+            (Some(answer), Some(gold)) => Ok(Problem {
+                question: self.question,
+                answer,
+                gold,
+            }),
+            _ => Err(Error::format(
+                path,
+                format!(
+                    "line {}: no field `answer` (a string or a number)",
+                    self.line
+                ),
+            )),
+        }
+    }
+}
+
+/// Reads the rows of a problems file (see the module doc), each with a
+/// string `question` and, when present and not null, an `answer` that
+/// holds a single gold number; errors name file and line.
+pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     let mut out = Vec::new();
     for (line, v) in jsonl_rows(path)? {
         let bad = |msg: String| Error::format(path, format!("line {line}: {msg}"));
@@ -54,16 +88,21 @@ pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
             .ok_or_else(|| bad("no string field `question`".into()))?
             .to_string();
         let answer = match v.get("answer") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(bad("no field `answer` (a string or a number)".into())),
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(_) => return Err(bad("field `answer` is not a string or a number".into())),
         };
-        let gold = gold_answer(&answer).ok_or_else(|| {
-            bad(format!(
-                "answer {answer:?} holds no single gold number (after \"####\")"
-            ))
-        })?;
-        out.push(Problem {
+        let gold = match &answer {
+            None => None,
+            Some(a) => Some(gold_answer(a).ok_or_else(|| {
+                bad(format!(
+                    "answer {a:?} holds no single gold number (after \"####\")"
+                ))
+            })?),
+        };
+        out.push(Question {
+            line,
             question,
             answer,
             gold,
@@ -73,6 +112,42 @@ pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
         return Err(Error::format(path, "no problems"));
     }
     Ok(out)
+}
+
+/// Reads problems from jsonl (see the module doc): [`read_questions`]
+/// with an answer on every row; errors name file and line.
+pub fn read_problems(path: &Path) -> Result<Vec<Problem>> {
+    read_questions(path)?
+        .into_iter()
+        .map(|q| q.into_problem(path))
+        .collect()
+}
+
+/// The few-shot examples: the first `k` rows of `shots_file`, or else
+/// the first `k` of `rows` (read from `data`), which are then removed from
+/// it. Returns the shots and the index in `data` of the first row left.
+pub fn take_shots(
+    rows: &mut Vec<Question>,
+    data: &Path,
+    k: usize,
+    shots_file: Option<&Path>,
+) -> Result<(Vec<Problem>, usize)> {
+    let (shots, first) = match shots_file {
+        Some(f) => (read_problems(f)?.into_iter().take(k).collect::<Vec<_>>(), 0),
+        None => (
+            rows.drain(..k.min(rows.len()))
+                .map(|q| q.into_problem(data))
+                .collect::<Result<_>>()?,
+            k,
+        ),
+    };
+    if shots.len() < k {
+        return Err(Error::Invalid(format!(
+            "{k} shots requested, {} available",
+            shots.len()
+        )));
+    }
+    Ok((shots, first))
 }
 
 /// How prompts are laid out.
@@ -115,6 +190,36 @@ pub fn plain_prompt(shots: &[Problem], question: &str) -> String {
     }
     s.push_str(&format!("Question: {}\nAnswer:", question.trim()));
     s
+}
+
+/// The prompt text of each question: plain, or the model's chat template
+/// (`model_dir`), after `shots`.
+pub fn build_prompts<'a>(
+    model_dir: &Path,
+    format: PromptFormat,
+    shots: &[Problem],
+    questions: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<String>> {
+    let chat = match format {
+        PromptFormat::Chat => Some(ChatTemplate::load(model_dir)?),
+        PromptFormat::Plain => None,
+    };
+    questions
+        .into_iter()
+        .map(|q| match &chat {
+            Some(c) => c.prompt(shots, q),
+            None => Ok(plain_prompt(shots, q)),
+        })
+        .collect()
+}
+
+/// The stop strings of a prompt format (module doc).
+pub fn default_stop(format: PromptFormat) -> Vec<String> {
+    let s: &[&str] = match format {
+        PromptFormat::Plain => &["Question:", "</s>", "<|im_end|>"],
+        PromptFormat::Chat => &["<|im_end|>", "</s>", "<|eot_id|>"],
+    };
+    s.iter().map(|x| x.to_string()).collect()
 }
 
 /// A `tokenizer_config.json` token entry: a string or `{"content": ...}`.
@@ -383,27 +488,17 @@ pub fn evaluate_gen<B: Backend>(
         output::check(out, GEN_RECORDS, args.force)?;
     }
     let start = Instant::now();
-    let mut problems = read_problems(&args.data)?;
-    let (shots, first) = match &args.shots_file {
-        Some(f) => (
-            read_problems(f)?
-                .into_iter()
-                .take(args.shots)
-                .collect::<Vec<_>>(),
-            0,
-        ),
-        None => (
-            problems.drain(..args.shots.min(problems.len())).collect(),
-            args.shots,
-        ),
-    };
-    if shots.len() < args.shots {
-        return Err(Error::Invalid(format!(
-            "{} shots requested, {} available",
-            args.shots,
-            shots.len()
-        )));
-    }
+    let mut rows = read_questions(&args.data)?;
+    let (shots, first) = take_shots(
+        &mut rows,
+        &args.data,
+        args.shots,
+        args.shots_file.as_deref(),
+    )?;
+    let mut problems: Vec<Problem> = rows
+        .into_iter()
+        .map(|q| q.into_problem(&args.data))
+        .collect::<Result<_>>()?;
     problems.truncate(args.limit.unwrap_or(usize::MAX));
     if problems.is_empty() {
         return Err(Error::Invalid(format!(
@@ -411,28 +506,16 @@ pub fn evaluate_gen<B: Backend>(
             args.data.display()
         )));
     }
-    let chat = match args.format {
-        PromptFormat::Chat => Some(ChatTemplate::load(&model.dir)?),
-        PromptFormat::Plain => None,
-    };
-    let prompts: Vec<String> = problems
-        .iter()
-        .map(|p| match &chat {
-            Some(c) => c.prompt(&shots, &p.question),
-            None => Ok(plain_prompt(&shots, &p.question)),
-        })
-        .collect::<Result<_>>()?;
+    let questions = problems.iter().map(|p| p.question.as_str());
+    let prompts = build_prompts(&model.dir, args.format, &shots, questions)?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| tok.encode(p))
         .collect::<Result<_>>()?;
-    let stop = args.stop.clone().unwrap_or_else(|| {
-        let s: &[&str] = match args.format {
-            PromptFormat::Plain => &["Question:", "</s>", "<|im_end|>"],
-            PromptFormat::Chat => &["<|im_end|>", "</s>", "<|eot_id|>"],
-        };
-        s.iter().map(|x| x.to_string()).collect()
-    });
+    let stop = args
+        .stop
+        .clone()
+        .unwrap_or_else(|| default_stop(args.format));
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         eos_ids: eos_ids(model, tok)?,

@@ -1,5 +1,6 @@
 //! Measuring what pruning did: perplexity, reasoning accuracy (generation),
-//! multiple choice, the overlap of prunings, and speed (prefill, throughput).
+//! multiple choice, the overlap of prunings, and speed (prefill, throughput);
+//! and the model's own answers kept as traces (`traces`).
 pub mod answer;
 pub mod gen;
 pub mod iou;
@@ -7,3 +8,4 @@ pub mod mc;
 pub mod ppl;
 pub mod prefill;
 pub mod throughput;
+pub mod traces;

@@ -21,12 +21,18 @@
 //!
 //! `retain` drops finished sequences from the batch. `generate` is greedy
 //! decoding on top: argmax of the logits (lowest id on ties), stopping at
-//! EOS ids, stop strings or a token budget.
+//! EOS ids, stop strings or a token budget. `generate_sampled` is the same
+//! loop drawing each token by temperature / top-p sampling instead
+//! (METHODS.md §11): every draw's uniform number comes from a counter-based
+//! hash of (seed, prompt, sample, position), never from a generator
+//! advanced in batch order, so a sequence's tokens do not depend on which
+//! sequences share its batch.
 use super::forward::check_ids;
 use super::weights::{LayerWeights, Model};
 use crate::backend::{Backend, CacheShape};
 use crate::io::text::Tokenizer;
 use crate::{Error, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -266,6 +272,109 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Temperature / top-p sampling (METHODS.md §11).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Sampling {
+    /// Logits are divided by it before the softmax; 0 is greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus: the smallest set of most probable tokens whose mass is at
+    /// least this, in (0, 1]; 1 keeps every token.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// Which random stream a sequence draws from: its prompt and sample index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamKey {
+    pub prompt: u64,
+    pub sample: u64,
+}
+
+/// SplitMix64's output function of `x` (Steele, Lea & Flood 2014): add the
+/// golden gamma, then two xor-shift-multiply rounds and a final xor-shift.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The uniform number in [0, 1) of the draw at `position` (0 for a
+/// sequence's first generated token) of stream `key` under `seed`:
+/// h = sm(sm(sm(sm(seed) ^ prompt) ^ sample) ^ position) with sm =
+/// [`splitmix64`], u = (h >> 11) / 2^53.
+pub fn uniform(seed: u64, key: StreamKey, position: u64) -> f64 {
+    let h = splitmix64(seed) ^ key.prompt;
+    let h = splitmix64(splitmix64(splitmix64(h) ^ key.sample) ^ position);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Sampling {
+    /// Errs unless the temperature is finite and ≥ 0 and top-p in (0, 1].
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "temperature {} is not a finite number ≥ 0",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Invalid(format!(
+                "top-p {} is not in (0, 1]",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+
+    /// The token drawn from `logits` at `position` of stream `key`.
+    /// Temperature 0 is [`argmax`]. Otherwise, in f64: weights
+    /// w_i = exp((l_i − max l) / T), so the most probable token weighs
+    /// exactly 1 and a tiny T leaves it alone; the tokens with w_i > 0
+    /// sorted by weight descending, equal weights by id ascending; the kept
+    /// prefix is the shortest whose running sum (in that order) reaches
+    /// top_p · the sum of all; with u = [`uniform`] · the kept sum, the
+    /// first kept token whose running sum exceeds u (the last kept one if
+    /// rounding leaves none).
+    pub fn choose(&self, logits: &[f32], key: StreamKey, position: u64) -> Result<u32> {
+        if self.temperature == 0.0 {
+            return Ok(argmax(logits));
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() || logits.iter().any(|l| l.is_nan()) {
+            return Err(Error::Invalid(format!(
+                "sampling from non-finite logits (largest {max})"
+            )));
+        }
+        let (max, t) = (max as f64, self.temperature);
+        let mut w: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
+            .filter(|&(_, w)| w > 0.0)
+            .collect();
+        w.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: f64 = w.iter().map(|x| x.1).sum();
+        let (mut kept, mut mass) = (0, 0.0);
+        for &(_, x) in &w {
+            mass += x;
+            kept += 1;
+            if mass >= self.top_p * total {
+                break;
+            }
+        }
+        let u = uniform(self.seed, key, position) * mass;
+        let mut run = 0.0;
+        for &(id, x) in &w[..kept] {
+            run += x;
+            if u < run {
+                return Ok(id);
+            }
+        }
+        Ok(w[kept - 1].0)
+    }
+}
+
 /// When greedy decoding stops.
 #[derive(Clone, Debug, Default)]
 pub struct GenerateOptions {
@@ -339,6 +448,41 @@ pub fn generate<B: Backend>(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> Result<(Vec<Generation>, DecodeStats)> {
+    decode(be, model, tok, prompts, opts, None)
+}
+
+/// [`generate`] with every token drawn by `sampling` ([`Sampling::choose`]):
+/// prompt s draws from stream `keys[s]`, its t-th generated token at
+/// position t, so its continuation is the same whatever shares its batch.
+pub fn generate_sampled<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    sampling: &Sampling,
+    keys: &[StreamKey],
+) -> Result<(Vec<Generation>, DecodeStats)> {
+    sampling.check()?;
+    if keys.len() != prompts.len() {
+        return Err(Error::Invalid(format!(
+            "{} stream keys for {} prompts",
+            keys.len(),
+            prompts.len()
+        )));
+    }
+    decode(be, model, tok, prompts, opts, Some((sampling, keys)))
+}
+
+/// The loop of [`generate`] (`sampler` `None`: greedy) and [`generate_sampled`].
+fn decode<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    sampler: Option<(&Sampling, &[StreamKey])>,
+) -> Result<(Vec<Generation>, DecodeStats)> {
     let mut out: Vec<Generation> = prompts
         .iter()
         .map(|_| Generation {
@@ -366,9 +510,25 @@ pub fn generate<B: Backend>(
     let mut slots: Vec<usize> = (0..prompts.len()).collect();
     let t1 = Instant::now();
     for step in 0.. {
+        // Sampled draws, one per row, in parallel (each is a sort over the
+        // vocabulary); every draw depends only on its own row and key.
+        let drawn: Vec<u32> = match sampler {
+            None => Vec::new(),
+            Some((sm, keys)) => slots
+                .par_iter()
+                .enumerate()
+                .map(|(row, &s)| {
+                    let pos = out[s].ids.len() as u64;
+                    sm.choose(&logits[row * vocab..(row + 1) * vocab], keys[s], pos)
+                })
+                .collect::<Result<_>>()?,
+        };
         for (row, &s) in slots.iter().enumerate() {
             let g = &mut out[s];
-            let id = argmax(&logits[row * vocab..(row + 1) * vocab]);
+            let id = match sampler {
+                None => argmax(&logits[row * vocab..(row + 1) * vocab]),
+                Some(_) => drawn[row],
+            };
             next[s] = id;
             if step > 0 {
                 stats.decode_tokens += 1;
@@ -406,4 +566,88 @@ pub fn generate<B: Backend>(
     }
     stats.decode_s = t1.elapsed().as_secs_f64();
     Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: StreamKey = StreamKey {
+        prompt: 3,
+        sample: 1,
+    };
+
+    fn sampling(temperature: f64, top_p: f64) -> Sampling {
+        Sampling {
+            temperature,
+            top_p,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn uniforms_are_in_range_and_depend_on_every_coordinate() {
+        let u = uniform(7, KEY, 0);
+        assert!((0.0..1.0).contains(&u));
+        for other in [
+            uniform(8, KEY, 0),
+            uniform(7, StreamKey { prompt: 4, ..KEY }, 0),
+            uniform(7, StreamKey { sample: 0, ..KEY }, 0),
+            uniform(7, KEY, 1),
+        ] {
+            assert_ne!(u, other);
+        }
+        // The reference values of splitmix64 (seed 0 state sequence).
+        assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn zero_and_tiny_temperatures_are_greedy() {
+        let logits = [0.5f32, 2.0, 2.0, -1.0, 1.9999];
+        for pos in 0..50 {
+            assert_eq!(sampling(0.0, 1.0).choose(&logits, KEY, pos).unwrap(), 1);
+            // An exact tie is split; a gap of 1e-4 is not.
+            let id = sampling(1e-6, 1.0).choose(&logits, KEY, pos).unwrap();
+            assert!(id == 1 || id == 2, "{id}");
+        }
+        let logits = [0.5f32, 2.0, 1.5, -1.0];
+        for pos in 0..50 {
+            assert_eq!(sampling(1e-6, 1.0).choose(&logits, KEY, pos).unwrap(), 1);
+            assert_eq!(sampling(1.0, 1e-9).choose(&logits, KEY, pos).unwrap(), 1);
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_nucleus_distribution() {
+        // Probabilities 0.5, 0.3, 0.2 (logits = ln p); top-p 0.75 keeps the
+        // first two, renormalised to 0.625 / 0.375.
+        let logits: Vec<f32> = [0.5f64, 0.3, 0.2].iter().map(|p| p.ln() as f32).collect();
+        let n = 20_000;
+        let mut count = [0usize; 3];
+        for pos in 0..n {
+            count[sampling(1.0, 0.75).choose(&logits, KEY, pos).unwrap() as usize] += 1;
+        }
+        assert_eq!(count[2], 0);
+        let f0 = count[0] as f64 / n as f64;
+        assert!((f0 - 0.625).abs() < 0.015, "{count:?}");
+        let mut count = [0usize; 3];
+        for pos in 0..n {
+            count[sampling(1.0, 1.0).choose(&logits, KEY, pos).unwrap() as usize] += 1;
+        }
+        for (c, p) in count.iter().zip([0.5, 0.3, 0.2]) {
+            assert!((*c as f64 / n as f64 - p).abs() < 0.015, "{count:?}");
+        }
+    }
+
+    #[test]
+    fn bad_settings_and_logits_are_errors() {
+        assert!(sampling(-1.0, 1.0).check().is_err());
+        assert!(sampling(f64::NAN, 1.0).check().is_err());
+        assert!(sampling(1.0, 0.0).check().is_err());
+        assert!(sampling(1.0, 1.5).check().is_err());
+        assert!(sampling(1.0, 1.0).choose(&[1.0, f32::NAN], KEY, 0).is_err());
+        assert!(sampling(1.0, 1.0)
+            .choose(&[f32::NEG_INFINITY; 2], KEY, 0)
+            .is_err());
+    }
 }

@@ -10,3 +10,4 @@ pub mod recover;
 pub mod report;
 pub mod score;
 pub mod stats;
+pub mod traces;
