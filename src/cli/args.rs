@@ -91,6 +91,9 @@ pub enum BenchCmd {
     Decode(BenchDecodeArgs),
     /// Prefill time of a dense and a pruned model, timed alternately; the speedup.
     Prefill(BenchPrefillArgs),
+    /// LoRA-KD training throughput (METHODS.md §10): the model as its own
+    /// teacher, adapters on every projection (tokens/s).
+    Recover(BenchRecoverArgs),
 }
 
 /// Which device computes.
@@ -716,6 +719,30 @@ pub struct BenchScoreArgs {
     /// Sequences scored after one warm-up sequence.
     #[arg(long, default_value_t = 4, value_parser = count)]
     pub samples: usize,
+    /// End the output with one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args)]
+pub struct BenchRecoverArgs {
+    /// HF model directory.
+    #[arg(long, value_parser = existing_dir)]
+    pub model: PathBuf,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256, value_parser = seq_len)]
+    pub seq_len: usize,
+    /// Steps timed after one warm-up step.
+    #[arg(long, default_value_t = 3, value_parser = count)]
+    pub steps: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub lora_rank: usize,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,

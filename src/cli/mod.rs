@@ -64,6 +64,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Decode(a)) => {
             with_backend!(a.common.backend, |be| bench::decode(&be, &a))
         }
+        Cmd::Bench(BenchCmd::Recover(a)) => {
+            with_backend!(a.common.backend, |be| bench::recover(&be, &a))
+        }
         Cmd::Bench(BenchCmd::Prefill(a)) => {
             with_backend!(a.common.backend, |be| bench::prefill(&be, &a))
         }

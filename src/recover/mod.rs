@@ -330,3 +330,79 @@ pub fn train<B: Backend>(
     bar.finish();
     Ok(state)
 }
+
+/// What `bench recover` measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecoverBench {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Times `steps` LoRA-KD training steps (METHODS.md section 10: loss and
+/// adapter gradients, clipping, AdamW) of `batch` × `seq_len` synthetic
+/// tokens after one warm-up step, the model being its own teacher (the
+/// teacher's forward runs without the adapters, as in a real run).
+pub fn bench_recover<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    rank: usize,
+) -> Result<RecoverBench> {
+    let spec = RecoverSpec {
+        rank,
+        alpha: 2.0 * rank as f64,
+        ..RecoverSpec::default()
+    };
+    let geo = Geometry {
+        seqs: batch,
+        t: seq_len,
+    };
+    let ids = crate::model::forward::synthetic_ids(geo.rows(), model.cfg.vocab);
+    let mut adapters = init_adapters(be, &model.cfg, rank, 0)?;
+    let mut grads = adapters.zeros_like(be)?;
+    let (mut m, mut v) = (adapters.zeros_like(be)?, adapters.zeros_like(be)?);
+    let mut one = |t: u64| -> Result<()> {
+        grads.zero(be)?;
+        let scale = spec.scale();
+        loss_and_grads(
+            be,
+            model,
+            Some(model),
+            (&adapters, scale),
+            &mut grads,
+            &ids,
+            geo,
+            RecoverLoss::Kd,
+        )?;
+        clip_and_update(
+            be,
+            &mut adapters,
+            &grads,
+            (&mut m, &mut v),
+            spec.lr,
+            spec.max_grad_norm,
+            t,
+        )?;
+        Ok(())
+    };
+    one(1)?;
+    let start = Instant::now();
+    for t in 0..steps as u64 {
+        one(t + 2)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(RecoverBench {
+        batch,
+        seq_len,
+        rank,
+        steps,
+        seconds,
+        tokens_per_s: (steps * geo.rows()) as f64 / seconds,
+    })
+}

@@ -1,11 +1,14 @@
 //! `rku-engine bench forward|score|decode|prefill`: throughput on synthetic ids.
-use crate::cli::args::{BenchDecodeArgs, BenchForwardArgs, BenchPrefillArgs, BenchScoreArgs};
+use crate::cli::args::{
+    BenchDecodeArgs, BenchForwardArgs, BenchPrefillArgs, BenchRecoverArgs, BenchScoreArgs,
+};
 use crate::cli::load_model;
 use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::prefill::bench_prefill;
 use rku_engine::eval::throughput::{bench_decode, bench_forward};
 use rku_engine::prune::calibrate::bench_score;
+use rku_engine::recover::bench_recover;
 
 pub fn forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
@@ -33,6 +36,19 @@ pub fn score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
     println!(
         "score (energy, forward + backward + statistics): {} x {} tokens in {:.2}s: {:.0} tokens/s",
         r.samples, r.seq_len, r.seconds, r.tokens_per_s
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+pub fn recover<B: Backend>(be: &B, a: &BenchRecoverArgs) -> Result<()> {
+    let model = load_model(be, &a.model, &a.common, None)?;
+    let r = bench_recover(be, &model, a.batch, a.seq_len, a.steps, a.lora_rank)?;
+    println!(
+        "recover (LoRA-KD rank {}, batch {} x {} tokens): {} steps in {:.2}s: {:.0} tokens/s",
+        r.rank, r.batch, r.seq_len, r.steps, r.seconds, r.tokens_per_s
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
