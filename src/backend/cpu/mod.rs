@@ -469,17 +469,3 @@ pub fn host_kl_div(
         z, w, zt, wt, counted, d, vocab, scale, want_grad, 1,
     ))
 }
-
-/// INTERIM: the CPU's AdamW for the CUDA backend's host path.
-pub fn host_adamw(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    n: usize,
-    step: AdamwStep,
-) -> Result<()> {
-    let _ = n;
-    optim::adamw(p, g, m, v, step);
-    Ok(())
-}

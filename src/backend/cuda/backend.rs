@@ -701,12 +701,12 @@ impl<D: Device> Backend for CudaBackend<D> {
     }
 
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> Result<f64> {
-        // INTERIM host path, replaced by a kernel.
-        let h = x.download(&self.dev)?;
-        let h = h
-            .get(..n)
-            .ok_or_else(|| self.err(format!("sum_squares: {n} values of {}", h.len())))?;
-        Ok(h.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        if x.len() < n {
+            return Err(self.err(format!("sum_squares: {n} values of {}", x.len())));
+        }
+        let part = DevBuf::alloc(&self.dev, k::sum_squares_blocks(n))?;
+        k::sum_squares(&self.dev, x, &part, n)?;
+        Ok(part.download(&self.dev)?.iter().sum())
     }
 
     fn adamw(
@@ -718,18 +718,12 @@ impl<D: Device> Backend for CudaBackend<D> {
         n: usize,
         step: AdamwStep,
     ) -> Result<()> {
-        // INTERIM host path, replaced by kernels/adamw.cu.
-        let dev = &self.dev;
-        let (mut ph, gh, mut mh, mut vh) = (
-            p.download(dev)?,
-            g.download(dev)?,
-            m.download(dev)?,
-            v.download(dev)?,
-        );
-        crate::backend::cpu::host_adamw(&mut ph, &gh, &mut mh, &mut vh, n, step)?;
-        p.write(dev, &ph)?;
-        m.write(dev, &mh)?;
-        v.write(dev, &vh)
+        if [p.len(), g.len(), m.len(), v.len()].iter().any(|&l| l != n) {
+            return Err(self.err(format!(
+                "adamw: parameter, gradient and moments must all hold {n} values"
+            )));
+        }
+        k::adamw(&self.dev, p, g, m, v, n, step)
     }
 
     fn gather_rows(

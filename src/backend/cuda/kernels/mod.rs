@@ -10,6 +10,7 @@ use super::buf::{DevBuf, Elem};
 use super::device::{Args, Device, LaunchCfg};
 use crate::{Error, Result};
 
+mod adamw;
 mod add;
 mod attention;
 mod attention_decode;
@@ -23,6 +24,7 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 
+pub use adamw::{adamw, sum_squares, sum_squares_blocks};
 pub use add::{add, add_bias};
 pub use attention::{attention_bwd, attention_fwd};
 pub use attention_decode::{attention_cached, decode_split};
