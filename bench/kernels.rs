@@ -6,16 +6,19 @@
 //! one Qwen2.5-7B layer's shapes.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
+use rku_engine::backend::cuda::backend::CE_CHUNK;
 use rku_engine::backend::cuda::{kernels as k, DevBuf, Device, EmuDevice, GpuDevice};
-use rku_engine::backend::{AttnShape, CacheShape};
+use rku_engine::backend::{AdamwStep, AttnShape, CacheShape};
 use std::time::Duration;
 
-/// Shapes of one run: FFN rows × width, hidden size, attention, and
-/// KV-cache decoding with `cached` positions already in every sequence.
+/// Shapes of one run: FFN rows × width, hidden size, vocabulary chunk of
+/// the losses, attention, and KV-cache decoding with `cached` positions
+/// already in every sequence.
 struct Shapes {
     rows: usize,
     m: usize,
     d: usize,
+    vc: usize,
     attn: AttnShape,
     cache: CacheShape,
     cached: usize,
@@ -88,6 +91,63 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             dev.synchronize().unwrap()
         })
     });
+    // The distillation KL over one vocabulary chunk of every row, all rows counted.
+    let (ls, lt) = (filled(dev, s.rows * s.vc), filled(dev, s.rows * s.vc));
+    let counted = DevBuf::<D, u32>::upload(dev, &vec![1; s.rows]).unwrap();
+    let (m_s, m_t) = (filled(dev, s.rows), filled(dev, s.rows));
+    let (s_s, s_t, acc) = (
+        DevBuf::<D, f32>::upload(dev, &vec![1.0; s.rows]).unwrap(),
+        DevBuf::<D, f32>::upload(dev, &vec![1.0; s.rows]).unwrap(),
+        filled(dev, s.rows),
+    );
+    let st = k::KlStats {
+        m_s: &m_s,
+        s_s: &s_s,
+        m_t: &m_t,
+        s_t: &s_t,
+        a: &acc,
+    };
+    g.throughput(Throughput::BytesDecimal((2 * 4 * s.rows * s.vc) as u64));
+    g.bench_function(BenchmarkId::new("kl_stats_f32", s.rows * s.vc), |it| {
+        it.iter(|| {
+            k::kl_stats(dev, &ls, &lt, &counted, &st, s.rows, s.vc).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    // In place: every iteration turns the student chunk's values into p_s − p_t.
+    g.throughput(Throughput::BytesDecimal((3 * 4 * s.rows * s.vc) as u64));
+    g.bench_function(BenchmarkId::new("kl_grad_f32", s.rows * s.vc), |it| {
+        it.iter(|| {
+            k::kl_grad(dev, &ls, &lt, &counted, &st, s.rows, s.vc, 1.0).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    // The optimiser over rows·m parameters: p = h, g = a, m = b (all finite).
+    let step = AdamwStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 10,
+        grad_scale: 1.0,
+    };
+    let vmom = DevBuf::<D, f32>::upload(dev, &vec![1e-3; n]).unwrap();
+    g.throughput(Throughput::BytesDecimal(7 * 4 * n as u64));
+    g.bench_function(BenchmarkId::new("adamw_f32", n), |it| {
+        it.iter(|| {
+            k::adamw(dev, &h, &a, &b, &vmom, n, step).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
+    let sq_part = DevBuf::<D, f64>::alloc(dev, k::sum_squares_blocks(n)).unwrap();
+    g.throughput(Throughput::BytesDecimal(4 * n as u64));
+    g.bench_function(BenchmarkId::new("sum_squares_f32", n), |it| {
+        it.iter(|| {
+            k::sum_squares(dev, &a, &sq_part, n).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
     let at = s.attn;
     let (q_len, kv_len) = (
         at.seqs * at.t * at.heads * at.head_dim,
@@ -146,6 +206,7 @@ fn kernels(c: &mut Criterion) {
         rows: 16,
         m: 1000,
         d: 300,
+        vc: 1000,
         attn: AttnShape {
             seqs: 1,
             t: 64,
@@ -170,6 +231,7 @@ fn kernels(c: &mut Criterion) {
                 rows: 2048,
                 m: 18944,
                 d: 3584,
+                vc: CE_CHUNK,
                 attn: AttnShape {
                     seqs: 1,
                     t: 2048,

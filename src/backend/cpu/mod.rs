@@ -449,37 +449,3 @@ pub(crate) fn test_values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
-
-/// INTERIM: the CPU's KL for the CUDA backend's host path.
-#[allow(clippy::too_many_arguments)]
-pub fn host_kl_div(
-    z: &[f32],
-    w: &[f32],
-    zt: &[f32],
-    wt: &[f32],
-    counted: &[bool],
-    rows: usize,
-    d: usize,
-    vocab: usize,
-    scale: f32,
-    want_grad: bool,
-) -> Result<(f64, usize, Option<Vec<f32>>)> {
-    let _ = rows;
-    Ok(loss::kl_div(
-        z, w, zt, wt, counted, d, vocab, scale, want_grad, 1,
-    ))
-}
-
-/// INTERIM: the CPU's AdamW for the CUDA backend's host path.
-pub fn host_adamw(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    n: usize,
-    step: AdamwStep,
-) -> Result<()> {
-    let _ = n;
-    optim::adamw(p, g, m, v, step);
-    Ok(())
-}

@@ -14,8 +14,9 @@ use crate::backend::{
 };
 use crate::{Error, Result};
 
-/// Vocabulary entries per cross-entropy chunk by default: at 2048 rows the
-/// chunk's f32 logits take 64 MiB.
+/// Vocabulary entries per chunk of the losses (cross-entropy, distillation
+/// KL) by default: at 2048 rows the chunk's f32 logits take 64 MiB (the KL
+/// holds the teacher's too).
 pub const CE_CHUNK: usize = 8192;
 
 /// The CUDA backend over device `D`.
@@ -31,7 +32,7 @@ impl<D: Device> CudaBackend<D> {
             ce_chunk: CE_CHUNK,
         }
     }
-    /// Sets the cross-entropy vocabulary chunk (at least 1).
+    /// Sets the losses' vocabulary chunk (at least 1): cross-entropy and KL.
     pub fn with_ce_chunk(mut self, chunk: usize) -> Self {
         self.ce_chunk = chunk.max(1);
         self
@@ -100,6 +101,52 @@ impl<D: Device> CudaBackend<D> {
         };
         // SAFETY: operand extents checked above.
         unsafe { self.dev.gemm(&g) }
+    }
+
+    /// `dz[rows, d] += dl[rows, vc] · W[v0..v0+vc, d]`, the gradient of a
+    /// vocabulary chunk's logits carried back to z (cross-entropy, KL): `dl`
+    /// (f32) rounded to bf16, then in cuBLAS's column-major terms
+    /// `dzᵀ[d, rows] += (W_chunk as [d, vc]) · dlᵀ[vc, rows]`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_dlogits_w(
+        &self,
+        dl: &DevBuf<D, f32>,
+        w: &DevBuf<D, bf16>,
+        v0: usize,
+        dz: &DevBuf<D, f32>,
+        rows: usize,
+        d: usize,
+        vc: usize,
+    ) -> Result<()> {
+        if w.len() < (v0 + vc) * d || dz.len() < rows * d {
+            return Err(self.err("logits gradient: operand sizes do not match the shape"));
+        }
+        let dev = &self.dev;
+        let dlb = self.to_bf16(dl, rows * vc)?;
+        let g = Gemm {
+            trans_a: false,
+            trans_b: false,
+            m: d,
+            n: rows,
+            k: vc,
+            alpha: 1.0,
+            a: w.addr(dev) + 2 * (v0 * d) as u64,
+            lda: d,
+            stride_a: 0,
+            b: dlb.addr(dev),
+            ldb: vc,
+            stride_b: 0,
+            beta: 1.0,
+            c: dz.addr(dev),
+            ldc: d,
+            stride_c: 0,
+            batch: 1,
+            ab: GemmType::Bf16,
+        };
+        // SAFETY: the chunk lies inside w (checked above); dlb holds rows·vc
+        // (`to_bf16` checked dl), dz rows·d.
+        unsafe { dev.gemm(&g) }?;
+        dev.synchronize() // `dlb` is freed on return
     }
 
     /// `gather_rows`/`gather_cols` (by `axis`): the arguments checked,
@@ -600,31 +647,7 @@ impl<D: Device> Backend for CudaBackend<D> {
             let vc = chunk.min(vocab - v0);
             self.matmul_wt(&zb, lm_head, v0 * d, &logits, rows, d, vc, vc)?;
             k::ce_grad(dev, &logits, &tg, &m, &s, rows, vc, v0, scale)?;
-            let dl = self.to_bf16(&logits, rows * vc)?;
-            // dzᵀ[d, rows] += (W_chunk as [d, vc]) · dlᵀ[vc, rows], column-major.
-            let g = Gemm {
-                trans_a: false,
-                trans_b: false,
-                m: d,
-                n: rows,
-                k: vc,
-                alpha: 1.0,
-                a: lm_head.addr(dev) + 2 * (v0 * d) as u64,
-                lda: d,
-                stride_a: 0,
-                b: dl.addr(dev),
-                ldb: vc,
-                stride_b: 0,
-                beta: 1.0,
-                c: dz.addr(dev),
-                ldc: d,
-                stride_c: 0,
-                batch: 1,
-                ab: GemmType::Bf16,
-            };
-            // SAFETY: the chunk lies inside lm_head [vocab, d]; dl holds rows·vc.
-            unsafe { dev.gemm(&g) }?;
-            dev.synchronize()?; // `dl` is freed at the end of the iteration
+            self.add_dlogits_w(&logits, lm_head, v0, &dz, rows, d, vc)?;
         }
         Ok((nll, count, Some(dz)))
     }
@@ -642,33 +665,76 @@ impl<D: Device> Backend for CudaBackend<D> {
         scale: f32,
         want_grad: bool,
     ) -> Result<(f64, usize, Option<Self::Buf>)> {
-        // INTERIM host path, replaced by kernels/kl_div.cu.
-        let wide = |w: &DevBuf<D, bf16>| -> Result<Vec<f32>> {
-            Ok(w.download(&self.dev)?.iter().map(|v| v.to_f32()).collect())
+        let n = rows * d;
+        if counted.len() != rows
+            || z.len() != n
+            || z_teacher.len() != n
+            || lm_head.len() != vocab * d
+            || lm_head_teacher.len() != vocab * d
+        {
+            return Err(
+                self.err("kl_div: z, the lm_heads or the row mask do not match rows, d, vocab")
+            );
+        }
+        let dev = &self.dev;
+        let (zb, ztb) = (self.to_bf16(z, n)?, self.to_bf16(z_teacher, n)?);
+        let flags: Vec<u32> = counted.iter().map(|&c| c as u32).collect();
+        let flags = DevBuf::upload(dev, &flags)?;
+        let neg_inf = vec![f32::NEG_INFINITY; rows];
+        let (m_s, m_t) = (
+            DevBuf::upload(dev, &neg_inf)?,
+            DevBuf::upload(dev, &neg_inf)?,
+        );
+        let (s_s, s_t, a) = (
+            DevBuf::zeros(dev, rows)?,
+            DevBuf::zeros(dev, rows)?,
+            DevBuf::zeros(dev, rows)?,
+        );
+        let st = k::KlStats {
+            m_s: &m_s,
+            s_s: &s_s,
+            m_t: &m_t,
+            s_t: &s_t,
+            a: &a,
         };
-        let round = |x: &Self::Buf| -> Result<Vec<f32>> {
-            Ok(x.download(&self.dev)?
-                .iter()
-                .map(|&v| bf16::from_f32(v).to_f32())
-                .collect())
+        let chunk = self.ce_chunk.min(vocab.max(1));
+        let (logits, teacher) = (
+            DevBuf::alloc(dev, rows * chunk)?,
+            DevBuf::alloc(dev, rows * chunk)?,
+        );
+        // Both chunks' logits: ls = z·W_chunkᵀ, lt = z_t·W_t,chunkᵀ.
+        let both = |v0: usize, vc: usize| -> Result<()> {
+            self.matmul_wt(&zb, lm_head, v0 * d, &logits, rows, d, vc, vc)?;
+            self.matmul_wt(&ztb, lm_head_teacher, v0 * d, &teacher, rows, d, vc, vc)
         };
-        let (sum, n, dz) = crate::backend::cpu::host_kl_div(
-            &round(z)?,
-            &wide(lm_head)?,
-            &round(z_teacher)?,
-            &wide(lm_head_teacher)?,
-            counted,
-            rows,
-            d,
-            vocab,
-            scale,
-            want_grad,
-        )?;
-        let dz = match dz {
-            Some(v) => Some(DevBuf::upload(&self.dev, &v)?),
-            None => None,
-        };
-        Ok((sum, n, dz))
+        // Pass 1: running log-sum-exps of both and a, chunk by chunk.
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            both(v0, vc)?;
+            k::kl_stats(dev, &logits, &teacher, &flags, &st, rows, vc)?;
+        }
+        let (msh, ssh) = (m_s.download(dev)?, s_s.download(dev)?);
+        let (mth, sth, ah) = (m_t.download(dev)?, s_t.download(dev)?, a.download(dev)?);
+        // KL_r = a/s_t − (m_t + log s_t) + (m_s + log s_s) (kernels/kl_div.cu).
+        let (mut kl, mut count) = (0f64, 0usize);
+        for r in (0..rows).filter(|&r| counted[r]) {
+            let lse_t = mth[r] as f64 + (sth[r] as f64).ln();
+            let lse_s = msh[r] as f64 + (ssh[r] as f64).ln();
+            kl += ah[r] as f64 / sth[r] as f64 - lse_t + lse_s;
+            count += 1;
+        }
+        if !want_grad {
+            return Ok((kl, count, None));
+        }
+        // Pass 2: dz = Σ_chunks dlogits · W_chunk, dlogits = scale·(p_s − p_t).
+        let dz = DevBuf::zeros(dev, n)?;
+        for v0 in (0..vocab).step_by(chunk) {
+            let vc = chunk.min(vocab - v0);
+            both(v0, vc)?;
+            k::kl_grad(dev, &logits, &teacher, &flags, &st, rows, vc, scale)?;
+            self.add_dlogits_w(&logits, lm_head, v0, &dz, rows, d, vc)?;
+        }
+        Ok((kl, count, Some(dz)))
     }
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, mm: MatMul) -> Result<()> {
@@ -701,12 +767,12 @@ impl<D: Device> Backend for CudaBackend<D> {
     }
 
     fn sum_squares(&self, x: &Self::Buf, n: usize) -> Result<f64> {
-        // INTERIM host path, replaced by a kernel.
-        let h = x.download(&self.dev)?;
-        let h = h
-            .get(..n)
-            .ok_or_else(|| self.err(format!("sum_squares: {n} values of {}", h.len())))?;
-        Ok(h.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        if x.len() < n {
+            return Err(self.err(format!("sum_squares: {n} values of {}", x.len())));
+        }
+        let part = DevBuf::alloc(&self.dev, k::sum_squares_blocks(n))?;
+        k::sum_squares(&self.dev, x, &part, n)?;
+        Ok(part.download(&self.dev)?.iter().sum())
     }
 
     fn adamw(
@@ -718,18 +784,12 @@ impl<D: Device> Backend for CudaBackend<D> {
         n: usize,
         step: AdamwStep,
     ) -> Result<()> {
-        // INTERIM host path, replaced by kernels/adamw.cu.
-        let dev = &self.dev;
-        let (mut ph, gh, mut mh, mut vh) = (
-            p.download(dev)?,
-            g.download(dev)?,
-            m.download(dev)?,
-            v.download(dev)?,
-        );
-        crate::backend::cpu::host_adamw(&mut ph, &gh, &mut mh, &mut vh, n, step)?;
-        p.write(dev, &ph)?;
-        m.write(dev, &mh)?;
-        v.write(dev, &vh)
+        if [p.len(), g.len(), m.len(), v.len()].iter().any(|&l| l != n) {
+            return Err(self.err(format!(
+                "adamw: parameter, gradient and moments must all hold {n} values"
+            )));
+        }
+        k::adamw(&self.dev, p, g, m, v, n, step)
     }
 
     fn gather_rows(

@@ -10,6 +10,7 @@ use super::buf::{DevBuf, Elem};
 use super::device::{Args, Device, LaunchCfg};
 use crate::{Error, Result};
 
+mod adamw;
 mod add;
 mod attention;
 mod attention_decode;
@@ -19,10 +20,12 @@ mod compact;
 mod cross_entropy;
 mod embedding;
 mod energy;
+mod kl_div;
 mod rmsnorm;
 mod rope;
 mod swiglu;
 
+pub use adamw::{adamw, sum_squares, sum_squares_blocks};
 pub use add::{add, add_bias};
 pub use attention::{attention_bwd, attention_fwd};
 pub use attention_decode::{attention_cached, decode_split};
@@ -32,6 +35,7 @@ pub use compact::{compact_cols, compact_cols_widen, compact_rows, Word};
 pub use cross_entropy::{ce_grad, ce_stats};
 pub use embedding::embedding;
 pub use energy::{energy_bwd, energy_fwd};
+pub use kl_div::{kl_grad, kl_stats, KlStats};
 pub use rmsnorm::{rmsnorm_bwd, rmsnorm_fwd};
 pub use rope::rope;
 pub use swiglu::{swiglu_bwd, swiglu_fwd};
