@@ -3,10 +3,11 @@
 //     exactly the CPU's operations (src/backend/cpu/optim.rs), each rounded
 //     to f32 on its own (the _rn intrinsics keep nvcc from fusing them into
 //     FMAs, so the GPU gives the CPU's bits):
-//       g ← grad_scale·g;  p ← p·(1 − lr·wd);  m ← m + (1 − β1)·(g − m);
+//       g ← grad_scale·g;  p ← p·decay;  m ← m + (1 − β1)·(g − m);
 //       v ← v·β2 + ((1 − β2)·g)·g;  p ← p − step_size·(m / (√v / bc2_sqrt + ε)),
-//     step_size = lr/(1 − β1^t) and bc2_sqrt = √(1 − β2^t) formed on the host
-//     (`AdamwStep::corrections`).
+//     every scalar formed on the host in f64 and rounded to f32, as PyTorch
+//     forms them (`AdamwStep::scalars`): decay = 1 − lr·wd, 1 − β1, 1 − β2,
+//     step_size = lr/(1 − β1^t), bc2_sqrt = √(1 − β2^t).
 //   sum_squares_f32: part[b] = Σ x_i² (f64) over the i block b visits of a
 //     grid-stride walk; the host sums part (the gradient norm of the clipping).
 // Launch: 1-D grid-stride, block 256 (sum_squares: at most 1024 blocks, one
@@ -17,11 +18,8 @@
 #include "common.cuh"
 
 extern "C" __global__ void adamw_f32(float *__restrict__ p, const float *__restrict__ g, float *__restrict__ m,
-                                     float *__restrict__ v, long long n, float lr, float beta1, float beta2,
-                                     float eps, float weight_decay, float grad_scale, float step_size,
-                                     float bc2_sqrt) {
-    const float decay = __fsub_rn(1.f, __fmul_rn(lr, weight_decay));
-    const float one_b1 = __fsub_rn(1.f, beta1), one_b2 = __fsub_rn(1.f, beta2);
+                                     float *__restrict__ v, long long n, float decay, float one_b1, float beta2,
+                                     float one_b2, float eps, float grad_scale, float step_size, float bc2_sqrt) {
     GRID_STRIDE(i, n) {
         const float gi = __fmul_rn(g[i], grad_scale);
         const float pi = __fmul_rn(p[i], decay);

@@ -13,8 +13,8 @@ pub fn sum_squares_blocks(n: usize) -> usize {
 }
 
 /// adamw.cu `adamw_f32`: one AdamW update of `p[..n]` in place from `g`,
-/// moments `m`, `v` updated in place, the bias corrections from
-/// `AdamwStep::corrections`.
+/// moments `m`, `v` updated in place, with the f32 scalars of
+/// `AdamwStep::scalars`.
 pub fn adamw<D: Device>(
     dev: &D,
     p: &DevBuf<D, f32>,
@@ -24,21 +24,21 @@ pub fn adamw<D: Device>(
     n: usize,
     s: AdamwStep,
 ) -> Result<()> {
-    let (step_size, bc2_sqrt) = s.corrections();
+    let k = s.scalars();
     Launch::new(dev)
         .buf(p, n, "adamw p")
         .buf(g, n, "adamw g")
         .buf(m, n, "adamw m")
         .buf(v, n, "adamw v")
         .i64(n)
-        .f32(s.lr)
-        .f32(s.beta1)
-        .f32(s.beta2)
-        .f32(s.eps)
-        .f32(s.weight_decay)
-        .f32(s.grad_scale)
-        .f32(step_size)
-        .f32(bc2_sqrt)
+        .f32(k.decay)
+        .f32(k.one_minus_beta1)
+        .f32(k.beta2)
+        .f32(k.one_minus_beta2)
+        .f32(k.eps)
+        .f32(k.grad_scale)
+        .f32(k.step_size)
+        .f32(k.bc2_sqrt)
         .run("adamw_f32", LaunchCfg::elementwise(n))
 }
 
