@@ -11,6 +11,14 @@ Measures, in one run on the same machine, model, tokens and thread count:
              (ggml_blocks.safetensors), which dequantise to exactly the f32
              weights transformers reads
   decode_f32 - the same with rku-engine reading the f32 weights (--no-ggml-blocks)
+  recover  - one LoRA-KD training step (METHODS.md section 10) at batch
+             --recover-batch x --seq-len tokens: rank-8 adapters on every
+             projection, the model as its own teacher (adapters off for the
+             teacher's forward), KL of the next-token distributions, backward
+             to the adapters only, clipping, AdamW (tokens/s over
+             --recover-steps steps after one warm-up step, and peak RSS);
+             PyTorch runs the same adapters as forward hooks on
+             transformers' own Linear modules
 Each side runs in its own child process so peak RSS is measured per side
 (os.wait4's ru_maxrss). torch/transformers are needed only here, never in CI.
 
@@ -62,6 +70,8 @@ def torch_worker(args):
             t1, tn = gen(1), gen(n + 1)
         print(json.dumps({"seconds": tn - t1, "tokens_per_s": n / (tn - t1)}))
         return
+    if args.torch_worker == "recover":
+        return torch_recover(args, model, torch)
     if args.torch_worker == "forward":
         with torch.no_grad():
             model(ids)
@@ -113,6 +123,51 @@ def torch_worker(args):
     print(json.dumps({"seconds": dt, "tokens_per_s": n / dt}))
 
 
+def torch_recover(args, model, torch):
+    import torch.nn.functional as F
+
+    r, alpha = 8, 16.0
+    scale = alpha / r
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    params, enabled = [], [True]
+
+    def add_adapter(lin):
+        a = torch.nn.Parameter(torch.randn(r, lin.in_features, generator=g) / lin.in_features ** 0.5)
+        b = torch.nn.Parameter(torch.zeros(lin.out_features, r))
+        params.extend([a, b])
+        lin.register_forward_hook(lambda _m, inp, out: out + scale * (inp[0] @ a.t()) @ b.t() if enabled[0] else out)
+
+    for layer in model.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        for lin in [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]:
+            add_adapter(lin)
+    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    B, T, vocab = args.recover_batch, args.seq_len, model.config.vocab_size
+    ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(B * T)]]).view(B, T)
+
+    def step():
+        enabled[0] = False
+        with torch.no_grad():
+            teacher = model(ids).logits[:, :-1].float()
+        enabled[0] = True
+        student = model(ids).logits[:, :-1].float()
+        loss = F.kl_div(F.log_softmax(student, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    step()  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.recover_steps):
+        step()
+    dt = time.perf_counter() - t
+    print(json.dumps({"seconds": dt, "tokens_per_s": args.recover_steps * B * T / dt}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -122,8 +177,10 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="sequences scored (score benchmark)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed (decode benchmark)")
-    ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32"])
-    ap.add_argument("--torch-worker", choices=["forward", "score", "decode"], help=argparse.SUPPRESS)
+    ap.add_argument("--recover-batch", type=int, default=8, help="sequences per step (recover benchmark)")
+    ap.add_argument("--recover-steps", type=int, default=2, help="steps timed (recover benchmark)")
+    ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32", "recover"])
+    ap.add_argument("--torch-worker", choices=["forward", "score", "decode", "recover"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_worker:
         return torch_worker(args)
@@ -131,11 +188,12 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
           "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads),
-          "--new-tokens", str(args.new_tokens)]
+          "--new-tokens", str(args.new_tokens), "--recover-batch", str(args.recover_batch),
+          "--recover-steps", str(args.recover_steps)]
     results = {}
     if not os.path.exists(os.path.join(args.model, "ggml_blocks.safetensors")):
         print(f"note: {args.model} has no ggml_blocks.safetensors: decode reads the f32 weights too")
-    for kind in ["forward", "score", "decode", "decode_f32"]:
+    for kind in ["forward", "score", "decode", "decode_f32", "recover"]:
         if args.only and args.only != kind:
             continue
         if kind == "forward":
@@ -146,6 +204,10 @@ def main():
                         "--new-tokens", str(args.new_tokens), "--backend", "cpu", "--json"]
             if kind == "decode_f32":
                 ours_cmd.append("--no-ggml-blocks")
+        elif kind == "recover":
+            ours_cmd = [args.bin, "bench", "recover", "--model", args.model, "--seq-len", str(args.seq_len),
+                        "--batch", str(args.recover_batch), "--steps", str(args.recover_steps),
+                        "--backend", "cpu", "--json"]
         else:
             ours_cmd = [args.bin, "bench", "score", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--samples", str(args.samples), "--backend", "cpu", "--json"]

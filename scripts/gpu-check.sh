@@ -19,7 +19,10 @@
 #   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
 #      from the cpu statistics: its time split (layer passes, normal
 #      equations, solves) and the per-layer reconstruction errors against
-#      the cpu refit's.
+#      the cpu refit's;
+#   5. LoRA-KD recovery (METHODS.md §10): `bench recover` (one training step
+#      at batch 8 × 256, cpu and cuda) and 4 steps of `recover` of the 40%
+#      model from the dense one, cuda against cpu (each step's loss).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "$1")
@@ -109,6 +112,21 @@ worst = max(abs(g["err_refit"] - c["err_refit"]) / c["err_zeroed"] for r in recs
 print(f"  refitted error, cuda vs cpu: worst {worst:.2e} of the zeroed error")
 print(f"  cuda --stream equals cuda: {recs[1] == recs[2]}")
 sys.exit(0 if worst <= 2e-2 and recs[1] == recs[2] else 1)
+PY
+    echo "== 5. $l: LoRA-KD recovery (bench recover, then 4 steps cpu vs cuda)"
+    for b in cpu cuda; do
+        "$RKU" bench recover --model "$m" --batch 8 --seq-len 256 --steps 2 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
+    done
+    for b in cpu cuda; do
+        "$RKU" recover --model "$OUT/$l-refit-cpu" --teacher "$m" --data "$calib" --steps 4 --batch 2 \
+            --seq-len "$t" --backend "$b" --out "$OUT/$l-lora-$b" --force 2>&1 | tail -1 || { echo "  (failed)"; ok=1; }
+    done
+    python3 - "$OUT/$l-lora-cpu" "$OUT/$l-lora-cuda" <<'PY' || ok=1
+import json, sys
+cpu, cuda = (json.load(open(f"{d}/pruning.json"))["recovery"]["losses"] for d in sys.argv[1:])
+worst = max(abs(g - c) / abs(c) for g, c in zip(cuda, cpu))
+print(f"  kd loss per step, cuda vs cpu: worst {worst:.2e} relative ({cpu} / {cuda})")
+sys.exit(0 if worst <= 2e-2 else 1)
 PY
     return $ok
 }

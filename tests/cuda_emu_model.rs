@@ -38,6 +38,8 @@ use safetensors::{Dtype, SafeTensors};
 /// rtol of the logits and of the statistics (see the top of the file).
 const RTOL_LOGITS: f64 = 1e-2;
 const RTOL_STATS: f64 = 2e-2;
+/// ‖Δ‖/‖want‖ of an adapter gradient tensor (see `recovery_step_cuda_emu_matches_cpu`).
+const RTOL_ADAPTER_GRAD: f64 = 5e-2;
 
 /// The rule with atol = rtol·max|want| for every element.
 fn check(got: &[f64], want: &[f64], rtol: f64, what: &str) {
@@ -474,9 +476,12 @@ fn refit_cuda_emu_matches_cpu() {
 /// Tolerance. The loss is checked as the statistics are (RTOL_STATS). An
 /// adapter gradient ∂A = dxaᵀ·x is a sum over tokens with cancellation,
 /// like tk, so its per-element error scales with Σ_t |dxa·x|, not with the
-/// element; here each gradient tensor is checked as a whole instead:
-/// ‖got − want‖ / ‖want‖ ≤ RTOL_STATS (a wrong product or transpose gives
-/// O(1)). The scaling of B matters too: the kd gradient (p_s − p_t)·W is a
+/// element; each gradient tensor is checked as a whole instead, by
+/// ‖got − want‖ / ‖want‖. Measured (2026-12-01): 0.8–1.8% for layer 2's
+/// adapters, 1.4–3.4% for layer 0's: the bf16 error grows with the depth
+/// of the backward chain, as for the statistics. The bound is
+/// RTOL_ADAPTER_GRAD = 5e-2: bf16 rounding passes, a wrong product,
+/// transpose or scale (an O(1) error in some tensor) does not. The scaling of B matters too: the kd gradient (p_s − p_t)·W is a
 /// difference of two nearly equal distributions, whose bf16 error scales
 /// with p; with the fixture's B the student is so close to the teacher that
 /// the error is a sizeable part of the gradient, with 10·B it is not.
@@ -556,7 +561,10 @@ fn recovery_step_cuda_emu_matches_cpu() {
         assert!(w.iter().any(|&v| v != 0.0));
         let e = norm_err(g, w);
         worst = worst.max(e);
-        println!("adapter gradient {i}: ‖Δ‖/‖want‖ = {e:.3e}");
+        assert!(
+            e <= RTOL_ADAPTER_GRAD,
+            "adapter gradient {i}: ‖Δ‖/‖want‖ = {e:.3e}"
+        );
     }
     println!("adapter gradients: worst ‖Δ‖/‖want‖ {worst:.3e}");
     for (i, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
