@@ -1,6 +1,6 @@
 //! Outputs under hostile conditions (docs/DESIGN.md §10), through the
 //! binary: every command that writes (score, prune, import, stats merge,
-//! eval gen, eval mc, traces; report where it applies) × planted symbolic links,
+//! eval gen, eval mc, traces, recover; report where it applies) × planted symbolic links,
 //! `--out` naming an input, `--force` over foreign and earlier outputs, and
 //! leftovers of killed runs. Every case checks the exit status, that the
 //! message names the path (and the flag), and that nothing outside the
@@ -135,9 +135,10 @@ enum Cmd {
     Gen,
     Mc,
     Traces,
+    Recover,
 }
 
-const ALL: [Cmd; 7] = [
+const ALL: [Cmd; 8] = [
     Cmd::Score,
     Cmd::Prune,
     Cmd::Import,
@@ -145,12 +146,13 @@ const ALL: [Cmd; 7] = [
     Cmd::Gen,
     Cmd::Mc,
     Cmd::Traces,
+    Cmd::Recover,
 ];
 
 impl Cmd {
     /// Writes a directory (else a file).
     fn dir(self) -> bool {
-        matches!(self, Cmd::Prune | Cmd::Import)
+        matches!(self, Cmd::Prune | Cmd::Import | Cmd::Recover)
     }
 
     /// What an earlier output of the command is (commands of one kind may
@@ -158,7 +160,7 @@ impl Cmd {
     fn kind(self) -> &'static str {
         match self {
             Cmd::Score | Cmd::Merge => "stats",
-            Cmd::Prune | Cmd::Import => "model",
+            Cmd::Prune | Cmd::Import | Cmd::Recover => "model",
             Cmd::Gen => "gen",
             Cmd::Mc => "mc",
             Cmd::Traces => "traces",
@@ -170,7 +172,7 @@ impl Cmd {
         let ext = match self {
             Cmd::Score | Cmd::Merge => ".safetensors",
             Cmd::Gen | Cmd::Mc | Cmd::Traces => ".jsonl",
-            Cmd::Prune | Cmd::Import => "",
+            Cmd::Prune | Cmd::Import | Cmd::Recover => "",
         };
         w.work.join(format!("{self:?}-{tag}{ext}").to_lowercase())
     }
@@ -228,6 +230,17 @@ impl Cmd {
                     .args(["--shots", "1", "--limit", "1", "--max-new-tokens", "2"]);
                 c
             }
+            Cmd::Recover => {
+                let mut c = bin();
+                c.args(["recover", "--backend", "cpu", "--model"])
+                    .arg(&w.model)
+                    .arg("--teacher")
+                    .arg(&w.model)
+                    .arg("--data")
+                    .arg(&w.calib)
+                    .args(["--steps", "1", "--batch", "1", "--seq-len", "8"]);
+                c
+            }
         };
         c.arg("--out").arg(out);
         if force {
@@ -257,6 +270,7 @@ impl Cmd {
                 model(),
                 &[&w.gen, &w.shots, &w.model.join("tokenizer.json")],
             ),
+            Cmd::Recover => with(model(), &[&w.calib, &w.model.join("config.json")]),
         }
     }
 }

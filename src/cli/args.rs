@@ -914,7 +914,8 @@ pub struct RecoverArgs {
     /// Save a checkpoint every this many steps (and after the last).
     #[arg(long, default_value_t = 25, value_parser = count)]
     pub save_every: usize,
-    /// The checkpoint file; default `<out>.checkpoint.safetensors`.
+    /// The checkpoint file, kept after the run (to go on with more steps);
+    /// default `<out>.checkpoint.safetensors`, removed once the output is written.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Continue from the checkpoint of an interrupted run with the same

@@ -195,9 +195,19 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         &a.out,
         a.force,
     )?;
+    // The default checkpoint goes once the output exists (it holds nothing
+    // the output needs); one named by --checkpoint is kept, to go on later.
+    let ckpt_note = match &a.checkpoint {
+        Some(_) => format!("checkpoint kept at {}", ckpt.display()),
+        None => {
+            std::fs::remove_file(&ckpt)
+                .with_context(|| format!("removing the checkpoint {}", ckpt.display()))?;
+            "checkpoint removed".to_string()
+        }
+    };
     let last = &state.losses[state.losses.len().saturating_sub(10)..];
     println!(
-        "recovered {} in {} steps ({} loss {:.4} → {:.4}, mean of the last {} {:.4}); trained {trained} steps in {train_s:.1}s ({:.0} tokens/s); wrote {} (checkpoint {})",
+        "recovered {} in {} steps ({} loss {:.4} → {:.4}, mean of the last {} {:.4}); trained {trained} steps in {train_s:.1}s ({:.0} tokens/s); wrote {} ({ckpt_note})",
         a.model.display(),
         spec.steps,
         spec.loss.name(),
@@ -207,7 +217,6 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         last.iter().sum::<f64>() / last.len().max(1) as f64,
         tokens as f64 / train_s.max(1e-9),
         out.display(),
-        ckpt.display()
     );
     Ok(())
 }
