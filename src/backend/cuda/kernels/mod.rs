@@ -23,7 +23,7 @@ mod rmsnorm;
 mod rope;
 mod swiglu;
 
-pub use add::{add, add_bias};
+pub use add::{add, add_bias, zero_rows};
 pub use attention::{attention_bwd, attention_fwd};
 pub use attention_decode::{attention_cached, decode_split};
 pub use cast::{cast, diff_f64};
