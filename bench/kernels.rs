@@ -61,6 +61,15 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             dev.synchronize().unwrap()
         })
     });
+    // The prompt rows of a trace: every other row zeroed.
+    let keep: Vec<bool> = (0..s.rows).map(|r| r % 2 == 1).collect();
+    g.throughput(Throughput::BytesDecimal((4 * (s.rows / 2) * s.m) as u64));
+    g.bench_function(BenchmarkId::new("zero_rows_f32", n), |it| {
+        it.iter(|| {
+            k::zero_rows(dev, &da, s.m, &keep).unwrap();
+            dev.synchronize().unwrap()
+        })
+    });
     let wb = DevBuf::<D, bf16>::alloc(dev, n).unwrap();
     g.throughput(Throughput::BytesDecimal(6 * n as u64));
     g.bench_function(BenchmarkId::new("cast_f32_to_bf16", n), |it| {

@@ -1,7 +1,9 @@
 //! The scoring statistics and objectives on the emulated device (and on a
 //! GPU when one answers) against tests/common/naive.rs: channel_stats.cu
 //! (f32, bf16), energy.cu, and the CUDA backend's `channel_stats`, `energy`
-//! and chunked `cross_entropy` (cross_entropy.cu over vocabulary chunks).
+//! and chunked `cross_entropy` (cross_entropy.cu over vocabulary chunks);
+//! add.cu's `zero_rows_f32` (the row mask of trace statistics) and the
+//! CUDA backend's `zero_rows` against the CPU backend's.
 mod common;
 use common::naive::{self, f32s, f64s};
 use common::ops::*;
@@ -12,11 +14,47 @@ on_devices! {
     channel_stats_f32 => check_channel_stats_f32,
     channel_stats_bf16 => check_channel_stats_bf16,
     energy_fwd_bwd_f32 => check_energy,
+    zero_rows_f32 => check_zero_rows,
 }
 
 on_backends! {
     backend_cross_entropy_chunked => check_cross_entropy,
     backend_channel_stats_energy => check_backend_channel_stats,
+    backend_zero_rows_matches_cpu => check_backend_zero_rows,
+}
+
+/// Rows 0, 2, 3 and 6 of 7 dropped (first, a run, last), the rest kept.
+const KEEP: [bool; 7] = [false, true, false, false, true, true, false];
+
+fn check_zero_rows<D: Device>(dev: &D) {
+    let width = 37;
+    let x = uniform(KEEP.len() * width, 11);
+    let gx = up(dev, &x);
+    k::zero_rows(dev, &gx, width, &KEEP).unwrap();
+    let want: Vec<f32> = x
+        .chunks(width)
+        .zip(KEEP)
+        .flat_map(|(row, k)| row.iter().map(move |&v| if k { v } else { 0.0 }))
+        .collect();
+    assert_eq!(down(dev, &gx), want);
+    // Every row kept: nothing launched, nothing changed.
+    let gx = up(dev, &x);
+    k::zero_rows(dev, &gx, width, &[true; 7]).unwrap();
+    assert_eq!(down(dev, &gx), x);
+    // A buffer shorter than the rows it is said to hold is an error.
+    assert!(k::zero_rows(dev, &up(dev, &x[..width]), width, &KEEP).is_err());
+}
+
+fn check_backend_zero_rows<D: Device>(be: &CudaBackend<D>) {
+    let (width, cpu) = (19, rku_engine::backend::cpu::CpuBackend::new());
+    let x = uniform(KEEP.len() * width, 12);
+    let mut want = x.clone();
+    cpu.zero_rows(&mut want, width, &KEEP).unwrap();
+    let mut gx = be.upload(&x).unwrap();
+    be.zero_rows(&mut gx, width, &KEEP).unwrap();
+    assert_eq!(be.download(&gx).unwrap(), want);
+    let mut short = x[..width].to_vec();
+    assert!(cpu.zero_rows(&mut short, width, &KEEP).is_err());
 }
 
 /// The naive `part [5][seqs][m]` of f32 inputs.

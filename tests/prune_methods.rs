@@ -26,6 +26,7 @@ fn meta(objectives: Objectives) -> StatsMeta {
         energy_at: EnergyAt::FinalNorm,
         engine_version: "test".into(),
         window_digests: (0..SAMPLES).map(|s| [s as u8; 32]).collect(),
+        traces: None,
     }
 }
 

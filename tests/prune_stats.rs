@@ -36,6 +36,7 @@ fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -
         engine_version: "0.1.0".into(),
         // One distinct digest per sequence index, as a pass over distinct windows gives.
         window_digests: seqs.clone().map(|s| [s as u8; 32]).collect(),
+        traces: None,
     };
     let mut st = Stats::zeros(meta, &WIDTHS);
     for (l, layer) in st.layers.iter_mut().enumerate() {

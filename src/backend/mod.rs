@@ -393,6 +393,11 @@ pub trait Backend: Send + Sync {
     /// `x += y`, elementwise over `n` values.
     fn add_assign(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> Result<()>;
 
+    /// Zeroes every row `r` of `x` `[keep.len(), width]` with `!keep[r]`
+    /// (the rows a statistic does not count, METHODS.md §11); errs when `x`
+    /// holds fewer than `keep.len() · width` values.
+    fn zero_rows(&self, x: &mut Self::Buf, width: usize, keep: &[bool]) -> Result<()>;
+
     /// One fused pass over `h` and `g` (`[seqs·t, m]`) giving the per-channel
     /// sums of METHODS.md section 4 for this batch.
     fn channel_stats(

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
+use rku_engine::prune::traces::{Selection, TokenRule};
 use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
 use rku_engine::recover::step::RecoverLoss;
 use rku_engine::recover::RecoverSpec;
@@ -291,6 +292,26 @@ pub struct CalibArgs {
     /// Objectives to run: energy (rku, agf, rku-fisher), ce (taylor) or both.
     #[arg(long, value_enum, default_value_t = ObjectiveChoice::Both)]
     pub objective: ObjectiveChoice,
+    /// Self-generated traces (from `traces`) to score, each trace one
+    /// sequence, prompt and generation, never padded (METHODS.md §11);
+    /// with --calib too, the windows and the traces are scored together.
+    #[arg(long, value_parser = existing_file)]
+    pub traces: Option<PathBuf>,
+    /// With --traces: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "traces", value_parser = selection)]
+    pub select: Option<Selection>,
+    /// With --traces: the positions that count, all or generated (the
+    /// prompt is then context only).
+    #[arg(long, value_enum, requires = "traces")]
+    pub tokens: Option<TokenRule>,
+    /// With --traces: cut longer traces to their first T tokens.
+    #[arg(long, requires = "traces", value_parser = count)]
+    pub max_seq_len: Option<usize>,
+}
+
+/// A `--select` value.
+fn selection(s: &str) -> Result<Selection, String> {
+    s.parse().map_err(|e: rku_engine::Error| e.to_string())
 }
 
 #[derive(Args)]
@@ -343,8 +364,8 @@ pub struct PruneArgs {
     /// HF model directory to prune.
     #[arg(long, value_parser = existing_dir)]
     pub model: PathBuf,
-    /// Statistics files from `score` (summed when several); instead of --calib.
-    #[arg(long, num_args = 1.., conflicts_with = "calib", value_parser = existing_file)]
+    /// Statistics files from `score` (summed when several); instead of --calib or --traces.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["calib", "traces"], value_parser = existing_file)]
     pub stats: Vec<PathBuf>,
     #[command(flatten)]
     pub calib: CalibArgs,

@@ -28,6 +28,32 @@ pub fn backward_channel_stats<B: Backend>(
     objective: Objective,
     energy_at: EnergyAt,
     scale: f32,
+    on_layer: impl FnMut(usize, ChannelPartial) -> Result<()>,
+) -> Result<f64> {
+    backward_channel_stats_counted(
+        be, model, fwd, ids, geo, objective, energy_at, scale, None, on_layer,
+    )
+}
+
+/// [`backward_channel_stats`] counting only the rows `r` (of `geo.rows()`)
+/// with `counted[r]` (METHODS.md §11, `--tokens generated`): the energy
+/// objective sums ½‖z_r‖² over counted rows, cross-entropy predicts only
+/// counted targets, and every per-token statistic (s1, s2, f2, k1 and each
+/// sequence's h·g) sums counted rows only. `None` counts every row and is
+/// exactly [`backward_channel_stats`] (same operations, same buffers); the
+/// masked path works on copies of z (or x_L) and of g, and masks h in place
+/// after its last other use.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_channel_stats_counted<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    fwd: &ForwardOut<B>,
+    ids: &[u32],
+    geo: Geometry,
+    objective: Objective,
+    energy_at: EnergyAt,
+    scale: f32,
+    counted: Option<&[bool]>,
     mut on_layer: impl FnMut(usize, ChannelPartial) -> Result<()>,
 ) -> Result<f64> {
     let c = &model.cfg;
@@ -37,18 +63,44 @@ pub fn backward_channel_stats<B: Backend>(
             "backward pass needs the forward pass's residual stream".into(),
         ));
     }
+    if let Some(k) = counted {
+        if k.len() != rows {
+            return Err(Error::Invalid(format!(
+                "row mask of {} rows for a batch of {rows}",
+                k.len()
+            )));
+        }
+    }
     let x_last = &fwd.residuals[c.layers];
+    // The energy of `x` [rows, d] over the counted rows.
+    let energy = |x: &B::Buf| match counted {
+        None => be.energy(x, rows, d, scale),
+        Some(keep) => {
+            let mut x = copy(be, x, rows * d)?;
+            be.zero_rows(&mut x, d, keep)?;
+            be.energy(&x, rows, d, scale)
+        }
+    };
     let (j, dx) = match (objective, energy_at) {
-        (Objective::Energy, EnergyAt::PreNorm) => be.energy(x_last, rows, d, scale)?,
+        (Objective::Energy, EnergyAt::PreNorm) => energy(x_last)?,
         (Objective::Energy, EnergyAt::FinalNorm) => {
-            let (j, dz) = be.energy(&fwd.z, rows, d, scale)?;
+            let (j, dz) = energy(&fwd.z)?;
             (
                 j,
                 be.rmsnorm_bwd(&dz, x_last, &model.norm, &fwd.rstd_final, rows, d)?,
             )
         }
         (Objective::Ce, _) => {
-            let tg = next_token_targets(ids, geo);
+            let mut tg = next_token_targets(ids, geo);
+            if let Some(keep) = counted {
+                // Row r predicts the token at r + 1 (never across sequences:
+                // a sequence's last row has no target).
+                for (r, t) in tg.iter_mut().enumerate() {
+                    if !keep.get(r + 1).copied().unwrap_or(false) {
+                        *t = u32::MAX;
+                    }
+                }
+            }
             let (sum, _, dz) =
                 be.cross_entropy(&fwd.z, model.lm_head(), &tg, rows, d, c.vocab, scale, true)?;
             let dz = dz.expect("cross_entropy returns dz when asked");
@@ -58,8 +110,15 @@ pub fn backward_channel_stats<B: Backend>(
             )
         }
     };
-    backward_layers(be, model, None, fwd, geo, dx, Some(&mut on_layer))?;
+    backward_layers(be, model, None, fwd, geo, dx, counted, Some(&mut on_layer))?;
     Ok(j)
+}
+
+/// A copy of the first `n` values of `x`.
+fn copy<B: Backend>(be: &B, x: &B::Buf, n: usize) -> Result<B::Buf> {
+    let mut y = be.zeros(n)?;
+    be.add_assign(&mut y, x, n)?;
+    Ok(y)
 }
 
 /// The adapters' gradients of an objective whose gradient w.r.t. the final
@@ -93,12 +152,15 @@ pub fn backward_adapters<B: Backend>(
         geo,
         dx,
         None,
+        None,
     )
 }
 
 /// The walk down the layers from `dx = ∂J/∂x_L`: hands each layer's
-/// channel statistics to `on_layer` when given, and adds the adapters'
-/// gradients into the third member of `lora` when given.
+/// channel statistics (over the rows `counted`, when given) to `on_layer`
+/// when given, and adds the adapters' gradients into the third member of
+/// `lora` when given.
+#[allow(clippy::too_many_arguments)]
 fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
     be: &B,
     model: &Model<B>,
@@ -106,6 +168,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
     fwd: &ForwardOut<B>,
     geo: Geometry,
     mut dx: B::Buf,
+    counted: Option<&[bool]>,
     mut on_layer: Option<&mut F>,
 ) -> Result<()> {
     let c = &model.cfg;
@@ -134,7 +197,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
             )),
             None => None,
         };
-        let acts = layer_acts(
+        let mut acts = layer_acts(
             be,
             model,
             lw,
@@ -155,7 +218,17 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         let mut dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;
         adapter_bwd(Proj::Down, &acts.h, &dx, &mut dh)?;
         if let Some(f) = on_layer.as_mut() {
-            f(l, be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?)?;
+            let partial = match counted {
+                None => be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?,
+                Some(keep) => {
+                    // h has no other use left; g (dh) flows on unmasked.
+                    be.zero_rows(&mut acts.h, m, keep)?;
+                    let mut g = copy(be, &dh, rows * m)?;
+                    be.zero_rows(&mut g, m, keep)?;
+                    be.channel_stats(&acts.h, &g, geo.seqs, geo.t, m)?
+                }
+            };
+            f(l, partial)?;
         }
         drop(acts.h); // [rows, m] buffers go as soon as they are used (src/plan.rs)
         if l == 0 && !adapted {

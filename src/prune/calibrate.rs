@@ -3,11 +3,11 @@
 //! pass per objective, accumulating per-channel sums in f64.
 use crate::backend::Backend;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
-use crate::model::backward::backward_channel_stats;
+use crate::model::backward::{backward_channel_stats, backward_channel_stats_counted};
 use crate::model::forward::{forward, synthetic_ids};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
-use crate::prune::stats::{EnergyAt, Objective, Objectives, Stats, StatsMeta};
+use crate::prune::stats::{EnergyAt, Objective, Objectives, Stats, StatsMeta, TraceSource};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -150,6 +150,7 @@ pub fn collect_stats<B: Backend>(
             .chunks_exact(t)
             .map(|w| Sha256::digest(bytemuck::cast_slice::<u32, u8>(w)).into())
             .collect(),
+        traces: None,
     };
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
     // Normalisers over the whole calibration set, so that batches add up.
@@ -201,6 +202,154 @@ pub fn collect_stats<B: Backend>(
         }
         s0 += seqs;
         progress.inc(seqs as u64);
+    }
+    progress.finish();
+    stats.check_shapes()?;
+    Ok(stats)
+}
+
+/// One sequence of a statistics pass over sequences of their own lengths
+/// (METHODS.md §11): its token ids, and the first position whose token
+/// counts (0: every token; a trace's prompt length with `--tokens generated`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub counted_from: usize,
+}
+
+impl Sequence {
+    /// Tokens the energy objective and the per-token statistics count.
+    pub fn counted(&self) -> usize {
+        self.ids.len().saturating_sub(self.counted_from)
+    }
+
+    /// Positions whose next-token prediction the ce objective counts.
+    pub fn predicted(&self) -> usize {
+        self.ids.len().saturating_sub(self.counted_from.max(1))
+    }
+}
+
+/// Runs the statistics pass over sequences of any lengths, each counting
+/// its tokens from `counted_from` (METHODS.md §11). No padding is ever
+/// scored: only sequences of equal length share a batch (up to
+/// `spec.batch`); `spec.samples` and `spec.seq_len` are not read. The
+/// normalisers are over all sequences (energy: 1/Σ counted; ce: 1/Σ
+/// predicted), so the statistics do not depend on the batching. A batch
+/// in which every token counts runs exactly as [`collect_stats`] does.
+/// The metadata: samples = sequences, seq_len = the longest, tokens =
+/// counted tokens, `traces` as given.
+pub fn collect_sequence_stats<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    seqs: &[Sequence],
+    spec: CalibSpec,
+    calib_digest: String,
+    traces: Option<TraceSource>,
+) -> Result<Stats> {
+    if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.ids.len() < 2) {
+        return Err(Error::Invalid(format!(
+            "sequence {i} has {} tokens; every scored sequence needs at least 2",
+            s.ids.len()
+        )));
+    }
+    let counted: usize = seqs.iter().map(Sequence::counted).sum();
+    let predicted: usize = seqs.iter().map(Sequence::predicted).sum();
+    if counted == 0 || (spec.objectives.ce && predicted == 0) {
+        return Err(Error::Invalid(format!(
+            "no counted tokens in {} sequences ({counted} counted, {predicted} predicted)",
+            seqs.len()
+        )));
+    }
+    let meta = StatsMeta {
+        model_digest: model_digest(model)?,
+        calib_digest,
+        samples: seqs.len(),
+        seq_len: seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0),
+        tokens: counted as u64,
+        objectives: spec.objectives,
+        energy_at: spec.energy_at,
+        engine_version: env!("CARGO_PKG_VERSION").to_string(),
+        window_digests: seqs
+            .iter()
+            .map(|s| Sha256::digest(bytemuck::cast_slice::<u32, u8>(&s.ids)).into())
+            .collect(),
+        traces,
+    };
+    let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
+    let energy_scale = 1.0 / counted as f32;
+    let ce_scale = 1.0 / predicted.max(1) as f32;
+    // Equal lengths together, in their order of first appearance.
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].ids.len());
+    let progress = Progress::new(seqs.len() as u64, "scoring");
+    for same in order.chunk_by(|&a, &b| seqs[a].ids.len() == seqs[b].ids.len()) {
+        for batch in same.chunks(spec.batch.max(1)) {
+            let t = seqs[batch[0]].ids.len();
+            let ids: Vec<u32> = batch.iter().flat_map(|&i| seqs[i].ids.clone()).collect();
+            let mask: Option<Vec<bool>> = match batch.iter().all(|&i| seqs[i].counted_from == 0) {
+                true => None,
+                false => Some(
+                    batch
+                        .iter()
+                        .flat_map(|&i| (0..t).map(move |p| p >= seqs[i].counted_from))
+                        .collect(),
+                ),
+            };
+            let geo = Geometry {
+                seqs: batch.len(),
+                t,
+            };
+            let fwd = forward(be, model, &ids, geo, true)?;
+            if spec.objectives.energy {
+                let (obj, at) = (Objective::Energy, spec.energy_at);
+                backward_channel_stats_counted(
+                    be,
+                    model,
+                    &fwd,
+                    &ids,
+                    geo,
+                    obj,
+                    at,
+                    energy_scale,
+                    mask.as_deref(),
+                    |l, p| {
+                        let s = &mut stats.layers[l];
+                        add(&mut s.s1, &p.s1);
+                        add(&mut s.s2, &p.s2);
+                        add(&mut s.f2, &p.f2);
+                        add(&mut s.k1, &p.k1);
+                        Ok(())
+                    },
+                )?;
+            }
+            if spec.objectives.ce {
+                let first = !spec.objectives.energy;
+                backward_channel_stats_counted(
+                    be,
+                    model,
+                    &fwd,
+                    &ids,
+                    geo,
+                    Objective::Ce,
+                    EnergyAt::FinalNorm, // not read by the ce objective
+                    ce_scale,
+                    mask.as_deref(),
+                    |l, p| {
+                        let s = &mut stats.layers[l];
+                        if first {
+                            add(&mut s.s1, &p.s1);
+                            add(&mut s.s2, &p.s2);
+                        }
+                        let m = s.tk.len();
+                        for seq in p.hg_seq.chunks_exact(m) {
+                            s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
+                        }
+                        Ok(())
+                    },
+                )?;
+            }
+            progress.inc(batch.len() as u64);
+        }
     }
     progress.finish();
     stats.check_shapes()?;

@@ -19,8 +19,11 @@ pub mod methods;
 pub mod pipeline;
 pub mod refit;
 pub mod stats;
+pub mod traces;
 
 pub use allocation::{allocate, floors, Allocation};
 pub use job::{ExportLayout, PruneJob, Sparsity};
 pub use methods::{scores, ColumnNorms, Method};
-pub use stats::{merge, EnergyAt, LayerStats, Objective, Objectives, Stats, StatsMeta};
+pub use stats::{
+    merge, EnergyAt, LayerStats, Objective, Objectives, Stats, StatsMeta, TraceSource,
+};

@@ -38,6 +38,18 @@
 //! | `energy_at`      | `final-norm` or `pre-norm`                    |
 //! | `engine_version` | version of the engine that wrote the numbers  |
 //!
+//! Statistics over traces (METHODS.md §11) add three keys, all or none:
+//!
+//! | key                | value                                           |
+//! |--------------------|-------------------------------------------------|
+//! | `traces_digest`    | sha256 of the traces file's bytes               |
+//! | `traces_selection` | `all`, `correct`, `length-band P1,P2`, `hardest`|
+//! | `traces_tokens`    | `all` or `generated` (the counted positions)    |
+//!
+//! and then `samples` is the number of sequences (calibration windows
+//! included), `seq_len` the longest and `tokens` the counted tokens
+//! (1 ≤ tokens ≤ samples × seq_len); without them, tokens = samples × seq_len.
+//!
 //! Why one long file: the statistics, their file format and its reader
 //! and merger share every invariant (shapes, finiteness, checksum, window
 //! digests), checked in one place; the end holds the unit tests.
@@ -81,6 +93,20 @@ pub struct StatsMeta {
     /// sha256 of every calibration window's token ids, one per sequence:
     /// what lets `merge` refuse shards that share a window.
     pub window_digests: Vec<[u8; 32]>,
+    /// The traces the sequences came from, if any (METHODS.md §11): then
+    /// `seq_len` is the longest sequence and `tokens` the counted ones.
+    pub traces: Option<TraceSource>,
+}
+
+/// What statistics over traces were computed from (METHODS.md §11).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceSource {
+    /// sha256 of the traces file's bytes (for a merged file, see [`merge`]).
+    pub digest: String,
+    /// The selection: `all`, `correct`, `length-band P1,P2` or `hardest`.
+    pub selection: String,
+    /// The counted positions: `all` or `generated`.
+    pub tokens: String,
 }
 
 /// The statistics of one layer; every non-empty vector has length m_l.
@@ -234,6 +260,7 @@ impl Stats {
         }
         self.meta.samples += other.meta.samples;
         self.meta.tokens += other.meta.tokens;
+        self.meta.seq_len = self.meta.seq_len.max(other.meta.seq_len);
         self.meta
             .window_digests
             .extend_from_slice(&other.meta.window_digests);
@@ -287,6 +314,13 @@ impl Stats {
         ));
         let checksum = tensors_checksum(views.iter().map(|(n, v)| (n.as_str(), v.data())));
         let meta = &self.meta;
+        let trace_keys = meta.traces.iter().flat_map(|t| {
+            [
+                ("traces_digest", t.digest.clone()),
+                ("traces_selection", t.selection.clone()),
+                ("traces_tokens", t.tokens.clone()),
+            ]
+        });
         let header: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
             ("format_version", FORMAT_VERSION.to_string()),
@@ -302,6 +336,7 @@ impl Stats {
             ("tensors_sha256", checksum),
         ]
         .into_iter()
+        .chain(trace_keys)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let file = serialize_sorted(views, &header)?;
@@ -398,6 +433,30 @@ impl Stats {
                 .map_err(|e: Error| bad(format!("metadata \"energy_at\": {e}")))?,
             engine_version: get("engine_version")?.to_string(),
             window_digests,
+            traces: {
+                let keys = ["traces_digest", "traces_selection", "traces_tokens"];
+                match keys.map(|k| kv.get(k)) {
+                    [Some(digest), Some(selection), Some(tokens)] => {
+                        if tokens != "all" && tokens != "generated" {
+                            return Err(bad(format!(
+                                "metadata \"traces_tokens\" is {tokens:?} (valid: all, generated)"
+                            )));
+                        }
+                        Some(TraceSource {
+                            digest: digest.clone(),
+                            selection: selection.clone(),
+                            tokens: tokens.clone(),
+                        })
+                    }
+                    [None, None, None] => None,
+                    _ => {
+                        return Err(bad(format!(
+                            "metadata has some of {} but not all",
+                            keys.join(", ")
+                        )))
+                    }
+                }
+            },
         };
         if meta.window_digests.len() != meta.samples {
             return Err(bad(format!(
@@ -406,11 +465,20 @@ impl Stats {
                 meta.samples
             )));
         }
-        // tokens = samples × seq_len (windows of seq_len ≥ 2 tokens): a
-        // header that says otherwise would rescale every statistic.
-        if meta.seq_len < 2
-            || (meta.samples as u64).checked_mul(meta.seq_len as u64) != Some(meta.tokens)
-        {
+        // Windows: tokens = samples × seq_len (windows of seq_len ≥ 2
+        // tokens); traces: sequences of at most seq_len ≥ 2 tokens, of which
+        // 1 ≤ tokens are counted. A header that says otherwise would rescale
+        // every statistic.
+        let most = (meta.samples as u64).checked_mul(meta.seq_len as u64);
+        if meta.traces.is_some() {
+            if meta.seq_len < 2 || meta.samples == 0 || meta.tokens == 0 || most < Some(meta.tokens)
+            {
+                return Err(bad(format!(
+                    "metadata says {} counted tokens in {} trace sequences of at most {} tokens (need seq_len ≥ 2 and 1 ≤ tokens ≤ samples × seq_len)",
+                    meta.tokens, meta.samples, meta.seq_len
+                )));
+            }
+        } else if meta.seq_len < 2 || most != Some(meta.tokens) {
             return Err(bad(format!(
                 "metadata says {} tokens in {} windows of {} tokens (need seq_len ≥ 2 and tokens = samples × seq_len)",
                 meta.tokens, meta.samples, meta.seq_len
@@ -505,7 +573,39 @@ fn check_compatible(
             a.model_digest, b.model_digest
         ));
     }
-    if a.seq_len != b.seq_len {
+    match (&a.traces, &b.traces) {
+        (None, None) => {}
+        (Some(x), Some(y)) => {
+            if x.tokens != y.tokens {
+                return Err(format!(
+                    "different token rules (--tokens {} vs {})",
+                    x.tokens, y.tokens
+                ));
+            }
+            if x.selection != y.selection {
+                return Err(format!(
+                    "different trace selections (--select {} vs {})",
+                    x.selection, y.selection
+                ));
+            }
+        }
+        (x, _) => {
+            let which = |t: bool| {
+                if t {
+                    "traces"
+                } else {
+                    "calibration windows only"
+                }
+            };
+            return Err(format!(
+                "one is scored on {}, the other on {}",
+                which(x.is_some()),
+                which(x.is_none())
+            ));
+        }
+    }
+    // Trace sequences have their own lengths; windows must agree.
+    if a.traces.is_none() && a.seq_len != b.seq_len {
         return Err(format!(
             "different sequence lengths ({} vs {})",
             a.seq_len, b.seq_len
@@ -545,7 +645,11 @@ fn check_compatible(
 /// `calib_digest` = lowercase hex sha256 of the input calib digests sorted
 /// ascending and joined with `"\n"` (so it does not depend on the order the
 /// files are given in), `engine_version` of the first file, and every
-/// statistic summed.
+/// statistic summed. Statistics over traces merge only with statistics
+/// over traces of the same selection and token rule (any lengths; the
+/// result's `seq_len` is the longest, its traces digest that of the one
+/// traces file or, for several, the sha256 of their sorted digests joined
+/// as `calib_digest`'s are).
 pub fn merge(files: &[PathBuf]) -> Result<Stats> {
     if files.len() < 2 {
         return Err(Error::Invalid(format!(
@@ -556,6 +660,7 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
     let mut total: Option<(Stats, &Path)> = None;
     let mut digests: Vec<(String, &Path)> = Vec::with_capacity(files.len());
     let mut windows: HashMap<[u8; 32], (&Path, usize)> = HashMap::new();
+    let mut trace_digests: Vec<String> = Vec::new();
     for path in files {
         let s = Stats::load(path)?;
         if let Some((_, first)) = digests.iter().find(|(d, _)| *d == s.meta.calib_digest) {
@@ -567,6 +672,7 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
             )));
         }
         digests.push((s.meta.calib_digest.clone(), path));
+        trace_digests.extend(s.meta.traces.as_ref().map(|t| t.digest.clone()));
         for (w, d) in s.meta.window_digests.iter().enumerate() {
             if let Some((first, w0)) = windows.insert(*d, (path, w)) {
                 return Err(Error::Invalid(format!(
@@ -597,6 +703,14 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
     let mut sorted: Vec<&str> = digests.iter().map(|(d, _)| d.as_str()).collect();
     sorted.sort_unstable();
     merged.meta.calib_digest = sha256_hex(sorted.join("\n").as_bytes());
+    if let Some(t) = merged.meta.traces.as_mut() {
+        // Distinct traces files: their digests combined as calib_digest's are.
+        trace_digests.sort_unstable();
+        trace_digests.dedup();
+        if trace_digests.len() > 1 {
+            t.digest = sha256_hex(trace_digests.join("\n").as_bytes());
+        }
+    }
     Ok(merged)
 }
 
@@ -643,6 +757,7 @@ mod tests {
             energy_at: EnergyAt::FinalNorm,
             engine_version: "test".into(),
             window_digests: vec![[0; 32]],
+            traces: None,
         };
         let mut stats = Stats::zeros(meta, &[3, 2]);
         stats.check_shapes().unwrap();

@@ -547,7 +547,7 @@ impl<B: Backend> Run<'_, B> {
             &std::fs::read(student_dir.join("pruning.json"))
                 .map_err(|e| Error::io(&student_dir, e))?,
         )
-        .map_err(|e| Error::format(&student_dir.join("pruning.json"), e.to_string()))?;
+        .map_err(|e| Error::format(student_dir.join("pruning.json"), e.to_string()))?;
         let sources = RecordSources {
             data_field: c.field.as_deref(),
             teacher: Some(&self.spec.model),

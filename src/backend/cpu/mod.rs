@@ -293,6 +293,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn zero_rows(&self, x: &mut Vec<f32>, width: usize, keep: &[bool]) -> Result<()> {
+        if x.len() < keep.len() * width {
+            return Err(crate::Error::Invalid(format!(
+                "zero_rows: {} values for {} rows of {width}",
+                x.len(),
+                keep.len()
+            )));
+        }
+        ops::zero_rows(x, width, keep);
+        Ok(())
+    }
+
     fn channel_stats(
         &self,
         h: &Vec<f32>,

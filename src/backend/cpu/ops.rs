@@ -174,6 +174,17 @@ pub fn energy(z: &[f32], scale: f32) -> (f64, Vec<f32>) {
     (j * scale as f64, dz)
 }
 
+/// Zeroes row `r` of `x` `[keep.len(), width]` wherever `!keep[r]`.
+pub fn zero_rows(x: &mut [f32], width: usize, keep: &[bool]) {
+    if width == 0 {
+        return;
+    }
+    x.par_chunks_mut(width)
+        .zip(keep)
+        .filter(|(_, &k)| !k)
+        .for_each(|(row, _)| row.fill(0.0));
+}
+
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(ROWS_PER_TASK * 256)

@@ -453,6 +453,10 @@ impl<D: Device> Backend for CudaBackend<D> {
         k::add(&self.dev, x, y, n)
     }
 
+    fn zero_rows(&self, x: &mut Self::Buf, width: usize, keep: &[bool]) -> Result<()> {
+        k::zero_rows(&self.dev, x, width, keep)
+    }
+
     fn channel_stats(
         &self,
         h: &Self::Buf,

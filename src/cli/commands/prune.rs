@@ -19,6 +19,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     let inputs: Vec<&std::path::Path> = [&a.model]
         .into_iter()
         .chain(&a.calib.calib)
+        .chain(&a.calib.traces)
         .chain(&a.refit_calib)
         .chain(&a.stats)
         .map(|p| p.as_path())
@@ -33,17 +34,18 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         (Some(_), None) => bail!("--refit needs calibration text: --refit-calib FILE (or --calib)"),
         (None, _) => None,
     };
-    let source = match a.stats.is_empty() {
-        true => Some(calib_source(&a.calib)?),
+    let scoring = a.stats.is_empty();
+    let source = match scoring {
+        true => calib_source(&a.calib)?,
         false => None,
     };
     let model = load_model(be, &a.model, &a.common, None)?;
-    let stats = match (&source, a.stats.as_slice()) {
-        (Some(source), _) => run_scoring(be, &model, source, &a.calib)?,
-        (None, [one]) => Stats::load(one)?,
-        (None, many) => merge(many)?,
+    let stats = match (scoring, a.stats.as_slice()) {
+        (true, _) => run_scoring(be, &model, source.as_ref(), &a.calib)?,
+        (false, [one]) => Stats::load(one)?,
+        (false, many) => merge(many)?,
     };
-    if source.is_none() {
+    if !scoring {
         // Statistics read from files: a mismatch names them.
         check_stats_match(&model, &stats).with_context(|| {
             let files: Vec<String> = a.stats.iter().map(|p| p.display().to_string()).collect();

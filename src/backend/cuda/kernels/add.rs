@@ -35,3 +35,25 @@ pub fn add_bias<D: Device>(
         .int(out, "out")
         .run("add_bias_f32", LaunchCfg::elementwise(rows * out))
 }
+
+/// add.cu `zero_rows_f32`: zeroes every row `r` of `x` `[keep.len(), width]`
+/// with `!keep[r]`; launches nothing when every row is kept.
+pub fn zero_rows<D: Device>(
+    dev: &D,
+    x: &DevBuf<D, f32>,
+    width: usize,
+    keep: &[bool],
+) -> Result<()> {
+    let rows: Vec<u32> = (0..keep.len() as u32)
+        .zip(keep)
+        .filter(|(_, &k)| !k)
+        .map(|(r, _)| r)
+        .collect();
+    let n = rows.len() * width;
+    Launch::new(dev)
+        .buf(x, keep.len() * width, "zero_rows x")
+        .indices(&rows, keep.len(), "zero_rows row")
+        .int(width, "width")
+        .i64(n)
+        .run_if(n > 0, "zero_rows_f32", LaunchCfg::elementwise(n))
+}

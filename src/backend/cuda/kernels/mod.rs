@@ -26,7 +26,7 @@ mod rope;
 mod swiglu;
 
 pub use adamw::{adamw, sum_squares, sum_squares_blocks};
-pub use add::{add, add_bias};
+pub use add::{add, add_bias, zero_rows};
 pub use attention::{attention_bwd, attention_fwd};
 pub use attention_decode::{attention_cached, decode_split};
 pub use cast::{cast, diff_f64};

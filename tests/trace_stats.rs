@@ -1,0 +1,298 @@
+//! Statistics over traces (METHODS.md §11): the generated-only statistics
+//! against a PyTorch reference (scripts/make_trace_fixtures.py), batching
+//! that never changes them, and the bad inputs of `score --traces`.
+mod common;
+use common::*;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::eval::traces::{tokenizer_digest, SamplingRecord, TraceFinish, TraceRecord};
+use rku_engine::model::Model;
+use rku_engine::prune::calibrate::{collect_sequence_stats, CalibSpec, Sequence};
+use rku_engine::prune::stats::{EnergyAt, Objectives, Stats, TraceSource};
+use std::path::Path;
+
+const BOTH: Objectives = Objectives {
+    energy: true,
+    ce: true,
+};
+
+fn spec(batch: usize) -> CalibSpec {
+    CalibSpec {
+        samples: 0,
+        seq_len: 0,
+        batch,
+        objectives: BOTH,
+        energy_at: EnergyAt::FinalNorm,
+    }
+}
+
+fn source(tokens: &str) -> Option<TraceSource> {
+    Some(TraceSource {
+        digest: "d".into(),
+        selection: "all".into(),
+        tokens: tokens.into(),
+    })
+}
+
+/// The reference's sequences, counted from their prompt's end.
+fn reference_seqs() -> (Vec<Sequence>, std::collections::HashMap<String, RefTensor>) {
+    let r = load_reference(&fixture("tiny-llama3/traces_reference.safetensors"));
+    let seqs = (0..3)
+        .map(|i| Sequence {
+            ids: r[&format!("seq.{i}.ids")]
+                .data
+                .iter()
+                .map(|&x| x as u32)
+                .collect(),
+            counted_from: r[&format!("seq.{i}.prompt")].data[0] as usize,
+        })
+        .collect();
+    (seqs, r)
+}
+
+#[test]
+fn generated_only_statistics_match_pytorch() {
+    let (seqs, r) = reference_seqs();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let st = collect_sequence_stats(&be, &model, &seqs, spec(1), "c".into(), source("generated"))
+        .unwrap();
+    assert_eq!(st.meta.samples, 3);
+    assert_eq!(st.meta.seq_len, 13);
+    let counted: usize = seqs.iter().map(|s| s.ids.len() - s.counted_from).sum();
+    assert_eq!(st.meta.tokens, counted as u64);
+    for (l, layer) in st.layers.iter().enumerate() {
+        for (name, got, obj) in [
+            ("s1", &layer.s1, "energy"),
+            ("s2", &layer.s2, "energy"),
+            ("f2", &layer.f2, "energy"),
+            ("k1", &layer.k1, "energy"),
+            ("tk", &layer.tk, "ce"),
+        ] {
+            let want = &r[&format!("{obj}.{l}.{name}")].data;
+            let err = max_rel_err(got, want);
+            assert!(err < 1e-4, "layer {l} {name}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn batches_of_1_3_8_give_the_same_statistics() {
+    let (mut seqs, _) = reference_seqs();
+    // Equal lengths to share batches; one sequence counted whole.
+    let extra: Vec<Sequence> = seqs
+        .iter()
+        .map(|s| Sequence {
+            ids: s.ids.iter().rev().copied().collect(),
+            counted_from: s.counted_from / 2,
+        })
+        .collect();
+    seqs.extend(extra);
+    seqs[4].counted_from = 0;
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let run = |b| {
+        collect_sequence_stats(&be, &model, &seqs, spec(b), "c".into(), source("generated"))
+            .unwrap()
+    };
+    let one = run(1);
+    for b in [3, 8] {
+        let other = run(b);
+        assert_eq!(other.meta, one.meta);
+        for (l, (x, y)) in one.layers.iter().zip(&other.layers).enumerate() {
+            for (name, want, got) in [
+                ("s1", &x.s1, &y.s1),
+                ("s2", &x.s2, &y.s2),
+                ("f2", &x.f2, &y.f2),
+                ("k1", &x.k1, &y.k1),
+                ("tk", &x.tk, &y.tk),
+            ] {
+                let err = max_rel_err(got, want);
+                // tk = |Σ_t h·g| cancels: f32 rounding of products of other
+                // row counts shows at ~1e-6 of its largest channel.
+                let tol = if name == "tk" { 1e-5 } else { 1e-6 };
+                assert!(err < tol, "batch {b} layer {l} {name}: {err}");
+            }
+        }
+    }
+}
+
+/// A traces file for the tiny-llama3 tokenizer (or `digest`): one trace
+/// per (prompt, sample), `gen[i]` generated tokens, correct when `ok[i]`.
+fn write_traces(path: &Path, digest: &str, gen: &[usize], ok: &[Option<bool>]) {
+    let lines: Vec<String> = gen
+        .iter()
+        .zip(ok)
+        .enumerate()
+        .map(|(i, (&g, &ok))| {
+            let r = TraceRecord {
+                prompt_index: i / 2,
+                sample: i % 2,
+                question: format!("q{i}"),
+                prompt_ids: (0..4).map(|t| (7 * i + t) as u32 % 50 + 1).collect(),
+                generated_ids: (0..g).map(|t| (3 * i + 5 * t) as u32 % 50 + 1).collect(),
+                text: "x".into(),
+                prompt_tokens: 4,
+                generated_tokens: g,
+                finish: TraceFinish::Length,
+                answer: ok.map(|c| if c { "1" } else { "2" }.to_string()),
+                gold: ok.map(|_| "1".to_string()),
+                correct: ok,
+                tokenizer_digest: digest.into(),
+                sampling: SamplingRecord {
+                    temperature: Some(0.7),
+                    top_p: Some(0.9),
+                    seed: Some(1),
+                },
+            };
+            serde_json::to_string(&r).unwrap()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+fn score(args: &[&str]) -> std::process::Command {
+    let mut c = bin();
+    c.args(["score", "--model"])
+        .arg(fixture("tiny-llama3"))
+        .args(["--backend", "cpu"])
+        .args(args);
+    c
+}
+
+#[test]
+fn score_over_traces_and_its_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let digest = tokenizer_digest(&fixture("tiny-llama3")).unwrap();
+    let gen = [3, 8, 5, 0, 6, 9];
+    let ok = [
+        Some(true),
+        Some(false),
+        Some(false),
+        Some(false),
+        None,
+        None,
+    ];
+    write_traces(Path::new(&p("t.jsonl")), &digest, &gen, &ok);
+
+    // Generated tokens only, cut to 10 tokens: 4 prompt + at most 6 counted.
+    let out = score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--tokens",
+        "generated",
+        "--max-seq-len",
+        "10",
+        "--batch",
+        "3",
+        "--out",
+        &p("g.safetensors"),
+    ])
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("--max-seq-len 10: 2 traces truncated"),
+        "{err}"
+    );
+    let st = Stats::load(Path::new(&p("g.safetensors"))).unwrap();
+    let want: usize = gen.iter().map(|&g| g.min(6)).sum();
+    assert_eq!((st.meta.samples, st.meta.seq_len), (6, 10));
+    assert_eq!(st.meta.tokens, want as u64);
+    let t = st.meta.traces.clone().unwrap();
+    assert_eq!(
+        (t.selection.as_str(), t.tokens.as_str()),
+        ("all", "generated")
+    );
+
+    // Selections, all tokens, and windows + traces together.
+    run_ok(&mut score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--select",
+        "length-band 20,80",
+        "--out",
+        &p("band.safetensors"),
+    ]));
+    let band = Stats::load(Path::new(&p("band.safetensors"))).unwrap();
+    assert_eq!(band.meta.samples, 4); // lengths 3, 5, 6, 8 of 0, 3, 5, 6, 8, 9
+    run_ok(&mut score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--select",
+        "hardest",
+        "--out",
+        &p("hard.safetensors"),
+    ]));
+    let hard = Stats::load(Path::new(&p("hard.safetensors"))).unwrap();
+    assert_eq!(hard.meta.samples, 2); // prompt 1: 0 of 2 correct
+                                      // Summing statistics of different token rules is refused.
+    let e = st.clone().add(&band).unwrap_err().to_string();
+    assert!(e.contains("different token rules"), "{e}");
+
+    // Bad inputs, each a clear error.
+    let e = run_err(&mut score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--calib",
+        &p("t.jsonl"),
+        "--tokens",
+        "generated",
+        "--out",
+        &p("x.safetensors"),
+    ]));
+    assert!(
+        e.contains("--tokens generated") && e.contains("--calib"),
+        "{e}"
+    );
+    let other = "ab".repeat(32);
+    write_traces(Path::new(&p("other.jsonl")), &other, &gen, &ok);
+    let e = run_err(&mut score(&[
+        "--traces",
+        &p("other.jsonl"),
+        "--out",
+        &p("x.safetensors"),
+    ]));
+    assert!(
+        e.contains("other.jsonl") && e.contains("another tokenizer"),
+        "{e}"
+    );
+    let none = [None; 6];
+    write_traces(Path::new(&p("nogold.jsonl")), &digest, &gen, &none);
+    for sel in ["correct", "hardest"] {
+        let e = run_err(&mut score(&[
+            "--traces",
+            &p("nogold.jsonl"),
+            "--select",
+            sel,
+            "--out",
+            &p("x.safetensors"),
+        ]));
+        assert!(
+            e.contains("nogold.jsonl") && e.contains("keeps none") && e.contains("gold"),
+            "{e}"
+        );
+    }
+    for bad in ["length-band 80,20", "length-band 5", "easiest"] {
+        let e = run_err(&mut score(&[
+            "--traces",
+            &p("t.jsonl"),
+            "--select",
+            bad,
+            "--out",
+            &p("x.safetensors"),
+        ]));
+        assert!(e.contains("--select") || e.contains("selection"), "{e}");
+    }
+    let e = run_err(&mut score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--max-seq-len",
+        "1",
+        "--out",
+        &p("x.safetensors"),
+    ]));
+    assert!(e.contains("--max-seq-len 1"), "{e}");
+    assert!(!Path::new(&p("x.safetensors")).exists());
+}
