@@ -296,3 +296,38 @@ fn score_over_traces_and_its_bad_inputs() {
     assert!(e.contains("--max-seq-len 1"), "{e}");
     assert!(!Path::new(&p("x.safetensors")).exists());
 }
+
+/// Trace perplexity with `--tokens generated` (METHODS.md §8, §11): its mean
+/// NLL is PyTorch's mean cross-entropy over the positions whose target is
+/// generated (the fixture's `ce.J`); with every token counted it is the
+/// plain next-token NLL of each sequence, which differs.
+#[test]
+fn trace_perplexity_matches_pytorch() {
+    use rku_engine::eval::ppl::trace_perplexity;
+    let (seqs, r) = reference_seqs();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let got = trace_perplexity(&be, &model, &seqs).unwrap();
+    let want = r["ce.J"].data[0];
+    assert!(
+        ((got.nll - want) / want).abs() < 1e-5,
+        "mean NLL {} vs {want}",
+        got.nll
+    );
+    let predicted: usize = seqs.iter().map(Sequence::predicted).sum();
+    assert_eq!(got.tokens, predicted);
+    assert_eq!((got.windows, got.seq_len), (3, 13));
+    let all: Vec<Sequence> = seqs
+        .iter()
+        .map(|s| Sequence {
+            counted_from: 0,
+            ..s.clone()
+        })
+        .collect();
+    let whole = trace_perplexity(&be, &model, &all).unwrap();
+    assert_eq!(
+        whole.tokens,
+        all.iter().map(|s| s.ids.len() - 1).sum::<usize>()
+    );
+    assert_ne!(whole.nll, got.nll);
+}

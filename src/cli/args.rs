@@ -602,8 +602,8 @@ pub struct ReportArgs {
 #[derive(Args)]
 pub struct TextArgs {
     /// Plain text, or .jsonl (each row's --field, rows joined by a blank line).
-    #[arg(long, value_parser = existing_file)]
-    pub text: PathBuf,
+    #[arg(long, required_unless_present = "traces", conflicts_with = "traces", value_parser = existing_file)]
+    pub text: Option<PathBuf>,
     /// jsonl field to read (e.g. `0` for the evals passages); default `text`.
     #[arg(long)]
     pub field: Option<String>,
@@ -616,6 +616,18 @@ pub struct PplArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub text: TextArgs,
+    /// Trace perplexity instead (METHODS.md §8, §11): each trace of this
+    /// file (from `traces`, with this model's tokenizer) is one sequence;
+    /// --seq-len, --max-windows and --batch do not apply.
+    #[arg(long, value_parser = existing_file)]
+    pub traces: Option<PathBuf>,
+    /// With --traces: the predictions that count: all, or generated (only
+    /// generated tokens are scored; the prompt is context).
+    #[arg(long, value_enum, requires = "traces", default_value_t = TokenRule::All)]
+    pub tokens: TokenRule,
+    /// With --traces: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "traces", value_parser = selection, default_value = "all")]
+    pub select: Selection,
     /// Tokens per window.
     #[arg(long, default_value_t = 128, value_parser = seq_len)]
     pub seq_len: usize,

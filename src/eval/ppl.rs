@@ -1,6 +1,6 @@
 //! Token perplexity over non-overlapping windows (METHODS.md section 8).
 use crate::backend::Backend;
-use crate::model::forward::nll;
+use crate::model::forward::{forward, nll};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -75,6 +75,72 @@ pub fn perplexity<B: Backend>(
         nll: mean,
         windows,
         seq_len,
+        tokens: count,
+    })
+}
+
+/// Trace perplexity (METHODS.md sections 8 and 11): exp(mean NLL) over the
+/// positions of each sequence whose next token counts (target index ≥
+/// `counted_from`: with `--tokens generated`, the generated tokens only,
+/// the prompt being context). Each sequence is one forward pass of its own
+/// length. `windows` in the result is the number of sequences and
+/// `seq_len` the longest.
+pub fn trace_perplexity<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    seqs: &[crate::prune::calibrate::Sequence],
+) -> Result<PplResult> {
+    let c = &model.cfg;
+    let (mut total, mut count) = (0f64, 0usize);
+    let progress = Progress::new(seqs.len() as u64, "trace perplexity");
+    for s in seqs {
+        let t = s.ids.len();
+        let first = s.counted_from.max(1); // index of the first counted target
+        if t <= first {
+            progress.inc(1);
+            continue; // nothing of this sequence is predicted
+        }
+        let geo = Geometry { seqs: 1, t };
+        let out = forward(be, model, &s.ids, geo, false)?;
+        // targets[i] = ids[i+1] when i+1 ≥ first, else not predicted
+        let targets: Vec<u32> = (0..t)
+            .map(|i| match s.ids.get(i + 1) {
+                Some(&id) if i + 1 >= first => id,
+                _ => u32::MAX,
+            })
+            .collect();
+        let (sum, n, _) = be.cross_entropy(
+            &out.z,
+            model.lm_head(),
+            &targets,
+            t,
+            c.hidden,
+            c.vocab,
+            1.0,
+            false,
+        )?;
+        total += sum;
+        count += n;
+        progress.inc(1);
+    }
+    progress.finish();
+    if count == 0 {
+        return Err(Error::Invalid(
+            "the traces have no counted token to predict".into(),
+        ));
+    }
+    let mean = total / count as f64;
+    if !mean.is_finite() {
+        return Err(Error::Invalid(format!(
+            "the mean NLL over {} traces is {mean}: the model's logits are not finite",
+            seqs.len()
+        )));
+    }
+    Ok(PplResult {
+        ppl: mean.exp(),
+        nll: mean,
+        windows: seqs.len(),
+        seq_len: seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0),
         tokens: count,
     })
 }

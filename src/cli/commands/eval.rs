@@ -5,19 +5,34 @@ use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
 use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
-use rku_engine::eval::ppl::perplexity;
+use rku_engine::eval::ppl::{perplexity, trace_perplexity};
 use rku_engine::io::text::{read_text, Tokenizer};
+use rku_engine::prune::traces::trace_sequences;
 
 pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
-    let tok = Tokenizer::load(&a.model)?;
-    let text = read_text(&a.text.text, a.text.field.as_deref())?;
-    let ids = tok.encode(&text)?;
-    let r = perplexity(be, &model, &ids, a.seq_len, a.max_windows, a.batch)?;
-    println!(
-        "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens)",
-        r.ppl, r.nll, r.windows, r.seq_len, r.tokens
-    );
+    let r = match (&a.traces, &a.text.text) {
+        (Some(path), _) => {
+            let t = trace_sequences(path, &a.model, a.select, a.tokens, None)?;
+            let r = trace_perplexity(be, &model, &t.seqs)?;
+            println!(
+                "trace perplexity {:.4} (mean NLL {:.5}) over {} of {} traces ({} tokens, --tokens {}, --select {}), up to {} tokens each",
+                r.ppl, r.nll, r.windows, t.total, r.tokens, a.tokens, a.select, r.seq_len
+            );
+            r
+        }
+        (None, Some(text)) => {
+            let tok = Tokenizer::load(&a.model)?;
+            let ids = tok.encode(&read_text(text, a.text.field.as_deref())?)?;
+            let r = perplexity(be, &model, &ids, a.seq_len, a.max_windows, a.batch)?;
+            println!(
+                "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens)",
+                r.ppl, r.nll, r.windows, r.seq_len, r.tokens
+            );
+            r
+        }
+        (None, None) => anyhow::bail!("eval ppl needs --text FILE or --traces FILE"),
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }
