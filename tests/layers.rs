@@ -12,6 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["io", "backend"],
     &["model"],
     &["prune", "eval", "plan"],
+    &["recover"],
     &["report"],
     &["cli"],
 ];

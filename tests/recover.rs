@@ -500,3 +500,25 @@ fn bad_inputs_are_refused() {
     assert!(err.contains("padded"), "{err}");
     assert!(!out.exists());
 }
+
+/// With `--stream` (layers uploaded as each pass reaches them, for the
+/// student and the teacher) the recovered model is the same, bit for bit.
+#[test]
+fn streamed_recovery_equals_resident() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, text) = pruned_student(tmp.path());
+    let (resident, streamed) = (tmp.path().join("resident"), tmp.path().join("streamed"));
+    run_ok(&mut recover_cmd(
+        &student,
+        &text,
+        &["--steps", "3"],
+        &resident,
+    ));
+    let args = ["--steps", "3", "--stream"];
+    run_ok(&mut recover_cmd(&student, &text, &args, &streamed));
+    assert_eq!(
+        std::fs::read(resident.join("model.safetensors")).unwrap(),
+        std::fs::read(streamed.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(losses(&resident), losses(&streamed));
+}

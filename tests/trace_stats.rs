@@ -331,3 +331,76 @@ fn trace_perplexity_matches_pytorch() {
     );
     assert_ne!(whole.nll, got.nll);
 }
+
+/// Windows and traces together add their counts; `--select correct` keeps
+/// the graded-correct traces; `prune --traces` and `eval ppl --traces` run
+/// end to end on the same file.
+#[test]
+fn traces_with_windows_prune_and_trace_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let digest = tokenizer_digest(&fixture("tiny-llama3")).unwrap();
+    let gen = [3, 8, 5, 0, 6, 9];
+    let ok = [Some(true), Some(false), Some(true), None, None, None];
+    write_traces(Path::new(&p("t.jsonl")), &digest, &gen, &ok);
+    let text = calib_text(dir.path(), 200);
+    let windows = [
+        "--calib",
+        text.to_str().unwrap(),
+        "--samples",
+        "2",
+        "--seq-len",
+        "8",
+    ];
+    let load = |n: &str| Stats::load(Path::new(&p(n))).unwrap().meta;
+    run_ok(&mut score(&[
+        "--traces",
+        &p("t.jsonl"),
+        "--out",
+        &p("a.safetensors"),
+    ]));
+    run_ok(&mut score(
+        &[&windows[..], &["--out", &p("b.safetensors")]].concat(),
+    ));
+    let (traces, c_out) = (p("t.jsonl"), p("c.safetensors"));
+    let both = [&windows[..], &["--traces", &traces, "--out", &c_out]].concat();
+    run_ok(&mut score(&both));
+    let (a, b, c) = (
+        load("a.safetensors"),
+        load("b.safetensors"),
+        load("c.safetensors"),
+    );
+    assert_eq!(c.tokens, a.tokens + b.tokens);
+    assert_eq!(c.samples, a.samples + b.samples);
+    let correct = [
+        "--traces",
+        &p("t.jsonl"),
+        "--select",
+        "correct",
+        "--out",
+        &p("k.safetensors"),
+    ];
+    run_ok(&mut score(&correct));
+    assert_eq!(load("k.safetensors").samples, 2);
+
+    let pruned = dir.path().join("pruned");
+    run_ok(
+        bin()
+            .args(["prune", "--backend", "cpu", "--model"])
+            .arg(fixture("tiny-llama3"))
+            .args(["--traces", &p("t.jsonl"), "--tokens", "generated"])
+            .args(["--method", "rku", "--sparsity", "0.3", "--out"])
+            .arg(&pruned),
+    );
+    assert!(pruned.join("pruning.json").exists());
+    let out = run_ok(
+        bin()
+            .args(["eval", "ppl", "--backend", "cpu", "--model"])
+            .arg(&pruned)
+            .args(["--traces", &p("t.jsonl"), "--tokens", "generated", "--json"]),
+    );
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let predicted: usize = gen.iter().sum();
+    assert_eq!(r["tokens"].as_u64().unwrap() as usize, predicted);
+    assert!(r["ppl"].as_f64().unwrap().is_finite());
+}

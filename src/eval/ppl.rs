@@ -88,7 +88,7 @@ pub fn perplexity<B: Backend>(
 pub fn trace_perplexity<B: Backend>(
     be: &B,
     model: &Model<B>,
-    seqs: &[crate::prune::calibrate::Sequence],
+    seqs: &[crate::io::traces::Sequence],
 ) -> Result<PplResult> {
     let c = &model.cfg;
     let (mut total, mut count) = (0f64, 0usize);

@@ -9,3 +9,4 @@ pub mod output;
 pub mod safetensors_io;
 pub mod safetensors_out;
 pub mod text;
+pub mod traces;

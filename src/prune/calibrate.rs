@@ -208,26 +208,7 @@ pub fn collect_stats<B: Backend>(
     Ok(stats)
 }
 
-/// One sequence of a statistics pass over sequences of their own lengths
-/// (METHODS.md §11): its token ids, and the first position whose token
-/// counts (0: every token; a trace's prompt length with `--tokens generated`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sequence {
-    pub ids: Vec<u32>,
-    pub counted_from: usize,
-}
-
-impl Sequence {
-    /// Tokens the energy objective and the per-token statistics count.
-    pub fn counted(&self) -> usize {
-        self.ids.len().saturating_sub(self.counted_from)
-    }
-
-    /// Positions whose next-token prediction the ce objective counts.
-    pub fn predicted(&self) -> usize {
-        self.ids.len().saturating_sub(self.counted_from.max(1))
-    }
-}
+pub use crate::io::traces::Sequence;
 
 /// Runs the statistics pass over sequences of any lengths, each counting
 /// its tokens from `counted_from` (METHODS.md §11). No padding is ever

@@ -1,8 +1,8 @@
 //! Statistics over self-generated traces (METHODS.md §11): which traces
 //! of a traces file are scored (`--select`), which of their tokens count
 //! (`--tokens`), and their cut to `--max-seq-len`.
-use crate::eval::traces::{read_traces, tokenizer_digest, TraceRecord};
 use crate::io::text::hex;
+use crate::io::traces::{read_traces, tokenizer_digest, TraceRecord};
 use crate::prune::calibrate::Sequence;
 use crate::prune::stats::TraceSource;
 use crate::{Error, Result};
