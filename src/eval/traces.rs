@@ -425,6 +425,7 @@ pub fn run_traces<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn record() -> TraceRecord {
         TraceRecord {

@@ -145,7 +145,7 @@ fn field<T: DeserializeOwned>(
 
 impl TraceRecord {
     /// A record from one parsed line, every field checked.
-    fn from_json(v: &Value) -> std::result::Result<Self, String> {
+    pub(crate) fn from_json(v: &Value) -> std::result::Result<Self, String> {
         let obj = v.as_object().ok_or("not a JSON object")?;
         exact_keys(obj, &FIELDS, "the record")?;
         let s = obj["sampling"]
