@@ -479,6 +479,22 @@ fn bad_inputs_are_refused() {
         "{err}"
     );
     assert!(!out.exists());
+    // A checkpoint path that is an input, or another kind of file.
+    let text_s = text.to_str().unwrap().to_string();
+    let before = std::fs::read(&text).unwrap();
+    for extra in [
+        vec!["--checkpoint", text_s.as_str(), "--force"],
+        vec!["--checkpoint", text_s.as_str(), "--resume"],
+    ] {
+        let err = run_err(&mut recover_cmd(&student, &text, &extra, &out));
+        assert!(err.contains("calib.txt"), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+    assert_eq!(
+        std::fs::read(&text).unwrap(),
+        before,
+        "an input was touched"
+    );
     // An existing output without --force.
     std::fs::create_dir(&out).unwrap();
     let err = run_err(&mut recover_cmd(&student, &text, &["--steps", "1"], &out));

@@ -3,7 +3,7 @@
 //! pass per objective, accumulating per-channel sums in f64.
 use crate::backend::Backend;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
-use crate::model::backward::{backward_channel_stats, backward_channel_stats_counted};
+use crate::model::backward::backward_channel_stats_counted;
 use crate::model::forward::{forward, synthetic_ids};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
@@ -162,50 +162,93 @@ pub fn collect_stats<B: Backend>(
         let seqs = spec.batch.max(1).min(n_seq - s0);
         let ids = &windows[s0 * t..(s0 + seqs) * t];
         let geo = Geometry { seqs, t };
-        let fwd = forward(be, model, ids, geo, true)?;
-        if spec.objectives.energy {
-            let (obj, at) = (Objective::Energy, spec.energy_at);
-            backward_channel_stats(be, model, &fwd, ids, geo, obj, at, energy_scale, |l, p| {
-                let s = &mut stats.layers[l];
-                add(&mut s.s1, &p.s1);
-                add(&mut s.s2, &p.s2);
-                add(&mut s.f2, &p.f2);
-                add(&mut s.k1, &p.k1);
-                Ok(())
-            })?;
-        }
-        if spec.objectives.ce {
-            let first = !spec.objectives.energy;
-            backward_channel_stats(
-                be,
-                model,
-                &fwd,
-                ids,
-                geo,
-                Objective::Ce,
-                EnergyAt::FinalNorm, // not read by the ce objective
-                ce_scale,
-                |l, p| {
-                    let s = &mut stats.layers[l];
-                    if first {
-                        add(&mut s.s1, &p.s1);
-                        add(&mut s.s2, &p.s2);
-                    }
-                    // tk = Σ_sequences |Σ_{t in sequence} h·g|
-                    let m = s.tk.len();
-                    for seq in p.hg_seq.chunks_exact(m) {
-                        s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
-                    }
-                    Ok(())
-                },
-            )?;
-        }
+        score_batch(
+            be,
+            model,
+            &mut stats,
+            ids,
+            geo,
+            spec.objectives,
+            spec.energy_at,
+            (energy_scale, ce_scale),
+            None,
+        )?;
         s0 += seqs;
         progress.inc(seqs as u64);
     }
     progress.finish();
     stats.check_shapes()?;
     Ok(stats)
+}
+
+/// One batch of a statistics pass: the forward pass over `ids`, then the
+/// backward pass of each objective run, its per-channel sums added into
+/// `stats` (s1, s2 once: from the energy pass, else from the ce pass).
+/// `scales` = (energy, ce) normalisers over the whole calibration set;
+/// `counted` masks the rows that count (METHODS.md §11), `None` all.
+#[allow(clippy::too_many_arguments)]
+fn score_batch<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    stats: &mut Stats,
+    ids: &[u32],
+    geo: Geometry,
+    objectives: Objectives,
+    energy_at: EnergyAt,
+    (energy_scale, ce_scale): (f32, f32),
+    counted: Option<&[bool]>,
+) -> Result<()> {
+    let fwd = forward(be, model, ids, geo, true)?;
+    if objectives.energy {
+        let (obj, at) = (Objective::Energy, energy_at);
+        backward_channel_stats_counted(
+            be,
+            model,
+            &fwd,
+            ids,
+            geo,
+            obj,
+            at,
+            energy_scale,
+            counted,
+            |l, p| {
+                let s = &mut stats.layers[l];
+                add(&mut s.s1, &p.s1);
+                add(&mut s.s2, &p.s2);
+                add(&mut s.f2, &p.f2);
+                add(&mut s.k1, &p.k1);
+                Ok(())
+            },
+        )?;
+    }
+    if objectives.ce {
+        let first = !objectives.energy;
+        backward_channel_stats_counted(
+            be,
+            model,
+            &fwd,
+            ids,
+            geo,
+            Objective::Ce,
+            EnergyAt::FinalNorm, // not read by the ce objective
+            ce_scale,
+            counted,
+            |l, p| {
+                let s = &mut stats.layers[l];
+                if first {
+                    add(&mut s.s1, &p.s1);
+                    add(&mut s.s2, &p.s2);
+                }
+                // tk = Σ_sequences |Σ_{t in sequence} h·g|
+                let m = s.tk.len();
+                for seq in p.hg_seq.chunks_exact(m) {
+                    s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
+                }
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
 }
 
 pub use crate::io::traces::Sequence;
@@ -280,55 +323,17 @@ pub fn collect_sequence_stats<B: Backend>(
                 seqs: batch.len(),
                 t,
             };
-            let fwd = forward(be, model, &ids, geo, true)?;
-            if spec.objectives.energy {
-                let (obj, at) = (Objective::Energy, spec.energy_at);
-                backward_channel_stats_counted(
-                    be,
-                    model,
-                    &fwd,
-                    &ids,
-                    geo,
-                    obj,
-                    at,
-                    energy_scale,
-                    mask.as_deref(),
-                    |l, p| {
-                        let s = &mut stats.layers[l];
-                        add(&mut s.s1, &p.s1);
-                        add(&mut s.s2, &p.s2);
-                        add(&mut s.f2, &p.f2);
-                        add(&mut s.k1, &p.k1);
-                        Ok(())
-                    },
-                )?;
-            }
-            if spec.objectives.ce {
-                let first = !spec.objectives.energy;
-                backward_channel_stats_counted(
-                    be,
-                    model,
-                    &fwd,
-                    &ids,
-                    geo,
-                    Objective::Ce,
-                    EnergyAt::FinalNorm, // not read by the ce objective
-                    ce_scale,
-                    mask.as_deref(),
-                    |l, p| {
-                        let s = &mut stats.layers[l];
-                        if first {
-                            add(&mut s.s1, &p.s1);
-                            add(&mut s.s2, &p.s2);
-                        }
-                        let m = s.tk.len();
-                        for seq in p.hg_seq.chunks_exact(m) {
-                            s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
-                        }
-                        Ok(())
-                    },
-                )?;
-            }
+            score_batch(
+                be,
+                model,
+                &mut stats,
+                &ids,
+                geo,
+                spec.objectives,
+                spec.energy_at,
+                (energy_scale, ce_scale),
+                mask.as_deref(),
+            )?;
             progress.inc(batch.len() as u64);
         }
     }

@@ -37,6 +37,9 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         .checkpoint
         .clone()
         .unwrap_or_else(|| checkpoint_path(&a.out));
+    // Refused now, not at the first save: a checkpoint path that is an
+    // input, a link or another kind of file.
+    rku_engine::io::output::check(&ckpt, checkpoint::CHECKPOINT_FILE, true)?;
     let ckpt_exists = ckpt.symlink_metadata().is_ok();
     if ckpt_exists && !a.resume && !a.force {
         bail!(
