@@ -654,3 +654,141 @@ fn report_recover_rows_match_prune_recover_and_resume() {
     assert!(e.contains("recover.steps") && e.contains("+lora"), "{e}");
     assert!(!e.contains("rku-s0.3+refit.prune"), "{e}");
 }
+
+/// `--traces` calibrates every method a second time on self-generated
+/// traces (rows `<method>@traces`, the calibration column) and
+/// `--trace-ppl` adds trace perplexity: each trace-calibrated cell equals
+/// `prune --traces`, then `eval ppl --traces`; the report resumes, and
+/// another token rule invalidates only the trace-calibrated cells.
+#[test]
+fn report_trace_calibration_rows_match_prune_traces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let (calib, held_out) = (tmp.path().join("t.jsonl"), tmp.path().join("h.jsonl"));
+    for (out, skip) in [(&calib, 1), (&held_out, 0)] {
+        let prompts = tmp.path().join(format!("p{skip}.jsonl"));
+        let rows: Vec<String> = GSM.lines().skip(skip).map(str::to_string).collect();
+        std::fs::write(&prompts, rows.join("\n") + "\n").unwrap();
+        run_ok(
+            bin()
+                .args(["traces", "--backend", "cpu", "--max-new-tokens", "6"])
+                .arg("--model")
+                .arg(fixture("tiny-qwen2"))
+                .arg("--prompts")
+                .arg(&prompts)
+                .arg("--out")
+                .arg(out),
+        );
+    }
+    let out = tmp.path().join("report");
+    let (c, h) = (calib.to_str().unwrap(), held_out.to_str().unwrap());
+    let args = |tokens: &'static str| {
+        vec![
+            "--methods",
+            "rku,wanda-struct",
+            "--traces",
+            c,
+            "--traces-tokens",
+            tokens,
+            "--trace-ppl",
+            h,
+        ]
+    };
+    let first = run_ok(&mut small("tiny-qwen2", &i.text, &out, &args("generated")));
+    // stats, stats@traces, dense.{ppl,trace_ppl}, and for each of the two
+    // methods and two calibrations: prune, ppl, trace_ppl.
+    assert_eq!(counts(&first).0, 16, "{first}");
+    let r = read_json(&out.join("report.json"));
+    let rows: Vec<(&str, &str)> = (r["cells"].as_array().unwrap().iter())
+        .map(|c| {
+            (
+                c["method"].as_str().unwrap(),
+                c["calibration"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("rku", "text"),
+            ("rku@traces", "traces"),
+            ("wanda-struct", "text"),
+            ("wanda-struct@traces", "traces")
+        ]
+    );
+    assert_eq!(r["methods"][1]["method"], "rku");
+    assert_eq!(r["traces_stats"]["samples"], 3);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| method | calibration | allocation |"), "{md}");
+    assert!(md.contains("| rku | traces |"), "{md}");
+    assert!(md.contains("trace ppl"), "{md}");
+    // The text and trace masks are compared in the IoU matrix.
+    assert_eq!(
+        r["iou"][0]["methods"],
+        serde_json::json!(["rku", "rku@traces", "wanda-struct", "wanda-struct@traces"])
+    );
+    // The trace perplexity plot: one line per row and the dense reference,
+    // the trace rows in a lighter shade of their method's colour.
+    let plot = (r["plots"].as_array().unwrap().iter())
+        .find(|p| p["file"] == "plots/trace-ppl.svg")
+        .expect("a trace perplexity plot");
+    let colors: Vec<&str> = (plot["series"].as_array().unwrap().iter())
+        .map(|s| s["color"].as_str().unwrap())
+        .collect();
+    assert_eq!(colors.len(), 5);
+    assert_eq!(colors[0], "#1f77b4");
+    assert_eq!(colors[1], "#8fbbd9");
+    assert!(out.join("plots/trace-ppl.svg").exists());
+
+    // The same through the single commands.
+    let pruned = tmp.path().join("pruned");
+    run_ok(
+        bin()
+            .args(["prune", "--backend", "cpu", "--model"])
+            .arg(fixture("tiny-qwen2"))
+            .args(["--traces", c, "--tokens", "generated"])
+            .args(["--method", "rku", "--sparsity", "0.3", "--out"])
+            .arg(&pruned),
+    );
+    let kept = read_json(&out.join("cells/rku-s0.3@traces.prune.json"))["value"]["kept"].clone();
+    assert_eq!(read_json(&pruned.join("pruning.json"))["kept"], kept);
+    let ppl = json_line(&run_ok(
+        bin()
+            .args(["eval", "ppl", "--backend", "cpu", "--model"])
+            .arg(&pruned)
+            .args(["--traces", h, "--tokens", "generated", "--json"]),
+    ));
+    assert_eq!(r["cells"][1]["trace_ppl"]["ppl"], ppl["ppl"]);
+    assert_eq!(r["cells"][1]["trace_ppl"]["tokens"], ppl["tokens"]);
+    // The text-calibrated mask is another one.
+    assert_ne!(
+        read_json(&out.join("cells/rku-s0.3.prune.json"))["value"]["kept"],
+        kept
+    );
+
+    // Resumes; another token rule makes only the trace-calibrated cells stale.
+    let again = run_ok(&mut small("tiny-qwen2", &i.text, &out, &args("generated")));
+    assert_eq!(counts(&again).0, 0);
+    let e = run_err(&mut small("tiny-qwen2", &i.text, &out, &args("all")));
+    assert!(
+        e.contains("traces.tokens") && e.contains("stats@traces"),
+        "{e}"
+    );
+    assert!(!e.contains("rku-s0.3.prune,"), "{e}");
+    let forced = [&args("all")[..], &["--force"]].concat();
+    // stats@traces, and the two prune and four eval cells of the trace rows.
+    assert_eq!(
+        counts(&run_ok(&mut small("tiny-qwen2", &i.text, &out, &forced))).0,
+        7
+    );
+
+    // The refit and the recovery run on windows only: refused with traces.
+    let refit = [&args("generated")[..], &["--refit"]].concat();
+    let e = run_err(&mut small(
+        "tiny-qwen2",
+        &i.text,
+        &tmp.path().join("r2"),
+        &refit,
+    ));
+    assert!(e.contains("--traces with --refit"), "{e}");
+}

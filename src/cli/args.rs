@@ -505,6 +505,22 @@ pub struct ReportArgs {
     pub calib: PathBuf,
     #[command(flatten)]
     pub windows: WindowArgs,
+    /// Also calibrate every method on these self-generated traces (from
+    /// `traces`, with this model's tokenizer): a second statistics pass,
+    /// and every mask once per calibration, side by side (rows
+    /// `<method>@traces`, the calibration column).
+    #[arg(long, value_parser = existing_file)]
+    pub traces: Option<PathBuf>,
+    /// With --traces: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "traces", value_parser = selection, default_value = "all")]
+    pub traces_select: Selection,
+    /// With --traces: the positions the statistics count: all, or
+    /// generated (the prompt is context only).
+    #[arg(long, value_enum, requires = "traces", default_value_t = TokenRule::All)]
+    pub traces_tokens: TokenRule,
+    /// With --traces: cut longer traces to this many tokens.
+    #[arg(long, requires = "traces", value_parser = seq_len)]
+    pub traces_max_seq_len: Option<usize>,
     /// Methods, comma-separated, each with its own allocation; the
     /// statistics pass runs the objectives they need.
     #[arg(
@@ -535,6 +551,17 @@ pub struct ReportArgs {
     /// Score at most this many perplexity windows.
     #[arg(long, value_parser = count)]
     pub ppl_max_windows: Option<usize>,
+    /// Traces (from `traces` with the dense model, on held-out prompts) for
+    /// trace perplexity (as `eval ppl --traces`); omitted: no trace ppl column.
+    #[arg(long, value_parser = existing_file)]
+    pub trace_ppl: Option<PathBuf>,
+    /// With --trace-ppl: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "trace_ppl", value_parser = selection, default_value = "all")]
+    pub trace_ppl_select: Selection,
+    /// With --trace-ppl: the predictions that count: generated (default:
+    /// the model's own reasoning given the prompt) or all.
+    #[arg(long, value_enum, requires = "trace_ppl", default_value_t = TokenRule::Generated)]
+    pub trace_ppl_tokens: TokenRule,
     /// GSM8K-style problems (jsonl, as `eval gen`); omitted: no gen column.
     #[arg(long, value_parser = existing_file)]
     pub gen_data: Option<PathBuf>,

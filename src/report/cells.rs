@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Metric {
     Ppl,
+    /// Perplexity over the generated tokens of a traces file (METHODS.md §8).
+    TracePpl,
     Gen,
     Mc,
     /// Prefill time against the dense model (pruned models only).
@@ -32,6 +34,7 @@ impl Metric {
     pub fn name(self) -> &'static str {
         match self {
             Metric::Ppl => "ppl",
+            Metric::TracePpl => "trace_ppl",
             Metric::Gen => "gen",
             Metric::Mc => "mc",
             Metric::Prefill => "prefill",
@@ -39,22 +42,52 @@ impl Metric {
     }
 }
 
-/// Which model of a mask a pruned cell is: as cut, refitted (METHODS.md
-/// §9), recovered by LoRA distillation (§10), or refitted then recovered.
+/// What a statistics pass (and so a mask) is calibrated on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calibration {
+    /// Windows of the calibration text (`--calib`).
+    Text,
+    /// The selected sequences of a traces file (`--traces`, METHODS.md §11).
+    Traces,
+}
+
+impl Calibration {
+    pub fn name(self) -> &'static str {
+        match self {
+            Calibration::Text => "text",
+            Calibration::Traces => "traces",
+        }
+    }
+
+    /// What cell and model names append: nothing for text (the names of
+    /// reports without traces), `@traces`.
+    fn tag(self) -> &'static str {
+        match self {
+            Calibration::Text => "",
+            Calibration::Traces => "@traces",
+        }
+    }
+}
+
+/// Which model of a method at a sparsity a pruned cell is: the mask's
+/// calibration, and the mask's model as cut, refitted (METHODS.md §9),
+/// recovered by LoRA distillation (§10), or refitted then recovered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Variant {
+    pub calib: Calibration,
     pub refit: bool,
     pub recover: bool,
 }
 
 impl Variant {
-    /// The mask's export as cut.
+    /// The text-calibrated mask's export as cut.
     pub const PLAIN: Variant = Variant {
+        calib: Calibration::Text,
         refit: false,
         recover: false,
     };
 
-    /// What names and labels append: `+refit`, `+lora`, `+refit+lora`.
+    /// What row labels append: `+refit`, `+lora`, `+refit+lora`.
     pub fn suffix(self) -> &'static str {
         match (self.refit, self.recover) {
             (false, false) => "",
@@ -63,12 +96,22 @@ impl Variant {
             (true, true) => "+refit+lora",
         }
     }
+
+    /// The model as cut from the same mask.
+    pub fn mask(self) -> Variant {
+        Variant {
+            refit: false,
+            recover: false,
+            ..self
+        }
+    }
 }
 
 /// One unit of resumable work.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Cell {
-    Stats,
+    /// The statistics pass over one calibration.
+    Stats(Calibration),
     Dense(Metric),
     /// A mask and its model: the export as cut, or its `variant`.
     Prune {
@@ -84,17 +127,22 @@ pub enum Cell {
     },
 }
 
-/// The name of a pruned model in a report: `<method>-s<sparsity>` and the
-/// variant's suffix.
+/// The name of a pruned model in a report: `<method>-s<sparsity>`, the
+/// calibration's tag and the variant's suffix (`rku-s0.4@traces+refit`).
 pub fn variant_name(method: Method, sparsity: Sparsity, variant: Variant) -> String {
-    format!("{}{}", model_name(method, sparsity), variant.suffix())
+    format!(
+        "{}{}{}",
+        model_name(method, sparsity),
+        variant.calib.tag(),
+        variant.suffix()
+    )
 }
 
 impl Cell {
     /// The cell's file stem under `cells/`.
     pub fn name(&self) -> String {
         match *self {
-            Cell::Stats => "stats".into(),
+            Cell::Stats(c) => format!("stats{}", c.tag()),
             Cell::Dense(m) => format!("dense.{}", m.name()),
             Cell::Prune {
                 method,
@@ -116,8 +164,9 @@ impl Cell {
 }
 
 /// The inputs of a report, as recorded in `fingerprint.json`: sections
-/// `backend`, `model`, `calib`, `prune`, and `refit`, `recover`, `ppl`, `gen`, `mc`,
-/// `prefill` when requested (absent otherwise).
+/// `backend`, `model`, `calib`, `prune`, and `traces`, `refit`, `recover`,
+/// `ppl`, `trace_ppl`, `gen`, `mc`, `prefill` when requested (absent
+/// otherwise).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fingerprint(pub Value);
 
@@ -137,18 +186,24 @@ impl Fingerprint {
 
     /// The key of `cell` under these inputs.
     pub fn key(&self, cell: &Cell) -> String {
-        let stats = || {
-            json!([
+        let stats = |c: Calibration| match c {
+            Calibration::Text => json!([
                 "stats",
                 self.part("backend"),
                 self.part("model"),
                 self.part("calib")
-            ])
+            ]),
+            Calibration::Traces => json!([
+                "stats",
+                self.part("backend"),
+                self.part("model"),
+                self.part("traces")
+            ]),
         };
         let prune = |method: Method, sparsity: Sparsity, variant: Variant| {
             let mask = json!([
                 "prune",
-                digest(&stats()),
+                digest(&stats(variant.calib)),
                 self.part("prune"),
                 method.name(),
                 sparsity
@@ -163,7 +218,7 @@ impl Fingerprint {
             }
         };
         digest(&match *cell {
-            Cell::Stats => stats(),
+            Cell::Stats(c) => stats(c),
             Cell::Dense(m) => json!([
                 "dense",
                 self.part("backend"),
@@ -339,6 +394,7 @@ mod tests {
             method: Method::Rku,
             sparsity: Sparsity::new(0.3).unwrap(),
             variant: Variant {
+                calib: Calibration::Text,
                 refit,
                 recover: false,
             },
@@ -347,7 +403,8 @@ mod tests {
         let rku = |metric| pruned(false, metric);
         let (a, b) = (fp("c1", Some("x")), fp("c2", Some("x")));
         // The calibration moves the stats and everything pruned, not the dense evals.
-        assert_ne!(a.key(&Cell::Stats), b.key(&Cell::Stats));
+        let text = Cell::Stats(Calibration::Text);
+        assert_ne!(a.key(&text), b.key(&text));
         assert_ne!(a.key(&rku(Metric::Ppl)), b.key(&rku(Metric::Ppl)));
         assert_eq!(
             a.key(&Cell::Dense(Metric::Ppl)),
@@ -387,6 +444,7 @@ mod tests {
             method: Method::Rku,
             sparsity: Sparsity::new(0.3).unwrap(),
             variant: Variant {
+                calib: Calibration::Text,
                 refit,
                 recover: true,
             },
@@ -405,6 +463,41 @@ mod tests {
         assert_ne!(g.key(&lora(true)), g.key(&lora(false)));
         assert_eq!(lora(true).name(), "rku-s0.3+refit+lora.ppl");
         assert_eq!(lora(false).name(), "rku-s0.3+lora.ppl");
+        // The traces move only the trace-calibrated cells, and the calibration
+        // text only the text-calibrated ones.
+        let on_traces = |metric| Cell::Pruned {
+            method: Method::Rku,
+            sparsity: Sparsity::new(0.3).unwrap(),
+            variant: Variant {
+                calib: Calibration::Traces,
+                ..Variant::PLAIN
+            },
+            metric,
+        };
+        let mut t1 = a.clone();
+        t1.0["traces"] = json!({"digest": "t1", "selection": "all", "tokens": "generated"});
+        let mut t2 = t1.clone();
+        t2.0["traces"]["tokens"] = json!("all");
+        let mut t3 = t1.clone();
+        t3.0["calib"]["digest"] = json!("c9");
+        let traces = Cell::Stats(Calibration::Traces);
+        assert_ne!(t1.key(&traces), t2.key(&traces));
+        assert_ne!(
+            t1.key(&on_traces(Metric::Ppl)),
+            t2.key(&on_traces(Metric::Ppl))
+        );
+        assert_eq!(t1.key(&rku(Metric::Ppl)), t2.key(&rku(Metric::Ppl)));
+        assert_eq!(
+            t1.key(&on_traces(Metric::Ppl)),
+            t3.key(&on_traces(Metric::Ppl))
+        );
+        assert_ne!(t1.key(&on_traces(Metric::Ppl)), t1.key(&rku(Metric::Ppl)));
+        assert_eq!(
+            on_traces(Metric::TracePpl).name(),
+            "rku-s0.3@traces.trace_ppl"
+        );
+        assert_eq!(traces.name(), "stats@traces");
+        assert_eq!(text.name(), "stats");
         assert_eq!(
             b.diff(&a.0),
             vec!["calib.digest: \"c1\" → \"c2\"".to_string()]

@@ -34,6 +34,8 @@ pub struct PrunedInfo {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Evals {
     pub ppl: Option<PplResult>,
+    /// Perplexity over the generated tokens of the `--trace-ppl` traces.
+    pub trace_ppl: Option<PplResult>,
     pub gen: Option<GenResult>,
     pub mc: Option<McResult>,
 }
@@ -48,7 +50,14 @@ pub struct ModelInfo {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct MethodInfo {
+    /// The row's unique label: `rku`, `rku+refit`, `rku@traces+lora`.
     pub name: String,
+    /// The label without the calibration: `rku`, `rku+refit`, `rku+lora`.
+    pub method: String,
+    /// The method alone: `rku`.
+    pub base: String,
+    /// What the mask was calibrated on: `text` or `traces`.
+    pub calibration: String,
     pub allocation: String,
 }
 
@@ -64,7 +73,10 @@ pub struct Size {
 /// One method at one sparsity.
 #[derive(Clone, Debug, Serialize)]
 pub struct CellReport {
+    /// The row's label (`MethodInfo::name`).
     pub method: String,
+    /// `text` or `traces`.
+    pub calibration: String,
     pub sparsity: f64,
     pub size: Option<Size>,
     #[serde(flatten)]
@@ -144,9 +156,11 @@ pub struct Report {
     pub inputs: Value,
     pub model: ModelInfo,
     pub stats: Option<StatsInfo>,
+    /// The statistics pass over the traces (with `--traces`).
+    pub traces_stats: Option<StatsInfo>,
     pub methods: Vec<MethodInfo>,
     pub sparsities: Vec<f64>,
-    /// The evaluations requested: among `ppl`, `gen`, `mc`, `prefill`.
+    /// The evaluations requested: among `ppl`, `trace_ppl`, `gen`, `mc`, `prefill`.
     pub metrics: Vec<String>,
     pub dense: Evals,
     /// Methods × sparsities, sparsity-major in request order.

@@ -47,6 +47,11 @@ fn quality_columns(r: &Report) -> Vec<Column> {
             e.ppl.as_ref().map(|p| format!("{:.2}", p.ppl))
         }));
     }
+    if r.has("trace_ppl") {
+        cols.push(("trace ppl ↓", |e| {
+            e.trace_ppl.as_ref().map(|p| format!("{:.3}", p.ppl))
+        }));
+    }
     if r.has("gen") {
         cols.push(("gen acc ↑", |e| {
             e.gen.as_ref().map(|g| format!("{:.3}", g.accuracy))
@@ -127,6 +132,17 @@ fn inputs(o: &mut String, r: &Report) {
         r.stats.as_ref().map_or(MISSING, |s| s.objectives.as_str()),
         r.inputs["backend"].as_str().unwrap_or("?"),
     );
+    if let (Some(s), Some(t)) = (&r.traces_stats, r.inputs.get("traces")) {
+        let _ = writeln!(
+            o,
+            "- Trace calibration (rows `traces`): a second pass over {} traces of `{}` (selection {}, {} tokens counted: {}).",
+            s.samples,
+            t["path"].as_str().unwrap_or("?"),
+            t["selection"].as_str().unwrap_or("?"),
+            t["tokens"].as_str().unwrap_or("?"),
+            s.tokens
+        );
+    }
     let _ = writeln!(
         o,
         "- Sparsity: the fraction of FFN channels removed; allocation as each method defines it{}.",
@@ -143,6 +159,20 @@ fn inputs(o: &mut String, r: &Report) {
             p.windows,
             p.seq_len,
             p.tokens
+        );
+    }
+    if let (Some(p), Some(t)) = (&r.dense.trace_ppl, r.inputs.get("trace_ppl")) {
+        let _ = writeln!(
+            o,
+            "- trace ppl: `{}` (selection {}), {} traces, {} predicted tokens ({}).",
+            t["path"].as_str().unwrap_or("?"),
+            t["selection"].as_str().unwrap_or("?"),
+            p.windows,
+            p.tokens,
+            match t["tokens"].as_str() {
+                Some("generated") => "generated tokens only",
+                _ => "every token",
+            }
         );
     }
     if let Some(g) = &r.dense.gen {
@@ -182,13 +212,22 @@ fn quality(o: &mut String, r: &Report) {
         return;
     }
     let _ = writeln!(o, "## Quality\n");
-    let mut head = vec!["method".to_string(), "allocation".to_string()];
+    // The calibration column appears when the report has trace-calibrated rows.
+    let calib_col = r.methods.iter().any(|m| m.calibration != "text");
+    let mut head = vec!["method".to_string()];
+    if calib_col {
+        head.push("calibration".into());
+    }
+    head.push("allocation".into());
     for &s in &r.sparsities {
         head.extend(cols.iter().map(|(name, _)| format!("{} {name}", pct(s))));
     }
     header(o, &head);
     // The dense model's values stand in every sparsity group, as the reference.
     let mut dense = vec!["dense".to_string(), MISSING.to_string()];
+    if calib_col {
+        dense.push(MISSING.into());
+    }
     for _ in &r.sparsities {
         dense.extend(
             cols.iter()
@@ -197,7 +236,11 @@ fn quality(o: &mut String, r: &Report) {
     }
     row(o, &dense);
     for m in &r.methods {
-        let mut line = vec![m.name.clone(), m.allocation.clone()];
+        let mut line = vec![m.method.clone()];
+        if calib_col {
+            line.push(m.calibration.clone());
+        }
+        line.push(m.allocation.clone());
         for &s in &r.sparsities {
             let e = r.cell(&m.name, s).map(|c| &c.evals);
             line.extend(

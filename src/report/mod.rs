@@ -8,9 +8,12 @@
 //! ```text
 //! fingerprint.json      the inputs (digests and settings) of the cells
 //! stats.safetensors     the statistics pass, shared by every method
+//! stats@traces.safetensors   with traces, the pass over the traces
 //! cells/*.json          one finished cell each (see `cells`): stats,
 //!                       dense.<metric>, <method>-s<sparsity>.prune (the
-//!                       mask), <method>-s<sparsity>.<metric>; with --refit
+//!                       mask), <method>-s<sparsity>.<metric>; with traces
+//!                       also stats@traces and <method>-s<sparsity>@traces.*,
+//!                       the masks calibrated on the traces; with --refit
 //!                       also <method>-s<sparsity>+refit.{prune,<metric>},
 //!                       the same mask refitted (METHODS.md §9); with
 //!                       --recover-steps also +lora and +refit+lora, each
@@ -38,26 +41,31 @@ use crate::backend::Backend;
 use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
 use crate::eval::iou::read_kept;
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
-use crate::eval::ppl::{perplexity, PplResult};
+use crate::eval::ppl::{perplexity, trace_perplexity, PplResult};
 use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::output::{self, replace_owned, REPORT_DIR};
 use crate::io::text::{read_text, Tokenizer};
+use crate::io::traces::Sequence;
 use crate::model::Model;
 use crate::progress::{println, Progress};
-use crate::prune::calibrate::{collect_stats, down_column_norms, model_digest};
+use crate::prune::calibrate::{
+    collect_sequence_stats, collect_stats, down_column_norms, model_digest,
+};
 use crate::prune::pipeline::{check_stats_match, prune_model};
 use crate::prune::refit::RefitWindows;
+use crate::prune::stats::TraceSource;
+use crate::prune::traces::{sequences_digest, trace_sequences, TraceSequences};
 use crate::prune::{ColumnNorms, ExportLayout, Method, Objectives, PruneJob, Sparsity, Stats};
 use crate::recover::export::export_recovered;
 use crate::recover::{checkpoint_settings, recovery_record, train, RecordSources, RecoverData};
 use crate::{Error, Result};
-use cells::{variant_name, Cell, CellStore, Fingerprint, Metric, State, Variant};
+use cells::{variant_name, Calibration, Cell, CellStore, Fingerprint, Metric, State, Variant};
 use data::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use spec::fingerprint;
-pub use spec::{PplSpec, PrefillSpec, ReportSpec};
+pub use spec::{PplSpec, PrefillSpec, ReportSpec, TracesSpec};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -97,15 +105,19 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
     // Statistics scored for fewer objectives than the methods need are stale too.
     let needed = spec.objectives();
     let mut score = needed;
-    if let Some((s, _)) = store.get::<StatsInfo>("stats", &fp.key(&Cell::Stats))? {
-        let have = objectives_of(&s.objectives);
-        if (needed.energy && !have.energy) || (needed.ce && !have.ce) {
-            stale.push(format!(
-                "stats (scored for {have}; the methods need {needed})"
-            ));
-            // Rescoring keeps what the other methods had.
-            score.energy |= have.energy;
-            score.ce |= have.ce;
+    for calib in spec.calibrations() {
+        let cell = Cell::Stats(calib);
+        if let Some((s, _)) = store.get::<StatsInfo>(&cell.name(), &fp.key(&cell))? {
+            let have = objectives_of(&s.objectives);
+            if (needed.energy && !have.energy) || (needed.ce && !have.ce) {
+                stale.push(format!(
+                    "{} (scored for {have}; the methods need {needed})",
+                    cell.name()
+                ));
+                // Rescoring keeps what the other methods had.
+                score.energy |= have.energy;
+                score.ce |= have.ce;
+            }
         }
     }
     if !stale.is_empty() {
@@ -137,8 +149,11 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
                 store.remove(&c.name())?;
             }
         }
-        if stale.iter().any(|s| s.starts_with("stats")) {
-            store.remove("stats")?;
+        for calib in spec.calibrations() {
+            let name = Cell::Stats(calib).name();
+            if stale.iter().any(|s| s.starts_with(&format!("{name} "))) {
+                store.remove(&name)?;
+            }
         }
     }
     let text = serde_json::to_string_pretty(&fp.0).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -157,11 +172,15 @@ struct Run<'a, B: Backend> {
     tok: Tokenizer,
     calib_ids: Vec<u32>,
     calib_digest: String,
+    /// The selected traces of `--traces` (when given) and their digest.
+    traces: Option<(TraceSequences, String)>,
     /// Objectives a statistics pass runs (if it has to).
     objectives: Objectives,
     ppl_ids: Vec<u32>,
-    /// Loaded on the first pruning.
-    stats: Option<Stats>,
+    /// The sequences of the trace perplexity (empty without it).
+    trace_ppl_seqs: Vec<Sequence>,
+    /// The statistics of each calibration, loaded on its first pruning.
+    stats: Vec<(Calibration, Stats)>,
     norms: Vec<ColumnNorms>,
     progress: Progress,
     computed: usize,
@@ -169,10 +188,37 @@ struct Run<'a, B: Backend> {
     start: Instant,
 }
 
-/// A method's row label: its name and the variant's suffix (`+refit`,
-/// `+lora`, `+refit+lora`).
-fn variant_label(method: Method, variant: Variant) -> String {
+/// A method's row label without its calibration: its name and the
+/// variant's suffix (`+refit`, `+lora`, `+refit+lora`).
+fn method_label(method: Method, variant: Variant) -> String {
     format!("{}{}", method.name(), variant.suffix())
+}
+
+/// A row's unique label: with traces calibration the method label is
+/// tagged (`rku@traces+refit`).
+fn variant_label(method: Method, variant: Variant) -> String {
+    match variant.calib {
+        Calibration::Text => method_label(method, variant),
+        Calibration::Traces => format!("{}@traces{}", method.name(), variant.suffix()),
+    }
+}
+
+/// The selected sequences of a traces file, with a line saying what they are.
+fn read_traces_spec(t: &TracesSpec, model_dir: &Path, what: &str) -> Result<TraceSequences> {
+    let tr = trace_sequences(&t.path, model_dir, t.select, t.tokens, t.max_seq_len)?;
+    println(&format!(
+        "{what}: {} of {} traces selected ({}) from {}, counting {} tokens{}",
+        tr.seqs.len(),
+        tr.total,
+        t.select,
+        t.path.display(),
+        t.tokens,
+        match t.max_seq_len {
+            Some(m) => format!(", {} cut to {m} tokens", tr.truncated),
+            None => String::new(),
+        }
+    ));
+    Ok(tr)
 }
 
 /// Runs (or resumes) the report; returns what `report.json` holds.
@@ -183,6 +229,8 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     let gen = spec.gen.as_ref();
     let inputs = [Some(&spec.model), Some(&spec.calib.path)]
         .into_iter()
+        .chain([spec.traces.as_ref().map(|t| &t.path)])
+        .chain([spec.trace_ppl.as_ref().map(|t| &t.path)])
         .chain([spec.ppl.as_ref().map(|p| &p.text)])
         .chain([
             gen.map(|g| &g.data),
@@ -204,6 +252,18 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     let (calib_ids, calib_digest) = spec.calib.windows(&dense, &tok)?;
     let ppl_ids = match &spec.ppl {
         Some(p) => tok.encode(&read_text(&p.text, p.field.as_deref())?)?,
+        None => Vec::new(),
+    };
+    let traces = match &spec.traces {
+        Some(t) => {
+            let tr = read_traces_spec(t, &spec.model, "calibration traces")?;
+            let digest = sequences_digest(&tr.seqs);
+            Some((tr, digest))
+        }
+        None => None,
+    };
+    let trace_ppl_seqs = match &spec.trace_ppl {
+        Some(t) => read_traces_spec(t, &spec.model, "trace perplexity")?.seqs,
         None => Vec::new(),
     };
     let fp = fingerprint(be.name(), &model_digest(&dense)?, &calib_digest, spec)?;
@@ -228,9 +288,11 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
         tok,
         calib_ids,
         calib_digest,
+        traces,
         objectives,
         ppl_ids,
-        stats: None,
+        trace_ppl_seqs,
+        stats: Vec::new(),
         norms: Vec::new(),
         progress: Progress::new(todo as u64, "report"),
         computed: 0,
@@ -241,18 +303,22 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     .all()
 }
 
-/// Whether `c` is finished under the inputs `fp` (the statistics cell
-/// also needs its file).
+/// The statistics file of a calibration in the report directory `out`.
+fn stats_file(out: &Path, calib: Calibration) -> PathBuf {
+    out.join(format!("{}.safetensors", Cell::Stats(calib).name()))
+}
+
+/// Whether `c` is finished under the inputs `fp` (a statistics cell also
+/// needs its file).
 fn cell_done(store: &CellStore, fp: &Fingerprint, out: &Path, c: &Cell) -> Result<bool> {
-    Ok(store.state(&c.name(), &fp.key(c))? == State::Done
-        && (*c != Cell::Stats || out.join("stats.safetensors").exists()))
+    let file_there = match *c {
+        Cell::Stats(calib) => stats_file(out, calib).exists(),
+        _ => true,
+    };
+    Ok(store.state(&c.name(), &fp.key(c))? == State::Done && file_there)
 }
 
 impl<B: Backend> Run<'_, B> {
-    fn stats_file(&self) -> PathBuf {
-        self.spec.out.join("stats.safetensors")
-    }
-
     fn done(&self, c: &Cell) -> Result<bool> {
         cell_done(&self.store, &self.fp, &self.spec.out, c)
     }
@@ -288,8 +354,10 @@ impl<B: Backend> Run<'_, B> {
     }
 
     fn all(mut self) -> Result<Report> {
-        if !self.done(&Cell::Stats)? {
-            self.score()?;
+        for calib in self.spec.calibrations() {
+            if !self.done(&Cell::Stats(calib))? {
+                self.score(calib)?;
+            }
         }
         let metrics = self.spec.metrics();
         for &m in metrics.iter().filter(|&&m| m != Metric::Prefill) {
@@ -320,31 +388,80 @@ impl<B: Backend> Run<'_, B> {
         self.write_outputs()
     }
 
-    /// The statistics pass.
-    fn score(&mut self) -> Result<()> {
+    /// The calibration digest the statistics of `calib` must carry.
+    fn calib_digest(&self, calib: Calibration) -> Result<&str> {
+        match (calib, &self.traces) {
+            (Calibration::Text, _) => Ok(&self.calib_digest),
+            (Calibration::Traces, Some((_, digest))) => Ok(digest),
+            (Calibration::Traces, None) => Err(Error::Invalid(
+                "a trace-calibrated cell without --traces".into(),
+            )),
+        }
+    }
+
+    /// The statistics pass over one calibration.
+    fn score(&mut self, calib: Calibration) -> Result<()> {
         let t = Instant::now();
         let c = &self.spec.calib;
         let spec = c.spec(self.objectives);
-        println(&format!(
-            "scoring {} x {} calibration tokens ({})",
-            c.samples, c.seq_len, self.objectives
-        ));
-        let s = collect_stats(
-            self.be,
-            &self.dense,
-            &self.calib_ids,
-            spec,
-            self.calib_digest.clone(),
-        )?;
-        s.save(&self.stats_file())?;
+        let s = match (calib, &self.traces) {
+            (Calibration::Traces, Some((tr, digest))) => {
+                let tokens: usize = tr.seqs.iter().map(|s| s.ids.len()).sum();
+                println(&format!(
+                    "scoring {} traces, {tokens} tokens ({})",
+                    tr.seqs.len(),
+                    self.objectives
+                ));
+                let source: TraceSource = tr.source.clone();
+                collect_sequence_stats(
+                    self.be,
+                    &self.dense,
+                    &tr.seqs,
+                    spec,
+                    digest.clone(),
+                    Some(source),
+                )?
+            }
+            _ => {
+                println(&format!(
+                    "scoring {} x {} calibration tokens ({})",
+                    c.samples, c.seq_len, self.objectives
+                ));
+                let digest = self.calib_digest(calib)?.to_string();
+                collect_stats(self.be, &self.dense, &self.calib_ids, spec, digest)?
+            }
+        };
+        s.save(&stats_file(&self.spec.out, calib))?;
         let info = StatsInfo {
             objectives: self.objectives.to_string(),
             samples: s.meta.samples,
             seq_len: s.meta.seq_len,
             tokens: s.meta.tokens,
         };
-        self.stats = Some(s);
-        self.put(&Cell::Stats, t, &info)
+        self.stats.push((calib, s));
+        self.put(&Cell::Stats(calib), t, &info)
+    }
+
+    /// The statistics of `calib`: taken out of the cache, or read from the
+    /// report's file (checked against the model and calibration).
+    fn take_stats(&mut self, calib: Calibration) -> Result<Stats> {
+        if let Some(at) = self.stats.iter().position(|(c, _)| *c == calib) {
+            return Ok(self.stats.swap_remove(at).1);
+        }
+        let path = stats_file(&self.spec.out, calib);
+        let s = Stats::load(&path)?;
+        check_stats_match(&self.dense, &s)?;
+        if s.meta.calib_digest != self.calib_digest(calib)? {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "computed on other calibration data than cells/{}.json records; \
+                     delete that cell to rescore",
+                    Cell::Stats(calib).name()
+                ),
+            ));
+        }
+        Ok(s)
     }
 
     /// The prune cell and the metrics of one method at one sparsity (the
@@ -433,22 +550,7 @@ impl<B: Backend> Run<'_, B> {
         if variant.recover {
             return self.export_recovered(method, sparsity, variant, dir);
         }
-        let stats = match self.stats.take() {
-            Some(s) => s,
-            None => {
-                let path = self.stats_file();
-                let s = Stats::load(&path)?;
-                check_stats_match(&self.dense, &s)?;
-                if s.meta.calib_digest != self.calib_digest {
-                    return Err(Error::format(
-                        &path,
-                        "computed on other calibration windows than cells/stats.json records; \
-                         delete cells/stats.json to rescore",
-                    ));
-                }
-                s
-            }
-        };
+        let stats = self.take_stats(variant.calib)?;
         if self.norms.is_empty() {
             self.norms = down_column_norms(&self.dense)?;
         }
@@ -479,7 +581,7 @@ impl<B: Backend> Run<'_, B> {
             &job,
             windows.as_ref(),
         );
-        self.stats = Some(stats);
+        self.stats.push((variant.calib, stats));
         let r = r?;
         Ok(PrunedInfo {
             allocation: job.allocation.to_string(),
@@ -601,6 +703,10 @@ impl<B: Backend> Run<'_, B> {
                 )?;
                 (to_value(&r)?, format!("perplexity {:.3}", r.ppl))
             }
+            Metric::TracePpl => {
+                let r = trace_perplexity(self.be, model, &self.trace_ppl_seqs)?;
+                (to_value(&r)?, format!("trace perplexity {:.3}", r.ppl))
+            }
             Metric::Gen => {
                 let args = GenArgs {
                     out: Some(records("gen")),
@@ -657,6 +763,7 @@ impl<B: Backend> Run<'_, B> {
         }
         Ok(Evals {
             ppl: typed::<PplResult>(get(Metric::Ppl)?)?,
+            trace_ppl: typed::<PplResult>(get(Metric::TracePpl)?)?,
             gen: typed::<GenResult>(get(Metric::Gen)?)?,
             mc: typed::<McResult>(get(Metric::Mc)?)?,
         })
@@ -686,6 +793,7 @@ impl<B: Backend> Run<'_, B> {
                     };
                     cells.push(CellReport {
                         method: variant_label(method, variant),
+                        calibration: variant.calib.name().into(),
                         sparsity: sparsity.get(),
                         size: pruned.as_ref().map(|p| Size {
                             widths: p.widths.clone(),
@@ -699,8 +807,8 @@ impl<B: Backend> Run<'_, B> {
                         },
                     });
                     // A refit or recovery keeps its mask: the IoU matrices list masks once.
-                    if let (Some(p), true) = (pruned, variant == Variant::PLAIN) {
-                        masks.push((method.name().to_string(), p.kept));
+                    if let (Some(p), true) = (pruned, variant == variant.mask()) {
+                        masks.push((variant_label(method, variant), p.kept));
                     }
                 }
             }
@@ -722,7 +830,11 @@ impl<B: Backend> Run<'_, B> {
                 layers: cfg.layers,
                 ffn_widths: cfg.ffn_widths.clone(),
             },
-            stats: self.value::<StatsInfo>(&Cell::Stats)?,
+            stats: self.value::<StatsInfo>(&Cell::Stats(Calibration::Text))?,
+            traces_stats: match self.spec.traces {
+                Some(_) => self.value::<StatsInfo>(&Cell::Stats(Calibration::Traces))?,
+                None => None,
+            },
             methods: self
                 .spec
                 .methods
@@ -730,6 +842,9 @@ impl<B: Backend> Run<'_, B> {
                 .flat_map(|&m| self.spec.variants().into_iter().map(move |r| (m, r)))
                 .map(|(m, variant)| MethodInfo {
                     name: variant_label(m, variant),
+                    method: method_label(m, variant),
+                    base: m.name().into(),
+                    calibration: variant.calib.name().into(),
                     allocation: m.default_allocation().to_string(),
                 })
                 .collect(),

@@ -2,8 +2,9 @@
 //! against sparsity, one line per method with the dense model as a
 //! horizontal reference, and the kept FFN width of every layer per method
 //! at each sparsity. Each method keeps one colour in every plot (its place
-//! in `Method::ALL`); the dense reference is dark grey.
-use super::data::{PlotInfo, Report, SeriesInfo};
+//! in `Method::ALL`), its trace-calibrated rows a lighter shade of it; the
+//! dense reference is dark grey.
+use super::data::{MethodInfo, PlotInfo, Report, SeriesInfo};
 use crate::io::output::replace_owned;
 use crate::prune::Method;
 use crate::{Error, Result};
@@ -23,12 +24,18 @@ const PALETTE: [(u8, u8, u8); 6] = [
 ];
 const REFERENCE: (u8, u8, u8) = (0x44, 0x44, 0x44);
 
-fn method_color(name: &str) -> (u8, u8, u8) {
+/// A row's colour: its method's, mixed halfway with white for traces.
+fn method_color(m: &MethodInfo) -> (u8, u8, u8) {
     let i = Method::ALL
         .iter()
-        .position(|m| m.name() == name)
+        .position(|x| x.name() == m.base)
         .unwrap_or(0);
-    PALETTE[i % PALETTE.len()]
+    let (r, g, b) = PALETTE[i % PALETTE.len()];
+    let light = |c: u8| ((c as u16 + 255) / 2) as u8;
+    match m.calibration.as_str() {
+        "text" => (r, g, b),
+        _ => (light(r), light(g), light(b)),
+    }
 }
 
 struct Series {
@@ -76,6 +83,16 @@ pub fn write_plots(r: &Report, out: &Path) -> Result<Vec<PlotInfo>> {
             "perplexity".into(),
             YAxis::Log,
             |e| e.ppl.as_ref().map(|p| p.ppl),
+        ));
+    }
+    if r.has("trace_ppl") {
+        charts.push(vs_sparsity(
+            r,
+            "trace-ppl.svg",
+            "Trace perplexity vs sparsity".into(),
+            "trace perplexity".into(),
+            YAxis::Log,
+            |e| e.trace_ppl.as_ref().map(|p| p.ppl),
         ));
     }
     if r.has("gen") {
@@ -158,7 +175,7 @@ fn vs_sparsity(
         .iter()
         .map(|m| Series {
             label: m.name.clone(),
-            color: method_color(&m.name),
+            color: method_color(m),
             points: r
                 .sparsities
                 .iter()
@@ -201,7 +218,7 @@ fn widths_chart(r: &Report, s: f64) -> Chart {
         .iter()
         .map(|m| Series {
             label: m.name.clone(),
-            color: method_color(&m.name),
+            color: method_color(m),
             points: r
                 .cell(&m.name, s)
                 .and_then(|c| c.size.as_ref())

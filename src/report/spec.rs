@@ -1,13 +1,14 @@
 //! What a report is made from (`ReportSpec`), checked before anything
 //! loads, the cells it consists of, and the fingerprint of its inputs that
 //! keys every cell (`cells::Fingerprint`).
-use super::cells::{Cell, Fingerprint, Metric, Variant};
+use super::cells::{Calibration, Cell, Fingerprint, Metric, Variant};
 use crate::eval::gen::GenArgs;
 use crate::eval::mc::McArgs;
 use crate::io::text::hex;
 use crate::model::weights::LoadOptions;
 use crate::prune::calibrate::CalibSource;
 use crate::prune::refit::RefitSpec;
+use crate::prune::traces::{Selection, TokenRule};
 use crate::prune::{Method, Objective, Objectives, Sparsity};
 use crate::recover::RecoverSpec;
 use crate::{Error, Result};
@@ -26,6 +27,17 @@ pub struct PplSpec {
     pub batch: usize,
 }
 
+/// The traces of a traces file, as statistics over them (METHODS.md §11)
+/// or trace perplexity (§8) read them.
+#[derive(Clone, Debug)]
+pub struct TracesSpec {
+    pub path: PathBuf,
+    pub select: Selection,
+    pub tokens: TokenRule,
+    /// Longer traces are cut to this many tokens.
+    pub max_seq_len: Option<usize>,
+}
+
 /// Prefill timing of every pruned model against the dense one.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillSpec {
@@ -38,11 +50,16 @@ pub struct PrefillSpec {
 pub struct ReportSpec {
     pub model: PathBuf,
     pub calib: CalibSource,
+    /// Also calibrate every method on these traces: a second statistics
+    /// pass, and every mask (and its model) once per calibration.
+    pub traces: Option<TracesSpec>,
     pub methods: Vec<Method>,
     pub sparsities: Vec<Sparsity>,
     pub min_keep: Option<usize>,
     pub align: usize,
     pub ppl: Option<PplSpec>,
+    /// Trace perplexity of every model on these traces.
+    pub trace_ppl: Option<TracesSpec>,
     /// Generative evaluation; its `out` is set per model (records/).
     pub gen: Option<GenArgs>,
     /// Multiple choice; its `out` is set per model (records/).
@@ -96,6 +113,14 @@ impl ReportSpec {
         if let Some(r) = &self.recover {
             r.check()?;
         }
+        if self.traces.is_some() && (self.refit.is_some() || self.recover.is_some()) {
+            return bad(
+                "--traces with --refit or --recover-steps: the refit and the recovery \
+                 run on calibration windows only; report the trace-calibrated masks \
+                 as cut (drop --refit/--recover-steps) or in a separate report"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -103,6 +128,7 @@ impl ReportSpec {
     pub(super) fn metrics(&self) -> Vec<Metric> {
         [
             (Metric::Ppl, self.ppl.is_some()),
+            (Metric::TracePpl, self.trace_ppl.is_some()),
             (Metric::Gen, self.gen.is_some()),
             (Metric::Mc, self.mc.is_some()),
             (Metric::Prefill, self.prefill.is_some()),
@@ -115,7 +141,7 @@ impl ReportSpec {
     /// Every cell of the report, in the order they are computed.
     pub(super) fn plan(&self) -> Vec<Cell> {
         let metrics = self.metrics();
-        let mut cells = vec![Cell::Stats];
+        let mut cells: Vec<Cell> = self.calibrations().into_iter().map(Cell::Stats).collect();
         cells.extend(
             metrics
                 .iter()
@@ -142,8 +168,18 @@ impl ReportSpec {
         cells
     }
 
-    /// The models of each mask: as cut, refitted with `refit`, and each of
-    /// those recovered with `recover`.
+    /// The calibrations the masks are made from: the text, and the traces
+    /// when given.
+    pub(super) fn calibrations(&self) -> Vec<Calibration> {
+        match self.traces {
+            Some(_) => vec![Calibration::Text, Calibration::Traces],
+            None => vec![Calibration::Text],
+        }
+    }
+
+    /// The models of a method at a sparsity: its mask from every
+    /// calibration, as cut, refitted with `refit`, and each of those
+    /// recovered with `recover`.
     pub(super) fn variants(&self) -> Vec<Variant> {
         let refits: &[bool] = match self.refit {
             Some(_) => &[false, true],
@@ -153,12 +189,17 @@ impl ReportSpec {
             Some(_) => &[false, true],
             None => &[false],
         };
-        refits
+        let calibs = self.calibrations();
+        calibs
             .iter()
-            .flat_map(|&refit| {
-                recovers
-                    .iter()
-                    .map(move |&recover| Variant { refit, recover })
+            .flat_map(|&calib| {
+                refits.iter().flat_map(move |&refit| {
+                    recovers.iter().map(move |&recover| Variant {
+                        calib,
+                        refit,
+                        recover,
+                    })
+                })
             })
             .collect()
     }
@@ -206,6 +247,19 @@ pub(super) fn fingerprint(
         },
         "prune": {"min_keep": spec.min_keep, "align": spec.align},
     });
+    let traces = |t: &TracesSpec| -> Result<serde_json::Value> {
+        Ok(json!({
+            "path": t.path.display().to_string(), "digest": file_digest(&t.path)?,
+            "selection": t.select.to_string(), "tokens": t.tokens.to_string(),
+            "max_seq_len": t.max_seq_len,
+        }))
+    };
+    if let Some(t) = &spec.traces {
+        v["traces"] = traces(t)?;
+    }
+    if let Some(t) = &spec.trace_ppl {
+        v["trace_ppl"] = traces(t)?;
+    }
     if let Some(p) = &spec.ppl {
         v["ppl"] = json!({
             "path": p.text.display().to_string(), "field": p.field, "digest": file_digest(&p.text)?,

@@ -5,7 +5,7 @@ use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{GenArgs, PromptFormat};
 use rku_engine::eval::mc::McArgs;
-use rku_engine::report::{run_report, PplSpec, PrefillSpec, ReportSpec};
+use rku_engine::report::{run_report, PplSpec, PrefillSpec, ReportSpec, TracesSpec};
 
 pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
     let gen = a.gen_data.as_ref().map(|d| {
@@ -26,6 +26,12 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
     let spec = ReportSpec {
         model: a.model.clone(),
         calib: a.windows.source(a.calib.clone()),
+        traces: a.traces.as_ref().map(|t| TracesSpec {
+            path: t.clone(),
+            select: a.traces_select,
+            tokens: a.traces_tokens,
+            max_seq_len: a.traces_max_seq_len,
+        }),
         methods: a.methods.clone(),
         sparsities: a.sparsity.0.clone(),
         min_keep: a.min_keep,
@@ -36,6 +42,12 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
             seq_len: a.ppl_seq_len,
             max_windows: a.ppl_max_windows,
             batch: 8, // `eval ppl`'s default; the batch does not change the result
+        }),
+        trace_ppl: a.trace_ppl.as_ref().map(|t| TracesSpec {
+            path: t.clone(),
+            select: a.trace_ppl_select,
+            tokens: a.trace_ppl_tokens,
+            max_seq_len: None,
         }),
         gen,
         mc,
