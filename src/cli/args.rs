@@ -391,6 +391,7 @@ pub struct PruneArgs {
     #[arg(
         long,
         group = "trace_source",
+        value_name = "S1,S2,...",
         allow_hyphen_values = true,
         value_parser = schedule,
         conflicts_with_all = ["sparsity", "stats", "calib", "refit", "refit_calib"],
@@ -402,7 +403,8 @@ pub struct PruneArgs {
     /// How the cut is spread over layers; default: the method's own (METHODS.md §5).
     #[arg(long, value_enum)]
     pub allocation: Option<Allocation>,
-    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    /// Channels every layer keeps at least (default 5% of its width, at
+    /// least 1; with --progressive, of the original width).
     #[arg(long, value_parser = count)]
     pub min_keep: Option<usize>,
     /// Round every layer's kept width to a multiple of this.
