@@ -8,6 +8,7 @@ pub mod io;
 pub mod model;
 pub mod plan;
 pub mod progress;
+pub mod progressive;
 pub mod prune;
 pub mod quant;
 pub mod recover;

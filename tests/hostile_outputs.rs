@@ -1,6 +1,7 @@
 //! Outputs under hostile conditions (docs/DESIGN.md §10), through the
 //! binary: every command that writes (score, prune, import, stats merge,
-//! eval gen, eval mc, traces, recover; report where it applies) × planted symbolic links,
+//! eval gen, eval mc, traces, recover; report and prune --progressive,
+//! directories resumed in place, where it applies) × planted symbolic links,
 //! `--out` naming an input, `--force` over foreign and earlier outputs, and
 //! leftovers of killed runs. Every case checks the exit status, that the
 //! message names the path (and the flag), and that nothing outside the
@@ -689,5 +690,69 @@ fn report_refuses_a_directory_that_is_not_a_report() {
             let e = refused(&w, &mut report(out, force));
             says(&e, &[&shown(out), "--out"]);
         }
+    }
+}
+
+#[test]
+fn progressive_refuses_a_directory_that_is_not_its_own() {
+    let w = World::new();
+    let progressive = |out: &Path, force: bool| {
+        let mut c = bin();
+        c.args(["prune", "--backend", "cpu", "--model"])
+            .arg(&w.model)
+            .args(["--progressive", "0.5", "--trace-prompts"])
+            .arg(&w.gen)
+            .arg("--shots-file")
+            .arg(&w.shots)
+            .args(["--shots", "1", "--limit", "1", "--max-new-tokens", "2"])
+            .arg("--out")
+            .arg(out);
+        if force {
+            c.arg("--force");
+        }
+        c
+    };
+    let foreign = w.work.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let link = w.work.join("link");
+    symlink(&w.victim_dir, &link).unwrap();
+    let pruned = Cmd::Prune.out(&w, "earlier");
+    written(
+        &w,
+        &mut Cmd::Prune.command(&w, &pruned, false),
+        &pruned,
+        &[],
+    );
+    for force in [false, true] {
+        for out in [&foreign, &w.model, &w.root, &w.victim_file, &link, &pruned] {
+            let e = refused(&w, &mut progressive(out, force));
+            says(&e, &[&shown(out), "--out"]);
+        }
+    }
+    // Its own directory: written, then resumed (nothing to do).
+    let out = w.work.join("progressive");
+    written(&w, &mut progressive(&out, false), &out, &[]);
+    let step = out.join("step-1-s0.5");
+    let before = snapshot(&w.root);
+    written(&w, &mut progressive(&out, false), &out, &[]);
+    assert_eq!(before, snapshot(&w.root), "a complete run rewrites nothing");
+    // A link planted at a step: refused, then replaced itself with --force.
+    std::fs::remove_dir_all(&step).unwrap();
+    symlink(&w.victim_dir, &step).unwrap();
+    let e = refused(&w, &mut progressive(&out, false));
+    says(&e, &[&shown(&step), "--force"]);
+    written(&w, &mut progressive(&out, true), &out, &[]);
+    assert!(!std::fs::symlink_metadata(&step)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // A foreign directory at a step: refused even with --force.
+    std::fs::remove_dir_all(&step).unwrap();
+    std::fs::create_dir(&step).unwrap();
+    std::fs::write(step.join("notes.txt"), "mine").unwrap();
+    for force in [false, true] {
+        let e = refused(&w, &mut progressive(&out, force));
+        says(&e, &[&shown(&step)]);
     }
 }

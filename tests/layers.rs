@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["io", "backend"],
     &["model"],
     &["prune", "eval", "plan"],
-    &["recover"],
+    &["recover", "progressive"],
     &["report"],
     &["cli"],
 ];

@@ -8,6 +8,7 @@
 //! themselves are in `commands/`.
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
+use rku_engine::progressive::Schedule;
 use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
 use rku_engine::prune::traces::{Selection, TokenRule};
@@ -39,7 +40,7 @@ pub enum Cmd {
     /// Compute per-channel statistics on calibration text (one pass serves every method).
     Score(ScoreArgs),
     /// Score (or read statistics), allocate, compact and export pruned models.
-    Prune(PruneArgs),
+    Prune(Box<PruneArgs>),
     /// Work with statistics files.
     #[command(subcommand)]
     Stats(StatsCmd),
@@ -295,17 +296,17 @@ pub struct CalibArgs {
     /// Self-generated traces (from `traces`) to score, each trace one
     /// sequence, prompt and generation, never padded (METHODS.md §11);
     /// with --calib too, the windows and the traces are scored together.
-    #[arg(long, value_parser = existing_file)]
+    #[arg(long, group = "trace_source", value_parser = existing_file)]
     pub traces: Option<PathBuf>,
-    /// With --traces: all, correct, length-band P1,P2 or hardest.
-    #[arg(long, requires = "traces", value_parser = selection)]
+    /// With traces: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "trace_source", value_parser = selection)]
     pub select: Option<Selection>,
-    /// With --traces: the positions that count, all or generated (the
+    /// With traces: the positions that count, all or generated (the
     /// prompt is then context only).
-    #[arg(long, value_enum, requires = "traces")]
+    #[arg(long, value_enum, requires = "trace_source")]
     pub tokens: Option<TokenRule>,
-    /// With --traces: cut longer traces to their first T tokens.
-    #[arg(long, requires = "traces", value_parser = count)]
+    /// With traces: cut longer traces to their first T tokens.
+    #[arg(long, requires = "trace_source", value_parser = count)]
     pub max_seq_len: Option<usize>,
 }
 
@@ -360,6 +361,11 @@ impl RefitArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = "Examples:\n  \
+rku-engine prune --model assets/models/smollm2 --traces traces.jsonl --tokens generated \\\n    \
+--method rku --sparsity 0.3,0.4 --out pruned\n  \
+rku-engine prune --model assets/models/smollm2 --progressive 0.1,0.2,0.3,0.4 \\\n    \
+--trace-prompts calib.jsonl --chat --max-new-tokens 256 --tokens generated --out progressive")]
 pub struct PruneArgs {
     /// HF model directory to prune.
     #[arg(long, value_parser = existing_dir)]
@@ -373,12 +379,32 @@ pub struct PruneArgs {
     #[arg(long, value_enum, default_value_t = Method::Rku)]
     pub method: Method,
     /// Fractions of FFN channels to remove, comma-separated and distinct (one model each).
-    #[arg(long, required = true, value_parser = sparsities)]
-    pub sparsity: SparsityList,
+    #[arg(long, required_unless_present = "progressive", value_parser = sparsities)]
+    pub sparsity: Option<SparsityList>,
+    /// Progressive pruning (METHODS.md §11): a strictly increasing schedule
+    /// s1,s2,... of sparsities in (0, 1). Step i generates traces of
+    /// --trace-prompts with the model of step i-1 (the dense model first),
+    /// scores that model over them and prunes it to s_i of the original
+    /// channels. --out is a directory of one model (step-<i>-s<s_i>/) and
+    /// one traces file (step-<i>-traces.jsonl) per step; a rerun skips
+    /// complete steps of the same settings.
+    #[arg(
+        long,
+        group = "trace_source",
+        value_name = "S1,S2,...",
+        allow_hyphen_values = true,
+        value_parser = schedule,
+        conflicts_with_all = ["sparsity", "stats", "calib", "refit", "refit_calib"],
+        requires = "trace_prompts"
+    )]
+    pub progressive: Option<Schedule>,
+    #[command(flatten)]
+    pub trace_gen: ProgressiveTraceArgs,
     /// How the cut is spread over layers; default: the method's own (METHODS.md §5).
     #[arg(long, value_enum)]
     pub allocation: Option<Allocation>,
-    /// Channels every layer keeps at least (default 5% of its width, at least 1).
+    /// Channels every layer keeps at least (default 5% of its width, at
+    /// least 1; with --progressive, of the original width).
     #[arg(long, value_parser = count)]
     pub min_keep: Option<usize>,
     /// Round every layer's kept width to a multiple of this.
@@ -387,11 +413,15 @@ pub struct PruneArgs {
     /// compact (smaller layers) or padded (zero-padded to the widest, loads in stock transformers).
     #[arg(long, value_enum, default_value_t = ExportLayout::Compact)]
     pub export: ExportLayout,
-    /// Output directory; with several sparsities, one subdirectory `<method>-s<sparsity>` each.
+    /// Output directory; with several sparsities, one subdirectory
+    /// `<method>-s<sparsity>` each; with --progressive, the directory of the
+    /// steps (created, or resumed).
     #[arg(long)]
     pub out: PathBuf,
     /// Replace existing outputs: only model directories an earlier run
-    /// wrote (or empty ones), never an input of this run.
+    /// wrote (or empty ones), never an input of this run. With
+    /// --progressive: recompute the steps written with other settings (and
+    /// those after them) instead of refusing.
     #[arg(long)]
     pub force: bool,
     #[command(flatten)]
@@ -402,6 +432,57 @@ pub struct PruneArgs {
     pub refit_calib: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
+}
+
+/// With `prune --progressive`: how each step's traces are generated (as
+/// `traces` does; METHODS.md §11).
+#[derive(Args)]
+pub struct ProgressiveTraceArgs {
+    /// With --progressive: the prompts each step's model answers (jsonl with
+    /// a string `question` per row and optionally an `answer`, as `traces` reads).
+    #[arg(long, requires = "progressive", value_parser = existing_file)]
+    pub trace_prompts: Option<PathBuf>,
+    /// With --progressive: prompt with the model's chat template.
+    #[arg(long, requires = "progressive")]
+    pub chat: bool,
+    /// With --progressive: few-shot examples per prompt (the first K rows
+    /// of --trace-prompts unless --shots-file).
+    #[arg(long, default_value_t = 0, requires = "progressive")]
+    pub shots: usize,
+    /// With --progressive: take the shots from this jsonl.
+    #[arg(long, requires = "progressive", value_parser = existing_file)]
+    pub shots_file: Option<PathBuf>,
+    /// With --progressive: traces per prompt (K). K = 1 without --temperature is greedy.
+    #[arg(long, default_value_t = 1, requires = "progressive", value_parser = count)]
+    pub samples_per_prompt: usize,
+    /// With --progressive: sampling temperature (0 is greedy; default 1
+    /// when --samples-per-prompt > 1).
+    #[arg(long, allow_hyphen_values = true, requires = "progressive", value_parser = non_negative_finite)]
+    pub temperature: Option<f64>,
+    /// With --progressive: nucleus sampling mass in (0, 1] (default 1).
+    #[arg(long, allow_hyphen_values = true, requires = "progressive", value_parser = mass)]
+    pub top_p: Option<f64>,
+    /// With --progressive: seed of the sampling (default 0).
+    #[arg(long, requires = "progressive")]
+    pub seed: Option<u64>,
+    /// With --progressive: most tokens generated per trace.
+    #[arg(long, default_value_t = 512, requires = "progressive", value_parser = tokens)]
+    pub max_new_tokens: usize,
+    /// With --progressive: traces for at most the first N prompts (after held-out shots).
+    #[arg(long, requires = "progressive", value_parser = count)]
+    pub limit: Option<usize>,
+    /// With --progressive: sequences decoded together (the traces do not depend on it).
+    #[arg(long, default_value_t = 8, requires = "progressive", value_parser = count)]
+    pub trace_batch: usize,
+    /// With --progressive: decode from the f32 weights even when the model
+    /// has ggml_blocks.safetensors.
+    #[arg(long, requires = "progressive")]
+    pub no_ggml_blocks: bool,
+}
+
+/// `--progressive 0.1,0.2,0.3`: validated before anything runs.
+fn schedule(s: &str) -> Result<Schedule, String> {
+    Schedule::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]

@@ -53,6 +53,9 @@ pub enum Kind {
 pub const MODEL_DIR: Kind = Kind::Dir("model");
 /// A report directory (`report`), written in place and resumed.
 pub const REPORT_DIR: Kind = Kind::Dir("report");
+/// A progressive pruning's directory (`prune --progressive`), written in
+/// place and resumed: one model directory and traces file per step.
+pub const PROGRESSIVE_DIR: Kind = Kind::Dir("progressive");
 
 impl Kind {
     fn describe(self) -> String {
@@ -585,6 +588,19 @@ pub fn replace_owned(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     guard.disarm();
     Ok(())
+}
+
+/// Removes `path`, an earlier output of `kind` inside a directory this run
+/// owns (a step of a progressive pruning that is recomputed), as [`check`]
+/// with force allows replacing it: never an input or another kind of
+/// output; a link is removed itself, never what it points to. An absent
+/// `path` is nothing to do.
+pub fn remove_owned(path: &Path, kind: Kind) -> Result<()> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    check(path, kind, true)?;
+    remove_any(path).map_err(|e| Error::io(path, e))
 }
 
 /// A finished temporary sibling of `dest` holding `bytes`.

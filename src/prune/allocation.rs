@@ -15,6 +15,16 @@
 //!   pairs in ascending order, skip a pair whose layer is at its floor,
 //!   stop after D drops; error if D > Σ(m_l − f_l).
 //! - `align` k > 1, applied after either: see [`align_counts`].
+//!
+//! Relative to a reference model ([`allocate_from`]; progressive pruning,
+//! METHODS.md §11): the scores are of a model already pruned from one of
+//! widths r_l (R = Σr_l) to widths m_l ≤ r_l (M = Σm_l), and the sparsity
+//! is a fraction of the reference's channels. Floors are the reference's,
+//! f_l = floor(r_l) (capped at m_l); `uniform` keeps
+//! k_l = min(m_l, r_l − round(s·r_l)); `global` drops
+//! max(0, round(s·R) − (R − M)) of the current channels, so that
+//! R − round(s·R) remain, what the same sparsity keeps of the reference;
+//! `align` rounds towards that same total. With r = m it is [`allocate`].
 use crate::{Error, Result};
 use std::cmp::Ordering;
 use std::fmt;
@@ -79,6 +89,22 @@ pub fn allocate(
     min_keep: Option<usize>,
     align: usize,
 ) -> Result<Vec<Vec<usize>>> {
+    let widths: Vec<usize> = scores.iter().map(Vec::len).collect();
+    allocate_from(scores, &widths, alloc, sparsity, min_keep, align)
+}
+
+/// [`allocate`] on a model pruned from a reference of widths `reference`
+/// (one per layer, each at least the layer's score count): `sparsity` and
+/// the floors are of the reference (see the module's notes), the indices
+/// returned of the scored model.
+pub fn allocate_from(
+    scores: &[Vec<f64>],
+    reference: &[usize],
+    alloc: Allocation,
+    sparsity: f64,
+    min_keep: Option<usize>,
+    align: usize,
+) -> Result<Vec<Vec<usize>>> {
     if !(sparsity > 0.0 && sparsity < 1.0) {
         return Err(Error::Invalid(format!(
             "sparsity must be strictly between 0 and 1, got {sparsity}"
@@ -102,8 +128,18 @@ pub fn allocate(
         }
     }
     let widths: Vec<usize> = scores.iter().map(Vec::len).collect();
-    let floor = floors(&widths, min_keep)?;
+    if reference.len() != widths.len() || reference.iter().zip(&widths).any(|(r, m)| r < m) {
+        return Err(Error::Invalid(format!(
+            "reference widths {reference:?} do not cover the scored widths {widths:?}"
+        )));
+    }
+    let floor: Vec<usize> = floors(reference, min_keep)?
+        .into_iter()
+        .zip(&widths)
+        .map(|(f, &m)| f.min(m))
+        .collect();
     let total: usize = widths.iter().sum();
+    let ref_total: usize = reference.iter().sum();
 
     // Each layer's channels, ascending by (score, channel): a drop order.
     let order: Vec<Vec<usize>> = scores
@@ -118,23 +154,25 @@ pub fn allocate(
     let (keep, target) = match alloc {
         Allocation::Uniform => {
             let mut keep = Vec::with_capacity(widths.len());
-            for (l, (&m, &f)) in widths.iter().zip(&floor).enumerate() {
-                let drop = round_count(sparsity * m as f64);
-                let k = m - drop.min(m);
+            for (l, (&r, &f)) in reference.iter().zip(&floor).enumerate() {
+                let drop = round_count(sparsity * r as f64);
+                let k = r - drop.min(r);
                 if k < f {
                     return Err(Error::Invalid(format!(
-                        "uniform sparsity {sparsity} leaves layer {l} {k} of {m} channels, \
+                        "uniform sparsity {sparsity} leaves layer {l} {k} of {r} channels, \
                          below its floor of {f} (short by {}); lower --sparsity or --min-keep",
                         f - k
                     )));
                 }
-                keep.push(k);
+                keep.push(k.min(widths[l]));
             }
             let target = keep.iter().sum();
             (keep, target)
         }
         Allocation::Global => {
-            let drop_target = round_count(sparsity * total as f64).min(total);
+            // Of the reference's; those already gone count as dropped.
+            let ref_drop = round_count(sparsity * ref_total as f64).min(ref_total);
+            let drop_target = ref_drop.saturating_sub(ref_total - total);
             let droppable: usize = widths.iter().zip(&floor).map(|(m, f)| m - f).sum();
             if drop_target > droppable {
                 return Err(Error::Invalid(format!(

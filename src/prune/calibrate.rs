@@ -2,17 +2,18 @@
 //! windows keeping the residual stream, then one activation-only backward
 //! pass per objective, accumulating per-channel sums in f64.
 use crate::backend::Backend;
+use crate::io::safetensors_io::SafeModel;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
 use crate::model::backward::backward_channel_stats_counted;
 use crate::model::forward::{forward, synthetic_ids};
-use crate::model::{Geometry, Model};
+use crate::model::{Geometry, Model, ModelConfig};
 use crate::progress::Progress;
 use crate::prune::stats::{EnergyAt, Objective, Objectives, Stats, StatsMeta, TraceSource};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What the statistics pass runs over.
@@ -82,11 +83,23 @@ impl CalibSource {
 /// model (it touches a few pages per tensor), and different for any two
 /// models one would confuse.
 pub fn model_digest<B: Backend>(model: &Model<B>) -> Result<String> {
+    files_digest(&model.cfg, &model.files)
+}
+
+/// [`model_digest`] of the model directory `dir`, read without loading
+/// its weights (the files are memory-mapped, a few pages read per tensor).
+pub fn dir_digest(dir: &Path) -> Result<String> {
+    let cfg = ModelConfig::load(&dir.join("config.json"))?;
+    files_digest(&cfg, &SafeModel::open_dir(dir)?)
+}
+
+/// [`model_digest`] of a configuration and its tensors.
+pub fn files_digest(cfg: &ModelConfig, files: &SafeModel) -> Result<String> {
     let mut h = Sha256::new();
-    let cfg = serde_json::to_string(&model.cfg.raw).expect("config serialises");
+    let cfg = serde_json::to_string(&cfg.raw).expect("config serialises");
     h.update(cfg.as_bytes());
-    for name in model.files.names() {
-        let t = model.files.get_any(name)?;
+    for name in files.names() {
+        let t = files.get_any(name)?;
         h.update(name.as_bytes());
         h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
         const SAMPLES: usize = 32;
@@ -95,7 +108,7 @@ pub fn model_digest<B: Backend>(model: &Model<B>) -> Result<String> {
             h.update(&t.bytes[off..(off + 8).min(t.bytes.len())]);
         }
     }
-    model.files.release_pages();
+    files.release_pages();
     Ok(hex(&h.finalize()))
 }
 

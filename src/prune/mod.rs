@@ -21,7 +21,7 @@ pub mod refit;
 pub mod stats;
 pub mod traces;
 
-pub use allocation::{allocate, floors, Allocation};
+pub use allocation::{allocate, allocate_from, floors, Allocation};
 pub use job::{ExportLayout, PruneJob, Sparsity};
 pub use methods::{scores, ColumnNorms, Method};
 pub use stats::{

@@ -3,12 +3,13 @@
 use crate::backend::Backend;
 use crate::model::weights::layer_tensor;
 use crate::model::Model;
+use crate::model::ModelConfig;
 use crate::prune::calibrate::model_digest;
 use crate::prune::compact::flap_bias;
 use crate::prune::export::{export_pruned, ExportSpec};
 use crate::prune::job::PruneJob;
 use crate::prune::refit::{refit, RefitWindows};
-use crate::prune::{allocate, scores, ColumnNorms, Method, Stats};
+use crate::prune::{allocate_from, scores, ColumnNorms, Method, Stats};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -50,14 +51,88 @@ pub fn kept_channels(
     norms: &[ColumnNorms],
     job: &PruneJob,
 ) -> Result<Vec<Vec<usize>>> {
+    let widths = stats.widths();
+    kept_channels_from(stats, norms, job, &widths)
+}
+
+/// [`kept_channels`] of a model pruned from one of widths `reference`:
+/// `job`'s sparsity and floors are the reference's ([`allocate_from`]).
+pub fn kept_channels_from(
+    stats: &Stats,
+    norms: &[ColumnNorms],
+    job: &PruneJob,
+    reference: &[usize],
+) -> Result<Vec<Vec<usize>>> {
     let s = scores(job.method, stats, norms)?;
-    allocate(
+    allocate_from(
         &s,
+        reference,
         job.allocation,
         job.sparsity.get(),
         job.min_keep,
         job.align,
     )
+}
+
+/// The model being pruned is itself a pruning of an original model
+/// (progressive pruning, METHODS.md §11). Sparsity, floors, channel
+/// numbers, parameter counts and the source named in pruning.json are
+/// then the original's.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The original model's directory and digest ([`model_digest`]).
+    pub dir: PathBuf,
+    pub digest: String,
+    /// Its configuration (widths and parameter count).
+    pub cfg: ModelConfig,
+    /// The channels of the model being pruned, in the original numbering:
+    /// per layer, ascending, one per current channel.
+    pub kept: Vec<Vec<usize>>,
+    /// Fields added to pruning.json (each replaces one of the same name).
+    pub record: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Origin {
+    /// The original itself: every channel kept, nothing to add.
+    pub fn identity(dir: PathBuf, digest: String, cfg: ModelConfig) -> Self {
+        let kept = cfg.ffn_widths.iter().map(|&m| (0..m).collect()).collect();
+        Self {
+            dir,
+            digest,
+            cfg,
+            kept,
+            record: Default::default(),
+        }
+    }
+
+    /// The original numbering of `local`, kept channels of the model being
+    /// pruned: kept_orig[l][i] = self.kept[l][local[l][i]].
+    pub fn compose(&self, local: &[Vec<usize>]) -> Result<Vec<Vec<usize>>> {
+        if local.len() != self.kept.len() {
+            return Err(Error::Invalid(format!(
+                "{} kept lists for {} layers",
+                local.len(),
+                self.kept.len()
+            )));
+        }
+        self.kept
+            .iter()
+            .zip(local)
+            .enumerate()
+            .map(|(l, (orig, k))| {
+                k.iter()
+                    .map(|&c| {
+                        orig.get(c).copied().ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "layer {l}: channel {c} of a layer of {} channels",
+                                orig.len()
+                            ))
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 /// Scores, allocates, refits (with `job.refit`, over `refit_windows`),
@@ -70,9 +145,39 @@ pub fn prune_model<B: Backend>(
     job: &PruneJob,
     refit_windows: Option<&RefitWindows>,
 ) -> Result<PruneOutcome> {
+    prune_model_from(be, model, stats, norms, job, refit_windows, None)
+}
+
+/// [`prune_model`] of a model pruned from `origin` (when given): the kept
+/// channels are allocated relative to the original's widths
+/// ([`kept_channels_from`]) and pruning.json records them in the
+/// original's numbering, with the original as its source and parameter
+/// count before, plus `origin.record`. The outcome's widths are the
+/// export's; its parameter counts are the original's and the export's.
+pub fn prune_model_from<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    stats: &Stats,
+    norms: &[ColumnNorms],
+    job: &PruneJob,
+    refit_windows: Option<&RefitWindows>,
+    origin: Option<&Origin>,
+) -> Result<PruneOutcome> {
     check_stats_match(model, stats)?;
-    let kept = kept_channels(stats, norms, job)?;
     let cfg = &model.cfg;
+    let reference = origin.map_or(&cfg.ffn_widths, |o| &o.cfg.ffn_widths);
+    if let Some(o) = origin {
+        let widths: Vec<usize> = o.kept.iter().map(Vec::len).collect();
+        if widths != cfg.ffn_widths || reference.len() != cfg.layers {
+            return Err(Error::Invalid(format!(
+                "{} has widths {:?}, not the {widths:?} channels its origin {} keeps",
+                model.dir.display(),
+                cfg.ffn_widths,
+                o.dir.display()
+            )));
+        }
+    }
+    let kept = kept_channels_from(stats, norms, job, reference)?;
     let d = cfg.hidden;
     let refitted = match (job.refit, refit_windows) {
         (None, _) => None,
@@ -126,11 +231,19 @@ pub fn prune_model<B: Backend>(
     } else {
         0
     };
-    let params_before = cfg.param_count();
+    let params_before = origin.map_or(cfg, |o| &o.cfg).param_count();
     let params_after = after.param_count() + bias_params;
-    let channels: usize = cfg.ffn_widths.iter().sum();
+    let channels: usize = reference.iter().sum();
     let kept_total: usize = widths.iter().sum();
-    let record = serde_json::json!({
+    let kept_record = match origin {
+        Some(o) => o.compose(&kept)?,
+        None => kept.clone(),
+    };
+    let (source_dir, source_digest) = match origin {
+        Some(o) => (&o.dir, &o.digest),
+        None => (&model.dir, &stats.meta.model_digest),
+    };
+    let mut record = serde_json::json!({
         "method": job.method.name(),
         "sparsity": job.sparsity.get(),
         "ffn_channels_removed_fraction": 1.0 - kept_total as f64 / channels as f64,
@@ -146,8 +259,8 @@ pub fn prune_model<B: Backend>(
             "seq_len": stats.meta.seq_len,
             "tokens": stats.meta.tokens,
         },
-        "source_model": model.dir.display().to_string(),
-        "source_model_digest": stats.meta.model_digest,
+        "source_model": source_dir.display().to_string(),
+        "source_model_digest": source_digest,
         "export": job.layout.name(),
         "flap_bias_compensation": bias.is_some() && refitted.is_none(),
         "refit": refitted.as_ref().map(|(spec, w, layers, timing)| serde_json::json!({
@@ -167,11 +280,14 @@ pub fn prune_model<B: Backend>(
         "params_before": params_before,
         "params_after": params_after,
         "layer_widths": widths,
-        "source_layer_widths": cfg.ffn_widths,
-        "kept": kept,
+        "source_layer_widths": reference,
+        "kept": kept_record,
         "engine": "rku-engine",
         "engine_version": env!("CARGO_PKG_VERSION"),
     });
+    if let (Some(o), Some(obj)) = (origin, record.as_object_mut()) {
+        obj.extend(o.record.clone());
+    }
     let down_weights: Option<Vec<Vec<f32>>> = refitted
         .as_ref()
         .map(|(_, _, layers, _)| layers.iter().map(|r| r.w_down.clone()).collect());

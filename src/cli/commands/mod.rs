@@ -5,6 +5,7 @@ pub mod eval;
 pub mod import;
 pub mod iou;
 pub mod plan;
+pub mod progressive;
 pub mod prune;
 pub mod recover;
 pub mod report;

@@ -1,5 +1,6 @@
 //! `rku-engine prune`: statistics (computed or read), then one pruned model
-//! per sparsity.
+//! per sparsity; with `--progressive`, the steps of a progressive pruning
+//! (commands/progressive.rs).
 use crate::cli::args::PruneArgs;
 use crate::cli::commands::score::{calib_source, run_scoring};
 use crate::cli::{check_output, load_model};
@@ -14,7 +15,12 @@ use rku_engine::prune::refit::RefitWindows;
 use rku_engine::prune::{merge, PruneJob, Stats};
 
 pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
-    let sparsities = &a.sparsity.0;
+    if let Some(schedule) = &a.progressive {
+        return super::progressive::run(be, a, schedule);
+    }
+    let Some(sparsities) = a.sparsity.as_ref().map(|s| &s.0) else {
+        bail!("--sparsity (or --progressive) is needed");
+    };
     let outs = output_dirs(&a.out, a.method, sparsities);
     let inputs: Vec<&std::path::Path> = [&a.model]
         .into_iter()
