@@ -5,8 +5,9 @@ Measures, in one run on the same machine, model, tokens and thread count:
   forward  - one forward pass with logits over a T-token sequence (tokens/s)
   score    - forward + activation backward + per-channel statistics of the
              energy objective (tokens/s and peak RSS of the process)
-  decode   - greedy decoding with a KV cache at batch 1 after a 32-token
-             prompt (tokens/s; transformers' generate, prefill subtracted);
+  decode   - greedy decoding with a KV cache at batch --decode-batch (1;
+             8 is the `traces` setting) after a 32-token prompt (tokens/s
+             over all sequences; transformers' generate, prefill subtracted);
              rku-engine reads the ggml blocks the import kept
              (ggml_blocks.safetensors), which dequantise to exactly the f32
              weights transformers reads
@@ -57,7 +58,7 @@ def torch_worker(args):
     T = args.seq_len
     ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(T)]])
     if args.torch_worker == "decode":
-        prompt = ids[:, :32]
+        prompt = ids[:, :32].repeat(args.decode_batch, 1)
         n = args.new_tokens
 
         def gen(k):
@@ -68,7 +69,7 @@ def torch_worker(args):
         with torch.no_grad():
             gen(2)
             t1, tn = gen(1), gen(n + 1)
-        print(json.dumps({"seconds": tn - t1, "tokens_per_s": n / (tn - t1)}))
+        print(json.dumps({"seconds": tn - t1, "tokens_per_s": args.decode_batch * n / (tn - t1)}))
         return
     if args.torch_worker == "recover":
         return torch_recover(args, model, torch)
@@ -177,6 +178,7 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="sequences scored (score benchmark)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed (decode benchmark)")
+    ap.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (decode benchmark)")
     ap.add_argument("--recover-batch", type=int, default=8, help="sequences per step (recover benchmark)")
     ap.add_argument("--recover-steps", type=int, default=2, help="steps timed (recover benchmark)")
     ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32", "recover"])
@@ -188,7 +190,7 @@ def main():
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
           "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads),
-          "--new-tokens", str(args.new_tokens), "--recover-batch", str(args.recover_batch),
+          "--new-tokens", str(args.new_tokens), "--decode-batch", str(args.decode_batch), "--recover-batch", str(args.recover_batch),
           "--recover-steps", str(args.recover_steps)]
     results = {}
     if not os.path.exists(os.path.join(args.model, "ggml_blocks.safetensors")):
@@ -201,7 +203,8 @@ def main():
                         "--repeats", str(args.repeats), "--backend", "cpu", "--json"]
         elif kind.startswith("decode"):
             ours_cmd = [args.bin, "bench", "decode", "--model", args.model, "--prompt-len", "32",
-                        "--new-tokens", str(args.new_tokens), "--backend", "cpu", "--json"]
+                        "--new-tokens", str(args.new_tokens), "--batch", str(args.decode_batch),
+                        "--backend", "cpu", "--json"]
             if kind == "decode_f32":
                 ours_cmd.append("--no-ggml-blocks")
         elif kind == "recover":
