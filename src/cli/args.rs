@@ -297,16 +297,32 @@ pub struct CalibArgs {
     /// with --calib too, the windows and the traces are scored together.
     #[arg(long, value_parser = existing_file)]
     pub traces: Option<PathBuf>,
-    /// With --traces: all, correct, length-band P1,P2 or hardest.
-    #[arg(long, requires = "traces", value_parser = selection)]
+    /// With --traces (prune: and/or --refit-traces): which traces are
+    /// used: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, value_parser = selection)]
     pub select: Option<Selection>,
-    /// With --traces: the positions that count, all or generated (the
-    /// prompt is then context only).
-    #[arg(long, value_enum, requires = "traces")]
+    /// With --traces (prune: and/or --refit-traces): the positions that
+    /// count, all or generated (the prompt is then context only).
+    #[arg(long, value_enum)]
     pub tokens: Option<TokenRule>,
-    /// With --traces: cut longer traces to their first T tokens.
-    #[arg(long, requires = "traces", value_parser = count)]
+    /// With --traces (prune: and/or --refit-traces): cut longer traces to
+    /// their first T tokens.
+    #[arg(long, value_parser = count)]
     pub max_seq_len: Option<usize>,
+}
+
+impl CalibArgs {
+    /// The trace flags given (--select, --tokens, --max-seq-len), by name.
+    pub fn trace_flags(&self) -> Vec<&'static str> {
+        [
+            ("--select", self.select.is_some()),
+            ("--tokens", self.tokens.is_some()),
+            ("--max-seq-len", self.max_seq_len.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
 }
 
 /// A `--select` value.
@@ -400,6 +416,14 @@ pub struct PruneArgs {
     /// cut by --field, --samples, --seq-len, --bos and --batch.
     #[arg(long, requires = "refit", value_parser = existing_file)]
     pub refit_calib: Option<PathBuf>,
+    /// With --refit: refit on self-generated traces (from `traces`, this
+    /// model's tokenizer) instead of text, each trace one sequence of its
+    /// own length, never padded; --select, --tokens and --max-seq-len apply
+    /// as for --traces (with --tokens generated the prompt rows are context
+    /// only: they add nothing to the least-squares system). Never taken
+    /// from --traces: name the file here.
+    #[arg(long, requires = "refit", conflicts_with = "refit_calib", value_parser = existing_file)]
+    pub refit_traces: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }

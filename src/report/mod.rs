@@ -464,12 +464,14 @@ impl<B: Backend> Run<'_, B> {
             refit: self.spec.refit.filter(|_| variant.refit),
         };
         let c = &self.spec.calib;
-        let windows = job.refit.map(|_| RefitWindows {
-            ids: self.calib_ids.clone(),
-            seq_len: c.seq_len,
-            batch: c.batch,
-            source: c.path.clone(),
-            digest: self.calib_digest.clone(),
+        let windows = job.refit.map(|_| {
+            RefitWindows::windows(
+                &self.calib_ids,
+                c.seq_len,
+                c.batch,
+                c.path.clone(),
+                self.calib_digest.clone(),
+            )
         });
         let r = prune_model(
             self.be,
