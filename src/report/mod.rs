@@ -520,12 +520,12 @@ impl<B: Backend> Run<'_, B> {
         let info = self.export(method, sparsity, base, &student_dir)?;
         let student = Model::load_with(self.be, &student_dir, self.spec.load)?;
         let c = &self.spec.calib;
-        let data = RecoverData {
-            ids: self.calib_ids.clone(),
-            seq_len: c.seq_len,
-            source: c.path.clone(),
-            digest: self.calib_digest.clone(),
-        };
+        let data = RecoverData::windows(
+            &self.calib_ids,
+            c.seq_len,
+            c.path.clone(),
+            self.calib_digest.clone(),
+        );
         let student_digest = model_digest(&student)?;
         let teacher_digest = self.fp.0["model"]["digest"].as_str().map(str::to_string);
         let settings =
