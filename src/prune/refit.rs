@@ -1,8 +1,10 @@
 //! Least-squares refit of the kept down_proj columns (METHODS.md section 9).
 //!
-//! Layers are refitted in order over the calibration windows. The pruned
-//! residual stream x' (and, for the `residual` target, the dense stream x)
-//! is held for every window and advanced one layer at a time, so the whole
+//! Layers are refitted in order over the calibration sequences: windows,
+//! or traces of their own lengths whose prompt rows may be context only
+//! (METHODS.md §11). The pruned residual stream x' (and, for the
+//! `residual` target, the dense stream x) is held for every sequence and
+//! advanced one layer at a time, so the whole
 //! refit costs O(L) layer evaluations: per layer, one pass computes the
 //! layer's channels h on x' and accumulates the normal equations, a
 //! Cholesky solve (f64, faer) gives the new columns, and x' advances
