@@ -12,8 +12,12 @@ use rku_engine::backend::{AdamwStep, Backend};
 use rku_engine::model::forward::{forward_with, logits, Geometry};
 use rku_engine::model::lora::{Adapters, Proj};
 use rku_engine::model::Model;
+use rku_engine::prune::calibrate::Sequence;
 use rku_engine::recover::export::export_recovered;
-use rku_engine::recover::step::{clip_factor, loss_and_grads, RecoverLoss};
+use rku_engine::recover::step::{
+    clip_factor, init_adapters, loss_and_grads, loss_sum_and_grads, step_loss_and_grads,
+    RecoverLoss,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -537,4 +541,302 @@ fn streamed_recovery_equals_resident() {
         std::fs::read(streamed.join("model.safetensors")).unwrap()
     );
     assert_eq!(losses(&resident), losses(&streamed));
+}
+
+/// The traces step reference of scripts/make_lora_trace_fixtures.py: its
+/// adapters and scale, and its sequences counted from their prompt's end.
+fn trace_step_reference(
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+) -> (
+    Adapters<CpuBackend>,
+    f32,
+    Vec<Sequence>,
+    HashMap<String, RefTensor>,
+) {
+    let refs = load_reference(&fixture("lora/tiny-llama3-traces.safetensors"));
+    let rank = refs["rank"].data[0] as usize;
+    let scale = (refs["alpha"].data[0] / rank as f64) as f32;
+    let ad = Adapters::build(be, &model.cfg, rank, |l, p, _, _| {
+        Ok((
+            f32s(&refs[&format!("lora_a.{l}.{}", p.name())].data),
+            f32s(&refs[&format!("lora_b.{l}.{}", p.name())].data),
+        ))
+    })
+    .unwrap();
+    let seqs = (0..3)
+        .map(|i| Sequence {
+            ids: refs[&format!("seq.{i}.ids")]
+                .data
+                .iter()
+                .map(|&v| v as u32)
+                .collect(),
+            counted_from: refs[&format!("seq.{i}.prompt")].data[0] as usize,
+        })
+        .collect();
+    (ad, scale, seqs, refs)
+}
+
+/// Every adapter gradient of `grads` against `want(which, layer, proj)`.
+fn worst_grad_err(
+    be: &CpuBackend,
+    grads: &Adapters<CpuBackend>,
+    want: impl Fn(&str, usize, Proj) -> Vec<f64>,
+    tol: f64,
+) -> f64 {
+    let mut worst = 0f64;
+    for (l, row) in grads.layers.iter().enumerate() {
+        for (&p, g) in Proj::ALL.iter().zip(row) {
+            for (which, buf) in [("a", &g.a), ("b", &g.b)] {
+                let want = want(which, l, p);
+                let err = max_rel_err(&f64s(&be.download(buf).unwrap()), &want);
+                assert!(err < tol, "∂{which} layer {l} {}: {err:e}", p.name());
+                worst = worst.max(err);
+            }
+        }
+    }
+    worst
+}
+
+/// One step over three traces of their own lengths with `--tokens
+/// generated` (only predictions of generated tokens count; two traces of
+/// equal length share a pass): loss and adapter gradients = autograd's.
+#[test]
+fn trace_step_matches_autograd() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let (ad, scale, seqs, refs) = trace_step_reference(&be, &model);
+    let batch: Vec<&Sequence> = seqs.iter().collect();
+    for loss in [RecoverLoss::Kd, RecoverLoss::Ce] {
+        let key = loss.name();
+        let mut grads = ad.zeros_like(&be).unwrap();
+        let got = step_loss_and_grads(
+            &be,
+            &model,
+            Some(&model),
+            (&ad, scale),
+            &mut grads,
+            &batch,
+            loss,
+        )
+        .unwrap();
+        let want = refs[&format!("{key}.loss")].data[0];
+        assert!(
+            ((got - want) / want).abs() < 1e-4,
+            "{key} loss {got} vs {want}"
+        );
+        let worst = worst_grad_err(
+            &be,
+            &grads,
+            |w, l, p| {
+                refs[&format!("{key}.grad_{w}.{l}.{}", p.name())]
+                    .data
+                    .clone()
+            },
+            1e-4,
+        );
+        println!("{key}: loss {got} (torch {want}), worst gradient error {worst:e}");
+    }
+}
+
+/// A step over 3 traces of different lengths equals the three done one at
+/// a time, their gradients added and normalised by the step's count.
+#[test]
+fn trace_step_equals_one_trace_at_a_time() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let (ad, scale, mut seqs, _) = trace_step_reference(&be, &model);
+    seqs[2].ids.truncate(7); // three lengths: 9, 6, 7
+    let batch: Vec<&Sequence> = seqs.iter().collect();
+    let count: usize = seqs.iter().map(Sequence::predicted).sum();
+    for loss in [RecoverLoss::Kd, RecoverLoss::Ce] {
+        let mut step = ad.zeros_like(&be).unwrap();
+        let got = step_loss_and_grads(
+            &be,
+            &model,
+            Some(&model),
+            (&ad, scale),
+            &mut step,
+            &batch,
+            loss,
+        )
+        .unwrap();
+        let mut alone = ad.zeros_like(&be).unwrap();
+        let mut sum = 0.0;
+        for s in &seqs {
+            let geo = Geometry {
+                seqs: 1,
+                t: s.ids.len(),
+            };
+            let (part, n) = loss_sum_and_grads(
+                &be,
+                &model,
+                Some(&model),
+                (&ad, scale),
+                &mut alone,
+                &s.ids,
+                geo,
+                Some(&[s.counted_from]),
+                loss,
+                1.0 / count as f32,
+            )
+            .unwrap();
+            assert_eq!(n, s.predicted());
+            sum += part;
+        }
+        let want = sum / count as f64;
+        assert!(((got - want) / want).abs() < 1e-6, "{got} vs {want}");
+        for (i, ((g1, _), (g2, _))) in step.tensors().zip(alone.tensors()).enumerate() {
+            let (g1, g2) = (be.download(g1).unwrap(), be.download(g2).unwrap());
+            let err = max_rel_err(&f64s(&g1), &f64s(&g2));
+            assert!(err < 1e-6, "{} tensor {i}: {err:e}", loss.name());
+        }
+    }
+}
+
+/// `recover --traces`: step 1's loss is the library's step over the first
+/// --batch traces in file order; the record names the traces; a resume
+/// with other traces settings is refused by name; bad traces are refused
+/// before training.
+#[test]
+fn recover_on_traces_and_its_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, _) = pruned_student(tmp.path());
+    let digest = rku_engine::io::traces::tokenizer_digest(&student).unwrap();
+    let mut next = xorshift(77);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| (next() % 200) as u32 + 1).collect() };
+    let shapes = [(3, 9), (5, 4), (2, 6), (4, 8), (3, 5)];
+    let traces: Vec<(Vec<u32>, Vec<u32>)> = shapes.iter().map(|&(p, g)| (ids(p), ids(g))).collect();
+    let file = tmp.path().join("t.jsonl");
+    write_trace_file(&file, &digest, &traces);
+    let tr = file.to_str().unwrap();
+    let ckpt = tmp.path().join("ck.safetensors");
+    let ck = ckpt.to_str().unwrap();
+    let cmd = |extra: &[&str], out: &Path| {
+        let mut c = bin();
+        c.args(["recover", "--model"])
+            .arg(&student)
+            .arg("--teacher")
+            .arg(fixture("tiny-llama3"))
+            .args(["--batch", "3"])
+            .args(extra)
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let out = tmp.path().join("r");
+    let args = [
+        "--traces",
+        tr,
+        "--tokens",
+        "generated",
+        "--steps",
+        "2",
+        "--checkpoint",
+        ck,
+    ];
+    run_ok(&mut cmd(&args, &out));
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pruning.json")).unwrap()).unwrap();
+    let data = &rec["recovery"]["data"];
+    assert_eq!(data["traces"]["digest"], file_sha256(&file));
+    assert_eq!(data["traces"]["selection"], "all");
+    assert_eq!(data["traces"]["tokens"], "generated");
+    assert_eq!(data["windows"], 5);
+    // Steps 1 and 2 take traces 0, 1, 2 and 3, 4, 0: 12 + 9 + 8 and 12 + 8 + 12 tokens.
+    assert_eq!(data["tokens_seen"], 61);
+    // Step 1 runs with the fresh adapters (B = 0): the library's step.
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &student).unwrap();
+    let teacher = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let ad = init_adapters(&be, &model.cfg, 8, 0).unwrap();
+    let mut grads = ad.zeros_like(&be).unwrap();
+    let seqs: Vec<Sequence> = traces
+        .iter()
+        .map(|(p, g)| Sequence {
+            ids: [&p[..], g].concat(),
+            counted_from: p.len(),
+        })
+        .collect();
+    let first: Vec<&Sequence> = seqs[..3].iter().collect();
+    let want = step_loss_and_grads(
+        &be,
+        &model,
+        Some(&teacher),
+        (&ad, 2.0),
+        &mut grads,
+        &first,
+        RecoverLoss::Kd,
+    )
+    .unwrap();
+    assert_eq!(losses(&out)[0], want);
+
+    // Resuming with other traces settings is refused, naming them.
+    for (extra, name) in [
+        (&["--tokens", "all"][..], "traces_tokens"),
+        (
+            &["--tokens", "generated", "--select", "length-band 0,50"][..],
+            "traces_selection",
+        ),
+        (
+            &["--tokens", "generated", "--max-seq-len", "8"][..],
+            "traces_max_seq_len",
+        ),
+    ] {
+        let other = tmp.path().join("other");
+        let args = [
+            &[
+                "--traces",
+                tr,
+                "--steps",
+                "3",
+                "--resume",
+                "--checkpoint",
+                ck,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let err = run_err(&mut cmd(&args, &other));
+        assert!(
+            err.contains("ck.safetensors") && err.contains(name),
+            "{extra:?}: {err}"
+        );
+        assert!(!other.exists());
+    }
+
+    // Bad traces, before training.
+    let foreign = tmp.path().join("foreign.jsonl");
+    write_trace_file(&foreign, &"0".repeat(64), &traces);
+    let never = tmp.path().join("never");
+    let text = calib_text(tmp.path(), 40);
+    let cases: [(Vec<&str>, &[&str]); 4] = [
+        (
+            vec!["--traces", tr, "--data", text.to_str().unwrap()],
+            &["--data"],
+        ),
+        (
+            vec!["--traces", foreign.to_str().unwrap()],
+            &["foreign.jsonl", "another tokenizer"],
+        ),
+        (
+            vec!["--traces", tr, "--select", "correct"],
+            &["t.jsonl", "keeps none"],
+        ),
+        (
+            vec!["--traces", tr, "--select", "length-band 0,10"],
+            &["t.jsonl", "fewer than one batch"],
+        ),
+    ];
+    for (extra, words) in cases {
+        let err = run_err(&mut cmd(&extra, &never));
+        for w in words {
+            assert!(err.contains(w), "{extra:?}: {err}");
+        }
+        assert!(
+            !err.contains("step 1"),
+            "{extra:?}: trained before refusing: {err}"
+        );
+    }
+    assert!(!never.exists());
 }

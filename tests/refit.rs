@@ -15,7 +15,8 @@ use rku_engine::backend::NormalEquations;
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::CalibSource;
-use rku_engine::prune::refit::{refit, solve_layer, RefitSpec, RefitTarget};
+use rku_engine::prune::calibrate::Sequence;
+use rku_engine::prune::refit::{refit, refit_sequences, solve_layer, RefitSpec, RefitTarget};
 use rku_engine::prune::EnergyAt;
 use std::collections::HashMap;
 use std::path::Path;
@@ -368,4 +369,299 @@ fn prune_refit_exports_the_refitted_layer() {
             "layer {l}: bias"
         );
     }
+}
+
+/// The traces reference of scripts/make_refit_trace_fixtures.py: its
+/// sequences (counted from their prompt's end), kept channels and values.
+fn trace_reference() -> (Vec<Sequence>, Vec<Vec<usize>>, HashMap<String, RefTensor>) {
+    let r = load_reference(&fixture("refit/tiny-llama3-traces.safetensors"));
+    let seqs = (0..)
+        .map_while(|i| {
+            let ids = r.get(&format!("seq.{i}.ids"))?;
+            Some(Sequence {
+                ids: ids.data.iter().map(|&x| x as u32).collect(),
+                counted_from: r[&format!("seq.{i}.prompt")].data[0] as usize,
+            })
+        })
+        .collect();
+    let kept = (0..)
+        .map_while(|l| r.get(&format!("kept.{l}")))
+        .map(|k| k.data.iter().map(|&v| v as usize).collect())
+        .collect();
+    (seqs, kept, r)
+}
+
+/// The refit over traces with `--tokens generated` (prompt rows context
+/// only, sequences of their own lengths, one with no generated token)
+/// against PyTorch, every case and layer, one sequence per pass and
+/// equal lengths sharing one.
+#[test]
+fn refit_on_generated_tokens_matches_pytorch() {
+    let (seqs, kept, r) = trace_reference();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let mut worst = 0f64;
+    for batch in [1, 4] {
+        for (case, target, bias) in CASES {
+            let spec = RefitSpec {
+                target,
+                bias,
+                damp: DAMP,
+            };
+            let (layers, _) = refit_sequences(&be, &model, &kept, &seqs, batch, spec).unwrap();
+            for (l, got) in layers.iter().enumerate() {
+                let key = |what: &str| format!("{case}.{what}.{l}");
+                let what = format!("batch {batch} {case} layer {l}");
+                assert_eq!(
+                    got.refitted,
+                    r[&key("refitted")].data[0] == 1.0,
+                    "{what}: refitted"
+                );
+                let w: Vec<f64> = got.w_down.iter().map(|&v| v as f64).collect();
+                let e = max_rel_err(&w, &r[&key("w_down")].data);
+                worst = worst.max(e);
+                assert!(e <= 1e-4, "{what}: down_proj differs by {e:e} relative");
+                if bias {
+                    let b: Vec<f64> = got
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .iter()
+                        .map(|&v| v as f64)
+                        .collect();
+                    let e = max_rel_err(&b, &r[&key("bias")].data);
+                    assert!(e <= 1e-4, "{what}: bias differs by {e:e} relative");
+                }
+                let e = max_rel_err(&[got.err_zeroed, got.err_refit], &r[&key("err")].data);
+                assert!(e <= 1e-4, "{what}: reconstruction errors differ by {e:e}");
+            }
+        }
+    }
+    println!("worst refitted-column error {worst:.3e} relative");
+}
+
+/// `got` = `want` bit for bit (an f32 model is written as computed).
+fn bit_equal(got: &[f32], want: &[f32], l: usize) {
+    assert_eq!(got.len(), want.len(), "layer {l}");
+    let differ = got
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits());
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(
+        differ.count(),
+        0,
+        "layer {l}: values differ, by up to {worst:e}"
+    );
+}
+
+/// Ids of the tiny fixtures' vocabulary, seeded.
+fn ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut next = xorshift(seed);
+    (0..n).map(|_| (next() % 200) as u32 + 1).collect()
+}
+
+/// `prune --refit-traces` over traces of equal length counting every
+/// token is the refit over the same ids as windows, bit for bit; with
+/// `--tokens generated` it is `refit_sequences` counting from each
+/// prompt's end; pruning.json names the traces file, selection and rule.
+#[test]
+fn prune_refit_traces_equals_the_library_refit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-llama3");
+    let digest = rku_engine::io::traces::tokenizer_digest(&model).unwrap();
+    let be = CpuBackend::new();
+    let dense = Model::load(&be, &model).unwrap();
+    let d = dense.cfg.hidden;
+    // Equal lengths: 5 traces of 4 + 12 tokens.
+    let equal: Vec<(Vec<u32>, Vec<u32>)> = (0..5)
+        .map(|i| {
+            let s = ids(16, 11 + i);
+            (s[..4].to_vec(), s[4..].to_vec())
+        })
+        .collect();
+    let traces = tmp.path().join("t.jsonl");
+    write_trace_file(&traces, &digest, &equal);
+    let tr = traces.to_str().unwrap();
+    let exported = |out: &Path, l: usize, leaf: &str, shape: &[usize]| {
+        let pruned = Model::load(&be, out).unwrap();
+        let name = format!("model.layers.{l}.mlp.down_proj.{leaf}");
+        pruned.files.get(&name, shape).unwrap().to_f32().unwrap()
+    };
+    let record = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("pruning.json")).unwrap()).unwrap()
+    };
+    let out = tmp.path().join("all");
+    run_ok(&mut prune(
+        &model,
+        &[
+            "--traces",
+            tr,
+            "--refit",
+            "--refit-traces",
+            tr,
+            "--batch",
+            "2",
+        ],
+        &out,
+    ));
+    let rec = record(&out);
+    let cal = &rec["refit"]["calibration"];
+    assert_eq!(cal["traces"]["digest"], file_sha256(&traces));
+    assert_eq!(cal["traces"]["selection"], "all");
+    assert_eq!(cal["traces"]["tokens"], "all");
+    assert_eq!(cal["samples"], 5);
+    assert_eq!(cal["seq_len"], 16);
+    assert_eq!(cal["tokens"], 80);
+    let kept: Vec<Vec<usize>> = serde_json::from_value(rec["kept"].clone()).unwrap();
+    let windows: Vec<u32> = equal
+        .iter()
+        .flat_map(|(p, g)| [&p[..], g].concat())
+        .collect();
+    let spec = RefitSpec {
+        target: RefitTarget::Layer,
+        bias: false,
+        damp: DAMP,
+    };
+    let (want, _) = refit(&be, &dense, &kept, &windows, 16, 2, spec).unwrap();
+    for (l, want) in want.iter().enumerate() {
+        let k = kept[l].len();
+        bit_equal(&exported(&out, l, "weight", &[d, k]), &want.w_down, l);
+    }
+
+    // Generated tokens only, lengths of their own, a residual refit with a bias.
+    let varied: Vec<(Vec<u32>, Vec<u32>)> = [(3, 9), (5, 4), (2, 10), (4, 6)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, g))| {
+            let s = ids(p + g, 31 + i as u64);
+            (s[..p].to_vec(), s[p..].to_vec())
+        })
+        .collect();
+    let traces2 = tmp.path().join("v.jsonl");
+    write_trace_file(&traces2, &digest, &varied);
+    let text = calib_text(tmp.path(), 40);
+    let out = tmp.path().join("gen");
+    let args = [
+        "--calib",
+        text.to_str().unwrap(),
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--refit",
+        "residual",
+        "--refit-bias",
+        "--refit-traces",
+        traces2.to_str().unwrap(),
+        "--tokens",
+        "generated",
+        "--max-seq-len",
+        "10",
+    ];
+    run_ok(&mut prune(&model, &args, &out));
+    let rec = record(&out);
+    let cal = &rec["refit"]["calibration"];
+    assert_eq!(cal["traces"]["digest"], file_sha256(&traces2));
+    assert_eq!(cal["traces"]["tokens"], "generated");
+    // Cut to 10 tokens: 7 + 4 + 8 + 6 generated tokens count.
+    assert_eq!(cal["tokens"], 25);
+    assert_eq!(cal["seq_len"], 10);
+    let kept: Vec<Vec<usize>> = serde_json::from_value(rec["kept"].clone()).unwrap();
+    let seqs: Vec<Sequence> = varied
+        .iter()
+        .map(|(p, g)| {
+            let mut ids = [&p[..], g].concat();
+            ids.truncate(10);
+            Sequence {
+                ids,
+                counted_from: p.len(),
+            }
+        })
+        .collect();
+    let spec = RefitSpec {
+        target: RefitTarget::Residual,
+        bias: true,
+        damp: DAMP,
+    };
+    // The CLIs default --batch 4: the three sequences of 10 tokens share a pass.
+    let (want, _) = refit_sequences(&be, &dense, &kept, &seqs, 4, spec).unwrap();
+    for (l, want) in want.iter().enumerate() {
+        let k = kept[l].len();
+        bit_equal(&exported(&out, l, "weight", &[d, k]), &want.w_down, l);
+        bit_equal(
+            &exported(&out, l, "bias", &[d]),
+            want.bias.as_ref().unwrap(),
+            l,
+        );
+    }
+}
+
+/// `--refit-traces` refuses, before scoring or writing anything:
+/// `--refit-calib` too, a selection that keeps no trace, traces of
+/// another tokenizer, and trace flags with no traces file to apply to.
+#[test]
+fn refit_traces_refusals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-llama3");
+    let digest = rku_engine::io::traces::tokenizer_digest(&model).unwrap();
+    let text = calib_text(tmp.path(), 40);
+    let calib = text.to_str().unwrap();
+    let one = vec![(ids(4, 3), ids(8, 5))];
+    let traces = tmp.path().join("t.jsonl");
+    write_trace_file(&traces, &digest, &one);
+    let other = tmp.path().join("other.jsonl");
+    write_trace_file(&other, &"0".repeat(64), &one);
+    let (tr, ot) = (traces.to_str().unwrap(), other.to_str().unwrap());
+    let out = tmp.path().join("never-written");
+    let base = [
+        "--calib",
+        calib,
+        "--samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--refit",
+    ];
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["--refit-traces", tr, "--refit-calib", calib],
+            &["--refit-calib"],
+        ),
+        (
+            &["--refit-traces", tr, "--select", "correct"],
+            &["t.jsonl", "keeps none", "gold"],
+        ),
+        (
+            &["--refit-traces", ot],
+            &["other.jsonl", "another tokenizer"],
+        ),
+        (&["--tokens", "generated"], &["--tokens", "--refit-traces"]),
+        (
+            &["--refit-traces", tr, "--max-seq-len", "1"],
+            &["--max-seq-len 1"],
+        ),
+    ];
+    for (extra, words) in cases {
+        let err = run_err(&mut prune(&model, &[&base[..], extra].concat(), &out));
+        for w in words {
+            assert!(err.contains(w), "{extra:?}: {err}");
+        }
+        assert!(
+            !err.contains("tokens/s"),
+            "{extra:?}: scored before refusing: {err}"
+        );
+    }
+    // --refit-traces without --refit.
+    let err = run_err(&mut prune(
+        &model,
+        &["--calib", calib, "--refit-traces", tr],
+        &out,
+    ));
+    assert!(err.contains("--refit"), "{err}");
+    assert!(!out.exists());
 }

@@ -298,16 +298,32 @@ pub struct CalibArgs {
     /// with --calib too, the windows and the traces are scored together.
     #[arg(long, group = "trace_source", value_parser = existing_file)]
     pub traces: Option<PathBuf>,
-    /// With traces: all, correct, length-band P1,P2 or hardest.
-    #[arg(long, requires = "trace_source", value_parser = selection)]
+    /// With traces (--traces; prune: also --refit-traces or --progressive): which traces are
+    /// used: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, value_parser = selection)]
     pub select: Option<Selection>,
-    /// With traces: the positions that count, all or generated (the
-    /// prompt is then context only).
-    #[arg(long, value_enum, requires = "trace_source")]
+    /// With traces (--traces; prune: also --refit-traces or --progressive): the positions that
+    /// count, all or generated (the prompt is then context only).
+    #[arg(long, value_enum)]
     pub tokens: Option<TokenRule>,
-    /// With traces: cut longer traces to their first T tokens.
-    #[arg(long, requires = "trace_source", value_parser = count)]
+    /// With traces (--traces; prune: also --refit-traces or --progressive): cut longer traces to
+    /// their first T tokens.
+    #[arg(long, value_parser = count)]
     pub max_seq_len: Option<usize>,
+}
+
+impl CalibArgs {
+    /// The trace flags given (--select, --tokens, --max-seq-len), by name.
+    pub fn trace_flags(&self) -> Vec<&'static str> {
+        [
+            ("--select", self.select.is_some()),
+            ("--tokens", self.tokens.is_some()),
+            ("--max-seq-len", self.max_seq_len.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
 }
 
 /// A `--select` value.
@@ -430,6 +446,14 @@ pub struct PruneArgs {
     /// cut by --field, --samples, --seq-len, --bos and --batch.
     #[arg(long, requires = "refit", value_parser = existing_file)]
     pub refit_calib: Option<PathBuf>,
+    /// With --refit: refit on self-generated traces (from `traces`, this
+    /// model's tokenizer) instead of text, each trace one sequence of its
+    /// own length, never padded; --select, --tokens and --max-seq-len apply
+    /// as for --traces (with --tokens generated the prompt rows are context
+    /// only: they add nothing to the least-squares system). Never taken
+    /// from --traces: name the file here.
+    #[arg(long, requires = "refit", conflicts_with = "refit_calib", value_parser = existing_file)]
+    pub refit_traces: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -1013,23 +1037,40 @@ pub struct RecoverArgs {
     /// The dense model it was pruned from (the distillation teacher; needed by --loss kd).
     #[arg(long, value_parser = existing_dir)]
     pub teacher: Option<PathBuf>,
-    /// Training text: plain text, or .jsonl read through --field.
-    #[arg(long, value_parser = existing_file)]
-    pub data: PathBuf,
+    /// Training text: plain text, or .jsonl read through --field; cut into
+    /// windows of --seq-len tokens, used in file order.
+    #[arg(long, required_unless_present = "traces", value_parser = existing_file)]
+    pub data: Option<PathBuf>,
     /// jsonl field of the training text; default `text`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "traces")]
     pub field: Option<String>,
+    /// Self-generated traces (from `traces`, this model's tokenizer) as the
+    /// training data instead of --data: each trace one sequence of its own
+    /// length (never padded), --batch of them per step in file order
+    /// (after --select), wrapping around.
+    #[arg(long, conflicts_with = "data", value_parser = existing_file)]
+    pub traces: Option<PathBuf>,
+    /// With --traces: all, correct, length-band P1,P2 or hardest.
+    #[arg(long, requires = "traces", value_parser = selection, default_value = "all")]
+    pub select: Selection,
+    /// With --traces: the predictions the loss counts: all, or generated
+    /// (only those whose target token is generated; the prompt is context).
+    #[arg(long, value_enum, requires = "traces", default_value_t = TokenRule::All)]
+    pub tokens: TokenRule,
+    /// With --traces: cut longer traces to their first T tokens.
+    #[arg(long, requires = "traces", value_parser = count)]
+    pub max_seq_len: Option<usize>,
     /// Training steps.
     #[arg(long, default_value_t = 150, value_parser = count)]
     pub steps: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 8, value_parser = count)]
     pub batch: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 256, value_parser = seq_len)]
+    /// Tokens per window of --data.
+    #[arg(long, default_value_t = 256, value_parser = seq_len, conflicts_with = "traces")]
     pub seq_len: usize,
-    /// Prefix each window with the BOS token.
-    #[arg(long)]
+    /// Prefix each window of --data with the BOS token.
+    #[arg(long, conflicts_with = "traces")]
     pub bos: bool,
     /// LoRA rank r.
     #[arg(long, default_value_t = 8, value_parser = count)]

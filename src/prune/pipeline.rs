@@ -8,7 +8,7 @@ use crate::prune::calibrate::model_digest;
 use crate::prune::compact::flap_bias;
 use crate::prune::export::{export_pruned, ExportSpec};
 use crate::prune::job::PruneJob;
-use crate::prune::refit::{refit, RefitWindows};
+use crate::prune::refit::{refit_sequences, RefitWindows};
 use crate::prune::{allocate_from, scores, ColumnNorms, Method, Stats};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -183,15 +183,22 @@ pub fn prune_model_from<B: Backend>(
         (None, _) => None,
         (Some(_), None) => {
             return Err(Error::Invalid(
-                "a refit needs calibration windows (--refit-calib or --calib)".into(),
+                "a refit needs calibration windows or traces (--refit-calib, --calib or --refit-traces)".into(),
             ))
         }
         (Some(spec), Some(w)) => {
-            let (layers, timing) = refit(be, model, &kept, &w.ids, w.seq_len, w.batch, spec)?;
+            let (layers, timing) = refit_sequences(be, model, &kept, &w.seqs, w.batch, spec)?;
+            let what = match &w.traces {
+                None => format!("{} windows of {}", w.seqs.len(), w.seq_len()),
+                Some(t) => format!(
+                    "{} traces, {} {} tokens counted",
+                    w.seqs.len(),
+                    w.counted(),
+                    t.tokens
+                ),
+            };
             crate::progress::println(&format!(
-                "refit ({} windows of {}): layer passes {:.1} s, normal equations {:.1} s, solves {:.1} s",
-                w.ids.len() / w.seq_len,
-                w.seq_len,
+                "refit ({what}): layer passes {:.1} s, normal equations {:.1} s, solves {:.1} s",
                 timing.passes_s,
                 timing.products_s,
                 timing.solves_s
@@ -267,13 +274,7 @@ pub fn prune_model_from<B: Backend>(
             "target": spec.target,
             "bias": spec.bias,
             "damp": spec.damp,
-            "calibration": {
-                "source": w.source.display().to_string(),
-                "digest": w.digest,
-                "samples": w.ids.len() / w.seq_len,
-                "seq_len": w.seq_len,
-                "tokens": w.ids.len(),
-            },
+            "calibration": w.record(),
             "time_s": timing,
             "layers": layers,
         })),

@@ -1,17 +1,21 @@
 //! Least-squares refit of the kept down_proj columns (METHODS.md section 9).
 //!
-//! Layers are refitted in order over the calibration windows. The pruned
-//! residual stream x' (and, for the `residual` target, the dense stream x)
-//! is held for every window and advanced one layer at a time, so the whole
+//! Layers are refitted in order over the calibration sequences: windows,
+//! or traces of their own lengths whose prompt rows may be context only
+//! (METHODS.md §11). The pruned residual stream x' (and, for the
+//! `residual` target, the dense stream x) is held for every sequence and
+//! advanced one layer at a time, so the whole
 //! refit costs O(L) layer evaluations: per layer, one pass computes the
 //! layer's channels h on x' and accumulates the normal equations, a
 //! Cholesky solve (f64, faer) gives the new columns, and x' advances
 //! through the refitted layer from the h and x' + Attn already computed.
 use crate::backend::{Backend, NormalEquations};
+use crate::io::traces::Sequence;
 use crate::model::forward::{check_ids, layer_acts, layer_forward, Geometry, RopeTables};
 use crate::model::weights::layer_tensor;
 use crate::model::Model;
 use crate::progress::Progress;
+use crate::prune::stats::TraceSource;
 use crate::{Error, Result};
 use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
@@ -71,17 +75,77 @@ pub struct RefitLayer {
     pub refitted: bool,
 }
 
-/// The calibration windows a refit runs over.
+/// The calibration a refit runs over (METHODS.md §9): windows of one
+/// length, or traces of their own lengths whose prompt positions may be
+/// context only (`Sequence::counted_from`).
 #[derive(Clone, Debug)]
 pub struct RefitWindows {
-    /// `[N, seq_len]` token ids.
-    pub ids: Vec<u32>,
-    pub seq_len: usize,
-    /// Windows per pass (memory vs speed; the result does not depend on it).
+    /// The sequences; only those of equal length share a pass.
+    pub seqs: Vec<Sequence>,
+    /// Sequences per pass (memory vs speed; the result does not depend on it).
     pub batch: usize,
-    /// The text they were cut from, and the sha256 of their ids.
+    /// The text or traces file they came from.
     pub source: std::path::PathBuf,
+    /// sha256 of the window ids (windows) or `sequences_digest` (traces).
     pub digest: String,
+    /// The traces file's digest, selection and token rule; `None` for windows.
+    pub traces: Option<TraceSource>,
+}
+
+impl RefitWindows {
+    /// `[N, seq_len]` windows cut from the text at `source`, every token counted.
+    pub fn windows(
+        ids: &[u32],
+        seq_len: usize,
+        batch: usize,
+        source: std::path::PathBuf,
+        digest: String,
+    ) -> Self {
+        Self {
+            seqs: ids
+                .chunks(seq_len.max(1))
+                .map(|w| Sequence {
+                    ids: w.to_vec(),
+                    counted_from: 0,
+                })
+                .collect(),
+            batch,
+            source,
+            digest,
+            traces: None,
+        }
+    }
+
+    /// The longest sequence.
+    pub fn seq_len(&self) -> usize {
+        self.seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0)
+    }
+
+    /// Tokens whose rows enter G and C.
+    pub fn counted(&self) -> usize {
+        self.seqs.iter().map(Sequence::counted).sum()
+    }
+
+    /// `pruning.json`'s `refit.calibration`: source, digest, samples,
+    /// seq_len (the longest), tokens (counted), and for traces `traces`
+    /// (file digest, selection, token rule).
+    pub fn record(&self) -> serde_json::Value {
+        let mut r = serde_json::json!({
+            "source": self.source.display().to_string(),
+            "digest": self.digest,
+            "samples": self.seqs.len(),
+            "seq_len": self.seq_len(),
+            "tokens": self.counted(),
+        });
+        if let Some(t) = &self.traces {
+            r["traces"] = serde_json::json!({
+                "digest": t.digest,
+                "selection": t.selection,
+                "tokens": t.tokens,
+            });
+        }
+        r
+    }
 }
 
 /// Where the refit's time went (host wall time).
@@ -108,6 +172,41 @@ pub fn refit<B: Backend>(
     batch: usize,
     spec: RefitSpec,
 ) -> Result<(Vec<RefitLayer>, RefitTiming)> {
+    if seq_len == 0 || windows.is_empty() || !windows.len().is_multiple_of(seq_len) {
+        return Err(Error::Invalid(format!(
+            "refit: {} calibration ids are not whole windows of {seq_len}",
+            windows.len()
+        )));
+    }
+    let w = RefitWindows::windows(windows, seq_len, batch, Default::default(), String::new());
+    refit_sequences(be, model, kept, &w.seqs, batch, spec)
+}
+
+/// One pass's share of the sequences: equal lengths only, no padding.
+struct Pass {
+    ids: Vec<u32>,
+    geo: Geometry,
+    /// Rows that enter G and C; `None`: all of them.
+    counted: Option<Vec<bool>>,
+    /// Rows that do not.
+    skipped: usize,
+}
+
+/// Refits every layer of `model` pruned to `kept` over `seqs`, each of its
+/// own length, the rows of a sequence counting from its `counted_from`
+/// (METHODS.md §9, §11): the other rows pass through attention as context
+/// but add nothing to G, C or ‖y‖². Sequences of equal length share a pass
+/// (up to `batch`); the streams of every sequence advance one layer at a
+/// time. A sequence with no counted row is left out. Windows (every row
+/// counted, one length) run exactly as they always have.
+pub fn refit_sequences<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    kept: &[Vec<usize>],
+    seqs: &[Sequence],
+    batch: usize,
+    spec: RefitSpec,
+) -> Result<(Vec<RefitLayer>, RefitTiming)> {
     spec.check()?;
     let c = &model.cfg;
     let d = c.hidden;
@@ -118,13 +217,16 @@ pub fn refit<B: Backend>(
             c.layers
         )));
     }
-    if seq_len == 0 || windows.is_empty() || !windows.len().is_multiple_of(seq_len) {
+    let used: Vec<&Sequence> = seqs.iter().filter(|s| s.counted() > 0).collect();
+    if used.is_empty() {
         return Err(Error::Invalid(format!(
-            "refit: {} calibration ids are not whole windows of {seq_len}",
-            windows.len()
+            "refit: no counted token in {} calibration sequences",
+            seqs.len()
         )));
     }
-    check_ids(windows, c.vocab)?;
+    for s in &used {
+        check_ids(&s.ids, c.vocab)?;
+    }
     if let Some(l) =
         (0..c.layers).find(|&l| model.files.contains(&layer_tensor(l, "mlp.down_proj.bias")))
     {
@@ -134,20 +236,39 @@ pub fn refit<B: Backend>(
             model.dir.display()
         )));
     }
-    let geos: Vec<Geometry> = windows
-        .chunks(batch.max(1) * seq_len)
-        .map(|ids| Geometry {
-            seqs: ids.len() / seq_len,
-            t: seq_len,
-        })
-        .collect();
-    let chunks: Vec<&[u32]> = windows.chunks(batch.max(1) * seq_len).collect();
-    let rope = RopeTables::new(be, model, seq_len)?;
-    let embed = |ids: &[u32]| be.embedding(ids, &model.embed, d);
-    // x'_l per batch (pruned, refitted below l) and x_l (dense, `residual` only).
-    let mut pruned: Vec<B::Buf> = chunks.iter().map(|ids| embed(ids)).collect::<Result<_>>()?;
+    // Equal lengths together (shortest first, file order within a length).
+    let mut order: Vec<usize> = (0..used.len()).collect();
+    order.sort_by_key(|&i| used[i].ids.len());
+    let mut passes_of: Vec<Pass> = Vec::new();
+    for same in order.chunk_by(|&a, &b| used[a].ids.len() == used[b].ids.len()) {
+        for group in same.chunks(batch.max(1)) {
+            let t = used[group[0]].ids.len();
+            let mask: Vec<bool> = group
+                .iter()
+                .flat_map(|&i| {
+                    let from = used[i].counted_from;
+                    (0..t).map(move |p| p >= from)
+                })
+                .collect();
+            let skipped = mask.iter().filter(|&&k| !k).count();
+            passes_of.push(Pass {
+                ids: group.iter().flat_map(|&i| used[i].ids.clone()).collect(),
+                geo: Geometry {
+                    seqs: group.len(),
+                    t,
+                },
+                counted: (skipped > 0).then_some(mask),
+                skipped,
+            });
+        }
+    }
+    let t_max = used.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let rope = RopeTables::new(be, model, t_max)?;
+    let embed = |p: &Pass| be.embedding(&p.ids, &model.embed, d);
+    // x'_l per pass (pruned, refitted below l) and x_l (dense, `residual` only).
+    let mut pruned: Vec<B::Buf> = passes_of.iter().map(embed).collect::<Result<_>>()?;
     let mut dense: Vec<B::Buf> = match spec.target {
-        RefitTarget::Residual => chunks.iter().map(|ids| embed(ids)).collect::<Result<_>>()?,
+        RefitTarget::Residual => passes_of.iter().map(embed).collect::<Result<_>>()?,
         RefitTarget::Layer => Vec::new(),
     };
     let mut out = Vec::with_capacity(c.layers);
@@ -156,29 +277,70 @@ pub fn refit<B: Backend>(
     model.for_each_layer(be, 0..c.layers, |l, lw| {
         let (m, keep) = (lw.ffn, &kept[l]);
         let t0 = Instant::now();
-        let mut eqs = NormalEquations::zeros(keep.len() + usize::from(spec.bias), d);
-        // (x' + Attn, h) of every batch, for advancing x' after the solve.
-        let mut held = Vec::with_capacity(geos.len());
-        for (i, &geo) in geos.iter().enumerate() {
-            let rows = geo.rows();
+        let width = keep.len() + usize::from(spec.bias);
+        let mut eqs = NormalEquations::zeros(width, d);
+        // (x' + Attn, h) of every pass, for advancing x' after the solve.
+        let mut held = Vec::with_capacity(passes_of.len());
+        for (i, pass) in passes_of.iter().enumerate() {
+            let (geo, rows) = (pass.geo, pass.geo.rows());
             let acts = layer_acts(be, model, lw, None, &rope, &pruned[i], geo)?;
-            // The target y, as `y − y_sub`.
-            let (y, y_sub) = match spec.target {
-                // y = W_d h: the original layer's FFN output on x'.
-                RefitTarget::Layer => (be.linear(&acts.h, &lw.w_down, None, rows, m, d)?, None),
-                // y = x_{l+1} − (x' + Attn); x then advances to x_{l+1}.
-                RefitTarget::Residual => (
-                    layer_forward(be, model, lw, None, &rope, &dense[i], geo)?,
-                    Some(&acts.mid),
-                ),
+            // h with the uncounted rows zeroed (they then add nothing to G,
+            // C, nor, through y = W_d h, to ‖y‖²); h itself advances x'.
+            let h_masked = match &pass.counted {
+                None => None,
+                Some(mask) => {
+                    let mut h = copy(be, &acts.h, rows * m)?;
+                    be.zero_rows(&mut h, m, mask)?;
+                    Some(h)
+                }
             };
-            let tp = Instant::now();
-            let part = be.normal_equations(&acts.h, keep, spec.bias, &y, y_sub, rows, m, d)?;
+            let h_eq = h_masked.as_ref().unwrap_or(&acts.h);
+            let tp;
+            let mut part = match spec.target {
+                // y = W_d h: the original layer's FFN output on x'.
+                RefitTarget::Layer => {
+                    let y = be.linear(h_eq, &lw.w_down, None, rows, m, d)?;
+                    tp = Instant::now();
+                    be.normal_equations(h_eq, keep, spec.bias, &y, None, rows, m, d)?
+                }
+                // y = x_{l+1} − (x' + Attn); x then advances to x_{l+1}.
+                RefitTarget::Residual => {
+                    let y = layer_forward(be, model, lw, None, &rope, &dense[i], geo)?;
+                    let part = match &pass.counted {
+                        None => {
+                            tp = Instant::now();
+                            be.normal_equations(
+                                h_eq,
+                                keep,
+                                spec.bias,
+                                &y,
+                                Some(&acts.mid),
+                                rows,
+                                m,
+                                d,
+                            )?
+                        }
+                        Some(mask) => {
+                            let (mut ym, mut mid) =
+                                (copy(be, &y, rows * d)?, copy(be, &acts.mid, rows * d)?);
+                            be.zero_rows(&mut ym, d, mask)?;
+                            be.zero_rows(&mut mid, d, mask)?;
+                            tp = Instant::now();
+                            be.normal_equations(h_eq, keep, spec.bias, &ym, Some(&mid), rows, m, d)?
+                        }
+                    };
+                    dense[i] = y;
+                    part
+                }
+            };
+            // The bias column is 1 on every row, the uncounted ones too: its
+            // diagonal entry counted them (an exact integer in f64).
+            if spec.bias && pass.skipped > 0 {
+                let k = keep.len();
+                part.g[k * width + k] -= pass.skipped as f64;
+            }
             products += tp.elapsed();
             eqs.add(&part)?;
-            if spec.target == RefitTarget::Residual {
-                dense[i] = y;
-            }
             held.push((acts.mid, acts.h));
         }
         passes += t0.elapsed();
@@ -206,7 +368,7 @@ pub fn refit<B: Backend>(
             .map(|b| be.upload_weight(b))
             .transpose()?;
         for (i, (mid, h)) in held.into_iter().enumerate() {
-            let rows = geos[i].rows();
+            let rows = passes_of[i].geo.rows();
             let y = be.linear(&h, &w_full, b.as_ref(), rows, m, d)?;
             let mut next = mid;
             be.add_assign(&mut next, &y, rows * d)?;
@@ -224,6 +386,13 @@ pub fn refit<B: Backend>(
         solves_s: solves.as_secs_f64(),
     };
     Ok((out, timing))
+}
+
+/// A copy of the first `n` values of `x`.
+fn copy<B: Backend>(be: &B, x: &B::Buf, n: usize) -> Result<B::Buf> {
+    let mut y = be.zeros(n)?;
+    be.add_assign(&mut y, x, n)?;
+    Ok(y)
 }
 
 /// Solves layer `l`'s damped normal equations `(G + λI)·X = C` (λ on the

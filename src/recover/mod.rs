@@ -6,14 +6,18 @@ pub mod export;
 pub mod step;
 
 use crate::backend::Backend;
+use crate::io::traces::Sequence;
 use crate::model::forward::Geometry;
 use crate::model::Model;
 use crate::progress::{self, Progress};
+use crate::prune::stats::TraceSource;
 use crate::{Error, Result};
 use checkpoint::TrainState;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use step::{clip_and_update, init_adapters, loss_and_grads, lr_at, RecoverLoss};
+use step::{
+    clip_and_update, init_adapters, loss_and_grads, lr_at, step_loss_and_grads, RecoverLoss,
+};
 
 /// The recovery's settings (METHODS.md section 10).
 #[derive(Clone, Debug)]
@@ -86,31 +90,65 @@ impl RecoverSpec {
     }
 }
 
-/// The training text: `[n, t]` windows, used in order (window
-/// `(s−1)·batch + j` mod n at step s), with where they came from.
+/// The training data: windows of the text (every one of `seq_len`
+/// tokens, all counted) or selected traces (each of its own length,
+/// counted from `counted_from`), used in order: step s takes sequences
+/// `(s−1)·batch + j` mod n, j < batch, in file order (METHODS.md §10).
 pub struct RecoverData {
-    pub ids: Vec<u32>,
-    pub seq_len: usize,
+    pub seqs: Vec<Sequence>,
     pub source: PathBuf,
+    /// sha256 of the window ids (windows) or `sequences_digest` (traces).
     pub digest: String,
+    /// The traces file's digest, selection and token rule, and
+    /// `--max-seq-len`; `None` for windows.
+    pub traces: Option<(TraceSource, Option<usize>)>,
 }
 
 impl RecoverData {
-    pub fn windows(&self) -> usize {
-        self.ids.len() / self.seq_len
+    /// `[n, seq_len]` windows cut from the text at `source`.
+    pub fn windows(ids: &[u32], seq_len: usize, source: PathBuf, digest: String) -> Self {
+        Self {
+            seqs: ids
+                .chunks(seq_len.max(1))
+                .map(|w| Sequence {
+                    ids: w.to_vec(),
+                    counted_from: 0,
+                })
+                .collect(),
+            source,
+            digest,
+            traces: None,
+        }
     }
 
-    /// The ids of step `s` (1-based): `batch` windows in file order, wrapping.
-    fn batch(&self, s: u64, batch: usize) -> Vec<u32> {
-        let n = self.windows() as u64;
+    /// Sequences (windows or traces).
+    pub fn windows_count(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// The longest sequence (every window's length).
+    pub fn seq_len(&self) -> usize {
+        self.seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0)
+    }
+
+    /// The sequences of step `s` (1-based): `batch` in file order, wrapping.
+    pub fn batch(&self, s: u64, batch: usize) -> Vec<&Sequence> {
+        let n = self.seqs.len() as u64;
         (0..batch as u64)
-            .flat_map(|j| {
-                let w = (((s - 1) * batch as u64 + j) % n) as usize;
-                self.ids[w * self.seq_len..(w + 1) * self.seq_len]
-                    .iter()
-                    .copied()
-            })
+            .map(|j| &self.seqs[(((s - 1) * batch as u64 + j) % n) as usize])
             .collect()
+    }
+
+    /// Tokens of the steps `1..=steps` (every position, context included).
+    pub fn tokens_seen(&self, steps: u64, batch: usize) -> usize {
+        (1..=steps)
+            .map(|s| {
+                self.batch(s, batch)
+                    .iter()
+                    .map(|q| q.ids.len())
+                    .sum::<usize>()
+            })
+            .sum()
     }
 }
 
@@ -124,11 +162,11 @@ pub fn checkpoint_settings(
     student_digest: &str,
     teacher_digest: Option<&str>,
 ) -> serde_json::Value {
-    serde_json::json!({
+    let mut settings = serde_json::json!({
         "student_digest": student_digest,
         "teacher_digest": teacher_digest,
         "data_digest": data.digest,
-        "seq_len": data.seq_len,
+        "seq_len": data.seq_len(),
         "batch": spec.batch,
         "rank": spec.rank,
         "alpha": spec.alpha,
@@ -137,7 +175,15 @@ pub fn checkpoint_settings(
         "max_grad_norm": spec.max_grad_norm,
         "loss": spec.loss.name(),
         "seed": spec.seed,
-    })
+    });
+    // Only with traces: a windows checkpoint keeps the settings it had.
+    if let Some((t, max_seq_len)) = &data.traces {
+        settings["traces_digest"] = t.digest.clone().into();
+        settings["traces_selection"] = t.selection.clone().into();
+        settings["traces_tokens"] = t.tokens.clone().into();
+        settings["traces_max_seq_len"] = serde_json::json!(max_seq_len);
+    }
+    settings
 }
 
 /// Where the training data and the teacher came from, for the record.
@@ -168,7 +214,7 @@ pub fn recovery_record(
         "loss": spec.loss.name(),
         "steps": spec.steps,
         "batch": spec.batch,
-        "seq_len": data.seq_len,
+        "seq_len": data.seq_len(),
         "rank": spec.rank,
         "alpha": spec.alpha,
         "lr": spec.lr,
@@ -183,8 +229,15 @@ pub fn recovery_record(
             "source": data.source.display().to_string(),
             "field": src.data_field,
             "digest": data.digest,
-            "windows": data.windows(),
-            "tokens_seen": spec.steps as usize * spec.batch * data.seq_len,
+            "windows": data.windows_count(),
+            "tokens_seen": data.tokens_seen(spec.steps, spec.batch),
+            "traces": data.traces.as_ref().map(|(t, max_seq_len)| serde_json::json!({
+                "digest": t.digest,
+                "selection": t.selection,
+                "tokens": t.tokens,
+                "max_seq_len": max_seq_len,
+                "counted": data.seqs.iter().map(Sequence::predicted).sum::<usize>(),
+            })),
         },
         "losses": state.losses,
         "resumed_from_step": resumed_from,
@@ -245,7 +298,7 @@ pub fn train<B: Backend>(
     resume: Option<TrainState<B>>,
 ) -> Result<TrainState<B>> {
     spec.check()?;
-    if data.windows() == 0 {
+    if data.seqs.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: no training windows",
             data.source.display()
@@ -265,10 +318,6 @@ pub fn train<B: Backend>(
             }
         }
     };
-    let geo = Geometry {
-        seqs: spec.batch,
-        t: data.seq_len,
-    };
     let scale = spec.scale();
     let mut grads = state.adapters.zeros_like(be)?;
     let left = spec.steps.saturating_sub(state.step);
@@ -278,15 +327,14 @@ pub fn train<B: Backend>(
     while state.step < spec.steps {
         let s = state.step + 1;
         grads.zero(be)?;
-        let ids = data.batch(s, spec.batch);
-        let loss = loss_and_grads(
+        let seqs = data.batch(s, spec.batch);
+        let loss = step_loss_and_grads(
             be,
             student,
             teacher,
             (&state.adapters, scale),
             &mut grads,
-            &ids,
-            geo,
+            &seqs,
             spec.loss,
         )?;
         let stop = |what: String| {

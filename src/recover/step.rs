@@ -2,6 +2,7 @@
 //! and the adapters' gradients over a batch, gradient clipping and the
 //! AdamW update; and the adapters' seeded initialisation.
 use crate::backend::{AdamwStep, Backend};
+use crate::io::traces::Sequence;
 use crate::model::backward::backward_adapters;
 use crate::model::forward::{forward, forward_with, next_token_targets, Geometry};
 use crate::model::lora::Adapters;
@@ -110,16 +111,113 @@ pub fn loss_and_grads<B: Backend>(
     geo: Geometry,
     loss: RecoverLoss,
 ) -> Result<f64> {
-    let c = &student.cfg;
-    let (rows, d) = (geo.rows(), c.hidden);
-    let targets = next_token_targets(ids, geo);
-    let count = targets.iter().filter(|&&t| t != u32::MAX).count();
+    let count = geo.seqs * geo.t.saturating_sub(1);
     if count == 0 {
         return Err(Error::Invalid(
             "a training batch needs windows of at least 2 tokens".into(),
         ));
     }
     let scale = 1.0 / count as f32;
+    let (sum, _) = loss_sum_and_grads(
+        be, student, teacher, lora, grads, ids, geo, None, loss, scale,
+    )?;
+    Ok(sum / count as f64)
+}
+
+/// The loss and adapter gradients of one training step over `seqs`, each
+/// of its own length (METHODS.md §10): the mean over the counted
+/// predictions of the whole step (a prediction counts when its target
+/// position is at or past the sequence's `counted_from`), so the step
+/// equals the same sequences done one at a time, their gradients added
+/// and normalised by the total count. Sequences of equal length share a
+/// pass (in their order); none is padded. Returns the mean loss.
+pub fn step_loss_and_grads<B: Backend>(
+    be: &B,
+    student: &Model<B>,
+    teacher: Option<&Model<B>>,
+    lora: (&Adapters<B>, f32),
+    grads: &mut Adapters<B>,
+    seqs: &[&Sequence],
+    loss: RecoverLoss,
+) -> Result<f64> {
+    let count: usize = seqs.iter().map(|s| s.predicted()).sum();
+    if count == 0 {
+        return Err(Error::Invalid(format!(
+            "a training step of {} sequences predicts no counted token",
+            seqs.len()
+        )));
+    }
+    let scale = 1.0 / count as f32;
+    let mut order: Vec<usize> = (0..seqs.len())
+        .filter(|&i| seqs[i].predicted() > 0)
+        .collect();
+    order.sort_by_key(|&i| seqs[i].ids.len());
+    let mut sum = 0.0;
+    for same in order.chunk_by(|&a, &b| seqs[a].ids.len() == seqs[b].ids.len()) {
+        let t = seqs[same[0]].ids.len();
+        let geo = Geometry {
+            seqs: same.len(),
+            t,
+        };
+        let ids: Vec<u32> = same.iter().flat_map(|&i| seqs[i].ids.clone()).collect();
+        let from: Vec<usize> = same.iter().map(|&i| seqs[i].counted_from).collect();
+        let (part, _) = loss_sum_and_grads(
+            be,
+            student,
+            teacher,
+            lora,
+            grads,
+            &ids,
+            geo,
+            Some(&from),
+            loss,
+            scale,
+        )?;
+        sum += part;
+    }
+    Ok(sum / count as f64)
+}
+
+/// Σ of the loss over the counted predictions of one batch `ids`
+/// (`[seqs, t]`), and their count; `scale`·∂Σ/∂adapters is added into
+/// `grads`. Position p of sequence i predicts p + 1 and counts when
+/// p + 1 < t and p + 1 ≥ `counted_from[i]` (all when `None`).
+#[allow(clippy::too_many_arguments)]
+pub fn loss_sum_and_grads<B: Backend>(
+    be: &B,
+    student: &Model<B>,
+    teacher: Option<&Model<B>>,
+    lora: (&Adapters<B>, f32),
+    grads: &mut Adapters<B>,
+    ids: &[u32],
+    geo: Geometry,
+    counted_from: Option<&[usize]>,
+    loss: RecoverLoss,
+    scale: f32,
+) -> Result<(f64, usize)> {
+    let c = &student.cfg;
+    let (rows, d) = (geo.rows(), c.hidden);
+    let mut targets = next_token_targets(ids, geo);
+    if let Some(from) = counted_from {
+        if from.len() != geo.seqs {
+            return Err(Error::Invalid(format!(
+                "{} counted-from positions for {} sequences",
+                from.len(),
+                geo.seqs
+            )));
+        }
+        for (seq, &f) in targets.chunks_mut(geo.t).zip(from) {
+            // Position p predicts p + 1: the prompt's targets are context.
+            seq.iter_mut()
+                .take(f.saturating_sub(1))
+                .for_each(|t| *t = u32::MAX);
+        }
+    }
+    let counted: Vec<bool> = targets.iter().map(|&t| t != u32::MAX).collect();
+    let count = counted.iter().filter(|&&k| k).count();
+    if count == 0 {
+        return Ok((0.0, 0));
+    }
     let z_teacher = match (loss, teacher) {
         (RecoverLoss::Kd, Some(t)) => Some(forward(be, t, ids, geo, false)?.z),
         (RecoverLoss::Kd, None) => {
@@ -130,7 +228,6 @@ pub fn loss_and_grads<B: Backend>(
     let fwd = forward_with(be, student, Some(lora), ids, geo, true)?;
     let (sum, dz) = match (z_teacher, teacher) {
         (Some(zt), Some(t)) => {
-            let counted: Vec<bool> = targets.iter().map(|&t| t != u32::MAX).collect();
             let (sum, _, dz) = be.kl_div(
                 &fwd.z,
                 student.lm_head(),
@@ -161,7 +258,7 @@ pub fn loss_and_grads<B: Backend>(
     };
     let dz = dz.ok_or_else(|| Error::Invalid("the loss returned no gradient".into()))?;
     backward_adapters(be, student, lora, grads, &fwd, geo, &dz)?;
-    Ok(sum / count as f64)
+    Ok((sum, count))
 }
 
 /// The clipping factor of `clip_grad_norm_` for a global norm `norm`:

@@ -566,12 +566,14 @@ impl<B: Backend> Run<'_, B> {
             refit: self.spec.refit.filter(|_| variant.refit),
         };
         let c = &self.spec.calib;
-        let windows = job.refit.map(|_| RefitWindows {
-            ids: self.calib_ids.clone(),
-            seq_len: c.seq_len,
-            batch: c.batch,
-            source: c.path.clone(),
-            digest: self.calib_digest.clone(),
+        let windows = job.refit.map(|_| {
+            RefitWindows::windows(
+                &self.calib_ids,
+                c.seq_len,
+                c.batch,
+                c.path.clone(),
+                self.calib_digest.clone(),
+            )
         });
         let r = prune_model(
             self.be,
@@ -620,12 +622,12 @@ impl<B: Backend> Run<'_, B> {
         let info = self.export(method, sparsity, base, &student_dir)?;
         let student = Model::load_with(self.be, &student_dir, self.spec.load)?;
         let c = &self.spec.calib;
-        let data = RecoverData {
-            ids: self.calib_ids.clone(),
-            seq_len: c.seq_len,
-            source: c.path.clone(),
-            digest: self.calib_digest.clone(),
-        };
+        let data = RecoverData::windows(
+            &self.calib_ids,
+            c.seq_len,
+            c.path.clone(),
+            self.calib_digest.clone(),
+        );
         let student_digest = model_digest(&student)?;
         let teacher_digest = self.fp.0["model"]["digest"].as_str().map(str::to_string);
         let settings =

@@ -164,3 +164,48 @@ pub fn calib_text(dir: &Path, lines: usize) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Writes a traces file (METHODS.md §11) for the tokenizer with sha256
+/// `digest`: one greedy trace per `(prompt_ids, generated_ids)`, prompt i
+/// sample 0, with no gold answer.
+pub fn write_trace_file(path: &Path, digest: &str, traces: &[(Vec<u32>, Vec<u32>)]) {
+    use rku_engine::eval::traces::{SamplingRecord, TraceFinish, TraceRecord};
+    let lines: Vec<String> = traces
+        .iter()
+        .enumerate()
+        .map(|(i, (prompt, generated))| {
+            let r = TraceRecord {
+                prompt_index: i,
+                sample: 0,
+                question: format!("q{i}"),
+                prompt_ids: prompt.clone(),
+                generated_ids: generated.clone(),
+                text: "x".into(),
+                prompt_tokens: prompt.len(),
+                generated_tokens: generated.len(),
+                finish: TraceFinish::Length,
+                answer: None,
+                gold: None,
+                correct: None,
+                tokenizer_digest: digest.into(),
+                sampling: SamplingRecord {
+                    temperature: None,
+                    top_p: None,
+                    seed: None,
+                },
+            };
+            serde_json::to_string(&r).unwrap()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// sha256 of the file at `path`, lowercase hex.
+pub fn file_sha256(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).unwrap();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -12,6 +12,7 @@ use rku_engine::prune::calibrate::down_column_norms;
 use rku_engine::prune::job::output_dirs;
 use rku_engine::prune::pipeline::{check_stats_match, prune_model};
 use rku_engine::prune::refit::RefitWindows;
+use rku_engine::prune::traces::{sequences_digest, trace_sequences};
 use rku_engine::prune::{merge, PruneJob, Stats};
 
 pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
@@ -27,18 +28,60 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         .chain(&a.calib.calib)
         .chain(&a.calib.traces)
         .chain(&a.refit_calib)
+        .chain(&a.refit_traces)
         .chain(&a.stats)
         .map(|p| p.as_path())
         .collect();
     for o in &outs {
         check_output(inputs.iter().copied(), o, MODEL_DIR, a.force)?;
     }
-    // The refit's windows: --refit-calib, else the scoring text.
+    let flags = a.calib.trace_flags();
+    if a.calib.traces.is_none() && a.refit_traces.is_none() && !flags.is_empty() {
+        bail!(
+            "{} apply to traces: they need --traces FILE or --refit-traces FILE",
+            flags.join(", ")
+        );
+    }
+    // The refit's calibration: --refit-traces, or the windows of
+    // --refit-calib, else of the scoring text.
     let refit = a.refit.spec();
-    let refit_text = match (refit, a.refit_calib.as_ref().or(a.calib.calib.as_ref())) {
-        (Some(_), Some(path)) => Some(a.calib.windows.source(path.clone())),
-        (Some(_), None) => bail!("--refit needs calibration text: --refit-calib FILE (or --calib)"),
-        (None, _) => None,
+    let refit_text = match (refit, &a.refit_traces) {
+        (None, _) | (Some(_), Some(_)) => None,
+        (Some(_), None) => match a.refit_calib.as_ref().or(a.calib.calib.as_ref()) {
+            Some(path) => Some(a.calib.windows.source(path.clone())),
+            None => bail!(
+                "--refit needs calibration text or traces: --refit-calib FILE (or --calib), \
+                 or --refit-traces FILE"
+            ),
+        },
+    };
+    // Read and selected before any scoring: a bad file fails at once.
+    let refit_traces = match (refit, &a.refit_traces) {
+        (Some(_), Some(path)) => {
+            let (sel, rule) = (
+                a.calib.select.unwrap_or_default(),
+                a.calib.tokens.unwrap_or_default(),
+            );
+            let tr = trace_sequences(path, &a.model, sel, rule, a.calib.max_seq_len)?;
+            eprintln!(
+                "refit traces: {} of {} selected ({sel}) from {}, counting {rule} tokens (file digest {}…)",
+                tr.seqs.len(),
+                tr.total,
+                path.display(),
+                &tr.source.digest[..12]
+            );
+            if let Some(t) = a.calib.max_seq_len {
+                eprintln!("--max-seq-len {t}: {} refit traces truncated", tr.truncated);
+            }
+            Some(RefitWindows {
+                digest: sequences_digest(&tr.seqs),
+                seqs: tr.seqs,
+                batch: a.calib.windows.batch,
+                source: path.clone(),
+                traces: Some(tr.source),
+            })
+        }
+        _ => None,
     };
     let scoring = a.stats.is_empty();
     let source = match scoring {
@@ -59,18 +102,19 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         })?;
     }
     let norms = down_column_norms(&model)?;
-    let refit_windows = match (&refit, &refit_text) {
-        (Some(_), Some(source)) => {
+    let refit_windows = match (refit_traces, &refit_text) {
+        (Some(traces), _) => Some(traces),
+        (None, Some(source)) => {
             let (ids, digest) = source.windows(&model, &Tokenizer::load(&model.dir)?)?;
-            Some(RefitWindows {
-                ids,
-                seq_len: source.seq_len,
-                batch: source.batch,
-                source: source.path.clone(),
+            Some(RefitWindows::windows(
+                &ids,
+                source.seq_len,
+                source.batch,
+                source.path.clone(),
                 digest,
-            })
+            ))
         }
-        _ => None,
+        (None, None) => None,
     };
     for (&sparsity, out) in sparsities.iter().zip(outs) {
         let job = PruneJob {

@@ -6,14 +6,16 @@ use anyhow::{bail, Context, Result};
 use rku_engine::backend::Backend;
 use rku_engine::io::output::MODEL_DIR;
 use rku_engine::io::text::{read_text, token_digest, windows, Tokenizer};
+use rku_engine::model::Model;
 use rku_engine::prune::calibrate::model_digest;
+use rku_engine::prune::traces::{sequences_digest, trace_sequences};
 use rku_engine::recover::checkpoint::{self, TrainState};
 use rku_engine::recover::export::export_recovered;
 use rku_engine::recover::step::{init_adapters, RecoverLoss};
 use rku_engine::recover::{
     check_teacher, checkpoint_settings, recovery_record, train, RecordSources, RecoverData,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Where `recover --out DIR` keeps its checkpoint: `DIR.checkpoint.safetensors`.
@@ -26,7 +28,12 @@ pub fn checkpoint_path(out: &std::path::Path) -> PathBuf {
 pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
     let spec = a.spec();
     spec.check()?;
-    let inputs = [Some(&a.model), a.teacher.as_ref(), Some(&a.data)];
+    let inputs = [
+        Some(&a.model),
+        a.teacher.as_ref(),
+        a.data.as_ref(),
+        a.traces.as_ref(),
+    ];
     check_output(
         inputs.into_iter().flatten().map(|p| p.as_path()),
         &a.out,
@@ -52,6 +59,54 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         bail!("--loss kd needs --teacher DIR (the dense model), or use --loss ce");
     }
 
+    // Traces are read, checked and selected before any model is loaded.
+    let traces = match &a.traces {
+        Some(path) => {
+            let tr = trace_sequences(path, &a.model, a.select, a.tokens, a.max_seq_len)?;
+            eprintln!(
+                "traces: {} of {} selected ({}) from {}, counting {} tokens (file digest {}…)",
+                tr.seqs.len(),
+                tr.total,
+                a.select,
+                path.display(),
+                a.tokens,
+                &tr.source.digest[..12]
+            );
+            if let Some(t) = a.max_seq_len {
+                eprintln!("--max-seq-len {t}: {} traces truncated", tr.truncated);
+            }
+            if tr.seqs.len() < spec.batch {
+                bail!(
+                    "{}: --select {} keeps {} traces, fewer than one batch of {}",
+                    path.display(),
+                    a.select,
+                    tr.seqs.len(),
+                    spec.batch
+                );
+            }
+            let data = RecoverData {
+                digest: sequences_digest(&tr.seqs),
+                seqs: tr.seqs,
+                source: path.clone(),
+                traces: Some((tr.source, a.max_seq_len)),
+            };
+            // The batches repeat after n steps at most.
+            let period = spec.steps.min(data.seqs.len() as u64);
+            if let Some(i) =
+                (1..=period).find(|&s| data.batch(s, spec.batch).iter().all(|q| q.predicted() == 0))
+            {
+                bail!(
+                    "{}: step {i}'s {} traces predict no counted token (--tokens {}): \
+                     select traces with generated tokens",
+                    path.display(),
+                    spec.batch,
+                    a.tokens
+                );
+            }
+            Some(data)
+        }
+        None => None,
+    };
     let student = load_model(be, &a.model, &a.common, None)?;
     let pruning_path = a.model.join("pruning.json");
     let pruning: serde_json::Value = match std::fs::read(&pruning_path) {
@@ -92,46 +147,11 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         }
     }
 
-    let tok = Tokenizer::load(&a.model)?;
-    let ids = tok.encode(&read_text(&a.data, a.field.as_deref())?)?;
-    let bos = match a.bos {
-        true => Some(
-            student
-                .cfg
-                .bos_token_id
-                .context("--bos given but config.json has no bos_token_id")?,
-        ),
-        false => None,
+    let data = match (traces, &a.data) {
+        (Some(data), _) => data,
+        (None, Some(path)) => text_windows(a, path, &student, spec.steps as usize * spec.batch)?,
+        (None, None) => bail!("training data needed: --data FILE or --traces FILE"),
     };
-    let per = a.seq_len - usize::from(bos.is_some());
-    let wanted = spec.steps as usize * spec.batch;
-    let n = ids.len() / per; // every window: the digest must not depend on --steps
-    if n < spec.batch {
-        bail!(
-            "{}: {} tokens make {n} windows of {} tokens, fewer than one batch of {}",
-            a.data.display(),
-            ids.len(),
-            a.seq_len,
-            spec.batch
-        );
-    }
-    let w = windows(&ids, n, a.seq_len, bos)?;
-    let data = RecoverData {
-        digest: token_digest(&w),
-        ids: w,
-        seq_len: a.seq_len,
-        source: a.data.clone(),
-    };
-    if n < wanted {
-        eprintln!(
-            "note: {} has {n} windows of {} tokens; the {wanted} of {} steps × {} reuse them ({:.2} epochs)",
-            a.data.display(),
-            a.seq_len,
-            spec.steps,
-            spec.batch,
-            wanted as f64 / n as f64
-        );
-    }
     let settings = checkpoint_settings(&spec, &data, &student_digest, teacher_digest.as_deref());
     let resume: Option<TrainState<B>> = match (a.resume, ckpt_exists) {
         (true, true) => {
@@ -172,7 +192,8 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
     )?;
     let train_s = t0.elapsed().as_secs_f64();
     let trained = spec.steps - resumed_from.unwrap_or(0);
-    let tokens = trained as usize * spec.batch * a.seq_len;
+    let tokens = data.tokens_seen(spec.steps, spec.batch)
+        - data.tokens_seen(resumed_from.unwrap_or(0), spec.batch);
     let sources = RecordSources {
         data_field: a.field.as_deref(),
         teacher: a.teacher.as_deref(),
@@ -222,4 +243,53 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
         out.display(),
     );
     Ok(())
+}
+
+/// The windows of `--data` (every window of the text: the digest must not
+/// depend on --steps), at least one batch of them; says how many epochs
+/// the `wanted` windows take.
+fn text_windows<B: Backend>(
+    a: &RecoverArgs,
+    path: &Path,
+    student: &Model<B>,
+    wanted: usize,
+) -> Result<RecoverData> {
+    let batch = a.batch;
+    let tok = Tokenizer::load(&a.model)?;
+    let ids = tok.encode(&read_text(path, a.field.as_deref())?)?;
+    let bos = match a.bos {
+        true => Some(
+            student
+                .cfg
+                .bos_token_id
+                .context("--bos given but config.json has no bos_token_id")?,
+        ),
+        false => None,
+    };
+    let per = a.seq_len - usize::from(bos.is_some());
+    let n = ids.len() / per;
+    if n < batch {
+        bail!(
+            "{}: {} tokens make {n} windows of {} tokens, fewer than one batch of {batch}",
+            path.display(),
+            ids.len(),
+            a.seq_len,
+        );
+    }
+    let w = windows(&ids, n, a.seq_len, bos)?;
+    if n < wanted {
+        eprintln!(
+            "note: {} has {n} windows of {} tokens; the {wanted} of {} steps × {batch} reuse them ({:.2} epochs)",
+            path.display(),
+            a.seq_len,
+            a.steps,
+            wanted as f64 / n as f64
+        );
+    }
+    Ok(RecoverData::windows(
+        &w,
+        a.seq_len,
+        path.to_path_buf(),
+        token_digest(&w),
+    ))
 }

@@ -24,6 +24,13 @@ pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
         STATS_FILE,
         a.force,
     )?;
+    let flags = a.calib.trace_flags();
+    if a.calib.traces.is_none() && !flags.is_empty() {
+        bail!(
+            "{} apply to traces: they need --traces FILE",
+            flags.join(", ")
+        );
+    }
     let source = calib_source(&a.calib)?;
     let model = load_model(be, &a.model, &a.common, None)?;
     let stats = run_scoring(be, &model, source.as_ref(), &a.calib)?;
@@ -34,13 +41,14 @@ pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
 
 /// The calibration windows the flags describe (METHODS.md §2), if any:
 /// `None` when only --traces is given. Errs without either, and on
-/// `--tokens generated` with windows (they have no generated positions).
+/// `--tokens generated` with windows and traces scored together (windows
+/// have no generated positions).
 pub fn calib_source(c: &CalibArgs) -> Result<Option<CalibSource>> {
     match (&c.calib, &c.traces) {
         (None, None) => {
             bail!("calibration needed: pass --calib FILE and/or --traces FILE (or --stats)")
         }
-        (Some(_), _) if c.tokens == Some(TokenRule::Generated) => bail!(
+        (Some(_), Some(_)) if c.tokens == Some(TokenRule::Generated) => bail!(
             "--tokens generated counts only the generated positions of traces; \
              calibration windows (--calib) have none: drop --calib or use --tokens all"
         ),
