@@ -782,13 +782,40 @@ fn report_trace_calibration_rows_match_prune_traces() {
         7
     );
 
-    // The refit and the recovery run on windows only: refused with traces.
-    let refit = [&args("generated")[..], &["--refit"]].concat();
-    let e = run_err(&mut small(
-        "tiny-qwen2",
-        &i.text,
-        &tmp.path().join("r2"),
-        &refit,
-    ));
-    assert!(e.contains("--traces with --refit"), "{e}");
+    // With --refit, a trace-calibrated mask is refitted on the same traces:
+    // as `prune --traces --refit --refit-traces`, bit for bit.
+    let refit = [&args("generated")[..], &["--refit", "--keep-models"]].concat();
+    let r2 = tmp.path().join("r2");
+    // stats, stats@traces, dense.{ppl,trace_ppl}, and per method and
+    // calibration: prune, ppl, trace_ppl, as cut and refitted.
+    assert_eq!(
+        counts(&run_ok(&mut small("tiny-qwen2", &i.text, &r2, &refit))).0,
+        28
+    );
+    let refitted = tmp.path().join("refitted");
+    run_ok(
+        bin()
+            .args(["prune", "--backend", "cpu", "--model"])
+            .arg(fixture("tiny-qwen2"))
+            .args([
+                "--traces",
+                c,
+                "--tokens",
+                "generated",
+                "--refit",
+                "--refit-traces",
+                c,
+            ])
+            .args(["--method", "rku", "--sparsity", "0.3", "--out"])
+            .arg(&refitted),
+    );
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    let in_report = r2.join("models/rku-s0.3@traces+refit");
+    assert_eq!(weights(&in_report), weights(&refitted));
+    assert_ne!(
+        weights(&in_report),
+        weights(&r2.join("models/rku-s0.3@traces"))
+    );
+    let record = &read_json(&in_report.join("pruning.json"))["refit"]["calibration"];
+    assert_eq!(record["traces"]["tokens"], "generated", "{record}");
 }

@@ -566,15 +566,24 @@ impl<B: Backend> Run<'_, B> {
             refit: self.spec.refit.filter(|_| variant.refit),
         };
         let c = &self.spec.calib;
-        let windows = job.refit.map(|_| {
-            RefitWindows::windows(
+        // The refit runs on the data of the mask's calibration.
+        let windows = match (job.refit, variant.calib, &self.traces, &self.spec.traces) {
+            (None, ..) => None,
+            (Some(_), Calibration::Traces, Some((tr, digest)), Some(t)) => Some(RefitWindows {
+                seqs: tr.seqs.clone(),
+                batch: c.batch,
+                source: t.path.clone(),
+                digest: digest.clone(),
+                traces: Some(tr.source.clone()),
+            }),
+            (Some(_), ..) => Some(RefitWindows::windows(
                 &self.calib_ids,
                 c.seq_len,
                 c.batch,
                 c.path.clone(),
                 self.calib_digest.clone(),
-            )
-        });
+            )),
+        };
         let r = prune_model(
             self.be,
             &self.dense,
@@ -622,12 +631,21 @@ impl<B: Backend> Run<'_, B> {
         let info = self.export(method, sparsity, base, &student_dir)?;
         let student = Model::load_with(self.be, &student_dir, self.spec.load)?;
         let c = &self.spec.calib;
-        let data = RecoverData::windows(
-            &self.calib_ids,
-            c.seq_len,
-            c.path.clone(),
-            self.calib_digest.clone(),
-        );
+        // The recovery trains on the data of the mask's calibration.
+        let data = match (variant.calib, &self.traces, &self.spec.traces) {
+            (Calibration::Traces, Some((tr, digest)), Some(t)) => RecoverData {
+                seqs: tr.seqs.clone(),
+                source: t.path.clone(),
+                digest: digest.clone(),
+                traces: Some((tr.source.clone(), t.max_seq_len)),
+            },
+            _ => RecoverData::windows(
+                &self.calib_ids,
+                c.seq_len,
+                c.path.clone(),
+                self.calib_digest.clone(),
+            ),
+        };
         let student_digest = model_digest(&student)?;
         let teacher_digest = self.fp.0["model"]["digest"].as_str().map(str::to_string);
         let settings =
@@ -653,7 +671,10 @@ impl<B: Backend> Run<'_, B> {
         )
         .map_err(|e| Error::format(student_dir.join("pruning.json"), e.to_string()))?;
         let sources = RecordSources {
-            data_field: c.field.as_deref(),
+            data_field: match variant.calib {
+                Calibration::Text => c.field.as_deref(),
+                Calibration::Traces => None,
+            },
             teacher: Some(&self.spec.model),
             teacher_digest: teacher_digest.as_deref(),
             student_digest: &student_digest,

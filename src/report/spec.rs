@@ -66,11 +66,11 @@ pub struct ReportSpec {
     pub mc: Option<McArgs>,
     pub prefill: Option<PrefillSpec>,
     /// Also export and evaluate every mask refitted (METHODS.md §9) over
-    /// the calibration windows.
+    /// the data of its calibration (the windows, or the traces).
     pub refit: Option<RefitSpec>,
     /// Also recover every model (as cut, and refitted with `refit`) by
     /// LoRA distillation from the dense model (METHODS.md §10) on the
-    /// calibration windows.
+    /// data of its calibration (the windows, or the traces).
     pub recover: Option<RecoverSpec>,
     pub out: PathBuf,
     /// Keep every pruned model under models/ (else each is removed once evaluated).
@@ -112,14 +112,6 @@ impl ReportSpec {
         }
         if let Some(r) = &self.recover {
             r.check()?;
-        }
-        if self.traces.is_some() && (self.refit.is_some() || self.recover.is_some()) {
-            return bad(
-                "--traces with --refit or --recover-steps: the refit and the recovery \
-                 run on calibration windows only; report the trace-calibrated masks \
-                 as cut (drop --refit/--recover-steps) or in a separate report"
-                    .into(),
-            );
         }
         Ok(())
     }
