@@ -9,6 +9,8 @@
 # 0-shot, 256 new tokens, the first GEN_LIMIT problems). Then progressive
 # RKU (`prune --progressive` over the same sparsities, each step's model
 # answering the same calibration prompts) with the same evaluations.
+# With REFIT=1 (default) every mask is also refitted (target `layer`,
+# METHODS.md §9) on the data of its calibration: rows `+refit`.
 #
 # SmolLM2 (the default; 0% GSM accuracy dense) is measured by trace
 # perplexity; the reasoning model is MODEL=assets/models/qwen-coder GEN=1
@@ -20,7 +22,8 @@
 # Knobs (environment): MODEL (assets/models/smollm2), OUT
 # (out/trace-grid-<model>), CALIB_PROMPTS (64), HELD_OUT (32),
 # MAX_NEW (128), METHODS (rku,wanda-struct,taylor), SPARSITIES
-# (0.2,0.3,0.4), GEN (0), GEN_LIMIT (100), BIN (target/release/rku-engine).
+# (0.2,0.3,0.4), REFIT (1), GEN (0), GEN_LIMIT (100), BIN
+# (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-assets/models/smollm2}
@@ -30,6 +33,7 @@ HELD_OUT=${HELD_OUT:-32}
 MAX_NEW=${MAX_NEW:-128}
 METHODS=${METHODS:-rku,wanda-struct,taylor}
 SPARSITIES=${SPARSITIES:-0.2,0.3,0.4}
+REFIT=${REFIT:-1}
 GEN=${GEN:-0}
 GEN_LIMIT=${GEN_LIMIT:-100}
 BIN=${BIN:-target/release/rku-engine}
@@ -42,6 +46,8 @@ mkdir -p "$OUT"
 "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic.jsonl --chat \
   --limit "$HELD_OUT" --max-new-tokens "$MAX_NEW" --batch 8 --out "$OUT/heldout-traces.jsonl"
 gen=()
+refit=()
+[ "$REFIT" = 1 ] && refit=(--refit layer)
 [ "$GEN" = 1 ] && gen=(--gen-data assets/eval/gsm_symbolic.jsonl --gen-chat --gen-shots 0
   --gen-max-new-tokens 256 --limit "$GEN_LIMIT")
 "$BIN" report --model "$MODEL" \
@@ -49,7 +55,7 @@ gen=()
   --traces "$OUT/calib-traces.jsonl" --traces-tokens generated --traces-select "length-band 25,75" \
   --trace-ppl "$OUT/heldout-traces.jsonl" --trace-ppl-tokens generated \
   --ppl-text assets/text/owt.jsonl --ppl-field 0 --ppl-seq-len 128 --ppl-max-windows 64 \
-  "${gen[@]}" --methods "$METHODS" --sparsity "$SPARSITIES" --no-prefill --out "$OUT/report"
+  "${gen[@]}" "${refit[@]}" --methods "$METHODS" --sparsity "$SPARSITIES" --no-prefill --out "$OUT/report"
 # Progressive RKU: one model per step, each evaluated as the report's rows.
 PROG="$OUT/progressive-rku"
 "$BIN" prune --model "$MODEL" --progressive "$SPARSITIES" \
