@@ -6,6 +6,9 @@ Writes small fixtures under tests/fixtures/ (see tests/fixtures/README.md):
   tiny-qwen2/    random-weight Qwen2ForCausalLM + tokenizer + reference.safetensors
   tiny-llama3/   random-weight LlamaForCausalLM (llama3 RoPE scaling, tied
                  embeddings) + tokenizer + reference.safetensors
+  tiny-qwen3/    random-weight Qwen3ForCausalLM (q/k norms, head_dim 24 with
+                 hidden 64 and 4 heads, tied embeddings as Qwen3-0.6B) +
+                 tokenizer + reference.safetensors
   smollm2/       reference values of SmolLM2-135M-Instruct loaded from the GGUF
                  (only with --smollm PATH; needs --wiki PATH too)
 
@@ -462,6 +465,22 @@ def make_tiny_llama3():
     return make_tiny("tiny-llama3", cfg, "smollm", seed=5678)
 
 
+def make_tiny_qwen3():
+    from transformers import Qwen3Config
+    # head_dim 24 != hidden / heads = 16 on purpose: q_dim = 96, kv_dim = 48.
+    cfg = Qwen3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, use_sliding_window=False)
+    t = make_tiny("tiny-qwen3", cfg, "qwen2", seed=4321)
+    m = load_hf(FIXTURES / "tiny-qwen3")
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (96, 64) and attn.q_norm.weight.shape == (24,)
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None
+    return t
+
+
 def read_text_jsonl(path, field):
     """METHODS.md section 2: each row's field stripped, rows joined by "\\n\\n"."""
     rows = [json.loads(line)[field].strip() for line in open(path, encoding="utf-8") if line.strip()]
@@ -607,16 +626,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (enables the smollm2/ fixtures)")
     ap.add_argument("--wiki", help="path to evals' schelling_point/wikipedia_5.jsonl (needed with --smollm)")
-    ap.add_argument("--only", choices=["tiny", "smollm"], help="make only one group")
+    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "smollm"],
+                    help="make only one group (tiny-qwen3: only that model, the others untouched)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True)
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
-    if args.only != "smollm":
+    if args.only in (None, "tiny"):
         make_tiny_qwen2()
         make_tiny_llama3()
-    if args.smollm and args.only != "tiny":
+    if args.only in (None, "tiny", "tiny-qwen3"):
+        make_tiny_qwen3()
+    if args.smollm and args.only not in ("tiny", "tiny-qwen3"):
         if not args.wiki:
             ap.error("--smollm needs --wiki")
         tok, model = load_smollm(args.smollm)
