@@ -124,12 +124,35 @@ fn tiny_qwen2_cache_equals_recompute() {
     );
 }
 
+/// Qwen3 (q/k norms before RoPE, head_dim ≠ hidden / heads).
+#[test]
+fn tiny_qwen3_cache_equals_recompute() {
+    check_cache_vs_recompute(
+        &fixture("tiny-qwen3"),
+        &[
+            "The train leaves at 11:05, said the teacher.",
+            "Numbers: 2024",
+            "a",
+        ],
+        16,
+    );
+}
+
 /// The decoder's logits after a prefill and after each step equal the
 /// last row of a full forward pass, with a batch of unequal prompts:
 /// padding changes nothing.
 #[test]
 fn tiny_qwen2_decoder_logits_match_forward() {
-    let dir = fixture("tiny-qwen2");
+    check_decoder_logits_match_forward("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_decoder_logits_match_forward() {
+    check_decoder_logits_match_forward("tiny-qwen3");
+}
+
+fn check_decoder_logits_match_forward(name: &str) {
+    let dir = fixture(name);
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();
     let vocab = model.cfg.vocab;

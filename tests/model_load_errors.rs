@@ -10,10 +10,15 @@ use std::path::Path;
 
 /// A copy of tiny-qwen2 in a temporary directory, for corrupting.
 fn copy_model(tmp: &Path) -> std::path::PathBuf {
+    copy_fixture(tmp, "tiny-qwen2")
+}
+
+/// A copy of fixture `name` in a temporary directory.
+fn copy_fixture(tmp: &Path, name: &str) -> std::path::PathBuf {
     let dst = tmp.join("m");
     std::fs::create_dir(&dst).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(fixture("tiny-qwen2").join(f), dst.join(f)).unwrap();
+        std::fs::copy(fixture(name).join(f), dst.join(f)).unwrap();
     }
     dst
 }
@@ -120,6 +125,41 @@ fn shape_mismatch_is_named() {
     let e = load_err(&dir);
     assert!(
         e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("shape"),
+        "{e}"
+    );
+}
+
+/// Qwen3's per-head q/k norm weights `[head_dim]`: a wrong shape or a
+/// missing one is refused naming the tensor (and, for the shape, the file).
+#[test]
+fn qwen3_qk_norm_shape_and_presence_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path(), "tiny-qwen3");
+    // [hidden / heads] = [16] where head_dim is 24: the mistake a loader
+    // deriving head_dim from hidden_size would accept.
+    rewrite(&dir, |n, s, v| {
+        if n == "model.layers.1.self_attn.k_norm.weight" {
+            Some((vec![16], v[..16].to_vec()))
+        } else {
+            Some((s, v))
+        }
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.layers.1.self_attn.k_norm.weight")
+            && e.contains("shape [16]")
+            && e.contains("expected [24]")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path(), "tiny-qwen3");
+    rewrite(&dir, |n, s, v| {
+        (n != "model.layers.2.self_attn.q_norm.weight").then_some((s, v))
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.layers.2.self_attn.q_norm.weight") && e.contains("missing"),
         "{e}"
     );
 }

@@ -33,6 +33,12 @@ fn tiny_llama3_logits_match_transformers() {
     check_logits("tiny-llama3");
 }
 
+/// Qwen3: per-head q/k RMSNorm before RoPE, head_dim 24 ≠ hidden / heads.
+#[test]
+fn tiny_qwen3_logits_match_transformers() {
+    check_logits("tiny-qwen3");
+}
+
 fn check_stats(name: &str) {
     let dir = fixture(name);
     let r = load_reference(&dir.join("reference.safetensors"));
@@ -94,4 +100,10 @@ fn tiny_qwen2_stats_match_autograd() {
 #[test]
 fn tiny_llama3_stats_match_autograd() {
     check_stats("tiny-llama3");
+}
+
+/// The gradients flow through Qwen3's q/k norms (`rmsnorm_bwd` per head row).
+#[test]
+fn tiny_qwen3_stats_match_autograd() {
+    check_stats("tiny-qwen3");
 }

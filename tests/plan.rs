@@ -64,6 +64,13 @@ fn plan_matches_high_water_tiny_qwen2() {
     check_peak(&fixture("tiny-qwen2"), 24, 2, BOTH, Residency::Streamed);
 }
 
+/// Qwen3 keeps q and k before their norms and the norms' rstd per head.
+#[test]
+fn plan_matches_high_water_tiny_qwen3() {
+    check_peak(&fixture("tiny-qwen3"), 24, 2, BOTH, Residency::Resident);
+    check_peak(&fixture("tiny-qwen3"), 16, 1, ENERGY, Residency::Streamed);
+}
+
 #[test]
 fn plan_matches_high_water_tiny_llama3() {
     check_peak(&fixture("tiny-llama3"), 24, 2, BOTH, Residency::Resident);

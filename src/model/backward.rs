@@ -5,7 +5,9 @@
 //! each layer is recomputed from its stored input, its FFN channel gradient
 //! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
 //! on to the layer's input. Only one layer's intermediates are alive at a time.
-use super::forward::{layer_acts, next_token_targets, ForwardOut, Geometry, RopeTables};
+use super::forward::{
+    layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry, RopeTables,
+};
 use super::lora::{Adapters, Proj};
 use super::objective::{EnergyAt, Objective};
 use super::weights::Model;
@@ -253,6 +255,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         drop(dnorm);
 
         // Attention: x' = x + W_o Attn(rope(W_q u), rope(W_k u), W_v u), u = norm(x)
+        // (Qwen3: rope(qnorm(W_q u)), rope(knorm(W_k u)))
         let mut datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
         adapter_bwd(Proj::O, &acts.att, &dx, &mut datt)?;
         let (mut dq, mut dk, dv) = be.attention_bwd(
@@ -264,6 +267,8 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         be.rope(
             &mut dk, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true,
         )?;
+        // Qwen3: through the per-head q/k norms to the projections' outputs.
+        qk_norm_bwd(be, c, lw, acts.qk.as_ref(), &mut dq, &mut dk, rows)?;
         // du = dq·W_q + dk·W_k + dv·W_v  [rows, d], one term alive at a time
         let mut du = be.linear_bwd_input(&dq, &lw.wq, rows, d, qd)?;
         for (p, dy, w, out) in [(Proj::K, &dk, &lw.wk, kvd), (Proj::V, &dv, &lw.wv, kvd)] {

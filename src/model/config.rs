@@ -1,4 +1,4 @@
-//! `config.json` of a LLaMA-family or Qwen2 model, as the runtime needs it.
+//! `config.json` of a LLaMA-family, Qwen2 or Qwen3 model, as the runtime needs it.
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -10,6 +10,11 @@ pub enum Arch {
     Llama,
     /// `Qwen2ForCausalLM`: q/k/v projections carry a bias.
     Qwen2,
+    /// `Qwen3ForCausalLM`: no q/k/v bias; an RMSNorm over each head's query
+    /// and key vector (`q_norm`, `k_norm`, weights `[head_dim]`) between
+    /// the projection and RoPE; `head_dim` explicit (128 when absent, as
+    /// transformers' `Qwen3Config`).
+    Qwen3,
 }
 
 impl Arch {
@@ -17,6 +22,7 @@ impl Arch {
         match self {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -46,6 +52,8 @@ pub struct ModelConfig {
     pub rms_eps: f64,
     pub tie_embeddings: bool,
     pub qkv_bias: bool,
+    /// Per-head RMSNorm of q and k before RoPE (Qwen3's `q_norm`/`k_norm`).
+    pub qk_norm: bool,
     pub max_positions: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -105,9 +113,20 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
     if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
         return refuse("use_sliding_window: true (sliding-window attention)".into());
     }
-    if arch == Arch::Llama && raw.get("attention_bias").and_then(Value::as_bool) == Some(true) {
-        // transformers' LLaMA then also has an o_proj bias, which the engine does not load.
-        return refuse("attention_bias: true on a LLaMA model (o_proj bias)".into());
+    // transformers' Qwen3 writes `layer_types`; a "sliding_attention"
+    // layer there would attend through a window (when `sliding_window` is set).
+    if let Some(Value::Array(types)) = raw.get("layer_types") {
+        if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+            return refuse(format!("layer_types entry {t} (only \"full_attention\")"));
+        }
+    }
+    if arch != Arch::Qwen2 && raw.get("attention_bias").and_then(Value::as_bool) == Some(true) {
+        // transformers' LLaMA and Qwen3 then also have an o_proj bias, which
+        // the engine does not load.
+        return refuse(format!(
+            "attention_bias: true on a {} model (o_proj bias)",
+            arch.hf_name()
+        ));
     }
     Ok(())
 }
@@ -173,9 +192,11 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "LlamaForCausalLM" | "llama" => Arch::Llama,
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM)",
+                    "{}: architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
+                     Qwen3ForCausalLM)",
                     path.display()
                 )))
             }
@@ -190,9 +211,13 @@ impl ModelConfig {
         let kv_heads = opt(&raw, "num_key_value_heads", path, int, Value::as_u64)?
             .map(|x| x as usize)
             .unwrap_or(heads);
+        // transformers' Qwen3Config defaults head_dim to 128, not hidden / heads.
         let head_dim = opt(&raw, "head_dim", path, int, Value::as_u64)?
             .map(|x| x as usize)
-            .unwrap_or(hidden / heads.max(1));
+            .unwrap_or(match arch {
+                Arch::Qwen3 => 128,
+                _ => hidden / heads.max(1),
+            });
         let vocab = get_usize(&raw, "vocab_size", path)?;
         let ffn = get_usize(&raw, "intermediate_size", path)?;
         let ffn_widths = match raw.get("layer_intermediate_sizes") {
@@ -265,8 +290,10 @@ impl ModelConfig {
                 }
             }
         };
-        // Qwen2 has q/k/v biases; a LLaMA with `attention_bias` was refused above.
+        // Qwen2 has q/k/v biases; a LLaMA or Qwen3 with `attention_bias`
+        // was refused above. Qwen3 normalises each head's q and k.
         let qkv_bias = arch == Arch::Qwen2;
+        let qk_norm = arch == Arch::Qwen3;
         let num = "a number";
         let rope_theta = match opt(&raw, "rope_theta", path, num, Value::as_f64)? {
             Some(t) => Some(t),
@@ -306,6 +333,7 @@ impl ModelConfig {
             rms_eps: rms_eps.unwrap_or(1e-6),
             tie_embeddings: tie.unwrap_or(false),
             qkv_bias,
+            qk_norm,
             max_positions: max_pos.unwrap_or(4096) as usize,
             bos_token_id,
             eos_token_ids,
@@ -407,10 +435,15 @@ impl ModelConfig {
         } else {
             0
         };
+        let qk_norm = if self.qk_norm {
+            2 * self.head_dim as u64
+        } else {
+            0
+        };
         let ffn: u64 = self.ffn_widths.iter().map(|&m| 3 * d * m as u64).sum();
         let emb = self.vocab as u64 * d;
         let head = if self.tie_embeddings { 0 } else { emb };
-        emb + head + self.layers as u64 * (attn + bias + 2 * d) + ffn + d
+        emb + head + self.layers as u64 * (attn + bias + qk_norm + 2 * d) + ffn + d
     }
 }
 
@@ -498,6 +531,51 @@ mod tests {
             c["use_sliding_window"] = json!(false);
             c["final_logit_softcapping"] = Value::Null;
             c["attention_bias"] = json!(false);
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn qwen3_has_qk_norm_and_its_own_head_dim_default() {
+        let qwen3 = |c: &mut Value| {
+            c["architectures"] = json!(["Qwen3ForCausalLM"]);
+            c["model_type"] = json!("qwen3");
+        };
+        let c = load(|c| {
+            qwen3(c);
+            c["head_dim"] = json!(24);
+        })
+        .unwrap();
+        assert_eq!((c.arch, c.qk_norm, c.qkv_bias), (Arch::Qwen3, true, false));
+        assert_eq!((c.head_dim, c.q_dim(), c.kv_dim()), (24, 96, 48));
+        // transformers' Qwen3Config: head_dim 128 when absent.
+        assert_eq!(load(qwen3).unwrap().head_dim, 128);
+        assert!(!load(|_| {}).unwrap().qk_norm);
+        // o_proj bias, a sliding-window layer: refused by name.
+        for (key, v) in [
+            ("attention_bias", json!(true)),
+            ("use_sliding_window", json!(true)),
+            (
+                "layer_types",
+                json!(["full_attention", "sliding_attention"]),
+            ),
+        ] {
+            let e = load(|c| {
+                qwen3(c);
+                c[key] = v.clone();
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(key) && e.contains("not implemented"),
+                "{key}: {e}"
+            );
+        }
+        load(|c| {
+            qwen3(c);
+            c["layer_types"] = json!(["full_attention", "full_attention"]);
+            c["max_window_layers"] = json!(28);
+            c["sliding_window"] = Value::Null;
         })
         .unwrap();
     }

@@ -27,7 +27,7 @@
 //! hash of (seed, prompt, sample, position), never from a generator
 //! advanced in batch order, so a sequence's tokens do not depend on which
 //! sequences share its batch.
-use super::forward::check_ids;
+use super::forward::{check_ids, qk_norm_fwd};
 use super::weights::{LayerWeights, Model};
 use crate::backend::{Backend, CacheShape};
 use crate::io::text::Tokenizer;
@@ -244,6 +244,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             d,
         )?;
         drop(u);
+        drop(qk_norm_fwd(be, c, lw, &mut q, &mut k, rows)?); // Qwen3, before RoPE
         be.rope(&mut q, cos, sin, 1, rows, c.heads, c.head_dim, false)?;
         be.rope(&mut k, cos, sin, 1, rows, c.kv_heads, c.head_dim, false)?;
         let (kc, vc) = (&mut self.cache.k[l], &mut self.cache.v[l]);

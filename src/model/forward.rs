@@ -1,5 +1,6 @@
 //! The forward pass, written once over `Backend`. One layer reads top to
 //! bottom (llama2.c style); shapes in comments, rows = seqs·t.
+use super::config::ModelConfig;
 use super::lora::{Adapters, LayerLora, Proj};
 use super::weights::{LayerWeights, Model};
 use crate::backend::{AttnShape, Backend};
@@ -42,19 +43,78 @@ pub struct LayerActs<B: Backend> {
     pub rstd_attn: B::Buf, // [rows]
     pub q: B::Buf,         // [rows, q] after RoPE
     pub k: B::Buf,         // [rows, kv] after RoPE
-    pub v: B::Buf,         // [rows, kv]
-    pub att: B::Buf,       // [rows, q] attention output (o_proj input)
-    pub lse: B::Buf,       // [seqs, heads, t]
-    pub mid: B::Buf,       // [rows, d] residual after attention, x'
-    pub rstd_ffn: B::Buf,  // [rows]
-    pub a: B::Buf,         // [rows, m] gate pre-activation
-    pub b: B::Buf,         // [rows, m] up projection
-    pub h: B::Buf,         // [rows, m] silu(a)·b, the channels
+    /// The q/k norm's inputs and rstd, when the layer has one (Qwen3).
+    pub qk: Option<QkNormActs<B>>,
+    pub v: B::Buf,        // [rows, kv]
+    pub att: B::Buf,      // [rows, q] attention output (o_proj input)
+    pub lse: B::Buf,      // [seqs, heads, t]
+    pub mid: B::Buf,      // [rows, d] residual after attention, x'
+    pub rstd_ffn: B::Buf, // [rows]
+    pub a: B::Buf,        // [rows, m] gate pre-activation
+    pub b: B::Buf,        // [rows, m] up projection
+    pub h: B::Buf,        // [rows, m] silu(a)·b, the channels
     /// The inputs of the adapted projections, kept only when the layer has
     /// LoRA adapters (their backward pass reads them): `u = norm(x)` and
     /// `u2 = norm(x')`, `[rows, d]` each.
     pub u: Option<B::Buf>,
     pub u2: Option<B::Buf>,
+}
+
+/// What Qwen3's per-head q/k RMSNorm read, for its backward pass.
+pub struct QkNormActs<B: Backend> {
+    pub q_in: B::Buf,   // [rows, q] the q projection, before the norm
+    pub k_in: B::Buf,   // [rows, kv] the k projection, before the norm
+    pub rstd_q: B::Buf, // [rows·heads]
+    pub rstd_k: B::Buf, // [rows·kv_heads]
+}
+
+/// Qwen3's `q_norm`/`k_norm`: an RMSNorm over each head's vector of q
+/// `[rows, heads·hd]` and k `[rows, kv_heads·hd]`, i.e. `rmsnorm_fwd` over
+/// the rows of `[rows·heads, hd]` (and `[rows·kv_heads, hd]`) with the
+/// `[hd]` weight and the model's eps; applied after the projections (and
+/// their adapters), before RoPE. Replaces q and k by their norms and
+/// returns the inputs and rstd; `None` (q, k untouched) on a layer without.
+pub fn qk_norm_fwd<B: Backend>(
+    be: &B,
+    c: &ModelConfig,
+    lw: &LayerWeights<B::Weight>,
+    q: &mut B::Buf,
+    k: &mut B::Buf,
+    rows: usize,
+) -> Result<Option<QkNormActs<B>>> {
+    let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) else {
+        return Ok(None);
+    };
+    let (hd, eps) = (c.head_dim, c.rms_eps as f32);
+    let (q_out, rstd_q) = be.rmsnorm_fwd(q, qn, rows * c.heads, hd, eps)?;
+    let (k_out, rstd_k) = be.rmsnorm_fwd(k, kn, rows * c.kv_heads, hd, eps)?;
+    Ok(Some(QkNormActs {
+        q_in: std::mem::replace(q, q_out),
+        k_in: std::mem::replace(k, k_out),
+        rstd_q,
+        rstd_k,
+    }))
+}
+
+/// The backward pass of [`qk_norm_fwd`]: `dq`, `dk` (gradients of the
+/// norms' outputs) become the gradients of the projections' outputs, per
+/// head row through `rmsnorm_bwd`. Nothing to do without a q/k norm.
+pub fn qk_norm_bwd<B: Backend>(
+    be: &B,
+    c: &ModelConfig,
+    lw: &LayerWeights<B::Weight>,
+    acts: Option<&QkNormActs<B>>,
+    dq: &mut B::Buf,
+    dk: &mut B::Buf,
+    rows: usize,
+) -> Result<()> {
+    let (Some(a), Some(qn), Some(kn)) = (acts, &lw.q_norm, &lw.k_norm) else {
+        return Ok(());
+    };
+    let hd = c.head_dim;
+    *dq = be.rmsnorm_bwd(dq, &a.q_in, qn, &a.rstd_q, rows * c.heads, hd)?;
+    *dk = be.rmsnorm_bwd(dk, &a.k_in, kn, &a.rstd_k, rows * c.kv_heads, hd)?;
+    Ok(())
 }
 
 /// Batch geometry: `seqs` sequences of `t` tokens.
@@ -70,7 +130,8 @@ impl Geometry {
     }
 }
 
-/// One decoder layer: `x → x' = x + Attn(norm(x))`, then
+/// One decoder layer: `x → x' = x + Attn(norm(x))` (with Qwen3's q/k
+/// norms inside Attn, [`qk_norm_fwd`]), then
 /// `x_next = x' + W_d h` with `h = silu(W_g u)·W_u u`, `u = norm(x')`.
 /// With `lora`, each projection adds its adapter's term (`LayerLora::apply`).
 pub fn layer_forward<B: Backend>(
@@ -128,6 +189,7 @@ pub fn layer_acts<B: Backend>(
         ll.apply(be, Proj::V, &u, &mut v, rows)?;
     }
     let u = lora.map(|_| u); // kept for the adapters' backward pass
+    let qk = qk_norm_fwd(be, c, lw, &mut q, &mut k, rows)?; // Qwen3, before RoPE
     be.rope(
         &mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
     )?;
@@ -157,6 +219,7 @@ pub fn layer_acts<B: Backend>(
         rstd_attn,
         q,
         k,
+        qk,
         v,
         att,
         lse,

@@ -18,6 +18,8 @@ pub struct LayerWeights<W> {
     pub wv: W,             // [kv, d]
     pub bv: Option<W>,     // [kv]
     pub wo: W,             // [d, q]
+    pub q_norm: Option<W>, // [hd], Qwen3's per-head RMSNorm of q (cfg.qk_norm)
+    pub k_norm: Option<W>, // [hd], the same of k
     pub ffn_norm: W,       // [d]
     pub w_gate: W,         // [m, d]
     pub w_up: W,           // [m, d]
@@ -175,7 +177,12 @@ fn check_tensor_names(files: &SafeModel, cfg: &ModelConfig, dir: &Path) -> Resul
         known.insert("lm_head.weight".into());
     }
     for l in 0..cfg.layers {
-        known.extend(layer_tensors(cfg, l).map(|(leaf, _, _)| layer_tensor(l, leaf)));
+        known.extend(
+            layer_tensors(cfg, l)
+                .into_iter()
+                .filter(|(_, _, need)| *need != Need::Absent)
+                .map(|(leaf, _, _)| layer_tensor(l, leaf)),
+        );
         for p in ["gate_proj", "up_proj"] {
             known.insert(layer_tensor(l, &format!("mlp.{p}.bias")));
         }
@@ -216,24 +223,40 @@ fn check_tensor_names(files: &SafeModel, cfg: &ModelConfig, dir: &Path) -> Resul
     Ok(())
 }
 
-/// The tensors of layer `l`: (leaf name, shape, required).
-fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, bool); 13] {
-    let (d, m) = (cfg.hidden, cfg.ffn_widths[l]);
-    let (q, kv, bias) = (cfg.q_dim(), cfg.kv_dim(), cfg.qkv_bias);
+/// Whether a layer tensor must be in the files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    Required,
+    /// Loaded (and used) when present.
+    Optional,
+    /// Not part of this architecture: never read (a Qwen3 `q_norm` in a
+    /// Qwen2 model's files is reported unused, as transformers ignores it).
+    Absent,
+}
+
+/// The tensors of layer `l`: (leaf name, shape, need).
+fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, Need); 15] {
+    let (d, m, hd) = (cfg.hidden, cfg.ffn_widths[l], cfg.head_dim);
+    let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
+    let (req, opt) = (Need::Required, Need::Optional);
+    let bias = if cfg.qkv_bias { req } else { opt };
+    let qk_norm = if cfg.qk_norm { req } else { Need::Absent };
     [
-        ("input_layernorm.weight", vec![d], true),
-        ("self_attn.q_proj.weight", vec![q, d], true),
+        ("input_layernorm.weight", vec![d], req),
+        ("self_attn.q_proj.weight", vec![q, d], req),
         ("self_attn.q_proj.bias", vec![q], bias),
-        ("self_attn.k_proj.weight", vec![kv, d], true),
+        ("self_attn.k_proj.weight", vec![kv, d], req),
         ("self_attn.k_proj.bias", vec![kv], bias),
-        ("self_attn.v_proj.weight", vec![kv, d], true),
+        ("self_attn.v_proj.weight", vec![kv, d], req),
         ("self_attn.v_proj.bias", vec![kv], bias),
-        ("self_attn.o_proj.weight", vec![d, q], true),
-        ("post_attention_layernorm.weight", vec![d], true),
-        ("mlp.gate_proj.weight", vec![m, d], true),
-        ("mlp.up_proj.weight", vec![m, d], true),
-        ("mlp.down_proj.weight", vec![d, m], true),
-        ("mlp.down_proj.bias", vec![d], false),
+        ("self_attn.o_proj.weight", vec![d, q], req),
+        ("self_attn.q_norm.weight", vec![hd], qk_norm),
+        ("self_attn.k_norm.weight", vec![hd], qk_norm),
+        ("post_attention_layernorm.weight", vec![d], req),
+        ("mlp.gate_proj.weight", vec![m, d], req),
+        ("mlp.up_proj.weight", vec![m, d], req),
+        ("mlp.down_proj.weight", vec![d, m], req),
+        ("mlp.down_proj.bias", vec![d], opt),
     ]
 }
 
@@ -245,20 +268,21 @@ fn load_layer<B: Backend>(
     l: usize,
     how: Upload,
 ) -> Result<LayerWeights<B::Weight>> {
-    let mut loaded = Vec::with_capacity(13);
-    for (leaf, shape, required) in layer_tensors(cfg, l) {
+    let mut loaded = Vec::with_capacity(15);
+    for (leaf, shape, need) in layer_tensors(cfg, l) {
         let name = layer_tensor(l, leaf);
-        loaded.push(if required {
-            Some(load(b, src, &name, &shape, how)?)
-        } else {
-            load_opt(b, src, &name, &shape, how)?
+        loaded.push(match need {
+            Need::Required => Some(load(b, src, &name, &shape, how)?),
+            Need::Optional => load_opt(b, src, &name, &shape, how)?,
+            Need::Absent => None,
         });
     }
     // The order of `layer_tensors`.
-    let Ok([attn_norm, wq, bq, wk, bk, wv, bv, wo, ffn_norm, w_gate, w_up, w_down, b_down]) =
-        <[Option<B::Weight>; 13]>::try_from(loaded)
+    let Ok(
+        [attn_norm, wq, bq, wk, bk, wv, bv, wo, q_norm, k_norm, ffn_norm, w_gate, w_up, w_down, b_down],
+    ) = <[Option<B::Weight>; 15]>::try_from(loaded)
     else {
-        unreachable!("layer_tensors lists 13 tensors")
+        unreachable!("layer_tensors lists 15 tensors")
     };
     let req = |w: Option<B::Weight>| w.expect("required tensors are loaded or err");
     Ok(LayerWeights {
@@ -270,6 +294,8 @@ fn load_layer<B: Backend>(
         wv: req(wv),
         bv,
         wo: req(wo),
+        q_norm,
+        k_norm,
         ffn_norm: req(ffn_norm),
         w_gate: req(w_gate),
         w_up: req(w_up),
@@ -282,9 +308,9 @@ fn load_layer<B: Backend>(
 /// Checks that every tensor of layer `l` a streamed run will read is
 /// present with its shape, without reading the values.
 fn check_layer(files: &SafeModel, cfg: &ModelConfig, l: usize) -> Result<()> {
-    for (leaf, shape, required) in layer_tensors(cfg, l) {
+    for (leaf, shape, need) in layer_tensors(cfg, l) {
         let name = layer_tensor(l, leaf);
-        if required || files.contains(&name) {
+        if need == Need::Required || (need == Need::Optional && files.contains(&name)) {
             files.get(&name, &shape)?;
         }
     }

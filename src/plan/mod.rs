@@ -20,7 +20,8 @@
 //!   one computing and the next one uploading;
 //! - residual stream x_0..x_L: (L+1)·rows·d·4 for the whole run;
 //! - one layer's recomputed activations (q, k, v, attention out, lse, x', a,
-//!   b, h, two rstd) plus the backward's gradients of that layer;
+//!   b, h, two rstd; Qwen3 also q and k before their norms and those norms'
+//!   rstd) plus the backward's gradients of that layer;
 //! - `ce`: the bf16 z, the `[rows, chunk]` f32 logits chunk and its bf16 copy.
 use std::fmt;
 
@@ -223,12 +224,17 @@ struct Dims {
     qd: usize,
     kvd: usize,
     heads: usize,
+    kv_heads: usize,
     hd: usize,
     vocab: usize,
     layers: usize,
+    /// Qwen3's per-head q/k RMSNorm.
+    qk_norm: bool,
 }
 
-/// The intermediates `layer_acts` returns (`LayerActs`).
+/// The intermediates `layer_acts` returns (`LayerActs`): rstd_attn, q, k,
+/// v, att, lse, mid, rstd_ffn, a, b, h, then with a q/k norm its inputs
+/// and rstd (`QkNormActs`).
 struct Acts(Vec<Id>);
 
 /// `model::forward::layer_acts` for a layer of FFN width m.
@@ -240,6 +246,16 @@ fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     let k = s.linear("k", rows * d, rows, g.kvd);
     let v = s.linear("v", rows * d, rows, g.kvd);
     s.free(u);
+    // `forward::qk_norm_fwd`: q and k are replaced by their norms.
+    let (q, k, qk) = if g.qk_norm {
+        let qn = s.alloc("q after q_norm", F32, &[rows, g.qd]);
+        let rq = s.alloc("rstd (q_norm)", F32, &[rows * g.heads]);
+        let kn = s.alloc("k after k_norm", F32, &[rows, g.kvd]);
+        let rk = s.alloc("rstd (k_norm)", F32, &[rows * g.kv_heads]);
+        (qn, kn, vec![q, k, rq, rk])
+    } else {
+        (q, k, Vec::new())
+    };
     let att = s.alloc("attention output", F32, &[rows, g.qd]);
     let lse = s.alloc("attention lse", F32, &[g.seqs, g.heads, g.t]);
     let o = s.linear("o_proj output", rows * g.qd, rows, d);
@@ -251,7 +267,9 @@ fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     let b = s.linear("up projection b", rows * d, rows, m);
     s.free(u2);
     let h = s.alloc("channels h", F32, &[rows, m]);
-    Acts(vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h])
+    let mut acts = vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h];
+    acts.extend(qk);
+    Acts(acts)
 }
 
 /// `model::forward::layer_forward`: returns the next residual (named `next`).
@@ -341,6 +359,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         s.free(h);
         if l == 0 {
             s.free_all(&acts[..10]);
+            s.free_all(&acts[11..]);
             s.free(dh);
             return;
         }
@@ -359,6 +378,16 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         let dv = s.alloc("dv", F32, &[rows, g.kvd]);
         let delta = s.alloc("attention delta", F32, &[g.seqs, g.heads, g.t]);
         s.free(delta);
+        // `forward::qk_norm_bwd`: the gradients of the norms' inputs.
+        let (dq, dk) = if g.qk_norm {
+            let dq_in = s.alloc("dq (q projection output)", F32, &[rows, g.qd]);
+            s.free(dq);
+            let dk_in = s.alloc("dk (k projection output)", F32, &[rows, g.kvd]);
+            s.free(dk);
+            (dq_in, dk_in)
+        } else {
+            (dq, dk)
+        };
         let du = s.linear("du (attention norm output)", rows * g.qd, rows, d);
         for _ in 0..2 {
             let tmp = s.linear("du (attention norm output) term", rows * g.kvd, rows, d);
@@ -366,6 +395,7 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         }
         let dnorm2 = s.alloc("dnorm (attention norm)", F32, &[rows, d]);
         s.free_all(&acts[..8]);
+        s.free_all(&acts[11..]);
         s.free_all(&[datt, dq, dk, dv, du, dnorm2]);
     });
     s.free(dx);
@@ -406,18 +436,22 @@ impl Dims {
             qd: cfg.q_dim(),
             kvd: cfg.kv_dim(),
             heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
             hd: cfg.head_dim,
             vocab: cfg.vocab,
             layers: cfg.layers,
+            qk_norm: cfg.qk_norm,
         }
     }
 }
 
-/// Weight bytes (bf16) of layer l: norms, q/k/v (+ biases), o, gate, up, down.
+/// Weight bytes (bf16) of layer l: norms (+ Qwen3's q/k norms), q/k/v (+
+/// biases), o, gate, up, down.
 fn layer_weight_bytes(cfg: &ModelConfig, m: usize) -> usize {
     let (d, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
     let bias = if cfg.qkv_bias { qd + 2 * kvd } else { 0 };
-    2 * (2 * d + qd * d + 2 * kvd * d + d * qd + bias + 3 * m * d)
+    let qk_norm = if cfg.qk_norm { 2 * cfg.head_dim } else { 0 };
+    2 * (2 * d + qk_norm + qd * d + 2 * kvd * d + d * qd + bias + 3 * m * d)
 }
 
 /// The plan of one scoring batch of `spec` on `cfg`.
