@@ -283,6 +283,26 @@ fn tiny_qwen2_imports_unpermuted_with_biases() {
     );
 }
 
+/// Qwen3: no biases, unpermuted Q/K, the per-head norms `attn_q_norm` /
+/// `attn_k_norm` as `self_attn.q_norm` / `k_norm`, and head_dim from
+/// `key_length` (12, where d / heads = 8). The import loads and runs.
+#[test]
+fn tiny_qwen3_imports_with_qk_norms() {
+    let (_tmp, out) = import(&fixture("tiny_qwen3.gguf"), OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["architectures"][0], "Qwen3ForCausalLM");
+    assert_eq!(c["model_type"], "qwen3");
+    assert_eq!(c["head_dim"], 12);
+    assert_eq!(c["attention_bias"], false);
+    check_tensors(&out, "tiny_qwen3_expected.safetensors");
+    let be = rku_engine::backend::cpu::CpuBackend::new();
+    let model = rku_engine::model::Model::load(&be, &out).unwrap();
+    assert!(model.cfg.qk_norm && model.cfg.q_dim() == 48);
+    let geo = rku_engine::model::Geometry { seqs: 1, t: 5 };
+    let logits = rku_engine::model::forward::logits(&be, &model, &[1, 5, 9, 3, 7], geo).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+}
+
 #[test]
 fn llama_bpe_pre_tokenizer_and_alignment_64() {
     let src = fixture("tiny_llama3.gguf");

@@ -1,4 +1,4 @@
-//! Imports a LLaMA or Qwen2 GGUF as an HF model directory: dequantised
+//! Imports a LLaMA, Qwen2 or Qwen3 GGUF as an HF model directory: dequantised
 //! `model.safetensors` with HF tensor names, `config.json`, `tokenizer.json`
 //! and `tokenizer_config.json`, written atomically; with f32 output also the
 //! Q4_1/Q8_0 matrices' own blocks (`ggml_blocks`), for faster decoding.
@@ -9,7 +9,9 @@
 //! permuted for llama.cpp's rotary layout: within each head of `hd` rows,
 //! GGUF row `2i + j` (i < hd/2, j < 2) is HF row `j·hd/2 + i`, i.e.
 //! `w.reshape(n, hd/2, 2, cols).swapaxes(1, 2)` with n = heads for Q and
-//! KV heads for K. Qwen2 GGUFs are stored unpermuted.
+//! KV heads for K. Qwen2 and Qwen3 GGUFs are stored unpermuted; Qwen3's
+//! have no q/k/v biases and a per-head q/k norm (`attn_q_norm`,
+//! `attn_k_norm`, `[head_dim]`).
 use crate::io::ggml_blocks::{self, BlockTensor};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
@@ -38,7 +40,7 @@ pub struct ImportOptions {
 #[derive(Clone, Debug)]
 pub struct ImportSummary {
     pub out_dir: PathBuf,
-    /// `general.architecture`: `llama` or `qwen2`.
+    /// `general.architecture`: `llama`, `qwen2` or `qwen3`.
     pub architecture: String,
     pub n_layers: usize,
     pub n_tensors: usize,
@@ -89,14 +91,16 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     };
     let hidden = need("embedding_length")?;
     let heads = need("attention.head_count")?;
-    if hidden == 0 || heads == 0 || hidden % heads != 0 {
+    let key_length = int("attention.key_length")?;
+    // Without key_length, head_dim is hidden / heads (Qwen3 states it).
+    if hidden == 0 || heads == 0 || (key_length.is_none() && hidden % heads != 0) {
         return Err(Error::format(
             g.path(),
             format!("{heads} heads do not divide hidden size {hidden}"),
         ));
     }
     let kv_heads = int("attention.head_count_kv")?.unwrap_or(heads);
-    let head_dim = int("attention.key_length")?.unwrap_or(hidden / heads);
+    let head_dim = key_length.unwrap_or(hidden / heads);
     if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 || head_dim % 2 != 0 {
         return Err(Error::format(
             g.path(),
@@ -225,10 +229,25 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
             vec![d, q],
             None,
         );
-        if !llama {
+        if arch == "qwen2" {
             add("attn_q.bias", "self_attn.q_proj.bias", vec![q], None);
             add("attn_k.bias", "self_attn.k_proj.bias", vec![kv], None);
             add("attn_v.bias", "self_attn.v_proj.bias", vec![kv], None);
+        }
+        if arch == "qwen3" {
+            let hd = h.head_dim;
+            add(
+                "attn_q_norm.weight",
+                "self_attn.q_norm.weight",
+                vec![hd],
+                None,
+            );
+            add(
+                "attn_k_norm.weight",
+                "self_attn.k_norm.weight",
+                vec![hd],
+                None,
+            );
         }
         add(
             "ffn_norm.weight",
@@ -326,6 +345,7 @@ fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTe
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
     let (class, model_type) = match arch {
         "llama" => ("LlamaForCausalLM", "llama"),
+        "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
         _ => ("Qwen2ForCausalLM", "qwen2"),
     };
     let id = |k: &str| g.get(k).and_then(Value::as_u64);
@@ -352,6 +372,10 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
         c["attention_bias"] = false.into();
         c["mlp_bias"] = false.into();
     }
+    if arch == "qwen3" {
+        c["attention_bias"] = false.into();
+        c["use_sliding_window"] = false.into();
+    }
     c
 }
 
@@ -365,9 +389,9 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
         .and_then(Value::as_str)
         .ok_or_else(|| Error::format(src, "metadata general.architecture is missing"))?
         .to_string();
-    if arch != "llama" && arch != "qwen2" {
+    if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
         return Err(Error::Unsupported(format!(
-            "{}: architecture {arch:?}; supported: llama, qwen2",
+            "{}: architecture {arch:?}; supported: llama, qwen2, qwen3",
             src.display()
         )));
     }
