@@ -100,6 +100,22 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             dev.synchronize().unwrap()
         })
     });
+    // Qwen3's per-head q/k norm: the same launch over rows of head_dim 128
+    // (one block of 256 threads per head row, half of them idle).
+    let hd = 128;
+    let head_rows = s.rows * s.d / hd;
+    let rstd_h = filled(dev, head_rows);
+    let wh = DevBuf::<D, bf16>::upload(dev, &vec![bf16::ONE; hd]).unwrap();
+    g.throughput(Throughput::BytesDecimal((2 * 4 * head_rows * hd) as u64));
+    g.bench_function(
+        BenchmarkId::new("rmsnorm_fwd_f32_head_rows", head_rows * hd),
+        |it| {
+            it.iter(|| {
+                k::rmsnorm_fwd(dev, &x, &wh, &y, &rstd_h, head_rows, hd, 1e-6).unwrap();
+                dev.synchronize().unwrap()
+            })
+        },
+    );
     // The distillation KL over one vocabulary chunk of every row, all rows counted.
     let (ls, lt) = (filled(dev, s.rows * s.vc), filled(dev, s.rows * s.vc));
     let counted = DevBuf::<D, u32>::upload(dev, &vec![1; s.rows]).unwrap();

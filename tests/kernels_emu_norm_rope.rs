@@ -11,8 +11,17 @@ on_devices! {
     rope_fwd_inverse => check_rope,
 }
 
+/// Rows wider than the block (300 > 256 threads), and Qwen3's q/k norm
+/// shape: q of 3 tokens × 5 heads viewed as `[15, head_dim]` rows of 22,
+/// fewer elements than threads (model::forward::qk_norm_fwd).
 fn check_rmsnorm<D: Device>(dev: &D) {
-    let (rows, d, eps) = (5, 300, 1e-6);
+    for (rows, d) in [(5, 300), (3 * 5, 22)] {
+        check_rmsnorm_shape(dev, rows, d);
+    }
+}
+
+fn check_rmsnorm_shape<D: Device>(dev: &D, rows: usize, d: usize) {
+    let eps = 1e-6;
     let (x, w, dy) = (
         uniform(rows * d, 1),
         round_bf16(&uniform(d, 2)),
@@ -29,9 +38,24 @@ fn check_rmsnorm<D: Device>(dev: &D) {
     );
     k::rmsnorm_fwd(dev, &gx, &gw, &y, &rstd, rows, d, eps).unwrap();
     k::rmsnorm_bwd(dev, &up(dev, &dy), &gx, &gw, &rstd, &dx, rows, d).unwrap();
-    assert_close(&down(dev, &y), &f32s(&y_ref), F32_TOL, "y");
-    assert_close(&down(dev, &rstd), &f32s(&rstd_ref), F32_TOL, "rstd");
-    assert_close(&down(dev, &dx), &f32s(&dx_ref), F32_TOL, "dx");
+    assert_close(
+        &down(dev, &y),
+        &f32s(&y_ref),
+        F32_TOL,
+        &format!("y [{rows}, {d}]"),
+    );
+    assert_close(
+        &down(dev, &rstd),
+        &f32s(&rstd_ref),
+        F32_TOL,
+        &format!("rstd [{rows}, {d}]"),
+    );
+    assert_close(
+        &down(dev, &dx),
+        &f32s(&dx_ref),
+        F32_TOL,
+        &format!("dx [{rows}, {d}]"),
+    );
 }
 
 fn check_rope<D: Device>(dev: &D) {
