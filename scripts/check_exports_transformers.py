@@ -5,9 +5,13 @@ transformers and records their logits on the tiny fixtures' input ids, so
 the Rust test can check that what the engine exports is what transformers
 computes. Needs torch, transformers, safetensors (never CI).
 
-    python3 scripts/check_exports_transformers.py
+    python3 scripts/check_exports_transformers.py [NAME ...]
+
+With names (e.g. qwen3-padded qwen3-uniform) only those exports are run,
+so the others' committed logits stay as they are.
 """
 import pathlib
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,12 +22,16 @@ FIX = ROOT / "tests" / "fixtures"
 SOURCES = {
     "qwen2-padded": "tiny-qwen2",
     "llama3-uniform": "tiny-llama3",
+    "qwen3-padded": "tiny-qwen3",
+    "qwen3-uniform": "tiny-qwen3",
     # `recover`'s merged export of llama3-uniform (RKU_WRITE_EXPORT_FIXTURES=1
     # cargo test --test recover stock)
     "llama3-uniform-recovered": "tiny-llama3",
 }
 
-for name, src in SOURCES.items():
+names = sys.argv[1:] or list(SOURCES)
+for name in names:
+    src = SOURCES[name]
     d = FIX / "exports" / name
     ids = load_file(str(FIX / src / "reference.safetensors"))["input_ids"].long()
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager")

@@ -87,6 +87,14 @@ fn compact_export_equals_zeroed_channels_llama3() {
     check_layout("tiny-llama3", ExportLayout::Compact);
 }
 
+/// Qwen3's q/k norms are copied; its config (head_dim, tied embeddings)
+/// is kept.
+#[test]
+fn compact_and_padded_exports_equal_zeroed_channels_qwen3() {
+    check_layout("tiny-qwen3", ExportLayout::Compact);
+    check_layout("tiny-qwen3", ExportLayout::Padded);
+}
+
 #[test]
 fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -287,17 +295,32 @@ fn cli_score_prune_eval_and_refusals() {
     assert!(!t.join("x").exists());
 }
 
-/// The two exports stock transformers must load unchanged: tiny-qwen2 with
-/// the fixture's non-uniform keep sets zero-padded (`padded`), and
-/// tiny-llama3 with every layer keeping its even channels (uniform width,
-/// `compact`, stock config). Their files are committed under
+/// The exports stock transformers must load unchanged: tiny-qwen2 and
+/// tiny-qwen3 with the fixture's non-uniform keep sets zero-padded
+/// (`padded`), and tiny-llama3 and tiny-qwen3 with every layer keeping its
+/// even channels (uniform width, `compact`, stock config). Their files are committed under
 /// tests/fixtures/exports/ (written by this test with
 /// RKU_WRITE_EXPORT_FIXTURES=1), with the logits transformers computes from
 /// them (scripts/check_exports_transformers.py).
 fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
     let padded = tmp.join("qwen2-padded");
     export_fixture_keep("tiny-qwen2", ExportLayout::Padded, &padded);
-    let dir = fixture("tiny-llama3");
+    let qwen3_padded = tmp.join("qwen3-padded");
+    export_fixture_keep("tiny-qwen3", ExportLayout::Padded, &qwen3_padded);
+    let mut out = vec![("qwen2-padded", padded), ("qwen3-padded", qwen3_padded)];
+    for (name, src) in [
+        ("llama3-uniform", "tiny-llama3"),
+        ("qwen3-uniform", "tiny-qwen3"),
+    ] {
+        out.push((name, uniform_export(src, &tmp.join(name))));
+    }
+    out
+}
+
+/// `src` with every layer keeping its even channels (uniform width,
+/// `compact`, stock config), written to `out`.
+fn uniform_export(src: &str, out: &std::path::Path) -> std::path::PathBuf {
+    let dir = fixture(src);
     let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
     let kept: Vec<Vec<usize>> = cfg
         .ffn_widths
@@ -311,18 +334,16 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
         down_bias: None,
         record: serde_json::json!({ "kept": kept }),
     };
-    let uniform = tmp.join("llama3-uniform");
     export_pruned(
         &CpuBackend::new(),
         &dir,
         &SafeModel::open_dir(&dir).unwrap(),
         &cfg,
         &spec,
-        &uniform,
+        out,
         false,
     )
-    .unwrap();
-    vec![("qwen2-padded", padded), ("llama3-uniform", uniform)]
+    .unwrap()
 }
 
 #[test]
