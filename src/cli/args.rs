@@ -22,7 +22,7 @@ use std::path::PathBuf;
     name = "rku-engine",
     version,
     about = "Reasoning-aware structural pruning of LLM FFN channels (Relative Kinetic Utility)",
-    long_about = "Scores every FFN channel of a LLaMA/Qwen2 model by |activation × gradient| of a \
+    long_about = "Scores every FFN channel of a LLaMA/Qwen2/Qwen3 model by |activation × gradient| of a \
 label-free energy objective, prunes the lowest globally and exports a smaller HF model.\n\n\
 Typical run:\n  rku-engine import SmolLM2.gguf --out models/smollm2\n  \
 rku-engine prune --model models/smollm2 --calib wiki.jsonl --field 0 --method rku --sparsity 0.4 --out models/smollm2-rku40\n  \
@@ -35,7 +35,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Convert a GGUF (LLaMA or Qwen2) into an HF model directory.
+    /// Convert a GGUF (LLaMA, Qwen2 or Qwen3) into an HF model directory.
     Import(ImportArgs),
     /// Compute per-channel statistics on calibration text (one pass serves every method).
     Score(ScoreArgs),
