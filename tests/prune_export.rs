@@ -88,6 +88,16 @@ fn compact_export_equals_zeroed_channels_llama3() {
 }
 
 #[test]
+fn compact_export_equals_zeroed_channels_mistral() {
+    check_layout("tiny-mistral", ExportLayout::Compact);
+}
+
+#[test]
+fn padded_export_equals_zeroed_channels_mistral() {
+    check_layout("tiny-mistral", ExportLayout::Padded);
+}
+
+#[test]
 fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
@@ -287,17 +297,34 @@ fn cli_score_prune_eval_and_refusals() {
     assert!(!t.join("x").exists());
 }
 
-/// The two exports stock transformers must load unchanged: tiny-qwen2 with
-/// the fixture's non-uniform keep sets zero-padded (`padded`), and
-/// tiny-llama3 with every layer keeping its even channels (uniform width,
-/// `compact`, stock config). Their files are committed under
-/// tests/fixtures/exports/ (written by this test with
+/// The exports stock transformers must load unchanged: tiny-qwen2 and
+/// tiny-mistral with the fixture's non-uniform keep sets zero-padded
+/// (`padded`), and tiny-llama3 and tiny-mistral with every layer keeping
+/// its even channels (uniform width, `compact`, stock config). Their files
+/// are committed under tests/fixtures/exports/ (written by this test with
 /// RKU_WRITE_EXPORT_FIXTURES=1), with the logits transformers computes from
 /// them (scripts/check_exports_transformers.py).
 fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
     let padded = tmp.join("qwen2-padded");
     export_fixture_keep("tiny-qwen2", ExportLayout::Padded, &padded);
-    let dir = fixture("tiny-llama3");
+    let uniform = tmp.join("llama3-uniform");
+    uniform_export("tiny-llama3", &uniform);
+    let mistral_padded = tmp.join("mistral-padded");
+    export_fixture_keep("tiny-mistral", ExportLayout::Padded, &mistral_padded);
+    let mistral_uniform = tmp.join("mistral-uniform");
+    uniform_export("tiny-mistral", &mistral_uniform);
+    vec![
+        ("qwen2-padded", padded),
+        ("llama3-uniform", uniform),
+        ("mistral-padded", mistral_padded),
+        ("mistral-uniform", mistral_uniform),
+    ]
+}
+
+/// Fixture `name` with every layer keeping its even channels, exported
+/// `compact` (uniform width: a stock config) to `out`.
+fn uniform_export(name: &str, out: &std::path::Path) {
+    let dir = fixture(name);
     let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
     let kept: Vec<Vec<usize>> = cfg
         .ffn_widths
@@ -311,18 +338,16 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
         down_bias: None,
         record: serde_json::json!({ "kept": kept }),
     };
-    let uniform = tmp.join("llama3-uniform");
     export_pruned(
         &CpuBackend::new(),
         &dir,
         &SafeModel::open_dir(&dir).unwrap(),
         &cfg,
         &spec,
-        &uniform,
+        out,
         false,
     )
     .unwrap();
-    vec![("qwen2-padded", padded), ("llama3-uniform", uniform)]
 }
 
 #[test]
@@ -352,6 +377,14 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
             cfg.raw.get("layer_intermediate_sizes").is_none(),
             "{name}: not a stock config"
         );
+        if name.starts_with("mistral") {
+            // Mistral's conventions survive the export.
+            let raw = &cfg.raw;
+            assert_eq!(raw["architectures"][0], "MistralForCausalLM", "{name}");
+            assert_eq!(raw["model_type"], "mistral", "{name}");
+            assert_eq!(raw["sliding_window"], 6, "{name}");
+            assert_eq!(cfg.sliding_window, Some(6), "{name}");
+        }
         // ... and the engine's logits equal transformers' on it.
         let r = load_reference(&committed.join("transformers_logits.safetensors"));
         let ids_t = &r["input_ids"];
