@@ -194,11 +194,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             })
         },
     );
-    let (dq, dk, dv) = (
-        filled(dev, q_len),
-        filled(dev, kv_len),
-        filled(dev, kv_len),
-    );
+    let (dq, dk, dv) = (filled(dev, q_len), filled(dev, kv_len), filled(dev, kv_len));
     g.throughput(Throughput::BytesDecimal(
         (4 * (4 * q_len + 4 * kv_len)) as u64,
     ));

@@ -709,9 +709,15 @@ fn portable_attention_cached_window_equals_native() {
             .zip(&b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(err < 1e-5, "{seqs}×{n} window {w} at {pos:?}: max |Δ| {err}");
+        assert!(
+            err < 1e-5,
+            "{seqs}×{n} window {w} at {pos:?}: max |Δ| {err}"
+        );
         // A ring too small for n + w − 1 whose positions wrap is refused.
-        let small = CacheShape { cap: n + w - 2, ..sh };
+        let small = CacheShape {
+            cap: n + w - 2,
+            ..sh
+        };
         let far = vec![small.cap; seqs];
         let e = be
             .attention_cached_window(&q, &k, &v, &mut kc1, &mut vc1, &far, small, Some(w))

@@ -378,7 +378,11 @@ fn check_attention_window<D: Device>(dev: &D) {
             if w >= s.t {
                 let (o2, l2) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
                 k::attention_fwd(dev, &gq, &gk, &gv, &o2, &l2, s).unwrap();
-                assert_same_bits(&down(dev, &out), &down(dev, &o2), &format!("{what} = causal"));
+                assert_same_bits(
+                    &down(dev, &out),
+                    &down(dev, &o2),
+                    &format!("{what} = causal"),
+                );
             }
             let (dq, dk, dv) = (
                 poisoned(dev, q.len()),
@@ -456,14 +460,21 @@ fn check_attention_cached_window<D: Device>(dev: &D) {
         (shape(2, 3, 3, 4, 1, 8), 1, &[0, 9], &[32]),
     ];
     for (sh, w, pos, splits) in cases {
-        let (rows, kvd, qd) = (sh.seqs * sh.n, sh.kv_heads * sh.head_dim, sh.heads * sh.head_dim);
+        let (rows, kvd, qd) = (
+            sh.seqs * sh.n,
+            sh.kv_heads * sh.head_dim,
+            sh.heads * sh.head_dim,
+        );
         let seed = 500 + w as u64;
         let (q, kn, vn) = (
             uniform(rows * qd, seed),
             uniform(rows * kvd, seed + 1),
             uniform(rows * kvd, seed + 2),
         );
-        let (kc0, vc0) = (ring_cache(sh, pos, w, seed + 3), ring_cache(sh, pos, w, seed + 4));
+        let (kc0, vc0) = (
+            ring_cache(sh, pos, w, seed + 3),
+            ring_cache(sh, pos, w, seed + 4),
+        );
         let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
         let win = Some(w);
         let want = cpu
@@ -526,7 +537,10 @@ fn check_backend_attention_cached_window<D: Device>(be: &CudaBackend<D>) {
     let (mut kc_want, mut vc_want) = (vec![0f32; seqs * cap * kvd], vec![0f32; seqs * cap * kvd]);
     let (mut kc, mut vc) = (be.upload(&kc_want).unwrap(), be.upload(&vc_want).unwrap());
     let mut pos = [0usize, 0];
-    for (call, n) in [4usize, 1, 1, 3, 4, 1, 1, 1, 4, 2, 1, 1].into_iter().enumerate() {
+    for (call, n) in [4usize, 1, 1, 3, 4, 1, 1, 1, 4, 2, 1, 1]
+        .into_iter()
+        .enumerate()
+    {
         let seed = 700 + 3 * call as u64;
         let sh = CacheShape {
             seqs,

@@ -546,10 +546,16 @@ mod tests {
     #[test]
     fn mistral_reads_its_sliding_window() {
         let c = mistral(|c| c["sliding_window"] = json!(6)).unwrap();
-        assert_eq!((c.arch, c.sliding_window, c.qkv_bias), (Arch::Mistral, Some(6), false));
+        assert_eq!(
+            (c.arch, c.sliding_window, c.qkv_bias),
+            (Arch::Mistral, Some(6), false)
+        );
         assert_eq!(c.arch.hf_name(), "MistralForCausalLM");
         for v in [Value::Null, json!(null)] {
-            assert_eq!(mistral(|c| c["sliding_window"] = v).unwrap().sliding_window, None);
+            assert_eq!(
+                mistral(|c| c["sliding_window"] = v).unwrap().sliding_window,
+                None
+            );
         }
         assert_eq!(mistral(|_| {}).unwrap().sliding_window, None);
         // model_type alone names the family too.
@@ -564,16 +570,29 @@ mod tests {
 
     #[test]
     fn hostile_sliding_windows_are_refused_by_name() {
-        for v in [json!(0), json!(-4), json!(2.5), json!("6"), json!(true), json!([6])] {
+        for v in [
+            json!(0),
+            json!(-4),
+            json!(2.5),
+            json!("6"),
+            json!(true),
+            json!([6]),
+        ] {
             let e = mistral(|c| c["sliding_window"] = v.clone())
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("sliding_window") && e.contains("cfg/config.json"), "{v}: {e}");
+            assert!(
+                e.contains("sliding_window") && e.contains("cfg/config.json"),
+                "{v}: {e}"
+            );
         }
         let e = mistral(|c| c["layer_types"] = json!(["sliding_attention", "full_attention"]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("layer_types") && e.contains("not implemented"), "{e}");
+        assert!(
+            e.contains("layer_types") && e.contains("not implemented"),
+            "{e}"
+        );
         // A Mistral config with `use_sliding_window: true` is refused as on the others.
         assert!(mistral(|c| c["use_sliding_window"] = json!(true)).is_err());
     }

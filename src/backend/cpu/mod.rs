@@ -13,8 +13,8 @@ mod optim;
 mod simd;
 
 use super::{
-    check_cache_window, check_window, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart,
-    MatMul, NormalEquations,
+    check_cache_window, check_window, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
+    LinearPart, MatMul, NormalEquations,
 };
 use crate::quant::BlockMatrix;
 use crate::Result;

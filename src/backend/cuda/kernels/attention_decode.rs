@@ -32,7 +32,11 @@ fn span(p: usize, n: usize, window: Option<usize>) -> usize {
 /// [`decode_split`] under a sliding window: the keys a call reads are the
 /// longest span of a sequence, at most n + W − 1.
 pub fn decode_split_window(sh: CacheShape, pos: &[usize], window: Option<usize>) -> usize {
-    let longest = pos.iter().map(|&p| span(p, sh.n, window)).max().unwrap_or(0);
+    let longest = pos
+        .iter()
+        .map(|&p| span(p, sh.n, window))
+        .max()
+        .unwrap_or(0);
     let group = sh.heads / sh.kv_heads.max(1);
     let blocks = (group * sh.n).div_ceil(ATTN_WARPS as usize) * sh.kv_heads * sh.seqs;
     let splits = DECODE_BLOCKS.div_ceil(blocks.max(1));
