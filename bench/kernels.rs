@@ -13,7 +13,8 @@ use std::time::Duration;
 
 /// Shapes of one run: FFN rows × width, hidden size, vocabulary chunk of
 /// the losses, attention, and KV-cache decoding with `cached` positions
-/// already in every sequence.
+/// already in every sequence; `window`: the sliding window of the windowed
+/// attention entries (decoding into a ring of n + window − 1 slots).
 struct Shapes {
     rows: usize,
     m: usize,
@@ -22,6 +23,7 @@ struct Shapes {
     attn: AttnShape,
     cache: CacheShape,
     cached: usize,
+    window: usize,
 }
 
 fn filled<D: Device>(dev: &D, n: usize) -> DevBuf<D, f32> {
@@ -194,6 +196,37 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             dev.synchronize().unwrap()
         })
     });
+    // Sliding window W: each query reads at most W keys (of t).
+    let w = s.window;
+    g.throughput(Throughput::BytesDecimal(
+        (4 * (2 * q_len + 2 * kv_len)) as u64,
+    ));
+    g.bench_function(
+        BenchmarkId::new(format!("attention_fwd_window{w}_f32"), at.t),
+        |it| {
+            it.iter(|| {
+                k::attention_fwd_window(dev, &q, &kk, &v, &out, &lse, at, Some(w)).unwrap();
+                dev.synchronize().unwrap()
+            })
+        },
+    );
+    let (dq, dk, dv) = (filled(dev, q_len), filled(dev, kv_len), filled(dev, kv_len));
+    g.throughput(Throughput::BytesDecimal(
+        (4 * (4 * q_len + 4 * kv_len)) as u64,
+    ));
+    for (name, window) in [
+        ("attention_bwd_f32".to_string(), None),
+        (format!("attention_bwd_window{w}_f32"), Some(w)),
+    ] {
+        g.bench_function(BenchmarkId::new(name, at.t), |it| {
+            it.iter(|| {
+                k::attention_bwd_window(
+                    dev, &out, &q, &kk, &v, &out, &lse, &dq, &dk, &dv, at, window,
+                )
+                .unwrap()
+            })
+        });
+    }
     // Decoding: every call appends the same rows at `cached` (so the caches
     // stay as they are) and reads the pos+n live rows of both caches.
     let cs = s.cache;
@@ -223,6 +256,42 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
             })
         },
     );
+    // The same step under the window, into a ring of n + W − 1 slots (the
+    // position `cached` wraps it): reads n + W − 1 rows of both caches.
+    let ring = CacheShape {
+        cap: cs.n + w - 1,
+        ..cs
+    };
+    let (rk, rv) = (
+        filled(dev, ring.seqs * ring.cap * kvd),
+        filled(dev, ring.seqs * ring.cap * kvd),
+    );
+    let split = k::decode_split_window(ring, &pos, Some(w));
+    let live = ring.seqs * ring.cap * kvd;
+    g.throughput(Throughput::BytesDecimal(
+        (4 * (2 * live + 2 * new_rows * qd + 4 * new_rows * kvd)) as u64,
+    ));
+    g.bench_function(
+        BenchmarkId::new(format!("attention_decode_window{w}_f32"), s.cached + cs.n),
+        |it| {
+            it.iter(|| {
+                k::attention_cached_window(
+                    dev,
+                    &cq,
+                    &ck,
+                    &cv,
+                    &rk,
+                    &rv,
+                    &pos,
+                    &cout,
+                    ring,
+                    split,
+                    Some(w),
+                )
+                .unwrap()
+            })
+        },
+    );
     g.finish();
 }
 
@@ -248,6 +317,7 @@ fn kernels(c: &mut Criterion) {
             head_dim: 64,
         },
         cached: 199,
+        window: 24,
     };
     bench_device(c, &EmuDevice::new(), &tiny);
     match GpuDevice::new(0) {
@@ -274,6 +344,8 @@ fn kernels(c: &mut Criterion) {
                     head_dim: 128,
                 },
                 cached: 2047,
+                // Mistral-7B's 4096 would cover t = 2048; a quarter of it cuts.
+                window: 512,
             };
             bench_device(c, &gpu, &layer);
         }

@@ -2,7 +2,12 @@
 // score matrix is ever stored, for any head).
 //   q, out: [rows, H·hd]; k, v: [rows, KV·hd]; rows = seqs·t; query head h
 //   reads kv head h / (H/KV); lse, delta: [seqs, H, t].
-//   fwd: s_ij = scale·q_i·k_j (j ≤ i, scale = 1/sqrt(hd)); p_ij = softmax_j(s_ij);
+//   Sliding window W (the last int of every kernel; the host passes
+//   min(W, t), and t for plain causal attention): query i attends to keys
+//   i − W < j ≤ i, itself and the W − 1 before it (Mistral, transformers'
+//   sliding_window_causal_mask_function). With W = t every extra condition
+//   below is always true, so the results are those of the causal kernels.
+//   fwd: s_ij = scale·q_i·k_j (i−W < j ≤ i, scale = 1/sqrt(hd)); p_ij = softmax_j(s_ij);
 //        out_i = Σ_j p_ij v_j; lse_i = log Σ_j exp(s_ij) (kept for the backward).
 //   bwd: p_ij = exp(s_ij − lse_i); D_i = dout_i·out_i; dp_ij = dout_i·v_j;
 //        ds_ij = p_ij (dp_ij − D_i);
@@ -18,7 +23,12 @@
 // hd ≤ 128 runs: the accumulators are a fixed kMaxDims = 4 registers per
 // lane (fully unrolled), and slot dd of lane d is masked off when
 // d + 32·dd ≥ hd (hd = 8: lanes 0..7 hold one live slot each).
-// Online softmax: running max and sum per warp.
+// Online softmax: running max and sum per warp. Under a window, a block's
+// key tiles start at the one holding key i_first − W + 1 (its first row's
+// first key; the dkv pass's query tiles end at its last key + W), and a warp
+// skips, warp-uniformly, a tile wholly before its own row's window, so the
+// first tile it uses holds a key of its window and the running max is finite.
+// Work and reads are O(t·W) per head instead of O(t²).
 // Bytes (fwd): each block reads its keys/values once per 4 queries, so the
 // floor is compute, not memory: 4·T²·hd·H/2 FLOP. Qwen2.5-7B layer at T=2048
 // (H=28, hd=128): 30 GFLOP → 0.37 ms at the RTX 4090's 82.6 TFLOP/s f32,
@@ -64,7 +74,7 @@ __device__ __forceinline__ float dot_shared(const float *x, const float *y, int 
 extern "C" __global__ void attention_fwd_f32(const float *__restrict__ q, const float *__restrict__ k,
                                              const float *__restrict__ v, float *__restrict__ out,
                                              float *__restrict__ lse, int t, int heads, int kv_heads,
-                                             int hd) {
+                                             int hd, int window) {
     const AttnDims a{t, heads, kv_heads, hd};
     RKU_DYN_SHARED(float, smem);
     float *ks = smem, *vs = ks + kTile * (hd + 1), *qs = vs + kTile * (hd + 1);
@@ -78,15 +88,19 @@ extern "C" __global__ void attention_fwd_f32(const float *__restrict__ q, const 
     float acc[kMaxDims] = {0.f, 0.f, 0.f, 0.f};
     float m_run = -INFINITY, l_run = 0.f;
     const int i_last = min(i_first + kAttnWarps, t) - 1;
-    for (int j0 = 0; j0 <= i_last; j0 += kTile) {
+    const int j_begin = max(0, i_first - window + 1) / kTile * kTile;
+    for (int j0 = j_begin; j0 <= i_last; j0 += kTile) {
         __syncthreads();  // previous tile fully used
         load_tile(ks, k, a, seq, j0, kv_heads, kvh);
         load_tile(vs, v, a, seq, j0, kv_heads, kvh);
         __syncthreads();
+        if (j0 + kTile <= i - window + 1) continue;  // warp-uniform: before this row's window
         const int j = j0 + lane;
-        const float s = j <= i ? scale * dot_shared(qw, ks + lane * (hd + 1), hd) : -INFINITY;
-        const float m_new = fmaxf(m_run, warp_max(s));  // finite: key 0 is in the first tile
-        const float p = j <= i ? expf(s - m_new) : 0.f, corr = expf(m_run - m_new);
+        const bool live = j <= i && j > i - window;
+        const float s = live ? scale * dot_shared(qw, ks + lane * (hd + 1), hd) : -INFINITY;
+        // finite: the first tile used holds the row's first key
+        const float m_new = fmaxf(m_run, warp_max(s));
+        const float p = live ? expf(s - m_new) : 0.f, corr = expf(m_run - m_new);
         l_run = l_run * corr + warp_sum(p);
         RKU_UNROLL
         for (int dd = 0; dd < kMaxDims; ++dd) acc[dd] *= corr;
@@ -112,7 +126,7 @@ extern "C" __global__ void attention_bwd_dq_f32(const float *__restrict__ dout, 
                                                 const float *__restrict__ k, const float *__restrict__ v,
                                                 const float *__restrict__ out, const float *__restrict__ lse,
                                                 float *__restrict__ delta, float *__restrict__ dq, int t,
-                                                int heads, int kv_heads, int hd) {
+                                                int heads, int kv_heads, int hd, int window) {
     const AttnDims a{t, heads, kv_heads, hd};
     RKU_DYN_SHARED(float, smem);
     float *ks = smem, *vs = ks + kTile * (hd + 1), *qs = vs + kTile * (hd + 1), *dos = qs + kAttnWarps * hd;
@@ -132,14 +146,16 @@ extern "C" __global__ void attention_bwd_dq_f32(const float *__restrict__ dout, 
     const float lse_i = lse[a.row_off(seq, h, i)];
     float acc[kMaxDims] = {0.f, 0.f, 0.f, 0.f};
     const int i_last = min(i_first + kAttnWarps, t) - 1;
-    for (int j0 = 0; j0 <= i_last; j0 += kTile) {
+    const int j_begin = max(0, i_first - window + 1) / kTile * kTile;
+    for (int j0 = j_begin; j0 <= i_last; j0 += kTile) {
         __syncthreads();
         load_tile(ks, k, a, seq, j0, kv_heads, kvh);
         load_tile(vs, v, a, seq, j0, kv_heads, kvh);
         __syncthreads();
+        if (j0 + kTile <= i - window + 1) continue;  // warp-uniform: before this row's window
         const int j = j0 + lane;
         float ds = 0.f;
-        if (j <= i) {
+        if (j <= i && j > i - window) {
             const float p = expf(scale * dot_shared(qw, ks + lane * (hd + 1), hd) - lse_i);
             ds = p * (dot_shared(dow, vs + lane * (hd + 1), hd) - di);
         }
@@ -164,7 +180,7 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float *__restrict__ dout,
                                                  const float *__restrict__ k, const float *__restrict__ v,
                                                  const float *__restrict__ lse, const float *__restrict__ delta,
                                                  float *__restrict__ dk, float *__restrict__ dv, int t,
-                                                 int heads, int kv_heads, int hd) {
+                                                 int heads, int kv_heads, int hd, int window) {
     const AttnDims a{t, heads, kv_heads, hd};
     RKU_DYN_SHARED(float, smem);
     float *qs = smem, *dos = qs + kTile * (hd + 1), *kw_all = dos + kTile * (hd + 1);
@@ -181,8 +197,10 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float *__restrict__ dout,
     }
     float dk_acc[kMaxDims] = {0.f, 0.f, 0.f, 0.f}, dv_acc[kMaxDims] = {0.f, 0.f, 0.f, 0.f};
     const int tid = threadIdx.y * 32 + threadIdx.x;
+    // Queries reaching this block's keys: j_first ≤ i < j_last + W.
+    const int i_end = min(t, min(j_first + kAttnWarps, t) - 1 + window);
     for (int h = kvh * a.group(); h < (kvh + 1) * a.group(); ++h) {
-        for (int i0 = j_first / kTile * kTile; i0 < t; i0 += kTile) {
+        for (int i0 = j_first / kTile * kTile; i0 < i_end; i0 += kTile) {
             __syncthreads();
             load_tile(qs, q, a, seq, i0, heads, h);
             load_tile(dos, dout, a, seq, i0, heads, h);
@@ -194,7 +212,7 @@ extern "C" __global__ void attention_bwd_dkv_f32(const float *__restrict__ dout,
             __syncthreads();
             const int i = i0 + lane;
             float p = 0.f, ds = 0.f;
-            if (i >= j && i < t) {
+            if (i >= j && i < t && i - j < window) {
                 p = expf(scale * dot_shared(qs + lane * (hd + 1), kw, hd) - lse_s[lane]);
                 ds = p * (dot_shared(dos + lane * (hd + 1), vw, hd) - del_s[lane]);
             }

@@ -3,23 +3,31 @@
 // (flash-decoding). The contract is Backend::attention_cached's.
 //   k_cache, v_cache: [seqs, cap, KV·hd]; q, out: [seqs·n, H·hd];
 //   k, v: [seqs·n, KV·hd]; pos: [seqs] int, the positions sequence s has cached.
-//   kv_append_f32: cache[s, pos[s]+i, :] = k[s·n+i, :] (and v), i < n.
+//   The caches are rings: position p lives in row p mod cap (the same row
+//   while p < cap, which is all there is without a window).
+//   window: Mistral's sliding window W, 0 for none: query i of sequence s
+//   attends to positions lo = max(0, pos[s]+i+1−W) ..= pos[s]+i (all from 0
+//   without one); the host guarantees cap ≥ n + W − 1 when a ring wraps, so
+//   the appended rows overwrite no key a new query reads.
+//   kv_append_f32: cache[s, (pos[s]+i) mod cap, :] = k[s·n+i, :] (and v), i < n.
 //   attention_decode_f32: new query i of sequence s, head h, kv head
 //     g = h / (H/KV), attends to keys j ≤ lim = pos[s]+i:
 //       s_j = q·K_j / sqrt(hd),  out = Σ_j softmax_j(s_j) V_j.
-//     The keys are cut into splits of `split` keys (a multiple of 32). Split c
-//     with c·split ≤ lim gives, by an online softmax over tiles of 32 keys
+//     The keys from base = max(0, pos[s]+1−W) (the first key of row 0; 0
+//     without a window) are cut into splits of `split` keys (a multiple of
+//     32): split c holds positions base + c·split .. + split. Split c
+//     meeting [lo, lim] gives, by an online softmax over tiles of 32 keys
 //     (running max m and sum l: nothing of size cap is ever held),
 //       o_c = Σ_{j∈c} e^{s_j−m_c} V_j / l_c,  lse_c = m_c + log l_c,
 //     with m_c = max_{j∈c} s_j, l_c = Σ_{j∈c} e^{s_j−m_c}. A split past lim is
 //     neither computed nor written.
 //     o_part: [seqs·n, H, splits, hd], lse_part: [seqs·n, H, splits]; with one
 //     split o_part has out's layout and is the answer.
-//   attention_decode_combine_f32 (splits > 1), over the C = lim/split + 1
-//     splits a query reaches:
+//   attention_decode_combine_f32 (splits > 1), over the splits a query
+//     reaches, (lo−base)/split ..= (lim−base)/split:
 //       out = Σ_c e^{lse_c−M} o_c / Σ_c e^{lse_c−M},  M = max_c lse_c,
 //     which is the softmax over all its keys (e^{lse_c} o_c = e^{m_c}·Σ_{j∈c}
-//     e^{s_j−m_c} V_j). M is finite: split 0 holds key 0 ≤ lim.
+//     e^{s_j−m_c} V_j). M is finite: every split combined holds a key of [lo, lim].
 // Launch.
 //   append: grid (seqs·n), block 128 striding over KV·hd.
 //   decode: grid (tiles·splits, KV, seqs), block (32, 4) = 4 warps; block
@@ -56,7 +64,7 @@ extern "C" __global__ void kv_append_f32(const float *__restrict__ k, const floa
                                          float *__restrict__ k_cache, float *__restrict__ v_cache,
                                          const int *__restrict__ pos, int n, int cap, int kvd) {
     const int r = blockIdx.x, s = r / n, i = r % n;
-    const size_t src = (size_t)r * kvd, dst = ((size_t)s * cap + pos[s] + i) * kvd;
+    const size_t src = (size_t)r * kvd, dst = ((size_t)s * cap + (pos[s] + i) % cap) * kvd;
     for (int e = threadIdx.x; e < kvd; e += blockDim.x) {
         k_cache[dst + e] = k[src + e];
         v_cache[dst + e] = v[src + e];
@@ -68,14 +76,14 @@ extern "C" __global__ void kv_append_f32(const float *__restrict__ k, const floa
 // lane l dims l, l+32, l+64, l+96 of each (coalesced). Both loops are fully
 // unrolled, so a thread's 32 loads are all in flight before its first store.
 // Rows from j_stop on are not read (they may be unwritten) and become zeros.
-// Row j starts at head + j·kvd.
+// Position j starts at head + (j mod cap)·kvd.
 __device__ __forceinline__ void load_cache_tile(float *tile, const float *head, int j0, int j_stop,
-                                                int kvd, int hd) {
+                                                int kvd, int hd, int cap) {
     RKU_UNROLL
     for (int rr = 0; rr < kDecTile / kDecWarps; ++rr) {
         const int jj = threadIdx.y + rr * kDecWarps;
         const bool live = j0 + jj < j_stop;
-        const float *src = head + (size_t)(live ? j0 + jj : j0) * kvd;  // row j0 is live
+        const float *src = head + (size_t)((live ? j0 + jj : j0) % cap) * kvd;  // row j0 is live
         RKU_UNROLL
         for (int dd = 0; dd < kDecMaxDims; ++dd) {
             const int d = threadIdx.x + 32 * dd;
@@ -95,7 +103,7 @@ extern "C" __global__ void attention_decode_f32(const float *__restrict__ q,
                                                 const float *__restrict__ v_cache,
                                                 const int *__restrict__ pos, float *__restrict__ o_part,
                                                 float *__restrict__ lse_part, int n, int cap, int heads,
-                                                int kv_heads, int hd, int split) {
+                                                int kv_heads, int hd, int split, int window) {
     RKU_DYN_SHARED(float, smem);
     float *ks = smem, *vs = ks + kDecTile * (hd + 1), *qs = vs + kDecTile * (hd + 1);
     const int lane = threadIdx.x, w = threadIdx.y, g = blockIdx.y, s = blockIdx.z;
@@ -105,9 +113,14 @@ extern "C" __global__ void attention_decode_f32(const float *__restrict__ q,
     const int r_last = min(r_first + kDecWarps, rows) - 1;
     const int r = min(r_first + w, r_last);  // warps past the last row redo it and write nothing
     const int i = r / group, h = g * group + r % group, lim = pos[s] + i;
+    // First keys: of this row, of the block's first row, of the sequence's row 0.
+    const int lo = window > 0 ? max(0, lim - window + 1) : 0;
+    const int lo_first = window > 0 ? max(0, pos[s] + r_first / group - window + 1) : 0;
+    const int base = window > 0 ? max(0, pos[s] - window + 1) : 0;
     // Keys of this split that some row of the block attends to: [j_begin, j_stop).
-    const int j_begin = c * split, j_stop = min(j_begin + split, pos[s] + r_last / group + 1);
-    if (j_begin >= j_stop) return;  // the whole block: no row reaches this split
+    const int j_begin = base + c * split, j_stop = min(j_begin + split, pos[s] + r_last / group + 1);
+    // the whole block: no row reaches this split
+    if (j_begin >= j_stop || j_begin + split <= lo_first) return;
     const float scale = rsqrtf((float)hd);
     const float *kh = k_cache + (size_t)s * cap * kvd + (size_t)g * hd;
     const float *vh = v_cache + (size_t)s * cap * kvd + (size_t)g * hd;
@@ -118,14 +131,17 @@ extern "C" __global__ void attention_decode_f32(const float *__restrict__ q,
     float m_run = -INFINITY, l_run = 0.f;
     for (int j0 = j_begin; j0 < j_stop; j0 += kDecTile) {
         __syncthreads();  // previous tile fully used (and q staged, first time)
-        load_cache_tile(ks, kh, j0, j_stop, kvd, hd);
-        load_cache_tile(vs, vh, j0, j_stop, kvd, hd);
+        load_cache_tile(ks, kh, j0, j_stop, kvd, hd, cap);
+        load_cache_tile(vs, vh, j0, j_stop, kvd, hd, cap);
         __syncthreads();
-        if (j0 > lim) continue;  // warp-uniform: this row's keys ended in an earlier tile
+        // warp-uniform: this row's keys ended in an earlier tile or start in a later one
+        if (j0 > lim || j0 + kDecTile <= lo) continue;
         const int j = j0 + lane;
-        const float sc = j <= lim ? scale * dot_row(qw, ks + lane * (hd + 1), hd) : -INFINITY;
-        const float m_new = fmaxf(m_run, warp_max(sc));  // finite: key j0 ≤ lim is in this tile
-        const float p = j <= lim ? expf(sc - m_new) : 0.f, corr = expf(m_run - m_new);
+        const bool live = j <= lim && j >= lo;
+        const float sc = live ? scale * dot_row(qw, ks + lane * (hd + 1), hd) : -INFINITY;
+        // finite: the first tile used holds key max(lo, j_begin) ≤ lim
+        const float m_new = fmaxf(m_run, warp_max(sc));
+        const float p = live ? expf(sc - m_new) : 0.f, corr = expf(m_run - m_new);
         l_run = l_run * corr + warp_sum(p);
         RKU_UNROLL
         for (int dd = 0; dd < kDecMaxDims; ++dd) acc[dd] *= corr;
@@ -138,7 +154,7 @@ extern "C" __global__ void attention_decode_f32(const float *__restrict__ q,
         }
         m_run = m_new;
     }
-    if (r_first + w <= r_last && j_begin <= lim) {
+    if (r_first + w <= r_last && j_begin <= lim && lo < j_begin + split) {
         const size_t part = q_row * splits + c;
         const float inv = 1.f / l_run;  // l_run ≥ 1: the max key contributes e^0
         RKU_UNROLL
@@ -153,15 +169,17 @@ extern "C" __global__ void attention_decode_combine_f32(const float *__restrict_
                                                         const float *__restrict__ lse_part,
                                                         const int *__restrict__ pos,
                                                         float *__restrict__ out, int n, int heads,
-                                                        int hd, int splits, int split) {
-    const int row = blockIdx.x, h = blockIdx.y, s = row / n, i = row % n;
-    const int used = (pos[s] + i) / split + 1;  // the splits holding keys ≤ pos[s]+i
+                                                        int hd, int splits, int split, int window) {
+    const int row = blockIdx.x, h = blockIdx.y, s = row / n, i = row % n, lim = pos[s] + i;
+    const int first = window > 0 ? max(0, pos[s] - window + 1) : 0;  // key of split 0
+    const int c0 = (window > 0 ? max(0, lim - window + 1) - first : 0) / split;
+    const int used = (lim - first) / split + 1;  // the splits c0..used−1 hold this row's keys
     const size_t base = ((size_t)row * heads + h) * splits;
     float m = -INFINITY;  // every thread reads the same lse values: broadcasts
-    for (int c = 0; c < used; ++c) m = fmaxf(m, lse_part[base + c]);
+    for (int c = c0; c < used; ++c) m = fmaxf(m, lse_part[base + c]);
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float num = 0.f, den = 0.f;
-        for (int c = 0; c < used; ++c) {
+        for (int c = c0; c < used; ++c) {
             const float wc = expf(lse_part[base + c] - m);
             num += wc * o_part[(base + c) * hd + d];
             den += wc;

@@ -5,11 +5,12 @@ transformers and records their logits on the tiny fixtures' input ids, so
 the Rust test can check that what the engine exports is what transformers
 computes. Needs torch, transformers, safetensors (never CI).
 
-    python3 scripts/check_exports_transformers.py [NAME ...]
+    python3 scripts/check_exports_transformers.py [--only NAME ...]
 
-With names (e.g. qwen3-padded qwen3-uniform) only those exports are run,
-so the others' committed logits stay as they are.
+(`--only` rewrites only the named exports' logits, leaving the others'
+committed bytes alone.)
 """
+import argparse
 import pathlib
 import sys
 
@@ -27,11 +28,19 @@ SOURCES = {
     # `recover`'s merged export of llama3-uniform (RKU_WRITE_EXPORT_FIXTURES=1
     # cargo test --test recover stock)
     "llama3-uniform-recovered": "tiny-llama3",
+    # tiny-mistral (sliding window 6 < 16 tokens): its keep sets padded,
+    # and every layer keeping its even channels (stock config)
+    "mistral-padded": "tiny-mistral",
+    "mistral-uniform": "tiny-mistral",
 }
 
-names = sys.argv[1:] or list(SOURCES)
-for name in names:
-    src = SOURCES[name]
+ap = argparse.ArgumentParser()
+ap.add_argument("--only", nargs="+", choices=sorted(SOURCES), help="only these exports")
+args = ap.parse_args()
+
+for name, src in SOURCES.items():
+    if args.only and name not in args.only:
+        continue
     d = FIX / "exports" / name
     ids = load_file(str(FIX / src / "reference.safetensors"))["input_ids"].long()
     model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager")
@@ -41,4 +50,5 @@ for name in names:
     save_file({"input_ids": ids.to(torch.int32), "logits": logits.contiguous()},
               str(d / "transformers_logits.safetensors"),
               metadata={"transformers": __import__("transformers").__version__, "torch": torch.__version__})
-    print(f"{name}: intermediate_size {model.config.intermediate_size}, logits {tuple(logits.shape)}")
+    print(f"{name}: {model.config.architectures[0]}, intermediate_size {model.config.intermediate_size}, "
+          f"sliding_window {getattr(model.config, 'sliding_window', None)}, logits {tuple(logits.shape)}")

@@ -9,6 +9,10 @@ Writes small fixtures under tests/fixtures/ (see tests/fixtures/README.md):
   tiny-qwen3/    random-weight Qwen3ForCausalLM (q/k norms, head_dim 24 with
                  hidden 64 and 4 heads, tied embeddings as Qwen3-0.6B) +
                  tokenizer + reference.safetensors
+  tiny-mistral/  random-weight MistralForCausalLM with sliding_window 6 (the
+                 reference sequences have 16 tokens, so the window cuts) +
+                 tokenizer + reference.safetensors (only this one:
+                 --only tiny-mistral)
   smollm2/       reference values of SmolLM2-135M-Instruct loaded from the GGUF
                  (only with --smollm PATH; needs --wiki PATH too)
 
@@ -481,6 +485,30 @@ def make_tiny_qwen3():
     return t
 
 
+def make_tiny_mistral():
+    from transformers import MistralConfig
+    # Sliding window 6 < T = 16: transformers' mask (masking_utils,
+    # sliding_window_overlay) keeps key j for query i when i - 6 < j <= i,
+    # the query and its 5 predecessors.
+    cfg = MistralConfig(
+        vocab_size=352, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=6,
+        bos_token_id=0, eos_token_id=0)
+    t = make_tiny("tiny-mistral", cfg, "smollm", seed=4321)
+    # The window really changes the logits: the same weights without it differ.
+    m = load_hf(FIXTURES / "tiny-mistral")
+    m.config.sliding_window = None
+    with torch.no_grad():
+        full = m(input_ids=t["input_ids"].long(), use_cache=False).logits.float()
+    gap = (full - t["logits"]).abs().max().item()
+    print(f"  tiny-mistral: max |logits(window 6) - logits(no window)| = {gap:.3e}")
+    assert gap > 1e-2, gap
+    # and the first 6 positions (inside the window) are the same.
+    assert torch.allclose(full[:, :6], t["logits"][:, :6], atol=1e-5)
+    return t
+
+
 def read_text_jsonl(path, field):
     """METHODS.md section 2: each row's field stripped, rows joined by "\\n\\n"."""
     rows = [json.loads(line)[field].strip() for line in open(path, encoding="utf-8") if line.strip()]
@@ -626,16 +654,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (enables the smollm2/ fixtures)")
     ap.add_argument("--wiki", help="path to evals' schelling_point/wikipedia_5.jsonl (needed with --smollm)")
-    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "smollm"],
-                    help="make only one group (tiny-qwen3: only that model, the others untouched)")
+    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "tiny-mistral", "smollm"],
+                    help="make only one group (tiny-qwen3, tiny-mistral: only that model, the others untouched)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True)
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
+    if args.only == "tiny-mistral":
+        make_tiny_mistral()
+        return
     if args.only in (None, "tiny"):
         make_tiny_qwen2()
         make_tiny_llama3()
+        make_tiny_mistral()
     if args.only in (None, "tiny", "tiny-qwen3"):
         make_tiny_qwen3()
     if args.smollm and args.only not in ("tiny", "tiny-qwen3"):

@@ -200,6 +200,12 @@ fn tiny_qwen3_cuda_emu_matches_cpu() {
     check_model("tiny-qwen3");
 }
 
+/// Sliding window 6 < t: the windowed attention kernels, forward and backward.
+#[test]
+fn tiny_mistral_cuda_emu_matches_cpu() {
+    check_model("tiny-mistral");
+}
+
 /// Greedy tokens and the logits after every call of a `Decoder` run: a
 /// prefill of unequal prompts, greedy steps, a chunk of unequal forced
 /// tokens into the non-empty caches, more greedy steps.
@@ -391,6 +397,13 @@ fn tiny_qwen3_cuda_emu_decode_matches_its_forward() {
     }
 }
 
+/// Window 6 with capacity 24: ring caches of 11 slots, the 7-token prompt
+/// prefilled in chunks of 6, and 18 positions wrapping the ring.
+#[test]
+fn tiny_mistral_cuda_emu_decode_matches_cpu() {
+    check_decode("tiny-mistral");
+}
+
 /// The compaction gather through `CudaBackend<EmuDevice>` (compact.cu) and
 /// the CPU backend against the naive gather, byte for byte, on every
 /// layer's FFN weights of the fixture in f32 and bf16: gate and up lose
@@ -442,6 +455,7 @@ fn tiny_fixtures_compaction_on_device_matches_cpu() {
     check_compaction("tiny-qwen2");
     check_compaction("tiny-llama3");
     check_compaction("tiny-qwen3");
+    check_compaction("tiny-mistral");
 }
 
 /// Tensors of a safetensors file by name: (dtype, shape, bytes), and its

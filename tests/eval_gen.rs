@@ -606,3 +606,145 @@ fn smollm2_chat_prompt() {
     let start = tok.token_id("<|im_start|>").unwrap();
     assert_eq!(ids.iter().filter(|&&i| i == start).count(), 3);
 }
+
+/// Mistral (sliding window 6): greedy decoding with ring caches (prompts
+/// prefilled in chunks, sequences far longer than the window) equals
+/// greedy decoding by full recompute.
+#[test]
+fn tiny_mistral_cache_equals_recompute() {
+    let model = check_cache_vs_recompute(
+        &fixture("tiny-mistral"),
+        &[
+            "The train leaves at 11:05, said the teacher.",
+            "Numbers: 2024",
+            "a",
+        ],
+        20,
+    );
+    assert_eq!(model.cfg.sliding_window, Some(6));
+}
+
+/// The decoder's logits equal the last row of a full forward pass under a
+/// sliding window, through ring caches (capacity 40, window 6: 11 slots),
+/// chunked prefills of unequal prompts, steps, `retain`, and a chunk whose
+/// padding rows wrap the ring.
+#[test]
+fn tiny_mistral_decoder_logits_match_forward() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-mistral")).unwrap();
+    let vocab = model.cfg.vocab;
+    let check = |seqs: &[Vec<u32>], got: &[f32], what: &str| {
+        for (s, ids) in seqs.iter().enumerate() {
+            let geo = Geometry {
+                seqs: 1,
+                t: ids.len(),
+            };
+            let full = logits(&be, &model, ids, geo).unwrap();
+            let want = &full[(ids.len() - 1) * vocab..];
+            let err = want
+                .iter()
+                .zip(&got[s * vocab..(s + 1) * vocab])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-4, "{what}, sequence {s}: max |Δlogit| {err}");
+        }
+    };
+    let mut seqs: Vec<Vec<u32>> = vec![
+        (1..14).collect(), // 13 tokens: chunks of 6, 6, 1
+        vec![300],
+        vec![17, 18, 19, 20, 21, 22, 23, 24],
+    ];
+    let mut dec = Decoder::new(&be, &model, seqs.len(), 40).unwrap();
+    let got = dec.extend(&seqs).unwrap();
+    assert_eq!(dec.lens(), [13, 1, 8]);
+    check(&seqs, &got, "prefill");
+    for step in 0..9 {
+        let next: Vec<u32> = (0..seqs.len())
+            .map(|s| ((step * 37 + s * 11 + 1) % vocab) as u32)
+            .collect();
+        for (s, &t) in next.iter().enumerate() {
+            seqs[s].push(t);
+        }
+        let got = dec.step(&next).unwrap();
+        check(&seqs, &got, &format!("step {step}"));
+    }
+    dec.retain(&[false, true, true]).unwrap();
+    seqs.remove(0);
+    let more = vec![(40..50).collect::<Vec<u32>>(), vec![7, 8]];
+    for (s, m) in seqs.iter_mut().zip(&more) {
+        s.extend(m);
+    }
+    let got = dec.extend(&more).unwrap();
+    check(&seqs, &got, "after retain");
+    assert_eq!(dec.lens(), [20, 19]);
+}
+
+/// The portable fallback equals the CPU's native `attention_cached_window`
+/// on ring caches (positions past the capacity wrap), caches included.
+#[test]
+fn portable_attention_cached_window_equals_native() {
+    use rku_engine::backend::attention_cached_portable_window;
+    let be = CpuBackend::new();
+    let mut seed = 100u64;
+    let mut rnd = |len: usize| -> Vec<f32> {
+        seed += 1;
+        values(len, -1.0, 1.0, seed)
+    };
+    // (seqs, n, cap, window, pos): prefill and step shapes, some wrapping.
+    for (seqs, n, cap, w, pos) in [
+        (2usize, 5usize, 12usize, 6usize, vec![0usize, 30]),
+        (3, 1, 7, 7, vec![4, 0, 29]),
+        (2, 3, 10, 4, vec![7, 15]),
+        (1, 6, 11, 6, vec![13]),
+    ] {
+        let sh = CacheShape {
+            seqs,
+            n,
+            cap,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let (qd, kd) = (32, 16);
+        let (q, k, v) = (rnd(seqs * n * qd), rnd(seqs * n * kd), rnd(seqs * n * kd));
+        let (kc0, vc0) = (rnd(seqs * cap * kd), rnd(seqs * cap * kd));
+        let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
+        let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
+        let a = be
+            .attention_cached_window(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh, Some(w))
+            .unwrap();
+        let b = attention_cached_portable_window(
+            &be,
+            &q,
+            &k,
+            &v,
+            &mut kc2,
+            &mut vc2,
+            &pos,
+            sh,
+            Some(w),
+        )
+        .unwrap();
+        assert_eq!(kc1, kc2);
+        assert_eq!(vc1, vc2);
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            err < 1e-5,
+            "{seqs}×{n} window {w} at {pos:?}: max |Δ| {err}"
+        );
+        // A ring too small for n + w − 1 whose positions wrap is refused.
+        let small = CacheShape {
+            cap: n + w - 2,
+            ..sh
+        };
+        let far = vec![small.cap; seqs];
+        let e = be
+            .attention_cached_window(&q, &k, &v, &mut kc1, &mut vc1, &far, small, Some(w))
+            .unwrap_err();
+        assert!(e.to_string().contains("KV cache full"), "{e}");
+    }
+}

@@ -107,3 +107,14 @@ fn tiny_llama3_stats_match_autograd() {
 fn tiny_qwen3_stats_match_autograd() {
     check_stats("tiny-qwen3");
 }
+
+/// Mistral with sliding_window 6 over sequences of 16 tokens: the window cuts.
+#[test]
+fn tiny_mistral_logits_match_transformers() {
+    check_logits("tiny-mistral");
+}
+
+#[test]
+fn tiny_mistral_stats_match_autograd() {
+    check_stats("tiny-mistral");
+}

@@ -96,6 +96,16 @@ fn compact_and_padded_exports_equal_zeroed_channels_qwen3() {
 }
 
 #[test]
+fn compact_export_equals_zeroed_channels_mistral() {
+    check_layout("tiny-mistral", ExportLayout::Compact);
+}
+
+#[test]
+fn padded_export_equals_zeroed_channels_mistral() {
+    check_layout("tiny-mistral", ExportLayout::Padded);
+}
+
+#[test]
 fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pruned");
@@ -296,9 +306,10 @@ fn cli_score_prune_eval_and_refusals() {
 }
 
 /// The exports stock transformers must load unchanged: tiny-qwen2 and
-/// tiny-qwen3 with the fixture's non-uniform keep sets zero-padded
-/// (`padded`), and tiny-llama3 and tiny-qwen3 with every layer keeping its
-/// even channels (uniform width, `compact`, stock config). Their files are committed under
+/// tiny-qwen3 and tiny-mistral with the fixture's non-uniform keep sets
+/// zero-padded (`padded`), and tiny-llama3, tiny-qwen3 and tiny-mistral
+/// with every layer keeping its even channels (uniform width, `compact`,
+/// stock config). Their files are committed under
 /// tests/fixtures/exports/ (written by this test with
 /// RKU_WRITE_EXPORT_FIXTURES=1), with the logits transformers computes from
 /// them (scripts/check_exports_transformers.py).
@@ -307,10 +318,17 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
     export_fixture_keep("tiny-qwen2", ExportLayout::Padded, &padded);
     let qwen3_padded = tmp.join("qwen3-padded");
     export_fixture_keep("tiny-qwen3", ExportLayout::Padded, &qwen3_padded);
-    let mut out = vec![("qwen2-padded", padded), ("qwen3-padded", qwen3_padded)];
+    let mistral_padded = tmp.join("mistral-padded");
+    export_fixture_keep("tiny-mistral", ExportLayout::Padded, &mistral_padded);
+    let mut out = vec![
+        ("qwen2-padded", padded),
+        ("qwen3-padded", qwen3_padded),
+        ("mistral-padded", mistral_padded),
+    ];
     for (name, src) in [
         ("llama3-uniform", "tiny-llama3"),
         ("qwen3-uniform", "tiny-qwen3"),
+        ("mistral-uniform", "tiny-mistral"),
     ] {
         out.push((name, uniform_export(src, &tmp.join(name))));
     }
@@ -373,6 +391,14 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
             cfg.raw.get("layer_intermediate_sizes").is_none(),
             "{name}: not a stock config"
         );
+        if name.starts_with("mistral") {
+            // Mistral's conventions survive the export.
+            let raw = &cfg.raw;
+            assert_eq!(raw["architectures"][0], "MistralForCausalLM", "{name}");
+            assert_eq!(raw["model_type"], "mistral", "{name}");
+            assert_eq!(raw["sliding_window"], 6, "{name}");
+            assert_eq!(cfg.sliding_window, Some(6), "{name}");
+        }
         // ... and the engine's logits equal transformers' on it.
         let r = load_reference(&committed.join("transformers_logits.safetensors"));
         let ids_t = &r["input_ids"];

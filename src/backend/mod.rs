@@ -337,6 +337,21 @@ pub trait Backend: Send + Sync {
         k: &Self::Buf,
         v: &Self::Buf,
         shape: AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        self.attention_fwd_window(q, k, v, shape, None)
+    }
+    /// `attention_fwd` with an optional sliding window W (Mistral's
+    /// `sliding_window`): the query at position i attends to the keys at
+    /// positions j with i − W < j ≤ i, itself and the W − 1 before it
+    /// (transformers' `sliding_window_causal_mask_function`). `None`, or a
+    /// window of at least t, is plain causal attention, bit for bit.
+    fn attention_fwd_window(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Self::Buf, Self::Buf)>;
     /// Gradients `(dq, dk, dv)` of `attention_fwd` given `dout`, recomputing
     /// probabilities from `lse`.
@@ -350,6 +365,21 @@ pub trait Backend: Send + Sync {
         out: &Self::Buf,
         lse: &Self::Buf,
         shape: AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        self.attention_bwd_window(dout, q, k, v, out, lse, shape, None)
+    }
+    /// Gradients of `attention_fwd_window` (the same `window`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd_window(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
 
     /// Attention of new queries against a KV cache (incremental decoding).
@@ -376,7 +406,30 @@ pub trait Backend: Send + Sync {
         pos: &[usize],
         shape: CacheShape,
     ) -> Result<Self::Buf> {
-        attention_cached_portable(self, q, k, v, k_cache, v_cache, pos, shape)
+        self.attention_cached_window(q, k, v, k_cache, v_cache, pos, shape, None)
+    }
+
+    /// `attention_cached` with an optional sliding window W (as
+    /// `attention_fwd_window`): new query i attends to positions
+    /// `max(0, pos[s]+i+1−W) ..= pos[s]+i`. The caches are rings: position
+    /// p lives in slot `p mod cap`, so with a window they need only
+    /// `cap ≥ n + W − 1` slots (the new rows, written first, then overwrite
+    /// no key a new query reads), whatever the positions; without one, or
+    /// while `pos[s] + n ≤ cap`, slot p is position p as in `attention_cached`
+    /// (`check_cache_window`). `None` is `attention_cached`, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached_window(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        pos: &[usize],
+        shape: CacheShape,
+        window: Option<usize>,
+    ) -> Result<Self::Buf> {
+        attention_cached_portable_window(self, q, k, v, k_cache, v_cache, pos, shape, window)
     }
 
     /// `h = silu(a) ⊙ b`, elementwise over `n` values.
@@ -563,6 +616,32 @@ pub fn check_gather(
     Ok(rows)
 }
 
+/// Refuses a sliding window of 0 keys (a query always attends to itself).
+pub fn check_window(window: Option<usize>) -> Result<()> {
+    if window == Some(0) {
+        return Err(crate::Error::Invalid(
+            "attention: a sliding window of 0 keys".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the arguments of `attention_cached_window` against its shape:
+/// every sequence either fits without wrapping (`pos[s] + n ≤ cap`) or,
+/// with a window W, the ring holds the new rows and the W − 1 keys before
+/// the first of them (`n + W − 1 ≤ cap`). A window of 0 is refused.
+pub fn check_cache_window(pos: &[usize], sh: CacheShape, window: Option<usize>) -> Result<()> {
+    let ring = match window {
+        None => false,
+        Some(0) => return check_window(window),
+        Some(w) => sh.n.saturating_add(w - 1) <= sh.cap,
+    };
+    if ring && pos.len() == sh.seqs {
+        return Ok(());
+    }
+    check_cache_call(pos, sh)
+}
+
 /// Checks the arguments of `attention_cached` against its shape.
 pub fn check_cache_call(pos: &[usize], sh: CacheShape) -> Result<()> {
     if pos.len() != sh.seqs {
@@ -599,7 +678,29 @@ pub fn attention_cached_portable<B: Backend + ?Sized>(
     pos: &[usize],
     sh: CacheShape,
 ) -> Result<B::Buf> {
-    check_cache_call(pos, sh)?;
+    attention_cached_portable_window(be, q, k, v, k_cache, v_cache, pos, sh, None)
+}
+
+/// `attention_cached_portable` with a sliding window over ring caches (the
+/// contract of `Backend::attention_cached_window`): sequence s runs as one
+/// `attention_fwd_window` over the positions `lo = max(0, pos[s]+1−W) ..
+/// pos[s]+n`, gathered from their slots.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached_portable_window<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    k_cache: &mut B::Buf,
+    v_cache: &mut B::Buf,
+    pos: &[usize],
+    sh: CacheShape,
+    window: Option<usize>,
+) -> Result<B::Buf> {
+    check_cache_window(pos, sh, window)?;
+    if window.is_some() {
+        return portable_ring(be, q, k, v, k_cache, v_cache, pos, sh, window);
+    }
     let (qd, kd, n) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim, sh.n);
     let (qh, kh, vh) = (be.download(q)?, be.download(k)?, be.download(v)?);
     let (mut kc, mut vc) = (be.download(k_cache)?, be.download(v_cache)?);
@@ -630,6 +731,62 @@ pub fn attention_cached_portable<B: Backend + ?Sized>(
             shape,
         )?;
         out[s * n * qd..(s + 1) * n * qd].copy_from_slice(&be.download(&o)?[p * qd..]);
+    }
+    be.upload(&out)
+}
+
+/// The windowed, ring-cache branch of `attention_cached_portable_window`.
+#[allow(clippy::too_many_arguments)]
+fn portable_ring<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    k_cache: &mut B::Buf,
+    v_cache: &mut B::Buf,
+    pos: &[usize],
+    sh: CacheShape,
+    window: Option<usize>,
+) -> Result<B::Buf> {
+    let (qd, kd, n) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim, sh.n);
+    let (qh, kh, vh) = (be.download(q)?, be.download(k)?, be.download(v)?);
+    let (mut kc, mut vc) = (be.download(k_cache)?, be.download(v_cache)?);
+    let slot = |s: usize, p: usize| (s * sh.cap + p % sh.cap) * kd;
+    for (s, &p) in pos.iter().enumerate() {
+        for i in 0..n {
+            let (at, from) = (slot(s, p + i), (s * n + i) * kd);
+            kc[at..at + kd].copy_from_slice(&kh[from..from + kd]);
+            vc[at..at + kd].copy_from_slice(&vh[from..from + kd]);
+        }
+    }
+    *k_cache = be.upload(&kc)?;
+    *v_cache = be.upload(&vc)?;
+    let mut out = vec![0f32; sh.seqs * n * qd];
+    for (s, &p) in pos.iter().enumerate() {
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let t = p + n - lo;
+        let mut qs = vec![0f32; t * qd];
+        qs[(p - lo) * qd..].copy_from_slice(&qh[s * n * qd..(s + 1) * n * qd]);
+        let (mut ks, mut vs) = (Vec::with_capacity(t * kd), Vec::with_capacity(t * kd));
+        for j in lo..p + n {
+            ks.extend_from_slice(&kc[slot(s, j)..slot(s, j) + kd]);
+            vs.extend_from_slice(&vc[slot(s, j)..slot(s, j) + kd]);
+        }
+        let shape = AttnShape {
+            seqs: 1,
+            t,
+            heads: sh.heads,
+            kv_heads: sh.kv_heads,
+            head_dim: sh.head_dim,
+        };
+        let (o, _) = be.attention_fwd_window(
+            &be.upload(&qs)?,
+            &be.upload(&ks)?,
+            &be.upload(&vs)?,
+            shape,
+            window,
+        )?;
+        out[s * n * qd..(s + 1) * n * qd].copy_from_slice(&be.download(&o)?[(p - lo) * qd..]);
     }
     be.upload(&out)
 }

@@ -258,8 +258,15 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         // (Qwen3: rope(qnorm(W_q u)), rope(knorm(W_k u)))
         let mut datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
         adapter_bwd(Proj::O, &acts.att, &dx, &mut datt)?;
-        let (mut dq, mut dk, dv) = be.attention_bwd(
-            &datt, &acts.q, &acts.k, &acts.v, &acts.att, &acts.lse, shape,
+        let (mut dq, mut dk, dv) = be.attention_bwd_window(
+            &datt,
+            &acts.q,
+            &acts.k,
+            &acts.v,
+            &acts.att,
+            &acts.lse,
+            shape,
+            c.sliding_window,
         )?;
         be.rope(
             &mut dq, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, true,

@@ -1,4 +1,4 @@
-//! `config.json` of a LLaMA-family, Qwen2 or Qwen3 model, as the runtime needs it.
+//! `config.json` of a LLaMA-family, Qwen2, Qwen3 or Mistral model, as the runtime needs it.
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -15,6 +15,9 @@ pub enum Arch {
     /// the projection and RoPE; `head_dim` explicit (128 when absent, as
     /// transformers' `Qwen3Config`).
     Qwen3,
+    /// `MistralForCausalLM`: LLaMA's layer (no biases) with an optional
+    /// sliding attention window (`sliding_window`, [`ModelConfig::sliding_window`]).
+    Mistral,
 }
 
 impl Arch {
@@ -23,6 +26,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
         }
     }
 }
@@ -55,6 +59,11 @@ pub struct ModelConfig {
     /// Per-head RMSNorm of q and k before RoPE (Qwen3's `q_norm`/`k_norm`).
     pub qk_norm: bool,
     pub max_positions: usize,
+    /// Mistral's sliding attention window W: the query at position i attends
+    /// to the keys at positions j with i − W < j ≤ i (itself and the W − 1
+    /// before it), as transformers' `sliding_window_causal_mask_function`.
+    /// `None`: plain causal attention (every other family).
+    pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The parsed JSON, kept so an export can copy every field it does not change.
@@ -110,6 +119,8 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
             return refuse(format!("`{key}`"));
         }
     }
+    // Only Mistral's `sliding_window` is implemented; Qwen2's
+    // `use_sliding_window` (a window on some layers only) is not.
     if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
         return refuse("use_sliding_window: true (sliding-window attention)".into());
     }
@@ -127,6 +138,11 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
             "attention_bias: true on a {} model (o_proj bias)",
             arch.hf_name()
         ));
+    }
+    // transformers' Mistral takes one window for every layer; per-layer
+    // `layer_types` (Ministral's alternation) is another model.
+    if arch == Arch::Mistral && raw.get("layer_types").is_some_and(|v| !v.is_null()) {
+        return refuse("`layer_types` on a Mistral model (per-layer attention types)".into());
     }
     Ok(())
 }
@@ -193,10 +209,11 @@ impl ModelConfig {
             "LlamaForCausalLM" | "llama" => Arch::Llama,
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
+            "MistralForCausalLM" | "mistral" => Arch::Mistral,
             other => {
                 return Err(Error::Unsupported(format!(
                     "{}: architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
-                     Qwen3ForCausalLM)",
+                     Qwen3ForCausalLM, MistralForCausalLM)",
                     path.display()
                 )))
             }
@@ -317,6 +334,20 @@ impl ModelConfig {
             "a positive integer",
             |v| v.as_u64().filter(|&n| n > 0),
         )?;
+        // Read for Mistral only: LLaMA, Qwen2 and Qwen3 configs carry a
+        // `sliding_window` their models do not use (Qwen2's and Qwen3's
+        // need `use_sliding_window`, refused above).
+        let sliding_window = match arch {
+            Arch::Mistral => opt(
+                &raw,
+                "sliding_window",
+                path,
+                "null or an integer ≥ 1",
+                |v| v.as_u64().filter(|&w| w >= 1),
+            )?
+            .map(|w| w.min(usize::MAX as u64) as usize),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => None,
+        };
         let bos_token_id = ids(&raw, "bos_token_id", path)?.first().copied();
         let eos_token_ids = ids(&raw, "eos_token_id", path)?;
         let cfg = Self {
@@ -335,6 +366,7 @@ impl ModelConfig {
             qkv_bias,
             qk_norm,
             max_positions: max_pos.unwrap_or(4096) as usize,
+            sliding_window,
             bos_token_id,
             eos_token_ids,
             raw,
@@ -578,5 +610,81 @@ mod tests {
             c["sliding_window"] = Value::Null;
         })
         .unwrap();
+    }
+
+    fn mistral(edit: impl FnOnce(&mut Value)) -> Result<ModelConfig> {
+        load(|c| {
+            c["architectures"] = json!(["MistralForCausalLM"]);
+            c["model_type"] = json!("mistral");
+            edit(c)
+        })
+    }
+
+    #[test]
+    fn mistral_reads_its_sliding_window() {
+        let c = mistral(|c| c["sliding_window"] = json!(6)).unwrap();
+        assert_eq!(
+            (c.arch, c.sliding_window, c.qkv_bias),
+            (Arch::Mistral, Some(6), false)
+        );
+        assert_eq!(c.arch.hf_name(), "MistralForCausalLM");
+        for v in [Value::Null, json!(null)] {
+            assert_eq!(
+                mistral(|c| c["sliding_window"] = v).unwrap().sliding_window,
+                None
+            );
+        }
+        assert_eq!(mistral(|_| {}).unwrap().sliding_window, None);
+        // model_type alone names the family too.
+        let c = load(|c| {
+            c.as_object_mut().unwrap().remove("architectures");
+            c["model_type"] = json!("mistral");
+            c["sliding_window"] = json!(1);
+        })
+        .unwrap();
+        assert_eq!((c.arch, c.sliding_window), (Arch::Mistral, Some(1)));
+    }
+
+    #[test]
+    fn hostile_sliding_windows_are_refused_by_name() {
+        for v in [
+            json!(0),
+            json!(-4),
+            json!(2.5),
+            json!("6"),
+            json!(true),
+            json!([6]),
+        ] {
+            let e = mistral(|c| c["sliding_window"] = v.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("sliding_window") && e.contains("cfg/config.json"),
+                "{v}: {e}"
+            );
+        }
+        let e = mistral(|c| c["layer_types"] = json!(["sliding_attention", "full_attention"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer_types") && e.contains("not implemented"),
+            "{e}"
+        );
+        // A Mistral config with `use_sliding_window: true` is refused as on the others.
+        assert!(mistral(|c| c["use_sliding_window"] = json!(true)).is_err());
+    }
+
+    #[test]
+    fn other_families_ignore_sliding_window() {
+        // Qwen2 configs carry `sliding_window` next to `use_sliding_window: false`.
+        for arch in ["LlamaForCausalLM", "Qwen2ForCausalLM"] {
+            let c = load(|c| {
+                c["architectures"] = json!([arch]);
+                c["sliding_window"] = json!(4096);
+                c["use_sliding_window"] = json!(false);
+            })
+            .unwrap();
+            assert_eq!(c.sliding_window, None, "{arch}");
+        }
     }
 }

@@ -19,6 +19,16 @@
 //! - Only each sequence's last real row goes through the final norm and
 //!   `lm_head`, so logits are `[seqs, vocab]` whatever the prompt lengths.
 //!
+//! - With a sliding window W (Mistral), the caches are rings of
+//!   `slots = min(cap, W + C − 1)` positions per sequence, C = min(W,
+//!   `WINDOW_CHUNK`): position p in slot p mod slots
+//!   (`Backend::attention_cached_window`), so a sequence's cache is bounded
+//!   by its window whatever its length. A call with more than C new tokens
+//!   (a long prompt) runs in chunks of at most C, each writing no slot a
+//!   query of the chunk still reads; a sequence whose tokens ran out feeds
+//!   its last token again as padding (length not advanced, as above), and
+//!   its logits come from the chunk that held its last real token.
+//!
 //! `retain` drops finished sequences from the batch. `generate` is greedy
 //! decoding on top: argmax of the logits (lowest id on ties), stopping at
 //! EOS ids, stop strings or a token budget. `generate_sampled` is the same
@@ -38,10 +48,14 @@ use std::time::Instant;
 
 /// Per-layer key/value caches of a batch of sequences.
 struct KvCache<B: Backend> {
-    k: Vec<B::Buf>, // per layer [seqs, cap, kv]
-    v: Vec<B::Buf>, // per layer [seqs, cap, kv]
+    k: Vec<B::Buf>, // per layer [seqs, slots, kv]
+    v: Vec<B::Buf>, // per layer [seqs, slots, kv]
     len: Vec<usize>,
 }
+
+/// Most new tokens per run under a sliding window (the C of the module
+/// doc, when the window is wider): the ring then holds W + C − 1 positions.
+const WINDOW_CHUNK: usize = 512;
 
 /// A batch of sequences being decoded with a KV cache.
 pub struct Decoder<'m, B: Backend> {
@@ -49,6 +63,10 @@ pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
     cache: KvCache<B>,
     cap: usize,
+    /// Cache slots per sequence: `cap`, or the ring under a sliding window.
+    slots: usize,
+    /// Most new tokens one run may take (unbounded unless the ring wraps).
+    chunk: usize,
     /// Host RoPE tables for positions 0..cap, `[cap, head_dim/2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -63,7 +81,14 @@ impl<'m, B: Backend> Decoder<'m, B> {
             )));
         }
         let c = &model.cfg;
-        let size = seqs * cap * c.kv_dim();
+        let (slots, chunk) = match c.sliding_window {
+            Some(w) if w.saturating_add(w.min(WINDOW_CHUNK)) <= cap => {
+                let chunk = w.min(WINDOW_CHUNK);
+                (w + chunk - 1, chunk)
+            }
+            _ => (cap, usize::MAX),
+        };
+        let size = seqs * slots * c.kv_dim();
         let mut k = Vec::with_capacity(c.layers);
         let mut v = Vec::with_capacity(c.layers);
         for _ in 0..c.layers {
@@ -91,6 +116,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 len: vec![0; seqs],
             },
             cap,
+            slots,
+            chunk,
             cos,
             sin,
         })
@@ -127,6 +154,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 self.cache.len[s], self.cap
             )));
         }
+        if n > self.chunk {
+            return self.extend_chunked(tokens, n);
+        }
         let x = self.run(&ids, n)?; // [seqs·n, d]
         for (len, t) in self.cache.len.iter_mut().zip(tokens) {
             *len += t.len();
@@ -143,7 +173,44 @@ impl<'m, B: Backend> Decoder<'m, B> {
             }
             be.upload(&rows)?
         };
-        let (z, _) = be.rmsnorm_fwd(&last, &self.model.norm, seqs, d, c.rms_eps as f32)?;
+        self.logits(&last)
+    }
+
+    /// `extend` of up to `n` tokens per sequence in runs of at most
+    /// `self.chunk` (the ring case of the module doc); arguments checked.
+    fn extend_chunked(&mut self, tokens: &[Vec<u32>], n: usize) -> Result<Vec<f32>> {
+        let (seqs, d) = (tokens.len(), self.model.cfg.hidden);
+        let mut last = vec![0f32; seqs * d];
+        let mut start = 0;
+        while start < n {
+            let m = (n - start).min(self.chunk);
+            let mut ids = Vec::with_capacity(seqs * m); // [seqs, m], right-padded
+            let mut real = Vec::with_capacity(seqs);
+            for t in tokens {
+                let part = &t[start.min(t.len())..(start + m).min(t.len())];
+                let pad = part.last().unwrap_or(&t[t.len() - 1]);
+                ids.extend_from_slice(part);
+                ids.extend(std::iter::repeat_n(*pad, m - part.len()));
+                real.push(part.len());
+            }
+            let host = self.be.download(&self.run(&ids, m)?)?; // [seqs·m, d]
+            for (s, t) in tokens.iter().enumerate() {
+                if real[s] > 0 && start + real[s] == t.len() {
+                    last[s * d..][..d].copy_from_slice(&host[(s * m + real[s] - 1) * d..][..d]);
+                }
+                self.cache.len[s] += real[s];
+            }
+            start += m;
+        }
+        let last = self.be.upload(&last)?;
+        self.logits(&last)
+    }
+
+    /// Logits `[seqs, vocab]` of the final residual rows `x` `[seqs, d]`.
+    fn logits(&self, last: &B::Buf) -> Result<Vec<f32>> {
+        let (be, c) = (self.be, &self.model.cfg);
+        let (seqs, d) = (self.cache.len.len(), c.hidden);
+        let (z, _) = be.rmsnorm_fwd(last, &self.model.norm, seqs, d, c.rms_eps as f32)?;
         let logits = be.linear(&z, self.model.lm_head(), None, seqs, d, c.vocab)?;
         be.download(&logits)
     }
@@ -163,7 +230,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         if !keep.contains(&false) {
             return Ok(());
         }
-        let per = self.cap * self.model.cfg.kv_dim(); // one sequence's cache
+        let per = self.slots * self.model.cfg.kv_dim(); // one sequence's cache
         for buf in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
             let host = self.be.download(buf)?;
             let kept: Vec<f32> = host
@@ -202,7 +269,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let shape = CacheShape {
             seqs: self.cache.len.len(),
             n,
-            cap: self.cap,
+            cap: self.slots,
             heads: c.heads,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
@@ -248,7 +315,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
         be.rope(&mut q, cos, sin, 1, rows, c.heads, c.head_dim, false)?;
         be.rope(&mut k, cos, sin, 1, rows, c.kv_heads, c.head_dim, false)?;
         let (kc, vc) = (&mut self.cache.k[l], &mut self.cache.v[l]);
-        let att = be.attention_cached(&q, &k, &v, kc, vc, &self.cache.len, shape)?; // [rows, q]
+        let (len, window) = (&self.cache.len, c.sliding_window);
+        let att = be.attention_cached_window(&q, &k, &v, kc, vc, len, shape, window)?; // [rows, q]
         let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
         be.add_assign(x, &o, rows * d)?; // x' = x + Attn
 

@@ -162,8 +162,15 @@ pub fn rope(
     y
 }
 
+/// First key of query i under a sliding window W (keys i−W < j ≤ i), 0 without one.
+pub fn window_start(window: Option<usize>, i: usize) -> usize {
+    window.map_or(0, |w| (i + 1).saturating_sub(w))
+}
+
 /// Softmax probabilities and log-sum-exp of query i of head h, sequence sq
-/// (the causal rows j ≤ i, scale 1/sqrt(hd), kv head h / (heads/kv_heads)).
+/// (the causal rows lo ≤ j ≤ i, scale 1/sqrt(hd), kv head h / (heads/kv_heads)),
+/// entry j − lo for key j.
+#[allow(clippy::too_many_arguments)]
 fn attention_probs(
     q: &[f64],
     k: &[f64],
@@ -171,11 +178,12 @@ fn attention_probs(
     sq: usize,
     h: usize,
     i: usize,
+    lo: usize,
 ) -> (Vec<f64>, f64) {
     let (t, hd) = (s.t, s.head_dim);
     let g = h / (s.heads / s.kv_heads);
     let qa = ((sq * t + i) * s.heads + h) * hd;
-    let scores: Vec<f64> = (0..=i)
+    let scores: Vec<f64> = (lo..=i)
         .map(|j| {
             let ka = ((sq * t + j) * s.kv_heads + g) * hd;
             (0..hd).map(|e| q[qa + e] * k[ka + e]).sum::<f64>() / (hd as f64).sqrt()
@@ -192,6 +200,17 @@ fn attention_probs(
 /// Causal GQA attention (q `[rows, heads·hd]`, k/v `[rows, kv_heads·hd]`,
 /// rows = seqs·t): `(out [rows, heads·hd], lse [seqs, heads, t])`.
 pub fn attention_fwd(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64>) {
+    attention_fwd_window(q, k, v, s, None)
+}
+
+/// `attention_fwd` with a sliding window: query i attends to keys i−W < j ≤ i.
+pub fn attention_fwd_window(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    s: AttnShape,
+    window: Option<usize>,
+) -> (Vec<f64>, Vec<f64>) {
     let (t, hd) = (s.t, s.head_dim);
     let mut out = vec![0.0; s.seqs * t * s.heads * hd];
     let mut lse = vec![0.0; s.seqs * s.heads * t];
@@ -199,10 +218,11 @@ pub fn attention_fwd(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>
         for h in 0..s.heads {
             let g = h / (s.heads / s.kv_heads);
             for i in 0..t {
-                let (p, l) = attention_probs(q, k, s, sq, h, i);
+                let lo = window_start(window, i);
+                let (p, l) = attention_probs(q, k, s, sq, h, i, lo);
                 lse[(sq * s.heads + h) * t + i] = l;
                 let qa = ((sq * t + i) * s.heads + h) * hd;
-                for (j, pj) in p.iter().enumerate() {
+                for (j, pj) in (lo..).zip(&p) {
                     let va = ((sq * t + j) * s.kv_heads + g) * hd;
                     for e in 0..hd {
                         out[qa + e] += pj * v[va + e];
@@ -224,6 +244,18 @@ pub fn attention_bwd(
     dout: &[f64],
     s: AttnShape,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    attention_bwd_window(q, k, v, dout, s, None)
+}
+
+/// Gradients of `attention_fwd_window`.
+pub fn attention_bwd_window(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    s: AttnShape,
+    window: Option<usize>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (t, hd) = (s.t, s.head_dim);
     let scale = 1.0 / (hd as f64).sqrt();
     let rows = s.seqs * t;
@@ -236,19 +268,20 @@ pub fn attention_bwd(
         for h in 0..s.heads {
             let g = h / (s.heads / s.kv_heads);
             for i in 0..t {
-                let (p, _) = attention_probs(q, k, s, sq, h, i);
+                let lo = window_start(window, i);
+                let (p, _) = attention_probs(q, k, s, sq, h, i, lo);
                 let qa = ((sq * t + i) * s.heads + h) * hd;
                 let ka = |j: usize| ((sq * t + j) * s.kv_heads + g) * hd;
-                let dp: Vec<f64> = (0..=i)
+                let dp: Vec<f64> = (lo..=i)
                     .map(|j| (0..hd).map(|e| dout[qa + e] * v[ka(j) + e]).sum())
                     .collect();
-                let di: f64 = (0..=i).map(|j| p[j] * dp[j]).sum();
-                for j in 0..=i {
-                    let ds = p[j] * (dp[j] - di);
+                let di: f64 = (0..p.len()).map(|x| p[x] * dp[x]).sum();
+                for (x, j) in (lo..=i).enumerate() {
+                    let ds = p[x] * (dp[x] - di);
                     for e in 0..hd {
                         dq[qa + e] += scale * ds * k[ka(j) + e];
                         dk[ka(j) + e] += scale * ds * q[qa + e];
-                        dv[ka(j) + e] += p[j] * dout[qa + e];
+                        dv[ka(j) + e] += p[x] * dout[qa + e];
                     }
                 }
             }

@@ -7,6 +7,11 @@
 //! product at long t). For one (sequence, head, block):
 //!   S = scale·Q_{i0..i1} K_{0..L}ᵀ  `[i1−i0, L]`, row i masked past column i,
 //!   lse_i = log Σ_{j≤i} exp S_ij,  P = exp(S − lse),  O_{i0..i1} = P V_{0..L}.
+//! With a sliding window W (`forward_window`, `backward_window`; only when
+//! W < t, a wider window being plain causal attention), query i attends to
+//! keys i−W < j ≤ i, and the block's keys start at k0 = max(0, i0+1−W): S is
+//! `[i1−i0, i1−k0]`, row i also masked before column i+1−W, so memory and
+//! work are O(t·(W + QUERY_BLOCK)) rather than O(t²).
 use super::matmul::{gemm_into, Mat};
 use super::mem::written_by;
 use super::simd::{self, Isa};
@@ -40,19 +45,38 @@ struct Block {
     g: usize,
     i0: usize,
     i1: usize,
+    /// First key of the block (0 without a window).
+    k0: usize,
+    window: Option<usize>,
 }
 
 impl Block {
     /// The `b`-th query block of (sequence, head) `sh_job` = seq·heads + h.
-    fn new(sh: AttnShape, sh_job: usize, b: usize) -> Block {
+    fn new(sh: AttnShape, sh_job: usize, b: usize, window: Option<usize>) -> Block {
         let (seq, h) = (sh_job / sh.heads, sh_job % sh.heads);
+        let i0 = b * QUERY_BLOCK;
         Block {
             seq,
             h,
             g: h / (sh.heads / sh.kv_heads),
-            i0: b * QUERY_BLOCK,
+            i0,
             i1: ((b + 1) * QUERY_BLOCK).min(sh.t),
+            k0: window.map_or(0, |w| (i0 + 1).saturating_sub(w)),
+            window,
         }
+    }
+
+    /// Keys of the block, k0..i1.
+    fn keys(self) -> usize {
+        self.i1 - self.k0
+    }
+
+    /// Columns `lo..hi` of the block's score row r (query i0 + r) that it
+    /// attends to: keys max(0, i+1−W)..=i, relative to k0.
+    fn valid(self, r: usize) -> (usize, usize) {
+        let i = self.i0 + r;
+        let lo = self.window.map_or(0, |w| (i + 1).saturating_sub(w));
+        (lo - self.k0, i + 1 - self.k0)
     }
 
     /// Offset of (row i0, head h) in a `[seqs·t, heads·hd]` buffer.
@@ -63,6 +87,11 @@ impl Block {
     /// Offset of (row 0 of the sequence, kv head g) in a `[seqs·t, kv_heads·hd]` buffer.
     fn kv_off(self, sh: AttnShape) -> usize {
         self.seq * sh.t * sh.kv_heads * sh.head_dim + self.g * sh.head_dim
+    }
+
+    /// Offset of (row k0 of the sequence, kv head g) in a `[seqs·t, kv_heads·hd]` buffer.
+    fn k0_off(self, sh: AttnShape) -> usize {
+        self.kv_off(sh) + self.k0 * sh.kv_heads * sh.head_dim
     }
 }
 
@@ -84,12 +113,12 @@ fn view_t(data: &[f32], off: usize, row_stride: usize) -> Mat {
     }
 }
 
-/// `S = scale·Q_{i0..i1} K_{0..i1}ᵀ` of block `b`, `[i1−i0, i1]`.
+/// `S = scale·Q_{i0..i1} K_{k0..i1}ᵀ` of block `b`, `[i1−i0, i1−k0]`.
 fn block_scores(q: &[f32], k: &[f32], sh: AttnShape, b: Block) -> Vec<f32> {
-    let (m, l, hd) = (b.i1 - b.i0, b.i1, sh.head_dim);
+    let (m, l, hd) = (b.i1 - b.i0, b.keys(), sh.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
     // SAFETY: q holds rows i0..i1 of the sequence from q_off, k its rows
-    // 0..l from kv_off (row strides heads·hd, kv_heads·hd); gemm writes
+    // k0..i1 from k0_off (row strides heads·hd, kv_heads·hd); gemm writes
     // all m×l values.
     unsafe {
         written_by(m * l, |s| {
@@ -100,7 +129,7 @@ fn block_scores(q: &[f32], k: &[f32], sh: AttnShape, b: Block) -> Vec<f32> {
                 s,
                 l,
                 view(q, b.q_off(sh), sh.heads * hd),
-                view_t(k, b.kv_off(sh), sh.kv_heads * hd),
+                view_t(k, b.k0_off(sh), sh.kv_heads * hd),
                 scale,
                 false,
                 Parallelism::None,
@@ -111,7 +140,25 @@ fn block_scores(q: &[f32], k: &[f32], sh: AttnShape, b: Block) -> Vec<f32> {
 
 /// Causal attention (see the module doc): returns `(out, lse)`, one task
 /// per (sequence, head, query block).
+#[cfg(test)]
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    forward_window(q, k, v, sh, None)
+}
+
+/// A window that cuts: `Some(w)` with w < t (a wider one changes nothing).
+fn cutting(window: Option<usize>, t: usize) -> Option<usize> {
+    window.filter(|&w| w < t)
+}
+
+/// [`forward`] with a sliding window (see the module doc).
+pub fn forward_window(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: AttnShape,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>) {
+    let window = cutting(window, sh.t);
     let (t, hd) = (sh.t, sh.head_dim);
     let (qd, kd) = (sh.heads * hd, sh.kv_heads * hd);
     let blocks = t.div_ceil(QUERY_BLOCK);
@@ -119,15 +166,18 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
     let mut lse = vec![0f32; sh.seqs * sh.heads * t];
     let lptr = SendPtr(lse.as_mut_ptr());
     let job = |optr: SendPtr, job: usize| {
-        let b = Block::new(sh, job / blocks, job % blocks);
-        let (m, l) = (b.i1 - b.i0, b.i1);
+        let b = Block::new(sh, job / blocks, job % blocks, window);
+        let (m, l) = (b.i1 - b.i0, b.keys());
         let mut s = block_scores(q, k, sh, b);
         // SAFETY: lse rows (seq, h, i0..i1) belong to this job alone.
         let lse_rows = unsafe {
             std::slice::from_raw_parts_mut(lptr.at((b.seq * sh.heads + b.h) * t + b.i0), m)
         };
         for (r, (row, lse_r)) in s.chunks_mut(l).zip(lse_rows).enumerate() {
-            let (p, masked) = row.split_at_mut(b.i0 + r + 1);
+            let (lo, hi) = b.valid(r);
+            let (p, masked) = row.split_at_mut(hi);
+            let (before, p) = p.split_at_mut(lo);
+            before.fill(0.0);
             let max = simd::max(isa, p);
             let sum = simd::exp_sum(isa, p, max);
             let inv = 1.0 / sum;
@@ -135,7 +185,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
             masked.fill(0.0);
             *lse_r = max + sum.ln();
         }
-        // SAFETY: P is m×l; v holds rows 0..l of the sequence from kv_off;
+        // SAFETY: P is m×l; v holds rows k0..i1 of the sequence from k0_off;
         // the job writes the disjoint block (rows i0..i1, head h) of out.
         unsafe {
             gemm_into(
@@ -145,7 +195,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
                 optr.at(b.q_off(sh)),
                 qd,
                 Mat::rows(&s, l),
-                view(v, b.kv_off(sh), kd),
+                view(v, b.k0_off(sh), kd),
                 1.0,
                 false,
                 Parallelism::None,
@@ -171,6 +221,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> (Vec<f32>, Vec
 /// columns of dQ and returns its head's dK_h, dV_h (`[t, hd]`), which are
 /// then summed over the heads sharing a kv head (heads never race, and
 /// there are `heads`, not `kv_heads`, tasks per sequence to share out).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dout: &[f32],
@@ -181,6 +232,23 @@ pub fn backward(
     lse: &[f32],
     sh: AttnShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    backward_window(dout, q, k, v, out, lse, sh, None)
+}
+
+/// [`backward`] of [`forward_window`]: the same products over each block's
+/// keys k0..i1, scores outside the window masked to 0.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_window(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    sh: AttnShape,
+    window: Option<usize>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let window = cutting(window, sh.t);
     let (t, hd) = (sh.t, sh.head_dim);
     let (qd, kd) = (sh.heads * hd, sh.kv_heads * hd);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -188,27 +256,30 @@ pub fn backward(
     let job = |dqp: SendPtr, sh_job: usize| -> (Vec<f32>, Vec<f32>) {
         let (mut dk_h, mut dv_h) = (vec![0f32; t * hd], vec![0f32; t * hd]);
         for blk in 0..t.div_ceil(QUERY_BLOCK) {
-            let b = Block::new(sh, sh_job, blk);
-            let (m, l) = (b.i1 - b.i0, b.i1);
-            let (q_off, kv_off) = (b.q_off(sh), b.kv_off(sh));
+            let b = Block::new(sh, sh_job, blk, window);
+            let (m, l) = (b.i1 - b.i0, b.keys());
+            let (q_off, kv_off) = (b.q_off(sh), b.k0_off(sh));
             let lse_rows = &lse[(b.seq * sh.heads + b.h) * t + b.i0..][..m];
             let mut p = block_scores(q, k, sh, b);
             for (r, row) in p.chunks_mut(l).enumerate() {
-                let (valid, masked) = row.split_at_mut(b.i0 + r + 1);
+                let (lo, hi) = b.valid(r);
+                let (valid, masked) = row.split_at_mut(hi);
+                let (before, valid) = valid.split_at_mut(lo);
+                before.fill(0.0);
                 simd::exp_sum(isa, valid, lse_rows[r]);
                 masked.fill(0.0);
             }
             // SAFETY (all products): views cover the rows i0..i1 (q, dout,
-            // dq) or 0..l (k, v) of the sequence at the documented strides;
-            // p and ds are m×l, dk_h and dv_h t×hd; this job alone writes
-            // head h's columns of dq.
+            // dq) or k0..i1 (k, v) of the sequence at the documented strides;
+            // p and ds are m×l, dk_h and dv_h t×hd (rows k0..i1 written);
+            // this job alone writes head h's columns of dq.
             let mut ds = unsafe {
-                // dV_h[0..l] += Pᵀ dO
+                // dV_h[k0..i1] += Pᵀ dO
                 gemm_into(
                     l,
                     hd,
                     m,
-                    dv_h.as_mut_ptr(),
+                    dv_h.as_mut_ptr().add(b.k0 * hd),
                     hd,
                     Mat::rows_t(&p, l),
                     view(dout, q_off, qd),
@@ -236,11 +307,12 @@ pub fn backward(
                 let o = &out[q_off + r * qd..][..hd];
                 let d = &dout[q_off + r * qd..][..hd];
                 let delta = simd::dot(isa, o, d);
-                let valid = b.i0 + r + 1;
-                for (x, &pv) in ds_row[..valid].iter_mut().zip(&p_row[..valid]) {
+                let (lo, hi) = b.valid(r);
+                ds_row[..lo].fill(0.0);
+                for (x, &pv) in ds_row[lo..hi].iter_mut().zip(&p_row[lo..hi]) {
                     *x = pv * (*x - delta);
                 }
-                ds_row[valid..].fill(0.0);
+                ds_row[hi..].fill(0.0);
             }
             unsafe {
                 // dQ_h = scale·dS K
@@ -256,12 +328,12 @@ pub fn backward(
                     false,
                     Parallelism::None,
                 );
-                // dK_h[0..l] += scale·dSᵀ Q
+                // dK_h[k0..i1] += scale·dSᵀ Q
                 gemm_into(
                     l,
                     hd,
                     m,
-                    dk_h.as_mut_ptr(),
+                    dk_h.as_mut_ptr().add(b.k0 * hd),
                     hd,
                     Mat::rows_t(&ds, l),
                     view(q, q_off, qd),
@@ -286,7 +358,7 @@ pub fn backward(
     };
     let (mut dk, mut dv) = (vec![0f32; k.len()], vec![0f32; v.len()]);
     for (sh_job, (dk_h, dv_h)) in per_head.iter().enumerate() {
-        let b = Block::new(sh, sh_job, 0);
+        let b = Block::new(sh, sh_job, 0, None);
         for i in 0..t {
             let at = b.kv_off(sh) + i * kd;
             simd::axpy(isa, &mut dk[at..at + hd], 1.0, &dk_h[i * hd..][..hd]);

@@ -5,6 +5,11 @@
 //! reading kv head g = h / (heads/kv_heads):
 //!   S = scale·Q_new K_{0..L}ᵀ  `[n, L]`, row i masked beyond column p+i,
 //!   P = softmax(S) per row,  O = P V_{0..L}  `[n, hd]`.
+//! With a sliding window W row i also masks the columns before p+i+1−W,
+//! and the caches are rings (position j in slot j mod cap, the contract of
+//! `Backend::attention_cached_window`): only the positions
+//! max(0, p+1−W)..L are read, gathered into a contiguous copy when their
+//! slots wrap.
 //! Decoding steps (n ≤ `DIRECT_MAX_N`) compute each (query, head) directly
 //! with vector dot products and axpys over the cached rows; longer calls
 //! (prefill) run one (sequence, head) per rayon task with gemm for both
@@ -29,7 +34,7 @@ impl SendPtr {
 }
 
 /// Writes the new rows into the caches, then attends (see the module doc).
-/// Arguments are checked by the caller (`check_cache_call`).
+/// Arguments are checked by the caller (`check_cache_window`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_cached(
     q: &[f32],
@@ -39,23 +44,44 @@ pub fn attention_cached(
     v_cache: &mut [f32],
     pos: &[usize],
     sh: CacheShape,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let (n, kd) = (sh.n, sh.kv_heads * sh.head_dim);
     for (s, &p) in pos.iter().enumerate() {
-        let at = (s * sh.cap + p) * kd;
-        k_cache[at..at + n * kd].copy_from_slice(&k[s * n * kd..(s + 1) * n * kd]);
-        v_cache[at..at + n * kd].copy_from_slice(&v[s * n * kd..(s + 1) * n * kd]);
+        if p + n <= sh.cap {
+            let at = (s * sh.cap + p) * kd;
+            k_cache[at..at + n * kd].copy_from_slice(&k[s * n * kd..(s + 1) * n * kd]);
+            v_cache[at..at + n * kd].copy_from_slice(&v[s * n * kd..(s + 1) * n * kd]);
+        } else {
+            for i in 0..n {
+                let (at, from) = ((s * sh.cap + (p + i) % sh.cap) * kd, (s * n + i) * kd);
+                k_cache[at..at + kd].copy_from_slice(&k[from..from + kd]);
+                v_cache[at..at + kd].copy_from_slice(&v[from..from + kd]);
+            }
+        }
     }
     if n <= DIRECT_MAX_N {
-        attend_direct(q, k_cache, v_cache, pos, sh)
+        attend_direct(q, k_cache, v_cache, pos, sh, window)
     } else {
-        attend_gemm(q, k_cache, v_cache, pos, sh)
+        attend_gemm(q, k_cache, v_cache, pos, sh, window)
     }
+}
+
+/// First position query position `lim` attends to under `window`.
+fn first_key(window: Option<usize>, lim: usize) -> usize {
+    window.map_or(0, |w| (lim + 1).saturating_sub(w))
 }
 
 /// Attention of the new queries, one (sequence, head) per rayon task with
 /// gemm for both products (see the module doc).
-fn attend_gemm(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape) -> Vec<f32> {
+fn attend_gemm(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos: &[usize],
+    sh: CacheShape,
+    window: Option<usize>,
+) -> Vec<f32> {
     let (n, hd) = (sh.n, sh.head_dim);
     let (qd, kd) = (sh.heads * hd, sh.kv_heads * hd);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -65,8 +91,24 @@ fn attend_gemm(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape)
     (0..sh.seqs * sh.heads).into_par_iter().for_each(|job| {
         let (s, h) = (job / sh.heads, job % sh.heads);
         let (p, g) = (pos[s], h / group);
-        let l = p + n;
-        let kv_off = s * sh.cap * kd + g * hd;
+        // Positions lo..p+n, at slots lo mod cap onwards unless they wrap,
+        // when they are gathered into contiguous rows of hd.
+        let lo = first_key(window, p);
+        let l = p + n - lo;
+        let kv_head = s * sh.cap * kd + g * hd;
+        let gathered = (lo % sh.cap + l > sh.cap).then(|| {
+            let (mut ks, mut vs) = (Vec::with_capacity(l * hd), Vec::with_capacity(l * hd));
+            for j in lo..p + n {
+                let at = kv_head + (j % sh.cap) * kd;
+                ks.extend_from_slice(&kc[at..at + hd]);
+                vs.extend_from_slice(&vc[at..at + hd]);
+            }
+            (ks, vs)
+        });
+        let (kbuf, vbuf, kv_off, stride) = match &gathered {
+            Some((ks, vs)) => (&ks[..], &vs[..], 0, hd),
+            None => (kc, vc, kv_head + (lo % sh.cap) * kd, kd),
+        };
         let q_off = s * n * qd + h * hd;
         let mut sc = vec![0f32; n * l];
         let qp = Mat {
@@ -75,12 +117,13 @@ fn attend_gemm(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape)
             cs: 1,
         };
         let kt = Mat {
-            ptr: kc[kv_off..].as_ptr(),
+            ptr: kbuf[kv_off..].as_ptr(),
             rs: 1,
-            cs: kd as isize,
+            cs: stride as isize,
         };
-        // SAFETY: q holds n rows of qd values from q_off, the cache l ≤ cap
-        // rows of kd values from kv_off; sc is n×l.
+        // SAFETY: q holds n rows of qd values from q_off, kbuf l rows of
+        // `stride` values from kv_off (the cache's l ≤ cap rows, or their
+        // gathered copy); sc is n×l.
         unsafe {
             gemm_into(
                 n,
@@ -96,7 +139,10 @@ fn attend_gemm(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape)
             )
         };
         for (i, row) in sc.chunks_mut(l).enumerate() {
-            let valid = p + i + 1;
+            let (from, valid) = (first_key(window, p + i) - lo, p + i + 1 - lo);
+            row[..from].fill(0.0);
+            let row = &mut row[from..];
+            let valid = valid - from;
             let max = row[..valid]
                 .iter()
                 .cloned()
@@ -111,12 +157,12 @@ fn attend_gemm(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape)
             row[valid..].fill(0.0);
         }
         let vp = Mat {
-            ptr: vc[kv_off..].as_ptr(),
-            rs: kd as isize,
+            ptr: vbuf[kv_off..].as_ptr(),
+            rs: stride as isize,
             cs: 1,
         };
         // SAFETY: each job writes the disjoint column block h of the n rows
-        // of sequence s; v views l rows of kd values from kv_off.
+        // of sequence s; v views l rows of `stride` values from kv_off.
         unsafe {
             gemm_into(
                 n,
@@ -146,7 +192,14 @@ const DIRECT_PAR_MIN: usize = 1 << 17;
 /// `s_j = scale·q·K_j` for j < L_i = pos[s] + i + 1, then
 /// `o = Σ_j softmax(s)_j V_j`. One task per (row, head) writes the
 /// disjoint `[hd]` block of the output.
-fn attend_direct(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShape) -> Vec<f32> {
+fn attend_direct(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos: &[usize],
+    sh: CacheShape,
+    window: Option<usize>,
+) -> Vec<f32> {
     let (n, hd) = (sh.n, sh.head_dim);
     let (qd, kd) = (sh.heads * hd, sh.kv_heads * hd);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -157,15 +210,17 @@ fn attend_direct(q: &[f32], kc: &[f32], vc: &[f32], pos: &[usize], sh: CacheShap
         let (row, h) = (jh / sh.heads, jh % sh.heads);
         let (s, i) = (row / n, row % n);
         let l = pos[s] + i + 1;
+        let lo = first_key(window, l - 1);
         let kv = s * sh.cap * kd + (h / group) * hd;
+        let at = |j: usize| kv + (j % sh.cap) * kd; // ring slot of position j
         let qh = &q[row * qd + h * hd..][..hd];
-        let mut sc: Vec<f32> = (0..l)
-            .map(|j| scale * simd::dot(isa, qh, &kc[kv + j * kd..][..hd]))
+        let mut sc: Vec<f32> = (lo..l)
+            .map(|j| scale * simd::dot(isa, qh, &kc[at(j)..][..hd]))
             .collect();
         let max = simd::max(isa, &sc);
         let inv = 1.0 / simd::exp_sum(isa, &mut sc, max);
-        for (j, &p) in sc.iter().enumerate() {
-            simd::axpy(isa, o, p * inv, &vc[kv + j * kd..][..hd]);
+        for (j, &p) in (lo..).zip(&sc) {
+            simd::axpy(isa, o, p * inv, &vc[at(j)..][..hd]);
         }
     };
     let longest = pos.iter().max().unwrap_or(&0) + n;
@@ -203,8 +258,8 @@ mod tests {
             let (qd, kd) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
             let q = rnd(sh.seqs * n * qd);
             let (kc, vc) = (rnd(sh.seqs * sh.cap * kd), rnd(sh.seqs * sh.cap * kd));
-            let a = attend_direct(&q, &kc, &vc, &pos, sh);
-            let b = attend_gemm(&q, &kc, &vc, &pos, sh);
+            let a = attend_direct(&q, &kc, &vc, &pos, sh, None);
+            let b = attend_gemm(&q, &kc, &vc, &pos, sh, None);
             let err = a
                 .iter()
                 .zip(&b)

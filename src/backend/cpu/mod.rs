@@ -13,8 +13,8 @@ mod optim;
 mod simd;
 
 use super::{
-    check_cache_call, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial, LinearPart,
-    MatMul, NormalEquations,
+    check_cache_window, check_window, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
+    LinearPart, MatMul, NormalEquations,
 };
 use crate::quant::BlockMatrix;
 use crate::Result;
@@ -235,17 +235,19 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_fwd(
+    fn attention_fwd_window(
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
         shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok(attention::forward(q, k, v, shape))
+        check_window(window)?;
+        Ok(attention::forward_window(q, k, v, shape, window))
     }
 
-    fn attention_bwd(
+    fn attention_bwd_window(
         &self,
         dout: &Vec<f32>,
         q: &Vec<f32>,
@@ -254,11 +256,15 @@ impl Backend for CpuBackend {
         out: &Vec<f32>,
         lse: &Vec<f32>,
         shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(attention::backward(dout, q, k, v, out, lse, shape))
+        check_window(window)?;
+        Ok(attention::backward_window(
+            dout, q, k, v, out, lse, shape, window,
+        ))
     }
 
-    fn attention_cached(
+    fn attention_cached_window(
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,
@@ -267,10 +273,11 @@ impl Backend for CpuBackend {
         v_cache: &mut Vec<f32>,
         pos: &[usize],
         shape: CacheShape,
+        window: Option<usize>,
     ) -> Result<Vec<f32>> {
-        check_cache_call(pos, shape)?;
+        check_cache_window(pos, shape, window)?;
         Ok(decode::attention_cached(
-            q, k, v, k_cache, v_cache, pos, shape,
+            q, k, v, k_cache, v_cache, pos, shape, window,
         ))
     }
 

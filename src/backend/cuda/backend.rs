@@ -9,7 +9,7 @@ use super::buf::DevBuf;
 use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
 use crate::backend::{
-    check_cache_call, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
+    check_cache_window, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
     GatherAxis, MatMul, NormalEquations,
 };
 use crate::{Error, Result};
@@ -364,12 +364,13 @@ impl<D: Device> Backend for CudaBackend<D> {
         )
     }
 
-    fn attention_fwd(
+    fn attention_fwd_window(
         &self,
         q: &Self::Buf,
         k_: &Self::Buf,
         v: &Self::Buf,
         shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Self::Buf, Self::Buf)> {
         let (out, lse) = (
             DevBuf::alloc(
@@ -378,11 +379,11 @@ impl<D: Device> Backend for CudaBackend<D> {
             )?,
             DevBuf::alloc(&self.dev, shape.seqs * shape.heads * shape.t)?,
         );
-        k::attention_fwd(&self.dev, q, k_, v, &out, &lse, shape)?;
+        k::attention_fwd_window(&self.dev, q, k_, v, &out, &lse, shape, window)?;
         Ok((out, lse))
     }
 
-    fn attention_bwd(
+    fn attention_bwd_window(
         &self,
         dout: &Self::Buf,
         q: &Self::Buf,
@@ -391,18 +392,21 @@ impl<D: Device> Backend for CudaBackend<D> {
         out: &Self::Buf,
         lse: &Self::Buf,
         shape: AttnShape,
+        window: Option<usize>,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
         let rows = shape.seqs * shape.t;
         let dq = DevBuf::alloc(&self.dev, rows * shape.heads * shape.head_dim)?;
         let dk = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
         let dv = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
-        k::attention_bwd(&self.dev, dout, q, k_, v, out, lse, &dq, &dk, &dv, shape)?;
+        k::attention_bwd_window(
+            &self.dev, dout, q, k_, v, out, lse, &dq, &dk, &dv, shape, window,
+        )?;
         Ok((dq, dk, dv))
     }
 
     /// Native: the new rows are appended on the device and each new query
     /// reads only its sequence's live cache rows (attention_decode.cu).
-    fn attention_cached(
+    fn attention_cached_window(
         &self,
         q: &Self::Buf,
         k_: &Self::Buf,
@@ -411,15 +415,16 @@ impl<D: Device> Backend for CudaBackend<D> {
         v_cache: &mut Self::Buf,
         pos: &[usize],
         shape: CacheShape,
+        window: Option<usize>,
     ) -> Result<Self::Buf> {
-        check_cache_call(pos, shape)?;
+        check_cache_window(pos, shape, window)?;
         let out = DevBuf::alloc(
             &self.dev,
             shape.seqs * shape.n * shape.heads * shape.head_dim,
         )?;
-        let split = k::decode_split(shape, pos);
-        k::attention_cached(
-            &self.dev, q, k_, v, k_cache, v_cache, pos, &out, shape, split,
+        let split = k::decode_split_window(shape, pos, window);
+        k::attention_cached_window(
+            &self.dev, q, k_, v, k_cache, v_cache, pos, &out, shape, split, window,
         )?;
         Ok(out)
     }

@@ -51,13 +51,23 @@ fn attn_cfg(s: AttnShape, heads: usize, shmem_floats: usize) -> LaunchCfg {
     }
 }
 
-/// The trailing `int t, int heads, int kv_heads, int head_dim` every
-/// attention.cu kernel takes.
-fn attn_dims<D: Device>(l: Launch<'_, D>, s: AttnShape) -> Launch<'_, D> {
+/// The trailing `int t, int heads, int kv_heads, int head_dim, int window`
+/// every attention.cu kernel takes; the window is passed as min(W, t), t
+/// without one (attention.cu: the same as causal).
+fn attn_dims<D: Device>(l: Launch<'_, D>, s: AttnShape, window: Option<usize>) -> Launch<'_, D> {
     l.int(s.t, "t")
         .int(s.heads, "heads")
         .int(s.kv_heads, "kv_heads")
         .int(s.head_dim, "head_dim")
+        .int(window.map_or(s.t, |w| w.min(s.t)), "window")
+}
+
+/// Refuses a window of 0 keys.
+fn window_check<D: Device>(dev: &D, window: Option<usize>) -> Result<()> {
+    if window == Some(0) {
+        return Err(bad(dev, "attention: a sliding window of 0 keys".into()));
+    }
+    Ok(())
 }
 
 /// attention.cu `attention_fwd_f32`: causal GQA attention, `out [rows, H·hd]`,
@@ -71,7 +81,23 @@ pub fn attention_fwd<D: Device>(
     lse: &DevBuf<D, f32>,
     s: AttnShape,
 ) -> Result<()> {
+    attention_fwd_window(dev, q, k, v, out, lse, s, None)
+}
+
+/// [`attention_fwd`] with a sliding window (`Backend::attention_fwd_window`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_window<D: Device>(
+    dev: &D,
+    q: &DevBuf<D, f32>,
+    k: &DevBuf<D, f32>,
+    v: &DevBuf<D, f32>,
+    out: &DevBuf<D, f32>,
+    lse: &DevBuf<D, f32>,
+    s: AttnShape,
+    window: Option<usize>,
+) -> Result<()> {
     attn_check(dev, s)?;
+    window_check(dev, window)?;
     let (rows, hd) = (s.seqs * s.t, s.head_dim);
     // K and V tiles (rows padded to hd+1) and each warp's query row.
     let shmem = 2 * ATTN_TILE * (hd + 1) + ATTN_WARPS as usize * hd;
@@ -81,7 +107,7 @@ pub fn attention_fwd<D: Device>(
         .buf(v, rows * s.kv_heads * hd, "attention v")
         .buf(out, rows * s.heads * hd, "attention out")
         .buf(lse, rows * s.heads, "attention lse");
-    attn_dims(l, s).run_if(rows > 0, "attention_fwd_f32", attn_cfg(s, s.heads, shmem))
+    attn_dims(l, s, window).run_if(rows > 0, "attention_fwd_f32", attn_cfg(s, s.heads, shmem))
 }
 
 /// attention.cu `attention_bwd_dq_f32` (which also writes `delta =
@@ -100,7 +126,27 @@ pub fn attention_bwd<D: Device>(
     dv: &DevBuf<D, f32>,
     s: AttnShape,
 ) -> Result<()> {
+    attention_bwd_window(dev, dout, q, k, v, out, lse, dq, dk, dv, s, None)
+}
+
+/// [`attention_bwd`] of [`attention_fwd_window`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_window<D: Device>(
+    dev: &D,
+    dout: &DevBuf<D, f32>,
+    q: &DevBuf<D, f32>,
+    k: &DevBuf<D, f32>,
+    v: &DevBuf<D, f32>,
+    out: &DevBuf<D, f32>,
+    lse: &DevBuf<D, f32>,
+    dq: &DevBuf<D, f32>,
+    dk: &DevBuf<D, f32>,
+    dv: &DevBuf<D, f32>,
+    s: AttnShape,
+    window: Option<usize>,
+) -> Result<()> {
     attn_check(dev, s)?;
+    window_check(dev, window)?;
     let (rows, hd) = (s.seqs * s.t, s.head_dim);
     let (qn, kvn) = (rows * s.heads * hd, rows * s.kv_heads * hd);
     let delta = DevBuf::<D, f32>::alloc(dev, rows * s.heads)?;
@@ -114,7 +160,7 @@ pub fn attention_bwd<D: Device>(
         .buf(lse, rows * s.heads, "attention lse")
         .buf(&delta, rows * s.heads, "attention delta")
         .buf(dq, qn, "dq");
-    let dq_pass = attn_dims(dq_pass, s).checked()?;
+    let dq_pass = attn_dims(dq_pass, s, window).checked()?;
     let dkv_pass = Launch::new(dev)
         .buf(dout, qn, "dout")
         .buf(q, qn, "q")
@@ -124,7 +170,7 @@ pub fn attention_bwd<D: Device>(
         .buf(&delta, rows * s.heads, "attention delta")
         .buf(dk, kvn, "dk")
         .buf(dv, kvn, "dv");
-    let dkv_pass = attn_dims(dkv_pass, s).checked()?;
+    let dkv_pass = attn_dims(dkv_pass, s, window).checked()?;
     if rows == 0 {
         return Ok(());
     }

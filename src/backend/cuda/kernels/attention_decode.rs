@@ -4,7 +4,7 @@ use super::attention::{attn_check, ATTN_TILE, ATTN_WARPS};
 use super::{bad, int, Launch};
 use crate::backend::cuda::buf::DevBuf;
 use crate::backend::cuda::device::{Device, LaunchCfg};
-use crate::backend::{check_cache_call, AttnShape, CacheShape};
+use crate::backend::{check_cache_window, AttnShape, CacheShape};
 use crate::Result;
 
 /// Blocks `decode_split` aims the decode grid at (about 4 per SM on a
@@ -19,7 +19,24 @@ const DECODE_MIN_SPLIT: usize = 64;
 /// `DECODE_BLOCKS` (one sequence of Qwen2.5-7B: 8 blocks per split), each a
 /// multiple of 32 keys and at least `DECODE_MIN_SPLIT`.
 pub fn decode_split(sh: CacheShape, pos: &[usize]) -> usize {
-    let longest = pos.iter().max().map_or(0, |p| p + sh.n);
+    decode_split_window(sh, pos, None)
+}
+
+/// Positions from the first key of sequence s's first new query
+/// (`max(0, pos[s]+1−W)`, 0 without a window) to its last, pos[s]+n: what
+/// attention_decode.cu cuts into splits.
+fn span(p: usize, n: usize, window: Option<usize>) -> usize {
+    p + n - window.map_or(0, |w| (p + 1).saturating_sub(w))
+}
+
+/// [`decode_split`] under a sliding window: the keys a call reads are the
+/// longest span of a sequence, at most n + W − 1.
+pub fn decode_split_window(sh: CacheShape, pos: &[usize], window: Option<usize>) -> usize {
+    let longest = pos
+        .iter()
+        .map(|&p| span(p, sh.n, window))
+        .max()
+        .unwrap_or(0);
     let group = sh.heads / sh.kv_heads.max(1);
     let blocks = (group * sh.n).div_ceil(ATTN_WARPS as usize) * sh.kv_heads * sh.seqs;
     let splits = DECODE_BLOCKS.div_ceil(blocks.max(1));
@@ -48,8 +65,29 @@ pub fn attention_cached<D: Device>(
     sh: CacheShape,
     split: usize,
 ) -> Result<()> {
-    // pos[s] + n ≤ cap bounds every cache row the kernels touch.
-    check_cache_call(pos, sh)?;
+    attention_cached_window(dev, q, k, v, k_cache, v_cache, pos, out, sh, split, None)
+}
+
+/// [`attention_cached`] with a sliding window over ring caches (the
+/// contract of `Backend::attention_cached_window`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached_window<D: Device>(
+    dev: &D,
+    q: &DevBuf<D, f32>,
+    k: &DevBuf<D, f32>,
+    v: &DevBuf<D, f32>,
+    k_cache: &DevBuf<D, f32>,
+    v_cache: &DevBuf<D, f32>,
+    pos: &[usize],
+    out: &DevBuf<D, f32>,
+    sh: CacheShape,
+    split: usize,
+    window: Option<usize>,
+) -> Result<()> {
+    // Every cache row the kernels touch is a slot mod cap; the new rows
+    // overwrite no key a query reads (pos[s] + n ≤ cap, or a ring of at
+    // least n + W − 1 slots).
+    check_cache_window(pos, sh, window)?;
     attn_check(
         dev,
         AttnShape {
@@ -71,10 +109,18 @@ pub fn attention_cached<D: Device>(
     let cache = sh.seqs * sh.cap * kvd;
     let positions = pos
         .iter()
-        .map(|&p| int(dev, p, "cache position"))
+        .map(|&p| int(dev, p + sh.n, "cache position").map(|_| p as i32))
         .collect::<Result<Vec<i32>>>()?;
+    // 0 is no window; a window past every position is none either.
+    let longest = pos.iter().max().map_or(0, |p| p + sh.n);
+    let win = window.map_or(0, |w| w.min(longest.max(1)));
     let pos_dev = DevBuf::upload(dev, &positions)?;
-    let splits = pos.iter().max().map_or(0, |p| p + sh.n).div_ceil(split);
+    let splits = pos
+        .iter()
+        .map(|&p| span(p, sh.n, window))
+        .max()
+        .unwrap_or(0)
+        .div_ceil(split);
     // With one split the kernel's normalised partial is the output itself.
     let (part, lse) = if splits == 1 {
         (None, DevBuf::<D, f32>::alloc(dev, rows * sh.heads)?)
@@ -114,6 +160,7 @@ pub fn attention_cached<D: Device>(
         .int(sh.kv_heads, "kv_heads")
         .int(hd, "head_dim")
         .int(split, "split")
+        .int(win, "window")
         .checked()?;
     let combine = match &part {
         Some(part) => Some(
@@ -127,6 +174,7 @@ pub fn attention_cached<D: Device>(
                 .int(hd, "head_dim")
                 .int(splits, "splits")
                 .int(split, "split")
+                .int(win, "window")
                 .checked()?,
         ),
         None => None,
