@@ -200,13 +200,13 @@ fn unsupported_architecture_and_bad_config() {
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(
         dir.join("config.json"),
-        cfg.replace("Qwen2ForCausalLM", "MistralForCausalLM")
-            .replace("\"qwen2\"", "\"mistral\""),
+        cfg.replace("Qwen2ForCausalLM", "Gemma3ForCausalLM")
+            .replace("\"qwen2\"", "\"gemma3_text\""),
     )
     .unwrap();
     let e = load_err(&dir);
     assert!(
-        e.contains("MistralForCausalLM") && e.contains("supported"),
+        e.contains("Gemma3ForCausalLM") && e.contains("supported"),
         "{e}"
     );
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
