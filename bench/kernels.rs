@@ -192,7 +192,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
     ));
     g.bench_function(BenchmarkId::new("attention_fwd_f32", at.t), |it| {
         it.iter(|| {
-            k::attention_fwd(dev, &q, &kk, &v, &out, &lse, at).unwrap();
+            k::attention_fwd(dev, &q, &kk, &v, &out, &lse, at, None).unwrap();
             dev.synchronize().unwrap()
         })
     });
@@ -205,7 +205,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
         BenchmarkId::new(format!("attention_fwd_window{w}_f32"), at.t),
         |it| {
             it.iter(|| {
-                k::attention_fwd_window(dev, &q, &kk, &v, &out, &lse, at, Some(w)).unwrap();
+                k::attention_fwd(dev, &q, &kk, &v, &out, &lse, at, Some(w)).unwrap();
                 dev.synchronize().unwrap()
             })
         },
@@ -220,7 +220,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
     ] {
         g.bench_function(BenchmarkId::new(name, at.t), |it| {
             it.iter(|| {
-                k::attention_bwd_window(
+                k::attention_bwd(
                     dev, &out, &q, &kk, &v, &out, &lse, &dq, &dk, &dv, at, window,
                 )
                 .unwrap()

@@ -90,7 +90,7 @@ fn check_attention_at<D: Device>(dev: &D, shapes: &[AttnShape]) {
         let (dq_r, dk_r, dv_r) = naive::attention_bwd(&q64, &k64, &v64, &f64s(&dout), s);
         let (gq, gk, gv) = (up(dev, &q), up(dev, &kk), up(dev, &v));
         let (out, lse) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
-        k::attention_fwd(dev, &gq, &gk, &gv, &out, &lse, s).unwrap();
+        k::attention_fwd(dev, &gq, &gk, &gv, &out, &lse, s, None).unwrap();
         assert_close(&down(dev, &out), &f32s(&out_r), F32_TOL, "attention out");
         assert_close(&down(dev, &lse), &f32s(&lse_r), F32_TOL, "attention lse");
         let (dq, dk, dv) = (
@@ -110,6 +110,7 @@ fn check_attention_at<D: Device>(dev: &D, shapes: &[AttnShape]) {
             &dk,
             &dv,
             s,
+            None,
         )
         .unwrap();
         assert_close(&down(dev, &dq), &f32s(&dq_r), F32_TOL, "attention dq");
@@ -372,12 +373,12 @@ fn check_attention_window<D: Device>(dev: &D) {
             // The kernels against the CPU op.
             let (gq, gk, gv) = (up(dev, &q), up(dev, &kk), up(dev, &v));
             let (out, lse) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
-            k::attention_fwd_window(dev, &gq, &gk, &gv, &out, &lse, s, win).unwrap();
+            k::attention_fwd(dev, &gq, &gk, &gv, &out, &lse, s, win).unwrap();
             assert_close(&down(dev, &out), &out_c, F32_TOL, &format!("{what} out"));
             assert_close(&down(dev, &lse), &lse_c, F32_TOL, &format!("{what} lse"));
             if w >= s.t {
                 let (o2, l2) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
-                k::attention_fwd(dev, &gq, &gk, &gv, &o2, &l2, s).unwrap();
+                k::attention_fwd(dev, &gq, &gk, &gv, &o2, &l2, s, None).unwrap();
                 assert_same_bits(
                     &down(dev, &out),
                     &down(dev, &o2),
@@ -389,7 +390,7 @@ fn check_attention_window<D: Device>(dev: &D) {
                 poisoned(dev, kk.len()),
                 poisoned(dev, v.len()),
             );
-            k::attention_bwd_window(
+            k::attention_bwd(
                 dev,
                 &up(dev, &dout),
                 &gq,
@@ -410,7 +411,7 @@ fn check_attention_window<D: Device>(dev: &D) {
         }
         let (o, l) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
         let (gq, gk, gv) = (up(dev, &q), up(dev, &kk), up(dev, &v));
-        assert!(k::attention_fwd_window(dev, &gq, &gk, &gv, &o, &l, s, Some(0)).is_err());
+        assert!(k::attention_fwd(dev, &gq, &gk, &gv, &o, &l, s, Some(0)).is_err());
     }
 }
 

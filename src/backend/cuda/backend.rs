@@ -379,7 +379,7 @@ impl<D: Device> Backend for CudaBackend<D> {
             )?,
             DevBuf::alloc(&self.dev, shape.seqs * shape.heads * shape.t)?,
         );
-        k::attention_fwd_window(&self.dev, q, k_, v, &out, &lse, shape, window)?;
+        k::attention_fwd(&self.dev, q, k_, v, &out, &lse, shape, window)?;
         Ok((out, lse))
     }
 
@@ -398,7 +398,7 @@ impl<D: Device> Backend for CudaBackend<D> {
         let dq = DevBuf::alloc(&self.dev, rows * shape.heads * shape.head_dim)?;
         let dk = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
         let dv = DevBuf::alloc(&self.dev, rows * shape.kv_heads * shape.head_dim)?;
-        k::attention_bwd_window(
+        k::attention_bwd(
             &self.dev, dout, q, k_, v, out, lse, &dq, &dk, &dv, shape, window,
         )?;
         Ok((dq, dk, dv))

@@ -71,22 +71,10 @@ fn window_check<D: Device>(dev: &D, window: Option<usize>) -> Result<()> {
 }
 
 /// attention.cu `attention_fwd_f32`: causal GQA attention, `out [rows, H·hd]`,
-/// `lse [seqs, H, t]`.
-pub fn attention_fwd<D: Device>(
-    dev: &D,
-    q: &DevBuf<D, f32>,
-    k: &DevBuf<D, f32>,
-    v: &DevBuf<D, f32>,
-    out: &DevBuf<D, f32>,
-    lse: &DevBuf<D, f32>,
-    s: AttnShape,
-) -> Result<()> {
-    attention_fwd_window(dev, q, k, v, out, lse, s, None)
-}
-
-/// [`attention_fwd`] with a sliding window (`Backend::attention_fwd_window`).
+/// `lse [seqs, H, t]`; with `window` W, query i attends to keys i − W < j ≤ i
+/// (`Backend::attention_fwd_window`), `None` is plain causal.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_window<D: Device>(
+pub fn attention_fwd<D: Device>(
     dev: &D,
     q: &DevBuf<D, f32>,
     k: &DevBuf<D, f32>,
@@ -111,27 +99,10 @@ pub fn attention_fwd_window<D: Device>(
 }
 
 /// attention.cu `attention_bwd_dq_f32` (which also writes `delta =
-/// rowsum(dout ⊙ out)` `[rows, H]`) then `attention_bwd_dkv_f32`: `(dq, dk, dv)`.
+/// rowsum(dout ⊙ out)` `[rows, H]`) then `attention_bwd_dkv_f32`: `(dq, dk, dv)`
+/// of [`attention_fwd`] with the same `window`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<D: Device>(
-    dev: &D,
-    dout: &DevBuf<D, f32>,
-    q: &DevBuf<D, f32>,
-    k: &DevBuf<D, f32>,
-    v: &DevBuf<D, f32>,
-    out: &DevBuf<D, f32>,
-    lse: &DevBuf<D, f32>,
-    dq: &DevBuf<D, f32>,
-    dk: &DevBuf<D, f32>,
-    dv: &DevBuf<D, f32>,
-    s: AttnShape,
-) -> Result<()> {
-    attention_bwd_window(dev, dout, q, k, v, out, lse, dq, dk, dv, s, None)
-}
-
-/// [`attention_bwd`] of [`attention_fwd_window`].
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_window<D: Device>(
     dev: &D,
     dout: &DevBuf<D, f32>,
     q: &DevBuf<D, f32>,

@@ -27,7 +27,7 @@ mod swiglu;
 
 pub use adamw::{adamw, sum_squares, sum_squares_blocks};
 pub use add::{add, add_bias, zero_rows};
-pub use attention::{attention_bwd, attention_bwd_window, attention_fwd, attention_fwd_window};
+pub use attention::{attention_bwd, attention_fwd};
 pub use attention_decode::{
     attention_cached, attention_cached_window, decode_split, decode_split_window,
 };
