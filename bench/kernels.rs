@@ -202,7 +202,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
         (4 * (2 * q_len + 2 * kv_len)) as u64,
     ));
     g.bench_function(
-        BenchmarkId::new(format!("attention_fwd_window{w}_f32"), at.t),
+        BenchmarkId::new(format!("attention_fwd{w}_f32"), at.t),
         |it| {
             it.iter(|| {
                 k::attention_fwd(dev, &q, &kk, &v, &out, &lse, at, Some(w)).unwrap();
@@ -216,7 +216,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
     ));
     for (name, window) in [
         ("attention_bwd_f32".to_string(), None),
-        (format!("attention_bwd_window{w}_f32"), Some(w)),
+        (format!("attention_bwd{w}_f32"), Some(w)),
     ] {
         g.bench_function(BenchmarkId::new(name, at.t), |it| {
             it.iter(|| {
@@ -252,7 +252,8 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
         BenchmarkId::new("attention_decode_f32", s.cached + cs.n),
         |it| {
             it.iter(|| {
-                k::attention_cached(dev, &cq, &ck, &cv, &kc, &vc, &pos, &cout, cs, split).unwrap()
+                k::attention_cached(dev, &cq, &ck, &cv, &kc, &vc, &pos, &cout, cs, split, None)
+                    .unwrap()
             })
         },
     );
@@ -275,7 +276,7 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
         BenchmarkId::new(format!("attention_decode_window{w}_f32"), s.cached + cs.n),
         |it| {
             it.iter(|| {
-                k::attention_cached_window(
+                k::attention_cached(
                     dev,
                     &cq,
                     &ck,

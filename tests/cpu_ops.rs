@@ -101,16 +101,18 @@ fn attention_forward_and_backward() {
     let q = uniform(rows * qd, 9);
     let k = uniform(rows * kd, 10);
     let v = uniform(rows * kd, 11);
-    let (out, lse) = be.attention_fwd(&q, &k, &v, sh).unwrap();
-    let (want_out, want_lse) = naive::attention_fwd(&f64s(&q), &f64s(&k), &f64s(&v), sh);
+    let (out, lse) = be.attention_fwd(&q, &k, &v, sh, None).unwrap();
+    let (want_out, want_lse) = naive::attention_fwd(&f64s(&q), &f64s(&k), &f64s(&v), sh, None);
     assert_close(&out, &f32s(&want_out), (1e-5, 1e-4), "attention out");
     assert_close(&lse, &f32s(&want_lse), (1e-5, 1e-4), "attention lse");
 
     // Backward against central differences of L = Σ dout ⊙ out.
     let dout = uniform(rows * qd, 12);
-    let (dq, dk, dv) = be.attention_bwd(&dout, &q, &k, &v, &out, &lse, sh).unwrap();
+    let (dq, dk, dv) = be
+        .attention_bwd(&dout, &q, &k, &v, &out, &lse, sh, None)
+        .unwrap();
     let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-        let (o, _) = naive::attention_fwd(&f64s(q), &f64s(k), &f64s(v), sh);
+        let (o, _) = naive::attention_fwd(&f64s(q), &f64s(k), &f64s(v), sh, None);
         o.iter().zip(&dout).map(|(a, b)| a * *b as f64).sum()
     };
     let eps = 1e-3f32;

@@ -302,9 +302,10 @@ fn portable_attention_cached_equals_native() {
         let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
         let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
         let a = be
-            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh)
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh, None)
             .unwrap();
-        let b = attention_cached_portable(&be, &q, &k, &v, &mut kc2, &mut vc2, &pos, sh).unwrap();
+        let b =
+            attention_cached_portable(&be, &q, &k, &v, &mut kc2, &mut vc2, &pos, sh, None).unwrap();
         assert_eq!(kc1, kc2);
         assert_eq!(vc1, vc2);
         let err = a
@@ -326,7 +327,7 @@ fn portable_attention_cached_equals_native() {
         }
         let over = vec![cap - n + 1; seqs];
         assert!(be
-            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &over, sh)
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &over, sh, None)
             .is_err());
     }
 }
@@ -679,11 +680,11 @@ fn tiny_mistral_decoder_logits_match_forward() {
     assert_eq!(dec.lens(), [20, 19]);
 }
 
-/// The portable fallback equals the CPU's native `attention_cached_window`
+/// The portable fallback equals the CPU's native `attention_cached`
 /// on ring caches (positions past the capacity wrap), caches included.
 #[test]
 fn portable_attention_cached_window_equals_native() {
-    use rku_engine::backend::attention_cached_portable_window;
+    use rku_engine::backend::attention_cached_portable;
     let be = CpuBackend::new();
     let mut seed = 100u64;
     let mut rnd = |len: usize| -> Vec<f32> {
@@ -711,20 +712,10 @@ fn portable_attention_cached_window_equals_native() {
         let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
         let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
         let a = be
-            .attention_cached_window(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh, Some(w))
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &pos, sh, Some(w))
             .unwrap();
-        let b = attention_cached_portable_window(
-            &be,
-            &q,
-            &k,
-            &v,
-            &mut kc2,
-            &mut vc2,
-            &pos,
-            sh,
-            Some(w),
-        )
-        .unwrap();
+        let b = attention_cached_portable(&be, &q, &k, &v, &mut kc2, &mut vc2, &pos, sh, Some(w))
+            .unwrap();
         assert_eq!(kc1, kc2);
         assert_eq!(vc1, vc2);
         let err = a
@@ -743,7 +734,7 @@ fn portable_attention_cached_window_equals_native() {
         };
         let far = vec![small.cap; seqs];
         let e = be
-            .attention_cached_window(&q, &k, &v, &mut kc1, &mut vc1, &far, small, Some(w))
+            .attention_cached(&q, &k, &v, &mut kc1, &mut vc1, &far, small, Some(w))
             .unwrap_err();
         assert!(e.to_string().contains("KV cache full"), "{e}");
     }

@@ -86,8 +86,8 @@ fn check_attention_at<D: Device>(dev: &D, shapes: &[AttnShape]) {
         let v = uniform(rows * s.kv_heads * s.head_dim, seed + 2);
         let dout = uniform(rows * s.heads * s.head_dim, seed + 3);
         let (q64, k64, v64) = (f64s(&q), f64s(&kk), f64s(&v));
-        let (out_r, lse_r) = naive::attention_fwd(&q64, &k64, &v64, s);
-        let (dq_r, dk_r, dv_r) = naive::attention_bwd(&q64, &k64, &v64, &f64s(&dout), s);
+        let (out_r, lse_r) = naive::attention_fwd(&q64, &k64, &v64, s, None);
+        let (dq_r, dk_r, dv_r) = naive::attention_bwd(&q64, &k64, &v64, &f64s(&dout), s, None);
         let (gq, gk, gv) = (up(dev, &q), up(dev, &kk), up(dev, &v));
         let (out, lse) = (poisoned(dev, q.len()), poisoned(dev, rows * s.heads));
         k::attention_fwd(dev, &gq, &gk, &gv, &out, &lse, s, None).unwrap();
@@ -171,7 +171,7 @@ impl CacheCase {
         let (mut kc, mut vc) = (self.k_cache.clone(), self.v_cache.clone());
         CpuBackend::new()
             .attention_cached(
-                &self.q, &self.k, &self.v, &mut kc, &mut vc, &self.pos, self.sh,
+                &self.q, &self.k, &self.v, &mut kc, &mut vc, &self.pos, self.sh, None,
             )
             .unwrap()
     }
@@ -218,6 +218,7 @@ fn check_attention_cached<D: Device>(dev: &D) {
                 &out,
                 sh,
                 split,
+                None,
             )
             .unwrap();
             assert_close(&down(dev, &out), &want, F32_TOL, &format!("{what} out"));
@@ -260,7 +261,7 @@ fn check_backend_attention_cached<D: Device>(be: &CudaBackend<D>) {
             uniform(seqs * n * kvd, seed + 2),
         );
         let want = cpu
-            .attention_cached(&q, &kk, &v, &mut kc_want, &mut vc_want, &pos, sh)
+            .attention_cached(&q, &kk, &v, &mut kc_want, &mut vc_want, &pos, sh, None)
             .unwrap();
         let (gq, gk, gv) = (
             be.upload(&q).unwrap(),
@@ -268,7 +269,7 @@ fn check_backend_attention_cached<D: Device>(be: &CudaBackend<D>) {
             be.upload(&v).unwrap(),
         );
         let got = be
-            .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos, sh)
+            .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos, sh, None)
             .unwrap();
         let what = format!("{} attention_cached n {n} pos {pos:?}", be.name());
         assert_close(&be.download(&got).unwrap(), &want, F32_TOL, &what);
@@ -276,13 +277,13 @@ fn check_backend_attention_cached<D: Device>(be: &CudaBackend<D>) {
         assert_same_bits(&be.download(&vc).unwrap(), &vc_want, &what);
         if n == 1 {
             let err = be
-                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos[..2], sh)
+                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos[..2], sh, None)
                 .err()
                 .unwrap();
             assert!(err.to_string().contains("2 positions for 3"), "{err}");
             let full = [pos[0], pos[1], cap];
             let err = be
-                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &full, sh)
+                .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &full, sh, None)
                 .err()
                 .unwrap();
             assert!(err.to_string().contains("KV cache full"), "{err}");
@@ -315,7 +316,7 @@ fn decode_split_policy() {
 /// Windows of 1 key, shorter than a tile, one key past a tile, and wider
 /// than t (plain causal, bit for bit), at odd sizes (t 37 and 35, hd 8 and 40):
 /// attention.cu with a window against the CPU backend's
-/// `attention_fwd_window`/`attention_bwd_window`, which are checked against
+/// `attention_fwd`/`attention_bwd`, which are checked against
 /// the naive windowed attention; outputs NaN-poisoned before the launches.
 fn check_attention_window<D: Device>(dev: &D) {
     let cpu = CpuBackend::new();
@@ -349,20 +350,19 @@ fn check_attention_window<D: Device>(dev: &D) {
         let v = uniform(rows * s.kv_heads * s.head_dim, seed + 2);
         let dout = uniform(rows * s.heads * s.head_dim, seed + 3);
         let (q64, k64, v64) = (f64s(&q), f64s(&kk), f64s(&v));
-        let (plain_out, plain_lse) = cpu.attention_fwd(&q, &kk, &v, s).unwrap();
+        let (plain_out, plain_lse) = cpu.attention_fwd(&q, &kk, &v, s, None).unwrap();
         for &w in windows {
             let what = format!("{s:?} window {w}");
             let win = Some(w);
             // The CPU op against the naive loop.
-            let (out_c, lse_c) = cpu.attention_fwd_window(&q, &kk, &v, s, win).unwrap();
-            let (out_r, lse_r) = naive::attention_fwd_window(&q64, &k64, &v64, s, win);
+            let (out_c, lse_c) = cpu.attention_fwd(&q, &kk, &v, s, win).unwrap();
+            let (out_r, lse_r) = naive::attention_fwd(&q64, &k64, &v64, s, win);
             assert_close(&out_c, &f32s(&out_r), F32_TOL, &format!("cpu {what} out"));
             assert_close(&lse_c, &f32s(&lse_r), F32_TOL, &format!("cpu {what} lse"));
             let (dq_c, dk_c, dv_c) = cpu
-                .attention_bwd_window(&dout, &q, &kk, &v, &out_c, &lse_c, s, win)
+                .attention_bwd(&dout, &q, &kk, &v, &out_c, &lse_c, s, win)
                 .unwrap();
-            let (dq_r, dk_r, dv_r) =
-                naive::attention_bwd_window(&q64, &k64, &v64, &f64s(&dout), s, win);
+            let (dq_r, dk_r, dv_r) = naive::attention_bwd(&q64, &k64, &v64, &f64s(&dout), s, win);
             assert_close(&dq_c, &f32s(&dq_r), F32_TOL, &format!("cpu {what} dq"));
             assert_close(&dk_c, &f32s(&dk_r), F32_TOL, &format!("cpu {what} dk"));
             assert_close(&dv_c, &f32s(&dv_r), F32_TOL, &format!("cpu {what} dv"));
@@ -436,7 +436,7 @@ fn ring_cache(sh: CacheShape, pos: &[usize], w: usize, seed: u64) -> Vec<f32> {
 }
 
 /// attention_decode.cu with a window on ring caches against the CPU
-/// backend's `attention_cached_window` (itself against the naive windowed
+/// backend's `attention_cached` (itself against the naive windowed
 /// attention over the positions' keys), one and several splits, rings that
 /// wrap, queries whose window starts mid-split; caches bit for bit.
 fn check_attention_cached_window<D: Device>(dev: &D) {
@@ -479,7 +479,7 @@ fn check_attention_cached_window<D: Device>(dev: &D) {
         let (mut kc_want, mut vc_want) = (kc0.clone(), vc0.clone());
         let win = Some(w);
         let want = cpu
-            .attention_cached_window(&q, &kn, &vn, &mut kc_want, &mut vc_want, pos, sh, win)
+            .attention_cached(&q, &kn, &vn, &mut kc_want, &mut vc_want, pos, sh, win)
             .unwrap();
         // The CPU op against naive attention over the keys of positions lo..p+n.
         for (s, &p) in pos.iter().enumerate() {
@@ -497,7 +497,7 @@ fn check_attention_cached_window<D: Device>(dev: &D) {
                 kv_heads: sh.kv_heads,
                 head_dim: sh.head_dim,
             };
-            let (o, _) = naive::attention_fwd_window(&f64s(&qs), &f64s(&ks), &f64s(&vs), ash, win);
+            let (o, _) = naive::attention_fwd(&f64s(&qs), &f64s(&ks), &f64s(&vs), ash, win);
             let got = &want[s * sh.n * qd..(s + 1) * sh.n * qd];
             let what = format!("cpu window {w} {sh:?} seq {s}");
             assert_close(got, &f32s(&o[(p - lo) * qd..]), F32_TOL, &what);
@@ -506,7 +506,7 @@ fn check_attention_cached_window<D: Device>(dev: &D) {
             let what = format!("attention_cached window {w} {sh:?} split {split}");
             let (kc, vc) = (up(dev, &kc0), up(dev, &vc0));
             let out = poisoned(dev, q.len());
-            k::attention_cached_window(
+            k::attention_cached(
                 dev,
                 &up(dev, &q),
                 &up(dev, &kn),
@@ -527,7 +527,7 @@ fn check_attention_cached_window<D: Device>(dev: &D) {
     }
 }
 
-/// `CudaBackend::attention_cached_window` (its own split) against the CPU
+/// `CudaBackend::attention_cached` (its own split) against the CPU
 /// backend over a decoder's run of calls on ring caches of n_max + W − 1
 /// slots: a chunk, steps, another chunk, past several turns of the ring.
 fn check_backend_attention_cached_window<D: Device>(be: &CudaBackend<D>) {
@@ -558,7 +558,7 @@ fn check_backend_attention_cached_window<D: Device>(be: &CudaBackend<D>) {
         );
         let win = Some(w);
         let want = cpu
-            .attention_cached_window(&q, &kk, &v, &mut kc_want, &mut vc_want, &pos, sh, win)
+            .attention_cached(&q, &kk, &v, &mut kc_want, &mut vc_want, &pos, sh, win)
             .unwrap();
         let (gq, gk, gv) = (
             be.upload(&q).unwrap(),
@@ -566,9 +566,9 @@ fn check_backend_attention_cached_window<D: Device>(be: &CudaBackend<D>) {
             be.upload(&v).unwrap(),
         );
         let got = be
-            .attention_cached_window(&gq, &gk, &gv, &mut kc, &mut vc, &pos, sh, win)
+            .attention_cached(&gq, &gk, &gv, &mut kc, &mut vc, &pos, sh, win)
             .unwrap();
-        let what = format!("{} attention_cached_window n {n} pos {pos:?}", be.name());
+        let what = format!("{} attention_cached n {n} pos {pos:?}", be.name());
         assert_close(&be.download(&got).unwrap(), &want, F32_TOL, &what);
         assert_same_bits(&be.download(&kc).unwrap(), &kc_want, &what);
         assert_same_bits(&be.download(&vc).unwrap(), &vc_want, &what);

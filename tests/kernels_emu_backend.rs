@@ -84,11 +84,11 @@ fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
     be.rope(&mut gq2, &gc, &gs, seqs, t, 4, 32, true).unwrap();
     out.push(("rope_inverse", dl(&gq2), tol));
     let (gk, gv) = (up(&kv), up(&v2));
-    let (ao, lse) = be.attention_fwd(&gq, &gk, &gv, s).unwrap();
+    let (ao, lse) = be.attention_fwd(&gq, &gk, &gv, s, None).unwrap();
     out.push(("attention_out", dl(&ao), tol));
     out.push(("attention_lse", dl(&lse), tol));
     let (dq, dk, dv) = be
-        .attention_bwd(&up(&q), &gq, &gk, &gv, &ao, &lse, s)
+        .attention_bwd(&up(&q), &gq, &gk, &gv, &ao, &lse, s, None)
         .unwrap();
     out.push(("attention_dq", dl(&dq), tol));
     out.push(("attention_dk", dl(&dk), tol));
@@ -113,6 +113,7 @@ fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
             &mut vc,
             &[4, 9],
             csh,
+            None,
         )
         .unwrap();
     out.push(("attention_cached", dl(&ac), tol));

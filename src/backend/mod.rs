@@ -331,21 +331,12 @@ pub trait Backend: Send + Sync {
     /// Causal GQA attention with scale 1/sqrt(head_dim); returns
     /// `(out[rows, heads·head_dim], lse[seqs, heads, t])` where lse is the
     /// log-sum-exp of each query's scaled scores (kept for the backward pass).
-    fn attention_fwd(
-        &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        shape: AttnShape,
-    ) -> Result<(Self::Buf, Self::Buf)> {
-        self.attention_fwd_window(q, k, v, shape, None)
-    }
-    /// `attention_fwd` with an optional sliding window W (Mistral's
+    /// With a sliding window W (Mistral's
     /// `sliding_window`): the query at position i attends to the keys at
     /// positions j with i − W < j ≤ i, itself and the W − 1 before it
     /// (transformers' `sliding_window_causal_mask_function`). `None`, or a
     /// window of at least t, is plain causal attention, bit for bit.
-    fn attention_fwd_window(
+    fn attention_fwd(
         &self,
         q: &Self::Buf,
         k: &Self::Buf,
@@ -353,24 +344,10 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         window: Option<usize>,
     ) -> Result<(Self::Buf, Self::Buf)>;
-    /// Gradients `(dq, dk, dv)` of `attention_fwd` given `dout`, recomputing
-    /// probabilities from `lse`.
+    /// Gradients `(dq, dk, dv)` of `attention_fwd` given `dout` (the same
+    /// `window`), recomputing probabilities from `lse`.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
-        &self,
-        dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
-        shape: AttnShape,
-    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
-        self.attention_bwd_window(dout, q, k, v, out, lse, shape, None)
-    }
-    /// Gradients of `attention_fwd_window` (the same `window`).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd_window(
         &self,
         dout: &Self::Buf,
         q: &Self::Buf,
@@ -391,7 +368,14 @@ pub trait Backend: Send + Sync {
     /// attends causally to positions `0..=pos[s]+i` (GQA as `attention_fwd`):
     ///   `out_i = Σ_{j ≤ pos[s]+i} softmax_j(q_i·K_j / sqrt(hd)) · V_j`.
     /// Cache positions past `pos[s]+n` are neither read nor written. Returns
-    /// `out [seqs·n, heads·hd]`; requires `pos[s] + n ≤ cap`.
+    /// `out [seqs·n, heads·hd]`; without a window, requires `pos[s] + n ≤ cap`.
+    ///
+    /// With a sliding window W (as `attention_fwd`): new query i attends to
+    /// positions `max(0, pos[s]+i+1−W) ..= pos[s]+i`. The caches are rings:
+    /// position p lives in slot `p mod cap`, so with a window they need only
+    /// `cap ≥ n + W − 1` slots (the new rows, written first, then overwrite
+    /// no key a new query reads), whatever the positions; without one, or
+    /// while `pos[s] + n ≤ cap`, slot p is position p (`check_cache_window`).
     ///
     /// The default is the portable fallback `attention_cached_portable`
     /// (existing ops plus host copies); backends override it natively.
@@ -405,31 +389,9 @@ pub trait Backend: Send + Sync {
         v_cache: &mut Self::Buf,
         pos: &[usize],
         shape: CacheShape,
-    ) -> Result<Self::Buf> {
-        self.attention_cached_window(q, k, v, k_cache, v_cache, pos, shape, None)
-    }
-
-    /// `attention_cached` with an optional sliding window W (as
-    /// `attention_fwd_window`): new query i attends to positions
-    /// `max(0, pos[s]+i+1−W) ..= pos[s]+i`. The caches are rings: position
-    /// p lives in slot `p mod cap`, so with a window they need only
-    /// `cap ≥ n + W − 1` slots (the new rows, written first, then overwrite
-    /// no key a new query reads), whatever the positions; without one, or
-    /// while `pos[s] + n ≤ cap`, slot p is position p as in `attention_cached`
-    /// (`check_cache_window`). `None` is `attention_cached`, bit for bit.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_cached_window(
-        &self,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        k_cache: &mut Self::Buf,
-        v_cache: &mut Self::Buf,
-        pos: &[usize],
-        shape: CacheShape,
         window: Option<usize>,
     ) -> Result<Self::Buf> {
-        attention_cached_portable_window(self, q, k, v, k_cache, v_cache, pos, shape, window)
+        attention_cached_portable(self, q, k, v, k_cache, v_cache, pos, shape, window)
     }
 
     /// `h = silu(a) ⊙ b`, elementwise over `n` values.
@@ -626,7 +588,7 @@ pub fn check_window(window: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Checks the arguments of `attention_cached_window` against its shape:
+/// Checks the arguments of `attention_cached` against its shape:
 /// every sequence either fits without wrapping (`pos[s] + n ≤ cap`) or,
 /// with a window W, the ring holds the new rows and the W − 1 keys before
 /// the first of them (`n + W − 1 ≤ cap`). A window of 0 is refused.
@@ -667,26 +629,12 @@ pub fn check_cache_call(pos: &[usize], sh: CacheShape) -> Result<()> {
 /// new queries placed at the last n rows (earlier query rows are zero and
 /// their outputs dropped). Correct on any backend, but O(L²) per call and
 /// copying whole caches: backends should override it.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cached_portable<B: Backend + ?Sized>(
-    be: &B,
-    q: &B::Buf,
-    k: &B::Buf,
-    v: &B::Buf,
-    k_cache: &mut B::Buf,
-    v_cache: &mut B::Buf,
-    pos: &[usize],
-    sh: CacheShape,
-) -> Result<B::Buf> {
-    attention_cached_portable_window(be, q, k, v, k_cache, v_cache, pos, sh, None)
-}
-
-/// `attention_cached_portable` with a sliding window over ring caches (the
-/// contract of `Backend::attention_cached_window`): sequence s runs as one
-/// `attention_fwd_window` over the positions `lo = max(0, pos[s]+1−W) ..
+/// With a sliding window, over ring caches (the
+/// contract of `Backend::attention_cached`): sequence s runs as one
+/// `attention_fwd` over the positions `lo = max(0, pos[s]+1−W) ..
 /// pos[s]+n`, gathered from their slots.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_cached_portable_window<B: Backend + ?Sized>(
+pub fn attention_cached_portable<B: Backend + ?Sized>(
     be: &B,
     q: &B::Buf,
     k: &B::Buf,
@@ -729,13 +677,14 @@ pub fn attention_cached_portable_window<B: Backend + ?Sized>(
             &be.upload(&kc[base..base + t * kd])?,
             &be.upload(&vc[base..base + t * kd])?,
             shape,
+            None,
         )?;
         out[s * n * qd..(s + 1) * n * qd].copy_from_slice(&be.download(&o)?[p * qd..]);
     }
     be.upload(&out)
 }
 
-/// The windowed, ring-cache branch of `attention_cached_portable_window`.
+/// The windowed, ring-cache branch of `attention_cached_portable`.
 #[allow(clippy::too_many_arguments)]
 fn portable_ring<B: Backend + ?Sized>(
     be: &B,
@@ -779,7 +728,7 @@ fn portable_ring<B: Backend + ?Sized>(
             kv_heads: sh.kv_heads,
             head_dim: sh.head_dim,
         };
-        let (o, _) = be.attention_fwd_window(
+        let (o, _) = be.attention_fwd(
             &be.upload(&qs)?,
             &be.upload(&ks)?,
             &be.upload(&vs)?,

@@ -258,7 +258,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         // (Qwen3: rope(qnorm(W_q u)), rope(knorm(W_k u)))
         let mut datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
         adapter_bwd(Proj::O, &acts.att, &dx, &mut datt)?;
-        let (mut dq, mut dk, dv) = be.attention_bwd_window(
+        let (mut dq, mut dk, dv) = be.attention_bwd(
             &datt,
             &acts.q,
             &acts.k,

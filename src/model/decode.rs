@@ -22,7 +22,7 @@
 //! - With a sliding window W (Mistral), the caches are rings of
 //!   `slots = min(cap, W + C − 1)` positions per sequence, C = min(W,
 //!   `WINDOW_CHUNK`): position p in slot p mod slots
-//!   (`Backend::attention_cached_window`), so a sequence's cache is bounded
+//!   (`Backend::attention_cached`), so a sequence's cache is bounded
 //!   by its window whatever its length. A call with more than C new tokens
 //!   (a long prompt) runs in chunks of at most C, each writing no slot a
 //!   query of the chunk still reads; a sequence whose tokens ran out feeds
@@ -316,7 +316,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         be.rope(&mut k, cos, sin, 1, rows, c.kv_heads, c.head_dim, false)?;
         let (kc, vc) = (&mut self.cache.k[l], &mut self.cache.v[l]);
         let (len, window) = (&self.cache.len, c.sliding_window);
-        let att = be.attention_cached_window(&q, &k, &v, kc, vc, len, shape, window)?; // [rows, q]
+        let att = be.attention_cached(&q, &k, &v, kc, vc, len, shape, window)?; // [rows, q]
         let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
         be.add_assign(x, &o, rows * d)?; // x' = x + Attn
 

@@ -197,7 +197,7 @@ pub fn layer_acts<B: Backend>(
         &mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
     )?;
     // Mistral's sliding window, when the config has one (ModelConfig::sliding_window).
-    let (att, lse) = be.attention_fwd_window(&q, &k, &v, shape, c.sliding_window)?; // [rows, q]
+    let (att, lse) = be.attention_fwd(&q, &k, &v, shape, c.sliding_window)?; // [rows, q]
     let mut o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
     if let Some(ll) = lora {
         ll.apply(be, Proj::O, &att, &mut o, rows)?;

@@ -198,13 +198,9 @@ fn attention_probs(
 }
 
 /// Causal GQA attention (q `[rows, heads·hd]`, k/v `[rows, kv_heads·hd]`,
-/// rows = seqs·t): `(out [rows, heads·hd], lse [seqs, heads, t])`.
-pub fn attention_fwd(q: &[f64], k: &[f64], v: &[f64], s: AttnShape) -> (Vec<f64>, Vec<f64>) {
-    attention_fwd_window(q, k, v, s, None)
-}
-
-/// `attention_fwd` with a sliding window: query i attends to keys i−W < j ≤ i.
-pub fn attention_fwd_window(
+/// rows = seqs·t): `(out [rows, heads·hd], lse [seqs, heads, t])`; with a
+/// sliding window W, query i attends to keys i−W < j ≤ i.
+pub fn attention_fwd(
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -234,21 +230,10 @@ pub fn attention_fwd_window(
     (out, lse)
 }
 
-/// Gradients `(dq, dk, dv)` of `attention_fwd` given `dout`:
+/// Gradients `(dq, dk, dv)` of `attention_fwd` given `dout` (the same window):
 /// dv_j += p_j·dout_i, ds_j = p_j·(dout_i·v_j − Σ_j' p_j'·dout_i·v_j'),
 /// dq_i += ds_j·k_j/sqrt(hd), dk_j += ds_j·q_i/sqrt(hd).
 pub fn attention_bwd(
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    dout: &[f64],
-    s: AttnShape,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    attention_bwd_window(q, k, v, dout, s, None)
-}
-
-/// Gradients of `attention_fwd_window`.
-pub fn attention_bwd_window(
     q: &[f64],
     k: &[f64],
     v: &[f64],

@@ -7,7 +7,7 @@
 //!   P = softmax(S) per row,  O = P V_{0..L}  `[n, hd]`.
 //! With a sliding window W row i also masks the columns before p+i+1−W,
 //! and the caches are rings (position j in slot j mod cap, the contract of
-//! `Backend::attention_cached_window`): only the positions
+//! `Backend::attention_cached`): only the positions
 //! max(0, p+1−W)..L are read, gathered into a contiguous copy when their
 //! slots wrap.
 //! Decoding steps (n ≤ `DIRECT_MAX_N`) compute each (query, head) directly

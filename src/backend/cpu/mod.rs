@@ -235,7 +235,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_fwd_window(
+    fn attention_fwd(
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,
@@ -247,7 +247,7 @@ impl Backend for CpuBackend {
         Ok(attention::forward_window(q, k, v, shape, window))
     }
 
-    fn attention_bwd_window(
+    fn attention_bwd(
         &self,
         dout: &Vec<f32>,
         q: &Vec<f32>,
@@ -264,7 +264,7 @@ impl Backend for CpuBackend {
         ))
     }
 
-    fn attention_cached_window(
+    fn attention_cached(
         &self,
         q: &Vec<f32>,
         k: &Vec<f32>,

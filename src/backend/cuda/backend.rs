@@ -364,7 +364,7 @@ impl<D: Device> Backend for CudaBackend<D> {
         )
     }
 
-    fn attention_fwd_window(
+    fn attention_fwd(
         &self,
         q: &Self::Buf,
         k_: &Self::Buf,
@@ -383,7 +383,7 @@ impl<D: Device> Backend for CudaBackend<D> {
         Ok((out, lse))
     }
 
-    fn attention_bwd_window(
+    fn attention_bwd(
         &self,
         dout: &Self::Buf,
         q: &Self::Buf,
@@ -406,7 +406,7 @@ impl<D: Device> Backend for CudaBackend<D> {
 
     /// Native: the new rows are appended on the device and each new query
     /// reads only its sequence's live cache rows (attention_decode.cu).
-    fn attention_cached_window(
+    fn attention_cached(
         &self,
         q: &Self::Buf,
         k_: &Self::Buf,
@@ -423,7 +423,7 @@ impl<D: Device> Backend for CudaBackend<D> {
             shape.seqs * shape.n * shape.heads * shape.head_dim,
         )?;
         let split = k::decode_split_window(shape, pos, window);
-        k::attention_cached_window(
+        k::attention_cached(
             &self.dev, q, k_, v, k_cache, v_cache, pos, &out, shape, split, window,
         )?;
         Ok(out)

@@ -72,7 +72,7 @@ fn window_check<D: Device>(dev: &D, window: Option<usize>) -> Result<()> {
 
 /// attention.cu `attention_fwd_f32`: causal GQA attention, `out [rows, H·hd]`,
 /// `lse [seqs, H, t]`; with `window` W, query i attends to keys i − W < j ≤ i
-/// (`Backend::attention_fwd_window`), `None` is plain causal.
+/// (`Backend::attention_fwd`), `None` is plain causal.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<D: Device>(
     dev: &D,

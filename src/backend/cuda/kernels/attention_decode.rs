@@ -52,26 +52,10 @@ pub fn decode_split_window(sh: CacheShape, pos: &[usize], window: Option<usize>)
 /// its sequence's cache in splits of `split` keys and, when there is more
 /// than one split, `attention_decode_combine_f32` merges them into
 /// `out [seqs·n, H·hd]` (the contract of `Backend::attention_cached`).
+/// With a sliding window the caches are rings (the contract of
+/// `Backend::attention_cached`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_cached<D: Device>(
-    dev: &D,
-    q: &DevBuf<D, f32>,
-    k: &DevBuf<D, f32>,
-    v: &DevBuf<D, f32>,
-    k_cache: &DevBuf<D, f32>,
-    v_cache: &DevBuf<D, f32>,
-    pos: &[usize],
-    out: &DevBuf<D, f32>,
-    sh: CacheShape,
-    split: usize,
-) -> Result<()> {
-    attention_cached_window(dev, q, k, v, k_cache, v_cache, pos, out, sh, split, None)
-}
-
-/// [`attention_cached`] with a sliding window over ring caches (the
-/// contract of `Backend::attention_cached_window`).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cached_window<D: Device>(
     dev: &D,
     q: &DevBuf<D, f32>,
     k: &DevBuf<D, f32>,

@@ -28,9 +28,7 @@ mod swiglu;
 pub use adamw::{adamw, sum_squares, sum_squares_blocks};
 pub use add::{add, add_bias, zero_rows};
 pub use attention::{attention_bwd, attention_fwd};
-pub use attention_decode::{
-    attention_cached, attention_cached_window, decode_split, decode_split_window,
-};
+pub use attention_decode::{attention_cached, decode_split, decode_split_window};
 pub use cast::{cast, diff_f64};
 pub use channel_stats::channel_stats;
 pub use compact::{compact_cols, compact_cols_widen, compact_rows, Word};
