@@ -105,6 +105,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: 
             ce: true,
         },
         energy_at: EnergyAt::FinalNorm,
+        norms: None,
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }

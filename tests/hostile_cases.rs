@@ -804,7 +804,12 @@ fn stats_files() {
         ("objectives", &["", "x", "energy,energy,ce,x"][..]),
         ("energy_at", &["x"][..]),
         ("format", &["safetensors"][..]),
-        ("format_version", &["1", "3", ""][..]),
+        ("format_version", &["1", "4", ""][..]),
+        ("predicted", &["0", "1", "x", "18446744073709551615"][..]),
+        ("energy_norm", &["0", "1", "x", "18446744073709551615"][..]),
+        ("ce_norm", &["0", "1", "x"][..]),
+        ("shard", &["0/2", "3/2", "x"][..]),
+        ("shard_samples", &["4"][..]),
         ("tensors_sha256", &["0", ""][..]),
         ("model_digest", &["", "0123456789abcdef"][..]),
     ] {
@@ -818,6 +823,8 @@ fn stats_files() {
         "format",
         "tensors_sha256",
         "model_digest",
+        "predicted",
+        "energy_norm",
     ] {
         let b = st_edit(&good, |h| {
             h["__metadata__"].as_object_mut().unwrap().remove(key);

@@ -29,6 +29,7 @@ fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives, residen
         batch: seqs,
         objectives,
         energy_at: EnergyAt::FinalNorm,
+        norms: None,
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;

@@ -4,8 +4,8 @@ mod common;
 use clap::ValueEnum;
 use common::values;
 use rku_engine::prune::{
-    allocate, floors, scores, Allocation, ColumnNorms, EnergyAt, LayerStats, Method, Objectives,
-    Stats, StatsMeta,
+    allocate, floors, scores, Allocation, ColumnNorms, EnergyAt, LayerStats, Method, Norms,
+    Objectives, Stats, StatsMeta,
 };
 
 const WIDTHS: [usize; 4] = [16, 30, 50, 12];
@@ -27,6 +27,12 @@ fn meta(objectives: Objectives) -> StatsMeta {
         engine_version: "test".into(),
         window_digests: (0..SAMPLES).map(|s| [s as u8; 32]).collect(),
         traces: None,
+        predicted: (SAMPLES * (SEQ_LEN - 1)) as u64,
+        norms: Norms {
+            energy: (SAMPLES * SEQ_LEN) as u64,
+            ce: (SAMPLES * (SEQ_LEN - 1)) as u64,
+        },
+        shard: None,
     }
 }
 

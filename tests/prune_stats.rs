@@ -2,7 +2,7 @@
 mod common;
 use common::values;
 use rku_engine::prune::stats::tensors_checksum;
-use rku_engine::prune::{merge, EnergyAt, LayerStats, Objectives, Stats, StatsMeta};
+use rku_engine::prune::{merge, EnergyAt, LayerStats, Norms, Objectives, Stats, StatsMeta};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -25,6 +25,17 @@ fn hg(seq: usize, t: usize, l: usize, c: usize) -> (f64, f64) {
 
 /// Statistics over sequences `seqs`, straight from METHODS.md §4.
 fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -> Stats {
+    stats_in(seqs.clone(), seqs, calib, objectives)
+}
+
+/// The sums over sequences `seqs` of a pass normalised over the set `set`
+/// (a partial sum of that pass, or a shard of it).
+fn stats_in(
+    seqs: std::ops::Range<usize>,
+    set: std::ops::Range<usize>,
+    calib: &str,
+    objectives: Objectives,
+) -> Stats {
     let meta = StatsMeta {
         model_digest: "sha256:model".into(),
         calib_digest: calib.into(),
@@ -37,7 +48,15 @@ fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -
         // One distinct digest per sequence index, as a pass over distinct windows gives.
         window_digests: seqs.clone().map(|s| [s as u8; 32]).collect(),
         traces: None,
+        predicted: (seqs.len() * (SEQ_LEN - 1)) as u64,
+        norms: Norms {
+            energy: (set.len() * SEQ_LEN) as u64,
+            ce: (set.len() * (SEQ_LEN - 1)) as u64,
+        },
+        shard: None,
     };
+    // g = ∂J/∂h of an objective normalised over this set: 1/n_E, 1/n_C.
+    let (n_e, n_c) = st_norm(&meta);
     let mut st = Stats::zeros(meta, &WIDTHS);
     for (l, layer) in st.layers.iter_mut().enumerate() {
         for c in 0..WIDTHS[l] {
@@ -48,10 +67,10 @@ fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -
                     layer.s1[c] += h;
                     layer.s2[c] += h * h;
                     if objectives.energy {
-                        layer.f2[c] += g * g;
-                        layer.k1[c] += (h * g).abs();
+                        layer.f2[c] += (g / n_e) * (g / n_e);
+                        layer.k1[c] += (h * g / n_e).abs();
                     }
-                    dot += h * g;
+                    dot += h * g / n_c;
                 }
                 if objectives.ce {
                     layer.tk[c] += dot.abs();
@@ -60,6 +79,11 @@ fn stats_of(seqs: std::ops::Range<usize>, calib: &str, objectives: Objectives) -
         }
     }
     st
+}
+
+/// The normalisers (n_E, n_C) of `meta` as floats.
+fn st_norm(meta: &StatsMeta) -> (f64, f64) {
+    (meta.norms.energy as f64, meta.norms.ce as f64)
 }
 
 fn assert_close(a: &Stats, b: &Stats) {
@@ -167,8 +191,9 @@ fn save_load_round_trip() {
 
 #[test]
 fn add_sums_and_refuses_other_shapes() {
-    let mut a = stats_of(0..2, "a", BOTH);
-    a.add(&stats_of(2..4, "b", BOTH)).unwrap();
+    // Two partial sums of one pass over sequences 0..4 (its normalisers).
+    let mut a = stats_in(0..2, 0..4, "a", BOTH);
+    a.add(&stats_in(2..4, 0..4, "b", BOTH)).unwrap();
     assert_eq!(a.meta.samples, 4);
     assert_eq!(a.meta.tokens, 20);
     assert_eq!(a.meta.calib_digest, "a");
@@ -197,7 +222,7 @@ fn merge_of_shards_equals_stats_of_union() {
         "c.safetensors",
         &stats_of(3..6, "digest-c", BOTH),
     );
-    let merged = merge(&[b.clone(), a.clone(), c.clone()]).unwrap();
+    let merged = merge(&[b.clone(), a.clone(), c.clone()], false).unwrap();
     let union = stats_of(0..6, "whatever", BOTH);
     assert_close(&merged, &union);
     assert_eq!(merged.meta.samples, 6);
@@ -208,7 +233,7 @@ fn merge_of_shards_equals_stats_of_union() {
         .collect::<String>();
     assert_eq!(merged.meta.calib_digest, want);
     // Independent of the order the files are given in; saves and reloads.
-    let again = merge(&[c, a, b]).unwrap();
+    let again = merge(&[c, a, b], false).unwrap();
     assert_eq!(again.meta.calib_digest, want);
     let p = save(dir.path(), "m.safetensors", &merged);
     assert_eq!(Stats::load(&p).unwrap(), merged);
@@ -221,7 +246,7 @@ fn merge_refusals() {
 
     let err = |st: Stats, name: &str| {
         let p = save(dir.path(), name, &st);
-        merge(&[a.clone(), p]).unwrap_err().to_string()
+        merge(&[a.clone(), p], false).unwrap_err().to_string()
     };
     let mut st = stats_of(2..4, "db", BOTH);
     st.meta.model_digest = "sha256:other".into();
@@ -229,7 +254,13 @@ fn merge_refusals() {
 
     let mut st = stats_of(2..4, "db", BOTH);
     st.meta.seq_len = 7;
-    st.meta.tokens = st.meta.samples as u64 * 7; // a consistent file of other windows
+    // A consistent file of other windows.
+    st.meta.tokens = st.meta.samples as u64 * 7;
+    st.meta.predicted = st.meta.samples as u64 * 6;
+    st.meta.norms = Norms {
+        energy: st.meta.tokens,
+        ce: st.meta.predicted,
+    };
     assert!(err(st, "t.safetensors").contains("sequence length"));
 
     let energy = Objectives {
@@ -253,9 +284,11 @@ fn merge_refusals() {
     // The same shard twice, under another name or the same one.
     let e = err(stats_of(2..4, "da", BOTH), "dup.safetensors");
     assert!(e.contains("same calibration digest"), "{e}");
-    let e = merge(&[a.clone(), a.clone()]).unwrap_err().to_string();
+    let e = merge(&[a.clone(), a.clone()], false)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("same calibration digest"), "{e}");
-    assert!(merge(std::slice::from_ref(&a)).is_err());
+    assert!(merge(std::slice::from_ref(&a), false).is_err());
 }
 
 #[test]

@@ -32,6 +32,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>) -> Stats {
         batch: 2,
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
+        norms: None,
     };
     let windows = ids(36, model.cfg.vocab);
     collect_stats(be, model, &windows, spec, "calib".into()).unwrap()

@@ -22,6 +22,7 @@ fn spec(batch: usize) -> CalibSpec {
         batch,
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
+        norms: None,
     }
 }
 

@@ -11,6 +11,7 @@ use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::progressive::Schedule;
 use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
+use rku_engine::prune::shard::ShardSpec;
 use rku_engine::prune::traces::{Selection, TokenRule};
 use rku_engine::prune::{Allocation, EnergyAt, ExportLayout, Method, Objectives, Sparsity};
 use rku_engine::recover::step::RecoverLoss;
@@ -345,6 +346,13 @@ pub struct ScoreArgs {
     /// wrote (or an empty file), never an input of this run.
     #[arg(long)]
     pub force: bool,
+    /// Score only shard I of N of the calibration sequences (I from 0): the
+    /// sequences j with j mod N = I, normalised as the whole set so that
+    /// `stats merge --expect-complete` of all N equals one pass. Without
+    /// it, a Slurm array task (SLURM_ARRAY_TASK_ID/COUNT) or a torchrun rank
+    /// (RANK/WORLD_SIZE) picks the shard; `--shard 0/1` scores everything.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<ShardSpec>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -533,9 +541,15 @@ pub struct ImportArgs {
 
 #[derive(Args)]
 pub struct MergeArgs {
-    /// Statistics files to sum (two or more, from `score` on disjoint shards).
-    #[arg(required = true, num_args = 2.., value_parser = existing_file)]
+    /// Statistics files to sum (from `score` on disjoint shards: two or
+    /// more, or with --expect-complete every shard of one set).
+    #[arg(required = true, num_args = 1.., value_parser = existing_file)]
     pub files: Vec<PathBuf>,
+    /// The files must be every shard (`score --shard i/n`) of one
+    /// calibration set, each once: a missing, repeated or foreign shard is
+    /// refused by name, and the result is what one pass over the set records.
+    #[arg(long)]
+    pub expect_complete: bool,
     /// Output statistics file (safetensors).
     #[arg(long)]
     pub out: PathBuf,

@@ -8,7 +8,7 @@ use crate::model::backward::backward_channel_stats_counted;
 use crate::model::forward::{forward, synthetic_ids};
 use crate::model::{Geometry, Model, ModelConfig};
 use crate::progress::Progress;
-use crate::prune::stats::{EnergyAt, Objective, Objectives, Stats, StatsMeta, TraceSource};
+use crate::prune::stats::{EnergyAt, Norms, Objective, Objectives, Stats, StatsMeta, TraceSource};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -27,6 +27,9 @@ pub struct CalibSpec {
     pub batch: usize,
     pub objectives: Objectives,
     pub energy_at: EnergyAt,
+    /// The objectives' normalisers: `None` for this set's own counts, a
+    /// shard's whole set's otherwise (so shards sum to one pass, §4).
+    pub norms: Option<Norms>,
 }
 
 /// Calibration input (METHODS.md section 2).
@@ -55,6 +58,7 @@ impl CalibSource {
             batch: self.batch,
             objectives,
             energy_at: self.energy_at,
+            norms: None,
         }
     }
 
@@ -164,11 +168,17 @@ pub fn collect_stats<B: Backend>(
             .map(|w| Sha256::digest(bytemuck::cast_slice::<u32, u8>(w)).into())
             .collect(),
         traces: None,
+        predicted: (n_seq * (t - 1)) as u64,
+        norms: spec.norms.unwrap_or(Norms {
+            energy: (n_seq * t) as u64,
+            ce: (n_seq * (t - 1)) as u64,
+        }),
+        shard: None,
     };
-    let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
     // Normalisers over the whole calibration set, so that batches add up.
-    let energy_scale = 1.0 / (n_seq * t) as f32;
-    let ce_scale = 1.0 / (n_seq * (t - 1)) as f32;
+    let energy_scale = 1.0 / meta.norms.energy as f32;
+    let ce_scale = 1.0 / meta.norms.ce as f32;
+    let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
     let progress = Progress::new(n_seq as u64, "scoring");
     let mut s0 = 0;
     while s0 < n_seq {
@@ -311,10 +321,16 @@ pub fn collect_sequence_stats<B: Backend>(
             .map(|s| Sha256::digest(bytemuck::cast_slice::<u32, u8>(&s.ids)).into())
             .collect(),
         traces,
+        predicted: predicted as u64,
+        norms: spec.norms.unwrap_or(Norms {
+            energy: counted as u64,
+            ce: predicted as u64,
+        }),
+        shard: None,
     };
+    let energy_scale = 1.0 / meta.norms.energy as f32;
+    let ce_scale = 1.0 / meta.norms.ce.max(1) as f32;
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
-    let energy_scale = 1.0 / counted as f32;
-    let ce_scale = 1.0 / predicted.max(1) as f32;
     // Equal lengths together, in their order of first appearance.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].ids.len());
@@ -388,6 +404,7 @@ pub fn bench_score<B: Backend>(
             ce: false,
         },
         energy_at: EnergyAt::FinalNorm,
+        norms: None,
     };
     collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
     let start = Instant::now();

@@ -6,6 +6,7 @@
 //! - [`methods`]: one score per channel for each method.
 //! - [`allocation`]: which channels each layer keeps at a sparsity.
 //! - [`calibrate`]: the statistics pass over calibration windows.
+//! - [`shard`]: which share of a calibration set one machine scores.
 //! - [`compact`]: gathering kept channels out of the FFN weights.
 //! - [`export`]: the pruned model directory (weights, config, pruning.json).
 //! - [`job`]: a pruning request as typed values; where models are written.
@@ -18,6 +19,7 @@ pub mod job;
 pub mod methods;
 pub mod pipeline;
 pub mod refit;
+pub mod shard;
 pub mod stats;
 pub mod traces;
 
@@ -25,5 +27,6 @@ pub use allocation::{allocate, allocate_from, floors, Allocation};
 pub use job::{ExportLayout, PruneJob, Sparsity};
 pub use methods::{scores, ColumnNorms, Method};
 pub use stats::{
-    merge, EnergyAt, LayerStats, Objective, Objectives, Stats, StatsMeta, TraceSource,
+    merge, EnergyAt, LayerStats, Norms, Objective, Objectives, ShardRecord, Stats, StatsMeta,
+    TraceSource,
 };

@@ -27,7 +27,7 @@
 //! | key              | value                                         |
 //! |------------------|-----------------------------------------------|
 //! | `format`         | `rku-stats`                                   |
-//! | `format_version` | `1`                                           |
+//! | `format_version` | `3` (`2` is read too, see below)              |
 //! | `model_digest`   | digest of the model the stats were scored on  |
 //! | `calib_digest`   | sha256 of the calibration token ids           |
 //! | `samples`        | N, number of calibration sequences            |
@@ -37,6 +37,28 @@
 //! | `objectives`     | `energy`, `ce` or `energy,ce`                 |
 //! | `energy_at`      | `final-norm` or `pre-norm`                    |
 //! | `engine_version` | version of the engine that wrote the numbers  |
+//! | `energy_norm`    | n_E, what the energy objective was divided by |
+//! | `ce_norm`        | n_C, what the ce objective was divided by     |
+//! | `predicted`      | next-token predictions these sequences hold   |
+//!
+//! The normalisers (METHODS.md §3, §4): a single pass divides by its own
+//! counts (energy_norm = tokens, ce_norm = predicted); a shard (below)
+//! by the whole set's, so that shards sum to the single pass. g = ∂J/∂h
+//! scales as 1/n, so f2 scales as 1/n², k1 as 1/n and tk as 1/n_C:
+//! [`merge`] rescales each file to the merged counts with these keys.
+//! Version 2 files lack the three keys; they are read as a single pass
+//! over windows (predicted = samples·(seq_len − 1)), and a version 2 file
+//! over traces with the ce objective is refused (its predicted count is
+//! unknown).
+//!
+//! A shard of a calibration set (`score --shard i/n`, METHODS.md §4) adds
+//! three keys, all or none:
+//!
+//! | key                | value                                              |
+//! |--------------------|----------------------------------------------------|
+//! | `shard`            | `i/n`: sequences j of the whole set with j mod n = i |
+//! | `shard_samples`    | the whole set's number of sequences                |
+//! | `shard_set_digest` | the whole set's `calib_digest` (what one pass records) |
 //!
 //! Statistics over traces (METHODS.md §11) add three keys, all or none:
 //!
@@ -60,6 +82,7 @@
 use crate::io::output::{self, Kind};
 use crate::io::safetensors_out::serialize_sorted;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};
+use crate::prune::shard::ShardSpec;
 use crate::{Error, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
@@ -69,8 +92,9 @@ use std::path::{Path, PathBuf};
 const FORMAT: &str = "rku-stats";
 /// A statistics file as an output: recognised by its `format` (DESIGN.md §10).
 pub const STATS_FILE: Kind = Kind::Safetensors(FORMAT);
-/// 2: adds the window digests and the tensor checksum.
-const FORMAT_VERSION: &str = "2";
+/// 2: adds the window digests and the tensor checksum; 3: the normalisers
+/// and the shard keys.
+const FORMAT_VERSION: &str = "3";
 /// The tensor of per-window digests: `[N, 32]` u8, sha256 of each
 /// calibration window's token ids (little-endian u32), in scoring order.
 const WINDOWS_TENSOR: &str = "windows.sha256";
@@ -96,6 +120,31 @@ pub struct StatsMeta {
     /// The traces the sequences came from, if any (METHODS.md §11): then
     /// `seq_len` is the longest sequence and `tokens` the counted ones.
     pub traces: Option<TraceSource>,
+    /// Next-token predictions in these sequences (the ce objective's count).
+    pub predicted: u64,
+    /// What the objectives were divided by (see the module doc).
+    pub norms: Norms,
+    /// Which share of a calibration set these statistics cover, if a share.
+    pub shard: Option<ShardRecord>,
+}
+
+/// The normalisers of the two objectives: J_E = (1/energy) Σ ½‖z‖²,
+/// J_C = (1/ce) Σ −log p (METHODS.md §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Norms {
+    pub energy: u64,
+    pub ce: u64,
+}
+
+/// A share of a calibration set: sequences j with j mod count = index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardRecord {
+    pub index: usize,
+    pub count: usize,
+    /// The whole set's number of sequences.
+    pub set_samples: usize,
+    /// The whole set's calibration digest (what one pass over it records).
+    pub set_digest: String,
 }
 
 /// What statistics over traces were computed from (METHODS.md §11).
@@ -241,9 +290,10 @@ impl Stats {
         Ok(())
     }
 
-    /// Adds `other` into `self`: every statistic, `samples` and `tokens` are
-    /// summed; `calib_digest` and `engine_version` of `self` are kept (use it
-    /// to sum the partial sums of one pass; [`merge`] sums shard files).
+    /// Adds `other` into `self`: every statistic, `samples`, `tokens` and
+    /// `predicted` are summed; `calib_digest`, `engine_version` and the
+    /// normalisers of `self` are kept (use it to sum the partial sums of one
+    /// pass, which share its normalisers; [`merge`] sums files).
     /// Refuses inconsistent shapes and statistics of another model, sequence
     /// length, objective set, energy position or layer widths.
     pub fn add(&mut self, other: &Stats) -> Result<()> {
@@ -260,11 +310,31 @@ impl Stats {
         }
         self.meta.samples += other.meta.samples;
         self.meta.tokens += other.meta.tokens;
+        self.meta.predicted += other.meta.predicted;
         self.meta.seq_len = self.meta.seq_len.max(other.meta.seq_len);
         self.meta
             .window_digests
             .extend_from_slice(&other.meta.window_digests);
         Ok(())
+    }
+
+    /// Rescales the gradient statistics from this file's normalisers to
+    /// `energy` and `ce` (g = ∂J/∂h scales as 1/n: f2 by (n_E/energy)², k1
+    /// by n_E/energy, tk by n_C/ce); the normalisers become those.
+    fn rescale(&mut self, energy: u64, ce: u64) {
+        let fe = self.meta.norms.energy as f64 / energy as f64;
+        let fc = match ce {
+            0 => 1.0,
+            _ => self.meta.norms.ce as f64 / ce as f64,
+        };
+        if fe != 1.0 || fc != 1.0 {
+            for l in &mut self.layers {
+                l.f2.iter_mut().for_each(|x| *x *= fe * fe);
+                l.k1.iter_mut().for_each(|x| *x *= fe);
+                l.tk.iter_mut().for_each(|x| *x *= fc);
+            }
+        }
+        self.meta.norms = Norms { energy, ce };
     }
 
     /// Writes the statistics to `path` (a temporary file renamed into
@@ -321,6 +391,13 @@ impl Stats {
                 ("traces_tokens", t.tokens.clone()),
             ]
         });
+        let shard_keys = meta.shard.iter().flat_map(|s| {
+            [
+                ("shard", format!("{}/{}", s.index, s.count)),
+                ("shard_samples", s.set_samples.to_string()),
+                ("shard_set_digest", s.set_digest.clone()),
+            ]
+        });
         let header: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
             ("format_version", FORMAT_VERSION.to_string()),
@@ -333,10 +410,14 @@ impl Stats {
             ("objectives", meta.objectives.to_string()),
             ("energy_at", meta.energy_at.to_string()),
             ("engine_version", meta.engine_version.clone()),
+            ("predicted", meta.predicted.to_string()),
+            ("energy_norm", meta.norms.energy.to_string()),
+            ("ce_norm", meta.norms.ce.to_string()),
             ("tensors_sha256", checksum),
         ]
         .into_iter()
         .chain(trace_keys)
+        .chain(shard_keys)
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let file = serialize_sorted(views, &header)?;
@@ -376,10 +457,10 @@ impl Stats {
                 get("format")?
             )));
         }
-        if get("format_version")? != FORMAT_VERSION {
+        let version = get("format_version")?;
+        if version != FORMAT_VERSION && version != "2" {
             return Err(bad(format!(
-                "stats format version {} is not supported (expected {FORMAT_VERSION})",
-                get("format_version")?
+                "stats format version {version} is not supported (expected 2 or {FORMAT_VERSION})"
             )));
         }
         let checksum = tensors_checksum(
@@ -457,6 +538,10 @@ impl Stats {
                     }
                 }
             },
+            // Read below, once the counts are known to be consistent.
+            predicted: 0,
+            norms: Norms { energy: 0, ce: 0 },
+            shard: None,
         };
         if meta.window_digests.len() != meta.samples {
             return Err(bad(format!(
@@ -484,6 +569,8 @@ impl Stats {
                 meta.tokens, meta.samples, meta.seq_len
             )));
         }
+        let mut meta = meta;
+        read_norms_and_shard(&mut meta, version, &num, kv).map_err(bad)?;
         let num_layers = num("num_layers")?;
         // Bounded by the tensors present (each layer has several) before
         // anything is sized by it.
@@ -558,6 +645,92 @@ impl Stats {
         }
         Ok(Stats { meta, layers })
     }
+}
+
+/// Fills `predicted`, `norms` and `shard` of `meta` (whose counts are
+/// already checked) from the header `kv`, or says why they are
+/// inconsistent. A header that lies here would rescale every statistic.
+fn read_norms_and_shard(
+    meta: &mut StatsMeta,
+    version: &str,
+    num: &dyn Fn(&str) -> Result<u64>,
+    kv: &HashMap<String, String>,
+) -> std::result::Result<(), String> {
+    let windows_predicted = (meta.samples as u64) * (meta.seq_len as u64 - 1);
+    if version == "2" {
+        if meta.traces.is_some() && meta.objectives.ce {
+            return Err(
+                "format version 2 statistics over traces with the ce objective do not \
+                        record their predicted positions: score them again"
+                    .into(),
+            );
+        }
+        meta.predicted = windows_predicted;
+        meta.norms = Norms {
+            energy: meta.tokens,
+            ce: windows_predicted,
+        };
+        return Ok(());
+    }
+    let num = |k: &str| num(k).map_err(|e| e.to_string());
+    meta.predicted = num("predicted")?;
+    meta.norms = Norms {
+        energy: num("energy_norm")?,
+        ce: num("ce_norm")?,
+    };
+    let (predicted, norms) = (meta.predicted, meta.norms);
+    let predicted_ok = match meta.traces {
+        None => predicted == windows_predicted,
+        Some(_) => predicted <= windows_predicted && (predicted > 0 || !meta.objectives.ce),
+    };
+    if !predicted_ok {
+        return Err(format!(
+            "metadata \"predicted\" is {predicted} for {} sequences of at most {} tokens",
+            meta.samples, meta.seq_len
+        ));
+    }
+    let keys = ["shard", "shard_samples", "shard_set_digest"];
+    meta.shard = match keys.map(|k| kv.get(k)) {
+        [None, None, None] => None,
+        [Some(shard), Some(_), Some(digest)] => {
+            let spec: ShardSpec = shard
+                .parse()
+                .map_err(|e| format!("metadata \"shard\": {e}"))?;
+            let set_samples = num("shard_samples")? as usize;
+            if set_samples < meta.samples || set_samples < spec.count {
+                return Err(format!(
+                    "metadata \"shard_samples\" {set_samples} is below this shard's {} sequences or its {} shards",
+                    meta.samples, spec.count
+                ));
+            }
+            Some(ShardRecord {
+                index: spec.index,
+                count: spec.count,
+                set_samples,
+                set_digest: digest.clone(),
+            })
+        }
+        _ => {
+            return Err(format!(
+                "metadata has some of {} but not all",
+                keys.join(", ")
+            ))
+        }
+    };
+    // One pass divides by its own counts; a shard by its whole set's, which
+    // are at least its own.
+    let own = norms.energy == meta.tokens && norms.ce == predicted;
+    let shard_ok = meta.shard.is_some() && norms.energy >= meta.tokens && norms.ce >= predicted;
+    if !(own || shard_ok) || norms.energy == 0 || (meta.objectives.ce && norms.ce == 0) {
+        return Err(format!(
+            "normalisers energy_norm {} and ce_norm {} do not fit {} counted tokens and {predicted} predictions{}",
+            norms.energy,
+            norms.ce,
+            meta.tokens,
+            if meta.shard.is_some() { " of a shard" } else { "" }
+        ));
+    }
+    Ok(())
 }
 
 /// Why `b` cannot be summed into `a`, if it cannot.
@@ -641,23 +814,32 @@ fn check_compatible(
 /// (the same shard twice, or a file merged with itself), two files that
 /// share a calibration window (overlapping shards), and files that
 /// differ in model digest, sequence length, objectives, energy position or
-/// layer widths. The result has `samples` and `tokens` summed,
+/// layer widths. Each file's gradient statistics are rescaled from its
+/// normalisers to the merged counts (n_E = Σ tokens, n_C = Σ predicted;
+/// f2 by (energy_norm/n_E)², k1 by energy_norm/n_E, tk by ce_norm/n_C), so
+/// files each scored on their own merge to one pass over their union, and
+/// shards scored with their whole set's normalisers sum unscaled. The
+/// result has `samples`, `tokens` and `predicted` summed,
 /// `calib_digest` = lowercase hex sha256 of the input calib digests sorted
 /// ascending and joined with `"\n"` (so it does not depend on the order the
-/// files are given in), `engine_version` of the first file, and every
-/// statistic summed. Statistics over traces merge only with statistics
+/// files are given in), `engine_version` of the first file, no shard
+/// record. Statistics over traces merge only with statistics
 /// over traces of the same selection and token rule (any lengths; the
 /// result's `seq_len` is the longest, its traces digest that of the one
 /// traces file or, for several, the sha256 of their sorted digests joined
 /// as `calib_digest`'s are).
-pub fn merge(files: &[PathBuf]) -> Result<Stats> {
-    if files.len() < 2 {
+///
+/// With `expect_complete`, the files must be every shard of one set, each
+/// once ([`check_complete`]); the result is then what one pass over the
+/// set records: its `calib_digest` and its window digests in set order.
+pub fn merge(files: &[PathBuf], expect_complete: bool) -> Result<Stats> {
+    if files.len() < 2 && !expect_complete {
         return Err(Error::Invalid(format!(
             "stats merge needs at least two files, got {}",
             files.len()
         )));
     }
-    let mut total: Option<(Stats, &Path)> = None;
+    let mut all: Vec<Stats> = Vec::with_capacity(files.len());
     let mut digests: Vec<(String, &Path)> = Vec::with_capacity(files.len());
     let mut windows: HashMap<[u8; 32], (&Path, usize)> = HashMap::new();
     let mut trace_digests: Vec<String> = Vec::new();
@@ -683,23 +865,48 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
                 )));
             }
         }
-        match &mut total {
-            None => total = Some((s, path)),
-            Some((acc, first)) => {
-                check_compatible(&acc.meta, &acc.widths(), &s.meta, &s.widths()).map_err(
-                    |why| {
-                        Error::Invalid(format!(
-                            "cannot merge {} into {}: {why}",
-                            path.display(),
-                            first.display()
-                        ))
-                    },
-                )?;
-                acc.add(&s)?;
-            }
+        if let Some(first) = all.first() {
+            check_compatible(&first.meta, &first.widths(), &s.meta, &s.widths()).map_err(
+                |why| {
+                    Error::Invalid(format!(
+                        "cannot merge {} into {}: {why}",
+                        path.display(),
+                        files.first().map_or(path, |p| p).display()
+                    ))
+                },
+            )?;
         }
+        all.push(s);
     }
-    let (mut merged, _) = total.expect("at least two files");
+    let set = match expect_complete {
+        true => Some(check_complete(&all, files)?),
+        false => None,
+    };
+    // Where each file's window digests start once concatenated in file order.
+    let offsets: Vec<usize> = all
+        .iter()
+        .scan(0, |at, s| {
+            let start = *at;
+            *at += s.meta.samples;
+            Some(start)
+        })
+        .collect();
+    let n_e: u64 = all.iter().map(|s| s.meta.tokens).sum();
+    let n_c: u64 = all.iter().map(|s| s.meta.predicted).sum();
+    let mut iter = all.into_iter();
+    let mut merged = iter
+        .next()
+        .ok_or_else(|| Error::Invalid("no files".into()))?;
+    merged.rescale(n_e, n_c);
+    for mut s in iter {
+        s.rescale(n_e, n_c);
+        merged.add(&s)?;
+    }
+    merged.meta.norms = Norms {
+        energy: n_e,
+        ce: n_c,
+    };
+    merged.meta.shard = None;
     let mut sorted: Vec<&str> = digests.iter().map(|(d, _)| d.as_str()).collect();
     sorted.sort_unstable();
     merged.meta.calib_digest = sha256_hex(sorted.join("\n").as_bytes());
@@ -711,7 +918,114 @@ pub fn merge(files: &[PathBuf]) -> Result<Stats> {
             t.digest = sha256_hex(trace_digests.join("\n").as_bytes());
         }
     }
+    if let Some((set_digest, order)) = set {
+        merged.meta.calib_digest = set_digest;
+        let concatenated = &merged.meta.window_digests;
+        merged.meta.window_digests = order
+            .iter()
+            .map(|&(f, k)| {
+                offsets
+                    .get(f)
+                    .and_then(|o| concatenated.get(o + k))
+                    .copied()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("window {k} of {} is missing", name_of(files, f)))
+                    })
+            })
+            .collect::<Result<_>>()?;
+    }
     Ok(merged)
+}
+
+/// The name of file `f` of `files` for a message.
+fn name_of(files: &[PathBuf], f: usize) -> String {
+    files
+        .get(f)
+        .map_or_else(String::new, |p| p.display().to_string())
+}
+
+/// Checks that `shards` (read from `files`) are every shard of one
+/// calibration set, each once: all carry a shard record with the same
+/// shard count, set size and set digest, no index twice, none missing, and
+/// their sequences add up to the set. Returns the set digest and, for
+/// every sequence of the set in order, (file, window within that file).
+fn check_complete(shards: &[Stats], files: &[PathBuf]) -> Result<(String, Vec<(usize, usize)>)> {
+    let name = |f: usize| name_of(files, f);
+    let mut first: Option<(&ShardRecord, usize)> = None;
+    let mut by_index: BTreeMap<usize, usize> = BTreeMap::new();
+    for (f, s) in shards.iter().enumerate() {
+        let r = s.meta.shard.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} is not a shard (scored without --shard): --expect-complete merges shards only",
+                name(f)
+            ))
+        })?;
+        match first {
+            None => first = Some((r, f)),
+            Some((r0, f0)) => {
+                if (r.count, r.set_samples, &r.set_digest)
+                    != (r0.count, r0.set_samples, &r0.set_digest)
+                {
+                    return Err(Error::Invalid(format!(
+                        "{} is shard {}/{} of a set of {} sequences (digest {}…) but {} is shard {}/{} of a set of {} (digest {}…): not shards of one set",
+                        name(f), r.index, r.count, r.set_samples, r.set_digest.get(..12).unwrap_or(""),
+                        name(f0), r0.index, r0.count, r0.set_samples, r0.set_digest.get(..12).unwrap_or("")
+                    )));
+                }
+            }
+        }
+        if let Some(g) = by_index.insert(r.index, f) {
+            return Err(Error::Invalid(format!(
+                "shard {}/{} is given twice: {} and {}",
+                r.index,
+                r.count,
+                name(g),
+                name(f)
+            )));
+        }
+    }
+    let (r, _) = first.ok_or_else(|| Error::Invalid("no shards given".into()))?;
+    let (n, total) = (r.count, r.set_samples);
+    let missing: Vec<String> = (0..n)
+        .filter(|i| !by_index.contains_key(i))
+        .map(|i| {
+            let held: Vec<usize> = (i..total).step_by(n).collect();
+            let shown: Vec<String> = held.iter().take(8).map(usize::to_string).collect();
+            let more = if held.len() > 8 { ", …" } else { "" };
+            format!(
+                "shard {i}/{n} (sequences {}{more}; {} in all)",
+                shown.join(", "),
+                held.len()
+            )
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "incomplete set: missing {}",
+            missing.join("; ")
+        )));
+    }
+    let mut order = Vec::with_capacity(total);
+    for j in 0..total {
+        let (i, k) = (j % n, j / n);
+        let f = by_index.get(&i).copied().unwrap_or(0);
+        let samples = shards.get(f).map_or(0, |s| s.meta.samples);
+        if k >= samples {
+            return Err(Error::Invalid(format!(
+                "{} (shard {i}/{n}) holds {samples} sequences; sequence {j} of the set of {total} should be its {}th",
+                name(f),
+                k + 1
+            )));
+        }
+        order.push((f, k));
+    }
+    let held: usize = shards.iter().map(|s| s.meta.samples).sum();
+    if held != total {
+        return Err(Error::Invalid(format!(
+            "the shards hold {held} sequences, their set {total}"
+        )));
+    }
+    Ok((r.set_digest.clone(), order))
 }
 
 /// sha256 over every tensor, in name order, of its name and its bytes: the
@@ -758,6 +1072,9 @@ mod tests {
             engine_version: "test".into(),
             window_digests: vec![[0; 32]],
             traces: None,
+            predicted: 3,
+            norms: Norms { energy: 4, ce: 3 },
+            shard: None,
         };
         let mut stats = Stats::zeros(meta, &[3, 2]);
         stats.check_shapes().unwrap();

@@ -90,9 +90,9 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     };
     let model = load_model(be, &a.model, &a.common, None)?;
     let stats = match (scoring, a.stats.as_slice()) {
-        (true, _) => run_scoring(be, &model, source.as_ref(), &a.calib)?,
+        (true, _) => run_scoring(be, &model, source.as_ref(), &a.calib, None)?,
         (false, [one]) => Stats::load(one)?,
-        (false, many) => merge(many)?,
+        (false, many) => merge(many, false)?,
     };
     if !scoring {
         // Statistics read from files: a mismatch names them.

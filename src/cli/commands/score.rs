@@ -4,12 +4,15 @@ use crate::cli::args::{CalibArgs, ScoreArgs};
 use crate::cli::{check_output, load_model};
 use anyhow::{bail, Result};
 use rku_engine::backend::Backend;
+use rku_engine::io::text::token_digest;
 use rku_engine::io::text::Tokenizer;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSource, Sequence};
+use rku_engine::prune::shard::ShardSpec;
 use rku_engine::prune::stats::STATS_FILE;
 use rku_engine::prune::traces::{sequences_digest, trace_sequences, TokenRule};
 use rku_engine::prune::Stats;
+use rku_engine::prune::{Norms, ShardRecord};
 use std::time::Instant;
 
 pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
@@ -32,8 +35,16 @@ pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
         );
     }
     let source = calib_source(&a.calib)?;
+    let shard = match a.shard {
+        Some(s) => Some((s, "--shard")),
+        None => ShardSpec::from_env(|k| std::env::var(k).ok())?,
+    };
+    match shard {
+        Some((s, from)) => eprintln!("shard {s} (from {from})"),
+        None => eprintln!("shard: none (the whole calibration set)"),
+    }
     let model = load_model(be, &a.model, &a.common, None)?;
-    let stats = run_scoring(be, &model, source.as_ref(), &a.calib)?;
+    let stats = run_scoring(be, &model, source.as_ref(), &a.calib, shard.map(|(s, _)| s))?;
     stats.save_with(&a.out, a.force)?;
     println!("wrote {}", a.out.display());
     Ok(())
@@ -60,12 +71,15 @@ pub fn calib_source(c: &CalibArgs) -> Result<Option<CalibSource>> {
 /// Windows the calibration text and/or reads the traces, and runs the
 /// statistics pass on `model`. Windows alone run as they always have;
 /// with traces, the windows (every token counted) and the selected traces
-/// are scored together, their counts adding up (METHODS.md §11).
+/// are scored together, their counts adding up (METHODS.md §11). With a
+/// `shard`, only its share of the sequences is scored, normalised as the
+/// whole set (METHODS.md §4).
 pub fn run_scoring<B: Backend>(
     be: &B,
     model: &Model<B>,
     source: Option<&CalibSource>,
     c: &CalibArgs,
+    shard: Option<ShardSpec>,
 ) -> Result<Stats> {
     let spec = c
         .windows
@@ -87,9 +101,25 @@ pub fn run_scoring<B: Backend>(
         None => None,
     };
     let t = Instant::now();
-    let (stats, scored) = match (windows, &c.traces) {
+    let mut set: Option<ShardRecord> = None;
+    let (mut stats, scored) = match (windows, &c.traces) {
         (Some((ids, digest, source)), None) => {
-            let spec = source.spec(c.objective.objectives());
+            let mut spec = source.spec(c.objective.objectives());
+            let (ids, digest) = match shard {
+                None => (ids, digest),
+                Some(s) => {
+                    let windows: Vec<&[u32]> = ids.chunks_exact(source.seq_len).collect();
+                    let share: Vec<u32> = s.share(&windows).concat();
+                    spec.norms = Some(Norms {
+                        energy: (source.samples * source.seq_len) as u64,
+                        ce: (source.samples * (source.seq_len - 1)) as u64,
+                    });
+                    spec.samples = share.len() / source.seq_len;
+                    set = Some(shard_record(s, source.samples, digest, spec.samples)?);
+                    let share_digest = token_digest(&share);
+                    (share, share_digest)
+                }
+            };
             (collect_stats(be, model, &ids, spec, digest)?, ids.len())
         }
         (windows, Some(path)) => {
@@ -116,13 +146,25 @@ pub fn run_scoring<B: Backend>(
                 None => Vec::new(),
             };
             seqs.extend(tr.seqs);
-            let digest = sequences_digest(&seqs);
+            let mut digest = sequences_digest(&seqs);
+            let mut spec = spec;
+            if let Some(s) = shard {
+                spec.norms = Some(Norms {
+                    energy: seqs.iter().map(Sequence::counted).sum::<usize>() as u64,
+                    ce: seqs.iter().map(Sequence::predicted).sum::<usize>() as u64,
+                });
+                let share = s.share(&seqs);
+                set = Some(shard_record(s, seqs.len(), digest, share.len())?);
+                digest = sequences_digest(&share);
+                seqs = share;
+            }
             let stats = collect_sequence_stats(be, model, &seqs, spec, digest, Some(tr.source))?;
             let n = seqs.iter().map(|s| s.ids.len()).sum();
             (stats, n)
         }
         (None, None) => bail!("calibration needed: pass --calib FILE and/or --traces FILE"),
     };
+    stats.meta.shard = set;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "scored {scored} tokens ({} counted, {}) in {secs:.1}s: {:.0} tokens/s",
@@ -131,4 +173,37 @@ pub fn run_scoring<B: Backend>(
         scored as f64 / secs
     );
     Ok(stats)
+}
+
+/// The record of shard `s` of a set of `set_samples` sequences whose one
+/// pass would record `set_digest`; says which sequences it holds, and errs
+/// when it holds none.
+fn shard_record(
+    s: ShardSpec,
+    set_samples: usize,
+    set_digest: String,
+    held: usize,
+) -> Result<ShardRecord> {
+    if held == 0 {
+        bail!(
+            "shard {s} holds no sequence: the calibration set has only {set_samples} \
+             (use at most {set_samples} shards)"
+        );
+    }
+    let first: Vec<String> = (s.index..set_samples)
+        .step_by(s.count)
+        .take(6)
+        .map(|j| j.to_string())
+        .collect();
+    let more = if held > first.len() { ", …" } else { "" };
+    eprintln!(
+        "shard {s}: sequences {}{more} ({held} of {set_samples}), normalised as the whole set",
+        first.join(", ")
+    );
+    Ok(ShardRecord {
+        index: s.index,
+        count: s.count,
+        set_samples,
+        set_digest,
+    })
 }

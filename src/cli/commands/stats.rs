@@ -12,7 +12,7 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
         STATS_FILE,
         a.force,
     )?;
-    let merged = prune::merge(&a.files)?;
+    let merged = prune::merge(&a.files, a.expect_complete)?;
     merged.save_with(&a.out, a.force)?;
     println!(
         "merged {} files: {} sequences, {} tokens -> {}",
