@@ -21,6 +21,11 @@ const SCHEDULER_VARS: [&str; 5] = [
 /// only batches of one make the sums of a shard and of the single pass
 /// differ by their f64 summation order alone, which is what is checked.
 fn score(input: &Path, traces: bool, out: &Path, extra: &[&str]) -> Command {
+    score_on("cpu", input, traces, out, extra)
+}
+
+/// [`score`] on `backend`.
+fn score_on(backend: &str, input: &Path, traces: bool, out: &Path, extra: &[&str]) -> Command {
     let mut c = bin();
     for v in SCHEDULER_VARS {
         c.env_remove(v);
@@ -28,7 +33,7 @@ fn score(input: &Path, traces: bool, out: &Path, extra: &[&str]) -> Command {
     c.args([
         "score",
         "--backend",
-        "cpu",
+        backend,
         "--objective",
         "both",
         "--model",
@@ -235,4 +240,29 @@ fn bad_shard_flags_are_refused() {
     let err = run_err(&mut score(&calib, false, &out, &["--shard", "10/11"]));
     assert!(err.contains("holds no sequence"), "{err}");
     assert!(!out.exists());
+}
+
+/// `--devices 0,1,2` on emulated devices: one share per device, summed,
+/// equals the one-device pass on the same backend (its metadata, and its
+/// statistics up to f64 summation order), and a shard of it equals
+/// `--shard` alone.
+#[test]
+fn devices_sum_to_one_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = calib_text(tmp.path(), 200);
+    let on = |out: &Path, extra: &[&str]| score_on("cuda-emu", &calib, false, out, extra);
+    let one = tmp.path().join("one.st");
+    run_ok(&mut on(&one, &[]));
+    let three = tmp.path().join("three.st");
+    run_ok(&mut on(&three, &["--devices", "0,1,2"]));
+    assert_same_pass(&Stats::load(&three).unwrap(), &Stats::load(&one).unwrap());
+    let err = run_err(&mut on(&tmp.path().join("x.st"), &["--devices", "0,0"]));
+    assert!(err.contains("twice"), "{err}");
+    let err = run_err(&mut score(
+        &calib,
+        false,
+        &tmp.path().join("y.st"),
+        &["--devices", "0,1"],
+    ));
+    assert!(err.contains("--backend cuda"), "{err}");
 }

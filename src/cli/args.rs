@@ -353,6 +353,12 @@ pub struct ScoreArgs {
     /// (RANK/WORLD_SIZE) picks the shard; `--shard 0/1` scores everything.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<ShardSpec>,
+    /// Score on several GPUs in this process: device k of the list takes
+    /// every k-th sequence of this process's share, one thread and one copy
+    /// of the model each; the partial statistics are summed in f64
+    /// (`--backend cuda`, or `cuda-emu` to check it on the CPU).
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub devices: Option<Vec<usize>>,
     #[command(flatten)]
     pub common: Common,
 }

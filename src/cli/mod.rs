@@ -44,6 +44,9 @@ pub fn run(cli: Cli) -> Result<()> {
     use commands::*;
     match cli.cmd {
         Cmd::Import(a) => import::run(&a),
+        Cmd::Score(a) if a.devices.is_some() => {
+            score::run_multi(&a, resolve_backend(a.common.backend))
+        }
         Cmd::Score(a) => with_backend!(a.common.backend, |be| score::run(&be, &a)),
         Cmd::Prune(a) => with_backend!(a.common.backend, |be| prune::run(&be, &a)),
         Cmd::Stats(StatsCmd::Merge(a)) => stats::merge(&a),

@@ -139,6 +139,12 @@ pub fn down_column_norms<B: Backend>(model: &Model<B>) -> Result<Vec<ColumnNorms
         .collect()
 }
 
+/// sha256 of one sequence's token ids (little-endian u32): the per-window
+/// digest a statistics file records.
+pub fn sequence_digest(ids: &[u32]) -> [u8; 32] {
+    Sha256::digest(bytemuck::cast_slice::<u32, u8>(ids)).into()
+}
+
 /// Runs the statistics pass over `windows` (`[N, T]` token ids).
 pub fn collect_stats<B: Backend>(
     be: &B,
@@ -163,10 +169,7 @@ pub fn collect_stats<B: Backend>(
         objectives: spec.objectives,
         energy_at: spec.energy_at,
         engine_version: env!("CARGO_PKG_VERSION").to_string(),
-        window_digests: windows
-            .chunks_exact(t)
-            .map(|w| Sha256::digest(bytemuck::cast_slice::<u32, u8>(w)).into())
-            .collect(),
+        window_digests: windows.chunks_exact(t).map(sequence_digest).collect(),
         traces: None,
         predicted: (n_seq * (t - 1)) as u64,
         norms: spec.norms.unwrap_or(Norms {
@@ -316,10 +319,7 @@ pub fn collect_sequence_stats<B: Backend>(
         objectives: spec.objectives,
         energy_at: spec.energy_at,
         engine_version: env!("CARGO_PKG_VERSION").to_string(),
-        window_digests: seqs
-            .iter()
-            .map(|s| Sha256::digest(bytemuck::cast_slice::<u32, u8>(&s.ids)).into())
-            .collect(),
+        window_digests: seqs.iter().map(|s| sequence_digest(&s.ids)).collect(),
         traces,
         predicted: predicted as u64,
         norms: spec.norms.unwrap_or(Norms {

@@ -1,21 +1,63 @@
 //! `rku-engine score`: the statistics pass over calibration windows and/or
 //! self-generated traces.
-use crate::cli::args::{CalibArgs, ScoreArgs};
+use crate::cli::args::{BackendKind, CalibArgs, ScoreArgs};
 use crate::cli::{check_output, load_model};
 use anyhow::{bail, Result};
+use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice, GpuDevice};
 use rku_engine::backend::Backend;
-use rku_engine::io::text::token_digest;
-use rku_engine::io::text::Tokenizer;
+use rku_engine::io::text::{token_digest, Tokenizer};
 use rku_engine::model::Model;
-use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSource, Sequence};
+use rku_engine::prune::calibrate::{
+    collect_sequence_stats, collect_stats, sequence_digest, CalibSource, Sequence,
+};
 use rku_engine::prune::shard::ShardSpec;
 use rku_engine::prune::stats::STATS_FILE;
 use rku_engine::prune::traces::{sequences_digest, trace_sequences, TokenRule};
 use rku_engine::prune::Stats;
-use rku_engine::prune::{Norms, ShardRecord};
+use rku_engine::prune::{Norms, ShardRecord, TraceSource};
 use std::time::Instant;
 
 pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
+    let shard = prepare(a)?;
+    let source = calib_source(&a.calib)?;
+    let model = load_model(be, &a.model, &a.common, None)?;
+    let stats = run_scoring(be, &model, source.as_ref(), &a.calib, shard)?;
+    stats.save_with(&a.out, a.force)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `score --devices K,…`: one share per device in this process, summed
+/// ([`run_devices`]), on the CUDA backend or its emulation.
+pub fn run_multi(a: &ScoreArgs, kind: BackendKind) -> Result<()> {
+    let ordinals = a.devices.as_deref().unwrap_or_default();
+    if let Some(k) = ordinals
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| ordinals[..i].contains(k).then_some(k))
+    {
+        bail!("--devices lists device {k} twice");
+    }
+    let shard = prepare(a)?;
+    let stats = match kind {
+        BackendKind::Cuda => {
+            eprintln!("backend: cuda, devices {ordinals:?}");
+            run_devices(a, ordinals, GpuDevice::new, shard)?
+        }
+        BackendKind::CudaEmu => {
+            eprintln!("backend: cuda-emu, {} emulated devices", ordinals.len());
+            run_devices(a, ordinals, |_| Ok(EmuDevice::new()), shard)?
+        }
+        _ => bail!("--devices needs --backend cuda (or cuda-emu): the cpu backend is one device"),
+    };
+    stats.save_with(&a.out, a.force)?;
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// Checks the flags and the output path, and says which shard this process
+/// scores (`--shard`, else the scheduler's environment, else none).
+fn prepare(a: &ScoreArgs) -> Result<Option<ShardSpec>> {
     let inputs = [
         Some(&a.model),
         a.calib.calib.as_ref(),
@@ -34,7 +76,6 @@ pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
             flags.join(", ")
         );
     }
-    let source = calib_source(&a.calib)?;
     let shard = match a.shard {
         Some(s) => Some((s, "--shard")),
         None => ShardSpec::from_env(|k| std::env::var(k).ok())?,
@@ -43,11 +84,7 @@ pub fn run<B: Backend>(be: &B, a: &ScoreArgs) -> Result<()> {
         Some((s, from)) => eprintln!("shard {s} (from {from})"),
         None => eprintln!("shard: none (the whole calibration set)"),
     }
-    let model = load_model(be, &a.model, &a.common, None)?;
-    let stats = run_scoring(be, &model, source.as_ref(), &a.calib, shard.map(|(s, _)| s))?;
-    stats.save_with(&a.out, a.force)?;
-    println!("wrote {}", a.out.display());
-    Ok(())
+    Ok(shard.map(|(s, _)| s))
 }
 
 /// The calibration windows the flags describe (METHODS.md §2), if any:
@@ -68,23 +105,138 @@ pub fn calib_source(c: &CalibArgs) -> Result<Option<CalibSource>> {
     }
 }
 
-/// Windows the calibration text and/or reads the traces, and runs the
-/// statistics pass on `model`. Windows alone run as they always have;
-/// with traces, the windows (every token counted) and the selected traces
-/// are scored together, their counts adding up (METHODS.md §11). With a
-/// `shard`, only its share of the sequences is scored, normalised as the
-/// whole set (METHODS.md §4).
-pub fn run_scoring<B: Backend>(
-    be: &B,
+/// The sequences one statistics pass scores, with the digest that pass
+/// records.
+pub struct CalibSet {
+    seqs: SetSeqs,
+    digest: String,
+}
+
+enum SetSeqs {
+    /// Windows alone: `[N, T]` ids, scored as they always have been.
+    Windows { ids: Vec<u32>, source: CalibSource },
+    /// Traces (after any windows, every window token counted).
+    Sequences {
+        seqs: Vec<Sequence>,
+        traces: TraceSource,
+    },
+}
+
+impl CalibSet {
+    /// Number of sequences.
+    fn len(&self) -> usize {
+        match &self.seqs {
+            SetSeqs::Windows { ids, source } => ids.len() / source.seq_len,
+            SetSeqs::Sequences { seqs, .. } => seqs.len(),
+        }
+    }
+
+    /// sha256 of each sequence's token ids, in order (what one pass records).
+    fn sequence_digests(&self) -> Vec<[u8; 32]> {
+        match &self.seqs {
+            SetSeqs::Windows { ids, source } => ids
+                .chunks_exact(source.seq_len)
+                .map(sequence_digest)
+                .collect(),
+            SetSeqs::Sequences { seqs, .. } => {
+                seqs.iter().map(|s| sequence_digest(&s.ids)).collect()
+            }
+        }
+    }
+
+    /// Token positions scored (padding never is).
+    fn positions(&self) -> usize {
+        match &self.seqs {
+            SetSeqs::Windows { ids, .. } => ids.len(),
+            SetSeqs::Sequences { seqs, .. } => seqs.iter().map(|s| s.ids.len()).sum(),
+        }
+    }
+
+    /// The normalisers of one pass over the whole set (METHODS.md §3).
+    fn norms(&self) -> Norms {
+        match &self.seqs {
+            SetSeqs::Windows { ids, source } => Norms {
+                energy: ids.len() as u64,
+                ce: (ids.len() / source.seq_len * (source.seq_len - 1)) as u64,
+            },
+            SetSeqs::Sequences { seqs, .. } => Norms {
+                energy: seqs.iter().map(Sequence::counted).sum::<usize>() as u64,
+                ce: seqs.iter().map(Sequence::predicted).sum::<usize>() as u64,
+            },
+        }
+    }
+
+    /// The sequences j with `pick(j)`, in order, and their digest.
+    fn share(&self, pick: impl Fn(usize) -> bool) -> CalibSet {
+        match &self.seqs {
+            SetSeqs::Windows { ids, source } => {
+                let ids: Vec<u32> = ids
+                    .chunks_exact(source.seq_len)
+                    .enumerate()
+                    .filter(|(j, _)| pick(*j))
+                    .flat_map(|(_, w)| w.iter().copied())
+                    .collect();
+                CalibSet {
+                    digest: token_digest(&ids),
+                    seqs: SetSeqs::Windows {
+                        ids,
+                        source: source.clone(),
+                    },
+                }
+            }
+            SetSeqs::Sequences { seqs, traces } => {
+                let seqs: Vec<Sequence> = seqs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| pick(*j))
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                CalibSet {
+                    digest: sequences_digest(&seqs),
+                    seqs: SetSeqs::Sequences {
+                        seqs,
+                        traces: traces.clone(),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The statistics pass over these sequences on `model`, normalised by
+    /// `norms` (`None`: this set's own counts).
+    fn score<B: Backend>(
+        &self,
+        be: &B,
+        model: &Model<B>,
+        c: &CalibArgs,
+        norms: Option<Norms>,
+    ) -> Result<Stats> {
+        let objectives = c.objective.objectives();
+        Ok(match &self.seqs {
+            SetSeqs::Windows { ids, source } => {
+                let mut spec = source.spec(objectives);
+                spec.samples = self.len();
+                spec.norms = norms;
+                collect_stats(be, model, ids, spec, self.digest.clone())?
+            }
+            SetSeqs::Sequences { seqs, traces } => {
+                let mut spec = c.windows.source(Default::default()).spec(objectives);
+                spec.norms = norms;
+                let digest = self.digest.clone();
+                collect_sequence_stats(be, model, seqs, spec, digest, Some(traces.clone()))?
+            }
+        })
+    }
+}
+
+/// Windows the calibration text and/or reads the traces (METHODS.md §2,
+/// §11): windows alone stay windows; with traces, the windows (every token
+/// counted) come first, then the selected traces.
+pub fn calibration_set<B: Backend>(
     model: &Model<B>,
     source: Option<&CalibSource>,
     c: &CalibArgs,
-    shard: Option<ShardSpec>,
-) -> Result<Stats> {
-    let spec = c
-        .windows
-        .source(Default::default())
-        .spec(c.objective.objectives());
+) -> Result<CalibSet> {
     let tok = Tokenizer::load(&model.dir)?;
     let windows = match source {
         Some(source) => {
@@ -100,28 +252,14 @@ pub fn run_scoring<B: Backend>(
         }
         None => None,
     };
-    let t = Instant::now();
-    let mut set: Option<ShardRecord> = None;
-    let (mut stats, scored) = match (windows, &c.traces) {
-        (Some((ids, digest, source)), None) => {
-            let mut spec = source.spec(c.objective.objectives());
-            let (ids, digest) = match shard {
-                None => (ids, digest),
-                Some(s) => {
-                    let windows: Vec<&[u32]> = ids.chunks_exact(source.seq_len).collect();
-                    let share: Vec<u32> = s.share(&windows).concat();
-                    spec.norms = Some(Norms {
-                        energy: (source.samples * source.seq_len) as u64,
-                        ce: (source.samples * (source.seq_len - 1)) as u64,
-                    });
-                    spec.samples = share.len() / source.seq_len;
-                    set = Some(shard_record(s, source.samples, digest, spec.samples)?);
-                    let share_digest = token_digest(&share);
-                    (share, share_digest)
-                }
-            };
-            (collect_stats(be, model, &ids, spec, digest)?, ids.len())
-        }
+    Ok(match (windows, &c.traces) {
+        (Some((ids, digest, source)), None) => CalibSet {
+            seqs: SetSeqs::Windows {
+                ids,
+                source: source.clone(),
+            },
+            digest,
+        },
         (windows, Some(path)) => {
             let (sel, rule) = (c.select.unwrap_or_default(), c.tokens.unwrap_or_default());
             let tr = trace_sequences(path, &model.dir, sel, rule, c.max_seq_len)?;
@@ -146,33 +284,131 @@ pub fn run_scoring<B: Backend>(
                 None => Vec::new(),
             };
             seqs.extend(tr.seqs);
-            let mut digest = sequences_digest(&seqs);
-            let mut spec = spec;
-            if let Some(s) = shard {
-                spec.norms = Some(Norms {
-                    energy: seqs.iter().map(Sequence::counted).sum::<usize>() as u64,
-                    ce: seqs.iter().map(Sequence::predicted).sum::<usize>() as u64,
-                });
-                let share = s.share(&seqs);
-                set = Some(shard_record(s, seqs.len(), digest, share.len())?);
-                digest = sequences_digest(&share);
-                seqs = share;
+            CalibSet {
+                digest: sequences_digest(&seqs),
+                seqs: SetSeqs::Sequences {
+                    seqs,
+                    traces: tr.source,
+                },
             }
-            let stats = collect_sequence_stats(be, model, &seqs, spec, digest, Some(tr.source))?;
-            let n = seqs.iter().map(|s| s.ids.len()).sum();
-            (stats, n)
         }
         (None, None) => bail!("calibration needed: pass --calib FILE and/or --traces FILE"),
-    };
-    stats.meta.shard = set;
+    })
+}
+
+/// This process's sequences of `set`: all of it, or with a `shard` its
+/// share, then normalised as the whole set (METHODS.md §4), with the
+/// shard's record.
+fn process_share(
+    set: CalibSet,
+    shard: Option<ShardSpec>,
+) -> Result<(CalibSet, Option<Norms>, Option<ShardRecord>)> {
+    match shard {
+        None => Ok((set, None, None)),
+        Some(s) => {
+            let share = set.share(|j| s.holds(j));
+            let record = shard_record(s, set.len(), set.digest.clone(), share.len())?;
+            Ok((share, Some(set.norms()), Some(record)))
+        }
+    }
+}
+
+/// Reads the calibration sequences and runs the statistics pass on
+/// `model` (with a `shard`, only its share, see [`process_share`]).
+pub fn run_scoring<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    source: Option<&CalibSource>,
+    c: &CalibArgs,
+    shard: Option<ShardSpec>,
+) -> Result<Stats> {
+    let (set, norms, record) = process_share(calibration_set(model, source, c)?, shard)?;
+    let t = Instant::now();
+    let mut stats = set.score(be, model, c, norms)?;
+    stats.meta.shard = record;
+    report_speed(&stats, set.positions(), t);
+    Ok(stats)
+}
+
+/// `score --devices`: this process's sequences split over the devices
+/// `ordinals` (`open` makes each one), scored in parallel, one thread and
+/// one copy of the model per device, and summed in f64 in device order.
+/// Device k scores the sequences at positions p ≡ k (mod devices) of the
+/// process's share, normalised as the whole share, so the sum is one pass
+/// over the share up to f64 summation order.
+pub fn run_devices<D: Device + 'static>(
+    a: &ScoreArgs,
+    ordinals: &[usize],
+    open: impl Fn(usize) -> rku_engine::Result<D>,
+    shard: Option<ShardSpec>,
+) -> Result<Stats> {
+    let source = calib_source(&a.calib)?;
+    let backends = ordinals
+        .iter()
+        .map(|&k| Ok(CudaBackend::new(open(k)?)))
+        .collect::<rku_engine::Result<Vec<_>>>()?;
+    let models = backends
+        .iter()
+        .map(|be| load_model(be, &a.model, &a.common, None))
+        .collect::<Result<Vec<_>>>()?;
+    let first = models
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("--devices lists no device"))?;
+    let (set, norms, record) =
+        process_share(calibration_set(first, source.as_ref(), &a.calib)?, shard)?;
+    let n = ordinals.len();
+    if set.len() < n {
+        bail!(
+            "{} sequences cannot be spread over {n} devices (--devices); list at most {}",
+            set.len(),
+            set.len()
+        );
+    }
+    let norms = Some(norms.unwrap_or_else(|| set.norms()));
+    let t = Instant::now();
+    let parts: Vec<Result<Stats>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = backends
+            .iter()
+            .zip(&models)
+            .enumerate()
+            .map(|(k, (be, model))| {
+                let part = set.share(|p| p % n == k);
+                scope.spawn(move || part.score(be, model, &a.calib, norms))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a device's scoring thread panicked"))
+            })
+            .collect()
+    });
+    let mut parts = parts.into_iter();
+    let mut stats = parts
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no device scored"))??;
+    for part in parts {
+        stats.add(&part?)?;
+    }
+    // One pass over the share: its digest, its sequences in their order.
+    stats.meta.calib_digest = set.digest.clone();
+    stats.meta.window_digests = set.sequence_digests();
+    stats.meta.norms = norms.unwrap_or(stats.meta.norms);
+    stats.meta.shard = record;
+    report_speed(&stats, set.positions(), t);
+    Ok(stats)
+}
+
+/// Prints the scoring speed.
+fn report_speed(stats: &Stats, positions: usize, t: Instant) {
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
-        "scored {scored} tokens ({} counted, {}) in {secs:.1}s: {:.0} tokens/s",
+        "scored {positions} tokens ({} counted, {}) in {secs:.1}s: {:.0} tokens/s",
         stats.meta.tokens,
         stats.meta.objectives,
-        scored as f64 / secs
+        positions as f64 / secs
     );
-    Ok(stats)
 }
 
 /// The record of shard `s` of a set of `set_samples` sequences whose one
