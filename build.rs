@@ -51,6 +51,8 @@ fn build_host(sources: &[PathBuf], out: &Path) {
         .flag("-pthread")
         .define("RKU_EMU", None)
         .include("kernels")
+        // -O2 under every profile (cc would follow the dev profile's
+        // opt-level 1): the emulated-device tests spend their time in here.
         .opt_level(2)
         // Large frames probe each page, so a kernel overflowing its fiber
         // stack faults on the guard page below it (kernels/compat.cpp)
