@@ -1,7 +1,8 @@
 //! Builds the CUDA kernels in kernels/*.cu twice (docs/DESIGN.md, "Kernels and build.rs"):
 //!
 //! - always, for the host, through kernels/compat.cuh (`-x c++ -std=c++20 -pthread`,
-//!   `RKU_EMU`) into a static library that the emulated device calls; every
+//!   `RKU_EMU`) into a static library that the emulated device calls, with the
+//!   fiber scheduler of kernels/compat.cpp (host only: not a .cu file); every
 //!   `RKU_EXPORT(name)` in a .cu file becomes `emu_<name>` there, listed in the
 //!   generated `$OUT_DIR/emu_kernels.rs`;
 //! - when nvcc is found (env NVCC, then $CUDA_HOME/bin/nvcc, then PATH; each
@@ -50,8 +51,15 @@ fn build_host(sources: &[PathBuf], out: &Path) {
         .flag("-pthread")
         .define("RKU_EMU", None)
         .include("kernels")
+        // -O2 under every profile (cc would follow the dev profile's
+        // opt-level 1): the emulated-device tests spend their time in here.
         .opt_level(2)
+        // Large frames probe each page, so a kernel overflowing its fiber
+        // stack faults on the guard page below it (kernels/compat.cpp)
+        // instead of jumping over it into another stack.
+        .flag("-fstack-clash-protection")
         .files(sources)
+        .file("kernels/compat.cpp")
         .compile("rku_kernels_emu");
     println!("cargo:rustc-link-lib=pthread");
 

@@ -1,8 +1,8 @@
 //! Criterion benchmarks of the CUDA kernels, each reporting achieved bytes/s
 //! (criterion's "thrpt") next to its time, so the distance to the memory
 //! floor stated at the top of each .cu file is visible. Runs on the emulated
-//! device with tiny shapes (one std::thread per CUDA thread: these numbers
-//! measure the emulation, not a GPU) and, when a GPU answers, on the GPU with
+//! device with tiny shapes (a block's CUDA threads as fibers on one OS
+//! thread: these numbers measure the emulation, not a GPU) and, when a GPU answers, on the GPU with
 //! one Qwen2.5-7B layer's shapes.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;

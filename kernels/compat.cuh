@@ -2,38 +2,54 @@
 // host (`-x c++ -std=c++20 -pthread`, RKU_EMU defined by build.rs) so the
 // emulated device runs exactly the code the GPU runs.
 //
-// Execution model of one launch (rku_emu::launch):
-// - one std::thread per CUDA thread of a block (blockDim.x·y·z threads);
-// - the grid's blocks run one at a time, in order; the same threads walk
-//   from block to block, separated by a launch-wide barrier;
-// - __syncthreads is a std::barrier per block; a thread that returns from the
-//   kernel early drops out of it (as exited threads do on sm_70+);
+// Execution model of one launch (rku_emu::run_grid, kernels/compat.cpp):
+// - the CUDA threads of a block are fibers on the launching OS thread (a
+//   256 KiB stack each with a guard page below it, kept across launches); a
+//   fiber runs until it reaches __syncthreads, __syncwarp or a shuffle's
+//   exchange, then hands control back to the scheduler;
+// - the scheduler resumes every ready fiber once per pass, then releases a
+//   warp whose live lanes all wait at __syncwarp, or else the block when all
+//   its live threads wait at __syncthreads; a thread that returns from the
+//   kernel early drops out of both (as exited threads do on sm_70+); threads
+//   waiting where no barrier can ever release them abort the process (a
+//   divergent barrier, which would hang on a GPU);
+// - the grid's blocks run one at a time, in order;
 // - warp w is threads [32w, 32w+32) in linear thread order; shuffles go
-//   through a per-warp exchange buffer and a per-warp barrier;
+//   through a per-warp exchange buffer between two __syncwarp;
 // - static `__shared__` is a function-local `static`: correct because blocks
 //   run one at a time and launches are serialised by a process-wide mutex;
 //   dynamic shared memory (RKU_DYN_SHARED) is a launch-wide buffer, filled
 //   with 0xFF bytes (NaN) before every block so a read-before-write shows;
 // - atomics are std::atomic_ref.
+// What a missing barrier does here: with one OS thread per CUDA thread (the
+// model before this one) it was a race that showed now and then; with fibers
+// it is deterministic. Between two barriers each thread runs alone up to the
+// next one, so it sees exactly what the threads run before it in that pass
+// wrote. The passes alternate direction (reverse linear order when
+// block + pass is even, forward when odd), so a stretch of code between two
+// barriers runs in reverse in one block and forward in the next: a thread
+// reading, without a barrier in between, what a lower thread writes (thread
+// 0's broadcast, lane 0's partial sum) or what a higher one writes reads the
+// 0xFF poison or a stale value in one of any two consecutive blocks, every
+// run. What no order shows: a race between two writes to one place (the last
+// one wins, as it might on a GPU), and a missing barrier in a single-block
+// launch whose one direction hides it (block 0 starts in reverse, the order
+// that shows the common case of a value broadcast from thread or lane 0).
 // Under nvcc this header is not included (see common.cuh).
 #pragma once
 #ifndef RKU_EMU
 #error "compat.cuh is for host builds only"
 #endif
 
+#include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <math.h>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <tuple>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #define __global__
 #define __device__
@@ -54,35 +70,31 @@ namespace rku_emu {
 
 constexpr unsigned kWarp = 32;
 
-// Synchronisation objects of the block being run.
-struct Block {
-    explicit Block(unsigned n) : sync(n) {
-        for (unsigned w = 0; w * kWarp < n; ++w) {
-            unsigned lanes = n - w * kWarp < kWarp ? n - w * kWarp : kWarp;
-            warps.push_back(std::make_unique<std::barrier<>>(lanes));
-        }
-        exchange.resize(warps.size() * kWarp);
-    }
-    std::barrier<> sync;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<uint64_t> exchange;  // one 8-byte slot per thread
-};
+// The thread being run and its launch, set by the scheduler before it
+// resumes a fiber. Plain globals: one launch runs at a time, on one OS thread.
+inline unsigned linear_tid = 0;
+inline unsigned char *dyn_shared = nullptr;
+inline uint64_t *exchange_slots = nullptr;  // one 8-byte slot per thread of the block
 
-inline thread_local Block *block = nullptr;
-inline thread_local unsigned linear_tid = 0;
-inline thread_local unsigned char *dyn_shared = nullptr;
+// Defined in compat.cpp (out of line, so the compiler reloads every global
+// and `__shared__` static after a barrier): the calling fiber waits at the
+// block's or its warp's barrier.
+void sync_block();
+void sync_warp();
+
+// Runs body(ctx) as every thread of every block of the grid (see the top of
+// this file), holding the process-wide launch mutex.
+void run_grid(dim3 grid, dim3 blk, size_t shmem, void (*body)(void *), void *ctx);
 
 }  // namespace rku_emu
 
-inline thread_local uint3 threadIdx;
-inline thread_local uint3 blockIdx;
-inline thread_local dim3 blockDim;
-inline thread_local dim3 gridDim;
+inline uint3 threadIdx;
+inline uint3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
 
-inline void __syncthreads() { rku_emu::block->sync.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-    rku_emu::block->warps[rku_emu::linear_tid / rku_emu::kWarp]->arrive_and_wait();
-}
+inline void __syncthreads() { rku_emu::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { rku_emu::sync_warp(); }
 
 namespace rku_emu {
 // Every lane publishes `v`, then reads the value of lane `src(lane)`.
@@ -92,13 +104,11 @@ inline T exchange(T v, F src) {
     unsigned lane = linear_tid % kWarp, base = linear_tid - lane;
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    block->exchange[linear_tid] = bits;
+    exchange_slots[linear_tid] = bits;
     __syncwarp();
     unsigned from = src(lane);
     T out = v;
-    if (from < kWarp && base + from < block->exchange.size()) {
-        std::memcpy(&out, &block->exchange[base + from], sizeof(T));
-    }
+    if (from < kWarp) std::memcpy(&out, &exchange_slots[base + from], sizeof(T));
     __syncwarp();
     return out;
 }
@@ -139,49 +149,18 @@ inline float __fsqrt_rn(float x) { return std::sqrt(x); }
 
 namespace rku_emu {
 
-// One for the whole process (an inline variable: one instance across every
-// translation unit and every kernel signature), so that two host threads
-// launching different kernels never share a static `__shared__` at once.
-inline std::mutex one_launch_at_a_time;
-
-// Runs `kernel(args...)` over the grid as described at the top of this file.
+// Runs `kernel(args...)` over the grid; `params` is cuLaunchKernel's kernelParams.
 template <class... A, size_t... I>
 void launch_impl(void (*kernel)(A...), dim3 grid, dim3 blk, size_t shmem, void **params,
                  std::index_sequence<I...>) {
-    std::lock_guard<std::mutex> guard(one_launch_at_a_time);
-    const unsigned n = blk.x * blk.y * blk.z;
-    const size_t blocks = size_t(grid.x) * grid.y * grid.z;
-    std::vector<unsigned char> shared(shmem + 16);
-    std::unique_ptr<Block> current;
-    std::barrier<> step(n);
-    auto body = [&](unsigned tid) {
-        blockDim = blk;
-        gridDim = grid;
-        linear_tid = tid;
-        threadIdx = {tid % blk.x, (tid / blk.x) % blk.y, tid / (blk.x * blk.y)};
-        dyn_shared = shared.data();
-        for (size_t b = 0; b < blocks; ++b) {
-            if (tid == 0) {
-                current = std::make_unique<Block>(n);
-                // Shared memory starts undefined on a GPU: poison it (NaN bytes).
-                std::memset(shared.data(), 0xFF, shared.size());
-            }
-            step.arrive_and_wait();
-            block = current.get();
-            blockIdx = {unsigned(b % grid.x), unsigned((b / grid.x) % grid.y),
-                        unsigned(b / (size_t(grid.x) * grid.y))};
-            kernel(*static_cast<std::remove_reference_t<A> *>(params[I])...);
-            // Leave the block's barriers so threads still inside do not wait for us.
-            block->warps[tid / kWarp]->arrive_and_drop();
-            block->sync.arrive_and_drop();
-            step.arrive_and_wait();
-        }
-    };
-    std::vector<std::thread> threads;
-    threads.reserve(n);
-    for (unsigned t = 1; t < n; ++t) threads.emplace_back(body, t);
-    body(0);
-    for (auto &t : threads) t.join();
+    struct Call {
+        void (*kernel)(A...);
+        void **params;
+    } call{kernel, params};
+    run_grid(grid, blk, shmem, [](void *p) {
+        const Call &c = *static_cast<const Call *>(p);
+        c.kernel(*static_cast<std::remove_reference_t<A> *>(c.params[I])...);
+    }, &call);
 }
 
 template <class... A>

@@ -1,6 +1,6 @@
 //! The emulated device: device memory is host memory, kernels are the
-//! host build of kernels/*.cu (one std::thread per CUDA thread; see
-//! kernels/compat.cuh) and matrix products are the `gemm` crate behind
+//! host build of kernels/*.cu (a block's CUDA threads run as fibers on the
+//! launching thread; see kernels/compat.cuh) and matrix products are the `gemm` crate behind
 //! cuBLAS's contract (column-major, op flags, leading dimensions, batch
 //! strides, `beta == 0` does not read C).
 use std::alloc::{alloc, dealloc, Layout};
