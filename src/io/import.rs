@@ -1,4 +1,4 @@
-//! Imports a LLaMA, Qwen2 or Qwen3 GGUF as an HF model directory: dequantised
+//! Imports a LLaMA, Qwen2, Qwen3 or Gemma 3 GGUF as an HF model directory: dequantised
 //! `model.safetensors` with HF tensor names, `config.json`, `tokenizer.json`
 //! and `tokenizer_config.json`, written atomically; with f32 output also the
 //! Q4_1/Q8_0 matrices' own blocks (`ggml_blocks`), for faster decoding.
@@ -12,6 +12,17 @@
 //! KV heads for K. Qwen2 and Qwen3 GGUFs are stored unpermuted; Qwen3's
 //! have no q/k/v biases and a per-head q/k norm (`attn_q_norm`,
 //! `attn_k_norm`, `[head_dim]`).
+//!
+//! Gemma 3 (`gemma3`, the text model: `Gemma3ForCausalLM`): Q/K unpermuted,
+//! q/k norms as Qwen3, and four norms per layer (`attn_norm`,
+//! `post_attention_norm`, `ffn_norm`, `post_ffw_norm`: HF `input_layernorm`,
+//! `post_attention_layernorm`, `pre_feedforward_layernorm`,
+//! `post_feedforward_layernorm`). Gemma's RMSNorm scales by `1 + w`;
+//! llama.cpp's converter stores `1 + w` so that its plain RMSNorm applies,
+//! and this importer stores it back as `w`, subtracting 1 in f32 from every
+//! `*norm.weight` (as transformers' GGUF loader does, bit for bit). What
+//! the file does not say comes from what llama.cpp and transformers both
+//! assume for gemma3 (see [`GemmaHparams`]).
 use crate::io::ggml_blocks::{self, BlockTensor};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
@@ -40,7 +51,7 @@ pub struct ImportOptions {
 #[derive(Clone, Debug)]
 pub struct ImportSummary {
     pub out_dir: PathBuf,
-    /// `general.architecture`: `llama`, `qwen2` or `qwen3`.
+    /// `general.architecture`: `llama`, `qwen2`, `qwen3` or `gemma3`.
     pub architecture: String,
     pub n_layers: usize,
     pub n_tensors: usize,
@@ -60,7 +71,34 @@ struct Hparams {
     rope_theta: f64,
     rms_eps: f64,
     tied: bool,
+    /// Gemma 3's attention layout; `None` for the other architectures.
+    gemma: Option<GemmaHparams>,
 }
+
+/// Gemma 3's sliding-window layout. A gemma3 GGUF states the window
+/// (`attention.sliding_window`) and one rope base (`rope.freq_base`, the
+/// global layers'); the rest is fixed by the architecture, and llama.cpp
+/// (`llama-model.cpp`, LLM_ARCH_GEMMA3) and transformers' GGUF loader
+/// (`Gemma3TextConfig` defaults) assume the same values:
+struct GemmaHparams {
+    sliding_window: usize,
+    /// Rope base of the sliding-window layers: 10000 (llama.cpp's
+    /// `rope_freq_base_train_swa`, transformers' `sliding_attention`
+    /// default).
+    rope_local_base: f64,
+    /// Every `swa_pattern`-th layer (1-based) is global, the others slide:
+    /// 6 (llama.cpp's `set_swa_pattern(6)`, transformers'
+    /// `_sliding_window_pattern`).
+    swa_pattern: usize,
+    /// Queries are scaled by `query_pre_attn_scalar^-1/2`: head_dim, except
+    /// hidden / heads for the 62-layer (27B) model (llama.cpp's
+    /// `f_attention_scale`; transformers' default 256 = head_dim of every
+    /// Gemma 3 but the 27B).
+    query_pre_attn_scalar: usize,
+}
+
+const GEMMA_ROPE_LOCAL_BASE: f64 = 10_000.0;
+const GEMMA_SWA_PATTERN: usize = 6;
 
 fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
     let key = |k: &str| format!("{arch}.{k}");
@@ -99,6 +137,12 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
             format!("{heads} heads do not divide hidden size {hidden}"),
         ));
     }
+    if arch == "gemma3" && key_length.is_none() {
+        return Err(Error::format(
+            g.path(),
+            format!("metadata {} is missing", key("attention.key_length")),
+        ));
+    }
     let kv_heads = int("attention.head_count_kv")?.unwrap_or(heads);
     let head_dim = key_length.unwrap_or(hidden / heads);
     if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 || head_dim % 2 != 0 {
@@ -125,6 +169,10 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
             ),
         ));
     }
+    let gemma = match arch {
+        "gemma3" => Some(gemma_hparams(g, layers, hidden, heads, head_dim)?),
+        _ => None,
+    };
     Ok(Hparams {
         layers,
         hidden,
@@ -145,6 +193,67 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
             )
         })?,
         tied: g.tensor("output.weight").is_none(),
+        gemma,
+    })
+}
+
+/// The gemma3 metadata beyond the common keys, checked: the window must be
+/// stated, V heads must be as wide as K heads, and what the engine does not
+/// implement (rope scaling, logit soft-capping) is refused by key.
+fn gemma_hparams(
+    g: &GgufFile,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<GemmaHparams> {
+    let bad = |msg: String| Error::format(g.path(), msg);
+    let value_length = g.get("gemma3.attention.value_length");
+    if let Some(v) = value_length.filter(|v| v.as_u64() != Some(head_dim as u64)) {
+        return Err(bad(format!(
+            "metadata gemma3.attention.value_length = {v:?}, but key_length is {head_dim} \
+             (Gemma 3 has one head_dim)"
+        )));
+    }
+    let unsupported = |key: &str, v: &Value| {
+        Error::Unsupported(format!(
+            "{}: metadata {key} = {v:?}: not implemented for gemma3",
+            g.path().display()
+        ))
+    };
+    let key = "gemma3.rope.scaling.type";
+    if let Some(v) = g.get(key).filter(|v| v.as_str() != Some("none")) {
+        return Err(unsupported(key, v));
+    }
+    for key in [
+        "gemma3.attn_logit_softcapping",
+        "gemma3.final_logit_softcapping",
+    ] {
+        if let Some(v) = g.get(key) {
+            return Err(unsupported(key, v));
+        }
+    }
+    let key = "gemma3.attention.sliding_window";
+    let sliding_window = match g.get(key) {
+        None => return Err(bad(format!("metadata {key} is missing"))),
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 => w as usize,
+            _ => {
+                return Err(bad(format!(
+                    "metadata {key} = {v:?} is not a positive integer"
+                )))
+            }
+        },
+    };
+    Ok(GemmaHparams {
+        sliding_window,
+        rope_local_base: GEMMA_ROPE_LOCAL_BASE,
+        swa_pattern: GEMMA_SWA_PATTERN,
+        query_pre_attn_scalar: if layers == 62 {
+            hidden / heads
+        } else {
+            head_dim
+        },
     })
 }
 
@@ -155,6 +264,8 @@ struct Plan {
     shape: Vec<usize>,
     /// Heads to un-permute the rows over (LLaMA Q and K).
     unpermute_heads: Option<usize>,
+    /// Stored as `1 + w` (Gemma's norms): subtract 1.
+    minus_one: bool,
 }
 
 /// The HF name, expected shape and row permutation of every tensor the
@@ -167,13 +278,16 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
         h.ffn,
     );
     let llama = arch == "llama";
+    let gemma = arch == "gemma3";
     let plan = |gg: String, hf: String, shape: Vec<usize>, heads: Option<usize>| {
+        let minus_one = gemma && gg.ends_with("norm.weight");
         (
             gg,
             Plan {
                 hf_name: hf,
                 shape,
                 unpermute_heads: heads,
+                minus_one,
             },
         )
     };
@@ -205,6 +319,20 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
             out.push(plan(format!("{b}.{gg}"), format!("{p}.{hf}"), shape, heads))
         };
         add("attn_norm.weight", "input_layernorm.weight", vec![d], None);
+        if gemma {
+            add(
+                "post_attention_norm.weight",
+                "post_attention_layernorm.weight",
+                vec![d],
+                None,
+            );
+            add(
+                "post_ffw_norm.weight",
+                "post_feedforward_layernorm.weight",
+                vec![d],
+                None,
+            );
+        }
         add(
             "attn_q.weight",
             "self_attn.q_proj.weight",
@@ -234,7 +362,7 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
             add("attn_k.bias", "self_attn.k_proj.bias", vec![kv], None);
             add("attn_v.bias", "self_attn.v_proj.bias", vec![kv], None);
         }
-        if arch == "qwen3" {
+        if arch == "qwen3" || gemma {
             let hd = h.head_dim;
             add(
                 "attn_q_norm.weight",
@@ -249,12 +377,11 @@ fn plans(h: &Hparams, arch: &str) -> Vec<(String, Plan)> {
                 None,
             );
         }
-        add(
-            "ffn_norm.weight",
-            "post_attention_layernorm.weight",
-            vec![d],
-            None,
-        );
+        let ffn_norm = match gemma {
+            true => "pre_feedforward_layernorm.weight",
+            false => "post_attention_layernorm.weight",
+        };
+        add("ffn_norm.weight", ffn_norm, vec![d], None);
         add("ffn_gate.weight", "mlp.gate_proj.weight", vec![m, d], None);
         add("ffn_up.weight", "mlp.up_proj.weight", vec![m, d], None);
         add("ffn_down.weight", "mlp.down_proj.weight", vec![d, m], None);
@@ -283,7 +410,7 @@ fn unpermute_rows<T: Copy + Default + Send + Sync>(
 }
 
 /// The tensor's data as `dtype` bytes: dequantised, checked finite,
-/// un-permuted where the plan says so.
+/// un-permuted and shifted by −1 where the plan says so.
 fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result<Vec<u8>> {
     let mut w = dequantize(&t.name, t.ty, g.tensor_data(t)?, t.n_elements())?;
     if let Some(bad) = w.par_iter().position_any(|v| !v.is_finite()) {
@@ -312,12 +439,19 @@ fn convert(g: &GgufFile, t: &TensorInfo, plan: &Plan, dtype: OutDtype) -> Result
     if let Some(heads) = plan.unpermute_heads {
         w = unpermute_rows(&w, plan.shape[0], plan.shape[1], heads);
     }
+    if plan.minus_one {
+        w.iter_mut().for_each(|v| *v -= 1.0);
+    }
     Ok(dtype.encode(&w))
 }
 
 /// The blocks of a Q4_1 or Q8_0 matrix whose rows are whole blocks, in HF
-/// row order; `None` for any other tensor.
+/// row order; `None` for any other tensor (a shifted norm is a vector, and
+/// its blocks would not be its values).
 fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTensor<'g>> {
+    if plan.minus_one {
+        return None;
+    }
     let kind = BlockKind::from_ggml(t.ty)?;
     let [rows, cols] = plan.shape[..] else {
         return None;
@@ -343,6 +477,9 @@ fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTe
 }
 
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
+    if let Some(gemma) = &h.gemma {
+        return gemma_config_json(g, h, gemma, dtype);
+    }
     let (class, model_type) = match arch {
         "llama" => ("LlamaForCausalLM", "llama"),
         "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
@@ -379,6 +516,59 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
     c
 }
 
+/// Gemma 3's `config.json`: every key, in the order and form
+/// `Gemma3TextConfig(...).save_pretrained()` (transformers 5) writes,
+/// without `transformers_version` (no transformers wrote it).
+fn gemma_config_json(
+    g: &GgufFile,
+    h: &Hparams,
+    gemma: &GemmaHparams,
+    dtype: OutDtype,
+) -> serde_json::Value {
+    let id = |k: &str| g.get(k).and_then(Value::as_u64);
+    let layer_types: Vec<&str> = (1..=h.layers)
+        .map(|l| match l % gemma.swa_pattern {
+            0 => "full_attention",
+            _ => "sliding_attention",
+        })
+        .collect();
+    let rope = |theta: f64| json!({"rope_theta": theta, "rope_type": "default"});
+    json!({
+        "_sliding_window_pattern": gemma.swa_pattern,
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": null,
+        "bos_token_id": id("tokenizer.ggml.bos_token_id"),
+        "dtype": dtype.torch_name(),
+        "eos_token_id": id("tokenizer.ggml.eos_token_id"),
+        "final_logit_softcapping": null,
+        "head_dim": h.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": h.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": h.ffn,
+        "layer_types": layer_types,
+        "max_position_embeddings": h.context,
+        "model_type": "gemma3_text",
+        "num_attention_heads": h.heads,
+        "num_hidden_layers": h.layers,
+        "num_key_value_heads": h.kv_heads,
+        "pad_token_id": id("tokenizer.ggml.padding_token_id"),
+        "query_pre_attn_scalar": gemma.query_pre_attn_scalar,
+        "rms_norm_eps": h.rms_eps,
+        "rope_parameters": {
+            "full_attention": rope(h.rope_theta),
+            "sliding_attention": rope(gemma.rope_local_base),
+        },
+        "sliding_window": gemma.sliding_window,
+        "tie_word_embeddings": h.tied,
+        "use_bidirectional_attention": false,
+        "use_cache": true,
+        "vocab_size": h.vocab,
+    })
+}
+
 /// Imports the GGUF `src` into the HF model directory `out` (an output:
 /// `src` is protected from it, DESIGN.md §10).
 pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportSummary> {
@@ -389,9 +579,9 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
         .and_then(Value::as_str)
         .ok_or_else(|| Error::format(src, "metadata general.architecture is missing"))?
         .to_string();
-    if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
+    if !["llama", "qwen2", "qwen3", "gemma3"].contains(&arch.as_str()) {
         return Err(Error::Unsupported(format!(
-            "{}: architecture {arch:?}; supported: llama, qwen2, qwen3",
+            "{}: architecture {arch:?}; supported: llama, qwen2, qwen3, gemma3",
             src.display()
         )));
     }

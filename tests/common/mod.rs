@@ -18,6 +18,7 @@ pub fn asset_script(rel: &str) -> &'static str {
     match rel.split('/').next().unwrap_or("") {
         "eval" => "python3 scripts/make-eval-data.py",
         "models" => "bash scripts/fetch-assets.sh --import path/to/rku-engine",
+        "llm_gemma" => "bash scripts/fetch-assets.sh --gemma",
         _ => "bash scripts/fetch-assets.sh",
     }
 }
