@@ -206,6 +206,13 @@ fn tiny_mistral_cuda_emu_matches_cpu() {
     check_model("tiny-mistral");
 }
 
+/// Gemma 3: GeGLU (swiglu.cu with act 1), the post-branch norms, the
+/// scaled embedding, local and global layers with their RoPE bases.
+#[test]
+fn tiny_gemma3_cuda_emu_matches_cpu() {
+    check_model("tiny-gemma3");
+}
+
 /// Greedy tokens and the logits after every call of a `Decoder` run: a
 /// prefill of unequal prompts, greedy steps, a chunk of unequal forced
 /// tokens into the non-empty caches, more greedy steps.
@@ -404,6 +411,13 @@ fn tiny_mistral_cuda_emu_decode_matches_cpu() {
     check_decode("tiny-mistral");
 }
 
+/// Gemma 3 with capacity 24: ring caches of 11 slots on the local layers,
+/// 24 on the global one.
+#[test]
+fn tiny_gemma3_cuda_emu_decode_matches_cpu() {
+    check_decode("tiny-gemma3");
+}
+
 /// The compaction gather through `CudaBackend<EmuDevice>` (compact.cu) and
 /// the CPU backend against the naive gather, byte for byte, on every
 /// layer's FFN weights of the fixture in f32 and bf16: gate and up lose
@@ -456,6 +470,7 @@ fn tiny_fixtures_compaction_on_device_matches_cpu() {
     check_compaction("tiny-llama3");
     check_compaction("tiny-qwen3");
     check_compaction("tiny-mistral");
+    check_compaction("tiny-gemma3");
 }
 
 /// Tensors of a safetensors file by name: (dtype, shape, bytes), and its
