@@ -105,6 +105,14 @@ fn padded_export_equals_zeroed_channels_mistral() {
     check_layout("tiny-mistral", ExportLayout::Padded);
 }
 
+/// Gemma 3's four norms, q/k norms and per-layer attention types are
+/// copied; only intermediate_size changes in its config.
+#[test]
+fn compact_and_padded_exports_equal_zeroed_channels_gemma3() {
+    check_layout("tiny-gemma3", ExportLayout::Compact);
+    check_layout("tiny-gemma3", ExportLayout::Padded);
+}
+
 #[test]
 fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -320,15 +328,19 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
     export_fixture_keep("tiny-qwen3", ExportLayout::Padded, &qwen3_padded);
     let mistral_padded = tmp.join("mistral-padded");
     export_fixture_keep("tiny-mistral", ExportLayout::Padded, &mistral_padded);
+    let gemma3_padded = tmp.join("gemma3-padded");
+    export_fixture_keep("tiny-gemma3", ExportLayout::Padded, &gemma3_padded);
     let mut out = vec![
         ("qwen2-padded", padded),
         ("qwen3-padded", qwen3_padded),
         ("mistral-padded", mistral_padded),
+        ("gemma3-padded", gemma3_padded),
     ];
     for (name, src) in [
         ("llama3-uniform", "tiny-llama3"),
         ("qwen3-uniform", "tiny-qwen3"),
         ("mistral-uniform", "tiny-mistral"),
+        ("gemma3-uniform", "tiny-gemma3"),
     ] {
         out.push((name, uniform_export(src, &tmp.join(name))));
     }
@@ -398,6 +410,16 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
             assert_eq!(raw["model_type"], "mistral", "{name}");
             assert_eq!(raw["sliding_window"], 6, "{name}");
             assert_eq!(cfg.sliding_window, Some(6), "{name}");
+        }
+        if name.starts_with("gemma3") {
+            // Gemma's conventions survive the export: everything but the width.
+            let src = ModelConfig::load(&fixture("tiny-gemma3").join("config.json")).unwrap();
+            let (mut a, mut b) = (cfg.raw.clone(), src.raw.clone());
+            for v in [&mut a, &mut b] {
+                v.as_object_mut().unwrap().remove("intermediate_size");
+            }
+            assert_eq!(a, b, "{name}");
+            assert_eq!(cfg.local_layers, Some(vec![true, false, true]), "{name}");
         }
         // ... and the engine's logits equal transformers' on it.
         let r = load_reference(&committed.join("transformers_logits.safetensors"));
