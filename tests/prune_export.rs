@@ -443,3 +443,69 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
         );
     }
 }
+
+/// `--bos` (METHODS.md §2, §8): on by default for Gemma 3, off for the
+/// other families, `--bos false` / `--bos` override; every result says
+/// which was used (`eval ppl`'s JSON and line, `score`'s calibration line).
+#[test]
+fn bos_defaults_on_for_gemma3_and_results_say_which() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = calib_text(tmp.path(), 40);
+    let ppl = |model: &str, extra: &[&str]| -> (serde_json::Value, String) {
+        let out = run_ok(
+            bin()
+                .args(["eval", "ppl", "--model"])
+                .arg(fixture(model))
+                .arg("--text")
+                .arg(&text)
+                .args(["--seq-len", "16", "--max-windows", "4", "--json"])
+                .args(extra),
+        );
+        let v = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        (v, out)
+    };
+    let (g, line) = ppl("tiny-gemma3", &[]);
+    assert_eq!(g["bos"], true, "{line}");
+    assert!(line.contains("each after BOS"), "{line}");
+    let (g_on, _) = ppl("tiny-gemma3", &["--bos"]);
+    assert_eq!(g_on["ppl"], g["ppl"]);
+    let (g_off, line) = ppl("tiny-gemma3", &["--bos", "false"]);
+    assert_eq!(g_off["bos"], false);
+    assert!(line.contains("without BOS"), "{line}");
+    assert_ne!(g_off["ppl"], g["ppl"]);
+    // Same windows and predictions, BOS or not: 4 × 15.
+    assert_eq!(
+        (g["windows"].clone(), g["tokens"].clone()),
+        (4.into(), 60.into())
+    );
+    assert_eq!(g_off["tokens"], 60);
+    let (q, _) = ppl("tiny-qwen2", &[]);
+    assert_eq!(q["bos"], false);
+    let (q_on, _) = ppl("tiny-qwen2", &["--bos"]);
+    assert_eq!(q_on["bos"], true);
+    // Calibration: score says which, on its stderr.
+    for (model, extra, want) in [
+        ("tiny-gemma3", None, "each after BOS"),
+        ("tiny-gemma3", Some("--bos=false"), "without BOS"),
+        ("tiny-qwen2", None, "without BOS"),
+    ] {
+        let out = bin()
+            .args(["score", "--model"])
+            .arg(fixture(model))
+            .arg("--calib")
+            .arg(&text)
+            .args(["--samples", "2", "--seq-len", "16", "--out"])
+            .arg(
+                tmp.path()
+                    .join(format!("{model}-{}.safetensors", extra.is_some())),
+            )
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.contains(want),
+            "{model} {extra:?}: {err}"
+        );
+    }
+}
