@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use rku_engine::backend::cuda::backend::CE_CHUNK;
 use rku_engine::backend::cuda::{kernels as k, DevBuf, Device, EmuDevice, GpuDevice};
-use rku_engine::backend::{AdamwStep, AttnShape, CacheShape};
+use rku_engine::backend::{AdamwStep, AttnShape, CacheShape, GluAct};
 use std::time::Duration;
 
 /// Shapes of one run: FFN rows × width, hidden size, vocabulary chunk of
@@ -42,19 +42,22 @@ fn bench_device<D: Device>(c: &mut Criterion, dev: &D, s: &Shapes) {
     let (da, db) = (filled(dev, n), filled(dev, n));
 
     g.throughput(Throughput::BytesDecimal(3 * 4 * n as u64));
-    g.bench_function(BenchmarkId::new("swiglu_fwd_f32", n), |it| {
-        it.iter(|| {
-            k::swiglu_fwd(dev, &a, &b, &h).unwrap();
-            dev.synchronize().unwrap()
-        })
-    });
-    g.throughput(Throughput::BytesDecimal(5 * 4 * n as u64));
-    g.bench_function(BenchmarkId::new("swiglu_bwd_f32", n), |it| {
-        it.iter(|| {
-            k::swiglu_bwd(dev, &h, &a, &b, &da, &db).unwrap();
-            dev.synchronize().unwrap()
-        })
-    });
+    for (act, name) in [(GluAct::Silu, "swiglu"), (GluAct::GeluTanh, "geglu")] {
+        g.throughput(Throughput::BytesDecimal(3 * 4 * n as u64));
+        g.bench_function(BenchmarkId::new(format!("{name}_fwd_f32"), n), |it| {
+            it.iter(|| {
+                k::swiglu_fwd(dev, act, &a, &b, &h).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+        g.throughput(Throughput::BytesDecimal(5 * 4 * n as u64));
+        g.bench_function(BenchmarkId::new(format!("{name}_bwd_f32"), n), |it| {
+            it.iter(|| {
+                k::swiglu_bwd(dev, act, &h, &a, &b, &da, &db).unwrap();
+                dev.synchronize().unwrap()
+            })
+        });
+    }
     let part = filled(dev, 5 * s.m);
     g.throughput(Throughput::BytesDecimal((2 * 4 * n + 20 * s.m) as u64));
     g.bench_function(BenchmarkId::new("channel_stats_f32", n), |it| {

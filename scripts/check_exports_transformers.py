@@ -32,6 +32,9 @@ SOURCES = {
     # and every layer keeping its even channels (stock config)
     "mistral-padded": "tiny-mistral",
     "mistral-uniform": "tiny-mistral",
+    # tiny-gemma3 (local and global layers, (1 + w) norms, GeGLU): the same two
+    "gemma3-padded": "tiny-gemma3",
+    "gemma3-uniform": "tiny-gemma3",
 }
 
 ap = argparse.ArgumentParser()

@@ -13,6 +13,12 @@ Writes small fixtures under tests/fixtures/ (see tests/fixtures/README.md):
                  reference sequences have 16 tokens, so the window cuts) +
                  tokenizer + reference.safetensors (only this one:
                  --only tiny-mistral)
+  tiny-gemma3/   random-weight Gemma3ForCausalLM (gemma3_text): local layers
+                 with sliding_window 6 and base 100, a global layer with
+                 base 10000, head_dim 24 with hidden 64 and 4 heads,
+                 query_pre_attn_scalar 20, GeGLU, (1 + w) norms, tied
+                 embeddings; config.json as save_pretrained writes it
+                 (only this one: --only tiny-gemma3)
   smollm2/       reference values of SmolLM2-135M-Instruct loaded from the GGUF
                  (only with --smollm PATH; needs --wiki PATH too)
 
@@ -132,15 +138,16 @@ def write_tokenizer(tok, out_dir, max_len):
         {"text": sample, "ids": ids, "decoded": tok.decode(ids)}, indent=2) + "\n")
 
 
-def reinit_weights(model, seed, std=0.15, bias_std=0.1):
+def reinit_weights(model, seed, std=0.15, bias_std=0.1, norm_offset=0.0):
     """Random weights big enough that logits/gradients/channel stats are not
     near zero: matrices and embeddings N(0, std^2), biases N(0, bias_std^2),
-    RMSNorm weights U(0.6, 1.4)."""
+    RMSNorm weights U(0.6, 1.4) - norm_offset (Gemma's norms scale by 1 + w:
+    norm_offset 1 gives the same factors)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if "norm" in name:
-                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=gen))
+                p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=gen) - norm_offset)
             elif name.endswith(".bias"):
                 p.copy_(bias_std * torch.randn(p.shape, generator=gen))
             else:
@@ -299,8 +306,15 @@ def float64_copy(model):
         var = x.pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
 
+    def gemma_rms_forward(self, x):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return (1.0 + self.weight) * (x * torch.rsqrt(var + self.eps))
+
     for mod in m64.modules():
-        if type(mod).__name__.endswith("RMSNorm"):
+        name = type(mod).__name__
+        if name.startswith("Gemma") and name.endswith("RMSNorm"):
+            mod.forward = types.MethodType(gemma_rms_forward, mod)
+        elif name.endswith("RMSNorm"):
             mod.forward = types.MethodType(rms_forward, mod)
     m64.set_attn_implementation("sdpa")
     return m64
@@ -374,9 +388,19 @@ def save_tensors(tensors, path, metadata=None):
 # Fixtures
 # ----------------------------------------------------------------------------
 
-def make_tiny(name, config, tok_style, seed):
+def inv_freqs(model):
+    """The RoPE inverse frequencies: `inv_freq` (Gemma 3: the global layers'),
+    and Gemma 3's local layers' as `inv_freq_local`."""
+    rot = model.model.rotary_emb
+    if hasattr(rot, "inv_freq"):
+        return {"inv_freq": rot.inv_freq}
+    return {"inv_freq": rot.full_attention_inv_freq, "inv_freq_local": rot.sliding_attention_inv_freq}
+
+
+def make_tiny(name, config, tok_style, seed, classic=True, norm_offset=0.0):
     """A random-weight model saved by save_pretrained + its tokenizer +
-    reference.safetensors (logits, statistics, pruned logits)."""
+    reference.safetensors (logits, statistics, pruned logits).  classic:
+    rewrite config.json in the published layout (classic_config)."""
     from transformers import AutoModelForCausalLM
     out_dir = FIXTURES / name
     if out_dir.exists():
@@ -384,11 +408,12 @@ def make_tiny(name, config, tok_style, seed):
     out_dir.mkdir(parents=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    reinit_weights(model, seed)
+    reinit_weights(model, seed, norm_offset=norm_offset)
     if config.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.save_pretrained(out_dir)
-    classic_config(out_dir)
+    if classic:
+        classic_config(out_dir)
     tok = train_tokenizer(config.vocab_size, tok_style)
     write_tokenizer(tok, out_dir, config.max_position_embeddings)
     for f in sorted(out_dir.iterdir()):
@@ -399,7 +424,8 @@ def make_tiny(name, config, tok_style, seed):
     with torch.no_grad():
         for (k1, v1), (k2, v2) in zip(model.state_dict().items(), m.state_dict().items()):
             assert k1 == k2 and torch.equal(v1, v2), k1
-        assert torch.equal(model.model.rotary_emb.inv_freq, m.model.rotary_emb.inv_freq)
+        for k, v in inv_freqs(model).items():
+            assert torch.equal(v, inv_freqs(m)[k]), k
     from transformers import AutoTokenizer
     hf_tok = AutoTokenizer.from_pretrained(out_dir)
     chk = json.loads((out_dir / "tokenizer_check.json").read_text())
@@ -423,7 +449,7 @@ def make_tiny(name, config, tok_style, seed):
         keep.append(idx)
         t[f"keep.{l}"] = idx
     t["pruned_logits"] = pruned_logits(m, input_ids, keep).float()
-    t["inv_freq"] = m.model.rotary_emb.inv_freq.float().clone()
+    t.update({k: v.float().clone() for k, v in inv_freqs(m).items()})
 
     meta = {"model": name, "N": str(N), "T": str(T), "dtype_forward": "float32",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
@@ -650,12 +676,51 @@ def make_smollm2_greedy(tok, model):
     print(f"wrote {path.relative_to(ROOT)}")
 
 
+def make_tiny_gemma3():
+    from transformers import Gemma3TextConfig
+    # head_dim 24 != hidden / heads = 16; query_pre_attn_scalar 20 != 24;
+    # layers local, global, local: sliding_window 6 < T = 16 cuts on the
+    # local ones (base 100), the global one (base 10000) sees every key.
+    # Norm weights w ~ U(-0.4, 0.4): Gemma's factors 1 + w as the others'.
+    cfg = Gemma3TextConfig(
+        vocab_size=352, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+        max_position_embeddings=128, rms_norm_eps=1e-6, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    t = make_tiny("tiny-gemma3", cfg, "smollm", seed=2718, classic=False, norm_offset=1.0)
+    m = load_hf(FIXTURES / "tiny-gemma3")
+    assert type(m).__name__ == "Gemma3ForCausalLM"
+    assert m.config.hidden_activation == "gelu_pytorch_tanh"
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (96, 64) and attn.q_norm.weight.shape == (24,)
+    assert attn.scaling == 20 ** -0.5 and attn.sliding_window == 6
+    assert m.model.layers[1].self_attn.sliding_window is None
+    # The window and the local base really change the logits.
+    ids = t["input_ids"].long()
+    for what, edit in (("no window", lambda c: setattr(c, "sliding_window", 64)),
+                       ("one base", lambda c: c.rope_parameters["sliding_attention"].update(rope_theta=10000.0))):
+        m2 = load_hf(FIXTURES / "tiny-gemma3")
+        edit(m2.config)
+        m2 = load_hf(FIXTURES / "tiny-gemma3", config=m2.config)
+        with torch.no_grad():
+            other = m2(input_ids=ids, use_cache=False).logits.float()
+        gap = (other - t["logits"]).abs().max().item()
+        print(f"  tiny-gemma3: max |logits - logits({what})| = {gap:.3e}")
+        assert gap > 1e-2, (what, gap)
+    return t
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (enables the smollm2/ fixtures)")
     ap.add_argument("--wiki", help="path to evals' schelling_point/wikipedia_5.jsonl (needed with --smollm)")
-    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "tiny-mistral", "smollm"],
-                    help="make only one group (tiny-qwen3, tiny-mistral: only that model, the others untouched)")
+    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", "smollm"],
+                    help="make only one group (tiny-qwen3, tiny-mistral, tiny-gemma3: only that model, "
+                         "the others untouched)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True)
@@ -663,6 +728,9 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
     if args.only == "tiny-mistral":
         make_tiny_mistral()
+        return
+    if args.only == "tiny-gemma3":
+        make_tiny_gemma3()
         return
     if args.only in (None, "tiny"):
         make_tiny_qwen2()

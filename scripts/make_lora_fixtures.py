@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Independent PyTorch reference for the LoRA distillation recovery (METHODS.md §10).
 
-For each tiny fixture model (tests/fixtures/tiny-llama3, tiny-qwen2) writes
+For each tiny fixture model (tests/fixtures/tiny-llama3, tiny-qwen2; and
+tiny-gemma3, made alone by `--only tiny-gemma3`) writes
 tests/fixtures/lora/<model>.safetensors, with l = 0..L−1 the layer and p one
 of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj:
 
@@ -114,8 +115,15 @@ def float64_copy(model):
         var = x.pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
 
+    def gemma_rms_forward(self, x):  # Gemma's norms scale by (1 + w)
+        var = x.pow(2).mean(-1, keepdim=True)
+        return (1.0 + self.weight) * (x * torch.rsqrt(var + self.eps))
+
     for mod in m64.modules():
-        if type(mod).__name__.endswith("RMSNorm"):
+        name = type(mod).__name__
+        if name.startswith("Gemma") and name.endswith("RMSNorm"):
+            mod.forward = types.MethodType(gemma_rms_forward, mod)
+        elif name.endswith("RMSNorm"):
             mod.forward = types.MethodType(rms_forward, mod)
     m64.set_attn_implementation("sdpa")
     for prm in m64.parameters():
@@ -355,7 +363,16 @@ def save(tensors, path, meta):
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["tiny-gemma3"],
+                    help="make only this model's file (the others untouched)")
+    args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
-    for name in ["tiny-llama3", "tiny-qwen2"]:
-        make(name)
-    make_optim()
+    if args.only:
+        make(args.only)
+    else:
+        for name in ["tiny-llama3", "tiny-qwen2"]:
+            make(name)
+        make_optim()

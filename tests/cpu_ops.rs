@@ -5,7 +5,7 @@ mod common;
 use common::naive::{self, f32s, f64s};
 use common::ops::{assert_close, uniform};
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::backend::{AttnShape, Backend};
+use rku_engine::backend::{AttnShape, Backend, GluAct};
 
 #[test]
 fn linear_and_its_input_gradient() {
@@ -144,8 +144,8 @@ fn swiglu_forward_and_backward() {
     let a: Vec<f32> = uniform(n, 13).iter().map(|x| x * 6.0).collect();
     let b = uniform(n, 14);
     let dh = uniform(n, 15);
-    let h = be.swiglu_fwd(&a, &b, n).unwrap();
-    let (da, db) = be.swiglu_bwd(&dh, &a, &b, n).unwrap();
+    let h = be.glu_fwd(GluAct::Silu, &a, &b, n).unwrap();
+    let (da, db) = be.glu_bwd(GluAct::Silu, &dh, &a, &b, n).unwrap();
     let (a64, b64, dh64) = (f64s(&a), f64s(&b), f64s(&dh));
     let h_want = naive::swiglu_fwd(&a64, &b64);
     let (_, db_want) = naive::swiglu_bwd(&dh64, &a64, &b64);
@@ -158,6 +158,31 @@ fn swiglu_forward_and_backward() {
             (da[i] as f64 - num).abs() < 1e-4,
             "da[{i}]: {} vs {num}",
             da[i]
+        );
+        assert!((db[i] as f64 - db_want[i]).abs() < 1e-5, "db[{i}]");
+    }
+}
+
+/// Gemma 3's GeGLU: h and db against the f64 gelu_tanh, da against its
+/// central differences, over a ∈ [−6, 6] (tanh saturates at both ends).
+#[test]
+fn geglu_forward_and_backward() {
+    let be = CpuBackend::new();
+    let n = 4097;
+    let a: Vec<f32> = uniform(n, 23).iter().map(|x| x * 6.0).collect();
+    let (b, dh) = (uniform(n, 24), uniform(n, 25));
+    let h = be.glu_fwd(GluAct::GeluTanh, &a, &b, n).unwrap();
+    let (da, db) = be.glu_bwd(GluAct::GeluTanh, &dh, &a, &b, n).unwrap();
+    let (a64, b64, dh64) = (f64s(&a), f64s(&b), f64s(&dh));
+    let h_want = naive::geglu_fwd(&a64, &b64);
+    let (da_want, db_want) = naive::geglu_bwd(&dh64, &a64, &b64);
+    for i in 0..n {
+        assert!((h[i] as f64 - h_want[i]).abs() < 1e-5, "h[{i}]");
+        assert!(
+            (da[i] as f64 - da_want[i]).abs() < 1e-5,
+            "da[{i}]: {} vs {}",
+            da[i],
+            da_want[i]
         );
         assert!((db[i] as f64 - db_want[i]).abs() < 1e-5, "db[{i}]");
     }

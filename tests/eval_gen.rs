@@ -625,14 +625,43 @@ fn tiny_mistral_cache_equals_recompute() {
     assert_eq!(model.cfg.sliding_window, Some(6));
 }
 
+/// Gemma 3 (window 6 on layers 0 and 2, a global layer 1): greedy
+/// decoding with ring caches on the local layers and a full cache on the
+/// global one equals greedy decoding by full recompute.
+#[test]
+fn tiny_gemma3_cache_equals_recompute() {
+    let model = check_cache_vs_recompute(
+        &fixture("tiny-gemma3"),
+        &[
+            "The train leaves at 11:05, said the teacher.",
+            "Numbers: 2024",
+            "a",
+        ],
+        20,
+    );
+    assert_eq!(model.cfg.window(0), Some(6));
+    assert_eq!(model.cfg.window(1), None);
+}
+
 /// The decoder's logits equal the last row of a full forward pass under a
 /// sliding window, through ring caches (capacity 40, window 6: 11 slots),
 /// chunked prefills of unequal prompts, steps, `retain`, and a chunk whose
 /// padding rows wrap the ring.
 #[test]
 fn tiny_mistral_decoder_logits_match_forward() {
+    check_windowed_decoder_logits_match_forward("tiny-mistral");
+}
+
+/// The same on Gemma 3, whose global layer keeps all 40 positions beside
+/// the local layers' rings, each kind with its RoPE base.
+#[test]
+fn tiny_gemma3_decoder_logits_match_forward() {
+    check_windowed_decoder_logits_match_forward("tiny-gemma3");
+}
+
+fn check_windowed_decoder_logits_match_forward(name: &str) {
     let be = CpuBackend::new();
-    let model = Model::load(&be, &fixture("tiny-mistral")).unwrap();
+    let model = Model::load(&be, &fixture(name)).unwrap();
     let vocab = model.cfg.vocab;
     let check = |seqs: &[Vec<u32>], got: &[f32], what: &str| {
         for (s, ids) in seqs.iter().enumerate() {

@@ -6,7 +6,7 @@ mod common;
 use common::ops::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{has_kernels, CudaBackend, EmuDevice, GpuDevice, PTXAS_LOG};
-use rku_engine::backend::{AttnShape, Backend, CacheShape};
+use rku_engine::backend::{AttnShape, Backend, CacheShape, GluAct};
 
 /// Every `Backend` op on `be` over fixed random inputs: `(name, output, tolerance)`.
 /// Inputs that meet a matrix product are bf16-exact, so the CUDA backend's
@@ -65,7 +65,7 @@ fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
         tol,
     ));
     let e = be
-        .embedding(&ids, &be.upload_weight(&emb).unwrap(), d)
+        .embedding(&ids, &be.upload_weight(&emb).unwrap(), d, 8.0)
         .unwrap();
     out.push(("embedding", dl(&e), tol));
     let gwg = be.upload_weight(&wg).unwrap();
@@ -120,11 +120,20 @@ fn all_ops<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>, (f32, f32))> {
     out.push(("attention_cached_k_cache", dl(&kc), tol));
     out.push(("attention_cached_v_cache", dl(&vc), tol));
     let (ga, gbb) = (up(&dy), up(&dh));
-    let h = be.swiglu_fwd(&ga, &gbb, rows * m).unwrap();
+    let h = be.glu_fwd(GluAct::Silu, &ga, &gbb, rows * m).unwrap();
     out.push(("swiglu_fwd", dl(&h), tol));
-    let (da, db) = be.swiglu_bwd(&up(&dl(&y)), &ga, &gbb, rows * m).unwrap();
+    let (da, db) = be
+        .glu_bwd(GluAct::Silu, &up(&dl(&y)), &ga, &gbb, rows * m)
+        .unwrap();
     out.push(("swiglu_da", dl(&da), tol));
     out.push(("swiglu_db", dl(&db), tol));
+    let hg = be.glu_fwd(GluAct::GeluTanh, &ga, &gbb, rows * m).unwrap();
+    out.push(("geglu_fwd", dl(&hg), tol));
+    let (dag, dbg) = be
+        .glu_bwd(GluAct::GeluTanh, &up(&dl(&y)), &ga, &gbb, rows * m)
+        .unwrap();
+    out.push(("geglu_da", dl(&dag), tol));
+    out.push(("geglu_db", dl(&dbg), tol));
     let mut acc = up(&dy);
     be.add_assign(&mut acc, &gbb, rows * m).unwrap();
     out.push(("add_assign", dl(&acc), tol));

@@ -1,5 +1,6 @@
 //! The FFN's kernels and products on the emulated device (and on a GPU when
-//! one answers) against tests/common/naive.rs: swiglu.cu (f32, bf16),
+//! one answers) against tests/common/naive.rs: swiglu.cu (SwiGLU and
+//! GeGLU, f32, bf16),
 //! add.cu, the cuBLAS-shaped gemm contract both devices implement, and the
 //! CUDA backend's `linear`. Sizes are not multiples of the block size,
 //! outputs are poisoned with NaN before the launch, and results are held to
@@ -9,11 +10,13 @@ use common::naive::{self, f32s, f64s};
 use common::ops::*;
 use half::bf16;
 use rku_engine::backend::cuda::{kernels as k, CudaBackend, DevBuf, Device, Gemm, GemmType};
-use rku_engine::backend::Backend;
+use rku_engine::backend::{Backend, GluAct};
 
 on_devices! {
     swiglu_f32 => check_swiglu_f32,
     swiglu_bf16 => check_swiglu_bf16,
+    geglu_f32 => check_geglu_f32,
+    geglu_bf16 => check_geglu_bf16,
     add_and_bias => check_add,
     gemm_cublas_contract => check_gemm,
 }
@@ -22,42 +25,61 @@ on_backends! {
     backend_linear => check_backend_linear,
 }
 
-/// `(h, da, db)` of the naive swiglu, as f32.
-fn swiglu_ref(a: &[f32], b: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// `(h, da, db)` of the naive swiglu or geglu, as f32.
+fn glu_ref(act: GluAct, a: &[f32], b: &[f32], dh: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (a, b, dh) = (f64s(a), f64s(b), f64s(dh));
-    let (da, db) = naive::swiglu_bwd(&dh, &a, &b);
-    (f32s(&naive::swiglu_fwd(&a, &b)), f32s(&da), f32s(&db))
+    let (h, (da, db)) = match act {
+        GluAct::Silu => (naive::swiglu_fwd(&a, &b), naive::swiglu_bwd(&dh, &a, &b)),
+        GluAct::GeluTanh => (naive::geglu_fwd(&a, &b), naive::geglu_bwd(&dh, &a, &b)),
+    };
+    (f32s(&h), f32s(&da), f32s(&db))
 }
 
 fn check_swiglu_f32<D: Device>(dev: &D) {
-    let n = 1000;
-    let (a, b, dh) = (uniform(n, 1), uniform(n, 2), uniform(n, 3));
-    let (h_ref, da_ref, db_ref) = swiglu_ref(&a, &b, &dh);
+    check_glu_f32(dev, GluAct::Silu, 1000);
+}
+
+fn check_swiglu_bf16<D: Device>(dev: &D) {
+    check_glu_bf16(dev, GluAct::Silu, 777);
+}
+
+/// Gemma 3's GeGLU over a = ±3 (uniform·3), through tanh's saturation.
+fn check_geglu_f32<D: Device>(dev: &D) {
+    check_glu_f32(dev, GluAct::GeluTanh, 1001);
+}
+
+fn check_geglu_bf16<D: Device>(dev: &D) {
+    check_glu_bf16(dev, GluAct::GeluTanh, 779);
+}
+
+fn check_glu_f32<D: Device>(dev: &D, act: GluAct, n: usize) {
+    let a: Vec<f32> = uniform(n, 1).iter().map(|x| 3.0 * x).collect();
+    let (b, dh) = (uniform(n, 2), uniform(n, 3));
+    let (h_ref, da_ref, db_ref) = glu_ref(act, &a, &b, &dh);
     let (ga, gb, gdh) = (up(dev, &a), up(dev, &b), up(dev, &dh));
     let (h, da, db) = (poisoned(dev, n), poisoned(dev, n), poisoned(dev, n));
-    k::swiglu_fwd(dev, &ga, &gb, &h).unwrap();
-    k::swiglu_bwd(dev, &gdh, &ga, &gb, &da, &db).unwrap();
+    k::swiglu_fwd(dev, act, &ga, &gb, &h).unwrap();
+    k::swiglu_bwd(dev, act, &gdh, &ga, &gb, &da, &db).unwrap();
     assert_close(&down(dev, &h), &h_ref, F32_TOL, "h");
     assert_close(&down(dev, &da), &da_ref, F32_TOL, "da");
     assert_close(&down(dev, &db), &db_ref, F32_TOL, "db");
 }
 
-fn check_swiglu_bf16<D: Device>(dev: &D) {
-    let n = 777;
+fn check_glu_bf16<D: Device>(dev: &D, act: GluAct, n: usize) {
     let (a, b, dh) = (
-        round_bf16(&uniform(n, 4)),
+        round_bf16(&uniform(n, 4).iter().map(|x| 3.0 * x).collect::<Vec<f32>>()),
         round_bf16(&uniform(n, 5)),
         round_bf16(&uniform(n, 6)),
     );
-    let (h_ref, da_ref, db_ref) = swiglu_ref(&a, &b, &dh);
+    let (h_ref, da_ref, db_ref) = glu_ref(act, &a, &b, &dh);
     let (ga, gb, gdh) = (up_bf16(dev, &a), up_bf16(dev, &b), up_bf16(dev, &dh));
     let (h, da, db) = (
         poisoned_bf16(dev, n),
         poisoned_bf16(dev, n),
         poisoned_bf16(dev, n),
     );
-    k::swiglu_fwd(dev, &ga, &gb, &h).unwrap();
-    k::swiglu_bwd(dev, &gdh, &ga, &gb, &da, &db).unwrap();
+    k::swiglu_fwd(dev, act, &ga, &gb, &h).unwrap();
+    k::swiglu_bwd(dev, act, &gdh, &ga, &gb, &da, &db).unwrap();
     assert_close(&down_bf16(dev, &h), &h_ref, BF16_TOL, "h");
     assert_close(&down_bf16(dev, &da), &da_ref, BF16_TOL, "da");
     assert_close(&down_bf16(dev, &db), &db_ref, BF16_TOL, "db");

@@ -148,9 +148,15 @@ fn check_embedding<D: Device>(dev: &D) {
     let want = f32s(&naive::embedding(&ids, &f64s(&table), d));
     let out = poisoned(dev, rows * d);
     let gt = up_bf16(dev, &table);
-    k::embedding(dev, &ids, &gt, &out, d).unwrap();
+    k::embedding(dev, &ids, &gt, &out, d, 1.0).unwrap();
     assert_eq!(down(dev, &out), want);
-    assert!(k::embedding(dev, &[vocab as u32], &gt, &out, d).is_err());
+    // Gemma 3's √hidden: one f32 product per element.
+    let scale = (640f64).sqrt() as f32;
+    let out = poisoned(dev, rows * d);
+    k::embedding(dev, &ids, &gt, &out, d, scale).unwrap();
+    let scaled: Vec<f32> = want.iter().map(|&x| x * scale).collect();
+    assert_eq!(down(dev, &out), scaled);
+    assert!(k::embedding(dev, &[vocab as u32], &gt, &out, d, 1.0).is_err());
 }
 
 fn check_cast<D: Device>(dev: &D) {

@@ -200,13 +200,13 @@ fn unsupported_architecture_and_bad_config() {
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(
         dir.join("config.json"),
-        cfg.replace("Qwen2ForCausalLM", "Gemma3ForCausalLM")
-            .replace("\"qwen2\"", "\"gemma3_text\""),
+        cfg.replace("Qwen2ForCausalLM", "Gemma2ForCausalLM")
+            .replace("\"qwen2\"", "\"gemma2\""),
     )
     .unwrap();
     let e = load_err(&dir);
     assert!(
-        e.contains("Gemma3ForCausalLM") && e.contains("supported"),
+        e.contains("Gemma2ForCausalLM") && e.contains("supported"),
         "{e}"
     );
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();

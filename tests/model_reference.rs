@@ -118,3 +118,18 @@ fn tiny_mistral_logits_match_transformers() {
 fn tiny_mistral_stats_match_autograd() {
     check_stats("tiny-mistral");
 }
+
+/// Gemma 3: GeGLU, (1 + w) norms before and after attention and the FFN,
+/// √hidden embedding scale, q/k norms, query_pre_attn_scalar 20 with
+/// head_dim 24, local layers (window 6 over 16 tokens, base 100) around
+/// a global one (base 10000), tied embeddings.
+#[test]
+fn tiny_gemma3_logits_match_transformers() {
+    check_logits("tiny-gemma3");
+}
+
+/// The gradients flow through GeGLU, the post-branch norms and the window.
+#[test]
+fn tiny_gemma3_stats_match_autograd() {
+    check_stats("tiny-gemma3");
+}

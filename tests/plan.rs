@@ -72,6 +72,14 @@ fn plan_matches_high_water_tiny_qwen3() {
     check_peak(&fixture("tiny-qwen3"), 16, 1, ENERGY, Residency::Streamed);
 }
 
+/// Gemma 3: the post-attention norm's input and rstd kept per layer, the
+/// post-FFN norm's buffers in the forward and, with y recomputed, the backward.
+#[test]
+fn plan_matches_high_water_tiny_gemma3() {
+    check_peak(&fixture("tiny-gemma3"), 24, 2, BOTH, Residency::Resident);
+    check_peak(&fixture("tiny-gemma3"), 16, 1, ENERGY, Residency::Streamed);
+}
+
 #[test]
 fn plan_matches_high_water_tiny_llama3() {
     check_peak(&fixture("tiny-llama3"), 24, 2, BOTH, Residency::Resident);

@@ -105,6 +105,14 @@ fn padded_export_equals_zeroed_channels_mistral() {
     check_layout("tiny-mistral", ExportLayout::Padded);
 }
 
+/// Gemma 3's four norms, q/k norms and per-layer attention types are
+/// copied; only intermediate_size changes in its config.
+#[test]
+fn compact_and_padded_exports_equal_zeroed_channels_gemma3() {
+    check_layout("tiny-gemma3", ExportLayout::Compact);
+    check_layout("tiny-gemma3", ExportLayout::Padded);
+}
+
 #[test]
 fn export_refuses_existing_output_and_leaves_nothing_half_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -320,15 +328,19 @@ fn stock_exports(tmp: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf
     export_fixture_keep("tiny-qwen3", ExportLayout::Padded, &qwen3_padded);
     let mistral_padded = tmp.join("mistral-padded");
     export_fixture_keep("tiny-mistral", ExportLayout::Padded, &mistral_padded);
+    let gemma3_padded = tmp.join("gemma3-padded");
+    export_fixture_keep("tiny-gemma3", ExportLayout::Padded, &gemma3_padded);
     let mut out = vec![
         ("qwen2-padded", padded),
         ("qwen3-padded", qwen3_padded),
         ("mistral-padded", mistral_padded),
+        ("gemma3-padded", gemma3_padded),
     ];
     for (name, src) in [
         ("llama3-uniform", "tiny-llama3"),
         ("qwen3-uniform", "tiny-qwen3"),
         ("mistral-uniform", "tiny-mistral"),
+        ("gemma3-uniform", "tiny-gemma3"),
     ] {
         out.push((name, uniform_export(src, &tmp.join(name))));
     }
@@ -399,6 +411,16 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
             assert_eq!(raw["sliding_window"], 6, "{name}");
             assert_eq!(cfg.sliding_window, Some(6), "{name}");
         }
+        if name.starts_with("gemma3") {
+            // Gemma's conventions survive the export: everything but the width.
+            let src = ModelConfig::load(&fixture("tiny-gemma3").join("config.json")).unwrap();
+            let (mut a, mut b) = (cfg.raw.clone(), src.raw.clone());
+            for v in [&mut a, &mut b] {
+                v.as_object_mut().unwrap().remove("intermediate_size");
+            }
+            assert_eq!(a, b, "{name}");
+            assert_eq!(cfg.local_layers, Some(vec![true, false, true]), "{name}");
+        }
         // ... and the engine's logits equal transformers' on it.
         let r = load_reference(&committed.join("transformers_logits.safetensors"));
         let ids_t = &r["input_ids"];
@@ -418,6 +440,72 @@ fn stock_transformers_loads_padded_and_uniform_exports() {
         assert!(
             err < 1e-5,
             "{name}: engine vs transformers logits differ by {err:.2e}"
+        );
+    }
+}
+
+/// `--bos` (METHODS.md §2, §8): on by default for Gemma 3, off for the
+/// other families, `--bos false` / `--bos` override; every result says
+/// which was used (`eval ppl`'s JSON and line, `score`'s calibration line).
+#[test]
+fn bos_defaults_on_for_gemma3_and_results_say_which() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = calib_text(tmp.path(), 40);
+    let ppl = |model: &str, extra: &[&str]| -> (serde_json::Value, String) {
+        let out = run_ok(
+            bin()
+                .args(["eval", "ppl", "--model"])
+                .arg(fixture(model))
+                .arg("--text")
+                .arg(&text)
+                .args(["--seq-len", "16", "--max-windows", "4", "--json"])
+                .args(extra),
+        );
+        let v = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        (v, out)
+    };
+    let (g, line) = ppl("tiny-gemma3", &[]);
+    assert_eq!(g["bos"], true, "{line}");
+    assert!(line.contains("each after BOS"), "{line}");
+    let (g_on, _) = ppl("tiny-gemma3", &["--bos"]);
+    assert_eq!(g_on["ppl"], g["ppl"]);
+    let (g_off, line) = ppl("tiny-gemma3", &["--bos", "false"]);
+    assert_eq!(g_off["bos"], false);
+    assert!(line.contains("without BOS"), "{line}");
+    assert_ne!(g_off["ppl"], g["ppl"]);
+    // Same windows and predictions, BOS or not: 4 × 15.
+    assert_eq!(
+        (g["windows"].clone(), g["tokens"].clone()),
+        (4.into(), 60.into())
+    );
+    assert_eq!(g_off["tokens"], 60);
+    let (q, _) = ppl("tiny-qwen2", &[]);
+    assert_eq!(q["bos"], false);
+    let (q_on, _) = ppl("tiny-qwen2", &["--bos"]);
+    assert_eq!(q_on["bos"], true);
+    // Calibration: score says which, on its stderr.
+    for (model, extra, want) in [
+        ("tiny-gemma3", None, "each after BOS"),
+        ("tiny-gemma3", Some("--bos=false"), "without BOS"),
+        ("tiny-qwen2", None, "without BOS"),
+    ] {
+        let out = bin()
+            .args(["score", "--model"])
+            .arg(fixture(model))
+            .arg("--calib")
+            .arg(&text)
+            .args(["--samples", "2", "--seq-len", "16", "--out"])
+            .arg(
+                tmp.path()
+                    .join(format!("{model}-{}.safetensors", extra.is_some())),
+            )
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.contains(want),
+            "{model} {extra:?}: {err}"
         );
     }
 }

@@ -109,6 +109,14 @@ fn kd_gradients_match_autograd_qwen2() {
     check_grads("tiny-qwen2", RecoverLoss::Kd);
 }
 
+/// Gemma 3: the adapters' gradients flow through the post-attention and
+/// post-FFN norms, GeGLU and the local/global attention.
+#[test]
+fn kd_and_ce_gradients_match_autograd_gemma3() {
+    check_grads("tiny-gemma3", RecoverLoss::Kd);
+    check_grads("tiny-gemma3", RecoverLoss::Ce);
+}
+
 #[test]
 fn ce_gradients_match_autograd() {
     check_grads("tiny-llama3", RecoverLoss::Ce);

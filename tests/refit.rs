@@ -334,7 +334,7 @@ fn prune_refit_exports_the_refitted_layer() {
         field: None,
         samples: 4,
         seq_len: 16,
-        bos: false,
+        bos: Some(false),
         batch: 3,
         energy_at: EnergyAt::FinalNorm,
     };
@@ -664,4 +664,65 @@ fn refit_traces_refusals() {
     ));
     assert!(err.contains("--refit"), "{err}");
     assert!(!out.exists());
+}
+
+/// Gemma 3 (tiny-gemma3): the `layer` target runs through the model's
+/// post-FFN norms (x' advances by norm(W'·h_K)); keeping every channel
+/// returns W_d, pruning never raises a layer's reconstruction error; the
+/// `residual` target, whose y is a norm's output there, is refused by name.
+#[test]
+fn refit_on_gemma3() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-gemma3")).unwrap();
+    let r = load_reference(&fixture("tiny-gemma3").join("reference.safetensors"));
+    let (d, layers, t) = (model.cfg.hidden, model.cfg.layers, 16);
+    let ids = ids(6 * t, 7);
+    let spec = |target| RefitSpec {
+        target,
+        bias: false,
+        damp: DAMP,
+    };
+    let all: Vec<Vec<usize>> = (0..layers)
+        .map(|l| (0..model.cfg.ffn_widths[l]).collect())
+        .collect();
+    let (out, _) = refit(&be, &model, &all, &ids, t, 4, spec(RefitTarget::Layer)).unwrap();
+    for (l, got) in out.iter().enumerate() {
+        let m = model.cfg.ffn_widths[l];
+        let name = format!("model.layers.{l}.mlp.down_proj.weight");
+        let w_down = model.files.get(&name, &[d, m]).unwrap().to_f32().unwrap();
+        let want: Vec<f64> = w_down.iter().map(|&v| v as f64).collect();
+        let got: Vec<f64> = got.w_down.iter().map(|&v| v as f64).collect();
+        let e = max_rel_err(&got, &want);
+        assert!(e <= 1e-5, "layer {l}: |W' − W_d| = {e:e}");
+    }
+    let kept: Vec<Vec<usize>> = (0..layers)
+        .map(|l| {
+            r[&format!("keep.{l}")]
+                .data
+                .iter()
+                .map(|&v| v as usize)
+                .collect()
+        })
+        .collect();
+    let (out, _) = refit(&be, &model, &kept, &ids, t, 4, spec(RefitTarget::Layer)).unwrap();
+    for (l, got) in out.iter().enumerate() {
+        println!(
+            "layer {l}: error {:.4e} zeroed, {:.4e} refitted",
+            got.err_zeroed, got.err_refit
+        );
+        assert!(
+            got.err_refit <= got.err_zeroed && got.err_zeroed > 0.0,
+            "layer {l}"
+        );
+    }
+    assert!(out
+        .iter()
+        .any(|l| l.refitted && l.err_refit < 0.9 * l.err_zeroed));
+    let e = refit(&be, &model, &kept, &ids, t, 4, spec(RefitTarget::Residual))
+        .expect_err("residual refused")
+        .to_string();
+    assert!(
+        e.contains("residual") && e.contains("Gemma3ForCausalLM"),
+        "{e}"
+    );
 }

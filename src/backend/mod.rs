@@ -16,6 +16,17 @@ pub mod cuda;
 use crate::quant::BlockMatrix;
 use crate::Result;
 
+/// The activation of a gated FFN, `h = act(a) ⊙ b` (the discriminant is
+/// kernels/swiglu.cu's `act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GluAct {
+    /// SwiGLU: silu(a) = a·σ(a) (LLaMA, Qwen, Mistral).
+    Silu = 0,
+    /// GeGLU: gelu with the tanh approximation, ½·a·(1 + tanh(√(2/π)·(a + 0.044715·a³)))
+    /// (Gemma 3's `gelu_pytorch_tanh`).
+    GeluTanh = 1,
+}
+
 /// Shape of one causal grouped-query attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -288,8 +299,15 @@ pub trait Backend: Send + Sync {
         out: usize,
     ) -> Result<Self::Buf>;
 
-    /// `out[r,:] = table[ids[r],:]`, table `[vocab, d]`.
-    fn embedding(&self, ids: &[u32], table: &Self::Weight, d: usize) -> Result<Self::Buf>;
+    /// `out[r,:] = table[ids[r],:] · scale`, table `[vocab, d]` (scale:
+    /// `ModelConfig::embed_scale`, 1 but on Gemma 3).
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &Self::Weight,
+        d: usize,
+        scale: f32,
+    ) -> Result<Self::Buf>;
 
     /// `y = x · rstd · w`, `rstd = 1/sqrt(mean(x²) + eps)` per row. Returns `(y, rstd[rows])`.
     fn rmsnorm_fwd(
@@ -394,11 +412,12 @@ pub trait Backend: Send + Sync {
         attention_cached_portable(self, q, k, v, k_cache, v_cache, pos, shape, window)
     }
 
-    /// `h = silu(a) ⊙ b`, elementwise over `n` values.
-    fn swiglu_fwd(&self, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf>;
-    /// `(da, db)` from `dh`: `da = dh·b·σ(a)·(1 + a·(1−σ(a)))`, `db = dh·silu(a)`.
-    fn swiglu_bwd(
+    /// `h = act(a) ⊙ b`, elementwise over `n` values (kernels/swiglu.cu).
+    fn glu_fwd(&self, act: GluAct, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf>;
+    /// `(da, db)` from `dh`: `da = dh·b·act'(a)`, `db = dh·act(a)`.
+    fn glu_bwd(
         &self,
+        act: GluAct,
         dh: &Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,

@@ -257,9 +257,10 @@ pub struct WindowArgs {
     /// T: tokens per calibration sequence.
     #[arg(long, default_value_t = 512, value_parser = seq_len)]
     pub seq_len: usize,
-    /// Prefix each calibration window with the BOS token.
-    #[arg(long)]
-    pub bos: bool,
+    /// Prefix each calibration window with the BOS token (`--bos`,
+    /// `--bos false`); default: on for Gemma 3, off for the other families.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub bos: Option<bool>,
     /// Calibration sequences per forward/backward batch (memory vs speed; results do not change).
     #[arg(long, default_value_t = 4, value_parser = count)]
     pub batch: usize,
@@ -783,6 +784,12 @@ pub struct PplArgs {
     /// Tokens per window.
     #[arg(long, default_value_t = 128, value_parser = seq_len)]
     pub seq_len: usize,
+    /// Start each window with the BOS token, which then holds seq_len − 1
+    /// text tokens (`--bos`, `--bos false`); default: on for Gemma 3, off
+    /// for the other families.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          conflicts_with = "traces")]
+    pub bos: Option<bool>,
     /// Score at most this many windows.
     #[arg(long, value_parser = count)]
     pub max_windows: Option<usize>,

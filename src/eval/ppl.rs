@@ -1,5 +1,6 @@
 //! Token perplexity over non-overlapping windows (METHODS.md section 8).
 use crate::backend::Backend;
+use crate::io::text::windows;
 use crate::model::forward::{forward, nll};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
@@ -15,6 +16,36 @@ pub struct PplResult {
     pub seq_len: usize,
     /// Predicted tokens (windows·(seq_len−1)).
     pub tokens: usize,
+    /// Whether each window started with BOS (METHODS.md §8).
+    #[serde(default)]
+    pub bos: bool,
+}
+
+/// [`perplexity`] with each window `[BOS] + seq_len − 1` text tokens when
+/// `bos` is given (the windows of METHODS.md §2; BOS predicts the first
+/// text token), else `perplexity` itself.
+pub fn perplexity_bos<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    seq_len: usize,
+    max_windows: Option<usize>,
+    batch: usize,
+    bos: Option<u32>,
+) -> Result<PplResult> {
+    let Some(b) = bos else {
+        return perplexity(be, model, ids, seq_len, max_windows, batch);
+    };
+    if seq_len < 2 {
+        return Err(Error::Invalid("--seq-len must be at least 2".into()));
+    }
+    let mut n = ids.len() / (seq_len - 1);
+    if let Some(k) = max_windows {
+        n = n.min(k);
+    }
+    let w = windows(ids, n.max(1), seq_len, Some(b))?;
+    let r = perplexity(be, model, &w, seq_len, None, batch)?;
+    Ok(PplResult { bos: true, ..r })
 }
 
 /// exp(mean NLL) over the first `max_windows` (default all) windows of
@@ -76,6 +107,7 @@ pub fn perplexity<B: Backend>(
         windows,
         seq_len,
         tokens: count,
+        bos: false,
     })
 }
 
@@ -142,5 +174,6 @@ pub fn trace_perplexity<B: Backend>(
         windows: seqs.len(),
         seq_len: seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0),
         tokens: count,
+        bos: false,
     })
 }

@@ -6,7 +6,7 @@
 //! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
 //! on to the layer's input. Only one layer's intermediates are alive at a time.
 use super::forward::{
-    layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry, RopeTables,
+    ffn_down, layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry, RopeTables,
 };
 use super::lora::{Adapters, Proj};
 use super::objective::{EnergyAt, Objective};
@@ -208,6 +208,18 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
             x,
             geo,
         )?;
+        // FFN: x_next = x' + y, y = W_d h  ⇒  g = dh = dy·W_d  [rows, m], dy = dx;
+        // Gemma 3: x_next = x' + norm(y), dy through the norm (y recomputed).
+        let dy_norm = match &lw.post_ffn_norm {
+            Some(w) => {
+                let ll = lora_l.as_ref().map(|(ll, _)| ll);
+                let y = ffn_down(be, lw, ll, &acts.h, rows, d)?;
+                let (_, rstd) = be.rmsnorm_fwd(&y, w, rows, d, c.rms_eps as f32)?;
+                Some(be.rmsnorm_bwd(&dx, &y, w, &rstd, rows, d)?)
+            }
+            None => None,
+        };
+        let dy = dy_norm.as_ref().unwrap_or(&dx);
         // `∂(adapter of p)` from its input and output gradient, adding its
         // input gradient into `dx_in` (LayerLora::backward).
         let mut adapter_bwd =
@@ -216,9 +228,9 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
                 None => Ok(()),
             };
 
-        // FFN: x_next = x' + W_d h  ⇒  g = dh = dx·W_d  [rows, m]
-        let mut dh = be.linear_bwd_input(&dx, &lw.w_down, rows, m, d)?;
-        adapter_bwd(Proj::Down, &acts.h, &dx, &mut dh)?;
+        let mut dh = be.linear_bwd_input(dy, &lw.w_down, rows, m, d)?;
+        adapter_bwd(Proj::Down, &acts.h, dy, &mut dh)?;
+        drop(dy_norm);
         if let Some(f) = on_layer.as_mut() {
             let partial = match counted {
                 None => be.channel_stats(&acts.h, &dh, geo.seqs, geo.t, m)?,
@@ -236,7 +248,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         if l == 0 && !adapted {
             return Ok(()); // nothing below layer 0 needs a gradient
         }
-        let (da, db) = be.swiglu_bwd(&dh, &acts.a, &acts.b, rows * m)?;
+        let (da, db) = be.glu_bwd(c.act, &dh, &acts.a, &acts.b, rows * m)?;
         drop((dh, acts.a, acts.b));
         let mut du2 = be.linear_bwd_input(&da, &lw.w_gate, rows, d, m)?; // [rows, d]
         if acts.u2.is_some() {
@@ -255,9 +267,16 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         drop(dnorm);
 
         // Attention: x' = x + W_o Attn(rope(W_q u), rope(W_k u), W_v u), u = norm(x)
-        // (Qwen3: rope(qnorm(W_q u)), rope(knorm(W_k u)))
-        let mut datt = be.linear_bwd_input(&dx, &lw.wo, rows, qd, d)?; // [rows, q]
-        adapter_bwd(Proj::O, &acts.att, &dx, &mut datt)?;
+        // (Qwen3, Gemma 3: rope(qnorm(W_q u)), rope(knorm(W_k u)); Gemma 3:
+        // x' = x + norm(W_o Attn(..)))
+        let d_o_norm = match (&lw.post_attn_norm, &acts.post_attn) {
+            (Some(w), Some((o, rstd))) => Some(be.rmsnorm_bwd(&dx, o, w, rstd, rows, d)?),
+            _ => None,
+        };
+        let d_o = d_o_norm.as_ref().unwrap_or(&dx);
+        let mut datt = be.linear_bwd_input(d_o, &lw.wo, rows, qd, d)?; // [rows, q]
+        adapter_bwd(Proj::O, &acts.att, d_o, &mut datt)?;
+        drop(d_o_norm);
         let (mut dq, mut dk, dv) = be.attention_bwd(
             &datt,
             &acts.q,
@@ -266,15 +285,16 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
             &acts.att,
             &acts.lse,
             shape,
-            c.sliding_window,
+            c.window(l),
+        )?;
+        let (cos, sin) = rope.layer(c, l);
+        be.rope(
+            &mut dq, cos, sin, geo.seqs, geo.t, c.heads, c.head_dim, true,
         )?;
         be.rope(
-            &mut dq, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, true,
+            &mut dk, cos, sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true,
         )?;
-        be.rope(
-            &mut dk, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, true,
-        )?;
-        // Qwen3: through the per-head q/k norms to the projections' outputs.
+        // Qwen3, Gemma 3: through the per-head q/k norms to the projections' outputs.
         qk_norm_bwd(be, c, lw, acts.qk.as_ref(), &mut dq, &mut dk, rows)?;
         // du = dq·W_q + dk·W_k + dv·W_v  [rows, d], one term alive at a time
         let mut du = be.linear_bwd_input(&dq, &lw.wq, rows, d, qd)?;

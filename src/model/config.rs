@@ -1,4 +1,5 @@
-//! `config.json` of a LLaMA-family, Qwen2, Qwen3 or Mistral model, as the runtime needs it.
+//! `config.json` of a LLaMA-family, Qwen2, Qwen3, Mistral or Gemma 3 model, as the runtime needs it.
+pub use crate::backend::GluAct;
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -18,15 +19,31 @@ pub enum Arch {
     /// `MistralForCausalLM`: LLaMA's layer (no biases) with an optional
     /// sliding attention window (`sliding_window`, [`ModelConfig::sliding_window`]).
     Mistral,
+    /// `Gemma3ForCausalLM` (`gemma3_text`, the text part of Gemma 3): GeGLU
+    /// (`gelu_pytorch_tanh`); four RMSNorms per layer (before and after
+    /// attention, before and after the FFN) and the final norm, each
+    /// scaling by (1 + w); embeddings scaled by √hidden; Qwen3's per-head
+    /// q/k norm; scores scaled by `query_pre_attn_scalar`^−½; local layers
+    /// (`layer_types` "sliding_attention") attend through `sliding_window`
+    /// with their own RoPE base; tied embeddings.
+    Gemma3,
 }
 
 impl Arch {
+    /// Whether calibration and perplexity windows start with BOS unless
+    /// told otherwise (`--bos`, METHODS.md §2): Gemma 3, whose perplexity
+    /// without BOS is an artefact.
+    pub fn bos_by_default(self) -> bool {
+        self == Arch::Gemma3
+    }
+
     pub fn hf_name(self) -> &'static str {
         match self {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 }
@@ -64,6 +81,26 @@ pub struct ModelConfig {
     /// before it), as transformers' `sliding_window_causal_mask_function`.
     /// `None`: plain causal attention (every other family).
     pub sliding_window: Option<usize>,
+    /// Which layers attend through `sliding_window` (Gemma 3's
+    /// "sliding_attention" layers, which also take `rope_theta_local`);
+    /// `None`: every layer (Mistral).
+    pub local_layers: Option<Vec<bool>>,
+    /// RoPE base of the local layers (Gemma 3's `sliding_attention` base);
+    /// `rope_theta` on every other family.
+    pub rope_theta_local: f64,
+    /// The FFN's gate activation (`hidden_act` / `hidden_activation`).
+    pub act: GluAct,
+    /// Gemma 3: RMSNorms after attention and after the FFN
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`) on the
+    /// branch outputs before the residual add; the pre-FFN norm is then
+    /// `pre_feedforward_layernorm`, and every norm scales by (1 + w).
+    pub sandwich_norms: bool,
+    /// Factor on the embedding rows (Gemma 3: √hidden rounded to f32, as
+    /// transformers' `Gemma3TextScaledWordEmbedding`); 1 elsewhere.
+    pub embed_scale: f32,
+    /// Gemma 3's `query_pre_attn_scalar`: scores are q·k / √s instead of
+    /// q·k / √head_dim. `None`: √head_dim.
+    pub query_pre_attn_scalar: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// The parsed JSON, kept so an export can copy every field it does not change.
@@ -98,12 +135,17 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
             path.display()
         )))
     };
-    if let Some(act) = raw
-        .get("hidden_act")
-        .or_else(|| raw.get("hidden_activation"))
-    {
-        if act.as_str() != Some("silu") {
-            return refuse(format!("hidden_act {act} (only silu)"));
+    // Gemma 3's gate activation is gelu with the tanh approximation
+    // (`hidden_activation`, transformers' default when absent).
+    let want = match arch {
+        Arch::Gemma3 => "gelu_pytorch_tanh",
+        _ => "silu",
+    };
+    for key in ["hidden_act", "hidden_activation"] {
+        if let Some(act) = raw.get(key).filter(|v| !v.is_null()) {
+            if act.as_str() != Some(want) {
+                return refuse(format!("{key} {act} (only {want} on {})", arch.hf_name()));
+            }
         }
     }
     for key in [
@@ -125,8 +167,9 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
         return refuse("use_sliding_window: true (sliding-window attention)".into());
     }
     // transformers' Qwen3 writes `layer_types`; a "sliding_attention"
-    // layer there would attend through a window (when `sliding_window` is set).
-    if let Some(Value::Array(types)) = raw.get("layer_types") {
+    // layer there would attend through a window (when `sliding_window` is
+    // set). Gemma 3's are read (`gemma3_layers`).
+    if let (Some(Value::Array(types)), false) = (raw.get("layer_types"), arch == Arch::Gemma3) {
         if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
             return refuse(format!("layer_types entry {t} (only \"full_attention\")"));
         }
@@ -144,7 +187,107 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
     if arch == Arch::Mistral && raw.get("layer_types").is_some_and(|v| !v.is_null()) {
         return refuse("`layer_types` on a Mistral model (per-layer attention types)".into());
     }
+    if arch == Arch::Gemma3 {
+        // Gemma 3 as an encoder (EmbeddingGemma) attends both ways.
+        if raw
+            .get("use_bidirectional_attention")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            return refuse("use_bidirectional_attention: true".into());
+        }
+        if raw.get("text_config").is_some() {
+            return refuse("`text_config` (the multimodal Gemma3ForConditionalGeneration)".into());
+        }
+    }
     Ok(())
+}
+
+/// Gemma 3's per-layer attention: which layers are local, the global
+/// layers' rope parameters (checked as every family's) and the local base.
+struct GemmaLayers {
+    local: Vec<bool>,
+    global_rope: Option<Value>,
+    local_theta: f64,
+}
+
+/// Reads Gemma 3's `layer_types` and per-type `rope_parameters` as
+/// transformers 5 writes them, or the older `sliding_window_pattern`,
+/// `rope_theta`, `rope_local_base_freq` and `rope_scaling` (on the global
+/// layers), with `Gemma3TextConfig`'s defaults (a local layer except every
+/// sixth; bases 10⁴ local and 10⁶ global).
+fn gemma3_layers(raw: &Value, layers: usize, path: &Path) -> Result<GemmaLayers> {
+    let local = match raw.get("layer_types") {
+        None | Some(Value::Null) => {
+            let pattern = raw
+                .get("sliding_window_pattern")
+                .or_else(|| raw.get("_sliding_window_pattern"))
+                .filter(|v| !v.is_null());
+            let pattern = match pattern {
+                None => 6,
+                Some(v) => v.as_u64().filter(|&p| p >= 1).ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!("`sliding_window_pattern` is {v}, not an integer ≥ 1"),
+                    )
+                })?,
+            };
+            (0..layers as u64).map(|i| (i + 1) % pattern != 0).collect()
+        }
+        Some(Value::Array(types)) if types.len() == layers => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(Error::Unsupported(format!(
+                    "{}: layer_types entry {t} is not implemented \
+                     (only \"sliding_attention\" and \"full_attention\")",
+                    path.display()
+                ))),
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => {
+            return Err(Error::format(
+                path,
+                format!("`layer_types` is {v}, not a list of {layers} layer types"),
+            ))
+        }
+    };
+    let num = |v: &Value, key: &str| opt(v, key, path, "a number", Value::as_f64);
+    let (global_rope, local_theta) = match raw.get("rope_parameters").filter(|v| !v.is_null()) {
+        Some(p) => {
+            if !p.is_object() {
+                return Err(Error::format(
+                    path,
+                    format!("`rope_parameters` is {p}, not an object"),
+                ));
+            }
+            let local = p.get("sliding_attention").filter(|v| !v.is_null());
+            if let Some(kind) = local
+                .and_then(|l| l.get("rope_type"))
+                .and_then(Value::as_str)
+                .filter(|&k| k != "default")
+            {
+                return Err(Error::Unsupported(format!(
+                    "{}: rope_parameters.sliding_attention.rope_type `{kind}` is not implemented \
+                     (only default)",
+                    path.display()
+                )));
+            }
+            let theta = local.map(|l| num(l, "rope_theta")).transpose()?.flatten();
+            (p.get("full_attention").cloned(), theta)
+        }
+        None => (raw.get("rope_scaling").cloned(), None),
+    };
+    let local_theta = match local_theta {
+        Some(t) => t,
+        None => num(raw, "rope_local_base_freq")?.unwrap_or(10000.0),
+    };
+    Ok(GemmaLayers {
+        local,
+        global_rope,
+        local_theta,
+    })
 }
 
 fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
@@ -210,10 +353,11 @@ impl ModelConfig {
             "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Arch::Qwen3,
             "MistralForCausalLM" | "mistral" => Arch::Mistral,
+            "Gemma3ForCausalLM" | "gemma3_text" => Arch::Gemma3,
             other => {
                 return Err(Error::Unsupported(format!(
                     "{}: architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
-                     Qwen3ForCausalLM, MistralForCausalLM)",
+                     Qwen3ForCausalLM, MistralForCausalLM, Gemma3ForCausalLM)",
                     path.display()
                 )))
             }
@@ -233,6 +377,7 @@ impl ModelConfig {
             .map(|x| x as usize)
             .unwrap_or(match arch {
                 Arch::Qwen3 => 128,
+                Arch::Gemma3 => 256, // Gemma3TextConfig's default
                 _ => hidden / heads.max(1),
             });
         let vocab = get_usize(&raw, "vocab_size", path)?;
@@ -270,10 +415,19 @@ impl ModelConfig {
         }
         // transformers ≥ 5 writes `rope_parameters` (with rope_theta inside);
         // older versions `rope_scaling` next to a top-level `rope_theta`.
-        let rope_params = raw
-            .get("rope_parameters")
-            .filter(|v| v.is_object())
-            .or_else(|| raw.get("rope_scaling"));
+        let gemma = match arch {
+            Arch::Gemma3 => Some(gemma3_layers(&raw, layers, path)?),
+            _ => None,
+        };
+        let rope_params = match &gemma {
+            // Gemma 3 keeps one set per layer type; the global one here,
+            // the local one (always the default type) in `gemma3_layers`.
+            Some(g) => g.global_rope.as_ref(),
+            None => raw
+                .get("rope_parameters")
+                .filter(|v| v.is_object())
+                .or_else(|| raw.get("rope_scaling")),
+        };
         let rope_scaling = match rope_params {
             None | Some(Value::Null) => None,
             Some(v) if !v.is_object() => {
@@ -310,7 +464,7 @@ impl ModelConfig {
         // Qwen2 has q/k/v biases; a LLaMA or Qwen3 with `attention_bias`
         // was refused above. Qwen3 normalises each head's q and k.
         let qkv_bias = arch == Arch::Qwen2;
-        let qk_norm = arch == Arch::Qwen3;
+        let qk_norm = matches!(arch, Arch::Qwen3 | Arch::Gemma3);
         let num = "a number";
         let rope_theta = match opt(&raw, "rope_theta", path, num, Value::as_f64)? {
             Some(t) => Some(t),
@@ -318,7 +472,11 @@ impl ModelConfig {
                 .map(|p| opt(p, "rope_theta", path, num, Value::as_f64))
                 .transpose()?
                 .flatten(),
-        };
+        }
+        .unwrap_or(match arch {
+            Arch::Gemma3 => 1_000_000.0, // Gemma3TextConfig's global default
+            _ => 10000.0,
+        });
         let rms_eps = opt(&raw, "rms_norm_eps", path, num, Value::as_f64)?;
         let tie = opt(
             &raw,
@@ -346,7 +504,20 @@ impl ModelConfig {
                 |v| v.as_u64().filter(|&w| w >= 1),
             )?
             .map(|w| w.min(usize::MAX as u64) as usize),
+            Arch::Gemma3 => Some(
+                opt(&raw, "sliding_window", path, "an integer ≥ 1", |v| {
+                    v.as_u64().filter(|&w| w >= 1)
+                })?
+                .unwrap_or(4096)
+                .min(usize::MAX as u64) as usize,
+            ),
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => None,
+        };
+        let query_pre_attn_scalar = match arch {
+            Arch::Gemma3 => {
+                Some(opt(&raw, "query_pre_attn_scalar", path, num, Value::as_f64)?.unwrap_or(256.0))
+            }
+            _ => None,
         };
         let bos_token_id = ids(&raw, "bos_token_id", path)?.first().copied();
         let eos_token_ids = ids(&raw, "eos_token_id", path)?;
@@ -359,14 +530,27 @@ impl ModelConfig {
             head_dim,
             vocab,
             ffn_widths,
-            rope_theta: rope_theta.unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             rms_eps: rms_eps.unwrap_or(1e-6),
-            tie_embeddings: tie.unwrap_or(false),
+            // Gemma3TextConfig ties by default.
+            tie_embeddings: tie.unwrap_or(arch == Arch::Gemma3),
             qkv_bias,
             qk_norm,
             max_positions: max_pos.unwrap_or(4096) as usize,
             sliding_window,
+            rope_theta_local: gemma.as_ref().map_or(rope_theta, |g| g.local_theta),
+            local_layers: gemma.map(|g| g.local),
+            act: match arch {
+                Arch::Gemma3 => GluAct::GeluTanh,
+                _ => GluAct::Silu,
+            },
+            sandwich_norms: arch == Arch::Gemma3,
+            embed_scale: match arch {
+                Arch::Gemma3 => (hidden as f64).sqrt() as f32,
+                _ => 1.0,
+            },
+            query_pre_attn_scalar,
             bos_token_id,
             eos_token_ids,
             raw,
@@ -390,6 +574,15 @@ impl ModelConfig {
             ("rope_theta", self.rope_theta),
             ("rms_norm_eps", self.rms_eps),
         ];
+        if self.local_layers.is_some() {
+            floats.push((
+                "rope_parameters.sliding_attention.rope_theta",
+                self.rope_theta_local,
+            ));
+        }
+        if let Some(s) = self.query_pre_attn_scalar {
+            floats.push(("query_pre_attn_scalar", s));
+        }
         if let Some(s) = self.rope_scaling {
             floats.extend([
                 ("rope_scaling.factor", s.factor),
@@ -428,15 +621,42 @@ impl ModelConfig {
         self.kv_heads * self.head_dim
     }
 
-    /// Inverse RoPE frequencies `[head_dim/2]`: θ^(−2i/head_dim), with the
-    /// LLaMA-3 scaling applied when configured (as transformers'
-    /// `_compute_llama3_parameters`).
-    pub fn rope_inv_freq(&self) -> Vec<f64> {
+    /// Whether layer `l` is local: attends through `sliding_window` with
+    /// the local RoPE base (every layer of a windowed Mistral).
+    pub fn is_local(&self, l: usize) -> bool {
+        self.sliding_window.is_some()
+            && self
+                .local_layers
+                .as_ref()
+                .is_none_or(|v| v.get(l).copied().unwrap_or(false))
+    }
+
+    /// The attention window of layer `l` (`None`: plain causal).
+    pub fn window(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.is_local(l))
+    }
+
+    /// Whether some layers use another RoPE base than the others (Gemma 3).
+    pub fn two_rope_bases(&self) -> bool {
+        self.local_layers.is_some()
+    }
+
+    /// Inverse RoPE frequencies `[head_dim/2]` of the global (`local` =
+    /// false) or local layers: θ^(−2i/head_dim), with the LLaMA-3 scaling
+    /// applied when configured (as transformers'
+    /// `_compute_llama3_parameters`; never on Gemma's local layers).
+    pub fn rope_inv_freq(&self, local: bool) -> Vec<f64> {
         let half = self.head_dim / 2;
+        let theta = if local {
+            self.rope_theta_local
+        } else {
+            self.rope_theta
+        };
+        let scaling = self.rope_scaling.filter(|_| !local);
         (0..half)
             .map(|i| {
-                let f = 1.0 / self.rope_theta.powf((2 * i) as f64 / self.head_dim as f64);
-                match self.rope_scaling {
+                let f = 1.0 / theta.powf((2 * i) as f64 / self.head_dim as f64);
+                match scaling {
                     None => f,
                     Some(s) => {
                         let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
@@ -472,10 +692,11 @@ impl ModelConfig {
         } else {
             0
         };
+        let norms = if self.sandwich_norms { 4 * d } else { 2 * d };
         let ffn: u64 = self.ffn_widths.iter().map(|&m| 3 * d * m as u64).sum();
         let emb = self.vocab as u64 * d;
         let head = if self.tie_embeddings { 0 } else { emb };
-        emb + head + self.layers as u64 * (attn + bias + qk_norm + 2 * d) + ffn + d
+        emb + head + self.layers as u64 * (attn + bias + qk_norm + norms) + ffn + d
     }
 }
 
@@ -685,6 +906,141 @@ mod tests {
             })
             .unwrap();
             assert_eq!(c.sliding_window, None, "{arch}");
+        }
+    }
+
+    fn gemma3(edit: impl FnOnce(&mut Value)) -> Result<ModelConfig> {
+        let mut v = json!({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 24, "vocab_size": 100,
+            "intermediate_size": 96, "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 20,
+            "sliding_window": 6, "attn_logit_softcapping": null,
+            "final_logit_softcapping": null, "use_bidirectional_attention": false,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+                "sliding_attention": {"rope_theta": 100.0, "rope_type": "default"}
+            },
+            "tie_word_embeddings": true
+        });
+        edit(&mut v);
+        ModelConfig::from_json(v, Path::new("cfg/config.json"))
+    }
+
+    #[test]
+    fn gemma3_reads_its_layers_bases_and_scales() {
+        let c = gemma3(|_| {}).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        assert_eq!(c.arch.hf_name(), "Gemma3ForCausalLM");
+        assert!(c.qk_norm && c.sandwich_norms && c.tie_embeddings && !c.qkv_bias);
+        assert_eq!(c.act, GluAct::GeluTanh);
+        assert_eq!((c.head_dim, c.q_dim()), (24, 96));
+        assert_eq!(c.embed_scale, 8.0);
+        assert_eq!(c.query_pre_attn_scalar, Some(20.0));
+        assert_eq!((c.rope_theta, c.rope_theta_local), (10000.0, 100.0));
+        assert_eq!(
+            (0..3).map(|l| c.window(l)).collect::<Vec<_>>(),
+            [Some(6), None, Some(6)]
+        );
+        assert!(c.two_rope_bases());
+        for (local, base) in [(true, 100f64), (false, 10000f64)] {
+            let f = c.rope_inv_freq(local)[1];
+            assert!((f - base.powf(-2.0 / 24.0)).abs() < 1e-15, "{local}: {f}");
+        }
+        // Other families: one base, every layer global (Mistral: every layer local).
+        let l = load(|_| {}).unwrap();
+        assert_eq!(
+            (l.act, l.embed_scale, l.sandwich_norms),
+            (GluAct::Silu, 1.0, false)
+        );
+        assert!(!l.two_rope_bases() && l.window(0).is_none());
+        let m = mistral(|c| c["sliding_window"] = json!(6)).unwrap();
+        assert_eq!((m.window(0), m.window(1)), (Some(6), Some(6)));
+    }
+
+    #[test]
+    fn gemma3_older_config_layout_and_defaults() {
+        // transformers 4.x: rope_theta, rope_local_base_freq, sliding_window_pattern.
+        let c = gemma3(|c| {
+            let o = c.as_object_mut().unwrap();
+            o.remove("layer_types");
+            o.remove("rope_parameters");
+            o.insert("rope_theta".into(), json!(1e6));
+            o.insert("rope_local_base_freq".into(), json!(1e4));
+            o.insert("sliding_window_pattern".into(), json!(2));
+            o.insert("rope_scaling".into(), Value::Null);
+        })
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_theta_local), (1e6, 1e4));
+        assert_eq!(c.local_layers, Some(vec![true, false, true]));
+        // Gemma3TextConfig's defaults when absent.
+        let c = gemma3(|c| {
+            let o = c.as_object_mut().unwrap();
+            for k in [
+                "layer_types",
+                "rope_parameters",
+                "head_dim",
+                "query_pre_attn_scalar",
+                "sliding_window",
+                "tie_word_embeddings",
+                "hidden_activation",
+            ] {
+                o.remove(k);
+            }
+        })
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_theta_local), (1e6, 1e4));
+        assert_eq!(c.local_layers, Some(vec![true; 3]));
+        assert_eq!((c.head_dim, c.query_pre_attn_scalar), (256, Some(256.0)));
+        assert_eq!((c.sliding_window, c.tie_embeddings), (Some(4096), true));
+        assert_eq!(c.act, GluAct::GeluTanh);
+    }
+
+    #[test]
+    fn gemma3_unimplemented_fields_are_refused_by_name() {
+        for (key, v) in [
+            ("attn_logit_softcapping", json!(50.0)),
+            ("final_logit_softcapping", json!(30.0)),
+            ("hidden_activation", json!("gelu")),
+            ("hidden_act", json!("silu")),
+            ("use_bidirectional_attention", json!(true)),
+            (
+                "layer_types",
+                json!(["sliding_attention", "chunked_attention", "full_attention"]),
+            ),
+            ("text_config", json!({})),
+            ("attention_bias", json!(true)),
+        ] {
+            let e = gemma3(|c| c[key] = v.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("not implemented"),
+                "{key}: {e}"
+            );
+        }
+        let e = gemma3(|c| {
+            c["rope_parameters"]["full_attention"] = json!({"rope_type": "linear", "factor": 8.0})
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("linear"), "{e}");
+        let e = gemma3(|c| c["rope_parameters"]["sliding_attention"]["rope_type"] = json!("yarn"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sliding_attention") && e.contains("yarn"), "{e}");
+        // Malformed values: named with the file.
+        for (key, v) in [
+            ("layer_types", json!(["sliding_attention"])),
+            ("sliding_window", json!(0)),
+            ("query_pre_attn_scalar", json!("20")),
+            ("query_pre_attn_scalar", json!(-1.0)),
+        ] {
+            let e = gemma3(|c| c[key] = v.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains(key) && e.contains("cfg/config.json"),
+                "{key}: {e}"
+            );
         }
     }
 }

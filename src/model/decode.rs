@@ -19,7 +19,8 @@
 //! - Only each sequence's last real row goes through the final norm and
 //!   `lm_head`, so logits are `[seqs, vocab]` whatever the prompt lengths.
 //!
-//! - With a sliding window W (Mistral), the caches are rings of
+//! - With a sliding window W (Mistral; Gemma 3's local layers, whose
+//!   global layers keep `cap` positions), the caches are rings of
 //!   `slots = min(cap, W + C − 1)` positions per sequence, C = min(W,
 //!   `WINDOW_CHUNK`): position p in slot p mod slots
 //!   (`Backend::attention_cached`), so a sequence's cache is bounded
@@ -37,7 +38,7 @@
 //! hash of (seed, prompt, sample, position), never from a generator
 //! advanced in batch order, so a sequence's tokens do not depend on which
 //! sequences share its batch.
-use super::forward::{check_ids, qk_norm_fwd};
+use super::forward::{check_ids, qk_norm_fwd, rope_host_tables};
 use super::weights::{LayerWeights, Model};
 use crate::backend::{Backend, CacheShape};
 use crate::io::text::Tokenizer;
@@ -63,13 +64,15 @@ pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
     cache: KvCache<B>,
     cap: usize,
-    /// Cache slots per sequence: `cap`, or the ring under a sliding window.
-    slots: usize,
+    /// Cache slots per sequence of each layer: `cap`, or the ring on a
+    /// layer with a sliding window.
+    slots: Vec<usize>,
     /// Most new tokens one run may take (unbounded unless the ring wraps).
     chunk: usize,
-    /// Host RoPE tables for positions 0..cap, `[cap, head_dim/2]`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Host RoPE tables `(cos, sin)` for positions 0..cap, `[cap,
+    /// head_dim/2]` each: the global layers', then the local layers' when
+    /// their base differs (Gemma 3).
+    rope: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -81,31 +84,25 @@ impl<'m, B: Backend> Decoder<'m, B> {
             )));
         }
         let c = &model.cfg;
-        let (slots, chunk) = match c.sliding_window {
+        let (ring, chunk) = match c.sliding_window {
             Some(w) if w.saturating_add(w.min(WINDOW_CHUNK)) <= cap => {
                 let chunk = w.min(WINDOW_CHUNK);
-                (w + chunk - 1, chunk)
+                (Some(w + chunk - 1), chunk)
             }
-            _ => (cap, usize::MAX),
+            _ => (None, usize::MAX),
         };
-        let size = seqs * slots * c.kv_dim();
+        let slots: Vec<usize> = (0..c.layers)
+            .map(|l| ring.filter(|_| c.is_local(l)).unwrap_or(cap))
+            .collect();
         let mut k = Vec::with_capacity(c.layers);
         let mut v = Vec::with_capacity(c.layers);
-        for _ in 0..c.layers {
-            k.push(be.zeros(size)?);
-            v.push(be.zeros(size)?);
+        for &s in &slots {
+            k.push(be.zeros(seqs * s * c.kv_dim())?);
+            v.push(be.zeros(seqs * s * c.kv_dim())?);
         }
-        let inv: Vec<f32> = c.rope_inv_freq().iter().map(|&f| f as f32).collect();
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(cap * inv.len()),
-            Vec::with_capacity(cap * inv.len()),
-        );
-        for p in 0..cap {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        let mut rope = vec![rope_host_tables(c, false, cap)];
+        if c.two_rope_bases() {
+            rope.push(rope_host_tables(c, true, cap));
         }
         Ok(Self {
             be,
@@ -118,8 +115,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             cap,
             slots,
             chunk,
-            cos,
-            sin,
+            rope,
         })
     }
 
@@ -230,8 +226,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
         if !keep.contains(&false) {
             return Ok(());
         }
-        let per = self.slots * self.model.cfg.kv_dim(); // one sequence's cache
-        for buf in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+        let bufs = self.cache.k.iter_mut().zip(&self.slots);
+        for (buf, slots) in bufs.chain(self.cache.v.iter_mut().zip(&self.slots)) {
+            let per = slots * self.model.cfg.kv_dim(); // one sequence's cache
             let host = self.be.download(buf)?;
             let kept: Vec<f32> = host
                 .chunks(per)
@@ -257,27 +254,32 @@ impl<'m, B: Backend> Decoder<'m, B> {
     fn run(&mut self, ids: &[u32], n: usize) -> Result<B::Buf> {
         let (be, c) = (self.be, &self.model.cfg);
         let half = c.head_dim / 2;
-        let mut cos = Vec::with_capacity(ids.len() * half);
-        let mut sin = Vec::with_capacity(ids.len() * half);
-        for &len in &self.cache.len {
-            for p in len..len + n {
-                cos.extend_from_slice(&self.cos[p * half..][..half]);
-                sin.extend_from_slice(&self.sin[p * half..][..half]);
+        // Each table's rows at the batch's positions, [seqs·n, hd/2].
+        let mut rope = Vec::with_capacity(self.rope.len());
+        for (all_cos, all_sin) in &self.rope {
+            let mut cos = Vec::with_capacity(ids.len() * half);
+            let mut sin = Vec::with_capacity(ids.len() * half);
+            for &len in &self.cache.len {
+                for p in len..len + n {
+                    cos.extend_from_slice(&all_cos[p * half..][..half]);
+                    sin.extend_from_slice(&all_sin[p * half..][..half]);
+                }
             }
+            rope.push((be.upload(&cos)?, be.upload(&sin)?));
         }
-        let (cos, sin) = (be.upload(&cos)?, be.upload(&sin)?); // [seqs·n, hd/2]
-        let shape = CacheShape {
-            seqs: self.cache.len.len(),
-            n,
-            cap: self.slots,
-            heads: c.heads,
-            kv_heads: c.kv_heads,
-            head_dim: c.head_dim,
-        };
-        let mut x = be.embedding(ids, &self.model.embed, c.hidden)?; // [rows, d]
+        let mut x = be.embedding(ids, &self.model.embed, c.hidden, c.embed_scale)?; // [rows, d]
         let model = self.model;
         model.for_each_layer(be, 0..c.layers, |l, lw| {
-            self.layer(l, lw, &mut x, &cos, &sin, shape)
+            let shape = CacheShape {
+                seqs: self.cache.len.len(),
+                n,
+                cap: self.slots[l],
+                heads: c.heads,
+                kv_heads: c.kv_heads,
+                head_dim: c.head_dim,
+            };
+            let (cos, sin) = &rope[usize::from(c.is_local(l)).min(rope.len() - 1)];
+            self.layer(l, lw, &mut x, cos, sin, shape)
         })?;
         Ok(x)
     }
@@ -315,17 +317,23 @@ impl<'m, B: Backend> Decoder<'m, B> {
         be.rope(&mut q, cos, sin, 1, rows, c.heads, c.head_dim, false)?;
         be.rope(&mut k, cos, sin, 1, rows, c.kv_heads, c.head_dim, false)?;
         let (kc, vc) = (&mut self.cache.k[l], &mut self.cache.v[l]);
-        let (len, window) = (&self.cache.len, c.sliding_window);
+        let (len, window) = (&self.cache.len, c.window(l));
         let att = be.attention_cached(&q, &k, &v, kc, vc, len, shape, window)?; // [rows, q]
-        let o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
+        let mut o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
+        if let Some(w) = &lw.post_attn_norm {
+            o = be.rmsnorm_fwd(&o, w, rows, d, eps)?.0; // Gemma 3
+        }
         be.add_assign(x, &o, rows * d)?; // x' = x + Attn
 
         let (u2, _) = be.rmsnorm_fwd(x, &lw.ffn_norm, rows, d, eps)?; // [rows, d]
         let gate_up = [(&lw.w_gate, None, m), (&lw.w_up, None, m)];
         let [a, b] = be.linear_many(&u2, gate_up, rows, d)?; // [rows, m] each
         drop(u2);
-        let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
-        let y = be.linear(&h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+        let h = be.glu_fwd(c.act, &a, &b, rows * m)?; // [rows, m]
+        let mut y = be.linear(&h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
+        if let Some(w) = &lw.post_ffn_norm {
+            y = be.rmsnorm_fwd(&y, w, rows, d, eps)?.0; // Gemma 3
+        }
         be.add_assign(x, &y, rows * d) // x_next = x' + W_d h
     }
 }

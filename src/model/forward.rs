@@ -6,43 +6,61 @@ use super::weights::{LayerWeights, Model};
 use crate::backend::{AttnShape, Backend};
 use crate::{Error, Result};
 
-/// RoPE tables for positions 0..t: `cos`, `sin` `[t, head_dim/2]`, computed
-/// in f32 as transformers does (`freqs = position · inv_freq`).
+/// Host RoPE tables `(cos, sin)` `[t, head_dim/2]` for positions 0..t of
+/// the global or `local` layers (`ModelConfig::rope_inv_freq`), computed in
+/// f32 as transformers does (`freqs = position · inv_freq`).
+pub fn rope_host_tables(c: &ModelConfig, local: bool, t: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv: Vec<f32> = c.rope_inv_freq(local).iter().map(|&f| f as f32).collect();
+    let mut cos = Vec::with_capacity(t * inv.len());
+    let mut sin = Vec::with_capacity(t * inv.len());
+    for p in 0..t {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
+}
+
+/// RoPE tables for positions 0..t: `cos`, `sin` `[t, head_dim/2]`
+/// ([`rope_host_tables`]) of the global layers, and of the local ones when
+/// their base differs (Gemma 3).
 pub struct RopeTables<B: Backend> {
     pub cos: B::Buf,
     pub sin: B::Buf,
+    local: Option<(B::Buf, B::Buf)>,
 }
 
 impl<B: Backend> RopeTables<B> {
     pub fn new(backend: &B, model: &Model<B>, t: usize) -> Result<Self> {
-        let inv: Vec<f32> = model
-            .cfg
-            .rope_inv_freq()
-            .iter()
-            .map(|&f| f as f32)
-            .collect();
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
-            for &f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        let c = &model.cfg;
+        let upload = |local| -> Result<(B::Buf, B::Buf)> {
+            let (cos, sin) = rope_host_tables(c, local, t);
+            Ok((backend.upload(&cos)?, backend.upload(&sin)?))
+        };
+        let (cos, sin) = upload(false)?;
+        let local = c.two_rope_bases().then(|| upload(true)).transpose()?;
+        Ok(Self { cos, sin, local })
+    }
+
+    /// `(cos, sin)` of layer `l`.
+    pub fn layer(&self, c: &ModelConfig, l: usize) -> (&B::Buf, &B::Buf) {
+        match &self.local {
+            Some((cos, sin)) if c.is_local(l) => (cos, sin),
+            _ => (&self.cos, &self.sin),
         }
-        Ok(Self {
-            cos: backend.upload(&cos)?,
-            sin: backend.upload(&sin)?,
-        })
     }
 }
 
 /// Everything one layer's forward computed that its backward pass reads.
 pub struct LayerActs<B: Backend> {
     pub rstd_attn: B::Buf, // [rows]
-    pub q: B::Buf,         // [rows, q] after RoPE
-    pub k: B::Buf,         // [rows, kv] after RoPE
+    /// Gemma 3's norm of the attention output: its input (the o
+    /// projection, `[rows, d]`) and rstd `[rows]`.
+    pub post_attn: Option<(B::Buf, B::Buf)>,
+    pub q: B::Buf, // [rows, q] after RoPE
+    pub k: B::Buf, // [rows, kv] after RoPE
     /// The q/k norm's inputs and rstd, when the layer has one (Qwen3).
     pub qk: Option<QkNormActs<B>>,
     pub v: B::Buf,        // [rows, kv]
@@ -52,7 +70,7 @@ pub struct LayerActs<B: Backend> {
     pub rstd_ffn: B::Buf, // [rows]
     pub a: B::Buf,        // [rows, m] gate pre-activation
     pub b: B::Buf,        // [rows, m] up projection
-    pub h: B::Buf,        // [rows, m] silu(a)·b, the channels
+    pub h: B::Buf,        // [rows, m] act(a)·b, the channels
     /// The inputs of the adapted projections, kept only when the layer has
     /// LoRA adapters (their backward pass reads them): `u = norm(x)` and
     /// `u2 = norm(x')`, `[rows, d]` each.
@@ -132,7 +150,9 @@ impl Geometry {
 
 /// One decoder layer: `x → x' = x + Attn(norm(x))` (with Qwen3's q/k
 /// norms inside Attn, [`qk_norm_fwd`]), then
-/// `x_next = x' + W_d h` with `h = silu(W_g u)·W_u u`, `u = norm(x')`.
+/// `x_next = x' + W_d h` with `h = act(W_g u)·W_u u`, `u = norm(x')`;
+/// Gemma 3 normalises each branch's output before its add
+/// (`x' = x + norm(Attn(..))`, `x_next = x' + norm(W_d h)`).
 /// With `lora`, each projection adds its adapter's term (`LayerLora::apply`).
 pub fn layer_forward<B: Backend>(
     be: &B,
@@ -143,16 +163,33 @@ pub fn layer_forward<B: Backend>(
     x: &B::Buf,
     geo: Geometry,
 ) -> Result<B::Buf> {
-    let (rows, d, m) = (geo.rows(), model.cfg.hidden, lw.ffn);
+    let (rows, d) = (geo.rows(), model.cfg.hidden);
     let acts = layer_acts(be, model, lw, lora, rope, x, geo)?;
-    let mut y = be.linear(&acts.h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?; // [rows, d]
-    if let Some(ll) = lora {
-        ll.apply(be, Proj::Down, &acts.h, &mut y, rows)?;
+    let mut y = ffn_down(be, lw, lora, &acts.h, rows, d)?; // [rows, d]
+    if let Some(w) = &lw.post_ffn_norm {
+        y = be.rmsnorm_fwd(&y, w, rows, d, model.cfg.rms_eps as f32)?.0; // Gemma 3
     }
     let mut next = be.zeros(rows * d)?;
     be.add_assign(&mut next, &acts.mid, rows * d)?;
     be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
     Ok(next)
+}
+
+/// The down projection `W_d h` (with its bias and adapter) `[rows, d]`.
+pub fn ffn_down<B: Backend>(
+    be: &B,
+    lw: &LayerWeights<B::Weight>,
+    lora: Option<&LayerLora<B>>,
+    h: &B::Buf,
+    rows: usize,
+    d: usize,
+) -> Result<B::Buf> {
+    let m = lw.ffn;
+    let mut y = be.linear(h, &lw.w_down, lw.b_down.as_ref(), rows, m, d)?;
+    if let Some(ll) = lora {
+        ll.apply(be, Proj::Down, h, &mut y, rows)?;
+    }
+    Ok(y)
 }
 
 /// The part of `layer_forward` up to the channels h: every intermediate the
@@ -189,23 +226,34 @@ pub fn layer_acts<B: Backend>(
         ll.apply(be, Proj::V, &u, &mut v, rows)?;
     }
     let u = lora.map(|_| u); // kept for the adapters' backward pass
-    let qk = qk_norm_fwd(be, c, lw, &mut q, &mut k, rows)?; // Qwen3, before RoPE
+    let qk = qk_norm_fwd(be, c, lw, &mut q, &mut k, rows)?; // Qwen3, Gemma 3: before RoPE
+    let (cos, sin) = rope.layer(c, lw.index);
     be.rope(
-        &mut q, &rope.cos, &rope.sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
+        &mut q, cos, sin, geo.seqs, geo.t, c.heads, c.head_dim, false,
     )?;
     be.rope(
-        &mut k, &rope.cos, &rope.sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
+        &mut k, cos, sin, geo.seqs, geo.t, c.kv_heads, c.head_dim, false,
     )?;
-    // Mistral's sliding window, when the config has one (ModelConfig::sliding_window).
-    let (att, lse) = be.attention_fwd(&q, &k, &v, shape, c.sliding_window)?; // [rows, q]
+    // Mistral's window, Gemma's on its local layers (ModelConfig::window).
+    let (att, lse) = be.attention_fwd(&q, &k, &v, shape, c.window(lw.index))?; // [rows, q]
     let mut o = be.linear(&att, &lw.wo, None, rows, qd, d)?; // [rows, d]
     if let Some(ll) = lora {
         ll.apply(be, Proj::O, &att, &mut o, rows)?;
     }
     let mut mid = be.zeros(rows * d)?;
     be.add_assign(&mut mid, x, rows * d)?;
-    be.add_assign(&mut mid, &o, rows * d)?; // x' = x + Attn
-    drop(o);
+    let post_attn = match &lw.post_attn_norm {
+        Some(w) => {
+            let (on, rstd) = be.rmsnorm_fwd(&o, w, rows, d, eps)?;
+            be.add_assign(&mut mid, &on, rows * d)?; // x' = x + norm(Attn)
+            Some((o, rstd))
+        }
+        None => {
+            be.add_assign(&mut mid, &o, rows * d)?; // x' = x + Attn
+            drop(o);
+            None
+        }
+    };
 
     let (u2, rstd_ffn) = be.rmsnorm_fwd(&mid, &lw.ffn_norm, rows, d, eps)?; // [rows, d]
     let mut a = be.linear(&u2, &lw.w_gate, None, rows, d, m)?; // [rows, m]
@@ -215,9 +263,10 @@ pub fn layer_acts<B: Backend>(
         ll.apply(be, Proj::Up, &u2, &mut b, rows)?;
     }
     let u2 = lora.map(|_| u2);
-    let h = be.swiglu_fwd(&a, &b, rows * m)?; // [rows, m]
+    let h = be.glu_fwd(c.act, &a, &b, rows * m)?; // [rows, m]
     Ok(LayerActs {
         rstd_attn,
+        post_attn,
         q,
         k,
         qk,
@@ -287,7 +336,7 @@ pub fn forward_with<B: Backend>(
     }
     check_ids(ids, c.vocab)?;
     let rope = RopeTables::new(be, model, geo.t)?;
-    let mut x = be.embedding(ids, &model.embed, c.hidden)?; // [rows, d]
+    let mut x = be.embedding(ids, &model.embed, c.hidden, c.embed_scale)?; // [rows, d]
     let mut residuals = Vec::new();
     model.for_each_layer(be, 0..c.layers, |l, lw| {
         let ll = lora.map(|(ad, s)| ad.layer(l, s)).transpose()?;

@@ -21,12 +21,17 @@ pub struct LayerWeights<W> {
     pub q_norm: Option<W>, // [hd], Qwen3's per-head RMSNorm of q (cfg.qk_norm)
     pub k_norm: Option<W>, // [hd], the same of k
     pub ffn_norm: W,       // [d]
+    /// Gemma 3's norms of the attention and FFN outputs (cfg.sandwich_norms), `[d]` each.
+    pub post_attn_norm: Option<W>,
+    pub post_ffn_norm: Option<W>,
     pub w_gate: W,         // [m, d]
     pub w_up: W,           // [m, d]
     pub w_down: W,         // [d, m]
     pub b_down: Option<W>, // [d], present after FLAP bias compensation
     /// FFN width m of this layer.
     pub ffn: usize,
+    /// The layer's index (its window and RoPE base: `ModelConfig::is_local`).
+    pub index: usize,
 }
 
 /// Where a model's decoder-layer weights live on the backend.
@@ -106,6 +111,38 @@ struct Sources<'a> {
     blocks: Option<&'a BlockFile>,
 }
 
+/// A change of a tensor's values at load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Adjust {
+    None,
+    /// Gemma 3's norm weights scale by (1 + w): the backend is handed
+    /// (1 + w)·f, computed in f32 (as transformers' `1.0 + weight.float()`),
+    /// so that its RMSNorm (· w) computes Gemma's. f is 1 except on the
+    /// q norm, which carries `query_pre_attn_scalar`'s score scale (below).
+    UnitOffset(f32),
+}
+
+/// The adjustment of Gemma's norm weights (none on other families).
+fn norm_adjust(cfg: &ModelConfig) -> Adjust {
+    if cfg.sandwich_norms {
+        Adjust::UnitOffset(1.0)
+    } else {
+        Adjust::None
+    }
+}
+
+/// The q norm's: Gemma scales scores by s^−½ (s = `query_pre_attn_scalar`)
+/// where attention divides by √head_dim; the q norm's output (hence, RoPE
+/// being linear, q) is multiplied by √(head_dim / s).
+fn q_norm_adjust(cfg: &ModelConfig) -> Adjust {
+    match (norm_adjust(cfg), cfg.query_pre_attn_scalar) {
+        (Adjust::UnitOffset(_), Some(s)) => {
+            Adjust::UnitOffset((cfg.head_dim as f64 / s).sqrt() as f32)
+        }
+        (a, _) => a,
+    }
+}
+
 fn load<B: Backend>(
     b: &B,
     src: Sources<'_>,
@@ -113,8 +150,28 @@ fn load<B: Backend>(
     shape: &[usize],
     how: Upload,
 ) -> Result<B::Weight> {
+    load_adjusted(b, src, name, shape, how, Adjust::None)
+}
+
+fn load_adjusted<B: Backend>(
+    b: &B,
+    src: Sources<'_>,
+    name: &str,
+    shape: &[usize],
+    how: Upload,
+    adjust: Adjust,
+) -> Result<B::Weight> {
     let t = src.files.get(name, shape)?;
     let in_flight = matches!(how, Upload::InFlight);
+    if let Adjust::UnitOffset(f) = adjust {
+        let values: Vec<f32> = t.to_f32()?.iter().map(|&w| (1.0 + w) * f).collect();
+        src.files.release_tensor(name);
+        return if in_flight {
+            b.upload_weight_async(&values)
+        } else {
+            b.upload_weight(&values)
+        };
+    }
     let blocks = match (src.blocks, shape) {
         (Some(f), &[rows, cols]) => f.get(name, rows, cols)?.map(|bm| (f, bm)),
         _ => None,
@@ -139,9 +196,10 @@ fn load_opt<B: Backend>(
     name: &str,
     shape: &[usize],
     how: Upload,
+    adjust: Adjust,
 ) -> Result<Option<B::Weight>> {
     if src.files.contains(name) {
-        load(b, src, name, shape, how).map(Some)
+        load_adjusted(b, src, name, shape, how, adjust).map(Some)
     } else {
         Ok(None)
     }
@@ -180,8 +238,8 @@ fn check_tensor_names(files: &SafeModel, cfg: &ModelConfig, dir: &Path) -> Resul
         known.extend(
             layer_tensors(cfg, l)
                 .into_iter()
-                .filter(|(_, _, need)| *need != Need::Absent)
-                .map(|(leaf, _, _)| layer_tensor(l, leaf)),
+                .filter(|(_, _, need, _)| *need != Need::Absent)
+                .map(|(leaf, _, _, _)| layer_tensor(l, leaf)),
         );
         for p in ["gate_proj", "up_proj"] {
             known.insert(layer_tensor(l, &format!("mlp.{p}.bias")));
@@ -234,29 +292,54 @@ enum Need {
     Absent,
 }
 
-/// The tensors of layer `l`: (leaf name, shape, need).
-fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, Need); 15] {
+/// The tensors of layer `l`: (leaf name, shape, need, adjustment), in
+/// the order of `LayerWeights`' fields.
+fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, Need, Adjust); 17] {
     let (d, m, hd) = (cfg.hidden, cfg.ffn_widths[l], cfg.head_dim);
     let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
     let (req, opt) = (Need::Required, Need::Optional);
     let bias = if cfg.qkv_bias { req } else { opt };
     let qk_norm = if cfg.qk_norm { req } else { Need::Absent };
+    let (norm, none) = (norm_adjust(cfg), Adjust::None);
+    // LLaMA's `post_attention_layernorm` is the FFN's input norm; Gemma's
+    // normalises the attention output, its FFN input norm being
+    // `pre_feedforward_layernorm`.
+    let (ffn_norm, post_attn, post_ffn) = if cfg.sandwich_norms {
+        (
+            "pre_feedforward_layernorm.weight",
+            ("post_attention_layernorm.weight", req),
+            req,
+        )
+    } else {
+        (
+            "post_attention_layernorm.weight",
+            ("pre_feedforward_layernorm.weight", Need::Absent),
+            Need::Absent,
+        )
+    };
     [
-        ("input_layernorm.weight", vec![d], req),
-        ("self_attn.q_proj.weight", vec![q, d], req),
-        ("self_attn.q_proj.bias", vec![q], bias),
-        ("self_attn.k_proj.weight", vec![kv, d], req),
-        ("self_attn.k_proj.bias", vec![kv], bias),
-        ("self_attn.v_proj.weight", vec![kv, d], req),
-        ("self_attn.v_proj.bias", vec![kv], bias),
-        ("self_attn.o_proj.weight", vec![d, q], req),
-        ("self_attn.q_norm.weight", vec![hd], qk_norm),
-        ("self_attn.k_norm.weight", vec![hd], qk_norm),
-        ("post_attention_layernorm.weight", vec![d], req),
-        ("mlp.gate_proj.weight", vec![m, d], req),
-        ("mlp.up_proj.weight", vec![m, d], req),
-        ("mlp.down_proj.weight", vec![d, m], req),
-        ("mlp.down_proj.bias", vec![d], opt),
+        ("input_layernorm.weight", vec![d], req, norm),
+        ("self_attn.q_proj.weight", vec![q, d], req, none),
+        ("self_attn.q_proj.bias", vec![q], bias, none),
+        ("self_attn.k_proj.weight", vec![kv, d], req, none),
+        ("self_attn.k_proj.bias", vec![kv], bias, none),
+        ("self_attn.v_proj.weight", vec![kv, d], req, none),
+        ("self_attn.v_proj.bias", vec![kv], bias, none),
+        ("self_attn.o_proj.weight", vec![d, q], req, none),
+        (
+            "self_attn.q_norm.weight",
+            vec![hd],
+            qk_norm,
+            q_norm_adjust(cfg),
+        ),
+        ("self_attn.k_norm.weight", vec![hd], qk_norm, norm),
+        (ffn_norm, vec![d], req, norm),
+        (post_attn.0, vec![d], post_attn.1, norm),
+        ("post_feedforward_layernorm.weight", vec![d], post_ffn, norm),
+        ("mlp.gate_proj.weight", vec![m, d], req, none),
+        ("mlp.up_proj.weight", vec![m, d], req, none),
+        ("mlp.down_proj.weight", vec![d, m], req, none),
+        ("mlp.down_proj.bias", vec![d], opt, none),
     ]
 }
 
@@ -268,21 +351,21 @@ fn load_layer<B: Backend>(
     l: usize,
     how: Upload,
 ) -> Result<LayerWeights<B::Weight>> {
-    let mut loaded = Vec::with_capacity(15);
-    for (leaf, shape, need) in layer_tensors(cfg, l) {
+    let mut loaded = Vec::with_capacity(17);
+    for (leaf, shape, need, adjust) in layer_tensors(cfg, l) {
         let name = layer_tensor(l, leaf);
         loaded.push(match need {
-            Need::Required => Some(load(b, src, &name, &shape, how)?),
-            Need::Optional => load_opt(b, src, &name, &shape, how)?,
+            Need::Required => Some(load_adjusted(b, src, &name, &shape, how, adjust)?),
+            Need::Optional => load_opt(b, src, &name, &shape, how, adjust)?,
             Need::Absent => None,
         });
     }
     // The order of `layer_tensors`.
     let Ok(
-        [attn_norm, wq, bq, wk, bk, wv, bv, wo, q_norm, k_norm, ffn_norm, w_gate, w_up, w_down, b_down],
-    ) = <[Option<B::Weight>; 15]>::try_from(loaded)
+        [attn_norm, wq, bq, wk, bk, wv, bv, wo, q_norm, k_norm, ffn_norm, post_attn_norm, post_ffn_norm, w_gate, w_up, w_down, b_down],
+    ) = <[Option<B::Weight>; 17]>::try_from(loaded)
     else {
-        unreachable!("layer_tensors lists 15 tensors")
+        unreachable!("layer_tensors lists 17 tensors")
     };
     let req = |w: Option<B::Weight>| w.expect("required tensors are loaded or err");
     Ok(LayerWeights {
@@ -297,18 +380,21 @@ fn load_layer<B: Backend>(
         q_norm,
         k_norm,
         ffn_norm: req(ffn_norm),
+        post_attn_norm,
+        post_ffn_norm,
         w_gate: req(w_gate),
         w_up: req(w_up),
         w_down: req(w_down),
         b_down,
         ffn: cfg.ffn_widths[l],
+        index: l,
     })
 }
 
 /// Checks that every tensor of layer `l` a streamed run will read is
 /// present with its shape, without reading the values.
 fn check_layer(files: &SafeModel, cfg: &ModelConfig, l: usize) -> Result<()> {
-    for (leaf, shape, need) in layer_tensors(cfg, l) {
+    for (leaf, shape, need, _) in layer_tensors(cfg, l) {
         let name = layer_tensor(l, leaf);
         if need == Need::Required || (need == Need::Optional && files.contains(&name)) {
             files.get(&name, &shape)?;
@@ -341,7 +427,14 @@ impl<B: Backend> Model<B> {
         let (d, v) = (cfg.hidden, cfg.vocab);
         let now = Upload::Now;
         let embed = load(backend, src, "model.embed_tokens.weight", &[v, d], now)?;
-        let norm = load(backend, src, "model.norm.weight", &[d], now)?;
+        let norm = load_adjusted(
+            backend,
+            src,
+            "model.norm.weight",
+            &[d],
+            now,
+            norm_adjust(&cfg),
+        )?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {

@@ -230,11 +230,16 @@ struct Dims {
     layers: usize,
     /// Qwen3's per-head q/k RMSNorm.
     qk_norm: bool,
+    /// Gemma 3's norms of the attention and FFN outputs.
+    sandwich: bool,
+    /// Gemma 3's second RoPE table (`ModelConfig::two_rope_bases`).
+    two_rope_bases: bool,
 }
 
 /// The intermediates `layer_acts` returns (`LayerActs`): rstd_attn, q, k,
 /// v, att, lse, mid, rstd_ffn, a, b, h, then with a q/k norm its inputs
-/// and rstd (`QkNormActs`).
+/// and rstd (`QkNormActs`), then with Gemma's post-attention norm its
+/// input and rstd (`LayerActs::post_attn`).
 struct Acts(Vec<Id>);
 
 /// `model::forward::layer_acts` for a layer of FFN width m.
@@ -260,7 +265,15 @@ fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     let lse = s.alloc("attention lse", F32, &[g.seqs, g.heads, g.t]);
     let o = s.linear("o_proj output", rows * g.qd, rows, d);
     let mid = s.alloc("residual after attention x'", F32, &[rows, d]);
-    s.free(o);
+    let post_attn = if g.sandwich {
+        let on = s.alloc("post-attention norm output", F32, &[rows, d]);
+        let rstd = s.alloc("rstd (post-attention norm)", F32, &[rows]);
+        s.free(on);
+        vec![o, rstd]
+    } else {
+        s.free(o);
+        Vec::new()
+    };
     let u2 = s.alloc("norm output u", F32, &[rows, d]);
     let rstd_ffn = s.alloc("rstd (FFN norm)", F32, &[rows]);
     let a = s.linear("gate pre-activation a", rows * d, rows, m);
@@ -269,26 +282,44 @@ fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     let h = s.alloc("channels h", F32, &[rows, m]);
     let mut acts = vec![rstd_attn, q, k, v, att, lse, mid, rstd_ffn, a, b, h];
     acts.extend(qk);
+    acts.extend(post_attn);
     Acts(acts)
 }
 
 /// `model::forward::layer_forward`: returns the next residual (named `next`).
 fn layer_forward(s: &mut Sim, g: &Dims, m: usize, next: &'static str) -> Id {
     let Acts(acts) = layer_acts(s, g, m);
-    let y = s.linear("down_proj output", g.rows * m, g.rows, g.d);
+    let mut y = s.linear("down_proj output", g.rows * m, g.rows, g.d);
+    if g.sandwich {
+        let yn = s.alloc("post-FFN norm output", F32, &[g.rows, g.d]);
+        let rstd = s.alloc("rstd (post-FFN norm)", F32, &[g.rows]);
+        s.free_all(&[y, rstd]);
+        y = yn;
+    }
     let nx = s.alloc(next, F32, &[g.rows, g.d]);
     s.free(y);
     s.free_all(&acts);
     nx
 }
 
+/// `model::forward::RopeTables::new` for t positions: cos and sin, and
+/// the local layers' pair when they have their own base (Gemma 3).
+fn rope_tables(s: &mut Sim, two_bases: bool, t: usize, hd: usize) -> Vec<Id> {
+    let mut ids = vec![
+        s.alloc("RoPE cos", F32, &[t, hd / 2]),
+        s.alloc("RoPE sin", F32, &[t, hd / 2]),
+    ];
+    if two_bases {
+        ids.push(s.alloc("RoPE cos (local layers)", F32, &[t, hd / 2]));
+        ids.push(s.alloc("RoPE sin (local layers)", F32, &[t, hd / 2]));
+    }
+    ids
+}
+
 /// `model::forward::forward` with the residual stream kept: returns the ids
 /// of x_0..x_L, z and the final rstd.
 fn forward(s: &mut Sim, g: &Dims, widths: &[usize]) -> Vec<Id> {
-    let rope = [
-        s.alloc("RoPE cos", F32, &[g.t, g.hd / 2]),
-        s.alloc("RoPE sin", F32, &[g.t, g.hd / 2]),
-    ];
+    let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
     let mut x = s.alloc("residual stream x_0..x_L", F32, &[g.rows, g.d]);
     let ids = s.alloc("token ids", U32, &[g.rows]);
     s.free(ids);
@@ -345,14 +376,24 @@ fn objective_grad(s: &mut Sim, g: &Dims, ce: bool, pre_norm: bool, ce_chunk: usi
 fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, ce_chunk: usize) {
     let (rows, d) = (g.rows, g.d);
     let dx = objective_grad(s, g, ce, pre_norm, ce_chunk);
-    let rope = [
-        s.alloc("RoPE cos", F32, &[g.t, g.hd / 2]),
-        s.alloc("RoPE sin", F32, &[g.t, g.hd / 2]),
-    ];
+    let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
     s.each_layer((0..g.layers).rev(), |s, l| {
         let m = widths[l];
         let Acts(acts) = layer_acts(s, g, m);
+        // Gemma: y recomputed, the gradient through the post-FFN norm.
+        let dy = g.sandwich.then(|| {
+            let y = s.linear("down_proj output", rows * m, rows, d);
+            let yn = s.alloc("post-FFN norm output", F32, &[rows, d]);
+            let rstd = s.alloc("rstd (post-FFN norm)", F32, &[rows]);
+            s.free(yn);
+            let dy = s.alloc("dy (post-FFN norm input)", F32, &[rows, d]);
+            s.free_all(&[rstd, y]);
+            dy
+        });
         let dh = s.linear("g = dJ/dh", rows * d, rows, m);
+        if let Some(dy) = dy {
+            s.free(dy);
+        }
         let part = s.alloc("channel_stats partials", F32, &[5, g.seqs, m]);
         s.free(part);
         let (a, b, h) = (acts[8], acts[9], acts[10]);
@@ -372,7 +413,13 @@ fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, c
         s.free_all(&[tmp, db]);
         let dnorm1 = s.alloc("dnorm (FFN norm)", F32, &[rows, d]);
         s.free_all(&[du2, dnorm1]);
+        let d_o = g
+            .sandwich
+            .then(|| s.alloc("d o_proj output (post-attention norm)", F32, &[rows, d]));
         let datt = s.linear("d attention output", rows * d, rows, g.qd);
+        if let Some(d_o) = d_o {
+            s.free(d_o);
+        }
         let dq = s.alloc("dq", F32, &[rows, g.qd]);
         let dk = s.alloc("dk", F32, &[rows, g.kvd]);
         let dv = s.alloc("dv", F32, &[rows, g.kvd]);
@@ -441,17 +488,20 @@ impl Dims {
             vocab: cfg.vocab,
             layers: cfg.layers,
             qk_norm: cfg.qk_norm,
+            sandwich: cfg.sandwich_norms,
+            two_rope_bases: cfg.two_rope_bases(),
         }
     }
 }
 
-/// Weight bytes (bf16) of layer l: norms (+ Qwen3's q/k norms), q/k/v (+
-/// biases), o, gate, up, down.
+/// Weight bytes (bf16) of layer l: norms (two, Gemma's four; + the q/k
+/// norms), q/k/v (+ biases), o, gate, up, down.
 fn layer_weight_bytes(cfg: &ModelConfig, m: usize) -> usize {
     let (d, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
     let bias = if cfg.qkv_bias { qd + 2 * kvd } else { 0 };
     let qk_norm = if cfg.qk_norm { 2 * cfg.head_dim } else { 0 };
-    2 * (2 * d + qk_norm + qd * d + 2 * kvd * d + d * qd + bias + 3 * m * d)
+    let norms = if cfg.sandwich_norms { 4 * d } else { 2 * d };
+    2 * (norms + qk_norm + qd * d + 2 * kvd * d + d * qd + bias + 3 * m * d)
 }
 
 /// The plan of one scoring batch of `spec` on `cfg`.

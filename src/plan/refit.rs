@@ -8,7 +8,9 @@
 //! activations, and while one batch's normal equations are formed, h_K and
 //! the target in f64 (rows·(k' + d)·8) with G and C (k'·(k' + d)·8); after
 //! the solve, the refitted down_proj as a bf16 weight.
-use super::{check_size, finish, layer_acts, layer_forward, load_weights, Dims, Plan, Sim};
+use super::{
+    check_size, finish, layer_acts, layer_forward, load_weights, rope_tables, Dims, Plan, Sim,
+};
 use super::{BF16, F32, F64, U32};
 use crate::model::ModelConfig;
 use crate::{Error, Result};
@@ -67,11 +69,7 @@ pub fn plan_refit(cfg: &ModelConfig, spec: &RefitPlanSpec) -> Result<Plan> {
     let weight_bytes = load_weights(&mut s, cfg, spec.stream);
 
     s.begin("refit");
-    let hd = cfg.head_dim;
-    let rope = [
-        s.alloc("RoPE cos", F32, &[spec.t, hd / 2]),
-        s.alloc("RoPE sin", F32, &[spec.t, hd / 2]),
-    ];
+    let rope = rope_tables(&mut s, cfg.two_rope_bases(), spec.t, cfg.head_dim);
     // `CudaBackend::embedding`: the output, then the ids for the launch.
     let embed = |s: &mut Sim, g: &Dims, name| {
         let x = s.alloc(name, F32, &[g.rows, d]);
@@ -125,12 +123,15 @@ pub fn plan_refit(cfg: &ModelConfig, spec: &RefitPlanSpec) -> Result<Plan> {
             .bias
             .then(|| s.alloc("refitted down_proj bias", BF16, &[d]));
         for (i, (mid, h)) in held.into_iter().enumerate() {
-            let y = s.linear(
-                "refitted FFN output",
-                batches[i].rows * m,
-                batches[i].rows,
-                d,
-            );
+            let rows = batches[i].rows;
+            let mut y = s.linear("refitted FFN output", rows * m, rows, d);
+            if cfg.sandwich_norms {
+                // Gemma 3's post-FFN norm of it.
+                let yn = s.alloc("refitted FFN output, normalised", F32, &[rows, d]);
+                let rstd = s.alloc("rstd (post-FFN norm)", F32, &[rows]);
+                s.free_all(&[y, rstd]);
+                y = yn;
+            }
             s.free(std::mem::replace(&mut pruned[i], mid));
             s.free_all(&[y, h]);
         }

@@ -42,8 +42,9 @@ pub struct CalibSource {
     pub samples: usize,
     /// T tokens each.
     pub seq_len: usize,
-    /// Prefix each window with the BOS token.
-    pub bos: bool,
+    /// Prefix each window with the BOS token; `None`: the model's default
+    /// (`Arch::bos_by_default`).
+    pub bos: Option<bool>,
     /// Sequences per batch (speed and memory only; not an input of any cell).
     pub batch: usize,
     pub energy_at: EnergyAt,
@@ -62,23 +63,36 @@ impl CalibSource {
         }
     }
 
-    /// The calibration windows, `[N, T]` ids (each preceded by BOS with
-    /// `bos`), and the sha256 of their token ids.
+    /// Whether the windows of `cfg`'s model start with BOS.
+    pub fn bos_for(&self, cfg: &ModelConfig) -> bool {
+        self.bos.unwrap_or(cfg.arch.bos_by_default())
+    }
+
+    /// The calibration windows, `[N, T]` ids (each preceded by BOS when
+    /// [`Self::bos_for`]), and the sha256 of their token ids.
     pub fn windows<B: Backend>(
         &self,
         model: &Model<B>,
         tok: &Tokenizer,
     ) -> Result<(Vec<u32>, String)> {
         let ids = tok.encode(&read_text(&self.path, self.field.as_deref())?)?;
-        let bos = match self.bos {
-            true => Some(model.cfg.bos_token_id.ok_or_else(|| {
-                Error::Invalid("--bos given but config.json has no bos_token_id".into())
-            })?),
-            false => None,
-        };
+        let bos = bos_id(&model.cfg, self.bos_for(&model.cfg))?;
         let w = windows(&ids, self.samples, self.seq_len, bos)?;
         let digest = token_digest(&w);
         Ok((w, digest))
+    }
+}
+
+/// The BOS id when `bos`; an error naming the file when the config has none.
+pub fn bos_id(cfg: &ModelConfig, bos: bool) -> Result<Option<u32>> {
+    match bos {
+        true => cfg.bos_token_id.map(Some).ok_or_else(|| {
+            Error::Invalid(format!(
+                "BOS requested (--bos, the default on {}) but config.json has no bos_token_id",
+                cfg.arch.hf_name()
+            ))
+        }),
+        false => Ok(None),
     }
 }
 

@@ -210,6 +210,13 @@ pub fn refit_sequences<B: Backend>(
     spec.check()?;
     let c = &model.cfg;
     let d = c.hidden;
+    if c.sandwich_norms && spec.target == RefitTarget::Residual {
+        // x_{l+1} − (x' + Attn) is norm(W_d h) there, not linear in W_d.
+        return Err(Error::Unsupported(format!(
+            "refit target `residual` on {} (the FFN output passes a norm before the residual)",
+            c.arch.hf_name()
+        )));
+    }
     if kept.len() != c.layers {
         return Err(Error::Invalid(format!(
             "refit: {} kept lists for {} layers",
@@ -264,7 +271,7 @@ pub fn refit_sequences<B: Backend>(
     }
     let t_max = used.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let rope = RopeTables::new(be, model, t_max)?;
-    let embed = |p: &Pass| be.embedding(&p.ids, &model.embed, d);
+    let embed = |p: &Pass| be.embedding(&p.ids, &model.embed, d, model.cfg.embed_scale);
     // x'_l per pass (pruned, refitted below l) and x_l (dense, `residual` only).
     let mut pruned: Vec<B::Buf> = passes_of.iter().map(embed).collect::<Result<_>>()?;
     let mut dense: Vec<B::Buf> = match spec.target {
@@ -353,7 +360,8 @@ pub fn refit_sequences<B: Backend>(
         let layer = solve_layer(l, &eqs, &w_down, m, keep, spec.damp)?;
         solves += t1.elapsed();
 
-        // x'_{l+1} = (x' + Attn) + W'·h_K (+ b), with W' scattered into a
+        // x'_{l+1} = (x' + Attn) + W'·h_K (+ b) (Gemma 3: normalised by the
+        // post-FFN norm), with W' scattered into a
         // full-width [d, m] matrix that is zero at the removed channels.
         let t2 = Instant::now();
         let k = keep.len();
@@ -369,7 +377,10 @@ pub fn refit_sequences<B: Backend>(
             .transpose()?;
         for (i, (mid, h)) in held.into_iter().enumerate() {
             let rows = passes_of[i].geo.rows();
-            let y = be.linear(&h, &w_full, b.as_ref(), rows, m, d)?;
+            let mut y = be.linear(&h, &w_full, b.as_ref(), rows, m, d)?;
+            if let Some(w) = &lw.post_ffn_norm {
+                y = be.rmsnorm_fwd(&y, w, rows, d, c.rms_eps as f32)?.0; // Gemma 3
+            }
             let mut next = mid;
             be.add_assign(&mut next, &y, rows * d)?;
             pruned[i] = next;

@@ -6,6 +6,7 @@ use crate::eval::gen::GenArgs;
 use crate::eval::mc::McArgs;
 use crate::io::text::hex;
 use crate::model::weights::LoadOptions;
+use crate::model::ModelConfig;
 use crate::prune::calibrate::CalibSource;
 use crate::prune::refit::RefitSpec;
 use crate::prune::traces::{Selection, TokenRule};
@@ -234,7 +235,8 @@ pub(super) fn fingerprint(
         "model": {"path": spec.model.display().to_string(), "digest": model_digest},
         "calib": {
             "path": c.path.display().to_string(), "field": c.field, "digest": calib_digest,
-            "samples": c.samples, "seq_len": c.seq_len, "bos": c.bos,
+            "samples": c.samples, "seq_len": c.seq_len,
+            "bos": c.bos_for(&ModelConfig::load(&spec.model.join("config.json"))?),
             "energy_at": c.energy_at.to_string(),
         },
         "prune": {"min_keep": spec.min_keep, "align": spec.align},

@@ -295,6 +295,31 @@ pub fn swiglu_bwd(dh: &[f64], a: &[f64], b: &[f64]) -> (Vec<f64>, Vec<f64>) {
     (da, db)
 }
 
+/// gelu with the tanh approximation (PyTorch's `gelu(approximate="tanh")`).
+pub fn gelu_tanh(a: f64) -> f64 {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * a * (1.0 + (k * (a + 0.044715 * a.powi(3))).tanh())
+}
+
+/// `h = gelu_tanh(a) ⊙ b` (Gemma 3's GeGLU).
+pub fn geglu_fwd(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(&a, &b)| gelu_tanh(a) * b).collect()
+}
+
+/// `(da, db)` from `dh`: `da = dh·b·gelu_tanh'(a)` (the derivative by
+/// central differences of `gelu_tanh` in f64, independent of the kernels'
+/// closed form), `db = dh·gelu_tanh(a)`.
+pub fn geglu_bwd(dh: &[f64], a: &[f64], b: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let e = 1e-6;
+    let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; a.len()]);
+    for i in 0..a.len() {
+        let grad = (gelu_tanh(a[i] + e) - gelu_tanh(a[i] - e)) / (2.0 * e);
+        da[i] = dh[i] * b[i] * grad;
+        db[i] = dh[i] * gelu_tanh(a[i]);
+    }
+    (da, db)
+}
+
 /// Per-sequence channel sums of h, g `[seqs·t, m]` (METHODS.md section 4):
 /// `part [5][seqs][m]` = Σ_t h, Σ_t h², Σ_t g², Σ_t |h·g|, Σ_t h·g.
 pub fn channel_stats(h: &[f64], g: &[f64], seqs: usize, t: usize, m: usize) -> Vec<f64> {

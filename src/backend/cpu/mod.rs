@@ -14,7 +14,7 @@ mod simd;
 
 use super::{
     check_cache_window, check_window, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
-    LinearPart, MatMul, NormalEquations,
+    GluAct, LinearPart, MatMul, NormalEquations,
 };
 use crate::quant::BlockMatrix;
 use crate::Result;
@@ -189,10 +189,10 @@ impl Backend for CpuBackend {
         Ok(matmul::matmul_w(dy, w, rows, inp, out, self.threads))
     }
 
-    fn embedding(&self, ids: &[u32], table: &CpuWeight, d: usize) -> Result<Vec<f32>> {
+    fn embedding(&self, ids: &[u32], table: &CpuWeight, d: usize, scale: f32) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(ids.len() * d);
         for &id in ids {
-            out.extend_from_slice(&table[id as usize * d..][..d]);
+            out.extend(table[id as usize * d..][..d].iter().map(|&x| x * scale));
         }
         Ok(out)
     }
@@ -281,18 +281,19 @@ impl Backend for CpuBackend {
         ))
     }
 
-    fn swiglu_fwd(&self, a: &Vec<f32>, b: &Vec<f32>, _n: usize) -> Result<Vec<f32>> {
-        Ok(ops::swiglu_fwd(a, b))
+    fn glu_fwd(&self, act: GluAct, a: &Vec<f32>, b: &Vec<f32>, _n: usize) -> Result<Vec<f32>> {
+        Ok(ops::glu_fwd(act, a, b))
     }
 
-    fn swiglu_bwd(
+    fn glu_bwd(
         &self,
+        act: GluAct,
         dh: &Vec<f32>,
         a: &Vec<f32>,
         b: &Vec<f32>,
         _n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok(ops::swiglu_bwd(dh, a, b))
+        Ok(ops::glu_bwd(act, dh, a, b))
     }
 
     fn add_assign(&self, x: &mut Vec<f32>, y: &Vec<f32>, _n: usize) -> Result<()> {

@@ -10,7 +10,7 @@ use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
 use crate::backend::{
     check_cache_window, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
-    GatherAxis, MatMul, NormalEquations,
+    GatherAxis, GluAct, MatMul, NormalEquations,
 };
 use crate::{Error, Result};
 
@@ -306,9 +306,15 @@ impl<D: Device> Backend for CudaBackend<D> {
         Ok(dx)
     }
 
-    fn embedding(&self, ids: &[u32], table: &Self::Weight, d: usize) -> Result<Self::Buf> {
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &Self::Weight,
+        d: usize,
+        scale: f32,
+    ) -> Result<Self::Buf> {
         let out = DevBuf::alloc(&self.dev, ids.len() * d)?;
-        k::embedding(&self.dev, ids, table, &out, d)?;
+        k::embedding(&self.dev, ids, table, &out, d, scale)?;
         Ok(out)
     }
 
@@ -429,28 +435,29 @@ impl<D: Device> Backend for CudaBackend<D> {
         Ok(out)
     }
 
-    fn swiglu_fwd(&self, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf> {
+    fn glu_fwd(&self, act: GluAct, a: &Self::Buf, b: &Self::Buf, n: usize) -> Result<Self::Buf> {
         if a.len() != n {
-            return Err(self.err(format!("swiglu_fwd: a has {} elements, n = {n}", a.len())));
+            return Err(self.err(format!("glu_fwd: a has {} elements, n = {n}", a.len())));
         }
         let h = DevBuf::alloc(&self.dev, n)?;
-        k::swiglu_fwd(&self.dev, a, b, &h)?;
+        k::swiglu_fwd(&self.dev, act, a, b, &h)?;
         Ok(h)
     }
 
-    fn swiglu_bwd(
+    fn glu_bwd(
         &self,
+        act: GluAct,
         dh: &Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,
         n: usize,
     ) -> Result<(Self::Buf, Self::Buf)> {
         if dh.len() != n {
-            return Err(self.err(format!("swiglu_bwd: dh has {} elements, n = {n}", dh.len())));
+            return Err(self.err(format!("glu_bwd: dh has {} elements, n = {n}", dh.len())));
         }
         let da = DevBuf::alloc(&self.dev, n)?;
         let db = DevBuf::alloc(&self.dev, n)?;
-        k::swiglu_bwd(&self.dev, dh, a, b, &da, &db)?;
+        k::swiglu_bwd(&self.dev, act, dh, a, b, &da, &db)?;
         Ok((da, db))
     }
 

@@ -5,8 +5,9 @@ use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
 use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
-use rku_engine::eval::ppl::{perplexity, trace_perplexity};
+use rku_engine::eval::ppl::{perplexity_bos, trace_perplexity};
 use rku_engine::io::text::{read_text, Tokenizer};
+use rku_engine::prune::calibrate::bos_id;
 use rku_engine::prune::traces::trace_sequences;
 
 pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
@@ -24,10 +25,17 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
         (None, Some(text)) => {
             let tok = Tokenizer::load(&a.model)?;
             let ids = tok.encode(&read_text(text, a.text.field.as_deref())?)?;
-            let r = perplexity(be, &model, &ids, a.seq_len, a.max_windows, a.batch)?;
+            let bos = a.bos.unwrap_or(model.cfg.arch.bos_by_default());
+            let bos = bos_id(&model.cfg, bos)?;
+            let r = perplexity_bos(be, &model, &ids, a.seq_len, a.max_windows, a.batch, bos)?;
             println!(
-                "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens)",
-                r.ppl, r.nll, r.windows, r.seq_len, r.tokens
+                "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens), {}",
+                r.ppl,
+                r.nll,
+                r.windows,
+                r.seq_len,
+                r.tokens,
+                if r.bos { "each after BOS" } else { "without BOS" }
             );
             r
         }

@@ -242,10 +242,15 @@ pub fn calibration_set<B: Backend>(
         Some(source) => {
             let (ids, digest) = source.windows(model, &tok)?;
             eprintln!(
-                "calibration: {} sequences x {} tokens from {} (digest {}…)",
+                "calibration: {} sequences x {} tokens from {} ({}; digest {}…)",
                 source.samples,
                 source.seq_len,
                 source.path.display(),
+                if source.bos_for(&model.cfg) {
+                    "each after BOS"
+                } else {
+                    "without BOS"
+                },
                 &digest[..12]
             );
             Some((ids, digest, source))

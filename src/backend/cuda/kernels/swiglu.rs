@@ -2,11 +2,13 @@
 use super::{Float, Launch};
 use crate::backend::cuda::buf::DevBuf;
 use crate::backend::cuda::device::{Device, LaunchCfg};
+use crate::backend::GluAct;
 use crate::Result;
 
-/// swiglu.cu `swiglu_fwd_<T>`: `h = silu(a) ⊙ b` over `a.len()` elements.
+/// swiglu.cu `swiglu_fwd_<T>`: `h = act(a) ⊙ b` over `a.len()` elements.
 pub fn swiglu_fwd<D: Device, T: Float>(
     dev: &D,
+    act: GluAct,
     a: &DevBuf<D, T>,
     b: &DevBuf<D, T>,
     h: &DevBuf<D, T>,
@@ -17,6 +19,7 @@ pub fn swiglu_fwd<D: Device, T: Float>(
         .buf(b, n, "swiglu b")
         .buf(h, n, "swiglu h")
         .i64(n)
+        .int(act as usize, "act")
         .run(
             &format!("swiglu_fwd_{}", T::NAME),
             LaunchCfg::elementwise(n),
@@ -24,9 +27,10 @@ pub fn swiglu_fwd<D: Device, T: Float>(
 }
 
 /// swiglu.cu `swiglu_bwd_<T>`: `(da, db)` from `dh` over `dh.len()`
-/// elements: `da = dh·b·σ(a)·(1 + a·(1−σ(a)))`, `db = dh·silu(a)`.
+/// elements: `da = dh·b·act'(a)`, `db = dh·act(a)`.
 pub fn swiglu_bwd<D: Device, T: Float>(
     dev: &D,
+    act: GluAct,
     dh: &DevBuf<D, T>,
     a: &DevBuf<D, T>,
     b: &DevBuf<D, T>,
@@ -41,6 +45,7 @@ pub fn swiglu_bwd<D: Device, T: Float>(
         .buf(da, n, "da")
         .buf(db, n, "db")
         .i64(n)
+        .int(act as usize, "act")
         .run(
             &format!("swiglu_bwd_{}", T::NAME),
             LaunchCfg::elementwise(n),
