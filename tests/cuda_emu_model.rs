@@ -62,18 +62,39 @@ fn check_atol(got: &[f64], want: &[f64], atol: &[f64], rtol: f64, what: &str) {
 /// A copy of fixture `dir` whose weights are rounded to bf16 (stored as f32).
 fn bf16_copy(dir: &Path) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
+    // Gemma 3: the device is handed the norm factors (1 + w)·f (f = 1, or
+    // √(head_dim/s) on the q norm, rku_engine::model::weights) and holds
+    // them in bf16; the copy stores w' with (1 + w')·f = bf16((1 + w)·f),
+    // exact for f = 1 and within f32 rounding otherwise, so the CPU runs
+    // the factors the device runs.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let gemma = cfg["model_type"] == "gemma3_text";
+    let q_factor = match (cfg["head_dim"].as_f64(), cfg["query_pre_attn_scalar"].as_f64()) {
+        (Some(hd), Some(s)) => (hd / s).sqrt() as f32,
+        _ => 1.0,
+    };
     std::fs::copy(dir.join("config.json"), tmp.path().join("config.json")).unwrap();
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut rounded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, v) in st.tensors() {
         assert_eq!(v.dtype(), Dtype::F32, "{name}: fixture weights are f32");
+        let factor = match (gemma, name.ends_with("norm.weight")) {
+            (false, _) | (true, false) => None,
+            (true, true) if name.ends_with("q_norm.weight") => Some(q_factor),
+            (true, true) => Some(1.0),
+        };
         let data: Vec<u8> = v
             .data()
             .chunks_exact(4)
             .flat_map(|c| {
                 let x = f32::from_le_bytes(c.try_into().unwrap());
-                bf16::from_f32(x).to_f32().to_le_bytes()
+                let rounded = match factor {
+                    None => bf16::from_f32(x).to_f32(),
+                    Some(f) => bf16::from_f32((1.0 + x) * f).to_f32() / f - 1.0,
+                };
+                rounded.to_le_bytes()
             })
             .collect();
         rounded.push((name, v.shape().to_vec(), data));
@@ -209,17 +230,9 @@ fn tiny_mistral_cuda_emu_matches_cpu() {
 
 /// Gemma 3: GeGLU (swiglu.cu with act 1), the post-branch norms, the
 /// scaled embedding, local and global layers with their RoPE bases.
-/// Ignored: measured once (680 s on the emulated device), the logits are
-/// within 0.87 of the tolerance and layer 0's s1, s2, f2, k1 within 0.15
-/// to 0.38 of it, but a later statistic (the run stopped at the first
-/// failing element, not recorded) exceeds it. Suspected, not verified: the
-/// device holds Gemma's norm factors (1 + w), and the q norm's factor
-/// times √(hd/s), rounded to bf16, while the bf16 reference copy rounds w
-/// only, an extra rounding of seven norms per layer that the tolerance
-/// derivation at the top of the file does not count. The greedy-decoding
-/// comparison (`tiny_gemma3_cuda_emu_decode_matches_cpu`) passes.
+/// The device holds Gemma's norm factors (1 + w)·f in bf16 (see
+/// `bf16_copy`), which the reference copy reproduces.
 #[test]
-#[ignore = "a Gemma statistic exceeds the bf16 tolerance (see the comment)"]
 fn tiny_gemma3_cuda_emu_matches_cpu() {
     check_model("tiny-gemma3");
 }
