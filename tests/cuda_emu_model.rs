@@ -70,7 +70,10 @@ fn bf16_copy(dir: &Path) -> tempfile::TempDir {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let gemma = cfg["model_type"] == "gemma3_text";
-    let q_factor = match (cfg["head_dim"].as_f64(), cfg["query_pre_attn_scalar"].as_f64()) {
+    let q_factor = match (
+        cfg["head_dim"].as_f64(),
+        cfg["query_pre_attn_scalar"].as_f64(),
+    ) {
         (Some(hd), Some(s)) => (hd / s).sqrt() as f32,
         _ => 1.0,
     };
