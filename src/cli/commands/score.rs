@@ -369,7 +369,7 @@ pub fn run_devices<D: Device + 'static>(
             set.len()
         );
     }
-    let norms = Some(norms.unwrap_or_else(|| set.norms()));
+    let norms = norms.unwrap_or_else(|| set.norms());
     let t = Instant::now();
     let parts: Vec<Result<Stats>> = std::thread::scope(|scope| {
         let handles: Vec<_> = backends
@@ -378,7 +378,7 @@ pub fn run_devices<D: Device + 'static>(
             .enumerate()
             .map(|(k, (be, model))| {
                 let part = set.share(|p| p % n == k);
-                scope.spawn(move || part.score(be, model, &a.calib, norms))
+                scope.spawn(move || part.score(be, model, &a.calib, Some(norms)))
             })
             .collect();
         handles
@@ -399,7 +399,7 @@ pub fn run_devices<D: Device + 'static>(
     // One pass over the share: its digest, its sequences in their order.
     stats.meta.calib_digest = set.digest.clone();
     stats.meta.window_digests = set.sequence_digests();
-    stats.meta.norms = norms.unwrap_or(stats.meta.norms);
+    stats.meta.norms = norms;
     stats.meta.shard = record;
     report_speed(&stats, set.positions(), t);
     Ok(stats)
