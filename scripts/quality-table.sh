@@ -4,18 +4,27 @@
 # pruned by every method at 30/40/50% of FFN channels, held-out perplexity
 # on the OpenWebText passages (seq-len 128, the first PPL_WINDOWS windows).
 # Prints a markdown table; results land in out/quality/.
+#
+# MODEL=gemma3-270m runs the same table on Gemma 3 270M (fetched and
+# imported with fetch-assets.sh --gemma; results in out/quality-gemma3-270m/);
+# Gemma's calibration and perplexity windows start with BOS (its default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PPL_WINDOWS=${PPL_WINDOWS:-200}
+NAME=${MODEL:-smollm2}
 cargo build --release --bin rku-engine
 BIN=target/release/rku-engine
-bash scripts/fetch-assets.sh --import "$BIN"
-MODEL=assets/models/smollm2
-OUT=out/quality
+case $NAME in
+  smollm2) bash scripts/fetch-assets.sh --import "$BIN"; OUT=out/quality
+    STATS=out/main-job/stats-n128-t128.safetensors ;;
+  gemma3-270m) bash scripts/fetch-assets.sh --gemma --import "$BIN"; OUT=out/quality-$NAME
+    STATS=$OUT/stats-n128-t128.safetensors ;;
+  *) echo "MODEL must be smollm2 or gemma3-270m" >&2; exit 2 ;;
+esac
+MODEL=assets/models/$NAME
 mkdir -p "$OUT"
-STATS=out/main-job/stats-n128-t128.safetensors
 if [ ! -f "$STATS" ]; then
-  mkdir -p out/main-job
+  mkdir -p "$(dirname "$STATS")"
   "$BIN" score --model "$MODEL" --calib assets/text/wikipedia.jsonl --field 0 \
     --samples 128 --seq-len 128 --objective both --out "$STATS"
 fi
@@ -38,7 +47,8 @@ python3 - "$OUT" "$PPL_WINDOWS" <<'PY'
 import json, sys, pathlib
 out, w = pathlib.Path(sys.argv[1]), sys.argv[2]
 dense = json.loads((out / "dense" / f"ppl-w{w}.json").read_text())
-print(f"Held-out perplexity (OpenWebText passages, {dense['windows']} windows of {dense['seq_len']} tokens); dense {dense['ppl']:.2f}\n")
+bos = "with BOS" if dense.get("bos") else "without BOS"
+print(f"Held-out perplexity (OpenWebText passages, {dense['windows']} windows of {dense['seq_len']} tokens, {bos}); dense {dense['ppl']:.2f}\n")
 print("| method | allocation | 30% | 40% | 50% | params at 50% |")
 print("|---|---|---|---|---|---|")
 for m in ["rku", "agf", "wanda-struct", "flap", "taylor", "rku-fisher"]:
