@@ -39,13 +39,16 @@ pub fn perplexity_bos<B: Backend>(
     if seq_len < 2 {
         return Err(Error::Invalid("--seq-len must be at least 2".into()));
     }
-    let mut n = ids.len() / (seq_len - 1);
-    if let Some(k) = max_windows {
-        n = n.min(k);
-    }
+    let n = window_count(ids.len(), seq_len - 1, max_windows);
     let w = windows(ids, n.max(1), seq_len, Some(b))?;
     let r = perplexity(be, model, &w, seq_len, None, batch)?;
     Ok(PplResult { bos: true, ..r })
+}
+
+/// Whole windows of `per` text tokens in `n_ids` tokens, at most `max_windows`.
+fn window_count(n_ids: usize, per: usize, max_windows: Option<usize>) -> usize {
+    let n = n_ids / per;
+    max_windows.map_or(n, |k| n.min(k))
 }
 
 /// exp(mean NLL) over the first `max_windows` (default all) windows of
@@ -62,10 +65,7 @@ pub fn perplexity<B: Backend>(
     if seq_len < 2 {
         return Err(Error::Invalid("--seq-len must be at least 2".into()));
     }
-    let mut windows = ids.len() / seq_len;
-    if let Some(k) = max_windows {
-        windows = windows.min(k);
-    }
+    let windows = window_count(ids.len(), seq_len, max_windows);
     if windows == 0 {
         return Err(Error::Invalid(format!(
             "the text has {} tokens, fewer than one window of {seq_len}",
