@@ -28,7 +28,8 @@ use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::model::backward::backward_channel_stats;
 use rku_engine::model::decode::{argmax, Decoder};
-use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::forward::{forward, logits, Keep};
+use rku_engine::model::keep::ActivationMemory;
 use rku_engine::model::objective::Objective;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
@@ -130,6 +131,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: 
         },
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        activation_memory: ActivationMemory::Auto,
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }
@@ -143,13 +145,13 @@ fn ce_abs_hg<B: Backend>(
     t: usize,
 ) -> Vec<Vec<f64>> {
     let geo = Geometry { seqs, t };
-    let fwd = forward(be, model, windows, geo, true).unwrap();
+    let mut fwd = forward(be, model, windows, geo, Keep::acts(model.cfg.layers)).unwrap();
     let mut k1 = vec![Vec::new(); model.cfg.layers];
     let scale = 1.0 / (seqs * (t - 1)) as f32;
     backward_channel_stats(
         be,
         model,
-        &fwd,
+        &mut fwd,
         windows,
         geo,
         Objective::Ce,
@@ -730,6 +732,7 @@ fn recovery_step_cuda_emu_matches_cpu() {
             x,
             geo,
             RecoverLoss::Kd,
+            u64::MAX, // every layer's activations kept
         )
         .unwrap();
         let host = |set: &Adapters<B>| -> Vec<Vec<f64>> {

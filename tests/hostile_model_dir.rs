@@ -178,7 +178,7 @@ fn sizes_listed_in_the_weights_must_match_the_config_sizes() {
 /// a named error at the next layer it reads, instead of SIGBUS or other weights.
 #[test]
 fn a_weights_file_changed_under_a_streamed_run_is_detected() {
-    use rku_engine::model::forward::forward;
+    use rku_engine::model::forward::{forward, Keep};
     use rku_engine::model::weights::Residency;
     use rku_engine::model::Geometry;
     for truncate in [true, false] {
@@ -190,7 +190,7 @@ fn a_weights_file_changed_under_a_streamed_run_is_detected() {
         let be = CpuBackend::new();
         let model = Model::load_with(&be, tmp.path(), Residency::Streamed).unwrap();
         let geo = Geometry { seqs: 1, t: 4 };
-        forward(&be, &model, &[1, 2, 3, 4], geo, false).unwrap();
+        forward(&be, &model, &[1, 2, 3, 4], geo, Keep::OUTPUT).unwrap();
         let weights = tmp.path().join("model.safetensors");
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -204,7 +204,7 @@ fn a_weights_file_changed_under_a_streamed_run_is_detected() {
             let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
             file.set_modified(later).unwrap();
         }
-        let e = match forward(&be, &model, &[1, 2, 3, 4], geo, false) {
+        let e = match forward(&be, &model, &[1, 2, 3, 4], geo, Keep::OUTPUT) {
             Ok(_) => panic!("truncate={truncate}: the change went unnoticed"),
             Err(e) => e.to_string(),
         };

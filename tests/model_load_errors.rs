@@ -3,7 +3,7 @@
 mod common;
 use common::fixture;
 use rku_engine::backend::cpu::CpuBackend;
-use rku_engine::model::forward::{forward, Geometry};
+use rku_engine::model::forward::{forward, Geometry, Keep};
 use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use std::path::Path;
@@ -183,7 +183,7 @@ fn nan_in_weights_is_refused() {
     let be = CpuBackend::new();
     let model = Model::load_with(&be, &dir, Residency::Streamed).unwrap();
     let geo = Geometry { seqs: 1, t: 4 };
-    let e = match forward(&be, &model, &[1, 2, 3, 4], geo, false) {
+    let e = match forward(&be, &model, &[1, 2, 3, 4], geo, Keep::OUTPUT) {
         Ok(_) => panic!("a forward pass over a NaN weight succeeded"),
         Err(e) => e.to_string(),
     };

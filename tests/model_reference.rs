@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::model::backward::backward_channel_stats;
-use rku_engine::model::forward::{forward, logits};
+use rku_engine::model::forward::{forward, logits, ForwardOut, Keep};
 use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::{Geometry, Model};
 
@@ -48,15 +48,46 @@ fn check_stats(name: &str) {
     let be = CpuBackend::new();
     let model = Model::load(&be, &dir).unwrap();
     let geo = Geometry { seqs: n, t };
-    let fwd = forward(&be, &model, &ids, geo, true).unwrap();
     let layers = model.cfg.layers;
-    for (obj, prefix, scale) in [
-        (Objective::Energy, "energy", 1.0 / (n * t) as f32),
-        (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
-    ] {
-        let mut parts = vec![None; layers];
+    let energy = (Objective::Energy, "energy", 1.0 / (n * t) as f32);
+    let ce = (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32);
+    // The first backward pass reads the activations the forward pass kept
+    // of every layer but layer 0 (recomputed); the second recomputes every
+    // layer. Both orders, so each objective takes both paths.
+    for order in [[energy, ce], [ce, energy]] {
+        let mut fwd = forward(&be, &model, &ids, geo, Keep::acts(layers - 1)).unwrap();
+        for (obj, prefix, scale) in order {
+            check_pass(
+                name,
+                &r,
+                &be,
+                &model,
+                &mut fwd,
+                &ids,
+                geo,
+                (obj, prefix, scale),
+            );
+        }
+    }
+}
+
+/// One objective's backward pass over `fwd` against the autograd reference `r`.
+#[allow(clippy::too_many_arguments)]
+fn check_pass(
+    name: &str,
+    r: &std::collections::HashMap<String, RefTensor>,
+    be: &CpuBackend,
+    model: &Model<CpuBackend>,
+    fwd: &mut ForwardOut<CpuBackend>,
+    ids: &[u32],
+    geo: Geometry,
+    (obj, prefix, scale): (Objective, &str, f32),
+) {
+    let n = geo.seqs;
+    {
+        let mut parts = vec![None; model.cfg.layers];
         let at = EnergyAt::FinalNorm;
-        let j = backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, at, scale, |l, p| {
+        let j = backward_channel_stats(be, model, fwd, ids, geo, obj, at, scale, |l, p| {
             parts[l] = Some(p);
             Ok(())
         })

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use common::*;
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
+use rku_engine::model::keep::{layer_acts_bytes, ActivationMemory};
 use rku_engine::model::weights::Residency;
-use rku_engine::model::{Model, ModelConfig};
+use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
 use rku_engine::prune::stats::{EnergyAt, Objectives};
@@ -17,6 +18,18 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// Loads `dir` on the emulated device, scores one batch of `seqs`×`t`
 /// tokens and compares the high-water mark with the plan's peak.
 fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives, residency: Residency) {
+    check_peak_kept(dir, t, seqs, objectives, residency, 0);
+}
+
+/// [`check_peak`] with an activation-memory budget of `budget` bytes.
+fn check_peak_kept(
+    dir: &Path,
+    t: usize,
+    seqs: usize,
+    objectives: Objectives,
+    residency: Residency,
+    budget: u64,
+) {
     let be = CudaBackend::new(EmuDevice::new());
     let model = Model::load_with(&be, dir, residency).unwrap();
     let vocab = model.cfg.vocab as u32;
@@ -30,11 +43,16 @@ fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives, residen
         objectives,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        activation_memory: ActivationMemory::Bytes(budget),
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;
     let stream = residency == Residency::Streamed;
-    let p = plan(&model.cfg, &PlanSpec::new(t, seqs, objectives, stream)).unwrap();
+    let spec = PlanSpec {
+        activation_memory: budget,
+        ..PlanSpec::new(t, seqs, objectives, stream)
+    };
+    let p = plan(&model.cfg, &spec).unwrap();
     println!("{p}");
     println!(
         "{} ({residency:?}): planned peak {} B, measured high water {measured} B",
@@ -78,6 +96,34 @@ fn plan_matches_high_water_tiny_qwen3() {
 fn plan_matches_high_water_tiny_gemma3() {
     check_peak(&fixture("tiny-gemma3"), 24, 2, BOTH, Residency::Resident);
     check_peak(&fixture("tiny-gemma3"), 16, 1, ENERGY, Residency::Streamed);
+}
+
+/// The activation-memory budget: the top layer's activations kept (the
+/// others recomputed), then every layer's, resident and streamed, with
+/// the kept layers consumed by the first of two backward passes.
+#[test]
+fn plan_matches_high_water_with_kept_activations() {
+    for name in ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3"] {
+        let dir = fixture(name);
+        let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
+        let geo = Geometry { seqs: 2, t: 24 };
+        let top = layer_acts_bytes(&cfg, cfg.layers - 1, geo, false);
+        for budget in [top, u64::MAX] {
+            let p = plan(
+                &cfg,
+                &PlanSpec {
+                    activation_memory: budget,
+                    ..PlanSpec::new(24, 2, BOTH, false)
+                },
+            )
+            .unwrap();
+            let kept = p.activations.expect("a scoring plan says what it keeps");
+            let want = if budget == top { 1 } else { cfg.layers };
+            assert_eq!(kept.layers, want, "{name}: layers kept within {budget} B");
+            check_peak_kept(&dir, 24, 2, BOTH, Residency::Resident, budget);
+            check_peak_kept(&dir, 24, 2, ENERGY, Residency::Streamed, budget);
+        }
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::{AdamwStep, Backend};
-use rku_engine::model::forward::{forward_with, logits, Geometry};
+use rku_engine::model::forward::{forward_with, logits, Geometry, Keep};
 use rku_engine::model::lora::{Adapters, Proj};
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::Sequence;
@@ -71,6 +71,7 @@ fn check_grads(name: &str, loss: RecoverLoss) {
         &ids,
         geo,
         loss,
+        u64::MAX, // every layer's activations kept
     )
     .unwrap();
     let key = loss.name();
@@ -260,7 +261,7 @@ fn merged_export_equals_the_adapter_forward() {
         t: ids_t.shape[1],
     };
     let ids: Vec<u32> = ids_t.data.iter().map(|&x| x as u32).collect();
-    let fwd = forward_with(&be, &student, Some((&ad, 2.0)), &ids, geo, false).unwrap();
+    let fwd = forward_with(&be, &student, Some((&ad, 2.0)), &ids, geo, Keep::OUTPUT).unwrap();
     let c = &student.cfg;
     let head = be
         .linear(
@@ -626,6 +627,7 @@ fn trace_step_matches_autograd() {
             &mut grads,
             &batch,
             loss,
+            0, // every layer recomputed
         )
         .unwrap();
         let want = refs[&format!("{key}.loss")].data[0];
@@ -667,6 +669,7 @@ fn trace_step_equals_one_trace_at_a_time() {
             &mut step,
             &batch,
             loss,
+            u64::MAX,
         )
         .unwrap();
         let mut alone = ad.zeros_like(&be).unwrap();
@@ -687,6 +690,7 @@ fn trace_step_equals_one_trace_at_a_time() {
                 Some(&[s.counted_from]),
                 loss,
                 1.0 / count as f32,
+                0,
             )
             .unwrap();
             assert_eq!(n, s.predicted());
@@ -775,6 +779,7 @@ fn recover_on_traces_and_its_refusals() {
         &mut grads,
         &first,
         RecoverLoss::Kd,
+        0,
     )
     .unwrap();
     assert_eq!(losses(&out)[0], want);

@@ -337,6 +337,7 @@ fn prune_refit_exports_the_refitted_layer() {
         bos: Some(false),
         batch: 3,
         energy_at: EnergyAt::FinalNorm,
+        activation_memory: Default::default(),
     };
     let (ids, digest) = source
         .windows(&dense, &Tokenizer::load(&model).unwrap())

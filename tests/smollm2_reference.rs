@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::model::backward::backward_channel_stats;
-use rku_engine::model::forward::{forward, logits, nll};
+use rku_engine::model::forward::{forward, logits, nll, Keep};
 use rku_engine::model::objective::{EnergyAt, Objective};
 use rku_engine::model::{Geometry, Model};
 
@@ -88,7 +88,7 @@ fn smollm2_stats_match_autograd() {
     let ids = ids_of(&r, "calib.input_ids");
     let (n, t) = (r["calib.input_ids"].shape[0], r["calib.input_ids"].shape[1]);
     let geo = Geometry { seqs: n, t };
-    let fwd = forward(&be, &model, &ids, geo, true).unwrap();
+    let mut fwd = forward(&be, &model, &ids, geo, Keep::acts(model.cfg.layers)).unwrap();
     for (obj, prefix, scale) in [
         (Objective::Energy, "energy", 1.0 / (n * t) as f32),
         (Objective::Ce, "ce", 1.0 / (n * (t - 1)) as f32),
@@ -96,7 +96,7 @@ fn smollm2_stats_match_autograd() {
         let mut worst = 0f64;
         let mut layers = 0;
         let at = EnergyAt::FinalNorm;
-        backward_channel_stats(&be, &model, &fwd, &ids, geo, obj, at, scale, |l, p| {
+        backward_channel_stats(&be, &model, &mut fwd, &ids, geo, obj, at, scale, |l, p| {
             layers += 1;
             let m = p.s1.len();
             let tk: Vec<f64> = (0..m)

@@ -207,6 +207,10 @@ pub trait Backend: Send + Sync {
     /// Short name for logs ("cpu", "cuda", "cuda-emu").
     fn name(&self) -> &'static str;
 
+    /// Bytes this backend could still allocate for activations: the host's
+    /// available memory, or the device's free memory.
+    fn available_memory(&self) -> Result<u64>;
+
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn zeros(&self, len: usize) -> Result<Self::Buf>;

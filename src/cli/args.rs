@@ -8,6 +8,7 @@
 //! themselves are in `commands/`.
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
+use rku_engine::model::keep::ActivationMemory;
 use rku_engine::progressive::Schedule;
 use rku_engine::prune::calibrate::CalibSource;
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
@@ -267,6 +268,12 @@ pub struct WindowArgs {
     /// Where the energy objective reads the model: final-norm (z) or pre-norm (x_L).
     #[arg(long, value_enum, default_value_t = EnergyAt::FinalNorm)]
     pub energy_at: EnergyAt,
+    /// Memory the forward pass may keep of the top layers' activations, so
+    /// that the backward pass does not recompute those layers: auto (half of
+    /// the available memory, the host's or the GPU's) or bytes (512M, 2G; 0
+    /// recomputes every layer). Speed and memory only; results do not change.
+    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
+    pub activation_memory: ActivationMemory,
 }
 
 impl WindowArgs {
@@ -280,6 +287,7 @@ impl WindowArgs {
             bos: self.bos,
             batch: self.batch,
             energy_at: self.energy_at,
+            activation_memory: self.activation_memory,
         }
     }
 }
@@ -326,6 +334,21 @@ impl CalibArgs {
         .filter_map(|(name, given)| given.then_some(name))
         .collect()
     }
+}
+
+/// `plan --activation-memory`: bytes only (`auto` needs the device).
+fn budget_bytes(s: &str) -> Result<u64, String> {
+    match activation_memory(s)? {
+        ActivationMemory::Bytes(b) => Ok(b),
+        ActivationMemory::Auto => Err(
+            "plan needs the budget in bytes (auto is resolved on the device at run time)".into(),
+        ),
+    }
+}
+
+/// An `--activation-memory` value.
+fn activation_memory(s: &str) -> Result<ActivationMemory, String> {
+    s.parse().map_err(|e: rku_engine::Error| e.to_string())
 }
 
 /// A `--select` value.
@@ -597,6 +620,12 @@ pub struct PlanArgs {
     /// Weights streamed one layer at a time (about two layers resident).
     #[arg(long)]
     pub stream: bool,
+    /// Scoring: the activation-memory budget in bytes (512M, 2G; 0
+    /// recomputes every layer): the top layers whose activations fit are
+    /// kept from the forward pass to the backward pass. A run's `auto` is
+    /// half the device's free memory, known only on the device.
+    #[arg(long, default_value = "0", value_parser = budget_bytes, value_name = "BYTES", conflicts_with = "refit")]
+    pub activation_memory: u64,
     /// Plan a refit (METHODS.md §9) instead of scoring: over --refit-samples
     /// windows of --seq-len tokens, --batch per pass, every channel kept
     /// (the upper bound of any mask).
@@ -911,6 +940,12 @@ pub struct BenchScoreArgs {
     /// Sequences scored after one warm-up sequence.
     #[arg(long, default_value_t = 4, value_parser = count)]
     pub samples: usize,
+    /// Memory the forward pass may keep of the top layers' activations, so
+    /// that the backward pass does not recompute those layers: auto (half of
+    /// the available memory, the host's or the GPU's) or bytes (512M, 2G; 0
+    /// recomputes every layer). Speed and memory only; results do not change.
+    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
+    pub activation_memory: ActivationMemory,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -935,6 +970,12 @@ pub struct BenchRecoverArgs {
     /// LoRA rank.
     #[arg(long, default_value_t = 8, value_parser = count)]
     pub lora_rank: usize,
+    /// Memory the student's forward pass may keep of its top layers'
+    /// activations, so that the backward pass does not recompute those
+    /// layers: auto (half of the available memory, the host's or the GPU's)
+    /// or bytes (512M, 2G; 0 recomputes every layer). Speed and memory only.
+    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
+    pub activation_memory: ActivationMemory,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -1138,6 +1179,12 @@ pub struct RecoverArgs {
     /// wrote, never an input of this run.
     #[arg(long)]
     pub force: bool,
+    /// Memory the student's forward pass may keep of its top layers'
+    /// activations, so that the backward pass does not recompute those
+    /// layers: auto (half of the available memory, the host's or the GPU's)
+    /// or bytes (512M, 2G; 0 recomputes every layer). Speed and memory only.
+    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
+    pub activation_memory: ActivationMemory,
     #[command(flatten)]
     pub common: Common,
 }
@@ -1156,6 +1203,7 @@ impl RecoverArgs {
             loss: self.loss,
             seed: self.seed,
             save_every: self.save_every as u64,
+            activation_memory: self.activation_memory,
         }
     }
 }
@@ -1166,6 +1214,7 @@ impl ReportArgs {
         self.recover_steps.map(|steps| RecoverSpec {
             steps: steps as u64,
             batch: self.recover_batch,
+            activation_memory: self.windows.activation_memory,
             ..RecoverSpec::default()
         })
     }

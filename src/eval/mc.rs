@@ -24,7 +24,7 @@ use crate::backend::Backend;
 use crate::io::output::{self, Kind};
 use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
-use crate::model::forward::forward;
+use crate::model::forward::{forward, Keep};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -152,7 +152,7 @@ pub fn loglikelihoods<B: Backend>(
                 seqs: chunk.len(),
                 t,
             },
-            false,
+            Keep::OUTPUT,
         )?
         .z;
         let z = be.download(&z)?; // [seqs·t, d]

@@ -1,7 +1,7 @@
 //! Token perplexity over non-overlapping windows (METHODS.md section 8).
 use crate::backend::Backend;
 use crate::io::text::windows;
-use crate::model::forward::{forward, nll};
+use crate::model::forward::{forward, nll, Keep};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -133,7 +133,7 @@ pub fn trace_perplexity<B: Backend>(
             continue; // nothing of this sequence is predicted
         }
         let geo = Geometry { seqs: 1, t };
-        let out = forward(be, model, &s.ids, geo, false)?;
+        let out = forward(be, model, &s.ids, geo, Keep::OUTPUT)?;
         // targets[i] = ids[i+1] when i+1 ≥ first, else not predicted
         let targets: Vec<u32> = (0..t)
             .map(|i| match s.ids.get(i + 1) {

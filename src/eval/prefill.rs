@@ -2,7 +2,7 @@
 //! forward pass with logits over a T-token prompt at batch 1, both models
 //! timed alternately after warm-up so machine noise hits them alike.
 use crate::backend::Backend;
-use crate::model::forward::{forward, synthetic_ids, Geometry};
+use crate::model::forward::{forward, synthetic_ids, Geometry, Keep};
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -51,7 +51,7 @@ pub(crate) fn timed_forward<B: Backend>(
 ) -> Result<f64> {
     let c = &model.cfg;
     let start = Instant::now();
-    let out = forward(be, model, ids, geo, false)?;
+    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
     let logits = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
     drop(logits);
     Ok(start.elapsed().as_secs_f64())

@@ -1,10 +1,12 @@
 //! The backward pass: activation gradients only, never the base weights'
 //! gradients (the LoRA adapters' are formed when the model has adapters).
 //!
-//! The forward pass keeps the residual stream x_0..x_L; walking backward,
-//! each layer is recomputed from its stored input, its FFN channel gradient
-//! g = ∂J/∂h is formed and handed to the statistics, and the gradient flows
-//! on to the layer's input. Only one layer's intermediates are alive at a time.
+//! The forward pass keeps the residual stream x_0..x_L and, within the
+//! activation-memory budget, the activations of the top layers
+//! (`forward::Keep`); walking backward, every other layer is recomputed from
+//! its stored input, its FFN channel gradient g = ∂J/∂h is formed and handed
+//! to the statistics, and the gradient flows on to the layer's input. Of the
+//! layers not kept, one layer's intermediates are alive at a time.
 use super::forward::{
     ffn_down, layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry, RopeTables,
 };
@@ -15,7 +17,8 @@ use crate::backend::{AttnShape, Backend, ChannelPartial};
 use crate::{Error, Result};
 
 /// Backward pass of `objective` over the batch whose forward (`fwd`, with
-/// residuals kept) ran on `ids`. `scale` is the objective's normaliser over
+/// residuals kept) ran on `ids`; takes the activations `fwd` kept (a second
+/// pass over the same `fwd` recomputes every layer). `scale` is the objective's normaliser over
 /// the whole calibration set (1/n for energy, 1/(N·(T−1)) for ce), so that
 /// per-batch statistics add up to the statistics of the full objective.
 /// Calls `on_layer(l, partial)` for every layer, last layer first, and
@@ -24,7 +27,7 @@ use crate::{Error, Result};
 pub fn backward_channel_stats<B: Backend>(
     be: &B,
     model: &Model<B>,
-    fwd: &ForwardOut<B>,
+    fwd: &mut ForwardOut<B>,
     ids: &[u32],
     geo: Geometry,
     objective: Objective,
@@ -49,7 +52,7 @@ pub fn backward_channel_stats<B: Backend>(
 pub fn backward_channel_stats_counted<B: Backend>(
     be: &B,
     model: &Model<B>,
-    fwd: &ForwardOut<B>,
+    fwd: &mut ForwardOut<B>,
     ids: &[u32],
     geo: Geometry,
     objective: Objective,
@@ -126,14 +129,14 @@ fn copy<B: Backend>(be: &B, x: &B::Buf, n: usize) -> Result<B::Buf> {
 /// The adapters' gradients of an objective whose gradient w.r.t. the final
 /// norm's output z is `dz` `[rows, d]`, over the batch whose forward pass
 /// (`fwd`, with residuals kept, through `forward_with` with the same
-/// adapters) ran: `lora = (adapters, s = α / r)`; each adapter's gradient
+/// adapters; its kept activations are taken) ran: `lora = (adapters, s = α / r)`; each adapter's gradient
 /// is added into `grads` (same shapes).
 pub fn backward_adapters<B: Backend>(
     be: &B,
     model: &Model<B>,
     lora: (&Adapters<B>, f32),
     grads: &mut Adapters<B>,
-    fwd: &ForwardOut<B>,
+    fwd: &mut ForwardOut<B>,
     geo: Geometry,
     dz: &B::Buf,
 ) -> Result<()> {
@@ -167,7 +170,7 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
     be: &B,
     model: &Model<B>,
     mut lora: Option<(&Adapters<B>, f32, &mut Adapters<B>)>,
-    fwd: &ForwardOut<B>,
+    fwd: &mut ForwardOut<B>,
     geo: Geometry,
     mut dx: B::Buf,
     counted: Option<&[bool]>,
@@ -185,9 +188,11 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
         kv_heads: c.kv_heads,
         head_dim: c.head_dim,
     };
+    let mut kept_acts = std::mem::take(&mut fwd.acts);
+    let residuals = &fwd.residuals;
     model.for_each_layer(be, (0..c.layers).rev(), |l, lw| {
         let m = lw.ffn;
-        let x = &fwd.residuals[l];
+        let x = &residuals[l];
         // This layer's adapters, and where their gradients go.
         let mut lora_l = match lora.as_mut() {
             Some((ad, s, grads)) => Some((
@@ -199,21 +204,27 @@ fn backward_layers<B: Backend, F: FnMut(usize, ChannelPartial) -> Result<()>>(
             )),
             None => None,
         };
-        let mut acts = layer_acts(
-            be,
-            model,
-            lw,
-            lora_l.as_ref().map(|(ll, _)| ll),
-            &rope,
-            x,
-            geo,
-        )?;
+        // The forward's activations of this layer when it kept them, else recomputed.
+        let mut acts = match kept_acts.get_mut(l).and_then(Option::take) {
+            Some(acts) => acts,
+            None => layer_acts(
+                be,
+                model,
+                lw,
+                lora_l.as_ref().map(|(ll, _)| ll),
+                &rope,
+                x,
+                geo,
+            )?,
+        };
         // FFN: x_next = x' + y, y = W_d h  ⇒  g = dh = dy·W_d  [rows, m], dy = dx;
-        // Gemma 3: x_next = x' + norm(y), dy through the norm (y recomputed).
+        // Gemma 3: x_next = x' + norm(y), dy through the norm (y kept or recomputed).
         let dy_norm = match &lw.post_ffn_norm {
             Some(w) => {
-                let ll = lora_l.as_ref().map(|(ll, _)| ll);
-                let y = ffn_down(be, lw, ll, &acts.h, rows, d)?;
+                let y = match acts.ffn_out.take() {
+                    Some(y) => y,
+                    None => ffn_down(be, lw, lora_l.as_ref().map(|(ll, _)| ll), &acts.h, rows, d)?,
+                };
                 let (_, rstd) = be.rmsnorm_fwd(&y, w, rows, d, c.rms_eps as f32)?;
                 Some(be.rmsnorm_bwd(&dx, &y, w, &rstd, rows, d)?)
             }

@@ -76,6 +76,10 @@ pub struct LayerActs<B: Backend> {
     /// `u2 = norm(x')`, `[rows, d]` each.
     pub u: Option<B::Buf>,
     pub u2: Option<B::Buf>,
+    /// Gemma 3: the down projection's output before the post-FFN norm
+    /// `[rows, d]`, kept only by a forward pass that keeps the layer's
+    /// activations ([`Keep`]); the backward pass recomputes it otherwise.
+    pub ffn_out: Option<B::Buf>,
 }
 
 /// What Qwen3's per-head q/k RMSNorm read, for its backward pass.
@@ -163,16 +167,38 @@ pub fn layer_forward<B: Backend>(
     x: &B::Buf,
     geo: Geometry,
 ) -> Result<B::Buf> {
+    Ok(layer_forward_keeping(be, model, lw, lora, rope, x, geo, false)?.0)
+}
+
+/// [`layer_forward`], returning with the next residual the layer's
+/// activations when `keep_acts` (the backward pass then reads them instead
+/// of recomputing the layer), with Gemma 3's pre-norm FFN output in
+/// `ffn_out`; `None` otherwise, every buffer freed as soon as it is used.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_forward_keeping<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lw: &LayerWeights<B::Weight>,
+    lora: Option<&LayerLora<B>>,
+    rope: &RopeTables<B>,
+    x: &B::Buf,
+    geo: Geometry,
+    keep_acts: bool,
+) -> Result<(B::Buf, Option<LayerActs<B>>)> {
     let (rows, d) = (geo.rows(), model.cfg.hidden);
-    let acts = layer_acts(be, model, lw, lora, rope, x, geo)?;
+    let mut acts = layer_acts(be, model, lw, lora, rope, x, geo)?;
     let mut y = ffn_down(be, lw, lora, &acts.h, rows, d)?; // [rows, d]
     if let Some(w) = &lw.post_ffn_norm {
-        y = be.rmsnorm_fwd(&y, w, rows, d, model.cfg.rms_eps as f32)?.0; // Gemma 3
+        let yn = be.rmsnorm_fwd(&y, w, rows, d, model.cfg.rms_eps as f32)?.0; // Gemma 3
+        let y_in = std::mem::replace(&mut y, yn);
+        if keep_acts {
+            acts.ffn_out = Some(y_in);
+        }
     }
     let mut next = be.zeros(rows * d)?;
     be.add_assign(&mut next, &acts.mid, rows * d)?;
     be.add_assign(&mut next, &y, rows * d)?; // x_next = x' + W_d h
-    Ok(next)
+    Ok((next, keep_acts.then_some(acts)))
 }
 
 /// The down projection `W_d h` (with its bias and adapter) `[rows, d]`.
@@ -280,7 +306,40 @@ pub fn layer_acts<B: Backend>(
         h,
         u,
         u2,
+        ffn_out: None,
     })
+}
+
+/// What a forward pass keeps for a backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    /// The residual stream x_0..x_L.
+    pub residuals: bool,
+    /// The activations ([`LayerActs`]) of the top `acts_layers` layers
+    /// (l ≥ L − acts_layers; with `residuals`), which the backward pass
+    /// reads instead of recomputing those layers (METHODS.md §4,
+    /// the activation-memory budget; `model::keep` picks the count).
+    pub acts_layers: usize,
+}
+
+impl Keep {
+    /// Only z: evaluation.
+    pub const OUTPUT: Keep = Keep {
+        residuals: false,
+        acts_layers: 0,
+    };
+    /// The residual stream; the backward pass recomputes every layer.
+    pub const RESIDUALS: Keep = Keep {
+        residuals: true,
+        acts_layers: 0,
+    };
+    /// The residual stream and the top `acts_layers` layers' activations.
+    pub fn acts(acts_layers: usize) -> Keep {
+        Keep {
+            residuals: true,
+            acts_layers,
+        }
+    }
 }
 
 /// Output of a forward pass over a batch.
@@ -292,6 +351,9 @@ pub struct ForwardOut<B: Backend> {
     pub residuals: Vec<B::Buf>,
     /// rstd of the final norm `[rows]`.
     pub rstd_final: B::Buf,
+    /// Per layer, its activations when kept ([`Keep::acts_layers`]); empty
+    /// when none are. The first backward pass takes them.
+    pub acts: Vec<Option<LayerActs<B>>>,
 }
 
 /// Checks token ids against the vocabulary.
@@ -304,16 +366,16 @@ pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
-/// Runs the model over `ids` (`[seqs, t]`, row-major). With `keep_residuals`
-/// the residual stream at every layer boundary is returned for the backward pass.
+/// Runs the model over `ids` (`[seqs, t]`, row-major), keeping what `keep`
+/// asks for the backward pass.
 pub fn forward<B: Backend>(
     be: &B,
     model: &Model<B>,
     ids: &[u32],
     geo: Geometry,
-    keep_residuals: bool,
+    keep: Keep,
 ) -> Result<ForwardOut<B>> {
-    forward_with(be, model, None, ids, geo, keep_residuals)
+    forward_with(be, model, None, ids, geo, keep)
 }
 
 /// `forward` with LoRA adapters `(adapters, s = α / r)` on every layer.
@@ -323,7 +385,7 @@ pub fn forward_with<B: Backend>(
     lora: Option<(&Adapters<B>, f32)>,
     ids: &[u32],
     geo: Geometry,
-    keep_residuals: bool,
+    keep: Keep,
 ) -> Result<ForwardOut<B>> {
     let c = &model.cfg;
     if ids.len() != geo.rows() {
@@ -337,11 +399,23 @@ pub fn forward_with<B: Backend>(
     check_ids(ids, c.vocab)?;
     let rope = RopeTables::new(be, model, geo.t)?;
     let mut x = be.embedding(ids, &model.embed, c.hidden, c.embed_scale)?; // [rows, d]
+    if keep.acts_layers > 0 && !keep.residuals {
+        return Err(Error::Invalid(
+            "kept activations need the residual stream".into(),
+        ));
+    }
+    let first_kept = c.layers - keep.acts_layers.min(c.layers);
     let mut residuals = Vec::new();
+    let mut acts = Vec::new();
     model.for_each_layer(be, 0..c.layers, |l, lw| {
         let ll = lora.map(|(ad, s)| ad.layer(l, s)).transpose()?;
-        let next = layer_forward(be, model, lw, ll.as_ref(), &rope, &x, geo)?;
-        if keep_residuals {
+        let keep_acts = l >= first_kept;
+        let (next, kept) =
+            layer_forward_keeping(be, model, lw, ll.as_ref(), &rope, &x, geo, keep_acts)?;
+        if keep.acts_layers > 0 {
+            acts.push(kept);
+        }
+        if keep.residuals {
             residuals.push(std::mem::replace(&mut x, next));
         } else {
             x = next;
@@ -350,13 +424,14 @@ pub fn forward_with<B: Backend>(
     })?;
     let (z, rstd_final) =
         be.rmsnorm_fwd(&x, &model.norm, geo.rows(), c.hidden, c.rms_eps as f32)?;
-    if keep_residuals {
+    if keep.residuals {
         residuals.push(x);
     }
     Ok(ForwardOut {
         z,
         residuals,
         rstd_final,
+        acts,
     })
 }
 
@@ -386,7 +461,7 @@ pub fn logits<B: Backend>(
     ids: &[u32],
     geo: Geometry,
 ) -> Result<Vec<f32>> {
-    let out = forward(be, model, ids, geo, false)?;
+    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
     let c = &model.cfg;
     let l = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
     be.download(&l)
@@ -399,7 +474,7 @@ pub fn nll<B: Backend>(
     ids: &[u32],
     geo: Geometry,
 ) -> Result<(f64, usize)> {
-    let out = forward(be, model, ids, geo, false)?;
+    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
     let c = &model.cfg;
     let tg = next_token_targets(ids, geo);
     let (sum, n, _) = be.cross_entropy(

@@ -4,6 +4,7 @@ pub mod backward;
 pub mod config;
 pub mod decode;
 pub mod forward;
+pub mod keep;
 pub mod lora;
 pub mod objective;
 pub mod weights;

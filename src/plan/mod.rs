@@ -28,7 +28,9 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::backend::cuda::backend::CE_CHUNK;
+use crate::model::keep::{describe, kept_layers};
 use crate::model::objective::{EnergyAt, Objectives};
+use crate::model::Geometry;
 use crate::model::ModelConfig;
 use crate::{Error, Result};
 
@@ -46,6 +48,10 @@ pub struct PlanSpec {
     pub stream: bool,
     /// Vocabulary entries per cross-entropy chunk (`CudaBackend::with_ce_chunk`).
     pub ce_chunk: usize,
+    /// The activation-memory budget in bytes (`model::keep`): the top layers
+    /// whose activations fit are kept from the forward pass to the first
+    /// backward pass.
+    pub activation_memory: u64,
 }
 
 impl PlanSpec {
@@ -58,6 +64,7 @@ impl PlanSpec {
             energy_at: EnergyAt::FinalNorm,
             stream,
             ce_chunk: CE_CHUNK,
+            activation_memory: 0,
         }
     }
 }
@@ -72,6 +79,17 @@ pub struct PlanBuffer {
     pub count: usize,
     /// Bytes of all `count` buffers.
     pub bytes: usize,
+}
+
+/// What the activation-memory budget (`model::keep`) keeps in a scoring plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct KeptActivations {
+    /// The budget in bytes.
+    pub budget: u64,
+    /// Layers whose activations are kept (the top ones).
+    pub layers: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// Highest bytes reached during one phase of the run.
@@ -93,6 +111,8 @@ pub struct Plan {
     pub seqs: usize,
     pub objectives: Vec<&'static str>,
     pub stream: bool,
+    /// A scoring plan's activation-memory budget and what it keeps.
+    pub activations: Option<KeptActivations>,
     /// Bytes of the weights on the device: all of them, or when streaming
     /// the resident ones plus the two largest layers.
     pub weight_bytes: usize,
@@ -286,20 +306,39 @@ fn layer_acts(s: &mut Sim, g: &Dims, m: usize) -> Acts {
     Acts(acts)
 }
 
-/// `model::forward::layer_forward`: returns the next residual (named `next`).
-fn layer_forward(s: &mut Sim, g: &Dims, m: usize, next: &'static str) -> Id {
-    let Acts(acts) = layer_acts(s, g, m);
+/// One layer's activations kept by the forward pass: `Acts`, and Gemma's
+/// down projection output before its post-FFN norm (`LayerActs::ffn_out`).
+struct Kept(Acts, Option<Id>);
+
+/// `model::forward::layer_forward_keeping`: returns the next residual
+/// (named `next`) and, when `keep`, the layer's activations.
+fn layer_forward(
+    s: &mut Sim,
+    g: &Dims,
+    m: usize,
+    next: &'static str,
+    keep: bool,
+) -> (Id, Option<Kept>) {
+    let acts = layer_acts(s, g, m);
     let mut y = s.linear("down_proj output", g.rows * m, g.rows, g.d);
+    let mut ffn_out = None;
     if g.sandwich {
         let yn = s.alloc("post-FFN norm output", F32, &[g.rows, g.d]);
         let rstd = s.alloc("rstd (post-FFN norm)", F32, &[g.rows]);
-        s.free_all(&[y, rstd]);
+        s.free(rstd);
+        match keep {
+            true => ffn_out = Some(y),
+            false => s.free(y),
+        }
         y = yn;
     }
     let nx = s.alloc(next, F32, &[g.rows, g.d]);
     s.free(y);
-    s.free_all(&acts);
-    nx
+    if keep {
+        return (nx, Some(Kept(acts, ffn_out)));
+    }
+    s.free_all(&acts.0);
+    (nx, None)
 }
 
 /// `model::forward::RopeTables::new` for t positions: cos and sin, and
@@ -316,23 +355,32 @@ fn rope_tables(s: &mut Sim, two_bases: bool, t: usize, hd: usize) -> Vec<Id> {
     ids
 }
 
-/// `model::forward::forward` with the residual stream kept: returns the ids
-/// of x_0..x_L, z and the final rstd.
-fn forward(s: &mut Sim, g: &Dims, widths: &[usize]) -> Vec<Id> {
+/// `model::forward::forward` with the residual stream kept and the
+/// activations of the top `acts_layers` layers: returns the ids of
+/// x_0..x_L, z and the final rstd, and per layer its kept activations.
+fn forward(
+    s: &mut Sim,
+    g: &Dims,
+    widths: &[usize],
+    acts_layers: usize,
+) -> (Vec<Id>, Vec<Option<Kept>>) {
     let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
     let mut x = s.alloc("residual stream x_0..x_L", F32, &[g.rows, g.d]);
     let ids = s.alloc("token ids", U32, &[g.rows]);
     s.free(ids);
     let mut kept = Vec::new();
+    let mut acts = Vec::new();
+    let first_kept = g.layers - acts_layers.min(g.layers);
     s.each_layer(0..g.layers, |s, l| {
-        let next = layer_forward(s, g, widths[l], "residual stream x_0..x_L");
+        let (next, a) = layer_forward(s, g, widths[l], "residual stream x_0..x_L", l >= first_kept);
+        acts.push(a);
         kept.push(std::mem::replace(&mut x, next));
     });
     kept.push(s.alloc("final norm output z", F32, &[g.rows, g.d]));
     kept.push(s.alloc("rstd (final norm)", F32, &[g.rows]));
     kept.push(x);
     s.free_all(&rope);
-    kept
+    (kept, acts)
 }
 
 /// The gradient ∂J/∂x_L that starts `model::backward::backward_channel_stats`.
@@ -372,17 +420,27 @@ fn objective_grad(s: &mut Sim, g: &Dims, ce: bool, pre_norm: bool, ce_chunk: usi
     dx
 }
 
-/// `model::backward::backward_channel_stats`: one objective's pass.
-fn backward(s: &mut Sim, g: &Dims, widths: &[usize], ce: bool, pre_norm: bool, ce_chunk: usize) {
+/// `model::backward::backward_channel_stats`: one objective's pass, taking
+/// the layers' activations the forward pass kept (recomputing the others).
+fn backward(
+    s: &mut Sim,
+    g: &Dims,
+    widths: &[usize],
+    (ce, pre_norm, ce_chunk): (bool, bool, usize),
+    kept: &mut [Option<Kept>],
+) {
     let (rows, d) = (g.rows, g.d);
     let dx = objective_grad(s, g, ce, pre_norm, ce_chunk);
     let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
     s.each_layer((0..g.layers).rev(), |s, l| {
         let m = widths[l];
-        let Acts(acts) = layer_acts(s, g, m);
-        // Gemma: y recomputed, the gradient through the post-FFN norm.
+        let (Acts(acts), ffn_out) = match kept.get_mut(l).and_then(Option::take) {
+            Some(Kept(acts, ffn_out)) => (acts, ffn_out),
+            None => (layer_acts(s, g, m), None),
+        };
+        // Gemma: y kept or recomputed, the gradient through the post-FFN norm.
         let dy = g.sandwich.then(|| {
-            let y = s.linear("down_proj output", rows * m, rows, d);
+            let y = ffn_out.unwrap_or_else(|| s.linear("down_proj output", rows * m, rows, d));
             let yn = s.alloc("post-FFN norm output", F32, &[rows, d]);
             let rstd = s.alloc("rstd (post-FFN norm)", F32, &[rows]);
             s.free(yn);
@@ -519,16 +577,27 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
     let mut s = Sim::default();
     let weight_bytes = load_weights(&mut s, cfg, spec.stream);
 
+    let geo = Geometry {
+        seqs: spec.seqs,
+        t: spec.t,
+    };
+    let (kept_layers, kept_bytes) = kept_layers(cfg, geo, false, spec.activation_memory);
     s.begin("forward");
-    let kept = forward(&mut s, &g, widths);
+    let (kept, mut acts) = forward(&mut s, &g, widths, kept_layers);
     let pre_norm = spec.energy_at == EnergyAt::PreNorm;
     if o.energy {
         s.begin("energy backward");
-        backward(&mut s, &g, widths, false, pre_norm, spec.ce_chunk);
+        backward(
+            &mut s,
+            &g,
+            widths,
+            (false, pre_norm, spec.ce_chunk),
+            &mut acts,
+        );
     }
     if o.ce {
         s.begin("ce backward");
-        backward(&mut s, &g, widths, true, false, spec.ce_chunk);
+        backward(&mut s, &g, widths, (true, false, spec.ce_chunk), &mut acts);
     }
     s.free_all(&kept);
     let objectives = [("energy", o.energy), ("ce", o.ce)]
@@ -536,7 +605,14 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
         .filter_map(|(n, on)| on.then_some(n))
         .collect();
     let run = (spec.t, spec.seqs, objectives, spec.stream);
-    Ok(finish(s, cfg, run, weight_bytes))
+    Ok(Plan {
+        activations: Some(KeptActivations {
+            budget: spec.activation_memory,
+            layers: kept_layers,
+            bytes: kept_bytes,
+        }),
+        ..finish(s, cfg, run, weight_bytes)
+    })
 }
 
 /// `Model::load`: embedding, final norm, lm_head (untied), every layer
@@ -606,6 +682,7 @@ fn finish(
         seqs,
         objectives,
         stream,
+        activations: None,
         weight_bytes,
         peak_bytes: s.peak,
         peak_phase: s.peak_phase,
@@ -648,6 +725,14 @@ impl fmt::Display for Plan {
                 "resident"
             }
         )?;
+        if let Some(a) = self.activations {
+            let geo = Geometry {
+                seqs: self.seqs,
+                t: self.t,
+            };
+            let kept = describe(self.layers, geo, a.budget, (a.layers, a.bytes));
+            writeln!(f, "{kept}")?;
+        }
         writeln!(f, "buffers live at the peak (during {}):", self.peak_phase)?;
         writeln!(
             f,

@@ -95,7 +95,7 @@ pub fn plan_refit(cfg: &ModelConfig, spec: &RefitPlanSpec) -> Result<Plan> {
         for (i, g) in batches.iter().enumerate() {
             let super::Acts(acts) = layer_acts(s, g, m);
             let y = match spec.residual {
-                true => layer_forward(s, g, m, "dense residual x"),
+                true => layer_forward(s, g, m, "dense residual x", false).0,
                 false => s.linear("target W_d h", g.rows * m, g.rows, d),
             };
             // `CudaBackend::normal_equations`.

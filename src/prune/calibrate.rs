@@ -5,7 +5,8 @@ use crate::backend::Backend;
 use crate::io::safetensors_io::SafeModel;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
 use crate::model::backward::backward_channel_stats_counted;
-use crate::model::forward::{forward, synthetic_ids};
+use crate::model::forward::{forward, synthetic_ids, Keep};
+use crate::model::keep::{describe, kept_layers, ActivationMemory};
 use crate::model::{Geometry, Model, ModelConfig};
 use crate::progress::Progress;
 use crate::prune::stats::{EnergyAt, Norms, Objective, Objectives, Stats, StatsMeta, TraceSource};
@@ -30,6 +31,10 @@ pub struct CalibSpec {
     /// The objectives' normalisers: `None` for this set's own counts, a
     /// shard's whole set's otherwise (so shards sum to one pass, §4).
     pub norms: Option<Norms>,
+    /// Bytes the forward pass may keep of the top layers' activations for
+    /// the backward pass (`model::keep`; speed and memory only, the
+    /// statistics do not change).
+    pub activation_memory: ActivationMemory,
 }
 
 /// Calibration input (METHODS.md section 2).
@@ -48,6 +53,8 @@ pub struct CalibSource {
     /// Sequences per batch (speed and memory only; not an input of any cell).
     pub batch: usize,
     pub energy_at: EnergyAt,
+    /// `--activation-memory` (speed and memory only; not an input of any cell).
+    pub activation_memory: ActivationMemory,
 }
 
 impl CalibSource {
@@ -60,6 +67,7 @@ impl CalibSource {
             objectives,
             energy_at: self.energy_at,
             norms: None,
+            activation_memory: self.activation_memory,
         }
     }
 
@@ -196,6 +204,11 @@ pub fn collect_stats<B: Backend>(
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce as f32;
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
+    let budget = ActsBudget::new(be, model, spec)?;
+    budget.log(Geometry {
+        seqs: spec.batch.max(1).min(n_seq),
+        t,
+    });
     let progress = Progress::new(n_seq as u64, "scoring");
     let mut s0 = 0;
     while s0 < n_seq {
@@ -208,10 +221,10 @@ pub fn collect_stats<B: Backend>(
             &mut stats,
             ids,
             geo,
-            spec.objectives,
-            spec.energy_at,
+            spec,
             (energy_scale, ce_scale),
             None,
+            budget.layers(geo),
         )?;
         s0 += seqs;
         progress.inc(seqs as u64);
@@ -221,9 +234,47 @@ pub fn collect_stats<B: Backend>(
     Ok(stats)
 }
 
-/// One batch of a statistics pass: the forward pass over `ids`, then the
-/// backward pass of each objective run, its per-channel sums added into
-/// `stats` (s1, s2 once: from the energy pass, else from the ce pass).
+/// The activation-memory budget of a statistics pass (`model::keep`).
+struct ActsBudget<'a> {
+    cfg: &'a ModelConfig,
+    bytes: u64,
+}
+
+impl<'a> ActsBudget<'a> {
+    /// `spec`'s budget, `auto` resolved against the backend's available memory.
+    fn new<B: Backend>(be: &B, model: &'a Model<B>, spec: CalibSpec) -> Result<Self> {
+        let bytes = spec
+            .activation_memory
+            .bytes(|| be.available_memory())
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "--activation-memory {}: {e} (give a byte count instead)",
+                    spec.activation_memory
+                ))
+            })?;
+        Ok(ActsBudget {
+            cfg: &model.cfg,
+            bytes,
+        })
+    }
+
+    /// Layers whose activations the forward pass keeps at `geo`.
+    fn layers(&self, geo: Geometry) -> usize {
+        kept_layers(self.cfg, geo, false, self.bytes).0
+    }
+
+    /// Prints what the budget keeps at `geo`.
+    fn log(&self, geo: Geometry) {
+        let kept = kept_layers(self.cfg, geo, false, self.bytes);
+        crate::progress::println(&describe(self.cfg.layers, geo, self.bytes, kept));
+    }
+}
+
+/// One batch of a statistics pass: the forward pass over `ids` (keeping the
+/// top `acts_layers` layers' activations), then the backward pass of each
+/// objective of `spec`, its per-channel sums added into `stats` (s1, s2
+/// once: from the energy pass, else from the ce pass). The first backward
+/// pass reads the kept activations; a second one recomputes every layer.
 /// `scales` = (energy, ce) normalisers over the whole calibration set;
 /// `counted` masks the rows that count (METHODS.md §11), `None` all.
 #[allow(clippy::too_many_arguments)]
@@ -233,18 +284,19 @@ fn score_batch<B: Backend>(
     stats: &mut Stats,
     ids: &[u32],
     geo: Geometry,
-    objectives: Objectives,
-    energy_at: EnergyAt,
+    spec: CalibSpec,
     (energy_scale, ce_scale): (f32, f32),
     counted: Option<&[bool]>,
+    acts_layers: usize,
 ) -> Result<()> {
-    let fwd = forward(be, model, ids, geo, true)?;
+    let (objectives, energy_at) = (spec.objectives, spec.energy_at);
+    let mut fwd = forward(be, model, ids, geo, Keep::acts(acts_layers))?;
     if objectives.energy {
         let (obj, at) = (Objective::Energy, energy_at);
         backward_channel_stats_counted(
             be,
             model,
-            &fwd,
+            &mut fwd,
             ids,
             geo,
             obj,
@@ -266,7 +318,7 @@ fn score_batch<B: Backend>(
         backward_channel_stats_counted(
             be,
             model,
-            &fwd,
+            &mut fwd,
             ids,
             geo,
             Objective::Ce,
@@ -345,6 +397,8 @@ pub fn collect_sequence_stats<B: Backend>(
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce.max(1) as f32;
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
+    let budget = ActsBudget::new(be, model, spec)?;
+    let mut logged = false;
     // Equal lengths together, in their order of first appearance.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].ids.len());
@@ -366,16 +420,20 @@ pub fn collect_sequence_stats<B: Backend>(
                 seqs: batch.len(),
                 t,
             };
+            if !logged {
+                budget.log(geo); // the shortest sequences' first batch
+                logged = true;
+            }
             score_batch(
                 be,
                 model,
                 &mut stats,
                 &ids,
                 geo,
-                spec.objectives,
-                spec.energy_at,
+                spec,
                 (energy_scale, ce_scale),
                 mask.as_deref(),
+                budget.layers(geo),
             )?;
             progress.inc(batch.len() as u64);
         }
@@ -402,6 +460,7 @@ pub fn bench_score<B: Backend>(
     model: &Model<B>,
     seq_len: usize,
     samples: usize,
+    activation_memory: ActivationMemory,
 ) -> Result<ScoreBench> {
     if seq_len < 2 || samples == 0 {
         return Err(Error::Invalid(
@@ -419,6 +478,7 @@ pub fn bench_score<B: Backend>(
         },
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        activation_memory,
     };
     collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
     let start = Instant::now();

@@ -8,6 +8,7 @@ pub mod step;
 use crate::backend::Backend;
 use crate::io::traces::Sequence;
 use crate::model::forward::Geometry;
+use crate::model::keep::{describe, kept_layers, ActivationMemory};
 use crate::model::Model;
 use crate::progress::{self, Progress};
 use crate::prune::stats::TraceSource;
@@ -36,6 +37,8 @@ pub struct RecoverSpec {
     pub seed: u64,
     /// Checkpoint every this many steps (and after the last).
     pub save_every: u64,
+    /// The student's kept activations (`model::keep`; speed and memory only).
+    pub activation_memory: ActivationMemory,
 }
 
 impl Default for RecoverSpec {
@@ -53,6 +56,7 @@ impl Default for RecoverSpec {
             loss: RecoverLoss::Kd,
             seed: 0,
             save_every: 25,
+            activation_memory: ActivationMemory::Auto,
         }
     }
 }
@@ -319,6 +323,7 @@ pub fn train<B: Backend>(
         }
     };
     let scale = spec.scale();
+    let acts_budget = acts_budget(be, student, spec, data.seqs[0].ids.len())?;
     let mut grads = state.adapters.zeros_like(be)?;
     let left = spec.steps.saturating_sub(state.step);
     let bar = Progress::new(left, "recover");
@@ -336,6 +341,7 @@ pub fn train<B: Backend>(
             &mut grads,
             &seqs,
             spec.loss,
+            acts_budget,
         )?;
         let stop = |what: String| {
             Error::Invalid(format!(
@@ -379,6 +385,32 @@ pub fn train<B: Backend>(
     Ok(state)
 }
 
+/// `spec`'s activation-memory budget in bytes (`auto` resolved against the
+/// backend), printing what it keeps for a batch of sequences of `t` tokens.
+fn acts_budget<B: Backend>(
+    be: &B,
+    student: &Model<B>,
+    spec: &RecoverSpec,
+    t: usize,
+) -> Result<u64> {
+    let bytes = spec
+        .activation_memory
+        .bytes(|| be.available_memory())
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "--activation-memory {}: {e} (give a byte count instead)",
+                spec.activation_memory
+            ))
+        })?;
+    let geo = Geometry {
+        seqs: spec.batch,
+        t,
+    };
+    let kept = kept_layers(&student.cfg, geo, true, bytes);
+    progress::println(&describe(student.cfg.layers, geo, bytes, kept));
+    Ok(bytes)
+}
+
 /// What `bench recover` measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RecoverBench {
@@ -401,10 +433,13 @@ pub fn bench_recover<B: Backend>(
     seq_len: usize,
     steps: usize,
     rank: usize,
+    activation_memory: ActivationMemory,
 ) -> Result<RecoverBench> {
     let spec = RecoverSpec {
         rank,
         alpha: 2.0 * rank as f64,
+        batch,
+        activation_memory,
         ..RecoverSpec::default()
     };
     let geo = Geometry {
@@ -412,6 +447,7 @@ pub fn bench_recover<B: Backend>(
         t: seq_len,
     };
     let ids = crate::model::forward::synthetic_ids(geo.rows(), model.cfg.vocab);
+    let acts_budget = acts_budget(be, model, &spec, seq_len)?;
     let mut adapters = init_adapters(be, &model.cfg, rank, 0)?;
     let mut grads = adapters.zeros_like(be)?;
     let (mut m, mut v) = (adapters.zeros_like(be)?, adapters.zeros_like(be)?);
@@ -427,6 +463,7 @@ pub fn bench_recover<B: Backend>(
             &ids,
             geo,
             RecoverLoss::Kd,
+            acts_budget,
         )?;
         clip_and_update(
             be,

@@ -4,7 +4,8 @@
 use crate::backend::{AdamwStep, Backend};
 use crate::io::traces::Sequence;
 use crate::model::backward::backward_adapters;
-use crate::model::forward::{forward, forward_with, next_token_targets, Geometry};
+use crate::model::forward::{forward, forward_with, next_token_targets, Geometry, Keep};
+use crate::model::keep::kept_layers;
 use crate::model::lora::Adapters;
 use crate::model::{Model, ModelConfig};
 use crate::{Error, Result};
@@ -100,6 +101,8 @@ impl Normal {
 /// loss is the mean over predicted positions (those with a next token in
 /// the window, N·(T−1)): KL(p_teacher ‖ p_student) for `Kd` (the teacher
 /// runs in the same pass, on the same backend), next-token NLL for `Ce`.
+/// The student's forward pass keeps its top layers' activations within
+/// `acts_budget` bytes (`model::keep`; the result does not depend on it).
 #[allow(clippy::too_many_arguments)]
 pub fn loss_and_grads<B: Backend>(
     be: &B,
@@ -110,6 +113,7 @@ pub fn loss_and_grads<B: Backend>(
     ids: &[u32],
     geo: Geometry,
     loss: RecoverLoss,
+    acts_budget: u64,
 ) -> Result<f64> {
     let count = geo.seqs * geo.t.saturating_sub(1);
     if count == 0 {
@@ -119,7 +123,17 @@ pub fn loss_and_grads<B: Backend>(
     }
     let scale = 1.0 / count as f32;
     let (sum, _) = loss_sum_and_grads(
-        be, student, teacher, lora, grads, ids, geo, None, loss, scale,
+        be,
+        student,
+        teacher,
+        lora,
+        grads,
+        ids,
+        geo,
+        None,
+        loss,
+        scale,
+        acts_budget,
     )?;
     Ok(sum / count as f64)
 }
@@ -131,6 +145,8 @@ pub fn loss_and_grads<B: Backend>(
 /// equals the same sequences done one at a time, their gradients added
 /// and normalised by the total count. Sequences of equal length share a
 /// pass (in their order); none is padded. Returns the mean loss.
+/// `acts_budget` as in [`loss_and_grads`].
+#[allow(clippy::too_many_arguments)]
 pub fn step_loss_and_grads<B: Backend>(
     be: &B,
     student: &Model<B>,
@@ -139,6 +155,7 @@ pub fn step_loss_and_grads<B: Backend>(
     grads: &mut Adapters<B>,
     seqs: &[&Sequence],
     loss: RecoverLoss,
+    acts_budget: u64,
 ) -> Result<f64> {
     let count: usize = seqs.iter().map(|s| s.predicted()).sum();
     if count == 0 {
@@ -172,6 +189,7 @@ pub fn step_loss_and_grads<B: Backend>(
             Some(&from),
             loss,
             scale,
+            acts_budget,
         )?;
         sum += part;
     }
@@ -182,6 +200,7 @@ pub fn step_loss_and_grads<B: Backend>(
 /// (`[seqs, t]`), and their count; `scale`·∂Σ/∂adapters is added into
 /// `grads`. Position p of sequence i predicts p + 1 and counts when
 /// p + 1 < t and p + 1 ≥ `counted_from[i]` (all when `None`).
+/// `acts_budget` as in [`loss_and_grads`].
 #[allow(clippy::too_many_arguments)]
 pub fn loss_sum_and_grads<B: Backend>(
     be: &B,
@@ -194,6 +213,7 @@ pub fn loss_sum_and_grads<B: Backend>(
     counted_from: Option<&[usize]>,
     loss: RecoverLoss,
     scale: f32,
+    acts_budget: u64,
 ) -> Result<(f64, usize)> {
     let c = &student.cfg;
     let (rows, d) = (geo.rows(), c.hidden);
@@ -219,13 +239,14 @@ pub fn loss_sum_and_grads<B: Backend>(
         return Ok((0.0, 0));
     }
     let z_teacher = match (loss, teacher) {
-        (RecoverLoss::Kd, Some(t)) => Some(forward(be, t, ids, geo, false)?.z),
+        (RecoverLoss::Kd, Some(t)) => Some(forward(be, t, ids, geo, Keep::OUTPUT)?.z),
         (RecoverLoss::Kd, None) => {
             return Err(Error::Invalid("the kd loss needs a teacher".into()))
         }
         (RecoverLoss::Ce, _) => None,
     };
-    let fwd = forward_with(be, student, Some(lora), ids, geo, true)?;
+    let (acts_layers, _) = kept_layers(c, geo, true, acts_budget);
+    let mut fwd = forward_with(be, student, Some(lora), ids, geo, Keep::acts(acts_layers))?;
     let (sum, dz) = match (z_teacher, teacher) {
         (Some(zt), Some(t)) => {
             let (sum, _, dz) = be.kl_div(
@@ -257,7 +278,7 @@ pub fn loss_sum_and_grads<B: Backend>(
         }
     };
     let dz = dz.ok_or_else(|| Error::Invalid("the loss returned no gradient".into()))?;
-    backward_adapters(be, student, lora, grads, &fwd, geo, &dz)?;
+    backward_adapters(be, student, lora, grads, &mut fwd, geo, &dz)?;
     Ok((sum, count))
 }
 

@@ -21,6 +21,20 @@
 
 use std::mem::MaybeUninit;
 
+/// The host's available memory (`MemAvailable` of /proc/meminfo: free
+/// memory plus what the kernel can reclaim without swapping).
+pub fn host_available_memory() -> crate::Result<u64> {
+    let path = "/proc/meminfo";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::Error::Invalid(format!("cannot read {path}: {e}")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| crate::Error::Invalid(format!("{path} has no MemAvailable line")))
+}
+
 /// Free heap memory kept for reuse before glibc gives it back (see the module doc).
 const TRIM_THRESHOLD: usize = 256 << 20;
 

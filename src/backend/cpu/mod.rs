@@ -6,7 +6,7 @@ mod decode;
 mod gather;
 mod loss;
 pub mod matmul;
-mod mem;
+pub mod mem;
 mod normal;
 mod ops;
 mod optim;
@@ -106,6 +106,10 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn available_memory(&self) -> Result<u64> {
+        mem::host_available_memory()
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {

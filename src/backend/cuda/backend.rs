@@ -217,6 +217,10 @@ impl<D: Device> Backend for CudaBackend<D> {
         self.dev.backend_name()
     }
 
+    fn available_memory(&self) -> Result<u64> {
+        self.dev.available_memory()
+    }
+
     fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
         DevBuf::upload(&self.dev, data)
     }

@@ -211,6 +211,8 @@ pub trait Device: Send + Sync + Sized + 'static {
     fn synchronize(&self) -> Result<()>;
     /// Allocation accounting.
     fn mem_stats(&self) -> MemStats;
+    /// Bytes that could still be allocated (the activation-memory budget's `auto`).
+    fn available_memory(&self) -> Result<u64>;
     /// Starts a new high-water measurement from the current bytes.
     fn reset_high_water(&self);
 }

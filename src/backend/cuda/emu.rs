@@ -292,6 +292,10 @@ impl Device for EmuDevice {
         self.tracker.stats()
     }
 
+    fn available_memory(&self) -> Result<u64> {
+        crate::backend::cpu::mem::host_available_memory() // device memory is host memory
+    }
+
     fn reset_high_water(&self) {
         self.tracker.reset_high_water()
     }

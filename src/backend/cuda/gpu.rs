@@ -555,6 +555,12 @@ impl Device for GpuDevice {
         self.tracker.stats()
     }
 
+    fn available_memory(&self) -> Result<u64> {
+        self.bind()?;
+        let (free, _total) = drv::mem_get_info().map_err(drv_err("cuMemGetInfo"))?;
+        Ok(free as u64)
+    }
+
     fn reset_high_water(&self) {
         self.tracker.reset_high_water()
     }

@@ -32,7 +32,7 @@ pub fn forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
 
 pub fn score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
-    let r = bench_score(be, &model, a.seq_len, a.samples)?;
+    let r = bench_score(be, &model, a.seq_len, a.samples, a.activation_memory)?;
     println!(
         "score (energy, forward + backward + statistics): {} x {} tokens in {:.2}s: {:.0} tokens/s",
         r.samples, r.seq_len, r.seconds, r.tokens_per_s
@@ -45,7 +45,15 @@ pub fn score<B: Backend>(be: &B, a: &BenchScoreArgs) -> Result<()> {
 
 pub fn recover<B: Backend>(be: &B, a: &BenchRecoverArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
-    let r = bench_recover(be, &model, a.batch, a.seq_len, a.steps, a.lora_rank)?;
+    let r = bench_recover(
+        be,
+        &model,
+        a.batch,
+        a.seq_len,
+        a.steps,
+        a.lora_rank,
+        a.activation_memory,
+    )?;
     println!(
         "recover (LoRA-KD rank {}, batch {} x {} tokens): {} steps in {:.2}s: {:.0} tokens/s",
         r.rank, r.batch, r.seq_len, r.steps, r.seconds, r.tokens_per_s

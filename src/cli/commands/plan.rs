@@ -15,7 +15,10 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     let p = match a.refit {
         None => plan(
             &cfg,
-            &PlanSpec::new(a.seq_len, a.batch, a.objective.objectives(), a.stream),
+            &PlanSpec {
+                activation_memory: a.activation_memory,
+                ..PlanSpec::new(a.seq_len, a.batch, a.objective.objectives(), a.stream)
+            },
         )?,
         Some(target) => plan_refit(
             &cfg,
