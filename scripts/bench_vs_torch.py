@@ -181,6 +181,8 @@ def main():
     ap.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together (decode benchmark)")
     ap.add_argument("--recover-batch", type=int, default=8, help="sequences per step (recover benchmark)")
     ap.add_argument("--recover-steps", type=int, default=2, help="steps timed (recover benchmark)")
+    ap.add_argument("--activation-memory", default="auto",
+                    help="the engine's activation-memory budget for score and recover (auto, 0, 512M, ...)")
     ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32", "recover"])
     ap.add_argument("--torch-worker", choices=["forward", "score", "decode", "recover"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,10 +212,11 @@ def main():
         elif kind == "recover":
             ours_cmd = [args.bin, "bench", "recover", "--model", args.model, "--seq-len", str(args.seq_len),
                         "--batch", str(args.recover_batch), "--steps", str(args.recover_steps),
-                        "--backend", "cpu", "--json"]
+                        "--activation-memory", args.activation_memory, "--backend", "cpu", "--json"]
         else:
             ours_cmd = [args.bin, "bench", "score", "--model", args.model, "--seq-len", str(args.seq_len),
-                        "--samples", str(args.samples), "--backend", "cpu", "--json"]
+                        "--samples", str(args.samples), "--activation-memory", args.activation_memory,
+                        "--backend", "cpu", "--json"]
         ours_out, ours_rss = run_child(ours_cmd, env)
         torch_kind = "decode" if kind == "decode_f32" else kind
         torch_out, torch_rss = run_child(me + ["--torch-worker", torch_kind], env)

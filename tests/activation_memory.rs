@@ -9,7 +9,7 @@ use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::model::forward::{forward, forward_with, Keep};
-use rku_engine::model::keep::{kept_layers, layer_acts_bytes, ActivationMemory};
+use rku_engine::model::keep::{kept_layers, layer_acts_bytes, MemoryBudget};
 use rku_engine::model::lora::Adapters;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
@@ -35,7 +35,7 @@ fn ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
         .collect()
 }
 
-fn spec(seqs: usize, t: usize, budget: ActivationMemory) -> CalibSpec {
+fn spec(seqs: usize, t: usize, budget: MemoryBudget) -> CalibSpec {
     CalibSpec {
         samples: seqs,
         seq_len: t,
@@ -44,6 +44,7 @@ fn spec(seqs: usize, t: usize, budget: ActivationMemory) -> CalibSpec {
         energy_at: EnergyAt::FinalNorm,
         norms: None,
         activation_memory: budget,
+        layer_major: None,
     }
 }
 
@@ -64,13 +65,13 @@ fn assert_same(a: &Stats, b: &Stats, what: &str) {
 
 /// The budgets compared: none, the top layer's bytes (one layer kept, the
 /// rest recomputed), and everything.
-fn budgets<B: Backend>(model: &Model<B>, geo: Geometry) -> [ActivationMemory; 3] {
+fn budgets<B: Backend>(model: &Model<B>, geo: Geometry) -> [MemoryBudget; 3] {
     let c = &model.cfg;
     let top = layer_acts_bytes(c, c.layers - 1, geo, false);
     [
-        ActivationMemory::Bytes(0),
-        ActivationMemory::Bytes(top),
-        ActivationMemory::Bytes(u64::MAX),
+        MemoryBudget::Bytes(0),
+        MemoryBudget::Bytes(top),
+        MemoryBudget::Bytes(u64::MAX),
     ]
 }
 

@@ -29,7 +29,7 @@ use rku_engine::backend::Backend;
 use rku_engine::model::backward::backward_channel_stats;
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::{forward, logits, Keep};
-use rku_engine::model::keep::ActivationMemory;
+use rku_engine::model::keep::MemoryBudget;
 use rku_engine::model::objective::Objective;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
@@ -131,7 +131,8 @@ fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: 
         },
         energy_at: EnergyAt::FinalNorm,
         norms: None,
-        activation_memory: ActivationMemory::Auto,
+        activation_memory: MemoryBudget::Auto,
+        layer_major: None,
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }

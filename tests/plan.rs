@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::*;
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
-use rku_engine::model::keep::{layer_acts_bytes, ActivationMemory};
+use rku_engine::model::keep::{layer_acts_bytes, MemoryBudget};
 use rku_engine::model::weights::Residency;
 use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
@@ -43,7 +43,8 @@ fn check_peak_kept(
         objectives,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
-        activation_memory: ActivationMemory::Bytes(budget),
+        activation_memory: MemoryBudget::Bytes(budget),
+        layer_major: None,
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;

@@ -338,6 +338,7 @@ fn prune_refit_exports_the_refitted_layer() {
         batch: 3,
         energy_at: EnergyAt::FinalNorm,
         activation_memory: Default::default(),
+        layer_major: None,
     };
     let (ids, digest) = source
         .windows(&dense, &Tokenizer::load(&model).unwrap())

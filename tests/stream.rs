@@ -10,7 +10,7 @@ use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::model::decode::{argmax, Decoder};
 use rku_engine::model::forward::logits;
-use rku_engine::model::keep::ActivationMemory;
+use rku_engine::model::keep::MemoryBudget;
 use rku_engine::model::weights::Residency;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
@@ -34,7 +34,8 @@ fn stats<B: Backend>(be: &B, model: &Model<B>) -> Stats {
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
-        activation_memory: ActivationMemory::Auto,
+        activation_memory: MemoryBudget::Auto,
+        layer_major: None,
     };
     let windows = ids(36, model.cfg.vocab);
     collect_stats(be, model, &windows, spec, "calib".into()).unwrap()

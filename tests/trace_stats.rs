@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::eval::traces::{tokenizer_digest, SamplingRecord, TraceFinish, TraceRecord};
-use rku_engine::model::keep::ActivationMemory;
+use rku_engine::model::keep::MemoryBudget;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_sequence_stats, CalibSpec, Sequence};
 use rku_engine::prune::stats::{EnergyAt, Objectives, Stats, TraceSource};
@@ -24,7 +24,8 @@ fn spec(batch: usize) -> CalibSpec {
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
-        activation_memory: ActivationMemory::Auto,
+        activation_memory: MemoryBudget::Auto,
+        layer_major: None,
     }
 }
 

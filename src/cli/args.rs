@@ -8,9 +8,10 @@
 //! themselves are in `commands/`.
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
-use rku_engine::model::keep::ActivationMemory;
+use rku_engine::model::keep::MemoryBudget;
 use rku_engine::progressive::Schedule;
 use rku_engine::prune::calibrate::CalibSource;
+use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
 use rku_engine::prune::shard::ShardSpec;
 use rku_engine::prune::traces::{Selection, TokenRule};
@@ -272,8 +273,22 @@ pub struct WindowArgs {
     /// that the backward pass does not recompute those layers: auto (half of
     /// the available memory, the host's or the GPU's) or bytes (512M, 2G; 0
     /// recomputes every layer). Speed and memory only; results do not change.
-    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
-    pub activation_memory: ActivationMemory,
+    #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES")]
+    pub activation_memory: MemoryBudget,
+    /// Score layer-major: a chunk of batches advances one layer at a time,
+    /// its residual stream in host memory, so that with --stream each layer
+    /// is uploaded once per pass per chunk instead of once per batch.
+    /// Results do not change (with --residual-dtype f32).
+    #[arg(long)]
+    pub layer_major: bool,
+    /// With --layer-major: host memory for a chunk's residual stream: auto
+    /// (half of the available memory) or bytes (512M, 8G); sets the chunk size.
+    #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES", requires = "layer_major")]
+    pub host_memory: MemoryBudget,
+    /// With --layer-major: how the host holds the chunk's residual stream:
+    /// f32 (exact) or bf16 (half the memory, rounded).
+    #[arg(long, default_value = "f32", value_parser = residual_dtype, value_name = "f32|bf16", requires = "layer_major")]
+    pub residual_dtype: ResidualDtype,
 }
 
 impl WindowArgs {
@@ -288,6 +303,10 @@ impl WindowArgs {
             batch: self.batch,
             energy_at: self.energy_at,
             activation_memory: self.activation_memory,
+            layer_major: self.layer_major.then_some(LayerMajor {
+                host_memory: self.host_memory,
+                residual: self.residual_dtype,
+            }),
         }
     }
 }
@@ -338,16 +357,21 @@ impl CalibArgs {
 
 /// `plan --activation-memory`: bytes only (`auto` needs the device).
 fn budget_bytes(s: &str) -> Result<u64, String> {
-    match activation_memory(s)? {
-        ActivationMemory::Bytes(b) => Ok(b),
-        ActivationMemory::Auto => Err(
+    match memory_budget(s)? {
+        MemoryBudget::Bytes(b) => Ok(b),
+        MemoryBudget::Auto => Err(
             "plan needs the budget in bytes (auto is resolved on the device at run time)".into(),
         ),
     }
 }
 
-/// An `--activation-memory` value.
-fn activation_memory(s: &str) -> Result<ActivationMemory, String> {
+/// A `--residual-dtype` value.
+fn residual_dtype(s: &str) -> Result<ResidualDtype, String> {
+    s.parse().map_err(|e: rku_engine::Error| e.to_string())
+}
+
+/// An `--activation-memory` or `--host-memory` value.
+fn memory_budget(s: &str) -> Result<MemoryBudget, String> {
     s.parse().map_err(|e: rku_engine::Error| e.to_string())
 }
 
@@ -944,8 +968,8 @@ pub struct BenchScoreArgs {
     /// that the backward pass does not recompute those layers: auto (half of
     /// the available memory, the host's or the GPU's) or bytes (512M, 2G; 0
     /// recomputes every layer). Speed and memory only; results do not change.
-    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
-    pub activation_memory: ActivationMemory,
+    #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES")]
+    pub activation_memory: MemoryBudget,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -974,8 +998,8 @@ pub struct BenchRecoverArgs {
     /// activations, so that the backward pass does not recompute those
     /// layers: auto (half of the available memory, the host's or the GPU's)
     /// or bytes (512M, 2G; 0 recomputes every layer). Speed and memory only.
-    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
-    pub activation_memory: ActivationMemory,
+    #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES")]
+    pub activation_memory: MemoryBudget,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -1183,8 +1207,8 @@ pub struct RecoverArgs {
     /// activations, so that the backward pass does not recompute those
     /// layers: auto (half of the available memory, the host's or the GPU's)
     /// or bytes (512M, 2G; 0 recomputes every layer). Speed and memory only.
-    #[arg(long, default_value = "auto", value_parser = activation_memory, value_name = "auto|BYTES")]
-    pub activation_memory: ActivationMemory,
+    #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES")]
+    pub activation_memory: MemoryBudget,
     #[command(flatten)]
     pub common: Common,
 }

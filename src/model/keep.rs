@@ -23,7 +23,7 @@ use crate::{Error, Result};
 
 /// `--activation-memory`: bytes the kept activations may take.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ActivationMemory {
+pub enum MemoryBudget {
     /// Half of the memory the backend reports available when the run
     /// starts (`Backend::available_memory`).
     #[default]
@@ -32,7 +32,7 @@ pub enum ActivationMemory {
     Bytes(u64),
 }
 
-impl FromStr for ActivationMemory {
+impl FromStr for MemoryBudget {
     type Err = Error;
 
     /// `auto`, or a byte count with an optional binary suffix: `K`, `M`,
@@ -40,7 +40,7 @@ impl FromStr for ActivationMemory {
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
         if t.eq_ignore_ascii_case("auto") {
-            return Ok(ActivationMemory::Auto);
+            return Ok(MemoryBudget::Auto);
         }
         let bad = || {
             Error::Invalid(format!(
@@ -59,26 +59,26 @@ impl FromStr for ActivationMemory {
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         n.checked_mul(1 << shift)
-            .map(ActivationMemory::Bytes)
+            .map(MemoryBudget::Bytes)
             .ok_or_else(bad)
     }
 }
 
-impl fmt::Display for ActivationMemory {
+impl fmt::Display for MemoryBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ActivationMemory::Auto => write!(f, "auto"),
-            ActivationMemory::Bytes(b) => write!(f, "{}", mib(*b)),
+            MemoryBudget::Auto => write!(f, "auto"),
+            MemoryBudget::Bytes(b) => write!(f, "{}", mib(*b)),
         }
     }
 }
 
-impl ActivationMemory {
+impl MemoryBudget {
     /// The budget in bytes, given the backend's available memory for `Auto`.
     pub fn bytes(self, available: impl FnOnce() -> Result<u64>) -> Result<u64> {
         match self {
-            ActivationMemory::Bytes(b) => Ok(b),
-            ActivationMemory::Auto => Ok(available()? / 2),
+            MemoryBudget::Bytes(b) => Ok(b),
+            MemoryBudget::Auto => Ok(available()? / 2),
         }
     }
 }
@@ -154,12 +154,12 @@ mod tests {
 
     #[test]
     fn parses_budgets() {
-        let p = |s: &str| s.parse::<ActivationMemory>();
-        assert_eq!(p("auto").unwrap(), ActivationMemory::Auto);
-        assert_eq!(p("0").unwrap(), ActivationMemory::Bytes(0));
-        assert_eq!(p("512M").unwrap(), ActivationMemory::Bytes(512 << 20));
-        assert_eq!(p("2GiB").unwrap(), ActivationMemory::Bytes(2 << 30));
-        assert_eq!(p("1234").unwrap(), ActivationMemory::Bytes(1234));
+        let p = |s: &str| s.parse::<MemoryBudget>();
+        assert_eq!(p("auto").unwrap(), MemoryBudget::Auto);
+        assert_eq!(p("0").unwrap(), MemoryBudget::Bytes(0));
+        assert_eq!(p("512M").unwrap(), MemoryBudget::Bytes(512 << 20));
+        assert_eq!(p("2GiB").unwrap(), MemoryBudget::Bytes(2 << 30));
+        assert_eq!(p("1234").unwrap(), MemoryBudget::Bytes(1234));
         for bad in ["", "-1", "1.5G", "12X", "G", "99999999999999999999T"] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }

@@ -88,6 +88,8 @@ pub struct Model<B: Backend> {
     /// The blocks file, when `LoadOptions::ggml_blocks` found one (streamed
     /// layers read it at each upload).
     blocks: Option<BlockFile>,
+    /// Streamed layer uploads so far (`for_each_layer`).
+    layer_uploads: std::sync::atomic::AtomicUsize,
 }
 
 /// HF tensor name of a layer's parameter.
@@ -461,6 +463,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             layers,
             blocks,
+            layer_uploads: Default::default(),
         })
     }
 
@@ -476,6 +479,12 @@ impl<B: Backend> Model<B> {
             LayerStore::Resident(_) => Residency::Resident,
             LayerStore::Streamed => Residency::Streamed,
         }
+    }
+
+    /// Layers uploaded so far by [`Self::for_each_layer`] (0 when resident).
+    pub fn layer_uploads(&self) -> usize {
+        self.layer_uploads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The output projection `[vocab, d]` (the embedding when tied).
@@ -504,7 +513,11 @@ impl<B: Backend> Model<B> {
             files: &self.files,
             blocks: self.blocks.as_ref(),
         };
-        let upload = |l: usize| load_layer(be, src, &self.cfg, l, Upload::InFlight);
+        let upload = |l: usize| {
+            self.layer_uploads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            load_layer(be, src, &self.cfg, l, Upload::InFlight)
+        };
         let mut order = order.into_iter();
         let Some(first) = order.next() else {
             return Ok(());

@@ -2,13 +2,15 @@
 //! windows keeping the residual stream, then one activation-only backward
 //! pass per objective, accumulating per-channel sums in f64.
 use crate::backend::Backend;
+use crate::backend::ChannelPartial;
 use crate::io::safetensors_io::SafeModel;
 use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
 use crate::model::backward::backward_channel_stats_counted;
 use crate::model::forward::{forward, synthetic_ids, Keep};
-use crate::model::keep::{describe, kept_layers, ActivationMemory};
+use crate::model::keep::{describe, kept_layers, MemoryBudget};
 use crate::model::{Geometry, Model, ModelConfig};
 use crate::progress::Progress;
+use crate::prune::layer_major::LayerMajor;
 use crate::prune::stats::{EnergyAt, Norms, Objective, Objectives, Stats, StatsMeta, TraceSource};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
@@ -34,7 +36,9 @@ pub struct CalibSpec {
     /// Bytes the forward pass may keep of the top layers' activations for
     /// the backward pass (`model::keep`; speed and memory only, the
     /// statistics do not change).
-    pub activation_memory: ActivationMemory,
+    pub activation_memory: MemoryBudget,
+    /// Score layer-major (`prune::layer_major`) instead of sequence-major.
+    pub layer_major: Option<LayerMajor>,
 }
 
 /// Calibration input (METHODS.md section 2).
@@ -54,7 +58,9 @@ pub struct CalibSource {
     pub batch: usize,
     pub energy_at: EnergyAt,
     /// `--activation-memory` (speed and memory only; not an input of any cell).
-    pub activation_memory: ActivationMemory,
+    pub activation_memory: MemoryBudget,
+    /// `--layer-major` (speed and memory only; not an input of any cell).
+    pub layer_major: Option<LayerMajor>,
 }
 
 impl CalibSource {
@@ -68,6 +74,7 @@ impl CalibSource {
             energy_at: self.energy_at,
             norms: None,
             activation_memory: self.activation_memory,
+            layer_major: self.layer_major,
         }
     }
 
@@ -204,34 +211,65 @@ pub fn collect_stats<B: Backend>(
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce as f32;
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
-    let budget = ActsBudget::new(be, model, spec)?;
-    budget.log(Geometry {
-        seqs: spec.batch.max(1).min(n_seq),
-        t,
-    });
-    let progress = Progress::new(n_seq as u64, "scoring");
-    let mut s0 = 0;
-    while s0 < n_seq {
-        let seqs = spec.batch.max(1).min(n_seq - s0);
-        let ids = &windows[s0 * t..(s0 + seqs) * t];
-        let geo = Geometry { seqs, t };
-        score_batch(
-            be,
-            model,
-            &mut stats,
-            ids,
-            geo,
-            spec,
-            (energy_scale, ce_scale),
-            None,
-            budget.layers(geo),
-        )?;
-        s0 += seqs;
-        progress.inc(seqs as u64);
-    }
-    progress.finish();
+    let batches = windows
+        .chunks(spec.batch.max(1) * t)
+        .map(|ids| Batch {
+            ids: ids.to_vec(),
+            geo: Geometry {
+                seqs: ids.len() / t,
+                t,
+            },
+            mask: None,
+        })
+        .collect::<Vec<_>>();
+    score_batches(
+        be,
+        model,
+        &mut stats,
+        &batches,
+        spec,
+        (energy_scale, ce_scale),
+    )?;
     stats.check_shapes()?;
     Ok(stats)
+}
+
+/// One batch of a statistics pass: `[seqs, t]` token ids and, when not
+/// every row counts (METHODS.md §11), the rows that do.
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub geo: Geometry,
+    pub mask: Option<Vec<bool>>,
+}
+
+/// Scores `batches` into `stats`, sequence-major (each batch through every
+/// layer, forward then backward) or, with `spec.layer_major`, layer-major
+/// (`prune::layer_major`). `scales` = (energy, ce) normalisers over the
+/// whole calibration set.
+fn score_batches<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    stats: &mut Stats,
+    batches: &[Batch],
+    spec: CalibSpec,
+    scales: (f32, f32),
+) -> Result<()> {
+    if let Some(lm) = spec.layer_major {
+        return super::layer_major::score_chunks(be, model, stats, batches, spec, scales, lm);
+    }
+    let budget = ActsBudget::new(be, model, spec)?;
+    if let Some(b) = batches.first() {
+        budget.log(b.geo);
+    }
+    let seqs: usize = batches.iter().map(|b| b.geo.seqs).sum();
+    let progress = Progress::new(seqs as u64, "scoring");
+    for b in batches {
+        let acts_layers = budget.layers(b.geo);
+        score_batch(be, model, stats, b, spec, scales, acts_layers)?;
+        progress.inc(b.geo.seqs as u64);
+    }
+    progress.finish();
+    Ok(())
 }
 
 /// The activation-memory budget of a statistics pass (`model::keep`).
@@ -270,72 +308,81 @@ impl<'a> ActsBudget<'a> {
     }
 }
 
-/// One batch of a statistics pass: the forward pass over `ids` (keeping the
-/// top `acts_layers` layers' activations), then the backward pass of each
-/// objective of `spec`, its per-channel sums added into `stats` (s1, s2
-/// once: from the energy pass, else from the ce pass). The first backward
-/// pass reads the kept activations; a second one recomputes every layer.
-/// `scales` = (energy, ce) normalisers over the whole calibration set;
-/// `counted` masks the rows that count (METHODS.md §11), `None` all.
-#[allow(clippy::too_many_arguments)]
+/// The backward passes a statistics pass runs, in order: each objective of
+/// `spec` with its normaliser (`scales` = (energy, ce)) and where the
+/// energy reads the model.
+pub(crate) fn passes(
+    spec: CalibSpec,
+    (energy_scale, ce_scale): (f32, f32),
+) -> Vec<(Objective, EnergyAt, f32)> {
+    let mut passes = Vec::new();
+    if spec.objectives.energy {
+        passes.push((Objective::Energy, spec.energy_at, energy_scale));
+    }
+    if spec.objectives.ce {
+        // The energy position is not read by the ce objective.
+        passes.push((Objective::Ce, EnergyAt::FinalNorm, ce_scale));
+    }
+    passes
+}
+
+/// Adds one layer's partial sums of one backward pass into `stats`: s1, s2
+/// from the first pass, f2 and k1 from the energy pass, tk from the ce pass.
+pub(crate) fn accumulate(
+    stats: &mut Stats,
+    objective: Objective,
+    first: bool,
+    l: usize,
+    p: &ChannelPartial,
+) {
+    let s = &mut stats.layers[l];
+    if first {
+        add(&mut s.s1, &p.s1);
+        add(&mut s.s2, &p.s2);
+    }
+    match objective {
+        Objective::Energy => {
+            add(&mut s.f2, &p.f2);
+            add(&mut s.k1, &p.k1);
+        }
+        Objective::Ce => {
+            // tk = Σ_sequences |Σ_{t in sequence} h·g|
+            let m = s.tk.len();
+            for seq in p.hg_seq.chunks_exact(m) {
+                s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
+            }
+        }
+    }
+}
+
+/// One batch of a sequence-major statistics pass: the forward pass over
+/// `b` (keeping the top `acts_layers` layers' activations), then the
+/// backward pass of each objective of `spec` ([`passes`]), its per-channel
+/// sums added into `stats` ([`accumulate`]). The first backward pass reads
+/// the kept activations; a second one recomputes every layer.
 fn score_batch<B: Backend>(
     be: &B,
     model: &Model<B>,
     stats: &mut Stats,
-    ids: &[u32],
-    geo: Geometry,
+    b: &Batch,
     spec: CalibSpec,
-    (energy_scale, ce_scale): (f32, f32),
-    counted: Option<&[bool]>,
+    scales: (f32, f32),
     acts_layers: usize,
 ) -> Result<()> {
-    let (objectives, energy_at) = (spec.objectives, spec.energy_at);
-    let mut fwd = forward(be, model, ids, geo, Keep::acts(acts_layers))?;
-    if objectives.energy {
-        let (obj, at) = (Objective::Energy, energy_at);
+    let mut fwd = forward(be, model, &b.ids, b.geo, Keep::acts(acts_layers))?;
+    for (i, (objective, at, scale)) in passes(spec, scales).into_iter().enumerate() {
         backward_channel_stats_counted(
             be,
             model,
             &mut fwd,
-            ids,
-            geo,
-            obj,
+            &b.ids,
+            b.geo,
+            objective,
             at,
-            energy_scale,
-            counted,
+            scale,
+            b.mask.as_deref(),
             |l, p| {
-                let s = &mut stats.layers[l];
-                add(&mut s.s1, &p.s1);
-                add(&mut s.s2, &p.s2);
-                add(&mut s.f2, &p.f2);
-                add(&mut s.k1, &p.k1);
-                Ok(())
-            },
-        )?;
-    }
-    if objectives.ce {
-        let first = !objectives.energy;
-        backward_channel_stats_counted(
-            be,
-            model,
-            &mut fwd,
-            ids,
-            geo,
-            Objective::Ce,
-            EnergyAt::FinalNorm, // not read by the ce objective
-            ce_scale,
-            counted,
-            |l, p| {
-                let s = &mut stats.layers[l];
-                if first {
-                    add(&mut s.s1, &p.s1);
-                    add(&mut s.s2, &p.s2);
-                }
-                // tk = Σ_sequences |Σ_{t in sequence} h·g|
-                let m = s.tk.len();
-                for seq in p.hg_seq.chunks_exact(m) {
-                    s.tk.iter_mut().zip(seq).for_each(|(a, b)| *a += b.abs());
-                }
+                accumulate(stats, objective, i == 0, l, &p);
                 Ok(())
             },
         )?;
@@ -397,12 +444,10 @@ pub fn collect_sequence_stats<B: Backend>(
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce.max(1) as f32;
     let mut stats = Stats::zeros(meta, &model.cfg.ffn_widths);
-    let budget = ActsBudget::new(be, model, spec)?;
-    let mut logged = false;
     // Equal lengths together, in their order of first appearance.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].ids.len());
-    let progress = Progress::new(seqs.len() as u64, "scoring");
+    let mut batches = Vec::new();
     for same in order.chunk_by(|&a, &b| seqs[a].ids.len() == seqs[b].ids.len()) {
         for batch in same.chunks(spec.batch.max(1)) {
             let t = seqs[batch[0]].ids.len();
@@ -416,29 +461,24 @@ pub fn collect_sequence_stats<B: Backend>(
                         .collect(),
                 ),
             };
-            let geo = Geometry {
-                seqs: batch.len(),
-                t,
-            };
-            if !logged {
-                budget.log(geo); // the shortest sequences' first batch
-                logged = true;
-            }
-            score_batch(
-                be,
-                model,
-                &mut stats,
-                &ids,
-                geo,
-                spec,
-                (energy_scale, ce_scale),
-                mask.as_deref(),
-                budget.layers(geo),
-            )?;
-            progress.inc(batch.len() as u64);
+            batches.push(Batch {
+                ids,
+                geo: Geometry {
+                    seqs: batch.len(),
+                    t,
+                },
+                mask,
+            });
         }
     }
-    progress.finish();
+    score_batches(
+        be,
+        model,
+        &mut stats,
+        &batches,
+        spec,
+        (energy_scale, ce_scale),
+    )?;
     stats.check_shapes()?;
     Ok(stats)
 }
@@ -460,7 +500,7 @@ pub fn bench_score<B: Backend>(
     model: &Model<B>,
     seq_len: usize,
     samples: usize,
-    activation_memory: ActivationMemory,
+    activation_memory: MemoryBudget,
 ) -> Result<ScoreBench> {
     if seq_len < 2 || samples == 0 {
         return Err(Error::Invalid(
@@ -479,6 +519,7 @@ pub fn bench_score<B: Backend>(
         energy_at: EnergyAt::FinalNorm,
         norms: None,
         activation_memory,
+        layer_major: None,
     };
     collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
     let start = Instant::now();

@@ -6,6 +6,7 @@
 //! - [`methods`]: one score per channel for each method.
 //! - [`allocation`]: which channels each layer keeps at a sparsity.
 //! - [`calibrate`]: the statistics pass over calibration windows.
+//! - [`layer_major`]: the same pass a chunk of batches at a time, layer by layer.
 //! - [`shard`]: which share of a calibration set one machine scores.
 //! - [`compact`]: gathering kept channels out of the FFN weights.
 //! - [`export`]: the pruned model directory (weights, config, pruning.json).
@@ -16,6 +17,7 @@ pub mod calibrate;
 pub mod compact;
 pub mod export;
 pub mod job;
+pub mod layer_major;
 pub mod methods;
 pub mod pipeline;
 pub mod refit;

@@ -8,7 +8,7 @@ pub mod step;
 use crate::backend::Backend;
 use crate::io::traces::Sequence;
 use crate::model::forward::Geometry;
-use crate::model::keep::{describe, kept_layers, ActivationMemory};
+use crate::model::keep::{describe, kept_layers, MemoryBudget};
 use crate::model::Model;
 use crate::progress::{self, Progress};
 use crate::prune::stats::TraceSource;
@@ -38,7 +38,7 @@ pub struct RecoverSpec {
     /// Checkpoint every this many steps (and after the last).
     pub save_every: u64,
     /// The student's kept activations (`model::keep`; speed and memory only).
-    pub activation_memory: ActivationMemory,
+    pub activation_memory: MemoryBudget,
 }
 
 impl Default for RecoverSpec {
@@ -56,7 +56,7 @@ impl Default for RecoverSpec {
             loss: RecoverLoss::Kd,
             seed: 0,
             save_every: 25,
-            activation_memory: ActivationMemory::Auto,
+            activation_memory: MemoryBudget::Auto,
         }
     }
 }
@@ -433,7 +433,7 @@ pub fn bench_recover<B: Backend>(
     seq_len: usize,
     steps: usize,
     rank: usize,
-    activation_memory: ActivationMemory,
+    activation_memory: MemoryBudget,
 ) -> Result<RecoverBench> {
     let spec = RecoverSpec {
         rank,

@@ -1,0 +1,203 @@
+//! The layer-major statistics pass (src/prune/layer_major.rs): the same
+//! statistics as the sequence-major pass, bit for bit, for every family,
+//! windows and masked traces, on the CPU and the emulated device; each
+//! streamed layer uploaded once per pass per chunk (counted); bf16
+//! residuals close but rounded; the CLI's flags.
+mod common;
+use common::*;
+use rku_engine::backend::cpu::CpuBackend;
+use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
+use rku_engine::backend::Backend;
+use rku_engine::model::keep::MemoryBudget;
+use rku_engine::model::weights::Residency;
+use rku_engine::model::Model;
+use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
+use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
+use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
+
+const BOTH: Objectives = Objectives {
+    energy: true,
+    ce: true,
+};
+
+fn ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7919 + seed) % vocab as u32)
+        .collect()
+}
+
+fn spec(seqs: usize, t: usize, layer_major: Option<LayerMajor>) -> CalibSpec {
+    CalibSpec {
+        samples: seqs,
+        seq_len: t,
+        batch: 2,
+        objectives: BOTH,
+        energy_at: EnergyAt::FinalNorm,
+        norms: None,
+        activation_memory: MemoryBudget::Bytes(0),
+        layer_major,
+    }
+}
+
+fn layer_major(host_bytes: u64, residual: ResidualDtype) -> Option<LayerMajor> {
+    Some(LayerMajor {
+        host_memory: MemoryBudget::Bytes(host_bytes),
+        residual,
+    })
+}
+
+/// Host bytes of `rows` batch rows of a chunk (x_0..x_L and a gradient, f32).
+fn host_bytes<B: Backend>(model: &Model<B>, rows: usize) -> u64 {
+    ((model.cfg.layers + 2) * model.cfg.hidden * 4 * rows) as u64
+}
+
+fn assert_same(a: &Stats, b: &Stats, what: &str) {
+    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+        for (name, u, v) in [
+            ("s1", &x.s1, &y.s1),
+            ("s2", &x.s2, &y.s2),
+            ("f2", &x.f2, &y.f2),
+            ("k1", &x.k1, &y.k1),
+            ("tk", &x.tk, &y.tk),
+        ] {
+            assert!(u == v, "{what}: layer {l} {name} differs");
+        }
+    }
+}
+
+/// Windows: one chunk of everything, and chunks of one batch each.
+#[test]
+fn layer_major_equals_sequence_major_cpu() {
+    for name in [
+        "tiny-llama3",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-mistral",
+        "tiny-gemma3",
+    ] {
+        let be = CpuBackend::new();
+        let model = Model::load(&be, &fixture(name)).unwrap();
+        let (seqs, t) = (5, 12);
+        let windows = ids(seqs * t, model.cfg.vocab, 3);
+        let run = |lm| collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new());
+        let want = run(None).unwrap();
+        for host in [u64::MAX, host_bytes(&model, 2 * t)] {
+            let got = run(layer_major(host, ResidualDtype::F32)).unwrap();
+            assert_same(&got, &want, &format!("{name}, host budget {host} B"));
+        }
+    }
+}
+
+/// Traces of several lengths counted from their prompts' ends.
+#[test]
+fn layer_major_equals_sequence_major_on_masked_traces() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-gemma3")).unwrap();
+    let seqs: Vec<Sequence> = [(9, 4), (6, 2), (9, 5), (7, 3), (6, 1)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, from))| Sequence {
+            ids: ids(len, model.cfg.vocab, 5 + i as u32),
+            counted_from: from,
+        })
+        .collect();
+    let run = |lm| collect_sequence_stats(&be, &model, &seqs, spec(0, 0, lm), "c".into(), None);
+    let want = run(None).unwrap();
+    for host in [u64::MAX, host_bytes(&model, 9)] {
+        let got = run(layer_major(host, ResidualDtype::F32)).unwrap();
+        assert_same(&got, &want, &format!("traces, host budget {host} B"));
+    }
+}
+
+/// Streamed on the emulated device: the same statistics, and the layer
+/// uploads counted: (1 + objectives) × L per chunk layer-major, per batch
+/// sequence-major.
+#[test]
+fn layer_major_uploads_each_layer_once_per_pass_per_chunk() {
+    for name in ["tiny-qwen3", "tiny-gemma3"] {
+        let (seqs, t) = (6, 10);
+        let run = |lm| {
+            let be = CudaBackend::new(EmuDevice::new());
+            let model = Model::load_with(&be, &fixture(name), Residency::Streamed).unwrap();
+            let windows = ids(seqs * t, model.cfg.vocab, 9);
+            let st = collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new());
+            (st.unwrap(), model.layer_uploads(), model.cfg.layers)
+        };
+        let (want, seq_uploads, layers) = run(None);
+        let passes = 3; // forward, energy backward, ce backward
+        assert_eq!(
+            seq_uploads,
+            3 * passes * layers,
+            "{name}: 3 batches sequence-major"
+        );
+        let (one, uploads, _) = run(layer_major(u64::MAX, ResidualDtype::F32));
+        assert_same(&one, &want, &format!("{name} on cuda-emu, one chunk"));
+        assert_eq!(uploads, passes * layers, "{name}: one chunk");
+        // Two batches (4 sequences of 10 tokens) per chunk: chunks of 2 and 1 batches.
+        let cfg = rku_engine::model::ModelConfig::load(&fixture(name).join("config.json")).unwrap();
+        let two = ((cfg.layers + 2) * cfg.hidden * 4 * 4 * t) as u64;
+        let (chunked, uploads, _) = run(layer_major(two, ResidualDtype::F32));
+        assert_same(&chunked, &want, &format!("{name} on cuda-emu, two chunks"));
+        assert_eq!(uploads, 2 * passes * layers, "{name}: two chunks");
+    }
+}
+
+/// bf16 residuals round the stored stream: close to f32, not equal.
+#[test]
+fn bf16_residuals_are_close_but_rounded() {
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let (seqs, t) = (4, 12);
+    let windows = ids(seqs * t, model.cfg.vocab, 1);
+    let run = |lm| collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new()).unwrap();
+    let exact = run(None);
+    let rounded = run(layer_major(u64::MAX, ResidualDtype::Bf16));
+    let mut worst = 0f64;
+    for (x, y) in exact.layers.iter().zip(&rounded.layers) {
+        worst = worst.max(max_rel_err(&y.s1, &x.s1));
+    }
+    println!("bf16 residuals: worst s1 error {worst:.2e} of the layer's largest");
+    assert!(worst > 0.0, "bf16 residuals changed nothing");
+    assert!(worst < 2e-2, "bf16 residuals: s1 off by {worst:.2e}");
+}
+
+/// `score --layer-major` prints its chunks and writes the sequence-major
+/// file; the chunk flags need --layer-major.
+#[test]
+fn score_layer_major_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = calib_text(dir.path(), 40);
+    let model = fixture("tiny-llama3");
+    let score = |extra: &[&str], out: &str| {
+        let mut cmd = bin();
+        cmd.args(["score", "--model"])
+            .arg(&model)
+            .arg("--calib")
+            .arg(&text)
+            .args(["--samples", "4", "--seq-len", "8", "--batch", "2"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        cmd
+    };
+    let out = score(&["--layer-major", "--host-memory", "1K"], "lm.safetensors")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("layer-major: 2 chunk(s)"), "{log}");
+    run_ok(&mut score(&[], "seq.safetensors"));
+    let a = std::fs::read(dir.path().join("lm.safetensors")).unwrap();
+    let b = std::fs::read(dir.path().join("seq.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "layer-major and sequence-major statistics files differ"
+    );
+    let err = run_err(&mut score(&["--host-memory", "1G"], "bad.safetensors"));
+    assert!(err.contains("--layer-major"), "{err}");
+    let err = run_err(&mut score(
+        &["--layer-major", "--residual-dtype", "f16"],
+        "bad.safetensors",
+    ));
+    assert!(err.contains("f16"), "{err}");
+}
