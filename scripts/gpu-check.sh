@@ -23,6 +23,12 @@
 #   5. LoRA-KD recovery (METHODS.md §10): `bench recover` (one training step
 #      at batch 8 × 256, cpu and cuda) and 4 steps of `recover` of the 40%
 #      model from the dense one, cuda against cpu (each step's loss).
+#   6. scale (METHODS.md §4): on the 4-layer 7B-shaped model, N=8 × T=2048,
+#      resident scoring with --activation-memory 0 and auto, and streamed
+#      scoring sequence-major and --layer-major (time, layer uploads,
+#      statistics equal); then (BIG=1, default) a 28-layer 7B-shaped model:
+#      streamed layer-major scoring of N=128 × T=2048 (time, uploads), and
+#      `bench prefill` at T=2048, dense against 50% RKU, uniform and global.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "$1")
@@ -136,5 +142,33 @@ check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
 big="$OUT/qwen7b-shapes"
 [ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
 check_model "$big" qwen7b-shapes 256 || status=1
+
+echo "== 6. scale: activation budget, layer-major streaming (4-layer 7B shapes, N=8, T=2048)"
+timed() { # label command...: wall time, peak RSS, the budget/chunk/upload lines
+    local label=$1
+    shift
+    /usr/bin/time -f "  $label: %e s, %M KiB peak RSS" "$@" 2>&1 \
+        | grep -E "activation memory|layer-major|layer uploads|scored|peak RSS" || echo "  $label: (failed)"
+}
+big8=(--model "$big" --calib "$calib" --samples 8 --seq-len 2048 --batch 1 --objective energy --backend cuda --force)
+timed "resident, recompute" "$RKU" score "${big8[@]}" --activation-memory 0 --out "$OUT/s8-res0.safetensors"
+timed "resident, auto budget" "$RKU" score "${big8[@]}" --out "$OUT/s8-res.safetensors"
+timed "streamed, sequence-major" "$RKU" score "${big8[@]}" --stream --out "$OUT/s8-seq.safetensors"
+timed "streamed, layer-major" "$RKU" score "${big8[@]}" --stream --layer-major --out "$OUT/s8-lm.safetensors"
+echo " budget vs recompute (equal):" && compare "$OUT/s8-res0.safetensors" "$OUT/s8-res.safetensors" 1e-7 || status=1
+echo " layer-major vs sequence-major, streamed (equal):" && compare "$OUT/s8-seq.safetensors" "$OUT/s8-lm.safetensors" 1e-7 || status=1
+if [ "${BIG:-1}" = 1 ]; then
+    big28="$OUT/qwen7b-28"
+    [ -d "$big28" ] || python3 scripts/make_synthetic_model.py --layers 28 --out "$big28"
+    timed "28 layers, N=128, T=2048, streamed layer-major" "$RKU" score --model "$big28" --calib "$calib" \
+        --samples 128 --seq-len 2048 --batch 1 --objective energy --backend cuda --stream --layer-major \
+        --out "$OUT/s128.safetensors" --force
+    for alloc in uniform global; do
+        "$RKU" prune --model "$big28" --stats "$OUT/s128.safetensors" --method rku --sparsity 0.5 \
+            --allocation "$alloc" --backend cpu --out "$OUT/p50-$alloc" --force 2>&1 | tail -1
+        "$RKU" bench prefill --model "$big28" --pruned "$OUT/p50-$alloc" --seq-len 2048 --repeats 3 \
+            --backend cuda --json 2>&1 | tail -1 || echo "  (failed)"
+    done
+fi
 echo "gpu-check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
 exit $status

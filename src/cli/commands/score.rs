@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice, GpuDevice};
 use rku_engine::backend::Backend;
 use rku_engine::io::text::{token_digest, Tokenizer};
+use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{
     collect_sequence_stats, collect_stats, sequence_digest, CalibSource, Sequence,
@@ -332,6 +333,9 @@ pub fn run_scoring<B: Backend>(
     let mut stats = set.score(be, model, c, norms)?;
     stats.meta.shard = record;
     report_speed(&stats, set.positions(), t);
+    if model.residency() == Residency::Streamed {
+        eprintln!("streamed layer uploads: {}", model.layer_uploads());
+    }
     Ok(stats)
 }
 
