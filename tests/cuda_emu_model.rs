@@ -130,6 +130,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: 
         },
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        bos: false,
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }

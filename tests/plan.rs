@@ -30,6 +30,7 @@ fn check_peak(dir: &Path, t: usize, seqs: usize, objectives: Objectives, residen
         objectives,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        bos: false,
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;

@@ -33,6 +33,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>) -> Stats {
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        bos: false,
     };
     let windows = ids(36, model.cfg.vocab);
     collect_stats(be, model, &windows, spec, "calib".into()).unwrap()

@@ -23,6 +23,7 @@ fn spec(batch: usize) -> CalibSpec {
         objectives: BOTH,
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        bos: false,
     }
 }
 

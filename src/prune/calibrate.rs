@@ -30,6 +30,9 @@ pub struct CalibSpec {
     /// The objectives' normalisers: `None` for this set's own counts, a
     /// shard's whole set's otherwise (so shards sum to one pass, §4).
     pub norms: Option<Norms>,
+    /// Whether the calibration windows start with BOS (METHODS.md §2):
+    /// recorded in the statistics (the ids already hold it).
+    pub bos: bool,
 }
 
 /// Calibration input (METHODS.md section 2).
@@ -51,8 +54,10 @@ pub struct CalibSource {
 }
 
 impl CalibSource {
-    /// The statistics pass over these windows, running `objectives`.
-    pub fn spec(&self, objectives: Objectives) -> CalibSpec {
+    /// The statistics pass over these windows, running `objectives`;
+    /// `bos`: whether the windows start with BOS ([`Self::bos_for`]; false
+    /// for traces, scored as recorded).
+    pub fn spec(&self, objectives: Objectives, bos: bool) -> CalibSpec {
         CalibSpec {
             samples: self.samples,
             seq_len: self.seq_len,
@@ -60,6 +65,7 @@ impl CalibSource {
             objectives,
             energy_at: self.energy_at,
             norms: None,
+            bos,
         }
     }
 
@@ -191,6 +197,7 @@ pub fn collect_stats<B: Backend>(
             ce: (n_seq * (t - 1)) as u64,
         }),
         shard: None,
+        bos: spec.bos,
     };
     // Normalisers over the whole calibration set, so that batches add up.
     let energy_scale = 1.0 / meta.norms.energy as f32;
@@ -341,6 +348,7 @@ pub fn collect_sequence_stats<B: Backend>(
             ce: predicted as u64,
         }),
         shard: None,
+        bos: spec.bos,
     };
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce.max(1) as f32;
@@ -419,6 +427,7 @@ pub fn bench_score<B: Backend>(
         },
         energy_at: EnergyAt::FinalNorm,
         norms: None,
+        bos: false,
     };
     collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
     let start = Instant::now();
