@@ -19,6 +19,11 @@ Writes small fixtures under tests/fixtures/ (see tests/fixtures/README.md):
                  query_pre_attn_scalar 20, GeGLU, (1 + w) norms, tied
                  embeddings; config.json as save_pretrained writes it
                  (only this one: --only tiny-gemma3)
+  rope-linear/   `linear` RoPE scaling: the configs of tiny-gemma3 (on its
+                 global layer), tiny-llama3 and tiny-qwen2 with it, and the
+                 logits transformers computes from each with the source
+                 fixture's weights (only this one: --only rope-linear; also
+                 made after tiny-gemma3 and the tiny models)
   smollm2/       reference values of SmolLM2-135M-Instruct loaded from the GGUF
                  (only with --smollm PATH; needs --wiki PATH too)
 
@@ -41,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -714,13 +719,68 @@ def make_tiny_gemma3():
     return t
 
 
+# rope-linear/: (name, source fixture, edit of its config.json). Gemma 3
+# (4B and larger) scales its global layers only; factor 2.5 is not a power
+# of two, so the division rounds.
+ROPE_LINEAR = [
+    ("gemma3", "tiny-gemma3", lambda c: c["rope_parameters"]["full_attention"].update(
+        rope_type="linear", factor=8.0)),
+    ("llama3", "tiny-llama3", lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    ("qwen2", "tiny-qwen2", lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 2.5})),
+]
+
+
+def make_rope_linear():
+    """rope-linear/: NAME.json (the source fixture's config.json with linear
+    scaling) and reference.safetensors: NAME.input_ids (the source's first
+    reference sequence), NAME.logits, NAME.inv_freq (Gemma 3 also
+    NAME.inv_freq_local) as transformers computes them from NAME.json and
+    the source's weights."""
+    import tempfile
+    out_dir = FIXTURES / "rope-linear"
+    out_dir.mkdir(exist_ok=True)
+    t = {}
+    for name, src, edit in ROPE_LINEAR:
+        cfg = json.loads((FIXTURES / src / "config.json").read_text())
+        edit(cfg)
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        (out_dir / f"{name}.json").write_text(text)
+        ref = load_file(str(FIXTURES / src / "reference.safetensors"))
+        ids = ref["input_ids"][:1].long()
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(FIXTURES / src / "model.safetensors", tmp)
+            Path(tmp, "config.json").write_text(text)
+            m = load_hf(tmp)
+        with torch.no_grad():
+            logits = m(input_ids=ids, use_cache=False).logits.float()
+        freqs = inv_freqs(m)
+        # The scaling divides the default frequencies of the global layers only,
+        # and changes the logits (from the source's: unscaled, or llama3).
+        rope = cfg.get("rope_scaling") or cfg["rope_parameters"]["full_attention"]
+        theta = cfg.get("rope_theta") or rope["rope_theta"]
+        hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        want = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd) / rope["factor"]
+        assert torch.allclose(freqs["inv_freq"].double(), want, rtol=1e-6, atol=0), name
+        if "inv_freq_local" in freqs:
+            assert torch.equal(freqs["inv_freq_local"], ref["inv_freq_local"]), name
+        gap = (logits - ref["logits"][:1]).abs().max().item()
+        print(f"  rope-linear {name}: factor {rope['factor']}, max |logits - logits({src})| = {gap:.3e}")
+        assert gap > 1e-2, (name, gap)
+        t[f"{name}.input_ids"] = ids.to(torch.int32)
+        t[f"{name}.logits"] = logits
+        t.update({f"{name}.{k}": v.float().clone() for k, v in freqs.items()})
+    meta = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    save_tensors(t, out_dir / "reference.safetensors", meta)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (enables the smollm2/ fixtures)")
     ap.add_argument("--wiki", help="path to evals' schelling_point/wikipedia_5.jsonl (needed with --smollm)")
-    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", "smollm"],
-                    help="make only one group (tiny-qwen3, tiny-mistral, tiny-gemma3: only that model, "
-                         "the others untouched)")
+    ap.add_argument("--only", choices=["tiny", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", "rope-linear",
+                                       "smollm"],
+                    help="make only one group (tiny-qwen3, tiny-mistral, tiny-gemma3, rope-linear: only "
+                         "that one, the others untouched)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True)
@@ -731,11 +791,16 @@ def main():
         return
     if args.only == "tiny-gemma3":
         make_tiny_gemma3()
+        make_rope_linear()
+        return
+    if args.only == "rope-linear":
+        make_rope_linear()
         return
     if args.only in (None, "tiny"):
         make_tiny_qwen2()
         make_tiny_llama3()
         make_tiny_mistral()
+        make_rope_linear()
     if args.only in (None, "tiny", "tiny-qwen3"):
         make_tiny_qwen3()
     if args.smollm and args.only not in ("tiny", "tiny-qwen3"):

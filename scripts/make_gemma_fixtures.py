@@ -25,6 +25,15 @@ Writes tests/fixtures/gemma3-270m/ (about 150 KB):
                        save_pretrained writes it
   ids.json             [{text, ids, ids_bos, decoded}]: transformers' token ids
                        without and with special tokens, and its decode of `ids`
+  logits.safetensors   the logits of LOGIT_PROMPTS, each tokenized with special
+                       tokens (so after Gemma's BOS), at every position:
+                       `prompt{i}.input_ids` (int32 [T]), `prompt{i}.cols`
+                       (float32 [T, C], the vocabulary columns `columns`, int32
+                       [C] = 0, COL_STRIDE, 2*COL_STRIDE, ...), `prompt{i}.topk_ids`
+                       (int32 [T, TOPK]) and `prompt{i}.topk` (float32 [T, TOPK]),
+                       transformers' largest logits, and `prompt{i}.scale`
+                       (float64 [], max |logit| over every position and the whole
+                       vocabulary); metadata "prompt{i}" = the prompt's text
 """
 
 import argparse
@@ -54,6 +63,16 @@ TEXTS = [
 ]
 OWT_PASSAGES = 3
 
+# Prompts whose logits tests/gemma_import.rs compares: plain English, a
+# Gemma chat turn (control tokens), and code with digits and Unicode.
+LOGIT_PROMPTS = [
+    "The capital of France is Paris. It is known for the Eiffel Tower, which was built in 1889.",
+    "<start_of_turn>user\nWhat is 12 + 30?<end_of_turn>\n<start_of_turn>model\n",
+    "def area(r):\n    return 3.14159 * r ** 2  # café, 日本語\n",
+]
+COL_STRIDE = 1021  # a prime: the columns fall at every residue mod small powers of 2
+TOPK = 8
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -80,7 +99,8 @@ def main():
     with open(os.path.join(OUT, "ids.json"), "w") as fh:
         json.dump(ids, fh, ensure_ascii=False, indent=0)
 
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+                                                 attn_implementation="eager")
     with tempfile.TemporaryDirectory() as tmp:
         model.config.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.json")) as fh:
@@ -121,7 +141,29 @@ def main():
         tensors[name + ".stats"] = np.array([x.sum(), np.abs(x).sum(), (x * x).sum()])
         meta["shape." + name] = ",".join(str(s) for s in w.shape)
     save_file(tensors, os.path.join(OUT, "tensors.safetensors"), metadata=meta)
-    print(f"{len(sd)} tensors, {len(ids)} texts written to {OUT}")
+    write_logits(tok, model, config["vocab_size"])
+    print(f"{len(sd)} tensors, {len(ids)} texts, {len(LOGIT_PROMPTS)} prompts' logits written to {OUT}")
+
+
+def write_logits(tok, model, vocab):
+    """logits.safetensors (see the module doc): transformers' float32 logits,
+    eager attention, no cache, each prompt alone."""
+    columns = np.arange(0, vocab, COL_STRIDE, dtype=np.int32)
+    out, meta = {"columns": columns}, {}
+    for i, text in enumerate(LOGIT_PROMPTS):
+        ids = tok(text)["input_ids"]
+        assert ids[0] == model.config.bos_token_id, "Gemma's tokenizer puts BOS first"
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :TOPK].astype(np.int32)
+        out[f"prompt{i}.input_ids"] = np.array(ids, dtype=np.int32)
+        out[f"prompt{i}.cols"] = np.ascontiguousarray(logits[:, columns])
+        out[f"prompt{i}.topk_ids"] = np.ascontiguousarray(top)
+        out[f"prompt{i}.topk"] = np.ascontiguousarray(np.take_along_axis(logits, top, axis=1))
+        out[f"prompt{i}.scale"] = np.array(np.abs(logits).max(), dtype=np.float64)
+        meta[f"prompt{i}"] = text
+        print(f"  prompt {i}: {len(ids)} tokens, max |logit| {np.abs(logits).max():.4f}")
+    save_file(out, os.path.join(OUT, "logits.safetensors"), metadata=meta)
 
 
 if __name__ == "__main__":

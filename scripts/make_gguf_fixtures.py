@@ -18,6 +18,10 @@ Outputs:
   tiny_gemma3.gguf, tiny_gemma3_expected.safetensors, tiny_gemma3_ids.json
       (6 layers: the 6th global; SentencePiece-style vocabulary without
       merges; norms stored as 1 + w; `--only-gemma3` writes only these)
+  tiny_mistral.gguf, tiny_mistral_expected.safetensors, tiny_mistral_config.json
+      (a `llama` file named "mistral", as llama.cpp converts MistralForCausalLM,
+      no sliding window; the config transformers' GGUF loader derives from it;
+      `--only-mistral` writes only these)
   unsupported_arch.gguf, unsupported_type.gguf
   smollm2_ids.json, smollm2_slices.safetensors  (only with the SmolLM2 GGUF present)
 """
@@ -128,7 +132,7 @@ def tiny_sp_vocab():
 
 
 def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, pre="smollm",
-               default=T.F32, alignment=None, head_dim=None):
+               default=T.F32, alignment=None, head_dim=None, name=None):
     """A tiny `arch` model; `types[name]` picks each tensor's ggml type (else `default`).
     Returns {hf_name: f32 array} after dequantisation, (LLaMA) un-permuting and
     (Gemma 3) subtracting 1 from the norms.
@@ -141,6 +145,8 @@ def write_tiny(path, arch, layers, d, heads, kv, m, types, expected_path=None, p
         tokens, token_types, merges = tiny_vocab()
     vocab, hd = len(tokens), head_dim or d // heads
     w = GGUFWriter(path, arch)
+    if name:
+        w.add_name(name)
     if alignment:
         w.add_custom_alignment(alignment)
     w.add_uint32(f"{arch}.block_count", layers)
@@ -282,6 +288,23 @@ SLICE_ROWS = {  # HF name -> rows to keep (cross head boundaries for q/k)
 }
 
 
+def hf_config(path):
+    """The config transformers' GGUF loader derives from `path`, as
+    `save_pretrained` writes it (keys sorted), next to `path` as
+    `<stem>_config.json`."""
+    import tempfile
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.json")) as fh:
+            c = json.load(fh)
+    with open(path[: -len(".gguf")] + "_config.json", "w") as fh:
+        json.dump(c, fh, indent=2, sort_keys=True)
+    return c
+
+
 def smollm_fixtures(path):
     """Reference token ids and tensor slices from transformers' GGUF loader,
     cross-checked against gguf-py dequantisation + DATA.md's un-permute."""
@@ -324,8 +347,19 @@ def main():
                     help="write only tiny_qwen3.gguf and its expected tensors")
     ap.add_argument("--only-gemma3", action="store_true",
                     help="write only tiny_gemma3.gguf, its expected tensors and ids")
+    ap.add_argument("--only-mistral", action="store_true",
+                    help="write only tiny_mistral.gguf, its expected tensors and config")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    # Mistral as llama.cpp converts it: architecture llama (Q/K permuted),
+    # no window; the name "mistral" is what transformers reads as Mistral.
+    mistral = os.path.join(OUT, "tiny_mistral.gguf")
+    write_tiny(mistral, "llama", 1, 32, 4, 2, 32, {}, os.path.join(OUT, "tiny_mistral_expected.safetensors"),
+               default=T.Q8_0, name="mistral")
+    c = hf_config(mistral)
+    assert c["model_type"] == "mistral" and c["sliding_window"] == 4096, c
+    if args.only_mistral:
+        return
     # Gemma 3: 6 layers (5 sliding, 1 global), head_dim 16 != 32 / 4, norms
     # stored as 1 + w, a Q8_0 embedding (its blocks are kept) and Q5_0 gate.
     gemma = os.path.join(OUT, "tiny_gemma3.gguf")

@@ -45,6 +45,7 @@ fn spec(seqs: usize, t: usize, budget: MemoryBudget) -> CalibSpec {
         norms: None,
         activation_memory: budget,
         layer_major: None,
+        bos: false,
     }
 }
 

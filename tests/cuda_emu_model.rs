@@ -133,6 +133,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: 
         norms: None,
         activation_memory: MemoryBudget::Auto,
         layer_major: None,
+        bos: false,
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }

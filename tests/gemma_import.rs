@@ -1,6 +1,7 @@
 //! Gemma 3 270M imported from its GGUF against transformers loading the
 //! same file (tests/fixtures/gemma3-270m, made by
-//! scripts/make_gemma_fixtures.py): config, every tensor, token ids.
+//! scripts/make_gemma_fixtures.py): config, every tensor, token ids, and
+//! the CPU runtime's logits on three prompts after BOS.
 //!
 //! Tolerances: the sampled values are compared bit for bit (both sides
 //! dequantise the same blocks with the same f32 arithmetic, and subtract 1
@@ -11,11 +12,22 @@
 //! a norm left at 1 + w moves its sum by its length (≥ 256 ≫ the bound).
 //! `rms_norm_eps` is 1e-6 here and the f32 value widened
 //! (9.999999974752427e-07) in transformers: 10⁻⁷ relative.
+//!
+//! Logits: both sides run the same f32 weights through 18 layers in f32
+//! with different summation orders (gemm's blocking here, MKL/oneDNN
+//! there), so they agree to rounding, not bit for bit; 10⁻³ of the
+//! prompt's largest |logit| is far above that rounding and far below what
+//! a wrong norm, RoPE base, window or scale changes.
 mod common;
+use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::eval::gen::ChatTemplate;
 use rku_engine::io::ggml_blocks::BlockFile;
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::OutDtype;
+use rku_engine::io::text::{windows, Tokenizer};
+use rku_engine::model::forward::logits;
+use rku_engine::model::{Geometry, Model};
+use rku_engine::prune::calibrate::bos_id;
 use rku_engine::quant::BlockKind;
 use safetensors::SafeTensors;
 use serde_json::Value as Json;
@@ -217,6 +229,80 @@ fn check_tokenizer(out: &Path) {
     assert!(err.contains("alternate"), "{err}");
 }
 
+/// Logits of the imported model (CPU backend) on the prompts of
+/// `logits.safetensors`: the ids are the engine's own (its tokenizer, then
+/// BOS as `--bos` puts it, the default on Gemma 3) and must equal
+/// transformers'; at every position the logits at the fixture's vocabulary
+/// columns and at transformers' top-k ids must equal transformers' within
+/// 10⁻³ of the prompt's max |logit| (which must agree too), and the argmax
+/// must be transformers' unless its top two are within that tolerance.
+fn check_logits(out: &Path) {
+    const TOL: f64 = 1e-3;
+    let r = common::load_reference(&common::fixture("gemma3-270m/logits.safetensors"));
+    let fixture = std::fs::read(common::fixture("gemma3-270m/logits.safetensors")).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&fixture).unwrap();
+    let texts = header.metadata().as_ref().unwrap();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, out).unwrap();
+    let cfg = &model.cfg;
+    let tok = Tokenizer::load(out).unwrap();
+    let bos = bos_id(cfg, cfg.arch.bos_by_default()).unwrap();
+    assert_eq!(bos, Some(2), "Gemma's BOS, on by default");
+    let columns: Vec<usize> = r["columns"].data.iter().map(|&c| c as usize).collect();
+    let v = cfg.vocab;
+    let mut worst = 0f64;
+    for i in 0..3 {
+        let text = &texts[&format!("prompt{i}")];
+        let text_ids = tok.encode(text).unwrap();
+        let ids = windows(&text_ids, 1, text_ids.len() + 1, bos).unwrap();
+        let want_ids: Vec<u32> = r[&format!("prompt{i}.input_ids")]
+            .data
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        assert_eq!(
+            ids, want_ids,
+            "prompt {i}: token ids differ from transformers'"
+        );
+        let t = ids.len();
+        let got = logits(&be, &model, &ids, Geometry { seqs: 1, t }).unwrap();
+        let want_scale = r[&format!("prompt{i}.scale")].data[0];
+        let scale = got.iter().fold(0f64, |a, &x| a.max((x as f64).abs()));
+        let err = |g: f32, w: f64| (g as f64 - w).abs() / want_scale;
+        let mut prompt_worst = err(scale as f32, want_scale);
+        let cols = &r[&format!("prompt{i}.cols")].data;
+        let top_ids = &r[&format!("prompt{i}.topk_ids")];
+        let top = &r[&format!("prompt{i}.topk")].data;
+        let k = top_ids.shape[1];
+        for p in 0..t {
+            let row = &got[p * v..(p + 1) * v];
+            for (j, &c) in columns.iter().enumerate() {
+                prompt_worst = prompt_worst.max(err(row[c], cols[p * columns.len() + j]));
+            }
+            for j in 0..k {
+                let id = top_ids.data[p * k + j] as usize;
+                prompt_worst = prompt_worst.max(err(row[id], top[p * k + j]));
+            }
+            let argmax = (0..v).fold(0, |a, c| if row[c] > row[a] { c } else { a });
+            let want_argmax = top_ids.data[p * k] as usize;
+            assert!(
+                argmax == want_argmax || (top[p * k] - top[p * k + 1]) / want_scale <= TOL,
+                "prompt {i} position {p}: argmax {argmax}, transformers' {want_argmax}"
+            );
+        }
+        println!(
+            "Gemma 3 270M prompt {i} ({t} tokens): max |logit| {scale:.4} vs {want_scale:.4}, \
+             worst |Δlogit| / max |logit| = {prompt_worst:.2e}"
+        );
+        assert!(
+            prompt_worst <= TOL,
+            "prompt {i}: logits differ from transformers' by {prompt_worst:.2e} of the scale"
+        );
+        worst = worst.max(prompt_worst);
+    }
+    println!("Gemma 3 270M logits against transformers: worst {worst:.2e} of max |logit|");
+}
+
 /// The 253 MB GGUF imported at f32 (a 1.1 GB directory, removed after).
 #[test]
 fn gemma3_270m_imports_like_transformers() {
@@ -244,4 +330,5 @@ fn gemma3_270m_imports_like_transformers() {
     check_config(&out);
     check_tensors(&out);
     check_tokenizer(&out);
+    check_logits(&out);
 }

@@ -2,8 +2,9 @@
 //! against fixtures from gguf-py and transformers
 //! (scripts/make_gguf_fixtures.py).
 mod common;
-use rku_engine::io::gguf::GgufFile;
-use rku_engine::io::import::{import_gguf, ImportOptions};
+use common::gguf_writer::Gguf;
+use rku_engine::io::gguf::{GgufFile, Value};
+use rku_engine::io::import::{import_gguf, ImportOptions, ImportSummary};
 use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
 use rku_engine::quant::dequant::dequantize;
 use rku_engine::quant::GgmlType;
@@ -366,6 +367,131 @@ fn tiny_gemma3_imports_with_shifted_norms() {
     assert_eq!(
         chat.render(&[("user", "Hi")]).unwrap(),
         "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    );
+}
+
+/// `src` imported at f32: the summary (with its notes) and the config.
+fn import_summary(src: &Path) -> (tempfile::TempDir, ImportSummary, Json) {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = ImportOptions {
+        dtype: OutDtype::F32,
+        force: false,
+        blocks: true,
+    };
+    let summary = import_gguf(src, &tmp.path().join("model"), &opts).unwrap();
+    let c = read_json(&summary.out_dir.join("config.json"));
+    (tmp, summary, c)
+}
+
+/// Mistral as llama.cpp converts it (`llama`, Q/K permuted, no window),
+/// named "mistral": the config transformers' GGUF loader derives from the
+/// same file (tiny_mistral_config.json), key for key, but for the window,
+/// which the file does not state: transformers assumes 4096, the import
+/// writes null and says so in its notes.
+#[test]
+fn tiny_mistral_imports_as_transformers_reads_it() {
+    let (tmp, summary, c) = import_summary(&fixture("tiny_mistral.gguf"));
+    let out = summary.out_dir.clone();
+    assert_eq!(
+        (summary.architecture.as_str(), summary.hf_architecture),
+        ("llama", "MistralForCausalLM")
+    );
+    assert_eq!(c["architectures"][0], "MistralForCausalLM");
+    let want = read_json(&fixture("tiny_mistral_config.json"));
+    assert_eq!(want["sliding_window"], 4096, "transformers' assumption");
+    assert_eq!(c["sliding_window"], Json::Null);
+    let [note] = summary.notes.as_slice() else {
+        panic!("{:?}", summary.notes)
+    };
+    assert!(
+        note.contains("no sliding window") && note.contains("4096"),
+        "{note}"
+    );
+    let mut compared = 0;
+    for (k, v) in c.as_object().unwrap() {
+        let w = match k.as_str() {
+            // Not written by transformers' GGUF loader / another name there.
+            "architectures" | "sliding_window" => continue,
+            "torch_dtype" => continue,
+            "rope_theta" => &want["rope_parameters"]["rope_theta"],
+            _ => &want[k],
+        };
+        if k == "rms_norm_eps" {
+            // The file's f32 1e-5: shortest decimal here, widened there.
+            let (v, w) = (v.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((v - w).abs() <= 1e-7 * w, "rms_norm_eps {v} vs {w}");
+        } else {
+            assert_eq!(v, w, "{k}");
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 15);
+    check_tensors(&out, "tiny_mistral_expected.safetensors");
+    let be = rku_engine::backend::cpu::CpuBackend::new();
+    let model = rku_engine::model::Model::load(&be, &out).unwrap();
+    assert_eq!(model.cfg.arch, rku_engine::model::config::Arch::Mistral);
+    assert_eq!(model.cfg.sliding_window, None);
+
+    // A stated window (llama.cpp's key) is written, and makes any llama
+    // file Mistral; 0 is none; a name that only mentions Mistral stays
+    // LLaMA, with a note; a mistyped window is refused by key.
+    let mistral = || Gguf::from_file(&fixture("tiny_mistral.gguf"));
+    let window = |w| Value::U32(w);
+    let name = |n: &str| Value::String(n.into());
+    let key = "llama.attention.sliding_window";
+    for (file, g, class, win, note) in [
+        (
+            "w6.gguf",
+            mistral().with(key, window(6)),
+            "MistralForCausalLM",
+            Json::from(6),
+            "sliding_window 6",
+        ),
+        (
+            "other-w6.gguf",
+            mistral()
+                .with("general.name", name("tiny"))
+                .with(key, window(6)),
+            "MistralForCausalLM",
+            Json::from(6),
+            "sliding_window 6",
+        ),
+        (
+            "w0.gguf",
+            mistral().with(key, window(0)),
+            "MistralForCausalLM",
+            Json::Null,
+            "no sliding window",
+        ),
+        (
+            "named.gguf",
+            mistral().with("general.name", name("Mistral 7B Instruct v0.2")),
+            "LlamaForCausalLM",
+            Json::Null,
+            "LlamaForCausalLM",
+        ),
+    ] {
+        let (_t, summary, c) = import_summary(&g.write(tmp.path(), file));
+        assert_eq!(c["architectures"][0], class, "{file}");
+        assert_eq!(c["sliding_window"], win, "{file}");
+        assert!(
+            summary.notes.iter().any(|n| n.contains(note)),
+            "{file}: {:?}",
+            summary.notes
+        );
+    }
+    let (_t, summary, c) = import_summary(
+        &mistral()
+            .with("general.name", name("tiny"))
+            .write(tmp.path(), "plain.gguf"),
+    );
+    assert_eq!(c["architectures"][0], "LlamaForCausalLM");
+    assert!(summary.notes.is_empty(), "{:?}", summary.notes);
+    assert_format_err(
+        &mistral()
+            .with(key, name("4096"))
+            .write(tmp.path(), "bad.gguf"),
+        "llama.attention.sliding_window",
     );
 }
 

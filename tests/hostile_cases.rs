@@ -812,6 +812,7 @@ fn stats_files() {
         ("shard_samples", &["4"][..]),
         ("tensors_sha256", &["0", ""][..]),
         ("model_digest", &["", "0123456789abcdef"][..]),
+        ("bos", &["x", "TRUE", ""][..]),
     ] {
         for v in values {
             cases.push((format!("{key} = {v:?}"), meta(key, v), key));

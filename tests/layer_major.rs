@@ -36,6 +36,7 @@ fn spec(seqs: usize, t: usize, layer_major: Option<LayerMajor>) -> CalibSpec {
         norms: None,
         activation_memory: MemoryBudget::Bytes(0),
         layer_major,
+        bos: false,
     }
 }
 

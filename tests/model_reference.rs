@@ -164,3 +164,55 @@ fn tiny_gemma3_logits_match_transformers() {
 fn tiny_gemma3_stats_match_autograd() {
     check_stats("tiny-gemma3");
 }
+
+/// `linear` RoPE scaling (tests/fixtures/rope-linear): the config of `src`
+/// with the scaling (`NAME.json`) next to `src`'s weights; logits and
+/// inverse frequencies against transformers'.
+fn check_rope_linear(name: &str, src: &str) {
+    let r = load_reference(&fixture("rope-linear/reference.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture(&format!("rope-linear/{name}.json")),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture(src).join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let be = CpuBackend::new();
+    let model = Model::load(&be, tmp.path()).unwrap();
+    for (local, key) in [(false, "inv_freq"), (true, "inv_freq_local")] {
+        if let Some(want) = r.get(&format!("{name}.{key}")) {
+            let got = model.cfg.rope_inv_freq(local);
+            let err = max_rel_err(&got, &want.data);
+            assert!(err < 1e-6, "{name} {key}: {err:.2e}");
+        }
+    }
+    let ids: Vec<u32> = r[&format!("{name}.input_ids")]
+        .data
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let t = ids.len();
+    let got = logits(&be, &model, &ids, Geometry { seqs: 1, t }).unwrap();
+    let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+    let err = max_rel_err(&got, &r[&format!("{name}.logits")].data);
+    println!("rope-linear {name}: max |Δlogit| / max |logit| = {err:.2e}");
+    assert!(err < 1e-4, "{name}: logits differ from transformers: {err}");
+}
+
+/// Gemma 3 4B's kind of scaling: linear on the global layer only (the
+/// local layers keep their default base-100 frequencies).
+#[test]
+fn gemma3_linear_rope_scaling_matches_transformers() {
+    check_rope_linear("gemma3", "tiny-gemma3");
+}
+
+/// The same scaling on LLaMA (factor 4) and Qwen2 (factor 2.5).
+#[test]
+fn llama_and_qwen2_linear_rope_scaling_match_transformers() {
+    check_rope_linear("llama3", "tiny-llama3");
+    check_rope_linear("qwen2", "tiny-qwen2");
+}

@@ -45,6 +45,7 @@ fn check_peak_kept(
         norms: None,
         activation_memory: MemoryBudget::Bytes(budget),
         layer_major: None,
+        bos: false,
     };
     collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
     let measured = be.device().mem_stats().high_water;

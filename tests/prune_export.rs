@@ -8,6 +8,7 @@ use rku_engine::io::safetensors_io::SafeModel;
 use rku_engine::model::forward::logits;
 use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::prune::export::{export_pruned, ExportLayout, ExportSpec};
+use rku_engine::prune::Stats;
 
 fn export_fixture_keep(
     name: &str,
@@ -507,5 +508,49 @@ fn bos_defaults_on_for_gemma3_and_results_say_which() {
             out.status.success() && err.contains(want),
             "{model} {extra:?}: {err}"
         );
+    }
+    // `score`'s statistics files, the pruned model's pruning.json (its
+    // calibration and its refit's windows) and a pruning from those files
+    // say which too.
+    for (model, extra, bos) in [
+        ("tiny-gemma3", None, true),
+        ("tiny-gemma3", Some("--bos=false"), false),
+        ("tiny-qwen2", None, false),
+    ] {
+        let stats = tmp
+            .path()
+            .join(format!("{model}-{}.safetensors", extra.is_some()));
+        assert_eq!(
+            Stats::load(&stats).unwrap().meta.bos,
+            bos,
+            "{model} {extra:?}"
+        );
+        let record = |args: &[&str], name: &str| -> serde_json::Value {
+            let out = tmp.path().join(format!("{model}-{bos}-{name}"));
+            run_ok(
+                bin()
+                    .args(["prune", "--model"])
+                    .arg(fixture(model))
+                    .args(args)
+                    .args(["--sparsity", "0.5", "--out"])
+                    .arg(&out),
+            );
+            serde_json::from_slice(&std::fs::read(out.join("pruning.json")).unwrap()).unwrap()
+        };
+        let text = text.to_str().unwrap();
+        let calib = [
+            "--calib",
+            text,
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--refit",
+        ];
+        let rec = record(&[&calib[..], extra.as_slice()].concat(), "calib");
+        assert_eq!(rec["calibration"]["bos"], bos, "{model} {extra:?}");
+        assert_eq!(rec["refit"]["calibration"]["bos"], bos, "{model} {extra:?}");
+        let rec = record(&["--stats", stats.to_str().unwrap()], "stats");
+        assert_eq!(rec["calibration"]["bos"], bos, "{model} {extra:?} --stats");
     }
 }

@@ -33,6 +33,7 @@ fn meta(objectives: Objectives) -> StatsMeta {
             ce: (SAMPLES * (SEQ_LEN - 1)) as u64,
         },
         shard: None,
+        bos: false,
     }
 }
 

@@ -54,6 +54,7 @@ fn stats_in(
             ce: (set.len() * (SEQ_LEN - 1)) as u64,
         },
         shard: None,
+        bos: false,
     };
     // g = ∂J/∂h of an objective normalised over this set: 1/n_E, 1/n_C.
     let (n_e, n_c) = st_norm(&meta);
@@ -187,6 +188,53 @@ fn save_load_round_trip() {
     // No temporary file is left beside the result.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1);
+}
+
+/// Rewrites a saved file's metadata through `edit` (tensors unchanged).
+fn rewrite_metadata(path: &Path, edit: impl FnOnce(&mut HashMap<String, String>)) {
+    let buf = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&buf).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&buf).unwrap();
+    let mut meta: HashMap<String, String> = header.metadata().clone().unwrap();
+    edit(&mut meta);
+    std::fs::write(
+        path,
+        safetensors::serialize(st.tensors(), Some(meta)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Whether the windows started with BOS is saved and read back; a file
+/// from before the key reads as without BOS; another value is refused by
+/// key; files that differ in it do not merge.
+#[test]
+fn bos_is_recorded_and_older_files_read_as_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut st = stats_of(0..2, "with-bos", BOTH);
+    st.meta.bos = true;
+    let p = save(dir.path(), "bos.safetensors", &st);
+    assert!(Stats::load(&p).unwrap().meta.bos);
+    let plain = save(dir.path(), "plain.safetensors", &stats_of(2..4, "b", BOTH));
+    assert!(!Stats::load(&plain).unwrap().meta.bos);
+    let e = merge(&[p.clone(), plain.clone()], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("different --bos") && e.contains("each after BOS"),
+        "{e}"
+    );
+    rewrite_metadata(&p, |m| {
+        assert_eq!(m.remove("bos").as_deref(), Some("true"));
+    });
+    assert!(!Stats::load(&p).unwrap().meta.bos, "absent: no BOS");
+    rewrite_metadata(&p, |m| {
+        m.insert("bos".into(), "yes".into());
+    });
+    let e = load_err(&p);
+    assert!(
+        e.contains("bos.safetensors") && e.contains("\"bos\""),
+        "{e}"
+    );
 }
 
 #[test]

@@ -386,6 +386,23 @@ fn losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The recovery record says whether the training windows started with BOS
+/// (`--bos`), and keeps the pruning's calibration record, which says it too.
+#[test]
+fn recovery_record_says_whether_windows_start_with_bos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, text) = pruned_student(tmp.path());
+    for (extra, bos) in [(&[][..], false), (&["--bos"][..], true)] {
+        let out = tmp.path().join(format!("bos-{bos}"));
+        let args = [&["--steps", "1"], extra].concat();
+        run_ok(&mut recover_cmd(&student, &text, &args, &out));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("pruning.json")).unwrap()).unwrap();
+        assert_eq!(r["recovery"]["data"]["bos"], bos, "{extra:?}");
+        assert_eq!(r["calibration"]["bos"], false, "tiny-llama3's default");
+    }
+}
+
 /// An interrupted run resumed from its checkpoint equals the uninterrupted
 /// run bit for bit (the merged weights and every step's loss).
 #[test]

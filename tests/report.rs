@@ -196,6 +196,15 @@ fn report_cells_match_single_commands_and_resume() {
     assert_eq!(r["stats"]["objectives"], "energy,ce", "taylor needs ce");
     let dense_ppl = r["dense"]["ppl"]["ppl"].as_f64().unwrap();
     assert!(dense_ppl.is_finite() && dense_ppl > 1.0);
+    // Every perplexity says whether its windows started with BOS (the
+    // report's never do), report.md's inputs line too.
+    assert_eq!(r["dense"]["ppl"]["bos"], false);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("- ppl: ") && l.contains("tokens, without BOS")),
+        "{md}"
+    );
     let cells = r["cells"].as_array().unwrap();
     assert_eq!(cells.len(), METHODS.len() * SPARSITIES.len());
     let models = out.join("models");
@@ -209,6 +218,7 @@ fn report_cells_match_single_commands_and_resume() {
             // Perplexity equals `eval ppl` on the same pruned model.
             let ppl = c["ppl"]["ppl"].as_f64().unwrap();
             assert!(ppl.is_finite() && ppl > 1.0, "{m} {s}: ppl {ppl}");
+            assert_eq!(c["ppl"]["bos"], false, "{m} {s}");
             let single = json_line(&run_ok(
                 bin()
                     .args(["eval", "ppl", "--model"])

@@ -36,6 +36,7 @@ fn stats<B: Backend>(be: &B, model: &Model<B>) -> Stats {
         norms: None,
         activation_memory: MemoryBudget::Auto,
         layer_major: None,
+        bos: false,
     };
     let windows = ids(36, model.cfg.vocab);
     collect_stats(be, model, &windows, spec, "calib".into()).unwrap()

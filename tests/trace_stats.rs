@@ -26,6 +26,7 @@ fn spec(batch: usize) -> CalibSpec {
         norms: None,
         activation_memory: MemoryBudget::Auto,
         layer_major: None,
+        bos: false,
     }
 }
 

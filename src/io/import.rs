@@ -23,6 +23,10 @@
 //! `*norm.weight` (as transformers' GGUF loader does, bit for bit). What
 //! the file does not say comes from what llama.cpp and transformers both
 //! assume for gemma3 (see [`GemmaHparams`]).
+//!
+//! Mistral: llama.cpp converts `MistralForCausalLM` as `llama` (LLaMA's
+//! tensors and Q/K permutation) and records no sliding window; see
+//! [`mistral_window`] for when the import says Mistral.
 use crate::io::ggml_blocks::{self, BlockTensor};
 use crate::io::gguf::{GgufFile, TensorInfo, Value};
 use crate::io::gguf_tokenizer::{tokenizer_config_json, tokenizer_json};
@@ -53,6 +57,12 @@ pub struct ImportSummary {
     pub out_dir: PathBuf,
     /// `general.architecture`: `llama`, `qwen2`, `qwen3` or `gemma3`.
     pub architecture: String,
+    /// The written config's `architectures[0]` (`MistralForCausalLM` for
+    /// a `llama` file that is Mistral, [`mistral_window`]).
+    pub hf_architecture: &'static str,
+    /// What the file did not say and how the import settled it, for the
+    /// import log (one line each).
+    pub notes: Vec<String>,
     pub n_layers: usize,
     pub n_tensors: usize,
     pub n_params: u64,
@@ -73,6 +83,9 @@ struct Hparams {
     tied: bool,
     /// Gemma 3's attention layout; `None` for the other architectures.
     gemma: Option<GemmaHparams>,
+    /// A `llama` file written as `MistralForCausalLM`: its sliding window
+    /// (`None`: no window stated, written as null). `None` otherwise.
+    mistral: Option<Option<usize>>,
 }
 
 /// Gemma 3's sliding-window layout. A gemma3 GGUF states the window
@@ -100,7 +113,7 @@ struct GemmaHparams {
 const GEMMA_ROPE_LOCAL_BASE: f64 = 10_000.0;
 const GEMMA_SWA_PATTERN: usize = 6;
 
-fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
+fn hparams(g: &GgufFile, arch: &str, notes: &mut Vec<String>) -> Result<Hparams> {
     let key = |k: &str| format!("{arch}.{k}");
     let int = |k: &str| -> Result<Option<usize>> {
         match g.get(&key(k)) {
@@ -173,6 +186,10 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
         "gemma3" => Some(gemma_hparams(g, layers, hidden, heads, head_dim)?),
         _ => None,
     };
+    let mistral = match arch {
+        "llama" => mistral_window(g, notes)?,
+        _ => None,
+    };
     Ok(Hparams {
         layers,
         hidden,
@@ -194,7 +211,58 @@ fn hparams(g: &GgufFile, arch: &str) -> Result<Hparams> {
         })?,
         tied: g.tensor("output.weight").is_none(),
         gemma,
+        mistral,
     })
+}
+
+/// Whether a `llama` file is written as `MistralForCausalLM`, and with
+/// which window. llama.cpp's converter turns `MistralForCausalLM` into
+/// `llama` and writes no window; transformers' GGUF loader reads a `llama`
+/// file as Mistral only when `general.name` is exactly "mistral", and then
+/// gives `MistralConfig`'s default window 4096 without reading the file.
+/// Here: Mistral when the name is "mistral" or the file states a window
+/// (`llama.attention.sliding_window` > 0, llama.cpp's key; 0 is none);
+/// a Mistral without a stated window gets `sliding_window` null (full
+/// causal attention, as llama.cpp runs the file) rather than a guess, and
+/// `notes` says so. A name that only mentions Mistral stays LLaMA (as in
+/// transformers; LLaMA's layer is Mistral's without a window), noted too.
+fn mistral_window(g: &GgufFile, notes: &mut Vec<String>) -> Result<Option<Option<usize>>> {
+    let key = "llama.attention.sliding_window";
+    let window = match g.get(key) {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(0) => None,
+            Some(w) => Some(w as usize),
+            None => {
+                return Err(Error::format(
+                    g.path(),
+                    format!("metadata {key} = {v:?} is not an unsigned integer"),
+                ))
+            }
+        },
+    };
+    let name = g.get("general.name").and_then(Value::as_str).unwrap_or("");
+    if name != "mistral" && window.is_none() {
+        if name.to_lowercase().contains("mistral") {
+            notes.push(format!(
+                "general.name {name:?}: written as LlamaForCausalLM, as transformers reads it \
+                 (Mistral only for the name \"mistral\"); the file states no sliding window, \
+                 so none applies. For a Mistral trained with one, set \"architectures\": \
+                 [\"MistralForCausalLM\"] and \"sliding_window\" in config.json"
+            ));
+        }
+        return Ok(None);
+    }
+    notes.push(match window {
+        None => "MistralForCausalLM (general.name \"mistral\"): the file states no sliding \
+                 window (llama.cpp writes none), so config.json has \"sliding_window\": null, \
+                 full causal attention as llama.cpp runs it; transformers would assume \
+                 MistralConfig's default 4096. Set it if the model has a window (Mistral 7B \
+                 v0.1: 4096)"
+            .to_string(),
+        Some(w) => format!("MistralForCausalLM with sliding_window {w} from {key}"),
+    });
+    Ok(Some(window))
 }
 
 /// The gemma3 metadata beyond the common keys, checked: the window must be
@@ -476,15 +544,22 @@ fn blocks_of<'g>(g: &'g GgufFile, t: &TensorInfo, plan: &Plan) -> Option<BlockTe
     })
 }
 
+/// The config's `architectures[0]` and `model_type`.
+fn model_class(arch: &str, h: &Hparams) -> (&'static str, &'static str) {
+    match (arch, h.mistral) {
+        ("gemma3", _) => ("Gemma3ForCausalLM", "gemma3_text"),
+        ("llama", Some(_)) => ("MistralForCausalLM", "mistral"),
+        ("llama", None) => ("LlamaForCausalLM", "llama"),
+        ("qwen3", _) => ("Qwen3ForCausalLM", "qwen3"),
+        _ => ("Qwen2ForCausalLM", "qwen2"),
+    }
+}
+
 fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_json::Value {
     if let Some(gemma) = &h.gemma {
         return gemma_config_json(g, h, gemma, dtype);
     }
-    let (class, model_type) = match arch {
-        "llama" => ("LlamaForCausalLM", "llama"),
-        "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
-        _ => ("Qwen2ForCausalLM", "qwen2"),
-    };
+    let (class, model_type) = model_class(arch, h);
     let id = |k: &str| g.get(k).and_then(Value::as_u64);
     let mut c = json!({
         "architectures": [class],
@@ -505,9 +580,13 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
         "eos_token_id": id("tokenizer.ggml.eos_token_id"),
         "torch_dtype": dtype.torch_name(),
     });
-    if arch == "llama" {
-        c["attention_bias"] = false.into();
-        c["mlp_bias"] = false.into();
+    match h.mistral {
+        Some(window) => c["sliding_window"] = window.into(),
+        None if arch == "llama" => {
+            c["attention_bias"] = false.into();
+            c["mlp_bias"] = false.into();
+        }
+        None => {}
     }
     if arch == "qwen3" {
         c["attention_bias"] = false.into();
@@ -585,7 +664,8 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
             src.display()
         )));
     }
-    let h = hparams(&g, &arch)?;
+    let mut notes = Vec::new();
+    let h = hparams(&g, &arch, &mut notes)?;
     let plans = plans(&h, &arch);
     for t in &g.tensors {
         if !plans.iter().any(|(name, _)| *name == t.name) {
@@ -648,7 +728,9 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     let out_dir = dir.commit()?;
     Ok(ImportSummary {
         out_dir,
+        hf_architecture: model_class(&arch, &h).0,
         architecture: arch,
+        notes,
         n_layers: h.layers,
         n_tensors: specs.len(),
         n_params,

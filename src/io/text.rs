@@ -113,6 +113,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How results say whether windows started with BOS (METHODS.md §2, §8).
+pub fn bos_words(bos: bool) -> &'static str {
+    if bos {
+        "each after BOS"
+    } else {
+        "without BOS"
+    }
+}
+
 /// The first `n` consecutive non-overlapping windows of `t` tokens, flattened
 /// `[n, t]` (window i is `ids[i·t, (i+1)·t)`), optionally each prefixed by BOS
 /// (then each window holds t−1 text tokens).

@@ -48,13 +48,19 @@ impl Arch {
     }
 }
 
-/// LLaMA-3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
+/// RoPE frequency scaling (`rope_scaling` / `rope_parameters` `rope_type`).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: f64,
+pub enum RopeScaling {
+    /// LLaMA-3's frequency-dependent scaling (`"llama3"`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Every frequency divided by `factor` (`"linear"`, position
+    /// interpolation; Gemma 3 4B and larger on their global layers).
+    Linear { factor: f64 },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +75,7 @@ pub struct ModelConfig {
     /// FFN width of each layer (m_l); all equal unless the model was pruned non-uniformly.
     pub ffn_widths: Vec<usize>,
     pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_scaling: Option<RopeScaling>,
     pub rms_eps: f64,
     pub tie_embeddings: bool,
     pub qkv_bias: bool,
@@ -444,17 +450,26 @@ impl ModelConfig {
                     .unwrap_or("<none>");
                 let f = |k: &str| rs.get(k).and_then(Value::as_f64);
                 match kind {
-                    "llama3" => Some(Llama3RopeScaling {
+                    "llama3" => Some(RopeScaling::Llama3 {
                         factor: f("factor").unwrap_or(8.0),
                         low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
                         high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
                         original_max_position_embeddings: f("original_max_position_embeddings")
                             .unwrap_or(8192.0),
                     }),
+                    // transformers requires the factor (`_validate_linear_rope_parameters`).
+                    "linear" => Some(RopeScaling::Linear {
+                        factor: f("factor").ok_or_else(|| {
+                            Error::format(
+                                path,
+                                "rope_scaling type `linear` without a numeric `factor`",
+                            )
+                        })?,
+                    }),
                     "default" | "<none>" => None,
                     other => {
                         return Err(Error::Unsupported(format!(
-                            "{}: rope_scaling type `{other}` (supported: llama3)",
+                            "{}: rope_scaling type `{other}` (supported: llama3, linear)",
                             path.display()
                         )))
                     }
@@ -583,21 +598,30 @@ impl ModelConfig {
         if let Some(s) = self.query_pre_attn_scalar {
             floats.push(("query_pre_attn_scalar", s));
         }
-        if let Some(s) = self.rope_scaling {
-            floats.extend([
-                ("rope_scaling.factor", s.factor),
-                ("rope_scaling.low_freq_factor", s.low_freq_factor),
-                ("rope_scaling.high_freq_factor", s.high_freq_factor),
-                (
-                    "rope_scaling.original_max_position_embeddings",
-                    s.original_max_position_embeddings,
-                ),
-            ]);
-            if s.high_freq_factor <= s.low_freq_factor {
-                return Err(Error::format(
-                    path,
-                    "rope_scaling.high_freq_factor must exceed low_freq_factor",
-                ));
+        match self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => floats.push(("rope_scaling.factor", factor)),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                floats.extend([
+                    ("rope_scaling.factor", factor),
+                    ("rope_scaling.low_freq_factor", low_freq_factor),
+                    ("rope_scaling.high_freq_factor", high_freq_factor),
+                    (
+                        "rope_scaling.original_max_position_embeddings",
+                        original_max_position_embeddings,
+                    ),
+                ]);
+                if high_freq_factor <= low_freq_factor {
+                    return Err(Error::format(
+                        path,
+                        "rope_scaling.high_freq_factor must exceed low_freq_factor",
+                    ));
+                }
             }
         }
         for (key, v) in floats {
@@ -642,9 +666,10 @@ impl ModelConfig {
     }
 
     /// Inverse RoPE frequencies `[head_dim/2]` of the global (`local` =
-    /// false) or local layers: θ^(−2i/head_dim), with the LLaMA-3 scaling
-    /// applied when configured (as transformers'
-    /// `_compute_llama3_parameters`; never on Gemma's local layers).
+    /// false) or local layers: θ^(−2i/head_dim), with the configured scaling
+    /// applied (as transformers' `_compute_llama3_parameters` and
+    /// `_compute_linear_scaling_rope_parameters`; never on Gemma's local
+    /// layers, whose `rope_parameters.sliding_attention` is always default).
     pub fn rope_inv_freq(&self, local: bool) -> Vec<f64> {
         let half = self.head_dim / 2;
         let theta = if local {
@@ -658,19 +683,24 @@ impl ModelConfig {
                 let f = 1.0 / theta.powf((2 * i) as f64 / self.head_dim as f64);
                 match scaling {
                     None => f,
-                    Some(s) => {
-                        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-                        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+                    Some(RopeScaling::Linear { factor }) => f / factor,
+                    Some(RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings: max,
+                    }) => {
+                        let low_wavelen = max / low_freq_factor;
+                        let high_wavelen = max / high_freq_factor;
                         let wavelen = 2.0 * std::f64::consts::PI / f;
                         if wavelen < high_wavelen {
                             f
                         } else if wavelen > low_wavelen {
-                            f / s.factor
+                            f / factor
                         } else {
-                            let smooth = (s.original_max_position_embeddings / wavelen
-                                - s.low_freq_factor)
-                                / (s.high_freq_factor - s.low_freq_factor);
-                            (1.0 - smooth) * f / s.factor + smooth * f
+                            let smooth = (max / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
                         }
                     }
                 }
@@ -1020,11 +1050,14 @@ mod tests {
             );
         }
         let e = gemma3(|c| {
-            c["rope_parameters"]["full_attention"] = json!({"rope_type": "linear", "factor": 8.0})
+            c["rope_parameters"]["full_attention"] = json!({"rope_type": "yarn", "factor": 8.0})
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("linear"), "{e}");
+        assert!(
+            e.contains("`yarn`") && e.contains("supported: llama3, linear"),
+            "{e}"
+        );
         let e = gemma3(|c| c["rope_parameters"]["sliding_attention"]["rope_type"] = json!("yarn"))
             .unwrap_err()
             .to_string();
@@ -1042,5 +1075,79 @@ mod tests {
                 "{key}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn linear_rope_scaling_divides_every_frequency() {
+        let f = |c: &ModelConfig| c.rope_inv_freq(false);
+        let plain = f(&load(|_| {}).unwrap());
+        for (arch, key) in [
+            ("LlamaForCausalLM", "rope_scaling"),
+            ("Qwen2ForCausalLM", "rope_scaling"),
+            ("MistralForCausalLM", "rope_parameters"),
+        ] {
+            let c = load(|c| {
+                c["architectures"] = json!([arch]);
+                c[key] = json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0});
+            })
+            .unwrap();
+            assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 4.0 }));
+            let got = f(&c);
+            assert!(got.iter().zip(&plain).all(|(g, p)| *g == p / 4.0), "{arch}");
+        }
+        // The old key `type` is read as transformers does; a factor is required.
+        let c = load(|c| c["rope_scaling"] = json!({"type": "linear", "factor": 2.0})).unwrap();
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        for bad in [
+            json!({"rope_type": "linear"}),
+            json!({"rope_type": "linear", "factor": -2.0}),
+        ] {
+            let e = load(|c| c["rope_scaling"] = bad.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("factor") && e.contains("cfg/config.json"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn gemma3_linear_scaling_is_on_the_global_layers_only() {
+        let plain = gemma3(|_| {}).unwrap();
+        let linear = |c: &mut Value| {
+            c["rope_parameters"]["full_attention"] =
+                json!({"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0})
+        };
+        let c = gemma3(linear).unwrap();
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.rope_inv_freq(true), plain.rope_inv_freq(true));
+        let (g, p) = (c.rope_inv_freq(false), plain.rope_inv_freq(false));
+        assert!(g.iter().zip(&p).all(|(g, p)| *g == p / 8.0));
+        // transformers 4.x layout: `rope_scaling` applies to the global layers.
+        let old = gemma3(|c| {
+            let o = c.as_object_mut().unwrap();
+            o.remove("rope_parameters");
+            o.insert("rope_theta".into(), json!(10000.0));
+            o.insert("rope_local_base_freq".into(), json!(100.0));
+            o.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": "linear", "factor": 8.0}),
+            );
+        })
+        .unwrap();
+        assert_eq!(old.rope_inv_freq(false), c.rope_inv_freq(false));
+        assert_eq!(old.rope_inv_freq(true), c.rope_inv_freq(true));
+        // The local layers take no scaling: refused by name.
+        let e = gemma3(|c| {
+            c["rope_parameters"]["sliding_attention"] =
+                json!({"rope_type": "linear", "factor": 8.0})
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sliding_attention") && e.contains("linear"),
+            "{e}"
+        );
     }
 }

@@ -39,6 +39,9 @@ pub struct CalibSpec {
     pub activation_memory: MemoryBudget,
     /// Score layer-major (`prune::layer_major`) instead of sequence-major.
     pub layer_major: Option<LayerMajor>,
+    /// Whether the calibration windows start with BOS (METHODS.md §2):
+    /// recorded in the statistics (the ids already hold it).
+    pub bos: bool,
 }
 
 /// Calibration input (METHODS.md section 2).
@@ -64,8 +67,10 @@ pub struct CalibSource {
 }
 
 impl CalibSource {
-    /// The statistics pass over these windows, running `objectives`.
-    pub fn spec(&self, objectives: Objectives) -> CalibSpec {
+    /// The statistics pass over these windows, running `objectives`;
+    /// `bos`: whether the windows start with BOS ([`Self::bos_for`]; false
+    /// for traces, scored as recorded).
+    pub fn spec(&self, objectives: Objectives, bos: bool) -> CalibSpec {
         CalibSpec {
             samples: self.samples,
             seq_len: self.seq_len,
@@ -75,6 +80,7 @@ impl CalibSource {
             norms: None,
             activation_memory: self.activation_memory,
             layer_major: self.layer_major,
+            bos,
         }
     }
 
@@ -206,6 +212,7 @@ pub fn collect_stats<B: Backend>(
             ce: (n_seq * (t - 1)) as u64,
         }),
         shard: None,
+        bos: spec.bos,
     };
     // Normalisers over the whole calibration set, so that batches add up.
     let energy_scale = 1.0 / meta.norms.energy as f32;
@@ -440,6 +447,7 @@ pub fn collect_sequence_stats<B: Backend>(
             ce: predicted as u64,
         }),
         shard: None,
+        bos: spec.bos,
     };
     let energy_scale = 1.0 / meta.norms.energy as f32;
     let ce_scale = 1.0 / meta.norms.ce.max(1) as f32;
@@ -520,6 +528,7 @@ pub fn bench_score<B: Backend>(
         norms: None,
         activation_memory,
         layer_major: None,
+        bos: false,
     };
     collect_stats(be, model, &ids[..seq_len], spec(1), String::new())?;
     let start = Instant::now();

@@ -265,6 +265,7 @@ pub fn prune_model_from<B: Backend>(
             "samples": stats.meta.samples,
             "seq_len": stats.meta.seq_len,
             "tokens": stats.meta.tokens,
+            "bos": stats.meta.bos,
         },
         "source_model": source_dir.display().to_string(),
         "source_model_digest": source_digest,

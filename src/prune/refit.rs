@@ -90,16 +90,20 @@ pub struct RefitWindows {
     pub digest: String,
     /// The traces file's digest, selection and token rule; `None` for windows.
     pub traces: Option<TraceSource>,
+    /// Whether each window starts with BOS (METHODS.md §2); false for traces.
+    pub bos: bool,
 }
 
 impl RefitWindows {
-    /// `[N, seq_len]` windows cut from the text at `source`, every token counted.
+    /// `[N, seq_len]` windows cut from the text at `source`, every token
+    /// counted; `bos`: whether each starts with BOS (the ids hold it).
     pub fn windows(
         ids: &[u32],
         seq_len: usize,
         batch: usize,
         source: std::path::PathBuf,
         digest: String,
+        bos: bool,
     ) -> Self {
         Self {
             seqs: ids
@@ -113,6 +117,7 @@ impl RefitWindows {
             source,
             digest,
             traces: None,
+            bos,
         }
     }
 
@@ -127,8 +132,8 @@ impl RefitWindows {
     }
 
     /// `pruning.json`'s `refit.calibration`: source, digest, samples,
-    /// seq_len (the longest), tokens (counted), and for traces `traces`
-    /// (file digest, selection, token rule).
+    /// seq_len (the longest), tokens (counted), bos, and for traces
+    /// `traces` (file digest, selection, token rule).
     pub fn record(&self) -> serde_json::Value {
         let mut r = serde_json::json!({
             "source": self.source.display().to_string(),
@@ -136,6 +141,7 @@ impl RefitWindows {
             "samples": self.seqs.len(),
             "seq_len": self.seq_len(),
             "tokens": self.counted(),
+            "bos": self.bos,
         });
         if let Some(t) = &self.traces {
             r["traces"] = serde_json::json!({
@@ -178,7 +184,14 @@ pub fn refit<B: Backend>(
             windows.len()
         )));
     }
-    let w = RefitWindows::windows(windows, seq_len, batch, Default::default(), String::new());
+    let w = RefitWindows::windows(
+        windows,
+        seq_len,
+        batch,
+        Default::default(),
+        String::new(),
+        false,
+    );
     refit_sequences(be, model, kept, &w.seqs, batch, spec)
 }
 

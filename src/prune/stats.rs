@@ -40,6 +40,7 @@
 //! | `energy_norm`    | n_E, what the energy objective was divided by |
 //! | `ce_norm`        | n_C, what the ce objective was divided by     |
 //! | `predicted`      | next-token predictions these sequences hold   |
+//! | `bos`            | `true` when every calibration window started with BOS (METHODS.md §2), else `false` |
 //!
 //! The normalisers (METHODS.md §3, §4): a single pass divides by its own
 //! counts (energy_norm = tokens, ce_norm = predicted); a shard (below)
@@ -50,6 +51,8 @@
 //! over windows (predicted = samples·(seq_len − 1)), and a version 2 file
 //! over traces with the ce objective is refused (its predicted count is
 //! unknown).
+//! A file without `bos` (written before the key existed) is read as
+//! windows without BOS.
 //!
 //! A shard of a calibration set (`score --shard i/n`, METHODS.md §4) adds
 //! three keys, all or none:
@@ -81,6 +84,7 @@
 #![deny(clippy::indexing_slicing)]
 use crate::io::output::{self, Kind};
 use crate::io::safetensors_out::serialize_sorted;
+use crate::io::text::bos_words;
 pub use crate::model::objective::{EnergyAt, Objective, Objectives};
 use crate::prune::shard::ShardSpec;
 use crate::{Error, Result};
@@ -126,6 +130,9 @@ pub struct StatsMeta {
     pub norms: Norms,
     /// Which share of a calibration set these statistics cover, if a share.
     pub shard: Option<ShardRecord>,
+    /// Whether each calibration window started with BOS (`--bos`,
+    /// METHODS.md §2); traces are scored as recorded (false).
+    pub bos: bool,
 }
 
 /// The normalisers of the two objectives: J_E = (1/energy) Σ ½‖z‖²,
@@ -413,6 +420,7 @@ impl Stats {
             ("predicted", meta.predicted.to_string()),
             ("energy_norm", meta.norms.energy.to_string()),
             ("ce_norm", meta.norms.ce.to_string()),
+            ("bos", meta.bos.to_string()),
             ("tensors_sha256", checksum),
         ]
         .into_iter()
@@ -513,6 +521,16 @@ impl Stats {
                 .parse()
                 .map_err(|e: Error| bad(format!("metadata \"energy_at\": {e}")))?,
             engine_version: get("engine_version")?.to_string(),
+            // Absent in files written before the key: windows without BOS.
+            bos: match kv.get("bos").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => {
+                    return Err(bad(format!(
+                        "metadata \"bos\" is {v:?} (valid: true, false)"
+                    )))
+                }
+            },
             window_digests,
             traces: {
                 let keys = ["traces_digest", "traces_selection", "traces_tokens"];
@@ -796,6 +814,13 @@ fn check_compatible(
             a.energy_at, b.energy_at
         ));
     }
+    if a.bos != b.bos {
+        return Err(format!(
+            "different --bos (windows {} vs {})",
+            bos_words(a.bos),
+            bos_words(b.bos)
+        ));
+    }
     if a_widths != b_widths {
         return Err(format!(
             "different layer widths ({} layers {:?} vs {} layers {:?})",
@@ -813,8 +838,8 @@ fn check_compatible(
 /// Refuses fewer than two files, two files with the same `calib_digest`
 /// (the same shard twice, or a file merged with itself), two files that
 /// share a calibration window (overlapping shards), and files that
-/// differ in model digest, sequence length, objectives, energy position or
-/// layer widths. Each file's gradient statistics are rescaled from its
+/// differ in model digest, sequence length, objectives, energy position,
+/// BOS or layer widths. Each file's gradient statistics are rescaled from its
 /// normalisers to the merged counts (n_E = Σ tokens, n_C = Σ predicted;
 /// f2 by (energy_norm/n_E)², k1 by energy_norm/n_E, tk by ce_norm/n_C), so
 /// files each scored on their own merge to one pass over their union, and
@@ -1075,6 +1100,7 @@ mod tests {
             predicted: 3,
             norms: Norms { energy: 4, ce: 3 },
             shard: None,
+            bos: false,
         };
         let mut stats = Stats::zeros(meta, &[3, 2]);
         stats.check_shapes().unwrap();

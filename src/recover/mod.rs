@@ -106,11 +106,20 @@ pub struct RecoverData {
     /// The traces file's digest, selection and token rule, and
     /// `--max-seq-len`; `None` for windows.
     pub traces: Option<(TraceSource, Option<usize>)>,
+    /// Whether each window starts with BOS (METHODS.md §2); false for traces.
+    pub bos: bool,
 }
 
 impl RecoverData {
-    /// `[n, seq_len]` windows cut from the text at `source`.
-    pub fn windows(ids: &[u32], seq_len: usize, source: PathBuf, digest: String) -> Self {
+    /// `[n, seq_len]` windows cut from the text at `source`; `bos`:
+    /// whether each starts with BOS (the ids hold it).
+    pub fn windows(
+        ids: &[u32],
+        seq_len: usize,
+        source: PathBuf,
+        digest: String,
+        bos: bool,
+    ) -> Self {
         Self {
             seqs: ids
                 .chunks(seq_len.max(1))
@@ -122,6 +131,7 @@ impl RecoverData {
             source,
             digest,
             traces: None,
+            bos,
         }
     }
 
@@ -234,6 +244,7 @@ pub fn recovery_record(
             "field": src.data_field,
             "digest": data.digest,
             "windows": data.windows_count(),
+            "bos": data.bos,
             "tokens_seen": data.tokens_seen(spec.steps, spec.batch),
             "traces": data.traces.as_ref().map(|(t, max_seq_len)| serde_json::json!({
                 "digest": t.digest,

@@ -3,6 +3,7 @@
 //! first), then sizes and prefill speed, the IoU matrices and the plots.
 use super::data::{Evals, Report};
 use crate::eval::gen::PromptFormat;
+use crate::io::text::bos_words;
 use std::fmt::Write;
 
 const MISSING: &str = "—";
@@ -154,10 +155,11 @@ fn inputs(o: &mut String, r: &Report) {
     if let Some(p) = &r.dense.ppl {
         let _ = writeln!(
             o,
-            "- ppl: `{}`, {} windows of {} tokens ({} predicted tokens).",
+            "- ppl: `{}`, {} windows of {} tokens, {} ({} predicted tokens).",
             r.inputs["ppl"]["path"].as_str().unwrap_or("?"),
             p.windows,
             p.seq_len,
+            bos_words(p.bos),
             p.tokens
         );
     }

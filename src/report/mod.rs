@@ -403,7 +403,8 @@ impl<B: Backend> Run<'_, B> {
     fn score(&mut self, calib: Calibration) -> Result<()> {
         let t = Instant::now();
         let c = &self.spec.calib;
-        let spec = c.spec(self.objectives);
+        let traces = matches!(calib, Calibration::Traces);
+        let spec = c.spec(self.objectives, !traces && c.bos_for(&self.dense.cfg));
         let s = match (calib, &self.traces) {
             (Calibration::Traces, Some((tr, digest))) => {
                 let tokens: usize = tr.seqs.iter().map(|s| s.ids.len()).sum();
@@ -575,6 +576,7 @@ impl<B: Backend> Run<'_, B> {
                 source: t.path.clone(),
                 digest: digest.clone(),
                 traces: Some(tr.source.clone()),
+                bos: false,
             }),
             (Some(_), ..) => Some(RefitWindows::windows(
                 &self.calib_ids,
@@ -582,6 +584,7 @@ impl<B: Backend> Run<'_, B> {
                 c.batch,
                 c.path.clone(),
                 self.calib_digest.clone(),
+                c.bos_for(&self.dense.cfg),
             )),
         };
         let r = prune_model(
@@ -638,12 +641,14 @@ impl<B: Backend> Run<'_, B> {
                 source: t.path.clone(),
                 digest: digest.clone(),
                 traces: Some((tr.source.clone(), t.max_seq_len)),
+                bos: false,
             },
             _ => RecoverData::windows(
                 &self.calib_ids,
                 c.seq_len,
                 c.path.clone(),
                 self.calib_digest.clone(),
+                c.bos_for(&self.dense.cfg),
             ),
         };
         let student_digest = model_digest(&student)?;

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub mod gguf_writer;
 pub mod naive;
 pub mod ops;
 

@@ -6,7 +6,7 @@ use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
 use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
 use rku_engine::eval::ppl::{perplexity_bos, trace_perplexity};
-use rku_engine::io::text::{read_text, Tokenizer};
+use rku_engine::io::text::{bos_words, read_text, Tokenizer};
 use rku_engine::prune::calibrate::bos_id;
 use rku_engine::prune::traces::trace_sequences;
 
@@ -35,7 +35,7 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
                 r.windows,
                 r.seq_len,
                 r.tokens,
-                if r.bos { "each after BOS" } else { "without BOS" }
+                bos_words(r.bos)
             );
             r
         }

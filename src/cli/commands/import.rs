@@ -15,10 +15,14 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         blocks: !a.no_blocks,
     };
     let r = import_gguf(&a.gguf, &a.out, &opts)?;
+    for note in &r.notes {
+        println!("note: {note}");
+    }
     println!(
-        "imported {} ({}, {} layers, {} tensors, {:.1}M parameters) into {} in {:.1}s",
+        "imported {} ({} as {}, {} layers, {} tensors, {:.1}M parameters) into {} in {:.1}s",
         a.gguf.display(),
         r.architecture,
+        r.hf_architecture,
         r.n_layers,
         r.n_tensors,
         r.n_params as f64 / 1e6,

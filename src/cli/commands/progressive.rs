@@ -44,7 +44,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs, schedule: &Schedule) -> Result<()>
         score: c
             .windows
             .source(Default::default())
-            .spec(c.objective.objectives()),
+            .spec(c.objective.objectives(), false),
         selection: c.select.unwrap_or_default(),
         tokens: c.tokens.unwrap_or_default(),
         max_seq_len: c.max_seq_len,

@@ -79,6 +79,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
                 batch: a.calib.windows.batch,
                 source: path.clone(),
                 traces: Some(tr.source),
+                bos: false,
             })
         }
         _ => None,
@@ -112,6 +113,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
                 source.batch,
                 source.path.clone(),
                 digest,
+                source.bos_for(&model.cfg),
             ))
         }
         (None, None) => None,

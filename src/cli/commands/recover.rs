@@ -89,6 +89,7 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
                 seqs: tr.seqs,
                 source: path.clone(),
                 traces: Some((tr.source, a.max_seq_len)),
+                bos: false,
             };
             // The batches repeat after n steps at most.
             let period = spec.steps.min(data.seqs.len() as u64);
@@ -291,5 +292,6 @@ fn text_windows<B: Backend>(
         a.seq_len,
         path.to_path_buf(),
         token_digest(&w),
+        bos.is_some(),
     ))
 }

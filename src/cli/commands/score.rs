@@ -5,7 +5,7 @@ use crate::cli::{check_output, load_model};
 use anyhow::{bail, Result};
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice, GpuDevice};
 use rku_engine::backend::Backend;
-use rku_engine::io::text::{token_digest, Tokenizer};
+use rku_engine::io::text::{bos_words, token_digest, Tokenizer};
 use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{
@@ -116,10 +116,12 @@ pub struct CalibSet {
 enum SetSeqs {
     /// Windows alone: `[N, T]` ids, scored as they always have been.
     Windows { ids: Vec<u32>, source: CalibSource },
-    /// Traces (after any windows, every window token counted).
+    /// Traces (after any windows, every window token counted); `bos`:
+    /// whether those windows start with BOS.
     Sequences {
         seqs: Vec<Sequence>,
         traces: TraceSource,
+        bos: bool,
     },
 }
 
@@ -185,7 +187,7 @@ impl CalibSet {
                     },
                 }
             }
-            SetSeqs::Sequences { seqs, traces } => {
+            SetSeqs::Sequences { seqs, traces, bos } => {
                 let seqs: Vec<Sequence> = seqs
                     .iter()
                     .enumerate()
@@ -197,6 +199,7 @@ impl CalibSet {
                     seqs: SetSeqs::Sequences {
                         seqs,
                         traces: traces.clone(),
+                        bos: *bos,
                     },
                 }
             }
@@ -215,13 +218,13 @@ impl CalibSet {
         let objectives = c.objective.objectives();
         Ok(match &self.seqs {
             SetSeqs::Windows { ids, source } => {
-                let mut spec = source.spec(objectives);
+                let mut spec = source.spec(objectives, source.bos_for(&model.cfg));
                 spec.samples = self.len();
                 spec.norms = norms;
                 collect_stats(be, model, ids, spec, self.digest.clone())?
             }
-            SetSeqs::Sequences { seqs, traces } => {
-                let mut spec = c.windows.source(Default::default()).spec(objectives);
+            SetSeqs::Sequences { seqs, traces, bos } => {
+                let mut spec = c.windows.source(Default::default()).spec(objectives, *bos);
                 spec.norms = norms;
                 let digest = self.digest.clone();
                 collect_sequence_stats(be, model, seqs, spec, digest, Some(traces.clone()))?
@@ -247,11 +250,7 @@ pub fn calibration_set<B: Backend>(
                 source.samples,
                 source.seq_len,
                 source.path.display(),
-                if source.bos_for(&model.cfg) {
-                    "each after BOS"
-                } else {
-                    "without BOS"
-                },
+                bos_words(source.bos_for(&model.cfg)),
                 &digest[..12]
             );
             Some((ids, digest, source))
@@ -279,6 +278,9 @@ pub fn calibration_set<B: Backend>(
             if let Some(t) = c.max_seq_len {
                 eprintln!("--max-seq-len {t}: {} traces truncated", tr.truncated);
             }
+            let bos = windows
+                .as_ref()
+                .is_some_and(|(_, _, source)| source.bos_for(&model.cfg));
             let mut seqs: Vec<Sequence> = match windows {
                 Some((ids, _, source)) => ids
                     .chunks_exact(source.seq_len)
@@ -295,6 +297,7 @@ pub fn calibration_set<B: Backend>(
                 seqs: SetSeqs::Sequences {
                     seqs,
                     traces: tr.source,
+                    bos,
                 },
             }
         }
