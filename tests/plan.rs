@@ -11,6 +11,7 @@ use rku_engine::model::weights::Residency;
 use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
+use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::prune::stats::{EnergyAt, Objectives};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -124,6 +125,55 @@ fn plan_matches_high_water_with_kept_activations() {
             assert_eq!(kept.layers, want, "{name}: layers kept within {budget} B");
             check_peak_kept(&dir, 24, 2, BOTH, Residency::Resident, budget);
             check_peak_kept(&dir, 24, 2, ENERGY, Residency::Streamed, budget);
+        }
+    }
+}
+
+/// Layer-major scoring (`prune::layer_major`): two batches in one chunk,
+/// resident and streamed, both objectives.
+#[test]
+fn plan_matches_high_water_layer_major() {
+    for name in ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"] {
+        for residency in [Residency::Resident, Residency::Streamed] {
+            let dir = fixture(name);
+            let be = CudaBackend::new(EmuDevice::new());
+            let model = Model::load_with(&be, &dir, residency).unwrap();
+            let (t, batch) = (16, 2);
+            let windows: Vec<u32> = (0..(2 * batch * t) as u32)
+                .map(|i| (i * 7919 + 13) % model.cfg.vocab as u32)
+                .collect();
+            let spec = CalibSpec {
+                samples: 2 * batch,
+                seq_len: t,
+                batch,
+                objectives: BOTH,
+                energy_at: EnergyAt::FinalNorm,
+                norms: None,
+                activation_memory: MemoryBudget::Bytes(0),
+                layer_major: Some(LayerMajor {
+                    host_memory: MemoryBudget::Bytes(u64::MAX),
+                    residual: ResidualDtype::F32,
+                }),
+                bos: false,
+            };
+            collect_stats(&be, &model, &windows, spec, String::new()).unwrap();
+            let measured = be.device().mem_stats().high_water;
+            let stream = residency == Residency::Streamed;
+            let plan_spec = PlanSpec {
+                layer_major: Some(2),
+                ..PlanSpec::new(t, batch, BOTH, stream)
+            };
+            let p = plan(&model.cfg, &plan_spec).unwrap();
+            println!("{p}");
+            let lm = p.layer_major.expect("a layer-major plan");
+            assert_eq!(lm.uploads, 3 * model.cfg.layers);
+            if stream {
+                assert_eq!(model.layer_uploads(), lm.uploads, "{name}: uploads");
+            }
+            assert_eq!(
+                p.peak_bytes, measured,
+                "{name} ({residency:?}) layer-major: plan vs measured"
+            );
         }
     }
 }

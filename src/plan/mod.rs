@@ -52,6 +52,9 @@ pub struct PlanSpec {
     /// whose activations fit are kept from the forward pass to the first
     /// backward pass.
     pub activation_memory: u64,
+    /// Layer-major (`prune::layer_major`) over chunks of this many batches
+    /// (the budget is then not used: every layer is recomputed).
+    pub layer_major: Option<usize>,
 }
 
 impl PlanSpec {
@@ -65,6 +68,7 @@ impl PlanSpec {
             stream,
             ce_chunk: CE_CHUNK,
             activation_memory: 0,
+            layer_major: None,
         }
     }
 }
@@ -92,6 +96,16 @@ pub struct KeptActivations {
     pub bytes: u64,
 }
 
+/// A layer-major chunk (`prune::layer_major`): its batches, the host memory
+/// its residual streams and gradients take (f32), and the layer uploads per
+/// chunk when the weights are streamed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LayerMajorPlan {
+    pub batches: usize,
+    pub host_bytes: u64,
+    pub uploads: usize,
+}
+
 /// Highest bytes reached during one phase of the run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PhasePeak {
@@ -113,6 +127,8 @@ pub struct Plan {
     pub stream: bool,
     /// A scoring plan's activation-memory budget and what it keeps.
     pub activations: Option<KeptActivations>,
+    /// A layer-major scoring plan's chunk.
+    pub layer_major: Option<LayerMajorPlan>,
     /// Bytes of the weights on the device: all of them, or when streaming
     /// the resident ones plus the two largest layers.
     pub weight_bytes: usize,
@@ -429,82 +445,137 @@ fn backward(
     (ce, pre_norm, ce_chunk): (bool, bool, usize),
     kept: &mut [Option<Kept>],
 ) {
-    let (rows, d) = (g.rows, g.d);
     let dx = objective_grad(s, g, ce, pre_norm, ce_chunk);
     let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
     s.each_layer((0..g.layers).rev(), |s, l| {
-        let m = widths[l];
-        let (Acts(acts), ffn_out) = match kept.get_mut(l).and_then(Option::take) {
-            Some(Kept(acts, ffn_out)) => (acts, ffn_out),
-            None => (layer_acts(s, g, m), None),
-        };
-        // Gemma: y kept or recomputed, the gradient through the post-FFN norm.
-        let dy = g.sandwich.then(|| {
-            let y = ffn_out.unwrap_or_else(|| s.linear("down_proj output", rows * m, rows, d));
-            let yn = s.alloc("post-FFN norm output", F32, &[rows, d]);
-            let rstd = s.alloc("rstd (post-FFN norm)", F32, &[rows]);
-            s.free(yn);
-            let dy = s.alloc("dy (post-FFN norm input)", F32, &[rows, d]);
-            s.free_all(&[rstd, y]);
-            dy
-        });
-        let dh = s.linear("g = dJ/dh", rows * d, rows, m);
-        if let Some(dy) = dy {
-            s.free(dy);
-        }
-        let part = s.alloc("channel_stats partials", F32, &[5, g.seqs, m]);
-        s.free(part);
-        let (a, b, h) = (acts[8], acts[9], acts[10]);
-        s.free(h);
-        if l == 0 {
-            s.free_all(&acts[..10]);
-            s.free_all(&acts[11..]);
-            s.free(dh);
-            return;
-        }
-        let da = s.alloc("da", F32, &[rows, m]);
-        let db = s.alloc("db", F32, &[rows, m]);
-        s.free_all(&[dh, a, b]);
-        let du2 = s.linear("du (FFN norm output)", rows * m, rows, d);
-        s.free(da);
-        let tmp = s.linear("du (FFN norm output) term", rows * m, rows, d);
-        s.free_all(&[tmp, db]);
-        let dnorm1 = s.alloc("dnorm (FFN norm)", F32, &[rows, d]);
-        s.free_all(&[du2, dnorm1]);
-        let d_o = g
-            .sandwich
-            .then(|| s.alloc("d o_proj output (post-attention norm)", F32, &[rows, d]));
-        let datt = s.linear("d attention output", rows * d, rows, g.qd);
-        if let Some(d_o) = d_o {
-            s.free(d_o);
-        }
-        let dq = s.alloc("dq", F32, &[rows, g.qd]);
-        let dk = s.alloc("dk", F32, &[rows, g.kvd]);
-        let dv = s.alloc("dv", F32, &[rows, g.kvd]);
-        let delta = s.alloc("attention delta", F32, &[g.seqs, g.heads, g.t]);
-        s.free(delta);
-        // `forward::qk_norm_bwd`: the gradients of the norms' inputs.
-        let (dq, dk) = if g.qk_norm {
-            let dq_in = s.alloc("dq (q projection output)", F32, &[rows, g.qd]);
-            s.free(dq);
-            let dk_in = s.alloc("dk (k projection output)", F32, &[rows, g.kvd]);
-            s.free(dk);
-            (dq_in, dk_in)
-        } else {
-            (dq, dk)
-        };
-        let du = s.linear("du (attention norm output)", rows * g.qd, rows, d);
-        for _ in 0..2 {
-            let tmp = s.linear("du (attention norm output) term", rows * g.kvd, rows, d);
-            s.free(tmp);
-        }
-        let dnorm2 = s.alloc("dnorm (attention norm)", F32, &[rows, d]);
-        s.free_all(&acts[..8]);
-        s.free_all(&acts[11..]);
-        s.free_all(&[datt, dq, dk, dv, du, dnorm2]);
+        let acts = kept.get_mut(l).and_then(Option::take);
+        layer_backward(s, g, widths[l], l, acts);
     });
     s.free(dx);
     s.free_all(&rope);
+}
+
+/// `prune::layer_major::score_chunk` over a chunk of `batches` batches of
+/// this geometry: the device holds one batch's residual (uploaded from the
+/// host) and the layer's buffers at a time, plus every batch's RoPE tables.
+fn layer_major_chunk(
+    s: &mut Sim,
+    g: &Dims,
+    widths: &[usize],
+    batches: usize,
+    passes: &[(&'static str, bool, bool)],
+    ce_chunk: usize,
+) {
+    let (rows, d) = (g.rows, g.d);
+    s.begin("forward");
+    let ropes: Vec<Vec<Id>> = (0..batches)
+        .map(|_| rope_tables(s, g.two_rope_bases, g.t, g.hd))
+        .collect();
+    for _ in 0..batches {
+        let x = s.alloc("residual x (one batch)", F32, &[rows, d]);
+        let ids = s.alloc("token ids", U32, &[rows]);
+        s.free_all(&[ids, x]); // x goes to the host
+    }
+    s.each_layer(0..g.layers, |s, l| {
+        for _ in 0..batches {
+            let x = s.alloc("residual x (one batch)", F32, &[rows, d]); // from the host
+            let (next, _) = layer_forward(s, g, widths[l], "next residual (one batch)", false);
+            s.free_all(&[x, next]); // next goes to the host
+        }
+    });
+    for &(phase, ce, pre_norm) in passes {
+        s.begin(phase);
+        for _ in 0..batches {
+            let x = s.alloc("residual x (one batch)", F32, &[rows, d]);
+            let z = s.alloc("final norm output z", F32, &[rows, d]);
+            let rstd = s.alloc("rstd (final norm)", F32, &[rows]);
+            let dx = objective_grad(s, g, ce, pre_norm, ce_chunk);
+            s.free_all(&[dx, rstd, z, x]); // dx goes to the host
+        }
+        s.each_layer((0..g.layers).rev(), |s, l| {
+            for _ in 0..batches {
+                let dx = s.alloc("dx, gradient of the residual", F32, &[rows, d]);
+                let x = s.alloc("residual x (one batch)", F32, &[rows, d]);
+                layer_backward(s, g, widths[l], l, None);
+                s.free_all(&[x, dx]); // dx back to the host
+            }
+        });
+    }
+    ropes.iter().for_each(|r| s.free_all(r));
+}
+
+/// `model::backward::layer_backward` of layer `l` (FFN width `m`), from the
+/// activations the forward pass kept or recomputed; `dx` is updated in place.
+fn layer_backward(s: &mut Sim, g: &Dims, m: usize, l: usize, kept: Option<Kept>) {
+    let (rows, d) = (g.rows, g.d);
+    let (Acts(acts), ffn_out) = match kept {
+        Some(Kept(acts, ffn_out)) => (acts, ffn_out),
+        None => (layer_acts(s, g, m), None),
+    };
+    // Gemma: y kept or recomputed, the gradient through the post-FFN norm.
+    let dy = g.sandwich.then(|| {
+        let y = ffn_out.unwrap_or_else(|| s.linear("down_proj output", rows * m, rows, d));
+        let yn = s.alloc("post-FFN norm output", F32, &[rows, d]);
+        let rstd = s.alloc("rstd (post-FFN norm)", F32, &[rows]);
+        s.free(yn);
+        let dy = s.alloc("dy (post-FFN norm input)", F32, &[rows, d]);
+        s.free_all(&[rstd, y]);
+        dy
+    });
+    let dh = s.linear("g = dJ/dh", rows * d, rows, m);
+    if let Some(dy) = dy {
+        s.free(dy);
+    }
+    let part = s.alloc("channel_stats partials", F32, &[5, g.seqs, m]);
+    s.free(part);
+    let (a, b, h) = (acts[8], acts[9], acts[10]);
+    s.free(h);
+    if l == 0 {
+        s.free_all(&acts[..10]);
+        s.free_all(&acts[11..]);
+        s.free(dh);
+        return;
+    }
+    let da = s.alloc("da", F32, &[rows, m]);
+    let db = s.alloc("db", F32, &[rows, m]);
+    s.free_all(&[dh, a, b]);
+    let du2 = s.linear("du (FFN norm output)", rows * m, rows, d);
+    s.free(da);
+    let tmp = s.linear("du (FFN norm output) term", rows * m, rows, d);
+    s.free_all(&[tmp, db]);
+    let dnorm1 = s.alloc("dnorm (FFN norm)", F32, &[rows, d]);
+    s.free_all(&[du2, dnorm1]);
+    let d_o = g
+        .sandwich
+        .then(|| s.alloc("d o_proj output (post-attention norm)", F32, &[rows, d]));
+    let datt = s.linear("d attention output", rows * d, rows, g.qd);
+    if let Some(d_o) = d_o {
+        s.free(d_o);
+    }
+    let dq = s.alloc("dq", F32, &[rows, g.qd]);
+    let dk = s.alloc("dk", F32, &[rows, g.kvd]);
+    let dv = s.alloc("dv", F32, &[rows, g.kvd]);
+    let delta = s.alloc("attention delta", F32, &[g.seqs, g.heads, g.t]);
+    s.free(delta);
+    // `forward::qk_norm_bwd`: the gradients of the norms' inputs.
+    let (dq, dk) = if g.qk_norm {
+        let dq_in = s.alloc("dq (q projection output)", F32, &[rows, g.qd]);
+        s.free(dq);
+        let dk_in = s.alloc("dk (k projection output)", F32, &[rows, g.kvd]);
+        s.free(dk);
+        (dq_in, dk_in)
+    } else {
+        (dq, dk)
+    };
+    let du = s.linear("du (attention norm output)", rows * g.qd, rows, d);
+    for _ in 0..2 {
+        let tmp = s.linear("du (attention norm output) term", rows * g.kvd, rows, d);
+        s.free(tmp);
+    }
+    let dnorm2 = s.alloc("dnorm (attention norm)", F32, &[rows, d]);
+    s.free_all(&acts[..8]);
+    s.free_all(&acts[11..]);
+    s.free_all(&[datt, dq, dk, dv, du, dnorm2]);
 }
 
 /// Refuses a run whose byte counts could overflow the plan's arithmetic.
@@ -581,31 +652,42 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
         seqs: spec.seqs,
         t: spec.t,
     };
-    let (kept_layers, kept_bytes) = kept_layers(cfg, geo, false, spec.activation_memory);
-    s.begin("forward");
-    let (kept, mut acts) = forward(&mut s, &g, widths, kept_layers);
     let pre_norm = spec.energy_at == EnergyAt::PreNorm;
-    if o.energy {
-        s.begin("energy backward");
-        backward(
-            &mut s,
-            &g,
-            widths,
-            (false, pre_norm, spec.ce_chunk),
-            &mut acts,
-        );
+    let passes: Vec<(&'static str, bool, bool)> = [
+        ("energy backward", false, pre_norm, o.energy),
+        ("ce backward", true, false, o.ce),
+    ]
+    .into_iter()
+    .filter_map(|(phase, ce, pre, on)| on.then_some((phase, ce, pre)))
+    .collect();
+    let (kept_layers, kept_bytes) = match spec.layer_major {
+        Some(_) => (0, 0), // every layer recomputed
+        None => kept_layers(cfg, geo, false, spec.activation_memory),
+    };
+    let layer_major = spec.layer_major.map(|batches| {
+        layer_major_chunk(&mut s, &g, widths, batches, &passes, spec.ce_chunk);
+        LayerMajorPlan {
+            batches,
+            host_bytes: ((cfg.layers + 2) * g.rows * g.d * 4 * batches) as u64,
+            uploads: (1 + passes.len()) * cfg.layers,
+        }
+    });
+    if layer_major.is_none() {
+        s.begin("forward");
+        let (kept, mut acts) = forward(&mut s, &g, widths, kept_layers);
+        for &(phase, ce, pre) in &passes {
+            s.begin(phase);
+            backward(&mut s, &g, widths, (ce, pre, spec.ce_chunk), &mut acts);
+        }
+        s.free_all(&kept);
     }
-    if o.ce {
-        s.begin("ce backward");
-        backward(&mut s, &g, widths, (true, false, spec.ce_chunk), &mut acts);
-    }
-    s.free_all(&kept);
     let objectives = [("energy", o.energy), ("ce", o.ce)]
         .into_iter()
         .filter_map(|(n, on)| on.then_some(n))
         .collect();
     let run = (spec.t, spec.seqs, objectives, spec.stream);
     Ok(Plan {
+        layer_major,
         activations: Some(KeptActivations {
             budget: spec.activation_memory,
             layers: kept_layers,
@@ -683,6 +765,7 @@ fn finish(
         objectives,
         stream,
         activations: None,
+        layer_major: None,
         weight_bytes,
         peak_bytes: s.peak,
         peak_phase: s.peak_phase,
@@ -725,7 +808,16 @@ impl fmt::Display for Plan {
                 "resident"
             }
         )?;
-        if let Some(a) = self.activations {
+        if let Some(lm) = self.layer_major {
+            writeln!(
+                f,
+                "layer-major: chunks of {} batches; host memory per chunk {} (f32); \
+                 {} layer uploads per chunk when streamed",
+                lm.batches,
+                human(lm.host_bytes as usize),
+                lm.uploads
+            )?;
+        } else if let Some(a) = self.activations {
             let geo = Geometry {
                 seqs: self.seqs,
                 t: self.t,

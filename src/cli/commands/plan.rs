@@ -13,13 +13,30 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     };
     let cfg = ModelConfig::load(&path)?;
     let p = match a.refit {
-        None => plan(
-            &cfg,
-            &PlanSpec {
+        None => {
+            let batches = a.samples.div_ceil(a.batch);
+            // Host bytes of one batch's residual stream and gradient (f32).
+            let batch_bytes = ((cfg.layers + 2) * a.batch * a.seq_len * cfg.hidden * 4) as u64;
+            let per_chunk = match a.host_memory {
+                Some(h) => ((h / batch_bytes.max(1)) as usize).clamp(1, batches),
+                None => batches,
+            };
+            let spec = PlanSpec {
                 activation_memory: a.activation_memory,
+                layer_major: a.layer_major.then_some(per_chunk),
                 ..PlanSpec::new(a.seq_len, a.batch, a.objective.objectives(), a.stream)
-            },
-        )?,
+            };
+            let p = plan(&cfg, &spec)?;
+            if let Some(lm) = p.layer_major {
+                let chunks = batches.div_ceil(per_chunk);
+                println!(
+                    "layer-major over {} sequences: {chunks} chunk(s), {} layer uploads in all when streamed",
+                    a.samples,
+                    chunks * lm.uploads
+                );
+            }
+            p
+        }
         Some(target) => plan_refit(
             &cfg,
             &RefitPlanSpec {
