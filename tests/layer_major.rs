@@ -104,7 +104,7 @@ fn layer_major_equals_sequence_major_on_masked_traces() {
         .collect();
     let run = |lm| collect_sequence_stats(&be, &model, &seqs, spec(0, 0, lm), "c".into(), None);
     let want = run(None).unwrap();
-    for host in [u64::MAX, host_bytes(&model, 9)] {
+    for host in [u64::MAX, host_bytes(&model, 18)] {
         let got = run(layer_major(host, ResidualDtype::F32)).unwrap();
         assert_same(&got, &want, &format!("traces, host budget {host} B"));
     }
@@ -181,9 +181,15 @@ fn score_layer_major_cli() {
             .arg(dir.path().join(out));
         cmd
     };
-    let out = score(&["--layer-major", "--host-memory", "1K"], "lm.safetensors")
-        .output()
-        .unwrap();
+    // Exactly one batch (2 × 8 rows) per chunk: 2 chunks.
+    let cfg = rku_engine::model::ModelConfig::load(&model.join("config.json")).unwrap();
+    let one_batch = ((cfg.layers + 2) * cfg.hidden * 4 * 16).to_string();
+    let out = score(
+        &["--layer-major", "--host-memory", &one_batch],
+        "lm.safetensors",
+    )
+    .output()
+    .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("layer-major: 2 chunk(s)"), "{log}");
@@ -194,6 +200,15 @@ fn score_layer_major_cli() {
         a == b,
         "layer-major and sequence-major statistics files differ"
     );
+    let err = run_err(&mut score(
+        &["--layer-major", "--host-memory", "1K"],
+        "bad.safetensors",
+    ));
+    assert!(
+        err.contains("too small") && err.contains(&one_batch),
+        "{err}"
+    );
+    assert!(!dir.path().join("bad.safetensors").exists());
     let err = run_err(&mut score(&["--host-memory", "1G"], "bad.safetensors"));
     assert!(err.contains("--layer-major"), "{err}");
     let err = run_err(&mut score(

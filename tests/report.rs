@@ -829,3 +829,48 @@ fn report_trace_calibration_rows_match_prune_traces() {
     let record = &read_json(&in_report.join("pruning.json"))["refit"]["calibration"];
     assert_eq!(record["traces"]["tokens"], "generated", "{record}");
 }
+
+/// `--ppl-bos`: every perplexity cell starts its windows with BOS, says so,
+/// equals `eval ppl --bos`, and the flag is part of the cells' inputs (a
+/// rerun without it refuses the finished report).
+#[test]
+fn report_ppl_with_bos_equals_eval_ppl_with_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    let i = inputs(dir.path());
+    let out = dir.path().join("bos");
+    let report = |bos: &[&str]| {
+        let mut c = bin();
+        c.arg("report")
+            .arg("--model")
+            .arg(fixture("tiny-qwen2"))
+            .arg("--calib")
+            .arg(&i.text)
+            .args(["--samples", "4", "--seq-len", "24"])
+            .args(["--methods", "rku", "--sparsity", "0.5", "--no-prefill"])
+            .arg("--ppl-text")
+            .arg(&i.text)
+            .args(["--ppl-seq-len", "24", "--ppl-max-windows", "6"])
+            .args(bos)
+            .arg("--out")
+            .arg(&out);
+        c
+    };
+    run_ok(&mut report(&["--ppl-bos"]));
+    let r = read_json(&out.join("report.json"));
+    let dense = &r["dense"]["ppl"];
+    assert_eq!(dense["bos"], true);
+    let single = json_line(&run_ok(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(fixture("tiny-qwen2"))
+            .arg("--text")
+            .arg(&i.text)
+            .args(["--seq-len", "24", "--max-windows", "6", "--bos", "--json"]),
+    ));
+    assert_eq!(single["bos"], true);
+    assert_eq!(dense["ppl"].as_f64(), single["ppl"].as_f64());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("each after BOS"), "{md}");
+    let err = run_err(&mut report(&[]));
+    assert!(err.contains("ppl"), "{err}");
+}

@@ -741,6 +741,10 @@ pub struct ReportArgs {
     /// Score at most this many perplexity windows.
     #[arg(long, value_parser = count)]
     pub ppl_max_windows: Option<usize>,
+    /// Start each perplexity window with the BOS token (`--ppl-bos`,
+    /// `--ppl-bos false`); default: on for Gemma 3, off for the other families.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ppl_bos: Option<bool>,
     /// Traces (from `traces` with the dense model, on held-out prompts) for
     /// trace perplexity (as `eval ppl --traces`); omitted: no trace ppl column.
     #[arg(long, value_parser = existing_file)]
@@ -1172,9 +1176,11 @@ pub struct RecoverArgs {
     /// Tokens per window of --data.
     #[arg(long, default_value_t = 256, value_parser = seq_len, conflicts_with = "traces")]
     pub seq_len: usize,
-    /// Prefix each window of --data with the BOS token.
-    #[arg(long, conflicts_with = "traces")]
-    pub bos: bool,
+    /// Prefix each window of --data with the BOS token (`--bos`, `--bos
+    /// false`); default: on for Gemma 3, off for the other families.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL",
+          conflicts_with = "traces")]
+    pub bos: Option<bool>,
     /// LoRA rank r.
     #[arg(long, default_value_t = 8, value_parser = count)]
     pub lora_rank: usize,

@@ -243,6 +243,7 @@ pub fn collect_stats<B: Backend>(
 
 /// One batch of a statistics pass: `[seqs, t]` token ids and, when not
 /// every row counts (METHODS.md §11), the rows that do.
+#[derive(Debug)]
 pub struct Batch {
     pub ids: Vec<u32>,
     pub geo: Geometry,

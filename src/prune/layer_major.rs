@@ -27,7 +27,7 @@ use crate::backend::Backend;
 use crate::model::backward::{layer_backward, objective_grad};
 use crate::model::forward::{layer_forward, RopeTables};
 use crate::model::keep::MemoryBudget;
-use crate::model::Model;
+use crate::model::{Model, ModelConfig};
 use crate::progress::{self, Progress};
 use crate::{Error, Result};
 
@@ -104,13 +104,25 @@ impl HostBuf {
 
 /// Host bytes a chunk holds per batch row: x_0..x_L and one gradient, `d`
 /// values each.
-fn bytes_per_row<B: Backend>(model: &Model<B>, dtype: ResidualDtype) -> u64 {
-    (model.cfg.layers as u64 + 2) * model.cfg.hidden as u64 * dtype.bytes()
+pub fn host_bytes_per_row(cfg: &ModelConfig, dtype: ResidualDtype) -> u64 {
+    (cfg.layers as u64 + 2) * cfg.hidden as u64 * dtype.bytes()
 }
 
 /// Groups `batches` (in order) into chunks whose host copies fit in
-/// `budget` bytes; a batch larger than the budget is a chunk of its own.
-fn chunks(batches: &[Batch], row_bytes: u64, budget: u64) -> Vec<&[Batch]> {
+/// `budget` bytes; refuses a budget smaller than the largest batch, naming
+/// the minimum.
+fn chunks(batches: &[Batch], row_bytes: u64, budget: u64) -> Result<Vec<&[Batch]>> {
+    let need = batches
+        .iter()
+        .map(|b| b.geo.rows() as u64 * row_bytes)
+        .max();
+    if let Some(need) = need.filter(|&n| n > budget) {
+        return Err(Error::Invalid(format!(
+            "--host-memory {budget} B is too small: one batch's residual stream and gradient \
+             take {need} B (at least {:.1} MiB; or use a smaller --batch)",
+            need as f64 / (1 << 20) as f64
+        )));
+    }
     let mut out = Vec::new();
     let mut start = 0;
     let mut used = 0u64;
@@ -126,7 +138,7 @@ fn chunks(batches: &[Batch], row_bytes: u64, budget: u64) -> Vec<&[Batch]> {
     if start < batches.len() {
         out.push(&batches[start..]);
     }
-    out
+    Ok(out)
 }
 
 /// The statistics pass over `batches`, layer-major (module doc), into
@@ -149,8 +161,8 @@ pub fn score_chunks<B: Backend>(
                 lm.host_memory
             ))
         })?;
-    let row_bytes = bytes_per_row(model, lm.residual);
-    let chunks = chunks(batches, row_bytes, budget);
+    let row_bytes = host_bytes_per_row(&model.cfg, lm.residual);
+    let chunks = chunks(batches, row_bytes, budget)?;
     let passes = passes(spec, scales);
     let largest = chunks.iter().map(|c| seqs_of(c)).max().unwrap_or(0);
     progress::println(&format!(
@@ -307,15 +319,18 @@ mod tests {
         // 8 rows × 10 bytes = 80 per 2-sequence batch.
         let sizes = |budget| {
             chunks(&b, 10, budget)
+                .unwrap()
                 .iter()
                 .map(|c| seqs_of(c))
                 .collect::<Vec<_>>()
         };
         assert_eq!(sizes(1000), vec![8]);
         assert_eq!(sizes(200), vec![5, 3]);
-        assert_eq!(sizes(80), vec![2, 2, 1, 3]); // an oversized batch alone
-        assert_eq!(sizes(0), vec![2, 2, 1, 3]);
-        assert!(chunks(&[], 10, 100).is_empty());
+        assert_eq!(sizes(120), vec![2, 3, 3]);
+        // The 3-sequence batch takes 120 B: a smaller budget is refused.
+        let e = chunks(&b, 10, 119).unwrap_err().to_string();
+        assert!(e.contains("120 B"), "{e}");
+        assert!(chunks(&[], 10, 100).unwrap().is_empty());
     }
 
     #[test]

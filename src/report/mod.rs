@@ -41,7 +41,7 @@ use crate::backend::Backend;
 use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
 use crate::eval::iou::read_kept;
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
-use crate::eval::ppl::{perplexity, trace_perplexity, PplResult};
+use crate::eval::ppl::{perplexity_bos, trace_perplexity, PplResult};
 use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::output::{self, replace_owned, REPORT_DIR};
 use crate::io::text::{read_text, Tokenizer};
@@ -49,7 +49,7 @@ use crate::io::traces::Sequence;
 use crate::model::Model;
 use crate::progress::{println, Progress};
 use crate::prune::calibrate::{
-    collect_sequence_stats, collect_stats, down_column_norms, model_digest,
+    bos_id, collect_sequence_stats, collect_stats, down_column_norms, model_digest,
 };
 use crate::prune::pipeline::{check_stats_match, prune_model};
 use crate::prune::refit::RefitWindows;
@@ -721,13 +721,15 @@ impl<B: Backend> Run<'_, B> {
         Ok(match metric {
             Metric::Ppl => {
                 let p = self.spec.ppl.as_ref().expect(planned);
-                let r = perplexity(
+                let bos = bos_id(&model.cfg, p.bos_for(&model.cfg))?;
+                let r = perplexity_bos(
                     self.be,
                     model,
                     &self.ppl_ids,
                     p.seq_len,
                     p.max_windows,
                     p.batch,
+                    bos,
                 )?;
                 (to_value(&r)?, format!("perplexity {:.3}", r.ppl))
             }

@@ -26,6 +26,16 @@ pub struct PplSpec {
     pub max_windows: Option<usize>,
     /// Windows per forward pass (speed only).
     pub batch: usize,
+    /// Each window `[BOS] + seq_len − 1` text tokens (METHODS.md §8);
+    /// `None`: the model's default (`Arch::bos_by_default`).
+    pub bos: Option<bool>,
+}
+
+impl PplSpec {
+    /// Whether the windows of `cfg`'s model start with BOS.
+    pub fn bos_for(&self, cfg: &ModelConfig) -> bool {
+        self.bos.unwrap_or(cfg.arch.bos_by_default())
+    }
 }
 
 /// The traces of a traces file, as statistics over them (METHODS.md §11)
@@ -258,6 +268,7 @@ pub(super) fn fingerprint(
         v["ppl"] = json!({
             "path": p.text.display().to_string(), "field": p.field, "digest": file_digest(&p.text)?,
             "seq_len": p.seq_len, "max_windows": p.max_windows,
+            "bos": p.bos_for(&ModelConfig::load(&spec.model.join("config.json"))?),
         });
     }
     if let Some(g) = &spec.gen {

@@ -3,6 +3,7 @@ use crate::cli::args::PlanArgs;
 use anyhow::{bail, Result};
 use rku_engine::model::ModelConfig;
 use rku_engine::plan::{plan, plan_refit, PlanSpec, RefitPlanSpec};
+use rku_engine::prune::layer_major::{host_bytes_per_row, ResidualDtype};
 use rku_engine::prune::refit::RefitTarget;
 
 pub fn run(a: &PlanArgs) -> Result<()> {
@@ -16,9 +17,13 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         None => {
             let batches = a.samples.div_ceil(a.batch);
             // Host bytes of one batch's residual stream and gradient (f32).
-            let batch_bytes = ((cfg.layers + 2) * a.batch * a.seq_len * cfg.hidden * 4) as u64;
+            let row_bytes = host_bytes_per_row(&cfg, ResidualDtype::F32);
+            let batch_bytes = (a.batch * a.seq_len) as u64 * row_bytes;
             let per_chunk = match a.host_memory {
-                Some(h) => ((h / batch_bytes.max(1)) as usize).clamp(1, batches),
+                Some(h) if h < batch_bytes => bail!(
+                    "--host-memory {h} B is too small: one batch's residual stream and gradient take {batch_bytes} B"
+                ),
+                Some(h) => ((h / batch_bytes) as usize).min(batches),
                 None => batches,
             };
             let spec = PlanSpec {

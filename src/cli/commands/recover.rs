@@ -7,7 +7,7 @@ use rku_engine::backend::Backend;
 use rku_engine::io::output::MODEL_DIR;
 use rku_engine::io::text::{read_text, token_digest, windows, Tokenizer};
 use rku_engine::model::Model;
-use rku_engine::prune::calibrate::model_digest;
+use rku_engine::prune::calibrate::{bos_id, model_digest};
 use rku_engine::prune::traces::{sequences_digest, trace_sequences};
 use rku_engine::recover::checkpoint::{self, TrainState};
 use rku_engine::recover::export::export_recovered;
@@ -258,15 +258,10 @@ fn text_windows<B: Backend>(
     let batch = a.batch;
     let tok = Tokenizer::load(&a.model)?;
     let ids = tok.encode(&read_text(path, a.field.as_deref())?)?;
-    let bos = match a.bos {
-        true => Some(
-            student
-                .cfg
-                .bos_token_id
-                .context("--bos given but config.json has no bos_token_id")?,
-        ),
-        false => None,
-    };
+    let bos = bos_id(
+        &student.cfg,
+        a.bos.unwrap_or(student.cfg.arch.bos_by_default()),
+    )?;
     let per = a.seq_len - usize::from(bos.is_some());
     let n = ids.len() / per;
     if n < batch {

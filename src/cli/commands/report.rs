@@ -41,6 +41,7 @@ pub fn run<B: Backend>(be: &B, a: &ReportArgs) -> Result<()> {
             field: a.ppl_field.clone(),
             seq_len: a.ppl_seq_len,
             max_windows: a.ppl_max_windows,
+            bos: a.ppl_bos,
             batch: 8, // `eval ppl`'s default; the batch does not change the result
         }),
         trace_ppl: a.trace_ppl.as_ref().map(|t| TracesSpec {
