@@ -11,7 +11,7 @@ use rku_engine::model::weights::Residency;
 use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
-use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
+use rku_engine::prune::layer_major::{host_bytes_per_row, LayerMajor, ResidualDtype};
 use rku_engine::prune::stats::{EnergyAt, Objectives};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -101,17 +101,22 @@ fn plan_matches_high_water_tiny_gemma3() {
     check_peak(&fixture("tiny-gemma3"), 16, 1, ENERGY, Residency::Streamed);
 }
 
-/// The activation-memory budget: the top layer's activations kept (the
-/// others recomputed), then every layer's, resident and streamed, with
-/// the kept layers consumed by the first of two backward passes.
+/// The activation-memory budget: the top half of the layers' activations
+/// kept (the others recomputed), then every layer's, resident and streamed,
+/// with the kept layers consumed by the first of two backward passes (a
+/// budget of 0 is every other test of this file).
 #[test]
 fn plan_matches_high_water_with_kept_activations() {
     for name in ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3"] {
         let dir = fixture(name);
         let cfg = ModelConfig::load(&dir.join("config.json")).unwrap();
         let geo = Geometry { seqs: 2, t: 24 };
-        let top = layer_acts_bytes(&cfg, cfg.layers - 1, geo, false);
-        for budget in [top, u64::MAX] {
+        // The top half of the layers (rounded up), then all of them.
+        let half_layers = cfg.layers.div_ceil(2);
+        let half: u64 = (cfg.layers - half_layers..cfg.layers)
+            .map(|l| layer_acts_bytes(&cfg, l, geo, false))
+            .sum();
+        for budget in [half, u64::MAX] {
             let p = plan(
                 &cfg,
                 &PlanSpec {
@@ -121,7 +126,11 @@ fn plan_matches_high_water_with_kept_activations() {
             )
             .unwrap();
             let kept = p.activations.expect("a scoring plan says what it keeps");
-            let want = if budget == top { 1 } else { cfg.layers };
+            let want = if budget == half {
+                half_layers
+            } else {
+                cfg.layers
+            };
             assert_eq!(kept.layers, want, "{name}: layers kept within {budget} B");
             check_peak_kept(&dir, 24, 2, BOTH, Residency::Resident, budget);
             check_peak_kept(&dir, 24, 2, ENERGY, Residency::Streamed, budget);
@@ -301,4 +310,39 @@ fn refit_plan_matches_high_water() {
     check_refit_peak(&fixture("tiny-qwen2"), true, true, Residency::Streamed);
     check_refit_peak(&fixture("tiny-llama3"), true, false, Residency::Resident);
     check_refit_peak(&fixture("tiny-llama3"), false, true, Residency::Streamed);
+}
+
+/// Layer-major streamed scoring of N=128 sequences of T=2048 with 64 GiB of
+/// host memory (f32 residuals): Llama-3-70B and Llama-3.1-405B within
+/// 24 GiB on the device and the host budget, their figures printed.
+#[test]
+fn layer_major_plans_for_70b_and_405b() {
+    for name in ["llama-3-70b", "llama-3.1-405b"] {
+        let cfg = config(name);
+        let host: u64 = 64 << 30;
+        let per_batch = 2048 * host_bytes_per_row(&cfg, ResidualDtype::F32);
+        let batches = ((host / per_batch) as usize).min(128);
+        assert!(batches >= 1, "{name}: one sequence does not fit 64 GiB");
+        let spec = PlanSpec {
+            layer_major: Some(batches),
+            ..PlanSpec::new(2048, 1, ENERGY, true)
+        };
+        let p = plan(&cfg, &spec).unwrap();
+        let lm = p.layer_major.expect("a layer-major plan");
+        let chunks = 128usize.div_ceil(batches);
+        println!("{p}");
+        println!(
+            "{name}: N=128, T=2048, layer-major streamed: device {:.2} GiB, host {:.2} GiB per chunk \
+             of {batches} sequences, {chunks} chunks, {} layer uploads",
+            p.peak_bytes as f64 / GIB,
+            lm.host_bytes as f64 / GIB,
+            chunks * lm.uploads
+        );
+        assert!(lm.host_bytes <= host, "{name}: host {} B", lm.host_bytes);
+        assert!(
+            p.peak_bytes as f64 / GIB <= 24.0,
+            "{name}: {} B",
+            p.peak_bytes
+        );
+    }
 }

@@ -244,6 +244,12 @@ impl GpuDevice {
             return Err(err("no CUDA driver library (libcuda.so) found"));
         }
         drv::init().map_err(drv_err("cuInit"))?;
+        let count = drv::device::get_count().map_err(drv_err("cuDeviceGetCount"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(err(format!(
+                "device {ordinal} does not exist: this machine has {count} CUDA device(s), 0..{count}"
+            )));
+        }
         let dev = drv::device::get(ordinal as i32).map_err(drv_err("cuDeviceGet"))?;
         let name = drv::device::get_name(dev).map_err(drv_err("cuDeviceGetName"))?;
         // SAFETY: `dev` came from cuDeviceGet.
