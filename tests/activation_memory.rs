@@ -13,7 +13,7 @@ use rku_engine::model::keep::{kept_layers, layer_acts_bytes, MemoryBudget};
 use rku_engine::model::lora::Adapters;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
-use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
+use rku_engine::prune::stats::{EnergyAt, Objectives};
 use rku_engine::recover::step::{loss_and_grads, RecoverLoss};
 
 const FAMILIES: [&str; 5] = [
@@ -29,12 +29,6 @@ const BOTH: Objectives = Objectives {
     ce: true,
 };
 
-fn ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 7919 + seed) % vocab as u32)
-        .collect()
-}
-
 fn spec(seqs: usize, t: usize, budget: MemoryBudget) -> CalibSpec {
     CalibSpec {
         samples: seqs,
@@ -46,21 +40,6 @@ fn spec(seqs: usize, t: usize, budget: MemoryBudget) -> CalibSpec {
         activation_memory: budget,
         layer_major: None,
         bos: false,
-    }
-}
-
-/// Every statistic of `a` equals `b`'s, bit for bit.
-fn assert_same(a: &Stats, b: &Stats, what: &str) {
-    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
-        for (name, u, v) in [
-            ("s1", &x.s1, &y.s1),
-            ("s2", &x.s2, &y.s2),
-            ("f2", &x.f2, &y.f2),
-            ("k1", &x.k1, &y.k1),
-            ("tk", &x.tk, &y.tk),
-        ] {
-            assert!(u == v, "{what}: layer {l} {name} differs");
-        }
     }
 }
 
@@ -102,7 +81,7 @@ fn a_kept_layer_costs_what_the_budget_counts() {
         let model = Model::load(&be, &fixture(name)).unwrap();
         let c = &model.cfg;
         let geo = Geometry { seqs: 2, t: 9 };
-        let x = ids(geo.rows(), c.vocab, 5);
+        let x = stride_ids(geo.rows(), c.vocab, 5);
         let ad = Adapters::build(&be, c, 2, |_, _, inp, out| {
             Ok((values(2 * inp, -0.1, 0.1, 1), values(out * 2, -0.1, 0.1, 2)))
         })
@@ -127,13 +106,13 @@ fn statistics_do_not_depend_on_the_budget_cpu() {
         let be = CpuBackend::new();
         let model = Model::load(&be, &fixture(name)).unwrap();
         let (seqs, t) = (5, 12);
-        let windows = ids(seqs * t, model.cfg.vocab, 11);
+        let windows = stride_ids(seqs * t, model.cfg.vocab, 11);
         let run = |budget| {
             collect_stats(&be, &model, &windows, spec(seqs, t, budget), String::new()).unwrap()
         };
         let [none, top, all] = budgets(&model, Geometry { seqs: 2, t }).map(run);
-        assert_same(&top, &none, &format!("{name}: one layer kept vs none"));
-        assert_same(&all, &none, &format!("{name}: every layer kept vs none"));
+        assert_stats_equal(&top, &none, &format!("{name}: one layer kept vs none"));
+        assert_stats_equal(&all, &none, &format!("{name}: every layer kept vs none"));
     }
 }
 
@@ -148,7 +127,7 @@ fn trace_statistics_do_not_depend_on_the_budget() {
             .iter()
             .enumerate()
             .map(|(i, &(len, from))| Sequence {
-                ids: ids(len, model.cfg.vocab, 3 + i as u32),
+                ids: stride_ids(len, model.cfg.vocab, 3 + i as u32),
                 counted_from: from,
             })
             .collect();
@@ -157,12 +136,12 @@ fn trace_statistics_do_not_depend_on_the_budget() {
             collect_sequence_stats(&be, &model, &seqs, s, "c".into(), None).unwrap()
         };
         let [none, top, all] = budgets(&model, Geometry { seqs: 2, t: 9 }).map(run);
-        assert_same(
+        assert_stats_equal(
             &top,
             &none,
             &format!("{name} traces: one layer kept vs none"),
         );
-        assert_same(
+        assert_stats_equal(
             &all,
             &none,
             &format!("{name} traces: every layer kept vs none"),
@@ -176,17 +155,17 @@ fn statistics_do_not_depend_on_the_budget_cuda_emu() {
         let be = CudaBackend::new(EmuDevice::new());
         let model = Model::load(&be, &fixture(name)).unwrap();
         let (seqs, t) = (2, 10);
-        let windows = ids(seqs * t, model.cfg.vocab, 7);
+        let windows = stride_ids(seqs * t, model.cfg.vocab, 7);
         let run = |budget| {
             collect_stats(&be, &model, &windows, spec(seqs, t, budget), String::new()).unwrap()
         };
         let [none, top, all] = budgets(&model, Geometry { seqs: 2, t }).map(run);
-        assert_same(
+        assert_stats_equal(
             &top,
             &none,
             &format!("{name} on cuda-emu: one layer kept vs none"),
         );
-        assert_same(
+        assert_stats_equal(
             &all,
             &none,
             &format!("{name} on cuda-emu: every layer kept vs none"),
@@ -203,7 +182,7 @@ fn adapter_gradients_do_not_depend_on_the_budget() {
         let model = Model::load(&be, &fixture(name)).unwrap();
         let c = &model.cfg;
         let geo = Geometry { seqs: 2, t: 8 };
-        let x = ids(geo.rows(), c.vocab, 9);
+        let x = stride_ids(geo.rows(), c.vocab, 9);
         let ad = Adapters::build(&be, c, 2, |l, _, inp, out| {
             let seed = l as u64;
             Ok((

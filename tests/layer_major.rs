@@ -13,18 +13,12 @@ use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
 use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
-use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
+use rku_engine::prune::stats::{EnergyAt, Objectives};
 
 const BOTH: Objectives = Objectives {
     energy: true,
     ce: true,
 };
-
-fn ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 7919 + seed) % vocab as u32)
-        .collect()
-}
 
 fn spec(seqs: usize, t: usize, layer_major: Option<LayerMajor>) -> CalibSpec {
     CalibSpec {
@@ -52,20 +46,6 @@ fn host_bytes<B: Backend>(model: &Model<B>, rows: usize) -> u64 {
     ((model.cfg.layers + 2) * model.cfg.hidden * 4 * rows) as u64
 }
 
-fn assert_same(a: &Stats, b: &Stats, what: &str) {
-    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
-        for (name, u, v) in [
-            ("s1", &x.s1, &y.s1),
-            ("s2", &x.s2, &y.s2),
-            ("f2", &x.f2, &y.f2),
-            ("k1", &x.k1, &y.k1),
-            ("tk", &x.tk, &y.tk),
-        ] {
-            assert!(u == v, "{what}: layer {l} {name} differs");
-        }
-    }
-}
-
 /// Windows: one chunk of everything, and chunks of one batch each.
 #[test]
 fn layer_major_equals_sequence_major_cpu() {
@@ -79,12 +59,12 @@ fn layer_major_equals_sequence_major_cpu() {
         let be = CpuBackend::new();
         let model = Model::load(&be, &fixture(name)).unwrap();
         let (seqs, t) = (5, 12);
-        let windows = ids(seqs * t, model.cfg.vocab, 3);
+        let windows = stride_ids(seqs * t, model.cfg.vocab, 3);
         let run = |lm| collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new());
         let want = run(None).unwrap();
         for host in [u64::MAX, host_bytes(&model, 2 * t)] {
             let got = run(layer_major(host, ResidualDtype::F32)).unwrap();
-            assert_same(&got, &want, &format!("{name}, host budget {host} B"));
+            assert_stats_equal(&got, &want, &format!("{name}, host budget {host} B"));
         }
     }
 }
@@ -98,7 +78,7 @@ fn layer_major_equals_sequence_major_on_masked_traces() {
         .iter()
         .enumerate()
         .map(|(i, &(len, from))| Sequence {
-            ids: ids(len, model.cfg.vocab, 5 + i as u32),
+            ids: stride_ids(len, model.cfg.vocab, 5 + i as u32),
             counted_from: from,
         })
         .collect();
@@ -106,7 +86,7 @@ fn layer_major_equals_sequence_major_on_masked_traces() {
     let want = run(None).unwrap();
     for host in [u64::MAX, host_bytes(&model, 18)] {
         let got = run(layer_major(host, ResidualDtype::F32)).unwrap();
-        assert_same(&got, &want, &format!("traces, host budget {host} B"));
+        assert_stats_equal(&got, &want, &format!("traces, host budget {host} B"));
     }
 }
 
@@ -120,7 +100,7 @@ fn layer_major_uploads_each_layer_once_per_pass_per_chunk() {
         let run = |lm| {
             let be = CudaBackend::new(EmuDevice::new());
             let model = Model::load_with(&be, &fixture(name), Residency::Streamed).unwrap();
-            let windows = ids(seqs * t, model.cfg.vocab, 9);
+            let windows = stride_ids(seqs * t, model.cfg.vocab, 9);
             let st = collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new());
             (st.unwrap(), model.layer_uploads(), model.cfg.layers)
         };
@@ -132,13 +112,13 @@ fn layer_major_uploads_each_layer_once_per_pass_per_chunk() {
             "{name}: 3 batches sequence-major"
         );
         let (one, uploads, _) = run(layer_major(u64::MAX, ResidualDtype::F32));
-        assert_same(&one, &want, &format!("{name} on cuda-emu, one chunk"));
+        assert_stats_equal(&one, &want, &format!("{name} on cuda-emu, one chunk"));
         assert_eq!(uploads, passes * layers, "{name}: one chunk");
         // Two batches (4 sequences of 10 tokens) per chunk: chunks of 2 and 1 batches.
         let cfg = rku_engine::model::ModelConfig::load(&fixture(name).join("config.json")).unwrap();
         let two = ((cfg.layers + 2) * cfg.hidden * 4 * 4 * t) as u64;
         let (chunked, uploads, _) = run(layer_major(two, ResidualDtype::F32));
-        assert_same(&chunked, &want, &format!("{name} on cuda-emu, two chunks"));
+        assert_stats_equal(&chunked, &want, &format!("{name} on cuda-emu, two chunks"));
         assert_eq!(uploads, 2 * passes * layers, "{name}: two chunks");
     }
 }
@@ -149,7 +129,7 @@ fn bf16_residuals_are_close_but_rounded() {
     let be = CpuBackend::new();
     let model = Model::load(&be, &fixture("tiny-llama3")).unwrap();
     let (seqs, t) = (4, 12);
-    let windows = ids(seqs * t, model.cfg.vocab, 1);
+    let windows = stride_ids(seqs * t, model.cfg.vocab, 1);
     let run = |lm| collect_stats(&be, &model, &windows, spec(seqs, t, lm), String::new()).unwrap();
     let exact = run(None);
     let rounded = run(layer_major(u64::MAX, ResidualDtype::Bf16));

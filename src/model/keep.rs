@@ -74,11 +74,15 @@ impl fmt::Display for MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// The budget in bytes, given the backend's available memory for `Auto`.
-    pub fn bytes(self, available: impl FnOnce() -> Result<u64>) -> Result<u64> {
+    /// The budget in bytes, `Auto` being half of `available()` (the
+    /// backend's available memory); an error names `flag` and suggests a
+    /// byte count when `available` fails.
+    pub fn resolve(self, flag: &str, available: impl FnOnce() -> Result<u64>) -> Result<u64> {
         match self {
             MemoryBudget::Bytes(b) => Ok(b),
-            MemoryBudget::Auto => Ok(available()? / 2),
+            MemoryBudget::Auto => available().map(|a| a / 2).map_err(|e| {
+                Error::Invalid(format!("{flag} auto: {e} (give a byte count instead)"))
+            }),
         }
     }
 }

@@ -291,13 +291,7 @@ impl<'a> ActsBudget<'a> {
     fn new<B: Backend>(be: &B, model: &'a Model<B>, spec: CalibSpec) -> Result<Self> {
         let bytes = spec
             .activation_memory
-            .bytes(|| be.available_memory())
-            .map_err(|e| {
-                Error::Invalid(format!(
-                    "--activation-memory {}: {e} (give a byte count instead)",
-                    spec.activation_memory
-                ))
-            })?;
+            .resolve("--activation-memory", || be.available_memory())?;
         Ok(ActsBudget {
             cfg: &model.cfg,
             bytes,

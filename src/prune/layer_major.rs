@@ -154,13 +154,7 @@ pub fn score_chunks<B: Backend>(
 ) -> Result<()> {
     let budget = lm
         .host_memory
-        .bytes(|| be.available_memory())
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "--host-memory {}: {e} (give a byte count instead)",
-                lm.host_memory
-            ))
-        })?;
+        .resolve("--host-memory", || be.available_memory())?;
     let row_bytes = host_bytes_per_row(&model.cfg, lm.residual);
     let chunks = chunks(batches, row_bytes, budget)?;
     let passes = passes(spec, scales);

@@ -406,13 +406,7 @@ fn acts_budget<B: Backend>(
 ) -> Result<u64> {
     let bytes = spec
         .activation_memory
-        .bytes(|| be.available_memory())
-        .map_err(|e| {
-            Error::Invalid(format!(
-                "--activation-memory {}: {e} (give a byte count instead)",
-                spec.activation_memory
-            ))
-        })?;
+        .resolve("--activation-memory", || be.available_memory())?;
     let geo = Geometry {
         seqs: spec.batch,
         t,

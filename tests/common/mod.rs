@@ -211,3 +211,25 @@ pub fn file_sha256(path: &Path) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// `n` token ids below `vocab`: position i gives (7919·i + seed) mod vocab.
+pub fn stride_ids(n: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 7919 + seed) % vocab as u32)
+        .collect()
+}
+
+/// Every statistic (s1, s2, f2, k1, tk) of `a` equals `b`'s, bit for bit.
+pub fn assert_stats_equal(a: &rku_engine::prune::Stats, b: &rku_engine::prune::Stats, what: &str) {
+    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+        for (name, u, v) in [
+            ("s1", &x.s1, &y.s1),
+            ("s2", &x.s2, &y.s2),
+            ("f2", &x.f2, &y.f2),
+            ("k1", &x.k1, &y.k1),
+            ("tk", &x.tk, &y.tk),
+        ] {
+            assert!(u == v, "{what}: layer {l} {name} differs");
+        }
+    }
+}
