@@ -310,13 +310,14 @@ impl<'a> ActsBudget<'a> {
     }
 }
 
+/// One backward pass of a statistics pass: its objective, where the energy
+/// reads the model, and the objective's normaliser.
+pub(crate) type Pass = (Objective, EnergyAt, f32);
+
 /// The backward passes a statistics pass runs, in order: each objective of
 /// `spec` with its normaliser (`scales` = (energy, ce)) and where the
 /// energy reads the model.
-pub(crate) fn passes(
-    spec: CalibSpec,
-    (energy_scale, ce_scale): (f32, f32),
-) -> Vec<(Objective, EnergyAt, f32)> {
+pub(crate) fn passes(spec: CalibSpec, (energy_scale, ce_scale): (f32, f32)) -> Vec<Pass> {
     let mut passes = Vec::new();
     if spec.objectives.energy {
         passes.push((Objective::Energy, spec.energy_at, energy_scale));

@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use half::bf16;
 
-use super::calibrate::{accumulate, passes, Batch, CalibSpec};
+use super::calibrate::{accumulate, passes, Batch, CalibSpec, Pass};
 use super::stats::Stats;
 use crate::backend::Backend;
 use crate::model::backward::{layer_backward, objective_grad};
@@ -196,11 +196,7 @@ fn score_chunk<B: Backend>(
     model: &Model<B>,
     stats: &mut Stats,
     chunk: &[Batch],
-    passes: &[(
-        crate::model::objective::Objective,
-        crate::model::objective::EnergyAt,
-        f32,
-    )],
+    passes: &[Pass],
     dtype: ResidualDtype,
     progress: &Progress,
 ) -> Result<()> {
