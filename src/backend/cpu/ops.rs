@@ -82,69 +82,40 @@ pub fn rope(
 /// Values per rayon task of the elementwise GLU kernels.
 const SWIGLU_CHUNK: usize = 8192;
 
-/// `h = act(a)·b` (silu through the SIMD kernels).
-pub fn glu_fwd(act: GluAct, a: &[f32], b: &[f32]) -> Vec<f32> {
-    if act == GluAct::GeluTanh {
-        let mut h = vec![0f32; a.len()];
-        h.par_chunks_mut(SWIGLU_CHUNK)
-            .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
-            .for_each(|(hc, (ac, bc))| {
-                for ((h, &a), &b) in hc.iter_mut().zip(ac).zip(bc) {
-                    *h = gelu_tanh(a) * b;
-                }
-            });
-        return h;
+/// The SIMD gate of `act` ([`simd::Gate`]).
+fn gate(act: GluAct) -> simd::Gate {
+    match act {
+        GluAct::Silu => simd::Gate::SILU,
+        GluAct::GeluTanh => simd::Gate::GELU_TANH,
     }
-    let isa = Isa::get();
-    // SAFETY: silu_mul writes every slot of its chunk, the chunks cover h.
+}
+
+/// `h = act(a)·b`, act(a) = a·σ(z(a)) (`simd::gated_mul`; for gelu this is
+/// kernels/swiglu.cu's 0.5·a·(1 + tanh(u)) written as a·σ(2u)).
+pub fn glu_fwd(act: GluAct, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let (isa, gate) = (Isa::get(), gate(act));
+    // SAFETY: gated_mul writes every slot of its chunk, the chunks cover h.
     unsafe {
         written_slots(a.len(), |h| {
             h.par_chunks_mut(SWIGLU_CHUNK)
                 .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
-                .for_each(|(hc, (ac, bc))| simd::silu_mul(isa, hc, ac, bc))
+                .for_each(|(hc, (ac, bc))| simd::gated_mul(isa, gate, hc, ac, bc))
         })
     }
 }
 
-/// gelu with the tanh approximation (kernels/swiglu.cu `gelu_tanh`, the same f32 operations).
-fn gelu_tanh(a: f32) -> f32 {
-    0.5 * a * (1.0 + (GELU_K * (a + GELU_C * a * a * a)).tanh())
-}
-
-/// d gelu_tanh / da (kernels/swiglu.cu `gelu_tanh_grad`).
-fn gelu_tanh_grad(a: f32) -> f32 {
-    let t = (GELU_K * (a + GELU_C * a * a * a)).tanh();
-    0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * a * a)
-}
-
-const GELU_K: f32 = 0.797_884_6; // √(2/π)
-const GELU_C: f32 = 0.044715;
-
-/// silu: `da = dh·b·σ(a)·(1 + a·(1−σ(a)))`, `db = dh·silu(a)`; gelu:
-/// `da = dh·b·gelu'(a)`, `db = dh·gelu(a)`.
+/// `da = dh·b·act'(a)`, `db = dh·act(a)` (`simd::gated_mul_bwd`).
 pub fn glu_bwd(act: GluAct, dh: &[f32], a: &[f32], b: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let isa = Isa::get();
+    let (isa, gate) = (Isa::get(), gate(act));
     let mut da = vec![0f32; a.len()];
     let mut db = vec![0f32; a.len()];
-    if act == GluAct::GeluTanh {
-        da.par_chunks_mut(SWIGLU_CHUNK)
-            .zip(db.par_chunks_mut(SWIGLU_CHUNK))
-            .zip(dh.par_chunks(SWIGLU_CHUNK))
-            .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
-            .for_each(|(((dac, dbc), dhc), (ac, bc))| {
-                for i in 0..dac.len() {
-                    let (av, d) = (ac[i], dhc[i]);
-                    dac[i] = d * bc[i] * gelu_tanh_grad(av);
-                    dbc[i] = d * gelu_tanh(av);
-                }
-            });
-        return (da, db);
-    }
     da.par_chunks_mut(SWIGLU_CHUNK)
         .zip(db.par_chunks_mut(SWIGLU_CHUNK))
         .zip(dh.par_chunks(SWIGLU_CHUNK))
         .zip(a.par_chunks(SWIGLU_CHUNK).zip(b.par_chunks(SWIGLU_CHUNK)))
-        .for_each(|(((dac, dbc), dhc), (ac, bc))| simd::silu_mul_bwd(isa, dac, dbc, dhc, ac, bc));
+        .for_each(|(((dac, dbc), dhc), (ac, bc))| {
+            simd::gated_mul_bwd(isa, gate, dac, dbc, dhc, ac, bc)
+        });
     (da, db)
 }
 

@@ -134,32 +134,66 @@ pub fn exp_sum(isa: Isa, x: &mut [f32], shift: f32) -> f32 {
     )
 }
 
-/// `h = silu(a)·b = a·b / (1 + e^−a)`, elementwise; writes every slot of `h`.
-pub fn silu_mul(isa: Isa, h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+/// A sigmoid gate act(a) = a·σ(z), z = a·(α + β·a²): silu is α = 1, β = 0
+/// (z = a exactly); gelu with the tanh approximation, 0.5·a·(1 + tanh(u))
+/// with u = k·(a + c·a³), is the same function as a·σ(2u), so α = 2k,
+/// β = 2k·c.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gate {
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Gate {
+    pub const SILU: Gate = Gate {
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    /// k = √(2/π), c = 0.044715 (kernels/swiglu.cu `gelu_tanh`).
+    pub const GELU_TANH: Gate = Gate {
+        alpha: 2.0 * 0.797_884_6,
+        beta: 2.0 * 0.797_884_6 * 0.044715,
+    };
+}
+
+/// `h = act(a)·b = a·b / (1 + e^−z)`, z = a·(α + β·a²) ([`Gate`]),
+/// elementwise; writes every slot of `h`.
+pub fn gated_mul(isa: Isa, gate: Gate, h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
     assert!(a.len() == h.len() && b.len() == h.len());
     dispatch!(
         isa,
-        x86::silu_mul_512(h, a, b),
-        x86::silu_mul_256(h, a, b),
+        x86::gated_mul_512(gate, h, a, b),
+        x86::gated_mul_256(gate, h, a, b),
         for ((h, &a), &b) in h.iter_mut().zip(a).zip(b) {
-            h.write(a * b / (1.0 + (-a).exp()));
+            let z = a * gate.beta.mul_add(a * a, gate.alpha);
+            h.write(a * b / (1.0 + (-z).exp()));
         }
     )
 }
 
-/// Backward of `silu_mul` given `dh`, with σ = 1/(1 + e^−a):
-/// `da = dh·b·σ·(1 + a·(1 − σ))`, `db = dh·a·σ`.
-pub fn silu_mul_bwd(isa: Isa, da: &mut [f32], db: &mut [f32], dh: &[f32], a: &[f32], b: &[f32]) {
+/// Backward of `gated_mul` given `dh`, with σ = 1/(1 + e^−z) and
+/// z' = dz/da = α + 3β·a²: `da = dh·b·σ·(1 + a·z'·(1 − σ))`, `db = dh·a·σ`.
+pub fn gated_mul_bwd(
+    isa: Isa,
+    gate: Gate,
+    da: &mut [f32],
+    db: &mut [f32],
+    dh: &[f32],
+    a: &[f32],
+    b: &[f32],
+) {
     let n = da.len();
     assert!(db.len() == n && dh.len() == n && a.len() == n && b.len() == n);
     dispatch!(
         isa,
-        x86::silu_mul_bwd_512(da, db, dh, a, b),
-        x86::silu_mul_bwd_256(da, db, dh, a, b),
+        x86::gated_mul_bwd_512(gate, da, db, dh, a, b),
+        x86::gated_mul_bwd_256(gate, da, db, dh, a, b),
         for i in 0..n {
             let (av, bv, g) = (a[i], b[i], dh[i]);
-            let s = 1.0 / (1.0 + (-av).exp());
-            da[i] = g * bv * s * (1.0 + av * (1.0 - s));
+            let z = av * gate.beta.mul_add(av * av, gate.alpha);
+            let dz = (3.0 * gate.beta).mul_add(av * av, gate.alpha);
+            let s = 1.0 / (1.0 + (-z).exp());
+            da[i] = g * bv * s * (av * dz).mul_add(1.0 - s, 1.0);
             db[i] = g * av * s;
         }
     )
@@ -172,6 +206,8 @@ mod x86 {
     //! a lane mask (AVX-512) or a zero-padded buffer (AVX2).
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
+
+    use super::Gate;
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     /// ln 2 = LN2_HI + LN2_LO; LN2_HI has 9 significant bits.
@@ -310,23 +346,44 @@ mod x86 {
         _mm256_mul_ps(_mm256_mul_ps(er, p1), p2)
     }
 
-    /// `a·b / (1 + e^−a)`.
+    /// z = a·(α + β·a²) of a [`Gate`].
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn silu_mul16(a: __m512, b: __m512) -> __m512 {
+    fn gate_z16(g: Gate, a: __m512) -> __m512 {
+        let a2 = _mm512_mul_ps(a, a);
+        _mm512_mul_ps(
+            a,
+            _mm512_fmadd_ps(_mm512_set1_ps(g.beta), a2, _mm512_set1_ps(g.alpha)),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn gate_z8(g: Gate, a: __m256) -> __m256 {
+        let a2 = _mm256_mul_ps(a, a);
+        _mm256_mul_ps(
+            a,
+            _mm256_fmadd_ps(_mm256_set1_ps(g.beta), a2, _mm256_set1_ps(g.alpha)),
+        )
+    }
+
+    /// `a·b / (1 + e^−z)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn gated_mul16(g: Gate, a: __m512, b: __m512) -> __m512 {
         let den = _mm512_add_ps(
             _mm512_set1_ps(1.0),
-            exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)),
+            exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate_z16(g, a))),
         );
         _mm512_div_ps(_mm512_mul_ps(a, b), den)
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn silu_mul8(a: __m256, b: __m256) -> __m256 {
+    fn gated_mul8(g: Gate, a: __m256, b: __m256) -> __m256 {
         let den = _mm256_add_ps(
             _mm256_set1_ps(1.0),
-            exp8(_mm256_sub_ps(_mm256_setzero_ps(), a)),
+            exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate_z8(g, a))),
         );
         _mm256_div_ps(_mm256_mul_ps(a, b), den)
     }
@@ -511,7 +568,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn silu_mul_512(h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    pub unsafe fn gated_mul_512(g: Gate, h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
         let (n, ph, pa, pb) = (
             h.len(),
             h.as_mut_ptr().cast::<f32>(),
@@ -524,14 +581,14 @@ mod x86 {
             store16(
                 ph.add(i),
                 m,
-                silu_mul16(load16(pa.add(i), m), load16(pb.add(i), m)),
+                gated_mul16(g, load16(pa.add(i), m), load16(pb.add(i), m)),
             );
             i += 16;
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn silu_mul_256(h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
+    pub unsafe fn gated_mul_256(g: Gate, h: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
         let (n, ph, pa, pb) = (
             h.len(),
             h.as_mut_ptr().cast::<f32>(),
@@ -544,14 +601,15 @@ mod x86 {
             store8(
                 ph.add(i),
                 k,
-                silu_mul8(load8(pa.add(i), k), load8(pb.add(i), k)),
+                gated_mul8(g, load8(pa.add(i), k), load8(pb.add(i), k)),
             );
             i += 8;
         }
     }
 
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn silu_mul_bwd_512(
+    pub unsafe fn gated_mul_bwd_512(
+        gate: Gate,
         da: &mut [f32],
         db: &mut [f32],
         dh: &[f32],
@@ -566,10 +624,16 @@ mod x86 {
             let av = load16(a.as_ptr().add(i), m);
             let bv = load16(b.as_ptr().add(i), m);
             let g = load16(dh.as_ptr().add(i), m);
-            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), av));
-            let s = _mm512_div_ps(one, _mm512_add_ps(one, e)); // σ(a)
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate_z16(gate, av)));
+            let s = _mm512_div_ps(one, _mm512_add_ps(one, e)); // σ(z)
             let gs = _mm512_mul_ps(g, s);
-            let t = _mm512_fmadd_ps(av, _mm512_sub_ps(one, s), one); // 1 + a·(1 − σ)
+            let dz = _mm512_fmadd_ps(
+                _mm512_set1_ps(3.0 * gate.beta),
+                _mm512_mul_ps(av, av),
+                _mm512_set1_ps(gate.alpha),
+            );
+            // 1 + a·z'·(1 − σ)
+            let t = _mm512_fmadd_ps(_mm512_mul_ps(av, dz), _mm512_sub_ps(one, s), one);
             store16(
                 da.as_mut_ptr().add(i),
                 m,
@@ -581,7 +645,8 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn silu_mul_bwd_256(
+    pub unsafe fn gated_mul_bwd_256(
+        gate: Gate,
         da: &mut [f32],
         db: &mut [f32],
         dh: &[f32],
@@ -596,10 +661,16 @@ mod x86 {
             let av = load8(a.as_ptr().add(i), k);
             let bv = load8(b.as_ptr().add(i), k);
             let g = load8(dh.as_ptr().add(i), k);
-            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), av));
-            let s = _mm256_div_ps(one, _mm256_add_ps(one, e)); // σ(a)
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate_z8(gate, av)));
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, e)); // σ(z)
             let gs = _mm256_mul_ps(g, s);
-            let t = _mm256_fmadd_ps(av, _mm256_sub_ps(one, s), one); // 1 + a·(1 − σ)
+            let dz = _mm256_fmadd_ps(
+                _mm256_set1_ps(3.0 * gate.beta),
+                _mm256_mul_ps(av, av),
+                _mm256_set1_ps(gate.alpha),
+            );
+            // 1 + a·z'·(1 − σ)
+            let t = _mm256_fmadd_ps(_mm256_mul_ps(av, dz), _mm256_sub_ps(one, s), one);
             store8(
                 da.as_mut_ptr().add(i),
                 k,
@@ -729,24 +800,39 @@ mod tests {
         }
     }
 
+    /// silu and gelu (tanh approximation) in f64 from their usual
+    /// formulas, σ and tanh: act(a), act'(a).
+    fn reference(gate: Gate, a: f64) -> (f64, f64) {
+        if gate == Gate::SILU {
+            let s = 1.0 / (1.0 + (-a).exp());
+            return (a * s, s * (1.0 + a * (1.0 - s)));
+        }
+        let (k, c) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+        let t = (k * (a + c * a * a * a)).tanh();
+        let d = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * k * (1.0 + 3.0 * c * a * a);
+        (0.5 * a * (1.0 + t), d)
+    }
+
     #[test]
-    fn silu_mul_and_its_backward_match_the_formulas() {
-        for isa in Isa::available() {
-            for n in [1, 7, 9, 16, 19, 101] {
-                let a = values(n, -12.0, 12.0, 5);
-                let b = values(n, -2.0, 2.0, 6);
-                let dh = values(n, -2.0, 2.0, 7);
-                // SAFETY: silu_mul writes every slot.
-                let h = unsafe { written_slots(n, |h| silu_mul(isa, h, &a, &b)) };
-                let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
-                silu_mul_bwd(isa, &mut da, &mut db, &dh, &a, &b);
-                for i in 0..n {
-                    let (av, bv, g) = (a[i] as f64, b[i] as f64, dh[i] as f64);
-                    let s = 1.0 / (1.0 + (-av).exp());
-                    assert!(close(h[i] as f64, av * s * bv, 1e-6), "{isa:?} h[{i}]");
-                    let want_da = g * bv * s * (1.0 + av * (1.0 - s));
-                    assert!(close(da[i] as f64, want_da, 1e-6), "{isa:?} da[{i}]");
-                    assert!(close(db[i] as f64, g * av * s, 1e-6), "{isa:?} db[{i}]");
+    fn gated_mul_and_its_backward_match_the_formulas() {
+        for gate in [Gate::SILU, Gate::GELU_TANH] {
+            for isa in Isa::available() {
+                for n in [1, 7, 9, 16, 19, 101] {
+                    let a = values(n, -12.0, 12.0, 5);
+                    let b = values(n, -2.0, 2.0, 6);
+                    let dh = values(n, -2.0, 2.0, 7);
+                    // SAFETY: gated_mul writes every slot.
+                    let h = unsafe { written_slots(n, |h| gated_mul(isa, gate, h, &a, &b)) };
+                    let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+                    gated_mul_bwd(isa, gate, &mut da, &mut db, &dh, &a, &b);
+                    for i in 0..n {
+                        let (av, bv, g) = (a[i] as f64, b[i] as f64, dh[i] as f64);
+                        let (act, d) = reference(gate, av);
+                        let what = format!("{gate:?} {isa:?} [{i}] a = {av}");
+                        assert!(close(h[i] as f64, act * bv, 1e-6), "h {what}");
+                        assert!(close(da[i] as f64, g * bv * d, 1e-6), "da {what}");
+                        assert!(close(db[i] as f64, g * act, 1e-6), "db {what}");
+                    }
                 }
             }
         }
