@@ -13,7 +13,6 @@ use rku_engine::model::keep::{kept_layers, layer_acts_bytes, MemoryBudget};
 use rku_engine::model::lora::Adapters;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
-use rku_engine::prune::stats::{EnergyAt, Objectives};
 use rku_engine::recover::step::{loss_and_grads, RecoverLoss};
 
 const FAMILIES: [&str; 5] = [
@@ -24,22 +23,10 @@ const FAMILIES: [&str; 5] = [
     "tiny-gemma3",
 ];
 
-const BOTH: Objectives = Objectives {
-    energy: true,
-    ce: true,
-};
-
 fn spec(seqs: usize, t: usize, budget: MemoryBudget) -> CalibSpec {
     CalibSpec {
-        samples: seqs,
-        seq_len: t,
-        batch: 2,
-        objectives: BOTH,
-        energy_at: EnergyAt::FinalNorm,
-        norms: None,
         activation_memory: budget,
-        layer_major: None,
-        bos: false,
+        ..calib_spec(seqs, t)
     }
 }
 

@@ -13,24 +13,11 @@ use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
 use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
-use rku_engine::prune::stats::{EnergyAt, Objectives};
-
-const BOTH: Objectives = Objectives {
-    energy: true,
-    ce: true,
-};
 
 fn spec(seqs: usize, t: usize, layer_major: Option<LayerMajor>) -> CalibSpec {
     CalibSpec {
-        samples: seqs,
-        seq_len: t,
-        batch: 2,
-        objectives: BOTH,
-        energy_at: EnergyAt::FinalNorm,
-        norms: None,
-        activation_memory: MemoryBudget::Bytes(0),
         layer_major,
-        bos: false,
+        ..calib_spec(seqs, t)
     }
 }
 

@@ -8,13 +8,13 @@
 //! to the statistics, and the gradient flows on to the layer's input. Of the
 //! layers not kept, one layer's intermediates are alive at a time.
 use super::forward::{
-    ffn_down, layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry, LayerActs,
-    RopeTables,
+    attn_shape, ffn_down, layer_acts, next_token_targets, qk_norm_bwd, ForwardOut, Geometry,
+    LayerActs, RopeTables,
 };
 use super::lora::{Adapter, Adapters, LayerLora, Proj};
 use super::objective::{EnergyAt, Objective};
 use super::weights::{LayerWeights, Model};
-use crate::backend::{AttnShape, Backend, ChannelPartial};
+use crate::backend::{Backend, ChannelPartial};
 use crate::{Error, Result};
 
 /// Backward pass of `objective` over the batch whose forward (`fwd`, with
@@ -261,13 +261,7 @@ pub fn layer_backward<'f, B: Backend>(
     let c = &model.cfg;
     let (rows, d, m) = (geo.rows(), c.hidden, lw.ffn);
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let shape = AttnShape {
-        seqs: geo.seqs,
-        t: geo.t,
-        heads: c.heads,
-        kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-    };
+    let shape = attn_shape(c, geo);
     // The forward's activations of this layer when it kept them, else recomputed.
     let mut acts = match acts {
         Some(acts) => acts,

@@ -152,6 +152,17 @@ impl Geometry {
     }
 }
 
+/// The attention shape of `c`'s layers over a batch of geometry `geo`.
+pub fn attn_shape(c: &ModelConfig, geo: Geometry) -> AttnShape {
+    AttnShape {
+        seqs: geo.seqs,
+        t: geo.t,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+    }
+}
+
 /// One decoder layer: `x → x' = x + Attn(norm(x))` (with Qwen3's q/k
 /// norms inside Attn, [`qk_norm_fwd`]), then
 /// `x_next = x' + W_d h` with `h = act(W_g u)·W_u u`, `u = norm(x')`;
@@ -234,13 +245,7 @@ pub fn layer_acts<B: Backend>(
     let (rows, d, m) = (geo.rows(), c.hidden, lw.ffn);
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let eps = c.rms_eps as f32;
-    let shape = AttnShape {
-        seqs: geo.seqs,
-        t: geo.t,
-        heads: c.heads,
-        kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-    };
+    let shape = attn_shape(c, geo);
 
     let (u, rstd_attn) = be.rmsnorm_fwd(x, &lw.attn_norm, rows, d, eps)?; // [rows, d]
     let mut q = be.linear(&u, &lw.wq, lw.bq.as_ref(), rows, d, qd)?; // [rows, q]

@@ -233,3 +233,23 @@ pub fn assert_stats_equal(a: &rku_engine::prune::Stats, b: &rku_engine::prune::S
         }
     }
 }
+
+/// A statistics pass over `seqs` windows of `t` tokens, batches of 2, both
+/// objectives, every layer recomputed, sequence-major, no BOS.
+pub fn calib_spec(seqs: usize, t: usize) -> rku_engine::prune::calibrate::CalibSpec {
+    use rku_engine::prune::stats::{EnergyAt, Objectives};
+    rku_engine::prune::calibrate::CalibSpec {
+        samples: seqs,
+        seq_len: t,
+        batch: 2,
+        objectives: Objectives {
+            energy: true,
+            ce: true,
+        },
+        energy_at: EnergyAt::FinalNorm,
+        norms: None,
+        activation_memory: rku_engine::model::keep::MemoryBudget::Bytes(0),
+        layer_major: None,
+        bos: false,
+    }
+}
