@@ -2,17 +2,19 @@
 //! statistics as the sequence-major pass, bit for bit, for every family,
 //! windows and masked traces, on the CPU and the emulated device; each
 //! streamed layer uploaded once per pass per chunk (counted); bf16
-//! residuals close but rounded; the CLI's flags.
+//! residuals close but rounded; the CLI's flags. Layer-major perplexity
+//! (src/eval/ppl.rs): the same NLL bit for bit, uploads counted.
 mod common;
 use common::*;
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
 use rku_engine::backend::Backend;
+use rku_engine::eval::ppl::{perplexity, PplResult, PplWindows};
 use rku_engine::model::keep::MemoryBudget;
+use rku_engine::model::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::model::weights::Residency;
 use rku_engine::model::Model;
 use rku_engine::prune::calibrate::{collect_sequence_stats, collect_stats, CalibSpec, Sequence};
-use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
 
 fn spec(seqs: usize, t: usize, layer_major: Option<LayerMajor>) -> CalibSpec {
     CalibSpec {
@@ -183,4 +185,229 @@ fn score_layer_major_cli() {
         "bad.safetensors",
     ));
     assert!(err.contains("f16"), "{err}");
+}
+
+/// 7 windows of 10 tokens in batches of 2 (4 batches), with or without BOS.
+fn ppl<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    bos: Option<u32>,
+    lm: Option<LayerMajor>,
+) -> PplResult {
+    let t = 10;
+    let ids = stride_ids(7 * t, model.cfg.vocab, 4);
+    let windows = PplWindows {
+        seq_len: t,
+        max_windows: Some(7),
+        batch: 2,
+        bos,
+        layer_major: lm,
+    };
+    perplexity(be, model, &ids, &windows).unwrap()
+}
+
+fn assert_ppl_equal(got: &PplResult, want: &PplResult, what: &str) {
+    assert_eq!(
+        (got.nll.to_bits(), got.tokens, got.windows),
+        (want.nll.to_bits(), want.tokens, want.windows),
+        "{what}: layer-major NLL {} vs sequence-major {}",
+        got.nll,
+        want.nll
+    );
+}
+
+/// Host bytes of one batch of perplexity windows (2 × 10 rows of x_l, f32).
+fn ppl_batch_bytes(cfg: &rku_engine::model::ModelConfig) -> u64 {
+    (cfg.hidden * 4 * 2 * 10) as u64
+}
+
+/// Perplexity layer-major equals sequence-major bit for bit, in one chunk
+/// and in chunks of one batch, with and without BOS, on the CPU; streamed on
+/// the emulated device each layer is uploaded once per chunk.
+#[test]
+fn perplexity_layer_major_equals_sequence_major() {
+    for name in ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"] {
+        let be = CpuBackend::new();
+        let model = Model::load(&be, &fixture(name)).unwrap();
+        let one_batch = ppl_batch_bytes(&model.cfg);
+        for bos in [None, Some(1)] {
+            let want = ppl(&be, &model, bos, None);
+            for host in [u64::MAX, one_batch] {
+                let got = ppl(&be, &model, bos, layer_major(host, ResidualDtype::F32));
+                assert_ppl_equal(&got, &want, &format!("{name}, BOS {bos:?}, host {host} B"));
+            }
+        }
+        let run = |lm| {
+            let be = CudaBackend::new(EmuDevice::new());
+            let model = Model::load_with(&be, &fixture(name), Residency::Streamed).unwrap();
+            let r = ppl(&be, &model, None, lm);
+            (r, model.layer_uploads())
+        };
+        let layers = model.cfg.layers;
+        let (want, uploads) = run(None);
+        assert_eq!(uploads, 4 * layers, "{name}: 4 batches sequence-major");
+        let (one, uploads) = run(layer_major(u64::MAX, ResidualDtype::F32));
+        assert_ppl_equal(&one, &want, &format!("{name} on cuda-emu, one chunk"));
+        assert_eq!(uploads, layers, "{name}: one chunk");
+        let (two, uploads) = run(layer_major(2 * one_batch, ResidualDtype::F32));
+        assert_ppl_equal(&two, &want, &format!("{name} on cuda-emu, two chunks"));
+        assert_eq!(uploads, 2 * layers, "{name}: two chunks of two batches");
+    }
+}
+
+/// `eval ppl --layer-major` prints its chunks and the sequence-major
+/// result; a budget below one batch, and --traces, are refused.
+#[test]
+fn eval_ppl_layer_major_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = calib_text(dir.path(), 40);
+    let model = fixture("tiny-llama3");
+    let cfg = rku_engine::model::ModelConfig::load(&model.join("config.json")).unwrap();
+    let eval = |extra: &[&str]| {
+        let mut cmd = bin();
+        cmd.args(["eval", "ppl", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&text)
+            .args([
+                "--seq-len",
+                "10",
+                "--max-windows",
+                "7",
+                "--batch",
+                "2",
+                "--json",
+            ])
+            .args(extra);
+        cmd
+    };
+    let one_batch = ppl_batch_bytes(&cfg).to_string();
+    let out = eval(&["--layer-major", "--host-memory", &one_batch])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("layer-major: 4 chunk(s)"), "{log}");
+    let last = |s: &str| s.lines().last().unwrap_or_default().to_string();
+    let layer_major = last(&String::from_utf8_lossy(&out.stdout));
+    let sequence_major = last(&run_ok(&mut eval(&[])));
+    assert_eq!(layer_major, sequence_major);
+    let err = run_err(&mut eval(&["--layer-major", "--host-memory", "1K"]));
+    assert!(
+        err.contains("too small") && err.contains(&one_batch),
+        "{err}"
+    );
+    let traces = dir.path().join("t.jsonl");
+    std::fs::write(&traces, "").unwrap();
+    let err = run_err(
+        bin()
+            .args(["eval", "ppl", "--model"])
+            .arg(&model)
+            .arg("--traces")
+            .arg(&traces)
+            .arg("--layer-major"),
+    );
+    assert!(err.contains("--layer-major"), "{err}");
+}
+
+/// The refit with its residual streams on the host (`--layer-major`)
+/// equals the device-resident refit bit for bit: both targets, with a
+/// bias, over windows and over masked sequences of several lengths, on the
+/// CPU and streamed on the emulated device (where a streamed layer is still
+/// uploaded once for the whole refit).
+#[test]
+fn refit_layer_major_equals_the_resident_refit() {
+    use rku_engine::prune::refit::{refit_sequences, RefitLayer, RefitSpec, RefitTarget};
+    fn same(got: &[RefitLayer], want: &[RefitLayer], what: &str) {
+        for (l, (a, b)) in got.iter().zip(want).enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&a.w_down),
+                bits(&b.w_down),
+                "{what}: layer {l} down_proj"
+            );
+            assert_eq!(
+                a.bias.as_deref().map(bits),
+                b.bias.as_deref().map(bits),
+                "{what}: layer {l} bias"
+            );
+            assert_eq!(
+                (a.err_zeroed.to_bits(), a.err_refit.to_bits(), a.refitted),
+                (b.err_zeroed.to_bits(), b.err_refit.to_bits(), b.refitted),
+                "{what}: layer {l} errors"
+            );
+        }
+        assert_eq!(got.len(), want.len());
+    }
+    let name = "tiny-llama3";
+    let cfg = rku_engine::model::ModelConfig::load(&fixture(name).join("config.json")).unwrap();
+    // Every third channel removed in every layer.
+    let kept: Vec<Vec<usize>> = cfg
+        .ffn_widths
+        .iter()
+        .map(|&m| (0..m).filter(|c| c % 3 != 1).collect())
+        .collect();
+    let windows: Vec<Sequence> = (0..5)
+        .map(|i| Sequence {
+            ids: stride_ids(12, cfg.vocab, 20 + i),
+            counted_from: 0,
+        })
+        .collect();
+    let masked: Vec<Sequence> = [(9, 4), (6, 2), (9, 5), (7, 3)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, from))| Sequence {
+            ids: stride_ids(len, cfg.vocab, 30 + i as u32),
+            counted_from: from,
+        })
+        .collect();
+    let host = layer_major(u64::MAX, ResidualDtype::F32);
+    for target in [RefitTarget::Layer, RefitTarget::Residual] {
+        let spec = RefitSpec {
+            target,
+            bias: true,
+            damp: 0.01,
+        };
+        for (seqs, kind) in [(&windows, "windows"), (&masked, "masked sequences")] {
+            let be = CpuBackend::new();
+            let model = Model::load(&be, &fixture(name)).unwrap();
+            let run = |lm| {
+                refit_sequences(&be, &model, &kept, seqs, 2, spec, lm)
+                    .unwrap()
+                    .0
+            };
+            let what = format!("{target:?}, {kind}, cpu");
+            same(&run(host), &run(None), &what);
+            let emu = |lm| {
+                let be = CudaBackend::new(EmuDevice::new());
+                let model = Model::load_with(&be, &fixture(name), Residency::Streamed).unwrap();
+                let r = refit_sequences(&be, &model, &kept, seqs, 2, spec, lm)
+                    .unwrap()
+                    .0;
+                (r, model.layer_uploads())
+            };
+            let (want, uploads) = emu(None);
+            let (got, lm_uploads) = emu(host);
+            same(&got, &want, &format!("{target:?}, {kind}, cuda-emu"));
+            assert_eq!(
+                (uploads, lm_uploads),
+                (cfg.layers, cfg.layers),
+                "{kind}: uploads"
+            );
+        }
+    }
+    // Streams that do not fit the host budget are refused, naming it.
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &fixture(name)).unwrap();
+    let spec = RefitSpec {
+        target: RefitTarget::Layer,
+        bias: false,
+        damp: 0.01,
+    };
+    let small = layer_major(1000, ResidualDtype::F32);
+    let e = match refit_sequences(&be, &model, &kept, &windows, 2, spec, small) {
+        Ok(_) => panic!("the refit ran past its host budget"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("--host-memory 1000 B is too small"), "{e}");
 }

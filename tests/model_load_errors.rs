@@ -193,6 +193,51 @@ fn nan_in_weights_is_refused() {
     );
 }
 
+/// The embedding is read by rows at each lookup: a NaN in one row is
+/// refused, naming the tensor and the value's index, when a batch looks
+/// that token up; other tokens run. A tied model's first logits load the
+/// whole matrix as its head, which refuses the NaN whatever the tokens.
+#[test]
+fn nan_in_an_embedding_row_is_refused_at_its_lookup() {
+    use rku_engine::model::forward::logits;
+    for (name, tied) in [("tiny-qwen2", false), ("tiny-llama3", true)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = copy_fixture(tmp.path(), name);
+        let d = rku_engine::model::ModelConfig::load(&dir.join("config.json"))
+            .unwrap()
+            .hidden;
+        rewrite(&dir, |n, s, mut v| {
+            if n == "model.embed_tokens.weight" {
+                v[7 * d + 3] = f32::NAN;
+            }
+            Some((s, v))
+        });
+        let be = CpuBackend::new();
+        let model = Model::load(&be, &dir).unwrap();
+        let geo = Geometry { seqs: 1, t: 4 };
+        forward(&be, &model, &[1, 2, 3, 4], geo, Keep::OUTPUT).unwrap();
+        let e = match forward(&be, &model, &[1, 7, 3, 4], geo, Keep::OUTPUT) {
+            Ok(_) => panic!("{name}: a lookup of a NaN row succeeded"),
+            Err(e) => e.to_string(),
+        };
+        let index = format!("flat index {}", 7 * d + 3);
+        assert!(
+            e.contains("model.embed_tokens.weight")
+                && e.contains("non-finite")
+                && e.contains(&index),
+            "{name}: {e}"
+        );
+        match (tied, logits(&be, &model, &[1, 2, 3, 4], geo)) {
+            (true, Ok(_)) => panic!("{name}: the tied head loaded with a NaN"),
+            (true, Err(e)) => assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}"),
+            (false, r) => assert!(
+                r.is_ok(),
+                "{name}: the untied head never reads the embedding"
+            ),
+        }
+    }
+}
+
 #[test]
 fn unsupported_architecture_and_bad_config() {
     let tmp = tempfile::tempdir().unwrap();

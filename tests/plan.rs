@@ -7,11 +7,12 @@ use std::path::Path;
 use common::*;
 use rku_engine::backend::cuda::{CudaBackend, Device, EmuDevice};
 use rku_engine::model::keep::{layer_acts_bytes, MemoryBudget};
+use rku_engine::model::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::model::weights::Residency;
 use rku_engine::model::{Geometry, Model, ModelConfig};
 use rku_engine::plan::{plan, PlanSpec};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
-use rku_engine::prune::layer_major::{host_bytes_per_row, LayerMajor, ResidualDtype};
+use rku_engine::prune::layer_major::host_bytes_per_row;
 use rku_engine::prune::stats::{EnergyAt, Objectives};
 
 const GIB: f64 = (1u64 << 30) as f64;

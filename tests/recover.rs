@@ -266,7 +266,7 @@ fn merged_export_equals_the_adapter_forward() {
     let head = be
         .linear(
             &fwd.z,
-            student.lm_head(),
+            student.lm_head(&be).unwrap(),
             None,
             geo.rows(),
             c.hidden,

@@ -410,7 +410,8 @@ fn refit_on_generated_tokens_matches_pytorch() {
                 bias,
                 damp: DAMP,
             };
-            let (layers, _) = refit_sequences(&be, &model, &kept, &seqs, batch, spec).unwrap();
+            let (layers, _) =
+                refit_sequences(&be, &model, &kept, &seqs, batch, spec, None).unwrap();
             for (l, got) in layers.iter().enumerate() {
                 let key = |what: &str| format!("{case}.{what}.{l}");
                 let what = format!("batch {batch} {case} layer {l}");
@@ -591,7 +592,7 @@ fn prune_refit_traces_equals_the_library_refit() {
         damp: DAMP,
     };
     // The CLIs default --batch 4: the three sequences of 10 tokens share a pass.
-    let (want, _) = refit_sequences(&be, &dense, &kept, &seqs, 4, spec).unwrap();
+    let (want, _) = refit_sequences(&be, &dense, &kept, &seqs, 4, spec, None).unwrap();
     for (l, want) in want.iter().enumerate() {
         let k = kept[l].len();
         bit_equal(&exported(&out, l, "weight", &[d, k]), &want.w_down, l);

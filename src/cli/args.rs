@@ -9,9 +9,9 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::model::keep::MemoryBudget;
+use rku_engine::model::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::progressive::Schedule;
 use rku_engine::prune::calibrate::CalibSource;
-use rku_engine::prune::layer_major::{LayerMajor, ResidualDtype};
 use rku_engine::prune::refit::{RefitSpec, RefitTarget};
 use rku_engine::prune::shard::ShardSpec;
 use rku_engine::prune::traces::{Selection, TokenRule};
@@ -275,7 +275,14 @@ pub struct WindowArgs {
     /// recomputes every layer). Speed and memory only; results do not change.
     #[arg(long, default_value = "auto", value_parser = memory_budget, value_name = "auto|BYTES")]
     pub activation_memory: MemoryBudget,
-    /// Score layer-major: a chunk of batches advances one layer at a time,
+    #[command(flatten)]
+    pub layer_major: LayerMajorArgs,
+}
+
+/// `--layer-major` and its two settings.
+#[derive(Args)]
+pub struct LayerMajorArgs {
+    /// Run layer-major: a chunk of batches advances one layer at a time,
     /// its residual stream in host memory, so that with --stream each layer
     /// is uploaded once per pass per chunk instead of once per batch.
     /// Results do not change (with --residual-dtype f32).
@@ -291,6 +298,16 @@ pub struct WindowArgs {
     pub residual_dtype: ResidualDtype,
 }
 
+impl LayerMajorArgs {
+    /// The layer-major setting, when `--layer-major` is given.
+    pub fn get(&self) -> Option<LayerMajor> {
+        self.layer_major.then_some(LayerMajor {
+            host_memory: self.host_memory,
+            residual: self.residual_dtype,
+        })
+    }
+}
+
 impl WindowArgs {
     /// The calibration windows of the text at `path`.
     pub fn source(&self, path: PathBuf) -> CalibSource {
@@ -303,10 +320,7 @@ impl WindowArgs {
             batch: self.batch,
             energy_at: self.energy_at,
             activation_memory: self.activation_memory,
-            layer_major: self.layer_major.then_some(LayerMajor {
-                host_memory: self.host_memory,
-                residual: self.residual_dtype,
-            }),
+            layer_major: self.layer_major.get(),
         }
     }
 }
@@ -864,6 +878,8 @@ pub struct PplArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 8, value_parser = count)]
     pub batch: usize,
+    #[command(flatten)]
+    pub layer_major: LayerMajorArgs,
     /// End the output with one JSON line.
     #[arg(long)]
     pub json: bool,

@@ -162,7 +162,7 @@ pub fn loglikelihoods<B: Backend>(
             let first = s * t + c.len() - 1;
             let rows = be.upload(&z[first * d..(first + a.len()) * d])?;
             let (nll, _, _) =
-                be.cross_entropy(&rows, model.lm_head(), a, a.len(), d, vocab, 1.0, false)?;
+                be.cross_entropy(&rows, model.lm_head(be)?, a, a.len(), d, vocab, 1.0, false)?;
             out[i] = -nll;
         }
         progress.inc(chunk.len() as u64);

@@ -1,7 +1,10 @@
 //! Token perplexity over non-overlapping windows (METHODS.md section 8).
 use crate::backend::Backend;
 use crate::io::text::windows;
-use crate::model::forward::{forward, nll, Keep};
+use crate::model::forward::{
+    check_ids, forward, layer_forward, nll, nll_of_final, Keep, RopeTables,
+};
+use crate::model::layer_major::{chunks, HostBuf, LayerMajor};
 use crate::model::{Geometry, Model};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -21,28 +24,21 @@ pub struct PplResult {
     pub bos: bool,
 }
 
-/// [`perplexity`] with each window `[BOS] + seq_len − 1` text tokens when
-/// `bos` is given (the windows of METHODS.md §2; BOS predicts the first
-/// text token), else `perplexity` itself.
-pub fn perplexity_bos<B: Backend>(
-    be: &B,
-    model: &Model<B>,
-    ids: &[u32],
-    seq_len: usize,
-    max_windows: Option<usize>,
-    batch: usize,
-    bos: Option<u32>,
-) -> Result<PplResult> {
-    let Some(b) = bos else {
-        return perplexity(be, model, ids, seq_len, max_windows, batch);
-    };
-    if seq_len < 2 {
-        return Err(Error::Invalid("--seq-len must be at least 2".into()));
-    }
-    let n = window_count(ids.len(), seq_len - 1, max_windows);
-    let w = windows(ids, n.max(1), seq_len, Some(b))?;
-    let r = perplexity(be, model, &w, seq_len, None, batch)?;
-    Ok(PplResult { bos: true, ..r })
+/// How [`perplexity`] cuts the text into windows and runs them.
+#[derive(Clone, Copy, Debug)]
+pub struct PplWindows {
+    /// Tokens per window, T ≥ 2.
+    pub seq_len: usize,
+    /// At most this many windows (default: every whole window).
+    pub max_windows: Option<usize>,
+    /// Windows per forward batch.
+    pub batch: usize,
+    /// With `Some(bos)`, each window is `[BOS] + seq_len − 1` text tokens
+    /// (the windows of METHODS.md §2; BOS predicts the first text token).
+    pub bos: Option<u32>,
+    /// Run layer-major (`model::layer_major`): the same result, with each
+    /// streamed layer uploaded once per chunk of batches.
+    pub layer_major: Option<LayerMajor>,
 }
 
 /// Whole windows of `per` text tokens in `n_ids` tokens, at most `max_windows`.
@@ -51,64 +47,145 @@ fn window_count(n_ids: usize, per: usize, max_windows: Option<usize>) -> usize {
     max_windows.map_or(n, |k| n.min(k))
 }
 
-/// exp(mean NLL) over the first `max_windows` (default all) windows of
-/// `seq_len` tokens of `ids`; each window is scored independently, its
-/// first token unpredicted. Windows are batched `batch` at a time.
+/// exp(mean NLL) over the windows `spec` cuts from `ids`; each window is
+/// scored independently, its first token unpredicted.
 pub fn perplexity<B: Backend>(
     be: &B,
     model: &Model<B>,
     ids: &[u32],
-    seq_len: usize,
-    max_windows: Option<usize>,
-    batch: usize,
+    spec: &PplWindows,
 ) -> Result<PplResult> {
-    if seq_len < 2 {
+    let t = spec.seq_len;
+    if t < 2 {
         return Err(Error::Invalid("--seq-len must be at least 2".into()));
     }
-    let windows = window_count(ids.len(), seq_len, max_windows);
-    if windows == 0 {
+    let with_bos;
+    let (ids, n_windows) = match spec.bos {
+        Some(b) => {
+            let n = window_count(ids.len(), t - 1, spec.max_windows).max(1);
+            with_bos = windows(ids, n, t, Some(b))?;
+            (&with_bos[..], n)
+        }
+        None => (ids, window_count(ids.len(), t, spec.max_windows)),
+    };
+    if n_windows == 0 {
         return Err(Error::Invalid(format!(
-            "the text has {} tokens, fewer than one window of {seq_len}",
+            "the text has {} tokens, fewer than one window of {t}",
             ids.len()
         )));
     }
-    let mut total = 0f64;
-    let mut count = 0usize;
-    let progress = Progress::new(windows as u64, "perplexity");
-    let mut w = 0;
-    while w < windows {
-        let n = batch.max(1).min(windows - w);
-        let chunk = &ids[w * seq_len..(w + n) * seq_len];
-        let (s, c) = nll(
-            be,
-            model,
-            chunk,
-            Geometry {
-                seqs: n,
-                t: seq_len,
-            },
-        )?;
-        total += s;
-        count += c;
-        w += n;
-        progress.inc(n as u64);
-    }
-    progress.finish();
+    let batches: Vec<&[u32]> = ids[..n_windows * t].chunks(spec.batch.max(1) * t).collect();
+    let sums = match spec.layer_major {
+        None => {
+            let progress = Progress::new(n_windows as u64, "perplexity");
+            let sums = batches
+                .iter()
+                .map(|b| {
+                    let r = nll(
+                        be,
+                        model,
+                        b,
+                        Geometry {
+                            seqs: b.len() / t,
+                            t,
+                        },
+                    );
+                    progress.inc((b.len() / t) as u64);
+                    r
+                })
+                .collect::<Result<Vec<_>>>()?;
+            progress.finish();
+            sums
+        }
+        Some(lm) => nll_layer_major(be, model, &batches, t, lm)?,
+    };
+    let (total, count) = sums
+        .iter()
+        .fold((0f64, 0usize), |(s, n), &(bs, bn)| (s + bs, n + bn));
     let mean = total / count as f64;
     if !mean.is_finite() {
         return Err(Error::Invalid(format!(
-            "the mean NLL over {windows} windows is {mean}: the model's logits are not finite \
+            "the mean NLL over {n_windows} windows is {mean}: the model's logits are not finite \
              (check its weights and config)"
         )));
     }
     Ok(PplResult {
         ppl: mean.exp(),
         nll: mean,
-        windows,
-        seq_len,
+        windows: n_windows,
+        seq_len: t,
         tokens: count,
-        bos: false,
+        bos: spec.bos.is_some(),
     })
+}
+
+/// Σ NLL and count of each of `batches` (windows of `t` tokens), in order,
+/// layer-major: a chunk of batches (as many as `lm.host_memory` holds, one
+/// `[rows, d]` residual each) advances one layer at a time, each batch's
+/// x_l waiting on the host; then each batch's final norm and NLL. The
+/// operations are `nll`'s on the same values, so with f32 residuals the
+/// sums equal it bit for bit.
+fn nll_layer_major<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    batches: &[&[u32]],
+    t: usize,
+    lm: LayerMajor,
+) -> Result<Vec<(f64, usize)>> {
+    let c = &model.cfg;
+    let budget = lm
+        .host_memory
+        .resolve("--host-memory", || be.available_memory())?;
+    let row_bytes = c.hidden as u64 * lm.residual.bytes();
+    let chunks = chunks(batches, |b| b.len() as u64 * row_bytes, budget)?;
+    crate::progress::println(&format!(
+        "layer-major: {} chunk(s) of batches (host {:.1} MiB, {} residuals); {} layer uploads \
+         per chunk when streamed",
+        chunks.len(),
+        budget as f64 / (1 << 20) as f64,
+        lm.residual.name(),
+        c.layers
+    ));
+    let progress = Progress::new((chunks.len() * c.layers) as u64, "perplexity (layer steps)");
+    let rope = RopeTables::new(be, model, t)?;
+    let mut sums = Vec::with_capacity(batches.len());
+    for chunk in chunks {
+        let mut xs = chunk
+            .iter()
+            .map(|b| {
+                check_ids(b, c.vocab)?;
+                HostBuf::store(be, &model.embed_tokens(be, b)?, lm.residual)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model.for_each_layer(be, 0..c.layers, |_, lw| {
+            for (b, x) in chunk.iter().zip(xs.iter_mut()) {
+                let geo = Geometry {
+                    seqs: b.len() / t,
+                    t,
+                };
+                let y = layer_forward(be, model, lw, None, &rope, &x.load(be)?, geo)?;
+                *x = HostBuf::store(be, &y, lm.residual)?;
+            }
+            progress.inc(1);
+            Ok(())
+        })?;
+        for (b, x) in chunk.iter().zip(&xs) {
+            let geo = Geometry {
+                seqs: b.len() / t,
+                t,
+            };
+            let (z, _) = be.rmsnorm_fwd(
+                &x.load(be)?,
+                &model.norm,
+                geo.rows(),
+                c.hidden,
+                c.rms_eps as f32,
+            )?;
+            sums.push(nll_of_final(be, model, &z, b, geo)?);
+        }
+    }
+    progress.finish();
+    Ok(sums)
 }
 
 /// Trace perplexity (METHODS.md sections 8 and 11): exp(mean NLL) over the
@@ -143,7 +220,7 @@ pub fn trace_perplexity<B: Backend>(
             .collect();
         let (sum, n, _) = be.cross_entropy(
             &out.z,
-            model.lm_head(),
+            model.lm_head(be)?,
             &targets,
             t,
             c.hidden,

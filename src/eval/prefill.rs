@@ -52,7 +52,14 @@ pub(crate) fn timed_forward<B: Backend>(
     let c = &model.cfg;
     let start = Instant::now();
     let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
-    let logits = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
+    let logits = be.linear(
+        &out.z,
+        model.lm_head(be)?,
+        None,
+        geo.rows(),
+        c.hidden,
+        c.vocab,
+    )?;
     drop(logits);
     Ok(start.elapsed().as_secs_f64())
 }

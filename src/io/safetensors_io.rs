@@ -64,35 +64,88 @@ impl TensorRef<'_> {
     /// Converts to f32, refusing NaN or infinite values with an error naming
     /// the tensor. Parallel: streaming converts a whole layer per pass.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
+        // One arm per dtype, so each conversion loop is specialised.
         let out: Vec<f32> = match self.dtype {
-            FloatType::F32 => self
-                .bytes
-                .par_chunks_exact(4)
-                .map(|c| f32::from_le_bytes(word(c)))
-                .collect(),
-            FloatType::F16 => self
-                .bytes
-                .par_chunks_exact(2)
-                .map(|c| f16::from_le_bytes(word(c)).to_f32())
-                .collect(),
-            FloatType::BF16 => self
-                .bytes
-                .par_chunks_exact(2)
-                .map(|c| bf16::from_le_bytes(word(c)).to_f32())
-                .collect(),
+            FloatType::F32 => self.bytes.par_chunks_exact(4).map(decode_f32).collect(),
+            FloatType::F16 => self.bytes.par_chunks_exact(2).map(decode_f16).collect(),
+            FloatType::BF16 => self.bytes.par_chunks_exact(2).map(decode_bf16).collect(),
         };
-        if let Some(i) = out.par_iter().position_first(|x| !x.is_finite()) {
+        self.check_finite(&out, 0)?;
+        Ok(out)
+    }
+
+    /// Rows `ids` of a 2-D tensor `[rows, cols]` as f32, `[ids.len(), cols]`,
+    /// reading only those rows' bytes (an embedding lookup without loading
+    /// the table). An id outside `0..rows` and a non-finite value are errors
+    /// naming the tensor, like `to_f32`.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let &[rows, cols] = self.shape else {
             return Err(Error::tensor(
                 self.name,
-                format!(
-                    "non-finite value {} at flat index {i} in {}",
-                    out.get(i).copied().unwrap_or(f32::NAN),
-                    self.file.display()
-                ),
+                format!("has shape {:?}, not [rows, cols]", self.shape),
             ));
+        };
+        let row_bytes = cols * self.dtype.size();
+        let mut out = Vec::with_capacity(ids.len() * cols);
+        for &id in ids {
+            let r = id as usize;
+            let bytes = (r < rows)
+                .then(|| self.bytes.get(r * row_bytes..(r + 1) * row_bytes))
+                .flatten()
+                .ok_or_else(|| {
+                    Error::tensor(
+                        self.name,
+                        format!("token id {id} is outside its {rows} rows"),
+                    )
+                })?;
+            let start = out.len();
+            out.extend(
+                bytes
+                    .chunks_exact(self.dtype.size())
+                    .map(|c| decode(self.dtype, c)),
+            );
+            self.check_finite(out.get(start..).unwrap_or_default(), r * cols)?;
         }
         Ok(out)
     }
+
+    /// Errs on the first non-finite value of `values`, which start at flat
+    /// index `offset` of the tensor.
+    fn check_finite(&self, values: &[f32], offset: usize) -> Result<()> {
+        match values.par_iter().position_first(|x| !x.is_finite()) {
+            None => Ok(()),
+            Some(i) => Err(Error::tensor(
+                self.name,
+                format!(
+                    "non-finite value {} at flat index {} in {}",
+                    values.get(i).copied().unwrap_or(f32::NAN),
+                    offset + i,
+                    self.file.display()
+                ),
+            )),
+        }
+    }
+}
+
+/// One stored value (`dtype.size()` little-endian bytes) as f32.
+fn decode(dtype: FloatType, c: &[u8]) -> f32 {
+    match dtype {
+        FloatType::F32 => decode_f32(c),
+        FloatType::F16 => decode_f16(c),
+        FloatType::BF16 => decode_bf16(c),
+    }
+}
+
+fn decode_f32(c: &[u8]) -> f32 {
+    f32::from_le_bytes(word(c))
+}
+
+fn decode_f16(c: &[u8]) -> f32 {
+    f16::from_le_bytes(word(c)).to_f32()
+}
+
+fn decode_bf16(c: &[u8]) -> f32 {
+    bf16::from_le_bytes(word(c)).to_f32()
 }
 
 impl<'a> TensorRef<'a> {

@@ -134,7 +134,7 @@ pub fn objective_grad<B: Backend>(
                 }
             }
             let (sum, _, dz) =
-                be.cross_entropy(z, model.lm_head(), &tg, rows, d, c.vocab, scale, true)?;
+                be.cross_entropy(z, model.lm_head(be)?, &tg, rows, d, c.vocab, scale, true)?;
             let dz = dz.expect("cross_entropy returns dz when asked");
             (
                 sum * scale as f64,

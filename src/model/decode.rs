@@ -207,7 +207,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (be, c) = (self.be, &self.model.cfg);
         let (seqs, d) = (self.cache.len.len(), c.hidden);
         let (z, _) = be.rmsnorm_fwd(last, &self.model.norm, seqs, d, c.rms_eps as f32)?;
-        let logits = be.linear(&z, self.model.lm_head(), None, seqs, d, c.vocab)?;
+        let logits = be.linear(&z, self.model.lm_head(be)?, None, seqs, d, c.vocab)?;
         be.download(&logits)
     }
 
@@ -267,7 +267,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             }
             rope.push((be.upload(&cos)?, be.upload(&sin)?));
         }
-        let mut x = be.embedding(ids, &self.model.embed, c.hidden, c.embed_scale)?; // [rows, d]
+        let mut x = self.model.embed_tokens(be, ids)?; // [rows, d]
         let model = self.model;
         model.for_each_layer(be, 0..c.layers, |l, lw| {
             let shape = CacheShape {

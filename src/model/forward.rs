@@ -403,7 +403,7 @@ pub fn forward_with<B: Backend>(
     }
     check_ids(ids, c.vocab)?;
     let rope = RopeTables::new(be, model, geo.t)?;
-    let mut x = be.embedding(ids, &model.embed, c.hidden, c.embed_scale)?; // [rows, d]
+    let mut x = model.embed_tokens(be, ids)?; // [rows, d]
     if keep.acts_layers > 0 && !keep.residuals {
         return Err(Error::Invalid(
             "kept activations need the residual stream".into(),
@@ -468,7 +468,14 @@ pub fn logits<B: Backend>(
 ) -> Result<Vec<f32>> {
     let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
     let c = &model.cfg;
-    let l = be.linear(&out.z, model.lm_head(), None, geo.rows(), c.hidden, c.vocab)?;
+    let l = be.linear(
+        &out.z,
+        model.lm_head(be)?,
+        None,
+        geo.rows(),
+        c.hidden,
+        c.vocab,
+    )?;
     be.download(&l)
 }
 
@@ -480,11 +487,23 @@ pub fn nll<B: Backend>(
     geo: Geometry,
 ) -> Result<(f64, usize)> {
     let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
+    nll_of_final(be, model, &out.z, ids, geo)
+}
+
+/// Σ NLL and count of next-token predictions over a batch whose final-norm
+/// output `z` `[rows, d]` is given.
+pub fn nll_of_final<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    z: &B::Buf,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<(f64, usize)> {
     let c = &model.cfg;
     let tg = next_token_targets(ids, geo);
     let (sum, n, _) = be.cross_entropy(
-        &out.z,
-        model.lm_head(),
+        z,
+        model.lm_head(be)?,
         &tg,
         geo.rows(),
         c.hidden,

@@ -5,6 +5,7 @@ pub mod config;
 pub mod decode;
 pub mod forward;
 pub mod keep;
+pub mod layer_major;
 pub mod lora;
 pub mod objective;
 pub mod weights;

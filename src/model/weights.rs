@@ -42,8 +42,8 @@ pub enum Residency {
     Resident,
     /// Layers uploaded from the mapped files each time a pass reaches them
     /// (`--stream`): at most two layers on the device (the one computing and
-    /// the next one uploading). The embedding, the final norm and an untied
-    /// lm_head stay resident.
+    /// the next one uploading). The final norm, and the output projection
+    /// once loaded (`Model::lm_head`), stay resident.
     Streamed,
 }
 
@@ -76,14 +76,25 @@ enum LayerStore<W> {
     Streamed,
 }
 
+/// HF names of the two `[vocab, d]` matrices.
+const EMBED: &str = "model.embed_tokens.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
 /// A loaded model: config, the mapped files and the backend-resident weights.
+///
+/// The `[vocab, d]` matrices are not loaded with the rest: a lookup reads
+/// only its rows from the mapped file (`embed_tokens`), and the output
+/// projection is loaded on its first use (`lm_head`). Energy scoring and
+/// the refit, which never form logits, so never hold either matrix (on
+/// Gemma 3 270M the embedding is 63% of the parameters).
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     pub dir: PathBuf,
     pub files: SafeModel,
-    pub embed: B::Weight,       // [vocab, d]
-    pub norm: B::Weight,        // [d]
-    lm_head: Option<B::Weight>, // [vocab, d]; None when tied to `embed`
+    pub norm: B::Weight, // [d]
+    /// The output projection `[vocab, d]` (the embedding when tied), once
+    /// `lm_head` has loaded it.
+    head: std::sync::OnceLock<B::Weight>,
     layers: LayerStore<B::Weight>,
     /// The blocks file, when `LoadOptions::ggml_blocks` found one (streamed
     /// layers read it at each upload).
@@ -428,7 +439,11 @@ impl<B: Backend> Model<B> {
         };
         let (d, v) = (cfg.hidden, cfg.vocab);
         let now = Upload::Now;
-        let embed = load(backend, src, "model.embed_tokens.weight", &[v, d], now)?;
+        // Shapes only: the values are read at each lookup and by `lm_head`.
+        files.get(EMBED, &[v, d])?;
+        if !cfg.tie_embeddings {
+            files.get(LM_HEAD, &[v, d])?;
+        }
         let norm = load_adjusted(
             backend,
             src,
@@ -437,11 +452,6 @@ impl<B: Backend> Model<B> {
             now,
             norm_adjust(&cfg),
         )?;
-        let lm_head = if cfg.tie_embeddings {
-            None
-        } else {
-            Some(load(backend, src, "lm_head.weight", &[v, d], now)?)
-        };
         check_no_gate_up_bias(&files, &cfg)?;
         let layers = match opts.residency {
             Residency::Resident => LayerStore::Resident(
@@ -458,9 +468,8 @@ impl<B: Backend> Model<B> {
             cfg,
             dir: dir.to_path_buf(),
             files,
-            embed,
             norm,
-            lm_head,
+            head: std::sync::OnceLock::new(),
             layers,
             blocks,
             layer_uploads: Default::default(),
@@ -487,9 +496,46 @@ impl<B: Backend> Model<B> {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The output projection `[vocab, d]` (the embedding when tied).
-    pub fn lm_head(&self) -> &B::Weight {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    /// The output projection `[vocab, d]` (the embedding when tied), loaded
+    /// onto `be` (the backend the model was loaded on) at the first call,
+    /// with its ggml blocks when the load uses them.
+    pub fn lm_head(&self, be: &B) -> Result<&B::Weight> {
+        if let Some(w) = self.head.get() {
+            return Ok(w);
+        }
+        let name = if self.cfg.tie_embeddings {
+            EMBED
+        } else {
+            LM_HEAD
+        };
+        let src = Sources {
+            files: &self.files,
+            blocks: self.blocks.as_ref(),
+        };
+        let shape = [self.cfg.vocab, self.cfg.hidden];
+        let w = load(be, src, name, &shape, Upload::Now)?;
+        Ok(self.head.get_or_init(|| w))
+    }
+
+    /// The embeddings of `ids` times `cfg.embed_scale`, `[ids.len(), d]`.
+    ///
+    /// From the loaded head when it is the tied embedding; otherwise only
+    /// the rows of `ids` are read from the mapped file and handed to the
+    /// backend as a `[ids.len(), d]` table, which it stores as it would the
+    /// whole one (bf16 on the GPU), so both ways give the same values.
+    pub fn embed_tokens(&self, be: &B, ids: &[u32]) -> Result<B::Buf> {
+        let (d, scale) = (self.cfg.hidden, self.cfg.embed_scale);
+        if let (true, Some(table)) = (self.cfg.tie_embeddings, self.head.get()) {
+            return be.embedding(ids, table, d, scale);
+        }
+        let rows = self
+            .files
+            .get(EMBED, &[self.cfg.vocab, d])?
+            .gather_rows(ids)?;
+        self.files.release_tensor(EMBED);
+        let table = be.upload_weight(&rows)?; // [ids.len(), d]
+        let local: Vec<u32> = (0..ids.len() as u32).collect();
+        be.embedding(&local, &table, d, scale)
     }
 
     /// Runs `f(l, weights of l)` for every layer `l` of `order`, in order.

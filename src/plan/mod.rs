@@ -14,10 +14,12 @@
 //! (d bf16 values per layer) that the config does not announce.
 //!
 //! Shapes, rows = seqs·T, f32 activations, bf16 weights:
-//! - weights: Σ_tensors numel·2 (resident); with `--stream`
-//!   (`Residency::Streamed`) the embedding, the final norm, lm_head when
-//!   untied, and per pass the layers `Model::for_each_layer` holds: the
-//!   one computing and the next one uploading;
+//! - weights: Σ_tensors numel·2 over the final norm and the layers
+//!   (resident), with `--stream` (`Residency::Streamed`) the final norm and
+//!   per pass the layers `Model::for_each_layer` holds: the one computing
+//!   and the next one uploading; plus, for `ce`, the output projection
+//!   `[vocab, d]` (`Model::lm_head`). The embedding is never loaded: each
+//!   batch's rows are read from the file into a `[rows, d]` bf16 table;
 //! - residual stream x_0..x_L: (L+1)·rows·d·4 for the whole run;
 //! - one layer's recomputed activations (q, k, v, attention out, lse, x', a,
 //!   b, h, two rstd; Qwen3 also q and k before their norms and those norms'
@@ -165,11 +167,31 @@ struct Sim {
     phases: Vec<PhasePeak>,
     /// Weight bytes of each layer when the layers are streamed.
     streamed_layers: Option<Vec<usize>>,
+    /// Whether lookups read the loaded head (the tied embedding) rather
+    /// than rows gathered from the file (`Model::embed_tokens`).
+    embed_from_head: bool,
 }
 
 type Id = usize;
 
 impl Sim {
+    /// `Model::embed_tokens` of `rows` tokens: the table of the gathered rows
+    /// (none when the tied head is loaded), the output `name`, then the ids
+    /// for the launch (`CudaBackend::embedding`).
+    fn embed(&mut self, rows: usize, d: usize, name: &'static str) -> Id {
+        let table = match self.embed_from_head {
+            false => Some(self.alloc("embedding rows of the batch", BF16, &[rows, d])),
+            true => None,
+        };
+        let x = self.alloc(name, F32, &[rows, d]);
+        let ids = self.alloc("token ids", U32, &[rows]);
+        self.free(ids);
+        if let Some(t) = table {
+            self.free(t);
+        }
+        x
+    }
+
     fn begin(&mut self, phase: &'static str) {
         self.phase = phase;
         self.phases.push(PhasePeak {
@@ -381,9 +403,7 @@ fn forward(
     acts_layers: usize,
 ) -> (Vec<Id>, Vec<Option<Kept>>) {
     let rope = rope_tables(s, g.two_rope_bases, g.t, g.hd);
-    let mut x = s.alloc("residual stream x_0..x_L", F32, &[g.rows, g.d]);
-    let ids = s.alloc("token ids", U32, &[g.rows]);
-    s.free(ids);
+    let mut x = s.embed(g.rows, g.d, "residual stream x_0..x_L");
     let mut kept = Vec::new();
     let mut acts = Vec::new();
     let first_kept = g.layers - acts_layers.min(g.layers);
@@ -472,9 +492,8 @@ fn layer_major_chunk(
         .map(|_| rope_tables(s, g.two_rope_bases, g.t, g.hd))
         .collect();
     for _ in 0..batches {
-        let x = s.alloc("residual x (one batch)", F32, &[rows, d]);
-        let ids = s.alloc("token ids", U32, &[rows]);
-        s.free_all(&[ids, x]); // x goes to the host
+        let x = s.embed(rows, d, "residual x (one batch)");
+        s.free(x); // x goes to the host
     }
     s.each_layer(0..g.layers, |s, l| {
         for _ in 0..batches {
@@ -646,7 +665,7 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
     let g = Dims::new(cfg, spec.seqs, spec.t);
     let widths = &cfg.ffn_widths;
     let mut s = Sim::default();
-    let weight_bytes = load_weights(&mut s, cfg, spec.stream);
+    let weight_bytes = load_weights(&mut s, cfg, spec.stream, o.ce);
 
     let geo = Geometry {
         seqs: spec.seqs,
@@ -697,34 +716,42 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
     })
 }
 
-/// `Model::load`: embedding, final norm, lm_head (untied), every layer
-/// (or, streamed, none: `Sim::each_layer` uploads them). Returns the
-/// weights' bytes on the device (streamed: the resident ones plus the two
-/// largest layers).
-fn load_weights(s: &mut Sim, cfg: &ModelConfig, stream: bool) -> usize {
+/// `Model::load`: the final norm and every layer (or, streamed, none:
+/// `Sim::each_layer` uploads them), and with `head` (the ce objective:
+/// `Model::lm_head` before the first batch) the output projection, which is
+/// the embedding when tied. Returns the weights' bytes on the device
+/// (streamed: the resident ones plus the two largest layers).
+fn load_weights(s: &mut Sim, cfg: &ModelConfig, stream: bool, head: bool) -> usize {
     s.begin("weights");
-    s.alloc("weights: embed_tokens", BF16, &[cfg.vocab, cfg.hidden]);
     s.alloc("weights: final norm", BF16, &[cfg.hidden]);
-    if !cfg.tie_embeddings {
-        s.alloc("weights: lm_head", BF16, &[cfg.vocab, cfg.hidden]);
-    }
     let per_layer: Vec<usize> = cfg
         .ffn_widths
         .iter()
         .map(|&m| layer_weight_bytes(cfg, m))
         .collect();
+    let mut largest = per_layer.clone();
+    largest.sort_unstable_by(|a, b| b.cmp(a));
+    let largest_two = largest.iter().take(2).sum::<usize>();
     if stream {
-        let mut largest = per_layer.clone();
-        largest.sort_unstable_by(|a, b| b.cmp(a));
         s.streamed_layers = Some(per_layer);
-        s.current + largest.iter().take(2).sum::<usize>()
     } else {
         s.alloc(
             "weights: all layers",
             BF16,
             &[per_layer.iter().sum::<usize>() / 2],
         );
-        s.current
+    }
+    if head {
+        s.alloc(
+            "weights: lm_head (tied: the embedding)",
+            BF16,
+            &[cfg.vocab, cfg.hidden],
+        );
+        s.embed_from_head = cfg.tie_embeddings;
+    }
+    match stream {
+        true => s.current + largest_two,
+        false => s.current,
     }
 }
 

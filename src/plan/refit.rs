@@ -66,17 +66,11 @@ pub fn plan_refit(cfg: &ModelConfig, spec: &RefitPlanSpec) -> Result<Plan> {
         .collect();
     let d = cfg.hidden;
     let mut s = Sim::default();
-    let weight_bytes = load_weights(&mut s, cfg, spec.stream);
+    let weight_bytes = load_weights(&mut s, cfg, spec.stream, false);
 
     s.begin("refit");
     let rope = rope_tables(&mut s, cfg.two_rope_bases(), spec.t, cfg.head_dim);
-    // `CudaBackend::embedding`: the output, then the ids for the launch.
-    let embed = |s: &mut Sim, g: &Dims, name| {
-        let x = s.alloc(name, F32, &[g.rows, d]);
-        let ids = s.alloc("token ids", U32, &[g.rows]);
-        s.free(ids);
-        x
-    };
+    let embed = |s: &mut Sim, g: &Dims, name| s.embed(g.rows, d, name);
     let mut pruned: Vec<usize> = batches
         .iter()
         .map(|g| embed(&mut s, g, "pruned residual x'"))

@@ -8,9 +8,9 @@ use crate::io::text::{hex, read_text, token_digest, windows, Tokenizer};
 use crate::model::backward::backward_channel_stats_counted;
 use crate::model::forward::{forward, synthetic_ids, Keep};
 use crate::model::keep::{describe, kept_layers, MemoryBudget};
+use crate::model::layer_major::LayerMajor;
 use crate::model::{Geometry, Model, ModelConfig};
 use crate::progress::Progress;
-use crate::prune::layer_major::LayerMajor;
 use crate::prune::stats::{EnergyAt, Norms, Objective, Objectives, Stats, StatsMeta, TraceSource};
 use crate::prune::ColumnNorms;
 use crate::{Error, Result};
@@ -262,6 +262,12 @@ fn score_batches<B: Backend>(
     spec: CalibSpec,
     scales: (f32, f32),
 ) -> Result<()> {
+    // The ce objective forms logits: the output projection is loaded before
+    // the first batch, so that every batch (and `plan`) sees the same
+    // memory, and the activation budget's `auto` counts it as taken.
+    if spec.objectives.ce {
+        model.lm_head(be)?;
+    }
     if let Some(lm) = spec.layer_major {
         return super::layer_major::score_chunks(be, model, stats, batches, spec, scales, lm);
     }

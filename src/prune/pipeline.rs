@@ -187,7 +187,8 @@ pub fn prune_model_from<B: Backend>(
             ))
         }
         (Some(spec), Some(w)) => {
-            let (layers, timing) = refit_sequences(be, model, &kept, &w.seqs, w.batch, spec)?;
+            let (layers, timing) =
+                refit_sequences(be, model, &kept, &w.seqs, w.batch, spec, w.layer_major)?;
             let what = match &w.traces {
                 None => format!("{} windows of {}", w.seqs.len(), w.seq_len()),
                 Some(t) => format!(

@@ -12,6 +12,7 @@
 use crate::backend::{Backend, NormalEquations};
 use crate::io::traces::Sequence;
 use crate::model::forward::{check_ids, layer_acts, layer_forward, Geometry, RopeTables};
+use crate::model::layer_major::{HostBuf, LayerMajor, ResidualDtype};
 use crate::model::weights::layer_tensor;
 use crate::model::Model;
 use crate::progress::Progress;
@@ -92,6 +93,9 @@ pub struct RefitWindows {
     pub traces: Option<TraceSource>,
     /// Whether each window starts with BOS (METHODS.md §2); false for traces.
     pub bos: bool,
+    /// Hold the residual streams on the host between layers (`--layer-major`;
+    /// the result does not change with f32 residuals).
+    pub layer_major: Option<LayerMajor>,
 }
 
 impl RefitWindows {
@@ -118,6 +122,7 @@ impl RefitWindows {
             digest,
             traces: None,
             bos,
+            layer_major: None,
         }
     }
 
@@ -192,7 +197,7 @@ pub fn refit<B: Backend>(
         String::new(),
         false,
     );
-    refit_sequences(be, model, kept, &w.seqs, batch, spec)
+    refit_sequences(be, model, kept, &w.seqs, batch, spec, None)
 }
 
 /// One pass's share of the sequences: equal lengths only, no padding.
@@ -212,6 +217,11 @@ struct Pass {
 /// (up to `batch`); the streams of every sequence advance one layer at a
 /// time. A sequence with no counted row is left out. Windows (every row
 /// counted, one length) run exactly as they always have.
+///
+/// With `layer_major`, the streams wait on the host between layers (one
+/// pass's buffers on the device at a time), and the layer's activations
+/// are recomputed to advance x' after the solve instead of being held:
+/// two evaluations of each layer on x' instead of one, the same values.
 pub fn refit_sequences<B: Backend>(
     be: &B,
     model: &Model<B>,
@@ -219,6 +229,7 @@ pub fn refit_sequences<B: Backend>(
     seqs: &[Sequence],
     batch: usize,
     spec: RefitSpec,
+    layer_major: Option<LayerMajor>,
 ) -> Result<(Vec<RefitLayer>, RefitTiming)> {
     spec.check()?;
     let c = &model.cfg;
@@ -284,10 +295,15 @@ pub fn refit_sequences<B: Backend>(
     }
     let t_max = used.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let rope = RopeTables::new(be, model, t_max)?;
-    let embed = |p: &Pass| be.embedding(&p.ids, &model.embed, d, model.cfg.embed_scale);
+    let on_host = match layer_major {
+        None => None,
+        Some(lm) => Some(host_streams(be, lm, &passes_of, d, spec.target)?),
+    };
+    let hold = |x: B::Buf| Stream::hold(be, x, on_host);
+    let embed = |p: &Pass| hold(model.embed_tokens(be, &p.ids)?);
     // x'_l per pass (pruned, refitted below l) and x_l (dense, `residual` only).
-    let mut pruned: Vec<B::Buf> = passes_of.iter().map(embed).collect::<Result<_>>()?;
-    let mut dense: Vec<B::Buf> = match spec.target {
+    let mut pruned: Vec<Stream<B>> = passes_of.iter().map(embed).collect::<Result<_>>()?;
+    let mut dense: Vec<Stream<B>> = match spec.target {
         RefitTarget::Residual => passes_of.iter().map(embed).collect::<Result<_>>()?,
         RefitTarget::Layer => Vec::new(),
     };
@@ -303,7 +319,7 @@ pub fn refit_sequences<B: Backend>(
         let mut held = Vec::with_capacity(passes_of.len());
         for (i, pass) in passes_of.iter().enumerate() {
             let (geo, rows) = (pass.geo, pass.geo.rows());
-            let acts = layer_acts(be, model, lw, None, &rope, &pruned[i], geo)?;
+            let acts = pruned[i].with(be, |x| layer_acts(be, model, lw, None, &rope, x, geo))?;
             // h with the uncounted rows zeroed (they then add nothing to G,
             // C, nor, through y = W_d h, to ‖y‖²); h itself advances x'.
             let h_masked = match &pass.counted {
@@ -325,7 +341,8 @@ pub fn refit_sequences<B: Backend>(
                 }
                 // y = x_{l+1} − (x' + Attn); x then advances to x_{l+1}.
                 RefitTarget::Residual => {
-                    let y = layer_forward(be, model, lw, None, &rope, &dense[i], geo)?;
+                    let y =
+                        dense[i].with(be, |x| layer_forward(be, model, lw, None, &rope, x, geo))?;
                     let part = match &pass.counted {
                         None => {
                             tp = Instant::now();
@@ -349,7 +366,7 @@ pub fn refit_sequences<B: Backend>(
                             be.normal_equations(h_eq, keep, spec.bias, &ym, Some(&mid), rows, m, d)?
                         }
                     };
-                    dense[i] = y;
+                    dense[i] = hold(y)?;
                     part
                 }
             };
@@ -361,7 +378,9 @@ pub fn refit_sequences<B: Backend>(
             }
             products += tp.elapsed();
             eqs.add(&part)?;
-            held.push((acts.mid, acts.h));
+            if on_host.is_none() {
+                held.push((acts.mid, acts.h));
+            }
         }
         passes += t0.elapsed();
 
@@ -388,15 +407,25 @@ pub fn refit_sequences<B: Backend>(
             .as_deref()
             .map(|b| be.upload_weight(b))
             .transpose()?;
-        for (i, (mid, h)) in held.into_iter().enumerate() {
-            let rows = passes_of[i].geo.rows();
+        let mut held = held.into_iter();
+        for (i, pass) in passes_of.iter().enumerate() {
+            let (geo, rows) = (pass.geo, pass.geo.rows());
+            let (mid, h) = match held.next() {
+                Some(kept) => kept,
+                // Layer-major: the activations again, from the same x'.
+                None => {
+                    let a =
+                        pruned[i].with(be, |x| layer_acts(be, model, lw, None, &rope, x, geo))?;
+                    (a.mid, a.h)
+                }
+            };
             let mut y = be.linear(&h, &w_full, b.as_ref(), rows, m, d)?;
             if let Some(w) = &lw.post_ffn_norm {
                 y = be.rmsnorm_fwd(&y, w, rows, d, c.rms_eps as f32)?.0; // Gemma 3
             }
             let mut next = mid;
             be.add_assign(&mut next, &y, rows * d)?;
-            pruned[i] = next;
+            pruned[i] = hold(next)?;
         }
         passes += t2.elapsed();
         out.push(layer);
@@ -410,6 +439,60 @@ pub fn refit_sequences<B: Backend>(
         solves_s: solves.as_secs_f64(),
     };
     Ok((out, timing))
+}
+
+/// A pass's residual stream between layers: on the device, or
+/// (layer-major) a host copy.
+enum Stream<B: Backend> {
+    Device(B::Buf),
+    Host(HostBuf),
+}
+
+impl<B: Backend> Stream<B> {
+    /// `x` kept on the device, or downloaded as `on_host` says.
+    fn hold(be: &B, x: B::Buf, on_host: Option<ResidualDtype>) -> Result<Self> {
+        Ok(match on_host {
+            None => Stream::Device(x),
+            Some(dtype) => Stream::Host(HostBuf::store(be, &x, dtype)?),
+        })
+    }
+
+    /// `f` of the stream's values on the device.
+    fn with<R>(&self, be: &B, f: impl FnOnce(&B::Buf) -> Result<R>) -> Result<R> {
+        match self {
+            Stream::Device(x) => f(x),
+            Stream::Host(h) => f(&h.load(be)?),
+        }
+    }
+}
+
+/// Checks that every pass's streams (x', and x for `residual`) fit in
+/// `lm.host_memory` and says so; returns the host dtype.
+fn host_streams<B: Backend>(
+    be: &B,
+    lm: LayerMajor,
+    passes: &[Pass],
+    d: usize,
+    target: RefitTarget,
+) -> Result<ResidualDtype> {
+    let budget = lm
+        .host_memory
+        .resolve("--host-memory", || be.available_memory())?;
+    let streams = 1 + u64::from(target == RefitTarget::Residual);
+    let rows: u64 = passes.iter().map(|p| p.geo.rows() as u64).sum();
+    let need = streams * rows * d as u64 * lm.residual.bytes();
+    if need > budget {
+        return Err(Error::Invalid(format!(
+            "--host-memory {budget} B is too small for the refit's residual streams: \
+             {need} B ({streams} stream(s) of {rows} rows; or fewer calibration windows)"
+        )));
+    }
+    crate::progress::println(&format!(
+        "refit: layer-major, residual streams on the host ({:.1} MiB, {})",
+        need as f64 / (1 << 20) as f64,
+        lm.residual.name()
+    ));
+    Ok(lm.residual)
 }
 
 /// A copy of the first `n` values of `x`.

@@ -251,9 +251,9 @@ pub fn loss_sum_and_grads<B: Backend>(
         (Some(zt), Some(t)) => {
             let (sum, _, dz) = be.kl_div(
                 &fwd.z,
-                student.lm_head(),
+                student.lm_head(be)?,
                 &zt,
-                t.lm_head(),
+                t.lm_head(be)?,
                 &counted,
                 rows,
                 d,
@@ -266,7 +266,7 @@ pub fn loss_sum_and_grads<B: Backend>(
         _ => {
             let (sum, _, dz) = be.cross_entropy(
                 &fwd.z,
-                student.lm_head(),
+                student.lm_head(be)?,
                 &targets,
                 rows,
                 d,

@@ -41,7 +41,7 @@ use crate::backend::Backend;
 use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
 use crate::eval::iou::read_kept;
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
-use crate::eval::ppl::{perplexity_bos, trace_perplexity, PplResult};
+use crate::eval::ppl::{perplexity, trace_perplexity, PplResult, PplWindows};
 use crate::eval::prefill::{bench_prefill, PrefillResult};
 use crate::io::output::{self, replace_owned, REPORT_DIR};
 use crate::io::text::{read_text, Tokenizer};
@@ -577,15 +577,19 @@ impl<B: Backend> Run<'_, B> {
                 digest: digest.clone(),
                 traces: Some(tr.source.clone()),
                 bos: false,
+                layer_major: c.layer_major,
             }),
-            (Some(_), ..) => Some(RefitWindows::windows(
-                &self.calib_ids,
-                c.seq_len,
-                c.batch,
-                c.path.clone(),
-                self.calib_digest.clone(),
-                c.bos_for(&self.dense.cfg),
-            )),
+            (Some(_), ..) => Some(RefitWindows {
+                layer_major: c.layer_major,
+                ..RefitWindows::windows(
+                    &self.calib_ids,
+                    c.seq_len,
+                    c.batch,
+                    c.path.clone(),
+                    self.calib_digest.clone(),
+                    c.bos_for(&self.dense.cfg),
+                )
+            }),
         };
         let r = prune_model(
             self.be,
@@ -722,15 +726,14 @@ impl<B: Backend> Run<'_, B> {
             Metric::Ppl => {
                 let p = self.spec.ppl.as_ref().expect(planned);
                 let bos = bos_id(&model.cfg, p.bos_for(&model.cfg))?;
-                let r = perplexity_bos(
-                    self.be,
-                    model,
-                    &self.ppl_ids,
-                    p.seq_len,
-                    p.max_windows,
-                    p.batch,
+                let spec = PplWindows {
+                    seq_len: p.seq_len,
+                    max_windows: p.max_windows,
+                    batch: p.batch,
                     bos,
-                )?;
+                    layer_major: None,
+                };
+                let r = perplexity(self.be, model, &self.ppl_ids, &spec)?;
                 (to_value(&r)?, format!("perplexity {:.3}", r.ppl))
             }
             Metric::TracePpl => {

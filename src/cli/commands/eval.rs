@@ -5,7 +5,7 @@ use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
 use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
-use rku_engine::eval::ppl::{perplexity_bos, trace_perplexity};
+use rku_engine::eval::ppl::{perplexity, trace_perplexity, PplWindows};
 use rku_engine::io::text::{bos_words, read_text, Tokenizer};
 use rku_engine::prune::calibrate::bos_id;
 use rku_engine::prune::traces::trace_sequences;
@@ -14,6 +14,9 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
     let r = match (&a.traces, &a.text.text) {
         (Some(path), _) => {
+            if a.layer_major.layer_major {
+                anyhow::bail!("--layer-major applies to text windows, not to --traces");
+            }
             let t = trace_sequences(path, &a.model, a.select, a.tokens, None)?;
             let r = trace_perplexity(be, &model, &t.seqs)?;
             println!(
@@ -27,7 +30,14 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
             let ids = tok.encode(&read_text(text, a.text.field.as_deref())?)?;
             let bos = a.bos.unwrap_or(model.cfg.arch.bos_by_default());
             let bos = bos_id(&model.cfg, bos)?;
-            let r = perplexity_bos(be, &model, &ids, a.seq_len, a.max_windows, a.batch, bos)?;
+            let spec = PplWindows {
+                seq_len: a.seq_len,
+                max_windows: a.max_windows,
+                batch: a.batch,
+                bos,
+                layer_major: a.layer_major.get(),
+            };
+            let r = perplexity(be, &model, &ids, &spec)?;
             println!(
                 "perplexity {:.4} (mean NLL {:.5}) over {} windows of {} tokens ({} predicted tokens), {}",
                 r.ppl,

@@ -1,9 +1,10 @@
 //! `rku-engine plan`: the device memory of a scoring run or a refit, from a config.
 use crate::cli::args::PlanArgs;
 use anyhow::{bail, Result};
+use rku_engine::model::layer_major::ResidualDtype;
 use rku_engine::model::ModelConfig;
 use rku_engine::plan::{plan, plan_refit, PlanSpec, RefitPlanSpec};
-use rku_engine::prune::layer_major::{host_bytes_per_row, ResidualDtype};
+use rku_engine::prune::layer_major::host_bytes_per_row;
 use rku_engine::prune::refit::RefitTarget;
 
 pub fn run(a: &PlanArgs) -> Result<()> {

@@ -80,6 +80,7 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
                 source: path.clone(),
                 traces: Some(tr.source),
                 bos: false,
+                layer_major: a.calib.windows.layer_major.get(),
             })
         }
         _ => None,
@@ -107,14 +108,17 @@ pub fn run<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         (Some(traces), _) => Some(traces),
         (None, Some(source)) => {
             let (ids, digest) = source.windows(&model, &Tokenizer::load(&model.dir)?)?;
-            Some(RefitWindows::windows(
-                &ids,
-                source.seq_len,
-                source.batch,
-                source.path.clone(),
-                digest,
-                source.bos_for(&model.cfg),
-            ))
+            Some(RefitWindows {
+                layer_major: source.layer_major,
+                ..RefitWindows::windows(
+                    &ids,
+                    source.seq_len,
+                    source.batch,
+                    source.path.clone(),
+                    digest,
+                    source.bos_for(&model.cfg),
+                )
+            })
         }
         (None, None) => None,
     };
