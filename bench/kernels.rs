@@ -357,5 +357,75 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels);
+/// The host side of a streamed weight upload on the CUDA backend: one
+/// Qwen2.5-7B down_proj (3584 × 18944) stored as f32 in the mapped file,
+/// to the bf16 bytes the device copies. Before: `to_f32` into a vector,
+/// rounded to bf16 into a second one, copied into the staging buffer.
+/// Now: `TensorRef::write_bf16` straight into the staging buffer.
+fn staging(c: &mut Criterion) {
+    use rayon::prelude::*;
+    use rku_engine::io::safetensors_io::{FloatType, TensorRef};
+    let (rows, cols) = (3584, 18944);
+    let bytes: Vec<u8> = (0..rows * cols)
+        .flat_map(|i| (((i % 997) as f32 - 498.0) / 500.0).to_le_bytes())
+        .collect();
+    let shape = [rows, cols];
+    let t = TensorRef {
+        name: "model.layers.0.mlp.down_proj.weight",
+        file: std::path::Path::new("bench.safetensors"),
+        dtype: FloatType::F32,
+        shape: &shape,
+        bytes: &bytes,
+    };
+    let mut staging = vec![0u8; 2 * rows * cols];
+    let mut g = c.benchmark_group("staging f32 file to bf16 upload bytes");
+    g.sample_size(10)
+        .throughput(Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("to_f32, round, copy (before)", |b| {
+        b.iter(|| {
+            let wide = t.to_f32().unwrap();
+            let narrow: Vec<bf16> = wide.par_iter().map(|&v| bf16::from_f32(v)).collect();
+            staging
+                .par_chunks_mut(4 << 20)
+                .zip(bytemuck::cast_slice::<bf16, u8>(&narrow).par_chunks(4 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        })
+    });
+    g.bench_function("write_bf16 (now)", |b| {
+        b.iter(|| t.write_bf16(&mut staging).unwrap())
+    });
+    g.finish();
+    // A bf16 file (what save_pretrained writes): before, a parallel scan for
+    // non-finite values, then a parallel copy; now the same `write_bf16`.
+    let narrow: Vec<u8> = t
+        .to_f32()
+        .unwrap()
+        .iter()
+        .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+        .collect();
+    let t = TensorRef {
+        dtype: FloatType::BF16,
+        bytes: &narrow,
+        ..t
+    };
+    let mut g = c.benchmark_group("staging bf16 file to bf16 upload bytes");
+    g.sample_size(10)
+        .throughput(Throughput::Bytes(narrow.len() as u64));
+    g.bench_function("scan, copy (before)", |b| {
+        b.iter(|| {
+            let values: &[u16] = bytemuck::cast_slice(&narrow);
+            assert!(values.par_iter().all(|v| v & 0x7F80 != 0x7F80));
+            staging
+                .par_chunks_mut(4 << 20)
+                .zip(narrow.par_chunks(4 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        })
+    });
+    g.bench_function("write_bf16 (now)", |b| {
+        b.iter(|| t.write_bf16(&mut staging).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, kernels, staging);
 criterion_main!(benches);

@@ -191,6 +191,28 @@ fn nan_in_weights_is_refused() {
         e.contains("model.layers.2.self_attn.v_proj.weight") && e.contains("non-finite"),
         "{e}"
     );
+    // On the emulated device the values go straight from the file into the
+    // upload's bf16 staging bytes (`TensorRef::write_bf16`): the same
+    // refusal, resident at load and streamed at the upload.
+    use rku_engine::backend::cuda::{CudaBackend, EmuDevice};
+    let emu = CudaBackend::new(EmuDevice::new());
+    let e = match Model::load(&emu, &dir) {
+        Ok(_) => panic!("loaded a NaN weight on the emulated device"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("v_proj.weight") && e.contains("flat index 5 "),
+        "{e}"
+    );
+    let model = Model::load_with(&emu, &dir, Residency::Streamed).unwrap();
+    let e = match forward(&emu, &model, &[1, 2, 3, 4], geo, Keep::OUTPUT) {
+        Ok(_) => panic!("a streamed forward pass over a NaN weight succeeded on the device"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("v_proj.weight") && e.contains("flat index 5 "),
+        "{e}"
+    );
 }
 
 /// The embedding is read by rows at each lookup: a NaN in one row is

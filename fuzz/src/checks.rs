@@ -17,7 +17,8 @@ pub fn gguf(data: &[u8]) {
 }
 
 /// The safetensors header reader of model weights; accepted tensors are
-/// converted to f32 (refusing non-finite values, never panicking).
+/// converted to f32 and to bf16 staging bytes (refusing non-finite
+/// values, never panicking).
 pub fn safetensors(data: &[u8]) {
     let path = Path::new("fuzz.safetensors");
     if let Ok(entries) = header_entries(data, path) {
@@ -32,9 +33,8 @@ pub fn safetensors(data: &[u8]) {
             };
             assert_eq!(t.numel() * e.dtype.size(), bytes.len(), "{}", e.name);
             let _ = t.to_f32();
-            if let Some(v) = t.as_bf16() {
-                let _ = v;
-            }
+            let mut staging = vec![0u8; 2 * t.numel()];
+            let _ = t.write_bf16(&mut staging);
         }
     }
 }

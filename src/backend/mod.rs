@@ -13,6 +13,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::io::safetensors_io::TensorRef;
 use crate::quant::BlockMatrix;
 use crate::Result;
 
@@ -224,15 +225,16 @@ pub trait Backend: Send + Sync {
         self.upload_weight(data)
     }
     /// `upload_weight` (or with `in_flight`, `upload_weight_async`) of a
-    /// tensor stored in bf16. The default widens it to f32 (exactly); a
-    /// backend that keeps bf16 weights copies it as it is.
-    fn upload_weight_bf16(&self, data: &[half::bf16], in_flight: bool) -> Result<Self::Weight> {
-        use rayon::prelude::*;
-        let wide: Vec<f32> = data.par_iter().map(|v| v.to_f32()).collect();
+    /// tensor read from a mapped file, refusing NaN or infinite values as
+    /// `TensorRef::to_f32` does. The default converts it to f32 first; a
+    /// backend that holds bf16 weights converts straight into its upload's
+    /// staging buffer (`TensorRef::write_bf16`), with the same values.
+    fn upload_weight_tensor(&self, t: &TensorRef<'_>, in_flight: bool) -> Result<Self::Weight> {
+        let values = t.to_f32()?;
         if in_flight {
-            self.upload_weight_async(&wide)
+            self.upload_weight_async(&values)
         } else {
-            self.upload_weight(&wide)
+            self.upload_weight(&values)
         }
     }
     /// `upload_weight` (or with `in_flight`, `upload_weight_async`) of a

@@ -9,7 +9,6 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -109,6 +108,36 @@ impl TensorRef<'_> {
         Ok(out)
     }
 
+    /// Writes the values into `dst` as little-endian bf16 (2 bytes each,
+    /// rounded from f32 to nearest even as `bf16::from_f32`, so a bf16
+    /// tensor is copied as it is), in parallel chunks, without an f32 copy
+    /// of the tensor: how a streamed layer goes from the mapped file into a
+    /// GPU upload's page-locked staging buffer. NaN or infinite values are
+    /// refused like `to_f32` (naming the first).
+    pub fn write_bf16(&self, dst: &mut [u8]) -> Result<()> {
+        if dst.len() != 2 * self.numel() {
+            return Err(Error::tensor(
+                self.name,
+                format!("{} staging bytes for {} values", dst.len(), self.numel()),
+            ));
+        }
+        let first_bad = match self.dtype {
+            FloatType::F32 => convert_bf16::<4>(self.bytes, dst, decode_f32),
+            FloatType::F16 => convert_bf16::<2>(self.bytes, dst, decode_f16),
+            FloatType::BF16 => copy_bf16(self.bytes, dst),
+        };
+        match first_bad {
+            None => Ok(()),
+            Some((i, v)) => Err(Error::tensor(
+                self.name,
+                format!(
+                    "non-finite value {v} at flat index {i} in {}",
+                    self.file.display()
+                ),
+            )),
+        }
+    }
+
     /// Errs on the first non-finite value of `values`, which start at flat
     /// index `offset` of the tensor.
     fn check_finite(&self, values: &[f32], offset: usize) -> Result<()> {
@@ -125,6 +154,58 @@ impl TensorRef<'_> {
             )),
         }
     }
+}
+
+/// Values per parallel task of `convert_bf16`.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// `dst` (little-endian bf16) = `src` (values of `S` bytes, read by
+/// `decode`), in parallel chunks; the first non-finite value (flat index
+/// and value), if any. Every value is written either way.
+fn convert_bf16<const S: usize>(
+    src: &[u8],
+    dst: &mut [u8],
+    decode: fn(&[u8]) -> f32,
+) -> Option<(usize, f32)> {
+    dst.par_chunks_mut(2 * CONVERT_CHUNK)
+        .zip(src.par_chunks(S * CONVERT_CHUNK))
+        .enumerate()
+        .filter_map(|(c, (out, values))| {
+            let mut first = None;
+            for (i, (o, v)) in out
+                .chunks_exact_mut(2)
+                .zip(values.chunks_exact(S))
+                .enumerate()
+            {
+                let x = decode(v);
+                if !x.is_finite() && first.is_none() {
+                    first = Some((c * CONVERT_CHUNK + i, x));
+                }
+                o.copy_from_slice(&bf16::from_f32(x).to_le_bytes());
+            }
+            first
+        })
+        .min_by_key(|&(i, _)| i)
+}
+
+/// `convert_bf16` of bf16 values: a parallel copy, then a scan of the
+/// exponent bits (all set: infinite or NaN), several times faster than
+/// rounding each value through f32.
+fn copy_bf16(src: &[u8], dst: &mut [u8]) -> Option<(usize, f32)> {
+    dst.par_chunks_mut(2 * CONVERT_CHUNK)
+        .zip(src.par_chunks(2 * CONVERT_CHUNK))
+        .enumerate()
+        .filter_map(|(c, (out, values))| {
+            out.copy_from_slice(values);
+            let bad = values
+                .chunks_exact(2)
+                .position(|v| u16::from_le_bytes(word(v)) & 0x7F80 == 0x7F80)?;
+            let v = values
+                .get(2 * bad..2 * bad + 2)
+                .map_or(f32::NAN, decode_bf16);
+            Some((c * CONVERT_CHUNK + bad, v))
+        })
+        .min_by_key(|&(i, _)| i)
 }
 
 /// One stored value (`dtype.size()` little-endian bytes) as f32.
@@ -146,41 +227,6 @@ fn decode_f16(c: &[u8]) -> f32 {
 
 fn decode_bf16(c: &[u8]) -> f32 {
     bf16::from_le_bytes(word(c)).to_f32()
-}
-
-impl<'a> TensorRef<'a> {
-    /// The values of a bf16 tensor as stored (borrowed from the map when
-    /// aligned), refusing NaN or infinite values like `to_f32`. None for
-    /// other dtypes.
-    pub fn as_bf16(&self) -> Option<Result<Cow<'a, [bf16]>>> {
-        if self.dtype != FloatType::BF16 {
-            return None;
-        }
-        let values: Cow<'a, [bf16]> = match bytemuck::try_cast_slice(self.bytes) {
-            Ok(v) => Cow::Borrowed(v),
-            Err(_) => Cow::Owned(
-                self.bytes
-                    .par_chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes(word(c)))
-                    .collect(),
-            ),
-        };
-        // Exponent bits all set: infinite or NaN.
-        let bad = values
-            .par_iter()
-            .position_first(|v| v.to_bits() & 0x7F80 == 0x7F80);
-        Some(match bad {
-            Some(i) => Err(Error::tensor(
-                self.name,
-                format!(
-                    "non-finite value {} at flat index {i} in {}",
-                    values.get(i).map_or(f32::NAN, |v| v.to_f32()),
-                    self.file.display()
-                ),
-            )),
-            None => Ok(values),
-        })
-    }
 }
 
 /// The `N` bytes of a chunk of `chunks_exact(N)` as an array.
@@ -578,5 +624,74 @@ impl SafeModel {
             .map(|(p, _)| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `values` stored as `dtype`, little-endian.
+    fn stored(values: &[f32], dtype: FloatType) -> Vec<u8> {
+        values
+            .iter()
+            .flat_map(|&v| match dtype {
+                FloatType::F32 => v.to_le_bytes().to_vec(),
+                FloatType::F16 => f16::from_f32(v).to_le_bytes().to_vec(),
+                FloatType::BF16 => bf16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// `write_bf16` gives `bf16::from_f32` of `to_f32`, for every dtype and
+    /// over several parallel chunks; the first NaN is named by its index.
+    #[test]
+    fn write_bf16_equals_rounding_the_f32_values() {
+        let n = 2 * CONVERT_CHUNK + 37;
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i as f32) * 0.618).sin() * 3.0 + (i % 7) as f32 * 1e-3)
+            .collect();
+        let file = Path::new("test.safetensors");
+        for dtype in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+            let bytes = stored(&values, dtype);
+            let shape = [n];
+            let t = TensorRef {
+                name: "w",
+                file,
+                dtype,
+                shape: &shape,
+                bytes: &bytes,
+            };
+            let mut got = vec![0u8; 2 * n];
+            t.write_bf16(&mut got).unwrap();
+            let want: Vec<u8> = t
+                .to_f32()
+                .unwrap()
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect();
+            assert!(
+                got == want,
+                "{dtype:?}: write_bf16 differs from to_f32 rounded"
+            );
+            assert!(
+                t.write_bf16(got.get_mut(1..).unwrap()).is_err(),
+                "short buffer accepted"
+            );
+
+            let mut bad = values.clone();
+            let at = CONVERT_CHUNK + 5;
+            bad.iter_mut()
+                .skip(at)
+                .step_by(CONVERT_CHUNK)
+                .for_each(|v| *v = f32::NAN);
+            let bytes = stored(&bad, dtype);
+            let t = TensorRef { bytes: &bytes, ..t };
+            let e = t.write_bf16(&mut got).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("flat index {at} ")) && e.contains("non-finite"),
+                "{e}"
+            );
+        }
     }
 }

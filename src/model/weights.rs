@@ -189,15 +189,13 @@ fn load_adjusted<B: Backend>(
         (Some(f), &[rows, cols]) => f.get(name, rows, cols)?.map(|bm| (f, bm)),
         _ => None,
     };
-    let w = match (blocks, t.as_bf16()) {
-        (Some((f, bm)), _) => {
+    let w = match blocks {
+        Some((f, bm)) => {
             let values = t.to_f32()?;
             f.check(name, &bm, &values)?;
             b.upload_weight_blocks(&values, &bm, in_flight)
         }
-        (None, Some(values)) => b.upload_weight_bf16(&values?, in_flight),
-        (None, None) if in_flight => b.upload_weight_async(&t.to_f32()?),
-        (None, None) => b.upload_weight(&t.to_f32()?),
+        None => b.upload_weight_tensor(&t, in_flight),
     };
     src.files.release_tensor(name);
     w

@@ -12,6 +12,7 @@ use crate::backend::{
     check_cache_window, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
     GatherAxis, GluAct, MatMul, NormalEquations,
 };
+use crate::io::safetensors_io::TensorRef;
 use crate::{Error, Result};
 
 /// Vocabulary entries per chunk of the losses (cross-entropy, distillation
@@ -241,11 +242,17 @@ impl<D: Device> Backend for CudaBackend<D> {
         DevBuf::upload_async(&self.dev, &to_bf16_host(data))
     }
 
-    fn upload_weight_bf16(&self, data: &[bf16], in_flight: bool) -> Result<Self::Weight> {
+    /// Straight from the mapped file to bf16: into the upload's staging
+    /// buffer when in flight (page-locked on the GPU), else into one host
+    /// vector. Either way no f32 copy of the tensor is made.
+    fn upload_weight_tensor(&self, t: &TensorRef<'_>, in_flight: bool) -> Result<Self::Weight> {
+        let fill = |dst: &mut [u8]| t.write_bf16(dst);
         if in_flight {
-            DevBuf::upload_async(&self.dev, data)
+            DevBuf::upload_async_with(&self.dev, t.numel(), &fill)
         } else {
-            DevBuf::upload(&self.dev, data)
+            let mut host = vec![0u8; 2 * t.numel()];
+            fill(&mut host)?;
+            DevBuf::upload_bytes(&self.dev, &host)
         }
     }
 

@@ -62,12 +62,26 @@ impl<D: Device, T: Elem> DevBuf<D, T> {
     /// The memory comes from `Device::alloc_for_upload`, which the upload
     /// stream may write while compute is still queued.
     pub fn upload_async(dev: &D, data: &[T]) -> Result<Self> {
+        let src: &[u8] = bytemuck::cast_slice(data);
+        Self::upload_async_with(dev, data.len(), &|dst| {
+            stage(dst, src);
+            Ok(())
+        })
+    }
+    /// `upload_async` of `len` elements that `fill` writes, as little-endian
+    /// bytes, into the staging buffer.
+    pub fn upload_async_with(
+        dev: &D,
+        len: usize,
+        fill: &dyn Fn(&mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
+        let bytes = len * std::mem::size_of::<T>();
         let b = DevBuf {
-            mem: dev.alloc_for_upload(std::mem::size_of_val(data))?,
-            len: data.len(),
+            mem: dev.alloc_for_upload(bytes)?,
+            len,
             _t: PhantomData,
         };
-        dev.htod_async(bytemuck::cast_slice(data), &b.mem)?;
+        dev.htod_async(bytes, &b.mem, fill)?;
         Ok(b)
     }
     /// `upload` of raw little-endian bytes, a whole number of elements.
@@ -121,4 +135,19 @@ impl<D: Device, T: Elem> DevBuf<D, T> {
     pub fn bytes(&self) -> usize {
         self.len * std::mem::size_of::<T>()
     }
+}
+
+/// Bytes per parallel task of `stage`.
+const STAGE_CHUNK: usize = 4 << 20;
+
+/// Copies `src` into a staging buffer `dst`, in parallel chunks (a
+/// streamed 7B-sized layer is ~0.5 GB). On the H100 machine's 16 cores a
+/// streamed forward pass over 4 Qwen2.5-7B-shaped layers took 1.41–1.53 s
+/// against 1.56–1.74 s with one thread copying: a part of the host time
+/// per streamed layer, not most of it.
+fn stage(dst: &mut [u8], src: &[u8]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(STAGE_CHUNK)
+        .zip(src.par_chunks(STAGE_CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
 }

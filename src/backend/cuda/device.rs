@@ -180,13 +180,23 @@ pub trait Device: Send + Sync + Sized + 'static {
     fn ptr(&self, mem: &Self::Mem) -> u64;
     /// Copies host bytes to the start of `dst`.
     fn htod(&self, src: &[u8], dst: &Self::Mem) -> Result<()>;
-    /// Copies host bytes to the start of `dst` on the upload stream: the
-    /// copy may still run when this returns, overlapping compute queued
-    /// meanwhile, and `dst` may be used only after `upload_fence`. `src`
-    /// is staged, so it may be dropped at once. `dst` must come from
-    /// `alloc_for_upload`. Default: `htod`.
-    fn htod_async(&self, src: &[u8], dst: &Self::Mem) -> Result<()> {
-        self.htod(src, dst)
+    /// Has `fill` write `bytes` host bytes into a staging buffer (on the GPU
+    /// a reused page-locked one, so the file's values go there without an
+    /// intermediate copy), then copies them to the start of `dst` on the
+    /// upload stream: the copy may still run when this returns, overlapping
+    /// compute queued meanwhile, and `dst` may be used only after
+    /// `upload_fence`. `dst` must come from `alloc_for_upload`. An error of
+    /// `fill` is returned and nothing is copied. Default: `fill` into a
+    /// vector, then `htod`.
+    fn htod_async(
+        &self,
+        bytes: usize,
+        dst: &Self::Mem,
+        fill: &dyn Fn(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut host = vec![0u8; bytes];
+        fill(&mut host)?;
+        self.htod(&host, dst)
     }
     /// Waits until every `htod_async` issued so far has completed.
     fn upload_fence(&self) -> Result<()> {

@@ -364,21 +364,6 @@ impl Drop for GpuDevice {
     }
 }
 
-/// Bytes per parallel task of `stage`.
-const STAGE_CHUNK: usize = 4 << 20;
-
-/// Copies `src` into the page-locked staging buffer `dst`, in parallel
-/// chunks (a streamed 7B-sized layer is ~0.5 GB). On the H100 machine's 16
-/// cores a streamed forward pass over 4 Qwen2.5-7B-shaped layers took
-/// 1.41–1.53 s against 1.56–1.74 s with one thread copying: a part of the
-/// host time per streamed layer, not most of it.
-fn stage(dst: &mut [u8], src: &[u8]) {
-    use rayon::prelude::*;
-    dst.par_chunks_mut(STAGE_CHUNK)
-        .zip(src.par_chunks(STAGE_CHUNK))
-        .for_each(|(d, s)| d.copy_from_slice(s));
-}
-
 impl Device for GpuDevice {
     type Mem = GpuMem;
 
@@ -419,8 +404,13 @@ impl Device for GpuDevice {
         unsafe { drv::memcpy_htod_sync(dst.ptr, src) }.map_err(drv_err("cuMemcpyHtoD"))
     }
 
-    fn htod_async(&self, src: &[u8], dst: &GpuMem) -> Result<()> {
-        dst.check_fits(src.len())?;
+    fn htod_async(
+        &self,
+        bytes: usize,
+        dst: &GpuMem,
+        fill: &dyn Fn(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        dst.check_fits(bytes)?;
         if dst.pooled {
             // Queued kernels may still read this block (freed and reused in
             // stream order), and the upload stream is not ordered after them.
@@ -434,16 +424,19 @@ impl Device for GpuDevice {
             up.stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
                 .map_err(drv_err("cuStreamCreate"))?;
         }
-        // A DMA copy overlaps compute only from page-locked memory: stage
-        // `src` there (back in the free pool once `upload_fence` saw it land).
-        let host = up.staging(src.len())?;
-        // SAFETY: `host` holds at least src.len() bytes and no copy in
-        // flight reads it; it is written in full before the copy is queued.
-        let queued = unsafe {
-            let pinned = std::slice::from_raw_parts_mut(host.ptr as *mut u8, src.len());
-            stage(pinned, src);
-            drv::memcpy_htod_async(dst.ptr, pinned, up.stream)
-        };
+        // A DMA copy overlaps compute only from page-locked memory: `fill`
+        // writes straight into a staging buffer (back in the free pool once
+        // `upload_fence` saw it land, or at once if `fill` fails).
+        let host = up.staging(bytes)?;
+        // SAFETY: `host` holds at least `bytes` bytes and no copy in flight
+        // reads it; `fill` writes it in full before the copy is queued.
+        let pinned = unsafe { std::slice::from_raw_parts_mut(host.ptr as *mut u8, bytes) };
+        if let Err(e) = fill(pinned) {
+            up.free.push(host);
+            return Err(e);
+        }
+        // SAFETY: as above; the buffer stays alive until `upload_fence`.
+        let queued = unsafe { drv::memcpy_htod_async(dst.ptr, pinned, up.stream) };
         up.in_flight.push(host);
         queued.map_err(drv_err("cuMemcpyHtoDAsync"))
     }
