@@ -2,7 +2,7 @@
 //! forward pass with logits over a T-token prompt at batch 1, both models
 //! timed alternately after warm-up so machine noise hits them alike.
 use crate::backend::Backend;
-use crate::model::forward::{forward, synthetic_ids, Geometry, Keep};
+use crate::model::forward::{logits_on, synthetic_ids, Geometry};
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -49,18 +49,8 @@ pub(crate) fn timed_forward<B: Backend>(
     ids: &[u32],
     geo: Geometry,
 ) -> Result<f64> {
-    let c = &model.cfg;
     let start = Instant::now();
-    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
-    let logits = be.linear(
-        &out.z,
-        model.lm_head(be)?,
-        None,
-        geo.rows(),
-        c.hidden,
-        c.vocab,
-    )?;
-    drop(logits);
+    drop(logits_on(be, model, ids, geo)?);
     Ok(start.elapsed().as_secs_f64())
 }
 

@@ -459,6 +459,25 @@ pub fn next_token_targets(ids: &[u32], geo: Geometry) -> Vec<u32> {
     tg
 }
 
+/// Full logits `[rows, vocab]` of a batch, on the backend (a prefill).
+pub fn logits_on<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    geo: Geometry,
+) -> Result<B::Buf> {
+    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
+    let c = &model.cfg;
+    be.linear(
+        &out.z,
+        model.lm_head(be)?,
+        None,
+        geo.rows(),
+        c.hidden,
+        c.vocab,
+    )
+}
+
 /// Full logits `[rows, vocab]` of a batch (for tests and small evaluations).
 pub fn logits<B: Backend>(
     be: &B,
@@ -466,17 +485,7 @@ pub fn logits<B: Backend>(
     ids: &[u32],
     geo: Geometry,
 ) -> Result<Vec<f32>> {
-    let out = forward(be, model, ids, geo, Keep::OUTPUT)?;
-    let c = &model.cfg;
-    let l = be.linear(
-        &out.z,
-        model.lm_head(be)?,
-        None,
-        geo.rows(),
-        c.hidden,
-        c.vocab,
-    )?;
-    be.download(&l)
+    be.download(&logits_on(be, model, ids, geo)?)
 }
 
 /// Σ NLL and count of next-token predictions over a batch.
