@@ -54,8 +54,11 @@ fn quality_columns(r: &Report) -> Vec<Column> {
         }));
     }
     if r.has("gen") {
-        cols.push(("gen acc ↑", |e| {
-            e.gen.as_ref().map(|g| format!("{:.3}", g.accuracy))
+        cols.push(("gen acc ↑ [95%]", |e| {
+            e.gen.as_ref().map(|g| {
+                let (lo, hi) = g.ci95();
+                format!("{:.3} [{lo:.3}, {hi:.3}]", g.accuracy)
+            })
         }));
     }
     if r.has("mc") {

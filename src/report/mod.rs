@@ -747,8 +747,9 @@ impl<B: Backend> Run<'_, B> {
                     ..self.spec.gen.clone().expect(planned)
                 };
                 let (r, _) = evaluate_gen(self.be, model, &self.tok, &args)?;
+                let (lo, hi) = r.ci95();
                 let line = format!(
-                    "{} accuracy {:.3} ({}/{})",
+                    "{} accuracy {:.3} ({}/{}, 95% interval {lo:.3}–{hi:.3})",
                     r.task, r.accuracy, r.correct, r.n
                 );
                 (to_value(&r)?, line)

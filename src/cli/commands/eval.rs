@@ -76,8 +76,9 @@ pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
     args.out = a.out.clone();
     args.force = a.force;
     let (r, _) = evaluate_gen(be, &model, &tok, &args)?;
+    let (lo, hi) = r.ci95();
     println!(
-        "{}: accuracy {:.4} ({}/{}), {}-shot {:?}; decode {:.1} tokens/s, prefill {:.0} tokens/s",
+        "{}: accuracy {:.4} ({}/{}, 95% interval {lo:.3}–{hi:.3}), {}-shot {:?}; decode {:.1} tokens/s, prefill {:.0} tokens/s",
         r.task,
         r.accuracy,
         r.correct,
