@@ -371,6 +371,25 @@ fn prune_refit_exports_the_refitted_layer() {
             "layer {l}: bias"
         );
     }
+    // `--layer-major`: scoring and the refit with their streams on the
+    // host write the same weights, byte for byte.
+    let lm_out = tmp.path().join("p-layer-major");
+    let lm_args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--layer-major", "--host-memory", "1G"])
+        .collect();
+    let o = prune(&model, &lm_args, &lm_out).output().unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && log.contains("refit: layer-major"),
+        "{log}"
+    );
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(
+        weights(&lm_out) == weights(&out),
+        "layer-major refit wrote other weights"
+    );
 }
 
 /// The traces reference of scripts/make_refit_trace_fixtures.py: its
