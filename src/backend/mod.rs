@@ -13,7 +13,6 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::io::safetensors_io::TensorRef;
 use crate::quant::BlockMatrix;
 use crate::Result;
 
@@ -200,6 +199,19 @@ impl AdamwStep {
 /// One product of a `Backend::linear_many` call: `(W [out, inp], bias [out], out)`.
 pub type LinearPart<'a, W> = (&'a W, Option<&'a W>, usize);
 
+/// Where a weight's values come from (a tensor of a mapped file,
+/// `model::weights`): the forms backends take them in. Both refuse NaN or
+/// infinite values, naming the weight.
+pub trait WeightSource: Sync {
+    /// Number of values.
+    fn numel(&self) -> usize;
+    /// The values as f32.
+    fn to_f32(&self) -> Result<Vec<f32>>;
+    /// The values as little-endian bf16 (nearest even from f32) into `dst`,
+    /// 2 bytes each.
+    fn write_bf16(&self, dst: &mut [u8]) -> Result<()>;
+}
+
 /// The ops the transformer runtime needs. One implementation per device.
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
@@ -225,11 +237,11 @@ pub trait Backend: Send + Sync {
         self.upload_weight(data)
     }
     /// `upload_weight` (or with `in_flight`, `upload_weight_async`) of a
-    /// tensor read from a mapped file, refusing NaN or infinite values as
-    /// `TensorRef::to_f32` does. The default converts it to f32 first; a
-    /// backend that holds bf16 weights converts straight into its upload's
-    /// staging buffer (`TensorRef::write_bf16`), with the same values.
-    fn upload_weight_tensor(&self, t: &TensorRef<'_>, in_flight: bool) -> Result<Self::Weight> {
+    /// weight read from its source (a tensor of a mapped file), which
+    /// refuses NaN or infinite values. The default converts it to f32
+    /// first; a backend that holds bf16 weights has the source write bf16
+    /// straight into its upload's staging buffer, with the same values.
+    fn upload_weight_source(&self, t: &dyn WeightSource, in_flight: bool) -> Result<Self::Weight> {
         let values = t.to_f32()?;
         if in_flight {
             self.upload_weight_async(&values)

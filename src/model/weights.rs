@@ -2,9 +2,9 @@
 //! HF model directory one tensor at a time (f32 conversion happens per
 //! tensor, so the host never holds two copies of the model).
 use super::config::ModelConfig;
-use crate::backend::Backend;
+use crate::backend::{Backend, WeightSource};
 use crate::io::ggml_blocks::BlockFile;
-use crate::io::safetensors_io::SafeModel;
+use crate::io::safetensors_io::{SafeModel, TensorRef};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -74,6 +74,19 @@ enum LayerStore<W> {
     /// Nothing held: shapes were checked at load, values are read (and
     /// checked for NaN/inf) at each upload.
     Streamed,
+}
+
+/// A tensor of the mapped files is what backends upload weights from.
+impl WeightSource for TensorRef<'_> {
+    fn numel(&self) -> usize {
+        TensorRef::numel(self)
+    }
+    fn to_f32(&self) -> Result<Vec<f32>> {
+        TensorRef::to_f32(self)
+    }
+    fn write_bf16(&self, dst: &mut [u8]) -> Result<()> {
+        TensorRef::write_bf16(self, dst)
+    }
 }
 
 /// HF names of the two `[vocab, d]` matrices.
@@ -195,7 +208,7 @@ fn load_adjusted<B: Backend>(
             f.check(name, &bm, &values)?;
             b.upload_weight_blocks(&values, &bm, in_flight)
         }
-        None => b.upload_weight_tensor(&t, in_flight),
+        None => b.upload_weight_source(&t, in_flight),
     };
     src.files.release_tensor(name);
     w

@@ -10,9 +10,8 @@ use super::device::{Device, Gemm, GemmType};
 use super::kernels as k;
 use crate::backend::{
     check_cache_window, check_gather, AdamwStep, AttnShape, Backend, CacheShape, ChannelPartial,
-    GatherAxis, GluAct, MatMul, NormalEquations,
+    GatherAxis, GluAct, MatMul, NormalEquations, WeightSource,
 };
-use crate::io::safetensors_io::TensorRef;
 use crate::{Error, Result};
 
 /// Vocabulary entries per chunk of the losses (cross-entropy, distillation
@@ -245,7 +244,7 @@ impl<D: Device> Backend for CudaBackend<D> {
     /// Straight from the mapped file to bf16: into the upload's staging
     /// buffer when in flight (page-locked on the GPU), else into one host
     /// vector. Either way no f32 copy of the tensor is made.
-    fn upload_weight_tensor(&self, t: &TensorRef<'_>, in_flight: bool) -> Result<Self::Weight> {
+    fn upload_weight_source(&self, t: &dyn WeightSource, in_flight: bool) -> Result<Self::Weight> {
         let fill = |dst: &mut [u8]| t.write_bf16(dst);
         if in_flight {
             DevBuf::upload_async_with(&self.dev, t.numel(), &fill)
