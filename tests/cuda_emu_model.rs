@@ -33,7 +33,7 @@ use rku_engine::model::keep::MemoryBudget;
 use rku_engine::model::objective::Objective;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::{collect_stats, CalibSpec};
-use rku_engine::prune::stats::{EnergyAt, Objectives, Stats};
+use rku_engine::prune::stats::{EnergyAt, Stats};
 use safetensors::{Dtype, SafeTensors};
 
 /// rtol of the logits and of the statistics (see the top of the file).
@@ -122,18 +122,8 @@ fn ids(n: usize, vocab: usize) -> Vec<u32> {
 
 fn stats<B: Backend>(be: &B, model: &Model<B>, windows: &[u32], seqs: usize, t: usize) -> Stats {
     let spec = CalibSpec {
-        samples: seqs,
-        seq_len: t,
-        batch: 2,
-        objectives: Objectives {
-            energy: true,
-            ce: true,
-        },
-        energy_at: EnergyAt::FinalNorm,
-        norms: None,
         activation_memory: MemoryBudget::Auto,
-        layer_major: None,
-        bos: false,
+        ..calib_spec(seqs, t)
     };
     collect_stats(be, model, windows, spec, String::new()).unwrap()
 }
