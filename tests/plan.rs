@@ -255,10 +255,16 @@ fn llama3_8b_fits_24_gib_resident_8_gib_streamed() {
 
 /// The refit's plan (src/plan/refit.rs) against the allocator: a refit of
 /// `samples` windows through `CudaBackend<EmuDevice>` reaches the peak the
-/// plan predicts, to the byte.
-fn check_refit_peak(dir: &Path, residual: bool, bias: bool, residency: Residency) {
+/// plan predicts, to the byte; with `layer_major`, the streams on the host.
+fn check_refit_peak(
+    dir: &Path,
+    residual: bool,
+    bias: bool,
+    residency: Residency,
+    layer_major: bool,
+) {
     use rku_engine::plan::{plan_refit, RefitPlanSpec};
-    use rku_engine::prune::refit::{refit, RefitSpec, RefitTarget};
+    use rku_engine::prune::refit::{refit_sequences, RefitSpec, RefitTarget, RefitWindows};
     let be = CudaBackend::new(EmuDevice::new());
     let model = Model::load_with(&be, dir, residency).unwrap();
     // Two passes per layer, the second one partial.
@@ -279,7 +285,12 @@ fn check_refit_peak(dir: &Path, residual: bool, bias: bool, residency: Residency
         bias,
         damp: 0.01,
     };
-    refit(&be, &model, &kept, &windows, t, batch, spec).unwrap();
+    let w = RefitWindows::windows(&windows, t, batch, Default::default(), String::new(), false);
+    let host = layer_major.then_some(LayerMajor {
+        host_memory: MemoryBudget::Bytes(u64::MAX),
+        residual: ResidualDtype::F32,
+    });
+    refit_sequences(&be, &model, &kept, &w.seqs, batch, spec, host).unwrap();
     let measured = be.device().mem_stats().high_water;
     let p = plan_refit(
         &model.cfg,
@@ -291,6 +302,7 @@ fn check_refit_peak(dir: &Path, residual: bool, bias: bool, residency: Residency
             bias,
             kept: kept.iter().map(Vec::len).collect(),
             stream: residency == Residency::Streamed,
+            layer_major,
         },
     )
     .unwrap();
@@ -298,19 +310,92 @@ fn check_refit_peak(dir: &Path, residual: bool, bias: bool, residency: Residency
     assert_eq!(
         p.peak_bytes,
         measured,
-        "{} refit ({target:?}, bias {bias}, {residency:?}): plan vs measured high water",
+        "{} refit ({target:?}, bias {bias}, {residency:?}, layer-major {layer_major}): \
+         plan vs measured high water",
         dir.display()
     );
+    if layer_major {
+        let lm = p.layer_major.expect("a layer-major refit plan");
+        let streams = 1 + usize::from(residual);
+        let d = model.cfg.hidden;
+        assert_eq!(lm.host_bytes, (streams * samples * t * d * 4) as u64);
+        assert_eq!((lm.batches, lm.uploads), (2, model.cfg.layers));
+        assert_eq!(
+            model.layer_uploads(),
+            match residency {
+                Residency::Streamed => model.cfg.layers,
+                _ => 0,
+            }
+        );
+    }
 }
 
 /// Both targets, with and without the bias column, resident and streamed,
 /// spread over the two fixtures (the emulated device is slow).
 #[test]
 fn refit_plan_matches_high_water() {
-    check_refit_peak(&fixture("tiny-qwen2"), false, false, Residency::Resident);
-    check_refit_peak(&fixture("tiny-qwen2"), true, true, Residency::Streamed);
-    check_refit_peak(&fixture("tiny-llama3"), true, false, Residency::Resident);
-    check_refit_peak(&fixture("tiny-llama3"), false, true, Residency::Streamed);
+    check_refit_peak(
+        &fixture("tiny-qwen2"),
+        false,
+        false,
+        Residency::Resident,
+        false,
+    );
+    check_refit_peak(
+        &fixture("tiny-qwen2"),
+        true,
+        true,
+        Residency::Streamed,
+        false,
+    );
+    check_refit_peak(
+        &fixture("tiny-llama3"),
+        true,
+        false,
+        Residency::Resident,
+        false,
+    );
+    check_refit_peak(
+        &fixture("tiny-llama3"),
+        false,
+        true,
+        Residency::Streamed,
+        false,
+    );
+}
+
+/// The same with the residual streams on the host (`--layer-major`): both
+/// targets, resident and streamed, and Gemma 3's post-FFN norm.
+#[test]
+fn layer_major_refit_plan_matches_high_water() {
+    check_refit_peak(
+        &fixture("tiny-qwen2"),
+        false,
+        true,
+        Residency::Streamed,
+        true,
+    );
+    check_refit_peak(
+        &fixture("tiny-qwen2"),
+        true,
+        false,
+        Residency::Resident,
+        true,
+    );
+    check_refit_peak(
+        &fixture("tiny-llama3"),
+        true,
+        true,
+        Residency::Streamed,
+        true,
+    );
+    check_refit_peak(
+        &fixture("tiny-gemma3"),
+        false,
+        false,
+        Residency::Streamed,
+        true,
+    );
 }
 
 /// Layer-major streamed scoring of N=128 sequences of T=2048 with 64 GiB of
@@ -345,5 +430,127 @@ fn layer_major_plans_for_70b_and_405b() {
             "{name}: {} B",
             p.peak_bytes
         );
+    }
+}
+
+/// `plan --refit --layer-major` prints the host streams and the plan as
+/// JSON, equal to `plan_refit`'s; a `--host-memory` below the streams is
+/// refused, naming it.
+#[test]
+fn plan_cli_refit_layer_major() {
+    use rku_engine::plan::{plan_refit, RefitPlanSpec};
+    let model = fixture("tiny-llama3");
+    let cfg = ModelConfig::load(&model.join("config.json")).unwrap();
+    let args = [
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--refit",
+        "residual",
+        "--refit-samples",
+        "5",
+        "--stream",
+        "--layer-major",
+    ];
+    let out = run_ok(
+        bin()
+            .arg("plan")
+            .arg("--model")
+            .arg(&model)
+            .args(args)
+            .arg("--json"),
+    );
+    assert!(out.contains("layer-major"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let want = plan_refit(
+        &cfg,
+        &RefitPlanSpec {
+            t: 16,
+            samples: 5,
+            batch: 2,
+            residual: true,
+            bias: false,
+            kept: cfg.ffn_widths.clone(),
+            stream: true,
+            layer_major: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(json["peak_bytes"], want.peak_bytes);
+    let lm = want.layer_major.unwrap();
+    // Two streams (x' and x) of 5 windows × 16 rows, f32.
+    assert_eq!(lm.host_bytes, (2 * 5 * 16 * cfg.hidden * 4) as u64);
+    assert_eq!(json["layer_major"]["host_bytes"], lm.host_bytes);
+    assert_eq!(json["layer_major"]["batches"], 3);
+    let small = (lm.host_bytes - 1).to_string();
+    let err = run_err(
+        bin()
+            .arg("plan")
+            .arg("--model")
+            .arg(&model)
+            .args(args)
+            .args(["--host-memory", &small]),
+    );
+    assert!(
+        err.contains("--host-memory") && err.contains("residual streams"),
+        "{err}"
+    );
+}
+
+/// Output into a pipe whose reader has gone (`rku-engine plan … | head -1`)
+/// ends the process by SIGPIPE, as other command-line tools end, rather
+/// than a panic from `println!`.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // closed before the first line is written
+    let out = bin()
+        .args(["plan", "--config"])
+        .arg(fixture("configs/llama-3-70b.json"))
+        .args(["--refit", "--refit-samples", "128", "--stream"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
+}
+
+/// A Llama-3-70B refit over N=128 windows of T=2048, weights streamed:
+/// with the streams on the host (`--layer-major`) it fits a 24 GiB card
+/// (G and C of the widest layer in f64 are most of it); with the streams on
+/// the device it does not.
+#[test]
+fn layer_major_refit_plan_for_70b() {
+    use rku_engine::plan::{plan_refit, RefitPlanSpec};
+    let cfg = config("llama-3-70b");
+    for residual in [false, true] {
+        let run = |layer_major| {
+            let spec = RefitPlanSpec {
+                t: 2048,
+                samples: 128,
+                batch: 1,
+                residual,
+                bias: false,
+                kept: cfg.ffn_widths.clone(),
+                stream: true,
+                layer_major,
+            };
+            plan_refit(&cfg, &spec).unwrap()
+        };
+        let (on_device, on_host) = (run(false), run(true));
+        let gib = |p: &rku_engine::plan::Plan| p.peak_bytes as f64 / GIB;
+        let host = on_host.layer_major.unwrap().host_bytes as f64 / GIB;
+        println!(
+            "Llama-3-70B refit (residual target: {residual}), N=128, T=2048, streamed: \
+             streams on the device {:.2} GiB; layer-major {:.2} GiB on the device, {host:.2} GiB on the host",
+            gib(&on_device),
+            gib(&on_host)
+        );
+        assert!(gib(&on_host) <= 24.0, "{}", gib(&on_host));
+        assert!(gib(&on_device) > 24.0, "{}", gib(&on_device));
     }
 }

@@ -664,15 +664,19 @@ pub struct PlanArgs {
     /// half the device's free memory, known only on the device.
     #[arg(long, default_value = "0", value_parser = budget_bytes, value_name = "BYTES", conflicts_with = "refit")]
     pub activation_memory: u64,
-    /// Plan a layer-major scoring run (`score --layer-major`) of --samples
-    /// sequences: chunks of as many batches as --host-memory holds (all of
-    /// them without it), the host memory per chunk and the layer uploads.
-    #[arg(long, conflicts_with_all = ["refit", "activation_memory"])]
+    /// Plan a layer-major run: scoring (`score --layer-major`) of --samples
+    /// sequences, in chunks of as many batches as --host-memory holds (all
+    /// of them without it); or with --refit, the refit with its residual
+    /// streams on the host (`prune --refit --layer-major`). Prints the host
+    /// memory and the layer uploads.
+    #[arg(long, conflicts_with = "activation_memory")]
     pub layer_major: bool,
-    /// With --layer-major: the calibration sequences.
+    /// With --layer-major (scoring): the calibration sequences.
     #[arg(long, default_value_t = 128, requires = "layer_major", value_parser = count)]
     pub samples: usize,
-    /// With --layer-major: host memory for a chunk's residual streams (bytes: 512M, 8G).
+    /// With --layer-major: host memory for the residual streams (bytes:
+    /// 512M, 8G); a refit whose streams do not fit is refused, as the run
+    /// would be.
     #[arg(long, value_parser = budget_bytes, value_name = "BYTES", requires = "layer_major")]
     pub host_memory: Option<u64>,
     /// Plan a refit (METHODS.md §9) instead of scoring: over --refit-samples

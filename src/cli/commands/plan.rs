@@ -43,18 +43,30 @@ pub fn run(a: &PlanArgs) -> Result<()> {
             }
             p
         }
-        Some(target) => plan_refit(
-            &cfg,
-            &RefitPlanSpec {
-                t: a.seq_len,
-                samples: a.refit_samples,
-                batch: a.batch,
-                residual: target == RefitTarget::Residual,
-                bias: a.refit_bias,
-                kept: cfg.ffn_widths.clone(),
-                stream: a.stream,
-            },
-        )?,
+        Some(target) => {
+            let p = plan_refit(
+                &cfg,
+                &RefitPlanSpec {
+                    t: a.seq_len,
+                    samples: a.refit_samples,
+                    batch: a.batch,
+                    residual: target == RefitTarget::Residual,
+                    bias: a.refit_bias,
+                    kept: cfg.ffn_widths.clone(),
+                    stream: a.stream,
+                    layer_major: a.layer_major,
+                },
+            )?;
+            if let (Some(lm), Some(h)) = (p.layer_major, a.host_memory) {
+                if h < lm.host_bytes {
+                    bail!(
+                        "--host-memory {h} B is too small for the refit's residual streams: {} B",
+                        lm.host_bytes
+                    );
+                }
+            }
+            p
+        }
     };
     println!("{p}");
     if a.json {
