@@ -693,6 +693,94 @@ fn report_refuses_a_directory_that_is_not_a_report() {
     }
 }
 
+/// A report directory whose cells/, models/, records/ or plots/ has been
+/// replaced by a link (to a directory holding an earlier prune output, or
+/// anything else) is refused, naming the link, with or without --force:
+/// the report writes into and removes from those directories, and must
+/// never do so outside its own.
+#[test]
+fn report_refuses_links_inside_its_directory() {
+    let w = World::new();
+    let report = |out: &Path, force: bool| {
+        let mut c = bin();
+        c.args(["report", "--backend", "cpu", "--model"])
+            .arg(&w.model)
+            .arg("--calib")
+            .arg(&w.calib)
+            .args([
+                "--samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--methods",
+                "rku",
+                "--sparsity",
+                "0.5",
+                "--no-prefill",
+                "--ppl-text",
+            ])
+            .arg(&w.calib)
+            .args([
+                "--ppl-seq-len",
+                "16",
+                "--ppl-max-windows",
+                "2",
+                "--gen-data",
+            ])
+            .arg(&w.gen)
+            .args([
+                "--gen-shots",
+                "0",
+                "--limit",
+                "1",
+                "--gen-max-new-tokens",
+                "2",
+                "--out",
+            ])
+            .arg(out);
+        if force {
+            c.arg("--force");
+        }
+        c
+    };
+    let out = w.work.join("rep");
+    run_ok(&mut report(&out, false));
+    // A directory outside the report holding an earlier prune output
+    // named as the report's model would be.
+    let elsewhere = w.work.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    run_ok(
+        bin()
+            .args(["prune", "--backend", "cpu", "--model"])
+            .arg(&w.model)
+            .arg("--stats")
+            .arg(&w.stats_a)
+            .args(["--method", "rku", "--sparsity", "0.5", "--out"])
+            .arg(elsewhere.join("rku-s0.5")),
+    );
+    std::fs::write(elsewhere.join("rku-s0.5/NOTES.txt"), "mine").unwrap();
+    for sub in ["models", "cells", "records", "plots"] {
+        let p = out.join(sub);
+        let moved = w.work.join(format!("{sub}.real"));
+        if p.exists() {
+            std::fs::rename(&p, &moved).unwrap();
+        }
+        symlink(&elsewhere, &p).unwrap();
+        for force in [false, true] {
+            let e = refused(&w, &mut report(&out, force));
+            says(&e, &[&shown(&p), "symbolic link"]);
+        }
+        std::fs::remove_file(&p).unwrap();
+        if moved.exists() {
+            std::fs::rename(&moved, &p).unwrap();
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("rku-s0.5/NOTES.txt")).unwrap(),
+        "mine"
+    );
+}
+
 #[test]
 fn progressive_refuses_a_directory_that_is_not_its_own() {
     let w = World::new();

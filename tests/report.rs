@@ -874,3 +874,37 @@ fn report_ppl_with_bos_equals_eval_ppl_with_bos() {
     let err = run_err(&mut report(&[]));
     assert!(err.contains("ppl"), "{err}");
 }
+
+/// A finished cell edited into what no evaluation gives (perplexity 0, a
+/// negative one, an accuracy that is not correct/n) is refused on the
+/// rerun, naming the cell file, instead of printed in report.md.
+#[test]
+fn report_refuses_impossible_cell_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]));
+    let rerun_ok = || run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]));
+    let cell = out.join("cells/dense.ppl.json");
+    let good = std::fs::read_to_string(&cell).unwrap();
+    let edits: [(&str, serde_json::Value); 4] = [
+        ("ppl", serde_json::json!(0.0)),
+        ("ppl", serde_json::json!(-5.0)),
+        ("nll", serde_json::json!(-1e308)),
+        ("windows", serde_json::json!(0)),
+    ];
+    for (field, value) in edits {
+        let mut v: Value = serde_json::from_str(&good).unwrap();
+        v["value"][field] = value.clone();
+        std::fs::write(&cell, serde_json::to_string(&v).unwrap()).unwrap();
+        let md = std::fs::read(out.join("report.md")).unwrap();
+        let e = run_err(&mut small("tiny-qwen2", &i.text, &out, &[]));
+        assert!(
+            e.contains("dense.ppl.json") && e.contains("no evaluation gives"),
+            "{field} = {value}: {e}"
+        );
+        assert_eq!(std::fs::read(out.join("report.md")).unwrap(), md);
+    }
+    std::fs::write(&cell, good).unwrap();
+    rerun_ok();
+}

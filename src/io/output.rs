@@ -633,6 +633,36 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     write_new(path, text.as_bytes())
 }
 
+/// Whether `path` is `dir` or lies inside it, both resolved as far as they
+/// exist (links followed), so that another spelling of the same place counts.
+pub fn lies_within(path: &Path, dir: &Path) -> Result<bool> {
+    Ok(absolute(path)?.starts_with(absolute(dir)?))
+}
+
+/// Makes sure `dir`, a directory inside one this run owns and writes in
+/// place (a report's cells/, models/, records/, plots/), is a real
+/// directory there: creates it when absent; refuses a symbolic link, whose
+/// target this run would write into and remove from, outside the output,
+/// and anything else that is not a directory.
+pub fn inner_dir(dir: &Path) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir(dir).map_err(|e| Error::io(dir, e))
+        }
+        Err(e) => Err(Error::io(dir, e)),
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Invalid(format!(
+            "{} is a symbolic link: this run writes and removes files there, and does not \
+             follow a link out of its output directory; remove the link",
+            dir.display()
+        ))),
+        Ok(m) if !m.is_dir() => Err(Error::Invalid(format!(
+            "{} is not a directory: remove it",
+            dir.display()
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Opens `dir`, a directory of `kind` written in place and resumed (a
 /// report): creates it with its marker when absent; accepts it when it is
 /// empty, holds the marker of `kind`, or `legacy(dir)` says an engine

@@ -309,7 +309,7 @@ pub struct CellStore {
 
 impl CellStore {
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        crate::io::output::inner_dir(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })

@@ -88,6 +88,14 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
     let fp_path = out.join("fingerprint.json");
     let is_file = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
     output::open_in_place(out, REPORT_DIR, |d| is_file(&d.join("fingerprint.json")))?;
+    // A link (or file) planted at one of the report's own directories is
+    // refused before any work; each is created where it is first needed.
+    for sub in ["cells", "models", "records", "plots"] {
+        let dir = out.join(sub);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            output::inner_dir(&dir)?;
+        }
+    }
     let old: Option<Value> = match std::fs::read_to_string(&fp_path) {
         Ok(t) => Some(
             serde_json::from_str(&t)
@@ -475,7 +483,9 @@ impl<B: Backend> Run<'_, B> {
         metrics: &[Metric],
     ) -> Result<()> {
         let name = variant_name(method, sparsity, variant);
-        let dir = self.spec.out.join("models").join(&name);
+        let models = self.spec.out.join("models");
+        output::inner_dir(&models)?;
+        let dir = models.join(&name);
         let cell = |metric| Cell::Pruned {
             method,
             sparsity,
@@ -715,12 +725,11 @@ impl<B: Backend> Run<'_, B> {
 
     /// One metric of `model`; its value and a one-line summary.
     fn evaluate(&self, model: &Model<B>, metric: Metric, name: &str) -> Result<(Value, String)> {
-        let records = |kind: &str| {
-            self.spec
-                .out
-                .join("records")
-                .join(format!("{name}.{kind}.jsonl"))
-        };
+        let records_dir = self.spec.out.join("records");
+        if matches!(metric, Metric::Gen | Metric::Mc) {
+            output::inner_dir(&records_dir)?;
+        }
+        let records = |kind: &str| records_dir.join(format!("{name}.{kind}.jsonl"));
         let planned = "evaluations are planned only when requested";
         Ok(match metric {
             Metric::Ppl => {
@@ -783,24 +792,42 @@ impl<B: Backend> Run<'_, B> {
 
     /// The evaluations of one model found done.
     fn evals(&self, cell: impl Fn(Metric) -> Cell) -> Result<Evals> {
-        let want = |m: Metric| self.spec.metrics().contains(&m);
-        let get = |m: Metric| -> Result<Option<Value>> {
-            match want(m) {
-                true => self.value(&cell(m)),
-                false => Ok(None),
-            }
-        };
-        fn typed<T: DeserializeOwned>(v: Option<Value>) -> Result<Option<T>> {
-            v.map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| Error::Invalid(format!("a cell holds an unexpected value: {e}")))
-        }
+        let wanted = |m: Metric| self.spec.metrics().contains(&m).then(|| cell(m));
         Ok(Evals {
-            ppl: typed::<PplResult>(get(Metric::Ppl)?)?,
-            trace_ppl: typed::<PplResult>(get(Metric::TracePpl)?)?,
-            gen: typed::<GenResult>(get(Metric::Gen)?)?,
-            mc: typed::<McResult>(get(Metric::Mc)?)?,
+            ppl: self.checked(wanted(Metric::Ppl))?,
+            trace_ppl: self.checked(wanted(Metric::TracePpl))?,
+            gen: self.checked(wanted(Metric::Gen))?,
+            mc: self.checked(wanted(Metric::Mc))?,
         })
+    }
+
+    /// The value of cell `c` if it is finished, typed and checked for what
+    /// no evaluation gives (a cell file is an input too: it may have been
+    /// edited).
+    fn checked<T: DeserializeOwned + Possible>(&self, c: Option<Cell>) -> Result<Option<T>> {
+        let Some(c) = c else { return Ok(None) };
+        let Some(v) = self.value::<Value>(&c)? else {
+            return Ok(None);
+        };
+        let path = || {
+            self.spec
+                .out
+                .join("cells")
+                .join(format!("{}.json", c.name()))
+        };
+        let t: T = serde_json::from_value(v).map_err(|e| {
+            Error::format(
+                path(),
+                format!("an unexpected value ({e}); delete it to recompute the cell"),
+            )
+        })?;
+        match t.impossible() {
+            None => Ok(Some(t)),
+            Some(why) => Err(Error::format(
+                path(),
+                format!("{why}, which no evaluation gives; delete it to recompute the cell"),
+            )),
+        }
     }
 
     /// The report as the finished cells stand.
@@ -911,5 +938,53 @@ impl<B: Backend> Run<'_, B> {
         replace_owned(&out.join("report.json"), json.as_bytes())?;
         replace_owned(&out.join("report.md"), markdown::render(&r).as_bytes())?;
         Ok(r)
+    }
+}
+
+/// What no evaluation can give, checked on values read back from cells.
+trait Possible {
+    /// Why the value is impossible, if it is.
+    fn impossible(&self) -> Option<String>;
+}
+
+impl Possible for PplResult {
+    fn impossible(&self) -> Option<String> {
+        // ppl = exp(mean NLL), an NLL is never negative, and a result counts
+        // at least one predicted token.
+        let exp_ok = (self.ppl - self.nll.exp()).abs() <= 1e-9 * self.ppl.abs();
+        let ok = self.windows > 0 && self.tokens > 0 && self.nll >= 0.0 && self.ppl.is_finite();
+        (!(ok && exp_ok)).then(|| {
+            format!(
+                "perplexity {} with mean NLL {} over {} windows, {} tokens",
+                self.ppl, self.nll, self.windows, self.tokens
+            )
+        })
+    }
+}
+
+impl Possible for GenResult {
+    fn impossible(&self) -> Option<String> {
+        let ok = self.n > 0
+            && self.correct <= self.n
+            && (self.accuracy - self.correct as f64 / self.n as f64).abs() <= 1e-12;
+        (!ok).then(|| {
+            format!(
+                "accuracy {} with {} of {} correct",
+                self.accuracy, self.correct, self.n
+            )
+        })
+    }
+}
+
+impl Possible for McResult {
+    fn impossible(&self) -> Option<String> {
+        let unit = |x: f64| (0.0..=1.0).contains(&x);
+        let ok = self.n > 0 && unit(self.acc) && unit(self.acc_norm);
+        (!ok).then(|| {
+            format!(
+                "acc {}, acc_norm {} over {} items",
+                self.acc, self.acc_norm, self.n
+            )
+        })
     }
 }

@@ -73,7 +73,7 @@ struct Chart {
 /// Writes every plot the report's data allows into `out/plots/`.
 pub fn write_plots(r: &Report, out: &Path) -> Result<Vec<PlotInfo>> {
     let dir = out.join("plots");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    crate::io::output::inner_dir(&dir)?;
     let mut charts = Vec::new();
     if r.has("ppl") {
         charts.push(vs_sparsity(
