@@ -78,3 +78,39 @@ fn a_flipped_bit_in_any_tensor_is_refused() {
         assert!(!tmp.path().join(format!("out{k}")).exists());
     }
 }
+
+/// Statistics whose values are finite but far past anything this model's
+/// activations give (s1 × 1e41, the checksum recomputed as a crafted file
+/// would): FLAP's bias compensation would not fit f32, and the export
+/// would hold -inf. Refused with nothing written.
+#[test]
+fn flap_bias_past_f32_is_refused() {
+    use rku_engine::prune::Stats;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = calib_text(tmp.path(), 200);
+    let good = score(tmp.path(), "good.st", &t, 2);
+    let mut stats = Stats::load(&good).unwrap();
+    for layer in &mut stats.layers {
+        layer.s1.iter_mut().for_each(|s| *s *= 1e41);
+    }
+    let big = tmp.path().join("big.st");
+    stats.save(&big).unwrap();
+    let prune = |stats: &Path, out: &Path| {
+        let mut c = bin();
+        c.arg("prune")
+            .arg("--model")
+            .arg(fixture("tiny-llama3"))
+            .arg("--stats")
+            .arg(stats)
+            .args(["--method", "flap", "--sparsity", "0.3", "--backend", "cpu"])
+            .arg("--out")
+            .arg(out);
+        c
+    };
+    let out = tmp.path().join("out");
+    let e = run_err(&mut prune(&big, &out));
+    assert!(e.contains("FLAP") && e.contains("layer 0"), "{e}");
+    assert!(!out.exists());
+    // The same command on the file as scored succeeds.
+    run_ok(&mut prune(&good, &out));
+}

@@ -225,7 +225,18 @@ pub fn prune_model_from<B: Backend>(
                 .get(&layer_tensor(l, "mlp.down_proj.weight"), &[d, m])?
                 .to_f32()?;
             let mean: Vec<f64> = stats.layers[l].s1.iter().map(|s| s / n).collect();
-            out.push(flap_bias(&w, d, m, k, &mean));
+            let b = flap_bias(&w, d, m, k, &mean);
+            // Finite statistics can still give a bias past f32 (s1 crafted
+            // or from another model): refuse rather than export ±inf.
+            if let Some((i, v)) = b.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                let largest = mean.iter().fold(0f64, |a, x| a.max(x.abs()));
+                return Err(Error::Invalid(format!(
+                    "FLAP's bias compensation of layer {l} is {v} at row {i}: the statistics' \
+                     channel means (s1 / tokens, up to {largest:e} in magnitude) are too large \
+                     for any activation of this model; were the statistics altered?"
+                )));
+            }
+            out.push(b);
         }
         Some(out)
     } else {
