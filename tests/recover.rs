@@ -525,6 +525,13 @@ fn bad_inputs_are_refused() {
         before,
         "an input was touched"
     );
+    // A checkpoint inside the output directory, or the directory itself.
+    for inside in [out.join("ck.safetensors"), out.clone()] {
+        let args = ["--checkpoint", inside.to_str().unwrap()];
+        let err = run_err(&mut recover_cmd(&student, &text, &args, &out));
+        assert!(err.contains("lies inside --out"), "{err}");
+        assert!(!out.exists());
+    }
     // An existing output without --force.
     std::fs::create_dir(&out).unwrap();
     let err = run_err(&mut recover_cmd(&student, &text, &["--steps", "1"], &out));
@@ -869,4 +876,119 @@ fn recover_on_traces_and_its_refusals() {
         );
     }
     assert!(!never.exists());
+}
+
+/// A checkpoint's F32 tensors by name, and its metadata.
+type CheckpointValues = (Vec<(String, Vec<f32>)>, Option<HashMap<String, String>>);
+
+/// Every F32 value of a checkpoint, by tensor name, and its metadata.
+fn checkpoint_values(path: &Path) -> CheckpointValues {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (name, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    (out, meta.metadata().clone())
+}
+
+/// An update that overflows (a huge --lr) stops the run before anything
+/// non-finite is saved: the checkpoint the error names holds finite
+/// adapters, or, when the first step overflows, none is written. A crafted
+/// checkpoint with a negative AdamW second moment is refused on resume.
+#[test]
+fn overflowing_updates_are_never_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, text) = pruned_student(tmp.path());
+    let out = tmp.path().join("out");
+    let run = |lr: &str, ck: &Path| {
+        let args = [
+            "--steps",
+            "3",
+            "--lr",
+            lr,
+            "--warmup",
+            "0",
+            "--max-grad-norm",
+            "0",
+            "--save-every",
+            "1",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+        ];
+        run_err(&mut recover_cmd(&student, &text, &args, &out))
+    };
+    // f32's largest lr: the first update's adapters are ±inf or NaN.
+    let first = tmp.path().join("first.safetensors");
+    let err = run("3e38", &first);
+    assert!(
+        err.contains("step 1") && err.contains("not finite"),
+        "{err}"
+    );
+    assert!(err.contains("before any checkpoint"), "{err}");
+    assert!(!first.exists() && !out.exists());
+    // Finite after one step, non-finite later: the named checkpoint is finite.
+    let later = tmp.path().join("later.safetensors");
+    let err = run("1e30", &later);
+    assert!(
+        err.contains("stopped") && err.contains("later.safetensors"),
+        "{err}"
+    );
+    let (values, _) = checkpoint_values(&later);
+    for (name, v) in &values {
+        assert!(v.iter().all(|x| x.is_finite()), "{name} in {err}");
+    }
+    // A negative second moment (finite, so only its sign is wrong).
+    let crafted = tmp.path().join("crafted.safetensors");
+    let good = tmp.path().join("good.safetensors");
+    let args = ["--steps", "1", "--checkpoint", good.to_str().unwrap()];
+    run_ok(&mut recover_cmd(
+        &student,
+        &text,
+        &args,
+        &tmp.path().join("one"),
+    ));
+    let (values, meta_good) = checkpoint_values(&good);
+    let bytes: Vec<(String, Vec<u8>, usize)> = values
+        .iter()
+        .map(|(name, v)| {
+            let v: Vec<f32> = match name.starts_with("v.") {
+                true => v.iter().map(|_| -1.0).collect(),
+                false => v.clone(),
+            };
+            (name.clone(), bytemuck::cast_slice(&v).to_vec(), v.len())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, len)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, meta_good, &crafted).unwrap();
+    let args = [
+        "--steps",
+        "2",
+        "--resume",
+        "--checkpoint",
+        crafted.to_str().unwrap(),
+    ];
+    let err = run_err(&mut recover_cmd(&student, &text, &args, &out));
+    assert!(
+        err.contains("crafted.safetensors") && err.contains("negative"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }

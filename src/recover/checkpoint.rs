@@ -155,6 +155,10 @@ pub fn load<B: Backend>(
             if values.iter().any(|v| !v.is_finite()) {
                 return Err(bad(format!("{full} holds a non-finite value")));
             }
+            // AdamW's second moment is a running mean of squares.
+            if prefix == "v." && values.iter().any(|&v| v < 0.0) {
+                return Err(bad(format!("{full} holds a negative second moment")));
+            }
             *buf = be.upload(&values)?;
         }
         Ok(set)

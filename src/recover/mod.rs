@@ -299,8 +299,9 @@ pub fn check_teacher<B: Backend>(student: &Model<B>, teacher: &Model<B>) -> Resu
 /// Trains adapters on `student` (from `resume`'s state when given, else
 /// fresh from the seed) for the remaining steps of `spec`, saving to
 /// `ckpt` every `save_every` steps and after the last. Calls
-/// `on_step(step, loss, grad_norm)` after each step. A non-finite loss or
-/// gradient stops the run with an error naming the last good checkpoint.
+/// `on_step(step, loss, grad_norm)` after each step. A non-finite loss,
+/// gradient or updated adapter stops the run, before anything non-finite
+/// is saved, with an error naming the last good checkpoint.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
     be: &B,
@@ -355,10 +356,13 @@ pub fn train<B: Backend>(
             acts_budget,
         )?;
         let stop = |what: String| {
-            Error::Invalid(format!(
-                "step {s}: {what}; stopped. The last good checkpoint is {} (step {last_saved})",
-                ckpt.display()
-            ))
+            Error::Invalid(match last_saved {
+                0 => format!("step {s}: {what}; stopped before any checkpoint was saved"),
+                _ => format!(
+                    "step {s}: {what}; stopped. The last good checkpoint is {} (step {last_saved})",
+                    ckpt.display()
+                ),
+            })
         };
         if !loss.is_finite() {
             return Err(stop(format!("the loss is {loss}")));
@@ -375,6 +379,20 @@ pub fn train<B: Backend>(
             s,
         )
         .map_err(|e| stop(e.to_string()))?;
+        // A finite gradient can still overflow the update (a huge --lr):
+        // the adapters and the second moment are checked before they can
+        // be saved.
+        for (what, set) in [("adapters", &state.adapters), ("AdamW's v", &state.v)] {
+            let mut sq = 0f64;
+            for (t, n) in set.tensors() {
+                sq += be.sum_squares(t, n)?;
+            }
+            if !sq.is_finite() {
+                return Err(stop(format!(
+                    "the updated {what} are not finite (lr {lr:e})"
+                )));
+            }
+        }
         state.step = s;
         state.losses.push(loss);
         bar.inc(1);

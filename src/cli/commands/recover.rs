@@ -47,6 +47,17 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
     // Refused now, not at the first save: a checkpoint path that is an
     // input, a link or another kind of file.
     rku_engine::io::output::check(&ckpt, checkpoint::CHECKPOINT_FILE, true)?;
+    // The output directory is written whole, under a temporary name, at the
+    // end: a checkpoint inside it would make that final step fail after
+    // the whole training.
+    if rku_engine::io::output::lies_within(&ckpt, &a.out)? {
+        bail!(
+            "--checkpoint {} lies inside --out {}, which is written whole at the end: \
+             put the checkpoint beside it",
+            ckpt.display(),
+            a.out.display()
+        );
+    }
     let ckpt_exists = ckpt.symlink_metadata().is_ok();
     if ckpt_exists && !a.resume && !a.force {
         bail!(
