@@ -236,10 +236,16 @@ fn bad_shard_flags_are_refused() {
         let err = run_err(&mut score(&calib, false, &out, &["--shard", spec]));
         assert!(err.contains(why), "--shard {spec}: {err}");
     }
-    // 10 windows cannot fill 11 shards.
-    let err = run_err(&mut score(&calib, false, &out, &["--shard", "10/11"]));
-    assert!(err.contains("holds no sequence"), "{err}");
-    assert!(!out.exists());
+    // 10 windows cannot fill 11 shards: refused for the empty shard, and
+    // for a shard that would hold one (its file could never be merged).
+    for spec in ["10/11", "0/11", "0/18446744073709551615"] {
+        let err = run_err(&mut score(&calib, false, &out, &["--shard", spec]));
+        assert!(
+            err.contains("use at most 10 shards"),
+            "--shard {spec}: {err}"
+        );
+        assert!(!out.exists());
+    }
 }
 
 /// `--devices 0,1,2` on emulated devices: one share per device, summed,

@@ -425,17 +425,19 @@ fn report_speed(stats: &Stats, positions: usize, t: Instant) {
 
 /// The record of shard `s` of a set of `set_samples` sequences whose one
 /// pass would record `set_digest`; says which sequences it holds, and errs
-/// when it holds none.
+/// when it or any other shard of the set would hold none (a set of more
+/// shards than sequences, which `stats merge` could never complete).
 fn shard_record(
     s: ShardSpec,
     set_samples: usize,
     set_digest: String,
     held: usize,
 ) -> Result<ShardRecord> {
-    if held == 0 {
+    if held == 0 || s.count > set_samples {
         bail!(
-            "shard {s} holds no sequence: the calibration set has only {set_samples} \
-             (use at most {set_samples} shards)"
+            "shard {s}: {} shards of a calibration set of only {set_samples} sequences \
+             would leave some empty (use at most {set_samples} shards)",
+            s.count
         );
     }
     let first: Vec<String> = (s.index..set_samples)
