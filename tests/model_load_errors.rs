@@ -358,3 +358,36 @@ fn sharded_bf16_model_loads() {
     let e = load_err_with(&dst, Residency::Resident);
     assert!(e.contains(bad) && e.contains("non-finite"), "{e}");
 }
+
+/// A q_proj bias in a LLaMA model's files (no `attention_bias`): as in
+/// transformers, which ignores it, the engine does not use it (it warns
+/// that the tensor is unused); the logits equal the model without it.
+#[test]
+fn qkv_biases_outside_qwen2_are_ignored_as_transformers_does() {
+    use safetensors::{serialize, tensor::TensorView, Dtype, SafeTensors};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture(tmp.path(), "tiny-llama3");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let be = CpuBackend::new();
+    let clean = Model::load(&be, &fixture("tiny-llama3")).unwrap();
+    let q = clean.cfg.q_dim();
+    let ones: Vec<u8> = (0..q).flat_map(|_| 1f32.to_le_bytes()).collect();
+    let mut views: Vec<(String, TensorView)> = st.tensors();
+    views.push((
+        "model.layers.0.self_attn.q_proj.bias".into(),
+        TensorView::new(Dtype::F32, vec![q], &ones).unwrap(),
+    ));
+    std::fs::write(
+        dir.join("model.safetensors"),
+        serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let biased = Model::load(&be, &dir).unwrap();
+    let ids: Vec<u32> = (0..10)
+        .map(|i| (i * 7 + 3) % clean.cfg.vocab as u32)
+        .collect();
+    let geo = Geometry { seqs: 1, t: 10 };
+    let z = |m: &Model<CpuBackend>| forward(&be, m, &ids, geo, Keep::OUTPUT).unwrap().z;
+    assert_eq!(z(&clean), z(&biased));
+}

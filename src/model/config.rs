@@ -179,6 +179,24 @@ fn refuse_unimplemented(raw: &Value, arch: Arch, path: &Path) -> Result<()> {
         if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
             return refuse(format!("layer_types entry {t} (only \"full_attention\")"));
         }
+        let layers = raw.get("num_hidden_layers").and_then(Value::as_u64);
+        if let Some(l) = layers.filter(|&l| l != types.len() as u64) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "layer_types has {} entries for num_hidden_layers {l}",
+                    types.len()
+                ),
+            ));
+        }
+    }
+    // Rotary embedding on part of each head (Phi, GPT-NeoX style).
+    if let Some(f) = raw.get("partial_rotary_factor").filter(|v| !v.is_null()) {
+        if f.as_f64() != Some(1.0) {
+            return refuse(format!(
+                "partial_rotary_factor {f} (rotary on part of each head)"
+            ));
+        }
     }
     if arch != Arch::Qwen2 && raw.get("attention_bias").and_then(Value::as_bool) == Some(true) {
         // transformers' LLaMA and Qwen3 then also have an o_proj bias, which
@@ -861,6 +879,29 @@ mod tests {
             c["sliding_window"] = Value::Null;
         })
         .unwrap();
+        // One type per layer (the config has two layers).
+        let e = load(|c| {
+            qwen3(c);
+            c["layer_types"] = json!(["full_attention"]);
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("layer_types has 1 entries for num_hidden_layers 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn partial_rotary_is_refused_and_a_factor_of_one_accepted() {
+        let e = load(|c| c["partial_rotary_factor"] = json!(0.5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("partial_rotary_factor") && e.contains("not implemented"),
+            "{e}"
+        );
+        load(|c| c["partial_rotary_factor"] = json!(1.0)).unwrap();
     }
 
     fn mistral(edit: impl FnOnce(&mut Value)) -> Result<ModelConfig> {

@@ -322,7 +322,9 @@ fn layer_tensors(cfg: &ModelConfig, l: usize) -> [(&'static str, Vec<usize>, Nee
     let (d, m, hd) = (cfg.hidden, cfg.ffn_widths[l], cfg.head_dim);
     let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
     let (req, opt) = (Need::Required, Need::Optional);
-    let bias = if cfg.qkv_bias { req } else { opt };
+    // q/k/v biases are Qwen2's; transformers' LLaMA, Qwen3, Mistral and
+    // Gemma 3 (without `attention_bias`, refused) ignore any in the files.
+    let bias = if cfg.qkv_bias { req } else { Need::Absent };
     let qk_norm = if cfg.qk_norm { req } else { Need::Absent };
     let (norm, none) = (norm_adjust(cfg), Adjust::None);
     // LLaMA's `post_attention_layernorm` is the FFN's input norm; Gemma's
