@@ -748,3 +748,34 @@ fn refit_on_gemma3() {
         "{e}"
     );
 }
+
+/// With fewer than twice as many calibration rows as kept channels the
+/// refit says that it tends to fit the calibration set (4 windows of 16
+/// tokens for about 45 kept channels); with enough rows it says nothing.
+#[test]
+fn refit_notes_too_few_rows_for_its_unknowns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = calib_text(tmp.path(), 40);
+    for (samples, noted) in [("4", true), ("8", false)] {
+        let out = tmp.path().join(format!("p{samples}"));
+        let args = [
+            "--calib",
+            text.to_str().unwrap(),
+            "--samples",
+            samples,
+            "--seq-len",
+            "16",
+            "--refit",
+        ];
+        let o = prune(&fixture("tiny-llama3"), &args, &out)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            err.contains("note: the refit fits"),
+            noted,
+            "{samples}: {err}"
+        );
+    }
+}
