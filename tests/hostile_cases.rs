@@ -629,11 +629,18 @@ fn model_directories() {
     let mut empty: Value = serde_json::from_slice(&tok_good).unwrap();
     empty["model"]["vocab"] = json!({});
     empty["model"]["merges"] = json!([]);
+    let mut dropout: Value = serde_json::from_slice(&tok_good).unwrap();
+    dropout["model"]["dropout"] = json!(0.5);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "empty vocabulary",
             empty.to_string().into_bytes(),
             "empty vocabulary",
+        ),
+        (
+            "BPE dropout (random tokenization)",
+            dropout.to_string().into_bytes(),
+            "dropout",
         ),
         (
             "truncated tokenizer",

@@ -76,6 +76,18 @@ impl Tokenizer {
                 "the tokenizer has an empty vocabulary (model.vocab holds no tokens)",
             ));
         }
+        // BPE dropout skips merges at random: every run would tokenize the
+        // same text differently (a training-time augmentation).
+        if let tokenizers::ModelWrapper::BPE(bpe) = inner.get_model() {
+            if let Some(p) = bpe.dropout.filter(|&p| p > 0.0) {
+                return Err(Error::format(
+                    &path,
+                    format!(
+                        "model.dropout is {p}: BPE dropout tokenizes at random; set it to null"
+                    ),
+                ));
+            }
+        }
         Ok(Self { inner })
     }
 
