@@ -14,6 +14,7 @@ use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, GenerateOptions};
 use rku_engine::model::weights::{LayerWeights, LoadOptions, Residency};
 use rku_engine::model::Model;
+use rku_engine::model::ModelConfig;
 use rku_engine::quant::BlockKind;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,7 @@ fn import(gguf: &str, dtype: OutDtype, blocks: bool) -> (tempfile::TempDir, Path
         dtype,
         force: false,
         blocks,
+        check_config: ModelConfig::check,
     };
     import_gguf(&fixture(&format!("gguf/{gguf}")), &out, &opts).unwrap();
     (tmp, out)

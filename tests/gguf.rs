@@ -6,6 +6,7 @@ use common::gguf_writer::Gguf;
 use rku_engine::io::gguf::{GgufFile, Value};
 use rku_engine::io::import::{import_gguf, ImportOptions, ImportSummary};
 use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
+use rku_engine::model::ModelConfig;
 use rku_engine::quant::dequant::dequantize;
 use rku_engine::quant::GgmlType;
 use rku_engine::Error;
@@ -72,6 +73,7 @@ fn import(src: &Path, dtype: OutDtype) -> (tempfile::TempDir, PathBuf) {
             dtype,
             force: false,
             blocks: true,
+            check_config: ModelConfig::check,
         },
     )
     .unwrap();
@@ -88,6 +90,7 @@ fn import_err(src: &Path) -> Error {
             dtype: OutDtype::F32,
             force: false,
             blocks: true,
+            check_config: ModelConfig::check,
         },
     )
     .expect_err("import should fail");
@@ -377,6 +380,7 @@ fn import_summary(src: &Path) -> (tempfile::TempDir, ImportSummary, Json) {
         dtype: OutDtype::F32,
         force: false,
         blocks: true,
+        check_config: ModelConfig::check,
     };
     let summary = import_gguf(src, &tmp.path().join("model"), &opts).unwrap();
     let c = read_json(&summary.out_dir.join("config.json"));
@@ -519,6 +523,7 @@ fn existing_output_needs_force() {
         dtype: OutDtype::F32,
         force,
         blocks: true,
+        check_config: ModelConfig::check,
     };
     let err = import_gguf(&fixture("tiny_qwen2.gguf"), &out, &opts(false)).unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
@@ -665,6 +670,7 @@ fn corrupt_headers_never_panic() {
                 dtype: OutDtype::BF16,
                 force: true,
                 blocks: true,
+                check_config: ModelConfig::check,
             };
             import_gguf(&path, &out, &opts).is_err()
         });
@@ -773,4 +779,44 @@ fn smollm2_imports_like_transformers() {
         .as_str()
         .unwrap()
         .contains("<|im_start|>"));
+}
+
+/// A vocabulary shorter than the embedding (a padded embedding) imports:
+/// only tokens past the embedding's rows are refused.
+#[test]
+fn fewer_tokens_than_embedding_rows_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny_qwen2.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    let list = |k: &str| g.get(k).and_then(Value::as_array).unwrap().to_vec();
+    let (tokens, types, merges) = (
+        list("tokenizer.ggml.tokens"),
+        list("tokenizer.ggml.token_type"),
+        list("tokenizer.ggml.merges"),
+    );
+    // Without the last token ("123") and the merge that makes it.
+    assert_eq!(tokens.last().and_then(Value::as_str), Some("123"));
+    assert_eq!(merges.last().and_then(Value::as_str), Some("12 3"));
+    let short = Gguf::from_file(&src)
+        .with(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens[..tokens.len() - 1].to_vec()),
+        )
+        .with(
+            "tokenizer.ggml.token_type",
+            Value::Array(types[..types.len() - 1].to_vec()),
+        )
+        .with(
+            "tokenizer.ggml.merges",
+            Value::Array(merges[..merges.len() - 1].to_vec()),
+        )
+        .write(tmp.path(), "short.gguf");
+    let (_t, out) = import(&short, OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["vocab_size"], tokens.len());
+    let tok = read_json(&out.join("tokenizer.json"));
+    assert_eq!(
+        tok["model"]["vocab"].as_object().unwrap().len(),
+        tokens.len() - 1
+    );
 }

@@ -50,6 +50,10 @@ pub struct ImportOptions {
     /// With f32 output, also write the blocks of the Q4_1 and Q8_0
     /// matrices (`ggml_blocks::BLOCKS_FILE`).
     pub blocks: bool,
+    /// The config loader's checks (`model::config`, a layer above io),
+    /// run on the config.json the import would write before anything is
+    /// written; the path is the GGUF's, for the error.
+    pub check_config: fn(&serde_json::Value, &Path) -> Result<()>,
 }
 
 #[derive(Clone, Debug)]
@@ -595,6 +599,39 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
     c
 }
 
+/// A config check's refusal `e` of the config.json made from the GGUF,
+/// restated with the metadata key the refused value came from, for the
+/// config keys the import fills from `{arch}.*` metadata.
+fn name_metadata_key(e: Error, arch: &str) -> Error {
+    let (path, msg) = match e {
+        Error::Format { path, msg } => (path, msg),
+        other => return other,
+    };
+    const SOURCES: [(&str, &str); 9] = [
+        ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+        ("rope_theta", "rope.freq_base"),
+        ("max_position_embeddings", "context_length"),
+        ("hidden_size", "embedding_length"),
+        ("intermediate_size", "feed_forward_length"),
+        ("num_hidden_layers", "block_count"),
+        ("num_attention_heads", "attention.head_count"),
+        ("num_key_value_heads", "attention.head_count_kv"),
+        ("head_dim", "attention.key_length"),
+    ];
+    // The config loader's messages begin with the key, some in backquotes.
+    let refused = msg.trim_start_matches('`');
+    let source = SOURCES
+        .iter()
+        .find(|(c, _)| refused.starts_with(c))
+        .map(|(_, k)| format!("{arch}.{k}"));
+    const REFUSED: &str = "a config.json every loader refuses";
+    let msg = match source {
+        Some(k) => format!("metadata {k} gives {REFUSED}: {msg}"),
+        None => format!("it gives {REFUSED}: {msg}"),
+    };
+    Error::format(path, msg)
+}
+
 /// Gemma 3's `config.json`: every key, in the order and form
 /// `Gemma3TextConfig(...).save_pretrained()` (transformers 5) writes,
 /// without `transformers_version` (no transformers wrote it).
@@ -666,6 +703,23 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     }
     let mut notes = Vec::new();
     let h = hparams(&g, &arch, &mut notes)?;
+    // Every token id must be a row of the embedding (fewer tokens than rows
+    // is a padded embedding, and fine); the tokenizer rebuild checks the
+    // special ids against the tokens, so this bounds them too.
+    let key = "tokenizer.ggml.tokens";
+    if let Some(n) = g.get(key).and_then(Value::as_array).map(<[Value]>::len) {
+        if n > h.vocab {
+            return Err(Error::format(
+                src,
+                format!(
+                    "metadata {key} holds {n} tokens, but token_embd.weight has {} rows",
+                    h.vocab
+                ),
+            ));
+        }
+    }
+    let config = config_json(&g, &arch, &h, opts.dtype);
+    (opts.check_config)(&config, src).map_err(|e| name_metadata_key(e, &arch))?;
     let plans = plans(&h, &arch);
     for t in &g.tensors {
         if !plans.iter().any(|(name, _)| *name == t.name) {
@@ -714,7 +768,7 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     })?;
     let json_file =
         |name: &str, v: &serde_json::Value| output::write_json(&dir.path().join(name), v);
-    json_file("config.json", &config_json(&g, &arch, &h, opts.dtype))?;
+    json_file("config.json", &config)?;
     json_file("tokenizer.json", &tokenizer)?;
     json_file("tokenizer_config.json", &tokenizer_config)?;
     if opts.blocks && opts.dtype == OutDtype::F32 {

@@ -345,6 +345,13 @@ impl ModelConfig {
         Self::from_json(raw, path)
     }
 
+    /// Refuses `raw` as [`ModelConfig::from_json`] would: for a config
+    /// about to be written (the GGUF import), so that what every loader
+    /// would refuse is refused before the output exists.
+    pub fn check(raw: &Value, path: &Path) -> Result<()> {
+        Self::from_json(raw.clone(), path).map(drop)
+    }
+
     /// Parses a config value; `path` is only used in error messages.
     pub fn from_json(raw: Value, path: &Path) -> Result<Self> {
         let arch_name = raw
