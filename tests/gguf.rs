@@ -781,6 +781,67 @@ fn smollm2_imports_like_transformers() {
         .contains("<|im_start|>"));
 }
 
+/// Linear RoPE scaling on llama, qwen2 and qwen3 files is imported as
+/// transformers names it (`rope_scaling`, type linear, the factor), read
+/// as llama.cpp reads the file: stated with its type, with the factor
+/// alone (llama.cpp's default type is linear) or in the older
+/// `rope.scale_linear`; the rest of the config is the unscaled import's.
+/// Metadata that changes nothing (a rotary width equal to head_dim, type
+/// "none", a factor of 0) gives the unscaled config.
+#[test]
+fn linear_rope_scaling_is_imported_as_transformers_names_it() {
+    use rku_engine::model::config::RopeScaling;
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |v: f32| Value::F32(v);
+    let s = |v: &str| Value::String(v.into());
+    for (file, arch, head_dim) in [
+        ("tiny_llama.gguf", "llama", 8),
+        ("tiny_qwen2.gguf", "qwen2", 8),
+        ("tiny_qwen3.gguf", "qwen3", 12),
+    ] {
+        let (_plain, out) = import(&fixture(file), OutDtype::F32);
+        let unscaled = read_json(&out.join("config.json"));
+        let base = || Gguf::from_file(&fixture(file));
+        let (ty, factor) = (
+            format!("{arch}.rope.scaling.type"),
+            format!("{arch}.rope.scaling.factor"),
+        );
+        let mut scaled = unscaled.clone();
+        scaled["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 4.0});
+        for (name, g, want) in [
+            (
+                "typed",
+                base().with(&ty, s("linear")).with(&factor, f(4.0)),
+                &scaled,
+            ),
+            ("untyped", base().with(&factor, f(4.0)), &scaled),
+            (
+                "legacy",
+                base().with(&format!("{arch}.rope.scale_linear"), f(4.0)),
+                &scaled,
+            ),
+            (
+                "full-rotary",
+                base().with(
+                    &format!("{arch}.rope.dimension_count"),
+                    Value::U32(head_dim),
+                ),
+                &unscaled,
+            ),
+            ("none", base().with(&ty, s("none")), &unscaled),
+            ("factor-0", base().with(&factor, f(0.0)), &unscaled),
+        ] {
+            let path = g.write(tmp.path(), &format!("{arch}-{name}.gguf"));
+            let (_t, out) = import(&path, OutDtype::F32);
+            let got = read_json(&out.join("config.json"));
+            assert_eq!(&got, want, "{arch} {name}");
+            let cfg = ModelConfig::load(&out.join("config.json")).unwrap();
+            let linear = (want == &scaled).then_some(RopeScaling::Linear { factor: 4.0 });
+            assert_eq!(cfg.rope_scaling, linear, "{arch} {name}");
+        }
+    }
+}
+
 /// A vocabulary shorter than the embedding (a padded embedding) imports:
 /// only tokens past the embedding's rows are refused.
 #[test]
