@@ -273,7 +273,7 @@ fn fifos_are_refused_promptly_by_name() {
         c
     };
     let src = fixture("tiny-llama3");
-    for file in ["model.safetensors", "config.json"] {
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
         let dir = tmp.path().join(format!("fifo-{file}"));
         std::fs::create_dir(&dir).unwrap();
         for f in ["config.json", "tokenizer.json", "model.safetensors"] {

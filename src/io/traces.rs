@@ -270,7 +270,7 @@ pub fn read_trace_lines(path: &Path) -> Result<Vec<(usize, TraceRecord)>> {
 /// tokenizer.json bytes, lowercase hex.
 pub fn tokenizer_digest(model_dir: &Path) -> Result<String> {
     let path = model_dir.join("tokenizer.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::io::read_regular(&path, "a tokenizer.json")?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
 
