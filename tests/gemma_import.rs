@@ -26,6 +26,7 @@ use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::safetensors_out::OutDtype;
 use rku_engine::io::text::{windows, Tokenizer};
 use rku_engine::model::forward::logits;
+use rku_engine::model::ModelConfig;
 use rku_engine::model::{Geometry, Model};
 use rku_engine::prune::calibrate::bos_id;
 use rku_engine::quant::BlockKind;
@@ -319,6 +320,7 @@ fn gemma3_270m_imports_like_transformers() {
             dtype: OutDtype::F32,
             force: false,
             blocks: true,
+            check_config: ModelConfig::check,
         },
     )
     .unwrap();

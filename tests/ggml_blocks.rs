@@ -14,6 +14,7 @@ use rku_engine::io::text::Tokenizer;
 use rku_engine::model::decode::{argmax, generate, Decoder, GenerateOptions};
 use rku_engine::model::weights::{LayerWeights, LoadOptions, Residency};
 use rku_engine::model::Model;
+use rku_engine::model::ModelConfig;
 use rku_engine::quant::BlockKind;
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,7 @@ fn import(gguf: &str, dtype: OutDtype, blocks: bool) -> (tempfile::TempDir, Path
         dtype,
         force: false,
         blocks,
+        check_config: ModelConfig::check,
     };
     import_gguf(&fixture(&format!("gguf/{gguf}")), &out, &opts).unwrap();
     (tmp, out)
@@ -420,4 +422,32 @@ fn blocks_of_the_wrong_shape_are_refused() {
         .to_string();
     assert!(e.contains(BLOCKS_FILE), "{e}");
     assert!(!out.exists(), "a failed export leaves nothing");
+}
+
+/// A FIFO where the blocks file belongs is refused by name, not opened
+/// (which would block until a writer came). The open runs on a thread so
+/// that a regression fails here instead of hanging the suite.
+#[test]
+fn a_fifo_blocks_file_is_refused_promptly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(BLOCKS_FILE);
+    let st = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = tmp.path().to_path_buf();
+    std::thread::spawn(move || {
+        let r = BlockFile::open(&dir).map(|f| f.is_some());
+        tx.send(r.map_err(|e| e.to_string())).unwrap();
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("BlockFile::open still blocked after 30 s (on the FIFO?)")
+        .expect_err("a FIFO blocks file should be refused");
+    assert!(
+        e.contains(&path.display().to_string()) && e.contains("not a regular file"),
+        "{e}"
+    );
 }

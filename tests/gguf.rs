@@ -6,6 +6,7 @@ use common::gguf_writer::Gguf;
 use rku_engine::io::gguf::{GgufFile, Value};
 use rku_engine::io::import::{import_gguf, ImportOptions, ImportSummary};
 use rku_engine::io::safetensors_out::{write_model, OutDtype, OutTensor};
+use rku_engine::model::ModelConfig;
 use rku_engine::quant::dequant::dequantize;
 use rku_engine::quant::GgmlType;
 use rku_engine::Error;
@@ -72,6 +73,7 @@ fn import(src: &Path, dtype: OutDtype) -> (tempfile::TempDir, PathBuf) {
             dtype,
             force: false,
             blocks: true,
+            check_config: ModelConfig::check,
         },
     )
     .unwrap();
@@ -88,6 +90,7 @@ fn import_err(src: &Path) -> Error {
             dtype: OutDtype::F32,
             force: false,
             blocks: true,
+            check_config: ModelConfig::check,
         },
     )
     .expect_err("import should fail");
@@ -377,6 +380,7 @@ fn import_summary(src: &Path) -> (tempfile::TempDir, ImportSummary, Json) {
         dtype: OutDtype::F32,
         force: false,
         blocks: true,
+        check_config: ModelConfig::check,
     };
     let summary = import_gguf(src, &tmp.path().join("model"), &opts).unwrap();
     let c = read_json(&summary.out_dir.join("config.json"));
@@ -519,6 +523,7 @@ fn existing_output_needs_force() {
         dtype: OutDtype::F32,
         force,
         blocks: true,
+        check_config: ModelConfig::check,
     };
     let err = import_gguf(&fixture("tiny_qwen2.gguf"), &out, &opts(false)).unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
@@ -665,6 +670,7 @@ fn corrupt_headers_never_panic() {
                 dtype: OutDtype::BF16,
                 force: true,
                 blocks: true,
+                check_config: ModelConfig::check,
             };
             import_gguf(&path, &out, &opts).is_err()
         });
@@ -773,4 +779,105 @@ fn smollm2_imports_like_transformers() {
         .as_str()
         .unwrap()
         .contains("<|im_start|>"));
+}
+
+/// Linear RoPE scaling on llama, qwen2 and qwen3 files is imported as
+/// transformers names it (`rope_scaling`, type linear, the factor), read
+/// as llama.cpp reads the file: stated with its type, with the factor
+/// alone (llama.cpp's default type is linear) or in the older
+/// `rope.scale_linear`; the rest of the config is the unscaled import's.
+/// Metadata that changes nothing (a rotary width equal to head_dim, type
+/// "none", a factor of 0) gives the unscaled config.
+#[test]
+fn linear_rope_scaling_is_imported_as_transformers_names_it() {
+    use rku_engine::model::config::RopeScaling;
+    let tmp = tempfile::tempdir().unwrap();
+    let f = |v: f32| Value::F32(v);
+    let s = |v: &str| Value::String(v.into());
+    for (file, arch, head_dim) in [
+        ("tiny_llama.gguf", "llama", 8),
+        ("tiny_qwen2.gguf", "qwen2", 8),
+        ("tiny_qwen3.gguf", "qwen3", 12),
+    ] {
+        let (_plain, out) = import(&fixture(file), OutDtype::F32);
+        let unscaled = read_json(&out.join("config.json"));
+        let base = || Gguf::from_file(&fixture(file));
+        let (ty, factor) = (
+            format!("{arch}.rope.scaling.type"),
+            format!("{arch}.rope.scaling.factor"),
+        );
+        let mut scaled = unscaled.clone();
+        scaled["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 4.0});
+        for (name, g, want) in [
+            (
+                "typed",
+                base().with(&ty, s("linear")).with(&factor, f(4.0)),
+                &scaled,
+            ),
+            ("untyped", base().with(&factor, f(4.0)), &scaled),
+            (
+                "legacy",
+                base().with(&format!("{arch}.rope.scale_linear"), f(4.0)),
+                &scaled,
+            ),
+            (
+                "full-rotary",
+                base().with(
+                    &format!("{arch}.rope.dimension_count"),
+                    Value::U32(head_dim),
+                ),
+                &unscaled,
+            ),
+            ("none", base().with(&ty, s("none")), &unscaled),
+            ("factor-0", base().with(&factor, f(0.0)), &unscaled),
+        ] {
+            let path = g.write(tmp.path(), &format!("{arch}-{name}.gguf"));
+            let (_t, out) = import(&path, OutDtype::F32);
+            let got = read_json(&out.join("config.json"));
+            assert_eq!(&got, want, "{arch} {name}");
+            let cfg = ModelConfig::load(&out.join("config.json")).unwrap();
+            let linear = (want == &scaled).then_some(RopeScaling::Linear { factor: 4.0 });
+            assert_eq!(cfg.rope_scaling, linear, "{arch} {name}");
+        }
+    }
+}
+
+/// A vocabulary shorter than the embedding (a padded embedding) imports:
+/// only tokens past the embedding's rows are refused.
+#[test]
+fn fewer_tokens_than_embedding_rows_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny_qwen2.gguf");
+    let g = GgufFile::open(&src).unwrap();
+    let list = |k: &str| g.get(k).and_then(Value::as_array).unwrap().to_vec();
+    let (tokens, types, merges) = (
+        list("tokenizer.ggml.tokens"),
+        list("tokenizer.ggml.token_type"),
+        list("tokenizer.ggml.merges"),
+    );
+    // Without the last token ("123") and the merge that makes it.
+    assert_eq!(tokens.last().and_then(Value::as_str), Some("123"));
+    assert_eq!(merges.last().and_then(Value::as_str), Some("12 3"));
+    let short = Gguf::from_file(&src)
+        .with(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens[..tokens.len() - 1].to_vec()),
+        )
+        .with(
+            "tokenizer.ggml.token_type",
+            Value::Array(types[..types.len() - 1].to_vec()),
+        )
+        .with(
+            "tokenizer.ggml.merges",
+            Value::Array(merges[..merges.len() - 1].to_vec()),
+        )
+        .write(tmp.path(), "short.gguf");
+    let (_t, out) = import(&short, OutDtype::F32);
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(c["vocab_size"], tokens.len());
+    let tok = read_json(&out.join("tokenizer.json"));
+    assert_eq!(
+        tok["model"]["vocab"].as_object().unwrap().len(),
+        tokens.len() - 1
+    );
 }

@@ -153,6 +153,11 @@ fn inconsistent_gemma3_metadata_is_refused_by_name() {
             "gemma3.rope.scaling.type",
         ),
         (
+            "rope-factor.gguf",
+            gemma().with("gemma3.rope.scaling.factor", Value::F32(8.0)),
+            "gemma3.rope.scaling.factor = 8: linear RoPE scaling is not implemented for gemma3",
+        ),
+        (
             "softcap.gguf",
             gemma().with("gemma3.final_logit_softcapping", Value::F32(30.0)),
             "gemma3.final_logit_softcapping",
@@ -187,6 +192,110 @@ fn inconsistent_gemma3_metadata_is_refused_by_name() {
             "no-post-norm.gguf",
             gemma().without_tensor("blk.2.post_ffw_norm.weight"),
             "missing tensor blk.2.post_ffw_norm.weight",
+        ),
+    ];
+    for (name, g, needle) in cases {
+        let path = g.write(tmp.path(), name);
+        let out = tmp.path().join(format!("{name}.out"));
+        let err = run_err(bin().arg("import").arg(&path).arg("--out").arg(&out));
+        assert!(err.contains(needle), "{name}: {needle:?} not in {err}");
+        assert!(err.contains(name), "{name}: no file name in {err}");
+        assert!(!out.exists(), "{name}: wrote {}", out.display());
+    }
+}
+
+/// llama, qwen2 and qwen3 metadata the engine cannot run (RoPE scaling
+/// other than linear, partial rotary), that contradicts itself, or that
+/// every loader would refuse in the config.json it gives (an epsilon,
+/// rope base or context length of 0, a negative factor, tokens past the
+/// embedding's rows): refused by key, naming the file, nothing written.
+#[test]
+fn unrunnable_llama_and_qwen_metadata_is_refused_by_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = |name: &str| Gguf::from_file(&fixture(&format!("gguf/tiny_{name}.gguf")));
+    let (llama, qwen2, qwen3) = (|| tiny("llama"), || tiny("qwen2"), || tiny("qwen3"));
+    let s = |v: &str| Value::String(v.into());
+    let f = Value::F32;
+    // 316 tokens for an embedding of 266 rows, bos and eos past the rows.
+    let g = GgufFile::open(&fixture("gguf/tiny_qwen2.gguf")).unwrap();
+    let list = |k: &str| g.get(k).and_then(Value::as_array).unwrap().to_vec();
+    let (mut tokens, mut types) = (
+        list("tokenizer.ggml.tokens"),
+        list("tokenizer.ggml.token_type"),
+    );
+    assert_eq!(g.tensor("token_embd.weight").unwrap().dims[1], 266);
+    tokens.extend((0..50).map(|i| s(&format!("<extra_{i}>"))));
+    types.extend((0..50).map(|_| Value::I32(1)));
+    let eps = "qwen2.attention.layer_norm_rms_epsilon";
+    let cases = [
+        (
+            "yarn.gguf",
+            qwen2()
+                .with("qwen2.rope.scaling.type", s("yarn"))
+                .with("qwen2.rope.scaling.factor", f(4.0))
+                .with("qwen2.rope.scaling.original_context_length", Value::U32(64)),
+            "metadata qwen2.rope.scaling.type = \"yarn\": RoPE scaling other than linear",
+        ),
+        (
+            "longrope.gguf",
+            qwen3().with("qwen3.rope.scaling.type", s("longrope")),
+            "metadata qwen3.rope.scaling.type = \"longrope\"",
+        ),
+        (
+            "linear-no-factor.gguf",
+            llama().with("llama.rope.scaling.type", s("linear")),
+            "llama.rope.scaling.type = \"linear\" without llama.rope.scaling.factor",
+        ),
+        (
+            "none-but-factor.gguf",
+            qwen2()
+                .with("qwen2.rope.scaling.type", s("none"))
+                .with("qwen2.rope.scaling.factor", f(4.0)),
+            "qwen2.rope.scaling.type = \"none\", but qwen2.rope.scaling.factor = 4",
+        ),
+        (
+            "negative-factor.gguf",
+            llama().with("llama.rope.scaling.factor", f(-2.0)),
+            "metadata llama.rope.scaling.factor gives a config.json every loader refuses: rope_scaling.factor = -2",
+        ),
+        (
+            "partial-rotary.gguf",
+            llama().with("llama.rope.dimension_count", Value::U32(4)),
+            "metadata llama.rope.dimension_count = 4: RoPE on 4 of head_dim 8",
+        ),
+        (
+            "partial-rotary-qwen3.gguf",
+            qwen3().with("qwen3.rope.dimension_count", Value::U32(8)),
+            "qwen3.rope.dimension_count = 8: RoPE on 8 of head_dim 12",
+        ),
+        (
+            "eps-0.gguf",
+            qwen2().with(eps, f(0.0)),
+            "metadata qwen2.attention.layer_norm_rms_epsilon gives a config.json every loader refuses: rms_norm_eps = 0",
+        ),
+        (
+            "eps-minus-1.gguf",
+            qwen2().with(eps, f(-1.0)),
+            "metadata qwen2.attention.layer_norm_rms_epsilon gives a config.json every loader refuses: rms_norm_eps = -1",
+        ),
+        (
+            "theta-0.gguf",
+            qwen2().with("qwen2.rope.freq_base", f(0.0)),
+            "metadata qwen2.rope.freq_base gives a config.json every loader refuses: rope_theta = 0",
+        ),
+        (
+            "context-0.gguf",
+            llama().with("llama.context_length", Value::U32(0)),
+            "metadata llama.context_length gives a config.json every loader refuses: `max_position_embeddings` is 0",
+        ),
+        (
+            "tokens-past-rows.gguf",
+            qwen2()
+                .with("tokenizer.ggml.tokens", Value::Array(tokens))
+                .with("tokenizer.ggml.token_type", Value::Array(types))
+                .with("tokenizer.ggml.bos_token_id", Value::U32(300))
+                .with("tokenizer.ggml.eos_token_id", Value::U32(301)),
+            "tokenizer.ggml.tokens holds 316 tokens, but token_embd.weight has 266 rows",
         ),
     ];
     for (name, g, needle) in cases {

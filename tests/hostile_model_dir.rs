@@ -1,6 +1,7 @@
 //! Model directories that lie: shard indexes naming files outside the
 //! directory or the wrong shard, a tensor in two shards, a layer count
-//! that disagrees with the weights. Each is refused with the file named.
+//! that disagrees with the weights, a FIFO where a file belongs. Each is
+//! refused with the file named.
 mod common;
 
 use common::fixture;
@@ -213,4 +214,108 @@ fn a_weights_file_changed_under_a_streamed_run_is_detected() {
             "truncate={truncate}: {e}"
         );
     }
+}
+
+/// Runs `cmd`, which must fail within a minute (a FIFO opened for reading
+/// would block it forever: killed and failed here instead of hanging the
+/// suite); returns its stderr.
+fn run_err_promptly(cmd: &mut std::process::Command) -> String {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{cmd:?} still running after 60 s (blocked on a FIFO?)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    err
+}
+
+fn mkfifo(path: &Path) {
+    let st = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfifo {}", path.display());
+}
+
+/// A FIFO where a model file, a shard or a statistics file should be is
+/// refused by name before it is opened, not read (which blocks forever).
+#[test]
+fn fifos_are_refused_promptly_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let calib = common::calib_text(tmp.path(), 50);
+    let score = |model: &Path| {
+        let mut c = common::bin();
+        c.arg("score")
+            .arg("--model")
+            .arg(model)
+            .arg("--calib")
+            .arg(&calib)
+            .args(["--seq-len", "16", "--samples", "1", "--backend", "cpu"])
+            .arg("--out")
+            .arg(tmp.path().join("never.st"));
+        c
+    };
+    let src = fixture("tiny-llama3");
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
+        let dir = tmp.path().join(format!("fifo-{file}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::remove_file(dir.join(file)).unwrap();
+        mkfifo(&dir.join(file));
+        let e = run_err_promptly(&mut score(&dir));
+        assert!(
+            e.contains(&dir.join(file).display().to_string()) && e.contains("not a regular file"),
+            "{file}: {e}"
+        );
+    }
+    let dir = tmp.path().join("fifo-shard");
+    std::fs::create_dir(&dir).unwrap();
+    sharded(&dir, half, &[], |_| {});
+    let shard = dir.join("model-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    mkfifo(&shard);
+    let e = run_err_promptly(&mut score(&dir));
+    assert!(
+        e.contains(&shard.display().to_string()) && e.contains("not a regular file"),
+        "shard: {e}"
+    );
+    assert!(!tmp.path().join("never.st").exists());
+
+    let stats = tmp.path().join("stats.st");
+    mkfifo(&stats);
+    let out = tmp.path().join("pruned");
+    let e = run_err_promptly(
+        common::bin()
+            .arg("prune")
+            .arg("--model")
+            .arg(&src)
+            .arg("--stats")
+            .arg(&stats)
+            .args(["--sparsity", "0.5", "--backend", "cpu", "--out"])
+            .arg(&out),
+    );
+    assert!(
+        e.contains(&stats.display().to_string()) && e.contains("not a regular file"),
+        "stats: {e}"
+    );
+    assert!(!out.exists());
 }

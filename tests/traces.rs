@@ -335,6 +335,56 @@ fn damaged_traces_files_name_file_and_line() {
         .contains("no trace records"));
 }
 
+/// Records that pass the reader but that this run could not have written
+/// (a sample index past --samples-per-prompt, a generated id past the
+/// vocabulary) are refused on resume, naming the file, the line and what
+/// is wrong, and the file is left as it was.
+#[test]
+fn resumed_records_this_run_could_not_write_are_refused() {
+    let f = fixture_setup();
+    let args = || TracesArgs {
+        limit: Some(2),
+        ..f.args("t.jsonl")
+    };
+    f.run(&args());
+    let path = f.dir.join("t.jsonl");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    assert_eq!(f.model.cfg.vocab, 384);
+    let sample = |v: &mut serde_json::Value| v["sample"] = serde_json::json!(5);
+    let id = |v: &mut serde_json::Value| v["generated_ids"][0] = serde_json::json!(999);
+    for (key, edit, says) in [
+        (
+            "sample",
+            &sample as &dyn Fn(&mut serde_json::Value),
+            "sample 5 is not one of the 1 samples per prompt",
+        ),
+        (
+            "generated_ids",
+            &id,
+            "generated token id 999, not below this model's vocab_size 384",
+        ),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        edit(&mut v);
+        let crafted = format!("{}\n{v}\n", lines[0]);
+        std::fs::write(&path, &crafted).unwrap();
+        // The reader takes the record: only this run's settings exclude it.
+        assert_eq!(read_traces(&path).unwrap().len(), 2, "{key}");
+        let e = run_traces(&f.be, &f.model, &f.tok, &args())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("cannot be resumed")
+                && e.contains("line 2:")
+                && e.contains(says),
+            "{key}: {e}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), crafted);
+    }
+}
+
 /// Words of the help text of `flag` in clap's `--help` output: the rest of
 /// its line and the lines under it, up to the next flag or a blank line.
 fn help_words(help: &str, flag: &str) -> usize {

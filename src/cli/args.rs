@@ -190,14 +190,13 @@ fn bounded(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
     Ok(v)
 }
 
-/// A file that exists and is not a directory.
+/// A regular file that exists (a FIFO or device is refused here, before
+/// any command would block reading it).
 pub fn existing_file(s: &str) -> Result<PathBuf, String> {
     let p = PathBuf::from(s);
-    match std::fs::metadata(&p) {
-        Ok(m) if m.is_dir() => Err(format!("{s} is a directory, not a file")),
-        Ok(_) => Ok(p),
-        Err(e) => Err(format!("cannot read {s}: {e}")),
-    }
+    rku_engine::io::check_regular(&p, "a file")
+        .map(|()| p)
+        .map_err(|e| e.to_string())
 }
 
 /// A directory that exists.

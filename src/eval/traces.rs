@@ -25,6 +25,7 @@ use super::gen::{
 use crate::backend::Backend;
 use crate::io::output;
 use crate::io::text::Tokenizer;
+use crate::io::traces::read_trace_lines;
 pub use crate::io::traces::{
     read_traces, tokenizer_digest, SamplingRecord, TraceFinish, TraceRecord, FIELDS, TRACES,
 };
@@ -288,6 +289,20 @@ pub fn run_traces<B: Backend>(
         if r.gold != rows[i].gold {
             return Err(at("has another gold answer than this run's prompts file"));
         }
+        // A sample index or a token id this run could not have produced
+        // would be counted as one of its traces.
+        if r.sample >= args.samples {
+            return Err(at(&format!(
+                "is not one of the {} samples per prompt of this run (--samples-per-prompt)",
+                args.samples
+            )));
+        }
+        let vocab = model.cfg.vocab;
+        if let Some(id) = r.generated_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(at(&format!(
+                "generated token id {id}, not below this model's vocab_size {vocab}"
+            )));
+        }
         let n = args.max_new_tokens;
         if r.generated_tokens > n || (r.finish == TraceFinish::Length && r.generated_tokens != n) {
             return Err(at(&format!(
@@ -299,15 +314,17 @@ pub fn run_traces<B: Backend>(
     };
     let mut records: BTreeMap<(usize, usize), TraceRecord> = BTreeMap::new();
     if resume {
-        let earlier = read_traces(&args.out).and_then(|recs| {
-            recs.iter().try_for_each(matches).map_err(|why| {
-                Error::Invalid(format!(
-                    "{} cannot be resumed by this run: {why}; pass --force to start it over, \
-                     or choose another --out",
-                    args.out.display()
-                ))
+        let earlier = read_trace_lines(&args.out).and_then(|recs| {
+            recs.iter().try_for_each(|(line, r)| {
+                matches(r).map_err(|why| {
+                    Error::Invalid(format!(
+                        "{} cannot be resumed by this run: line {line}: {why}; pass --force to \
+                         start it over, or choose another --out",
+                        args.out.display()
+                    ))
+                })
             })?;
-            Ok(recs)
+            Ok(recs.into_iter().map(|(_, r)| r))
         });
         match earlier {
             Ok(recs) => {

@@ -70,10 +70,12 @@ impl BlockFile {
     /// hold whole rows of blocks.
     pub fn open(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(BLOCKS_FILE);
-        let file = match std::fs::File::open(&path) {
+        let file = match crate::io::open_regular(&path, "a ggml blocks file") {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
+            Err(Error::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
         };
         // SAFETY: read-only private map of a file this process does not
         // write; a concurrent truncation by another process is the usual

@@ -138,13 +138,7 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`, validating every length and offset.
     pub fn open(path: &Path) -> Result<Self> {
-        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-            return Err(Error::format(
-                path,
-                "is a directory, where a GGUF file was expected",
-            ));
-        }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::io::open_regular(path, "a GGUF file")?;
         // SAFETY: the map is read-only; a file changed underneath by another
         // process is outside what this program can guard against.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;

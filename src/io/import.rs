@@ -50,6 +50,10 @@ pub struct ImportOptions {
     /// With f32 output, also write the blocks of the Q4_1 and Q8_0
     /// matrices (`ggml_blocks::BLOCKS_FILE`).
     pub blocks: bool,
+    /// The config loader's checks (`model::config`, a layer above io),
+    /// run on the config.json the import would write before anything is
+    /// written; the path is the GGUF's, for the error.
+    pub check_config: fn(&serde_json::Value, &Path) -> Result<()>,
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +83,8 @@ struct Hparams {
     vocab: usize,
     context: usize,
     rope_theta: f64,
+    /// Linear RoPE scaling: the factor and the metadata key it came from.
+    rope_linear: Option<(f64, String)>,
     rms_eps: f64,
     tied: bool,
     /// Gemma 3's attention layout; `None` for the other architectures.
@@ -166,6 +172,23 @@ fn hparams(g: &GgufFile, arch: &str, notes: &mut Vec<String>) -> Result<Hparams>
             ),
         ));
     }
+    // Rotating fewer dimensions than a head has (partial rotary) is not
+    // implemented: running such a file would compute another model.
+    if let Some(n) = int("rope.dimension_count")?.filter(|&n| n != head_dim) {
+        return Err(Error::Unsupported(format!(
+            "{}: metadata {} = {n}: RoPE on {n} of head_dim {head_dim} dimensions \
+             (partial rotary) is not implemented",
+            g.path().display(),
+            key("rope.dimension_count")
+        )));
+    }
+    let rope_linear = rope_linear(g, arch)?;
+    if let Some((factor, k)) = rope_linear.as_ref().filter(|_| arch == "gemma3") {
+        return Err(Error::Unsupported(format!(
+            "{}: metadata {k} = {factor}: linear RoPE scaling is not implemented for gemma3",
+            g.path().display()
+        )));
+    }
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::format(g.path(), "missing tensor token_embd.weight"))?;
@@ -200,6 +223,7 @@ fn hparams(g: &GgufFile, arch: &str, notes: &mut Vec<String>) -> Result<Hparams>
         vocab: embd.dims.get(1).copied().unwrap_or(0) as usize,
         context: need("context_length")?,
         rope_theta: float("rope.freq_base")?.unwrap_or(10_000.0),
+        rope_linear,
         rms_eps: float("attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
             Error::format(
                 g.path(),
@@ -213,6 +237,62 @@ fn hparams(g: &GgufFile, arch: &str, notes: &mut Vec<String>) -> Result<Hparams>
         gemma,
         mistral,
     })
+}
+
+/// The file's RoPE scaling as llama.cpp reads it (`llama-model.cpp`,
+/// `llm_load_hparams`): the type defaults to linear, the factor is
+/// `rope.scaling.factor` (else the older `rope.scale_linear`), and a factor
+/// of 0, or none, is no scaling. Linear scaling comes back as (factor, the
+/// key it was read from); "none" stating a factor other than 1 contradicts
+/// itself, and every other type (yarn, longrope, ...) changes attention in
+/// ways the engine does not implement: both are refused by key.
+fn rope_linear(g: &GgufFile, arch: &str) -> Result<Option<(f64, String)>> {
+    let type_key = format!("{arch}.rope.scaling.type");
+    let kind = match g.get(&type_key) {
+        None => None,
+        Some(v) => Some(v.as_str().ok_or_else(|| {
+            Error::format(
+                g.path(),
+                format!("metadata {type_key} = {v:?} is not a string"),
+            )
+        })?),
+    };
+    let factor = [
+        format!("{arch}.rope.scaling.factor"),
+        format!("{arch}.rope.scale_linear"),
+    ]
+    .into_iter()
+    .find_map(|k| g.get(&k).map(|v| (k, v)))
+    .map(|(k, v)| match v.as_f64() {
+        Some(f) => Ok((f, k)),
+        None => Err(Error::format(
+            g.path(),
+            format!("metadata {k} = {v:?} is not a number"),
+        )),
+    })
+    .transpose()?
+    .filter(|&(f, _)| f != 0.0);
+    match (kind, factor) {
+        (None | Some("linear"), factor) => {
+            if kind.is_some() && factor.is_none() {
+                return Err(Error::format(
+                    g.path(),
+                    format!("metadata {type_key} = \"linear\" without {arch}.rope.scaling.factor"),
+                ));
+            }
+            Ok(factor)
+        }
+        (Some("none"), Some((f, k))) if f != 1.0 => Err(Error::format(
+            g.path(),
+            format!("metadata {type_key} = \"none\", but {k} = {f}"),
+        )),
+        (Some("none"), _) => Ok(None),
+        (Some(other), _) => Err(Error::Unsupported(format!(
+            "{}: metadata {type_key} = {other:?}: RoPE scaling other than linear is not \
+             implemented",
+            g.path().display()
+        ))),
+    }
 }
 
 /// Whether a `llama` file is written as `MistralForCausalLM`, and with
@@ -267,7 +347,8 @@ fn mistral_window(g: &GgufFile, notes: &mut Vec<String>) -> Result<Option<Option
 
 /// The gemma3 metadata beyond the common keys, checked: the window must be
 /// stated, V heads must be as wide as K heads, and what the engine does not
-/// implement (rope scaling, logit soft-capping) is refused by key.
+/// implement (logit soft-capping; rope scaling in [`hparams`]) is refused
+/// by key.
 fn gemma_hparams(
     g: &GgufFile,
     layers: usize,
@@ -289,10 +370,6 @@ fn gemma_hparams(
             g.path().display()
         ))
     };
-    let key = "gemma3.rope.scaling.type";
-    if let Some(v) = g.get(key).filter(|v| v.as_str() != Some("none")) {
-        return Err(unsupported(key, v));
-    }
     for key in [
         "gemma3.attn_logit_softcapping",
         "gemma3.final_logit_softcapping",
@@ -592,7 +669,46 @@ fn config_json(g: &GgufFile, arch: &str, h: &Hparams, dtype: OutDtype) -> serde_
         c["attention_bias"] = false.into();
         c["use_sliding_window"] = false.into();
     }
+    if let Some((factor, _)) = h.rope_linear {
+        c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+    }
     c
+}
+
+/// A config check's refusal `e` of the config.json made from the GGUF,
+/// restated with the metadata key the refused value came from, for the
+/// config keys the import fills from `{arch}.*` metadata.
+fn name_metadata_key(e: Error, arch: &str, h: &Hparams) -> Error {
+    let (path, msg) = match e {
+        Error::Format { path, msg } => (path, msg),
+        other => return other,
+    };
+    const SOURCES: [(&str, &str); 9] = [
+        ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+        ("rope_theta", "rope.freq_base"),
+        ("max_position_embeddings", "context_length"),
+        ("hidden_size", "embedding_length"),
+        ("intermediate_size", "feed_forward_length"),
+        ("num_hidden_layers", "block_count"),
+        ("num_attention_heads", "attention.head_count"),
+        ("num_key_value_heads", "attention.head_count_kv"),
+        ("head_dim", "attention.key_length"),
+    ];
+    // The config loader's messages begin with the key, some in backquotes.
+    let refused = msg.trim_start_matches('`');
+    let source = match &h.rope_linear {
+        Some((_, k)) if refused.starts_with("rope_scaling.factor") => Some(k.clone()),
+        _ => SOURCES
+            .iter()
+            .find(|(c, _)| refused.starts_with(c))
+            .map(|(_, k)| format!("{arch}.{k}")),
+    };
+    const REFUSED: &str = "a config.json every loader refuses";
+    let msg = match source {
+        Some(k) => format!("metadata {k} gives {REFUSED}: {msg}"),
+        None => format!("it gives {REFUSED}: {msg}"),
+    };
+    Error::format(path, msg)
 }
 
 /// Gemma 3's `config.json`: every key, in the order and form
@@ -666,6 +782,23 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     }
     let mut notes = Vec::new();
     let h = hparams(&g, &arch, &mut notes)?;
+    // Every token id must be a row of the embedding (fewer tokens than rows
+    // is a padded embedding, and fine); the tokenizer rebuild checks the
+    // special ids against the tokens, so this bounds them too.
+    let key = "tokenizer.ggml.tokens";
+    if let Some(n) = g.get(key).and_then(Value::as_array).map(<[Value]>::len) {
+        if n > h.vocab {
+            return Err(Error::format(
+                src,
+                format!(
+                    "metadata {key} holds {n} tokens, but token_embd.weight has {} rows",
+                    h.vocab
+                ),
+            ));
+        }
+    }
+    let config = config_json(&g, &arch, &h, opts.dtype);
+    (opts.check_config)(&config, src).map_err(|e| name_metadata_key(e, &arch, &h))?;
     let plans = plans(&h, &arch);
     for t in &g.tensors {
         if !plans.iter().any(|(name, _)| *name == t.name) {
@@ -714,7 +847,7 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
     })?;
     let json_file =
         |name: &str, v: &serde_json::Value| output::write_json(&dir.path().join(name), v);
-    json_file("config.json", &config_json(&g, &arch, &h, opts.dtype))?;
+    json_file("config.json", &config)?;
     json_file("tokenizer.json", &tokenizer)?;
     json_file("tokenizer_config.json", &tokenizer_config)?;
     if opts.blocks && opts.dtype == OutDtype::F32 {

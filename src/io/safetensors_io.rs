@@ -371,8 +371,8 @@ impl SafeModel {
         if single.exists() {
             Self::open_files(&[single])
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
+            let text = crate::io::read_regular(&index, "a shard index")?;
+            let v: serde_json::Value = serde_json::from_slice(&text)
                 .map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
@@ -455,13 +455,7 @@ impl SafeModel {
         let mut stamps = Vec::new();
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-                return Err(Error::format(
-                    path,
-                    "is a directory, where a safetensors file was expected",
-                ));
-            }
-            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let file = crate::io::open_regular(path, "a safetensors file")?;
             stamps.push(stamp(path)?);
             // SAFETY: the file is opened read-only; the engine never writes to
             // a model it reads (outputs go to a fresh directory).

@@ -67,7 +67,8 @@ impl Tokenizer {
                 "no tokenizer.json in the model directory",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let bytes = crate::io::read_regular(&path, "a tokenizer.json")?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
         // Else every text would read as "0 tokens", blaming the text.
         if inner.get_vocab_size(false) == 0 {

@@ -225,13 +225,21 @@ impl TraceRecord {
 /// relations), one tokenizer digest and one sampling for the whole file,
 /// and no (prompt_index, sample) twice. Errors name the file and line.
 pub fn read_traces(path: &Path) -> Result<Vec<TraceRecord>> {
-    let mut out: Vec<TraceRecord> = Vec::new();
+    Ok(read_trace_lines(path)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// [`read_traces`], each record with its 1-based line number (for a
+/// caller's own checks to name the line).
+pub fn read_trace_lines(path: &Path) -> Result<Vec<(usize, TraceRecord)>> {
+    let mut out: Vec<(usize, TraceRecord)> = Vec::new();
     let mut seen: HashMap<(usize, usize), usize> = HashMap::new();
-    let mut first_line = 0;
     for (line, v) in jsonl_rows(path)? {
         let bad = |msg: String| Error::format(path, format!("line {line}: {msg}"));
         let r = TraceRecord::from_json(&v).map_err(bad)?;
-        if let Some(f) = out.first() {
+        if let Some((first_line, f)) = out.first() {
             if r.tokenizer_digest != f.tokenizer_digest {
                 return Err(bad(format!(
                     "`tokenizer_digest` differs from line {first_line}'s (a traces file holds one run)"
@@ -243,8 +251,6 @@ pub fn read_traces(path: &Path) -> Result<Vec<TraceRecord>> {
                     r.sampling, f.sampling
                 )));
             }
-        } else {
-            first_line = line;
         }
         if let Some(prev) = seen.insert((r.prompt_index, r.sample), line) {
             return Err(bad(format!(
@@ -252,7 +258,7 @@ pub fn read_traces(path: &Path) -> Result<Vec<TraceRecord>> {
                 r.prompt_index, r.sample
             )));
         }
-        out.push(r);
+        out.push((line, r));
     }
     if out.is_empty() {
         return Err(Error::format(path, "no trace records"));
@@ -264,7 +270,7 @@ pub fn read_traces(path: &Path) -> Result<Vec<TraceRecord>> {
 /// tokenizer.json bytes, lowercase hex.
 pub fn tokenizer_digest(model_dir: &Path) -> Result<String> {
     let path = model_dir.join("tokenizer.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::io::read_regular(&path, "a tokenizer.json")?;
     Ok(hex(&Sha256::digest(&bytes)))
 }
 

@@ -357,10 +357,17 @@ fn ids(raw: &Value, key: &str, path: &Path) -> Result<Vec<u32>> {
 
 impl ModelConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: Value = serde_json::from_str(&text)
+        let text = crate::io::read_regular(path, "a config file")?;
+        let raw: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(raw, path)
+    }
+
+    /// Refuses `raw` as [`ModelConfig::from_json`] would: for a config
+    /// about to be written (the GGUF import), so that what every loader
+    /// would refuse is refused before the output exists.
+    pub fn check(raw: &Value, path: &Path) -> Result<()> {
+        Self::from_json(raw.clone(), path).map(drop)
     }
 
     /// Parses a config value; `path` is only used in error messages.

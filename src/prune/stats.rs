@@ -437,7 +437,7 @@ impl Stats {
     /// misshapen tensor, or a NaN, infinite or negative value (s2, f2, k1
     /// and tk are sums of non-negative terms).
     pub fn load(path: &Path) -> Result<Stats> {
-        let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let buf = crate::io::read_regular(path, "a statistics file")?;
         Self::from_bytes(&buf, path)
     }
 

@@ -4,6 +4,7 @@ use crate::cli::check_output;
 use anyhow::Result;
 use rku_engine::io::import::{import_gguf, ImportOptions};
 use rku_engine::io::output::MODEL_DIR;
+use rku_engine::model::config::ModelConfig;
 use std::time::Instant;
 
 pub fn run(a: &ImportArgs) -> Result<()> {
@@ -13,6 +14,9 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         dtype: a.dtype,
         force: a.force,
         blocks: !a.no_blocks,
+        // What every command would refuse on loading the output is
+        // refused here, naming the GGUF, before anything is written.
+        check_config: ModelConfig::check,
     };
     let r = import_gguf(&a.gguf, &a.out, &opts)?;
     for note in &r.notes {
