@@ -881,3 +881,29 @@ fn fewer_tokens_than_embedding_rows_import() {
         tokens.len() - 1
     );
 }
+
+/// Gemma 3's linear RoPE scaling (Gemma 3 4B and up state factor 8) is
+/// imported onto the global layers, as transformers writes it
+/// (`rope_parameters.full_attention`); the local layers keep theirs.
+#[test]
+fn gemma3_linear_rope_scaling_goes_to_the_global_layers() {
+    use rku_engine::model::config::RopeScaling;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_plain, out) = import(&fixture("tiny_gemma3.gguf"), OutDtype::F32);
+    let unscaled = read_json(&out.join("config.json"));
+    let plain_cfg = ModelConfig::load(&out.join("config.json")).unwrap();
+    let mut want = unscaled.clone();
+    let theta = unscaled["rope_parameters"]["full_attention"]["rope_theta"].clone();
+    want["rope_parameters"]["full_attention"] =
+        serde_json::json!({"factor": 8.0, "rope_theta": theta, "rope_type": "linear"});
+    let g = Gguf::from_file(&fixture("tiny_gemma3.gguf"))
+        .with("gemma3.rope.scaling.type", Value::String("linear".into()))
+        .with("gemma3.rope.scaling.factor", Value::F32(8.0));
+    let path = g.write(tmp.path(), "gemma3-linear.gguf");
+    let (_t, out) = import(&path, OutDtype::F32);
+    assert_eq!(read_json(&out.join("config.json")), want);
+    let cfg = ModelConfig::load(&out.join("config.json")).unwrap();
+    assert_eq!(cfg.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!(cfg.rope_theta_local, plain_cfg.rope_theta_local);
+    assert_eq!(cfg.rope_theta, plain_cfg.rope_theta);
+}

@@ -153,11 +153,6 @@ fn inconsistent_gemma3_metadata_is_refused_by_name() {
             "gemma3.rope.scaling.type",
         ),
         (
-            "rope-factor.gguf",
-            gemma().with("gemma3.rope.scaling.factor", Value::F32(8.0)),
-            "gemma3.rope.scaling.factor = 8: linear RoPE scaling is not implemented for gemma3",
-        ),
-        (
             "softcap.gguf",
             gemma().with("gemma3.final_logit_softcapping", Value::F32(30.0)),
             "gemma3.final_logit_softcapping",

@@ -182,13 +182,9 @@ fn hparams(g: &GgufFile, arch: &str, notes: &mut Vec<String>) -> Result<Hparams>
             key("rope.dimension_count")
         )));
     }
+    // On gemma3 the factor scales the global layers only (transformers'
+    // `rope_parameters.full_attention`; Gemma 3 4B and up state 8).
     let rope_linear = rope_linear(g, arch)?;
-    if let Some((factor, k)) = rope_linear.as_ref().filter(|_| arch == "gemma3") {
-        return Err(Error::Unsupported(format!(
-            "{}: metadata {k} = {factor}: linear RoPE scaling is not implemented for gemma3",
-            g.path().display()
-        )));
-    }
     let embd = g
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::format(g.path(), "missing tensor token_embd.weight"))?;
@@ -728,6 +724,12 @@ fn gemma_config_json(
         })
         .collect();
     let rope = |theta: f64| json!({"rope_theta": theta, "rope_type": "default"});
+    let global = match h.rope_linear {
+        Some((factor, _)) => {
+            json!({"factor": factor, "rope_theta": h.rope_theta, "rope_type": "linear"})
+        }
+        None => rope(h.rope_theta),
+    };
     json!({
         "_sliding_window_pattern": gemma.swa_pattern,
         "architectures": ["Gemma3ForCausalLM"],
@@ -753,7 +755,7 @@ fn gemma_config_json(
         "query_pre_attn_scalar": gemma.query_pre_attn_scalar,
         "rms_norm_eps": h.rms_eps,
         "rope_parameters": {
-            "full_attention": rope(h.rope_theta),
+            "full_attention": global,
             "sliding_attention": rope(gemma.rope_local_base),
         },
         "sliding_window": gemma.sliding_window,
