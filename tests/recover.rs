@@ -525,6 +525,20 @@ fn bad_inputs_are_refused() {
         before,
         "an input was touched"
     );
+    // A checkpoint that is a link (to an input, or to nothing).
+    for (name, target) in [
+        ("to-text", text.clone()),
+        ("dangling", tmp.path().join("none")),
+    ] {
+        let link = tmp.path().join(name);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for extra in [&[][..], &["--resume"][..], &["--force"][..]] {
+            let args = [&["--checkpoint", link.to_str().unwrap()][..], extra].concat();
+            let err = run_err(&mut recover_cmd(&student, &text, &args, &out));
+            assert!(err.contains("symbolic link") && err.contains(name), "{err}");
+            assert!(!out.exists());
+        }
+    }
     // A checkpoint inside the output directory, or the directory itself.
     for inside in [out.join("ck.safetensors"), out.clone()] {
         let args = ["--checkpoint", inside.to_str().unwrap()];

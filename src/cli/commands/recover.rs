@@ -58,7 +58,15 @@ pub fn run<B: Backend>(be: &B, a: &RecoverArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let ckpt_exists = ckpt.symlink_metadata().is_ok();
+    let ckpt_meta = ckpt.symlink_metadata();
+    if ckpt_meta.as_ref().is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "--checkpoint {} is a symbolic link: a checkpoint is read and replaced in place, \
+             never through a link; name the file itself",
+            ckpt.display()
+        );
+    }
+    let ckpt_exists = ckpt_meta.is_ok();
     if ckpt_exists && !a.resume && !a.force {
         bail!(
             "{} holds the checkpoint of an earlier run: pass --resume to continue it, or \
