@@ -231,7 +231,7 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_regular_text(path, "a JSON file")?;
     serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 

@@ -36,7 +36,7 @@ pub fn read_pruning(path: &Path) -> Result<Pruning> {
     } else {
         path.to_path_buf()
     };
-    let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    let text = crate::io::read_regular_text(&file, "a pruning.json")?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::format(&file, format!("not valid JSON: {e}")))?;
     let kept = v

@@ -48,3 +48,58 @@ pub fn read_regular(path: &Path, what: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::io(path, e))?;
     Ok(buf)
 }
+
+/// The text of the input file `path` ([`read_regular`]), which must be UTF-8.
+pub fn read_regular_text(path: &Path, what: &str) -> Result<String> {
+    String::from_utf8(read_regular(path, what)?)
+        .map_err(|e| Error::format(path, format!("is not UTF-8 text: {e}")))
+}
+
+/// sha256 of the input file `path`'s bytes ([`read_regular`]), lowercase
+/// hex: the digest results record of their input files.
+pub fn file_sha256(path: &Path, what: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    Ok(text::hex(&Sha256::digest(read_regular(path, what)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every library reader of an input file refuses a FIFO by name, at
+    /// once (a regression would block on open: the read runs on a thread
+    /// and the test fails after 30 s instead of hanging).
+    #[cfg(unix)]
+    #[test]
+    fn readers_refuse_a_fifo_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("calib.jsonl");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        type Reader = fn(&Path) -> Result<()>;
+        let readers: [(&str, Reader); 4] = [
+            ("read_text", |p| text::read_text(p, None).map(drop)),
+            ("jsonl_rows", |p| text::jsonl_rows(p).map(drop)),
+            ("file_sha256", |p| file_sha256(p, "a file").map(drop)),
+            ("read_regular_text", |p| {
+                read_regular_text(p, "a file").map(drop)
+            }),
+        ];
+        for (name, read) in readers {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let path = fifo.clone();
+            std::thread::spawn(move || tx.send(read(&path).map_err(|e| e.to_string())));
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("{name} blocked on a FIFO"));
+            let e = got.expect_err(name);
+            assert!(
+                e.contains("not a regular file") && e.contains("calib.jsonl"),
+                "{name}: {e}"
+            );
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 /// The non-blank rows of a jsonl file, each with its 1-based line number;
 /// a row that is not JSON is an error naming the file and the line.
 pub fn jsonl_rows(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let raw = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let raw = super::read_regular_text(path, "a jsonl file")?;
     raw.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
@@ -34,7 +34,7 @@ pub fn read_text(path: &Path, field: Option<&str>) -> Result<String> {
                 path.display()
             )));
         }
-        return std::fs::read_to_string(path).map_err(|e| Error::io(path, e));
+        return super::read_regular_text(path, "a text file");
     }
     let field = field.unwrap_or("text");
     let mut parts = Vec::new();

@@ -12,12 +12,11 @@
 //! field and errs, naming file and line, on anything else. A trace read
 //! for statistics or perplexity becomes a [`Sequence`].
 use crate::io::output::Kind;
-use crate::io::text::{hex, jsonl_rows};
+use crate::io::text::jsonl_rows;
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -270,8 +269,7 @@ pub fn read_trace_lines(path: &Path) -> Result<Vec<(usize, TraceRecord)>> {
 /// tokenizer.json bytes, lowercase hex.
 pub fn tokenizer_digest(model_dir: &Path) -> Result<String> {
     let path = model_dir.join("tokenizer.json");
-    let bytes = crate::io::read_regular(&path, "a tokenizer.json")?;
-    Ok(hex(&Sha256::digest(&bytes)))
+    crate::io::file_sha256(&path, "a tokenizer.json")
 }
 
 /// One sequence of a statistics pass over sequences of their own lengths

@@ -24,8 +24,9 @@
 use crate::backend::Backend;
 use crate::eval::iou::read_pruning;
 use crate::eval::traces::{run_traces, TracesArgs, TRACES};
+use crate::io::file_sha256;
 use crate::io::output::{self, MODEL_DIR, PROGRESSIVE_DIR};
-use crate::io::text::{hex, Tokenizer};
+use crate::io::text::Tokenizer;
 use crate::model::weights::LoadOptions;
 use crate::model::{Model, ModelConfig};
 use crate::progress;
@@ -36,7 +37,6 @@ use crate::prune::{Allocation, ExportLayout, Method, PruneJob, Sparsity};
 use crate::{Error, Result};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -161,17 +161,16 @@ pub struct ProgressiveSummary {
     pub seconds: f64,
 }
 
-fn file_digest(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(hex(&Sha256::digest(&bytes)))
-}
-
 /// The settings every step depends on besides the schedule, keyed by the
 /// flag that sets them (what a refusal names).
 fn settings<B: Backend>(be: &B, spec: &ProgressiveSpec, model_digest: &str) -> Result<Value> {
     let t = &spec.traces;
     let sampling = crate::eval::traces::SamplingRecord::of(t.sampling);
-    let shots_file = t.shots_file.as_deref().map(file_digest).transpose()?;
+    let shots_file = t
+        .shots_file
+        .as_deref()
+        .map(|f| file_sha256(f, "a shots file"))
+        .transpose()?;
     Ok(json!({
         "model": model_digest,
         "backend": be.name(),
@@ -184,7 +183,7 @@ fn settings<B: Backend>(be: &B, spec: &ProgressiveSpec, model_digest: &str) -> R
         "select": spec.selection.to_string(),
         "tokens": spec.tokens.to_string(),
         "max-seq-len": spec.max_seq_len,
-        "trace-prompts": file_digest(&t.prompts)?,
+        "trace-prompts": file_sha256(&t.prompts, "a prompts file")?,
         "chat": t.format == crate::eval::gen::PromptFormat::Chat,
         "shots": t.shots,
         "shots-file": shots_file,

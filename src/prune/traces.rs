@@ -209,11 +209,10 @@ pub fn trace_sequences(
             Sequence { ids, counted_from }
         })
         .collect();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(TraceSequences {
         seqs,
         source: TraceSource {
-            digest: hex(&Sha256::digest(&bytes)),
+            digest: crate::io::file_sha256(path, "a traces file")?,
             selection: sel.to_string(),
             tokens: rule.to_string(),
         },

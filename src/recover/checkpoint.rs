@@ -75,7 +75,7 @@ pub fn load<B: Backend>(
     settings: &serde_json::Value,
     path: &Path,
 ) -> Result<TrainState<B>> {
-    let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let buf = crate::io::read_regular(path, "a checkpoint")?;
     let bad = |msg: String| Error::format(path, msg);
     let st = SafeTensors::deserialize(&buf).map_err(|e| {
         bad(format!(

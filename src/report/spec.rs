@@ -4,7 +4,6 @@
 use super::cells::{Calibration, Cell, Fingerprint, Metric, Variant};
 use crate::eval::gen::GenArgs;
 use crate::eval::mc::McArgs;
-use crate::io::text::hex;
 use crate::model::weights::LoadOptions;
 use crate::model::ModelConfig;
 use crate::prune::calibrate::CalibSource;
@@ -14,7 +13,6 @@ use crate::prune::{Method, Objective, Objectives, Sparsity};
 use crate::recover::RecoverSpec;
 use crate::{Error, Result};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 /// Perplexity evaluation.
@@ -227,8 +225,7 @@ impl ReportSpec {
 }
 
 fn file_digest(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(hex(&Sha256::digest(&bytes)))
+    crate::io::file_sha256(path, "an input file")
 }
 
 /// The report's inputs (see `cells::Fingerprint`).
