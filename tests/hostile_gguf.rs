@@ -126,7 +126,7 @@ fn inconsistent_gemma3_metadata_is_refused_by_name() {
     common::run_ok(bin().arg("import").arg(&ok).arg("--out").arg(&out));
     assert!(out.join("tokenizer.json").exists());
 
-    let cases = [
+    let cases = vec![
         (
             "no-window.gguf",
             gemma().without("gemma3.attention.sliding_window"),
@@ -189,14 +189,7 @@ fn inconsistent_gemma3_metadata_is_refused_by_name() {
             "missing tensor blk.2.post_ffw_norm.weight",
         ),
     ];
-    for (name, g, needle) in cases {
-        let path = g.write(tmp.path(), name);
-        let out = tmp.path().join(format!("{name}.out"));
-        let err = run_err(bin().arg("import").arg(&path).arg("--out").arg(&out));
-        assert!(err.contains(needle), "{name}: {needle:?} not in {err}");
-        assert!(err.contains(name), "{name}: no file name in {err}");
-        assert!(!out.exists(), "{name}: wrote {}", out.display());
-    }
+    import_refused(tmp.path(), cases);
 }
 
 /// llama, qwen2 and qwen3 metadata the engine cannot run (RoPE scaling
@@ -222,7 +215,7 @@ fn unrunnable_llama_and_qwen_metadata_is_refused_by_key() {
     tokens.extend((0..50).map(|i| s(&format!("<extra_{i}>"))));
     types.extend((0..50).map(|_| Value::I32(1)));
     let eps = "qwen2.attention.layer_norm_rms_epsilon";
-    let cases = [
+    let cases = vec![
         (
             "yarn.gguf",
             qwen2()
@@ -293,9 +286,15 @@ fn unrunnable_llama_and_qwen_metadata_is_refused_by_key() {
             "tokenizer.ggml.tokens holds 316 tokens, but token_embd.weight has 266 rows",
         ),
     ];
+    import_refused(tmp.path(), cases);
+}
+
+/// Each `(file name, GGUF, needle)`: `import` of it fails with the needle
+/// and the file's name in the error, and writes nothing.
+fn import_refused(dir: &Path, cases: Vec<(&str, Gguf, &str)>) {
     for (name, g, needle) in cases {
-        let path = g.write(tmp.path(), name);
-        let out = tmp.path().join(format!("{name}.out"));
+        let path = g.write(dir, name);
+        let out = dir.join(format!("{name}.out"));
         let err = run_err(bin().arg("import").arg(&path).arg("--out").arg(&out));
         assert!(err.contains(needle), "{name}: {needle:?} not in {err}");
         assert!(err.contains(name), "{name}: no file name in {err}");

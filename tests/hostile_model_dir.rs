@@ -4,7 +4,7 @@
 //! refused with the file named.
 mod common;
 
-use common::fixture;
+use common::{failed_without_panic, fixture};
 use rku_engine::backend::cpu::CpuBackend;
 use rku_engine::io::safetensors_io::SafeModel;
 use rku_engine::model::Model;
@@ -237,13 +237,7 @@ fn run_err_promptly(cmd: &mut std::process::Command) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} should have failed");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    err
+    failed_without_panic(cmd, &out)
 }
 
 fn mkfifo(path: &Path) {

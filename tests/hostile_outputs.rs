@@ -12,6 +12,7 @@ mod common;
 use common::*;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -653,33 +654,29 @@ fn score_over_a_directory_leaves_no_temporary_file() {
     assert_eq!(names, ["dir-out"]);
 }
 
+/// `report` of the world's model over 2 windows of 16 tokens, RKU at 50%,
+/// then `extra` (evaluations), into `out` (with `--force` when `force`).
+fn report_cmd(w: &World, out: &Path, force: bool, extra: &[&OsStr]) -> Command {
+    let mut c = bin();
+    c.args(["report", "--backend", "cpu", "--model"])
+        .arg(&w.model)
+        .arg("--calib")
+        .arg(&w.calib)
+        .args(["--samples", "2", "--seq-len", "16", "--methods", "rku"])
+        .args(["--sparsity", "0.5", "--no-prefill"])
+        .args(extra)
+        .arg("--out")
+        .arg(out);
+    if force {
+        c.arg("--force");
+    }
+    c
+}
+
 #[test]
 fn report_refuses_a_directory_that_is_not_a_report() {
     let w = World::new();
-    let report = |out: &Path, force: bool| {
-        let mut c = bin();
-        c.args(["report", "--backend", "cpu", "--model"])
-            .arg(&w.model)
-            .arg("--calib")
-            .arg(&w.calib)
-            .args([
-                "--samples",
-                "2",
-                "--seq-len",
-                "16",
-                "--methods",
-                "rku",
-                "--sparsity",
-                "0.5",
-                "--no-prefill",
-                "--out",
-            ])
-            .arg(out);
-        if force {
-            c.arg("--force");
-        }
-        c
-    };
+    let report = |out: &Path, force: bool| report_cmd(&w, out, force, &[]);
     let foreign = w.work.join("foreign");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
@@ -701,48 +698,24 @@ fn report_refuses_a_directory_that_is_not_a_report() {
 #[test]
 fn report_refuses_links_inside_its_directory() {
     let w = World::new();
-    let report = |out: &Path, force: bool| {
-        let mut c = bin();
-        c.args(["report", "--backend", "cpu", "--model"])
-            .arg(&w.model)
-            .arg("--calib")
-            .arg(&w.calib)
-            .args([
-                "--samples",
-                "2",
-                "--seq-len",
-                "16",
-                "--methods",
-                "rku",
-                "--sparsity",
-                "0.5",
-                "--no-prefill",
-                "--ppl-text",
-            ])
-            .arg(&w.calib)
-            .args([
-                "--ppl-seq-len",
-                "16",
-                "--ppl-max-windows",
-                "2",
-                "--gen-data",
-            ])
-            .arg(&w.gen)
-            .args([
-                "--gen-shots",
-                "0",
-                "--limit",
-                "1",
-                "--gen-max-new-tokens",
-                "2",
-                "--out",
-            ])
-            .arg(out);
-        if force {
-            c.arg("--force");
-        }
-        c
-    };
+    let evals: Vec<&OsStr> = [
+        "--ppl-text".as_ref(),
+        w.calib.as_os_str(),
+        "--ppl-seq-len".as_ref(),
+        "16".as_ref(),
+        "--ppl-max-windows".as_ref(),
+        "2".as_ref(),
+        "--gen-data".as_ref(),
+        w.gen.as_os_str(),
+        "--gen-shots".as_ref(),
+        "0".as_ref(),
+        "--limit".as_ref(),
+        "1".as_ref(),
+        "--gen-max-new-tokens".as_ref(),
+        "2".as_ref(),
+    ]
+    .to_vec();
+    let report = |out: &Path, force: bool| report_cmd(&w, out, force, &evals);
     let out = w.work.join("rep");
     run_ok(&mut report(&out, false));
     // A directory outside the report holding an earlier prune output

@@ -122,6 +122,12 @@ pub fn run_ok(cmd: &mut std::process::Command) -> String {
 /// Runs `cmd`, which must fail with an error and no panic; returns its stderr.
 pub fn run_err(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap();
+    failed_without_panic(cmd, &out)
+}
+
+/// The stderr of `cmd`'s finished run `out`, which must have failed with
+/// an error and no panic.
+pub fn failed_without_panic(cmd: &std::process::Command, out: &std::process::Output) -> String {
     assert!(!out.status.success(), "{cmd:?} should have failed");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
