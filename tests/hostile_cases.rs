@@ -479,6 +479,7 @@ fn model_directories() {
     for (what, v) in [
         ("no weight_map", json!({"metadata": {}})),
         ("weight_map a list", json!({"weight_map": []})),
+        ("weight_map empty", json!({"weight_map": {}})),
         ("an array", json!([])),
     ] {
         edits.push((what.into(), v, "weight_map".into()));

@@ -378,6 +378,9 @@ impl SafeModel {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
+            if map.is_empty() {
+                return Err(Error::format(&index, "the `weight_map` names no tensor"));
+            }
             // Shard names are plain file names inside `dir` (a hub cache's
             // symlinked files are fine; `..`, absolute paths and
             // subdirectories are not).
