@@ -315,7 +315,8 @@ impl CellStore {
         })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    /// The file of cell `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.json"))
     }
 

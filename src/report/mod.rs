@@ -809,12 +809,7 @@ impl<B: Backend> Run<'_, B> {
         let Some(v) = self.value::<Value>(&c)? else {
             return Ok(None);
         };
-        let path = || {
-            self.spec
-                .out
-                .join("cells")
-                .join(format!("{}.json", c.name()))
-        };
+        let path = || self.store.path(&c.name());
         let t: T = serde_json::from_value(v).map_err(|e| {
             Error::format(
                 path(),
