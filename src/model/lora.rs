@@ -161,6 +161,15 @@ impl<B: Backend> Adapters<B> {
             .flat_map(move |ad| [(&ad.a, r * ad.inp), (&ad.b, ad.out * r)])
     }
 
+    /// Σ of every value squared, over all the buffers (in f64).
+    pub fn sum_squares(&self, be: &B) -> Result<f64> {
+        let mut sq = 0f64;
+        for (t, n) in self.tensors() {
+            sq += be.sum_squares(t, n)?;
+        }
+        Ok(sq)
+    }
+
     /// `tensors`, mutably.
     pub fn tensors_mut(&mut self) -> impl Iterator<Item = (&mut B::Buf, usize)> {
         let r = self.rank;

@@ -383,11 +383,7 @@ pub fn train<B: Backend>(
         // the adapters and the second moment are checked before they can
         // be saved.
         for (what, set) in [("adapters", &state.adapters), ("AdamW's v", &state.v)] {
-            let mut sq = 0f64;
-            for (t, n) in set.tensors() {
-                sq += be.sum_squares(t, n)?;
-            }
-            if !sq.is_finite() {
+            if !set.sum_squares(be)?.is_finite() {
                 return Err(stop(format!(
                     "the updated {what} are not finite (lr {lr:e})"
                 )));

@@ -304,11 +304,7 @@ pub fn clip_and_update<B: Backend>(
     max_norm: Option<f64>,
     step: u64,
 ) -> Result<f64> {
-    let mut sq = 0f64;
-    for (g, n) in grads.tensors() {
-        sq += be.sum_squares(g, n)?;
-    }
-    let norm = sq.sqrt();
+    let norm = grads.sum_squares(be)?.sqrt();
     if !norm.is_finite() {
         return Err(Error::Invalid(format!(
             "step {step}: the adapters' gradient norm is {norm}"
