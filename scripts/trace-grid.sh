@@ -22,8 +22,8 @@
 # Knobs (environment): MODEL (assets/models/smollm2), OUT
 # (out/trace-grid-<model>), CALIB_PROMPTS (64), HELD_OUT (32),
 # MAX_NEW (128), METHODS (rku,wanda-struct,taylor), SPARSITIES
-# (0.2,0.3,0.4), REFIT (1), GEN (0), GEN_LIMIT (100), BIN
-# (target/release/rku-engine).
+# (0.2,0.3,0.4), REFIT (1), GEN (0), GEN_LIMIT (100), PROGRESSIVE (1; 0
+# stops after the report), BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-assets/models/smollm2}
@@ -56,6 +56,7 @@ refit=()
   --trace-ppl "$OUT/heldout-traces.jsonl" --trace-ppl-tokens generated \
   --ppl-text assets/text/owt.jsonl --ppl-field 0 --ppl-seq-len 128 --ppl-max-windows 64 \
   "${gen[@]}" "${refit[@]}" --methods "$METHODS" --sparsity "$SPARSITIES" --no-prefill --out "$OUT/report"
+[ "${PROGRESSIVE:-1}" = 1 ] || { sed -n '/^## Quality/,/^## Size/p' "$OUT/report/report.md" | sed '$d'; exit 0; }
 # Progressive RKU: one model per step, each evaluated as the report's rows.
 PROG="$OUT/progressive-rku"
 "$BIN" prune --model "$MODEL" --progressive "$SPARSITIES" \
