@@ -63,10 +63,6 @@ PROG="$OUT/progressive-rku"
   --trace-prompts assets/eval/gsm_symbolic_calibration.jsonl --chat --limit "$CALIB_PROMPTS" \
   --max-new-tokens "$MAX_NEW" --tokens generated --select "length-band 25,75" \
   --method rku --out "$PROG"
-value() { # eval command...: its JSON line's field $1
-  local key=$1; shift
-  "$@" --json | tail -n 1 | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r[sys.argv[1]])' "$key"
-}
 sed -n '/^## Quality/,/^## Size/p' "$OUT/report/report.md" | sed '$d'
 echo "Progressive RKU (trace-calibrated, traces regenerated at every step):"
 mkdir -p "$OUT/progressive-eval"
@@ -75,17 +71,7 @@ echo "|---|---|---|---|"
 for dir in "$PROG"/step-*-s*/; do
   dir=${dir%/}
   res="$OUT/progressive-eval/$(basename "$dir").txt"
-  if [ ! -f "$res" ]; then
-    p=$(value ppl "$BIN" eval ppl --model "$dir" --text assets/text/owt.jsonl --field 0 \
-      --seq-len 128 --max-windows 64)
-    t=$(value ppl "$BIN" eval ppl --model "$dir" --traces "$OUT/heldout-traces.jsonl" \
-      --tokens generated)
-    g="—"
-    [ "$GEN" = 1 ] && g=$(value accuracy "$BIN" eval gen --model "$dir" \
-      --data assets/eval/gsm_symbolic.jsonl --chat --shots 0 --max-new-tokens 256 \
-      --limit "$GEN_LIMIT" --batch 8)
-    echo "$p $t $g" > "$res.tmp" && mv "$res.tmp" "$res"
-  fi
+  BIN=$BIN GEN=$GEN GEN_LIMIT=$GEN_LIMIT bash scripts/eval-row.sh "$dir" "$OUT/heldout-traces.jsonl" "$res"
   read -r p t g < "$res"
   printf '| %s | %.2f | %.3f | %s |\n' "$(basename "$dir")" "$p" "$t" "$g"
 done

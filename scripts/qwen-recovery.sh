@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The recovery levers (METHODS.md §9–10) on Qwen2.5-Coder-0.5B-Instruct at
+# 20%, from the trace grid's statistics and traces (run first:
+# MODEL=assets/models/qwen-coder GEN=1 bash scripts/trace-grid.sh):
+#   - the refit (target `layer`) on REFIT_SAMPLES Wikipedia windows of 128
+#     (default 128: 16,384 rows, more than three per kept channel of the
+#     widest layer), of the text- and of the trace-calibrated RKU mask;
+#   - LoRA-KD of the trace-calibrated RKU model from the dense one on the
+#     grid's calibration traces (every position, at most 256 tokens), STEPS
+#     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16;
+# each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
+# 128), trace perplexity of the dense model's held-out answers (generated
+# tokens) and, with GEN=1 (default), GSM-symbolic accuracy on the first 100
+# evaluation problems (chat, 0-shot, 256 new tokens, batch 8).
+# Resumable: a model directory or a result line already there is kept, and
+# an interrupted `recover` resumes from its checkpoint, and a larger STEPS
+# continues the same training from it (STEPS=50, then STEPS=100).
+# Knobs (environment): GRID (out/trace-grid-qwen-coder), OUT (out/qwen-recovery),
+# REFIT_SAMPLES (128), STEPS (50), BATCH (4), GEN (1), BIN (target/release/rku-engine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=assets/models/qwen-coder
+GRID=${GRID:-out/trace-grid-qwen-coder}
+OUT=${OUT:-out/qwen-recovery}
+REFIT_SAMPLES=${REFIT_SAMPLES:-128}
+STEPS=${STEPS:-50}
+BATCH=${BATCH:-4}
+GEN=${GEN:-1}
+BIN=${BIN:-target/release/rku-engine}
+[ -x "$BIN" ] || cargo build --release --bin rku-engine
+for f in "$GRID/report/stats.safetensors" "$GRID/report/stats@traces.safetensors" \
+  "$GRID/calib-traces.jsonl" "$GRID/heldout-traces.jsonl"; do
+  [ -f "$f" ] || { echo "missing $f: run scripts/trace-grid.sh on $MODEL first" >&2; exit 1; }
+done
+mkdir -p "$OUT"
+refit=(--refit layer --refit-calib assets/text/wikipedia.jsonl --field 0
+  --samples "$REFIT_SAMPLES" --seq-len 128)
+prune() { # name stats [args...]
+  local name=$1 stats=$2; shift 2
+  [ -d "$OUT/$name" ] || "$BIN" prune --model "$MODEL" --stats "$stats" --method rku \
+    --sparsity 0.2 "$@" --out "$OUT/$name"
+}
+prune rku-0.2-traces "$GRID/report/stats@traces.safetensors"
+prune "rku-0.2-text-refit$REFIT_SAMPLES" "$GRID/report/stats.safetensors" "${refit[@]}"
+prune "rku-0.2-traces-refit$REFIT_SAMPLES" "$GRID/report/stats@traces.safetensors" "${refit[@]}"
+kd="rku-0.2-traces-kd$STEPS"
+[ -d "$OUT/$kd" ] || "$BIN" recover --model "$OUT/rku-0.2-traces" --teacher "$MODEL" \
+  --traces "$GRID/calib-traces.jsonl" --tokens all --max-seq-len 256 --steps "$STEPS" \
+  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/rku-0.2-traces-kd.ckpt.safetensors" --resume --out "$OUT/$kd"
+echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
+echo "|---|---|---|---|"
+# The masks as cut (rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
+for name in "$kd" "rku-0.2-text-refit$REFIT_SAMPLES" "rku-0.2-traces-refit$REFIT_SAMPLES"; do
+  res="$OUT/$name.txt"
+  BIN=$BIN GEN=$GEN GEN_LIMIT=100 bash scripts/eval-row.sh "$OUT/$name" "$GRID/heldout-traces.jsonl" "$res"
+  read -r p t g < "$res"
+  printf '| %s | %.2f | %.3f | %s |\n' "$name" "$p" "$t" "$g"
+done
