@@ -297,9 +297,10 @@ pub fn refit_sequences<B: Backend>(
     // Each output row of W' is a least-squares fit of k' unknowns to the
     // counted rows. With barely more rows than unknowns it fits the
     // calibration set and not the data: on Qwen2.5-Coder-0.5B at 20%
-    // (3,891 channels kept, 4,096 rows) the refit raised held-out
-    // perplexity by 21%, where SmolLM2 at 40% (922 kept, 4,096 rows)
-    // lowered it by 22% (README, Recovery).
+    // (up to 4,849 channels kept, 4,096 rows) the refit raised held-out
+    // perplexity by 21%, and with 16,384 rows it lowered it by 5.5%;
+    // on SmolLM2 at 40% (922 kept, 4,096 rows), by 22% (README, "Recovery
+    // on Qwen at 20%" and the refit table).
     let rows: usize = used.iter().map(|s| s.counted()).sum();
     let widest = kept.iter().map(Vec::len).max().unwrap_or(0) + usize::from(spec.bias);
     if rows < 2 * widest {
