@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The recovery levers (METHODS.md §9–10) on Qwen2.5-Coder-0.5B-Instruct at
-# 20%, from the trace grid's statistics and traces (run first:
+# SPARSITY (default 20%), from the trace grid's statistics and traces (run first:
 # MODEL=assets/models/qwen-coder GEN=1 bash scripts/trace-grid.sh):
 #   - the refit (target `layer`) on REFIT_SAMPLES Wikipedia windows of 128
 #     (default 128: 16,384 rows, more than three per kept channel of the
@@ -15,11 +15,14 @@
 # Resumable: a model directory or a result line already there is kept, and
 # an interrupted `recover` resumes from its checkpoint, and a larger STEPS
 # continues the same training from it (STEPS=50, then STEPS=100).
-# Knobs (environment): GRID (out/trace-grid-qwen-coder), OUT (out/qwen-recovery),
+# Knobs (environment): SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
+# OUT (out/qwen-recovery), REFIT (1; 0 skips both refit rows),
 # REFIT_SAMPLES (128), STEPS (50), BATCH (4), GEN (1), BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=assets/models/qwen-coder
+SPARSITY=${SPARSITY:-0.2}
+REFIT=${REFIT:-1}
 GRID=${GRID:-out/trace-grid-qwen-coder}
 OUT=${OUT:-out/qwen-recovery}
 REFIT_SAMPLES=${REFIT_SAMPLES:-128}
@@ -38,19 +41,23 @@ refit=(--refit layer --refit-calib assets/text/wikipedia.jsonl --field 0
 prune() { # name stats [args...]
   local name=$1 stats=$2; shift 2
   [ -d "$OUT/$name" ] || "$BIN" prune --model "$MODEL" --stats "$stats" --method rku \
-    --sparsity 0.2 "$@" --out "$OUT/$name"
+    --sparsity "$SPARSITY" "$@" --out "$OUT/$name"
 }
-prune rku-0.2-traces "$GRID/report/stats@traces.safetensors"
-prune "rku-0.2-text-refit$REFIT_SAMPLES" "$GRID/report/stats.safetensors" "${refit[@]}"
-prune "rku-0.2-traces-refit$REFIT_SAMPLES" "$GRID/report/stats@traces.safetensors" "${refit[@]}"
-kd="rku-0.2-traces-kd$STEPS"
-[ -d "$OUT/$kd" ] || "$BIN" recover --model "$OUT/rku-0.2-traces" --teacher "$MODEL" \
+cut="rku-$SPARSITY"
+rows=("$cut-traces-kd$STEPS")
+prune "$cut-traces" "$GRID/report/stats@traces.safetensors"
+if [ "$REFIT" = 1 ]; then
+  rows+=("$cut-text-refit$REFIT_SAMPLES" "$cut-traces-refit$REFIT_SAMPLES")
+  prune "$cut-text-refit$REFIT_SAMPLES" "$GRID/report/stats.safetensors" "${refit[@]}"
+  prune "$cut-traces-refit$REFIT_SAMPLES" "$GRID/report/stats@traces.safetensors" "${refit[@]}"
+fi
+[ -d "$OUT/${rows[0]}" ] || "$BIN" recover --model "$OUT/$cut-traces" --teacher "$MODEL" \
   --traces "$GRID/calib-traces.jsonl" --tokens all --max-seq-len 256 --steps "$STEPS" \
-  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/rku-0.2-traces-kd.ckpt.safetensors" --resume --out "$OUT/$kd"
+  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/$cut-traces-kd.ckpt.safetensors" --resume --out "$OUT/${rows[0]}"
 echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
 echo "|---|---|---|---|"
 # The masks as cut (rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
-for name in "$kd" "rku-0.2-text-refit$REFIT_SAMPLES" "rku-0.2-traces-refit$REFIT_SAMPLES"; do
+for name in "${rows[@]}"; do
   res="$OUT/$name.txt"
   BIN=$BIN GEN=$GEN GEN_LIMIT=100 bash scripts/eval-row.sh "$OUT/$name" "$GRID/heldout-traces.jsonl" "$res"
   read -r p t g < "$res"

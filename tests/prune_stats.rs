@@ -459,3 +459,50 @@ fn save_refuses_inconsistent_shapes() {
     st.layers[0].k1 = vec![0.0; 6];
     assert!(st.save(&dir.path().join("y.safetensors")).is_err());
 }
+
+#[test]
+fn add_objectives_joins_passes_over_the_same_sequences() {
+    const ENERGY: Objectives = Objectives {
+        energy: true,
+        ce: false,
+    };
+    const CE: Objectives = Objectives {
+        energy: false,
+        ce: true,
+    };
+    // An energy pass plus a ce pass over the same sequences is the pass of both.
+    let mut joined = stats_of(0..3, "a", ENERGY);
+    joined.add_objectives(stats_of(0..3, "a", CE)).unwrap();
+    assert_eq!(joined, stats_of(0..3, "a", BOTH));
+    let mut joined = stats_of(0..3, "a", CE);
+    joined.add_objectives(stats_of(0..3, "a", ENERGY)).unwrap();
+    assert_eq!(joined, stats_of(0..3, "a", BOTH));
+
+    let refused = |mut into: Stats, other: Stats, needle: &str| {
+        let before = into.clone();
+        let e = into.add_objectives(other).unwrap_err().to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+        assert_eq!(into, before, "a refused join changed the statistics");
+    };
+    // An objective counted twice.
+    refused(
+        stats_of(0..3, "a", ENERGY),
+        stats_of(0..3, "a", BOTH),
+        "twice",
+    );
+    // Other sequences, another calibration digest.
+    refused(
+        stats_of(0..3, "a", ENERGY),
+        stats_of(0..2, "a", CE),
+        "other sequences",
+    );
+    refused(
+        stats_of(0..3, "a", ENERGY),
+        stats_of(0..3, "b", CE),
+        "other sequences",
+    );
+    // The same metadata but activation sums that differ in the last bit.
+    let mut off = stats_of(0..3, "a", CE);
+    off.layers[2].s2[3] = f64::from_bits(off.layers[2].s2[3].to_bits() + 1);
+    refused(stats_of(0..3, "a", ENERGY), off, "layer 2");
+}

@@ -5,6 +5,7 @@
 //! refuse inputs that would make finished cells inconsistent.
 mod common;
 use common::*;
+use rku_engine::prune::Stats;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -449,14 +450,6 @@ fn report_refuses_inconsistent_reruns() {
     ));
     assert!(e.contains("ppl.max_windows: 8 → 5"), "{e}");
     assert!(e.contains("dense.ppl") && !e.contains("prune"), "{e}");
-    // A method that needs the ce objective the statistics lack.
-    let e = run_err(&mut small(
-        "tiny-qwen2",
-        &i.text,
-        &out,
-        &["--methods", "rku,taylor"],
-    ));
-    assert!(e.contains("scored for energy") && e.contains("ce"), "{e}");
     assert_eq!(mtimes(&cells), before, "a refused run changed cells");
 
     // --force recomputes exactly the cells whose inputs changed.
@@ -522,6 +515,46 @@ fn report_refuses_inconsistent_reruns() {
 /// (`<method>+refit`), equal to `prune --refit` then `eval ppl` on the same
 /// windows; it resumes, and another refit setting invalidates only the
 /// refitted cells.
+#[test]
+fn report_adds_a_methods_objective_to_finished_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    run_ok(&mut small("tiny-qwen2", &i.text, &out, &[]));
+    let rku_cell = out.join("cells/rku-s0.3.prune.json");
+    let rku_before = std::fs::read(&rku_cell).unwrap();
+    let rku_time = mtimes(&out.join("cells"))["rku-s0.3.prune.json"];
+    let stats = |dir: &Path| Stats::load(&dir.join("stats.safetensors")).unwrap();
+    assert_eq!(stats(&out).meta.objectives.to_string(), "energy");
+
+    // Taylor needs ce: only its pass runs and joins the statistics; the
+    // RKU cells built on them are kept, not recomputed.
+    let both = ["--methods", "rku,taylor"];
+    let run = small("tiny-qwen2", &i.text, &out, &both).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stats: scored for energy; adding the ce objective"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    // stats, taylor prune and ppl computed; dense ppl, rku prune and ppl kept.
+    assert_eq!(counts(&stdout), (3, 3));
+    assert_eq!(std::fs::read(&rku_cell).unwrap(), rku_before);
+    assert_eq!(mtimes(&out.join("cells"))["rku-s0.3.prune.json"], rku_time);
+
+    // The same as scoring both objectives at once, and the same cells.
+    let fresh = tmp.path().join("fresh");
+    run_ok(&mut small("tiny-qwen2", &i.text, &fresh, &both));
+    assert_eq!(stats(&out), stats(&fresh));
+    let (joined, direct) = (
+        read_json(&out.join("report.json")),
+        read_json(&fresh.join("report.json")),
+    );
+    assert_eq!(joined["stats"]["objectives"], "energy,ce");
+    assert_eq!(joined["cells"], direct["cells"]);
+}
+
 #[test]
 fn report_refit_rows_match_prune_refit_and_resume() {
     let tmp = tempfile::tempdir().unwrap();

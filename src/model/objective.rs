@@ -88,6 +88,27 @@ impl Objectives {
             Objective::Ce => self.ce,
         }
     }
+
+    /// No objective at all.
+    pub fn is_empty(self) -> bool {
+        !self.energy && !self.ce
+    }
+
+    /// The objectives of `self` that `have` lacks.
+    pub fn without(self, have: Objectives) -> Objectives {
+        Objectives {
+            energy: self.energy && !have.energy,
+            ce: self.ce && !have.ce,
+        }
+    }
+
+    /// The objectives of either.
+    pub fn union(self, other: Objectives) -> Objectives {
+        Objectives {
+            energy: self.energy || other.energy,
+            ce: self.ce || other.ce,
+        }
+    }
 }
 
 /// `energy`, `ce`, `energy,ce`, or `none`.
@@ -114,7 +135,7 @@ impl FromStr for Objectives {
                 Objective::Ce => o.ce = true,
             }
         }
-        if !o.energy && !o.ce {
+        if o.is_empty() {
             return Err(Error::Invalid(format!(
                 "no objective in {s:?} (valid: energy, ce)"
             )));

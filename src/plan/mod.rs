@@ -655,7 +655,7 @@ fn layer_weight_bytes(cfg: &ModelConfig, m: usize) -> usize {
 /// The plan of one scoring batch of `spec` on `cfg`.
 pub fn plan(cfg: &ModelConfig, spec: &PlanSpec) -> Result<Plan> {
     let o = spec.objectives;
-    if spec.t < 2 || spec.seqs == 0 || !(o.energy || o.ce) {
+    if spec.t < 2 || spec.seqs == 0 || o.is_empty() {
         return Err(Error::Invalid(format!(
             "plan: need T ≥ 2, at least one sequence and one objective (T = {}, seqs = {})",
             spec.t, spec.seqs

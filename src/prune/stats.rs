@@ -256,7 +256,7 @@ impl Stats {
     /// empty; tk of length m_l iff ce ran, else empty; and that every value
     /// is finite (so nothing non-finite is ever saved, summed or scored).
     pub fn check_shapes(&self) -> Result<()> {
-        if !self.meta.objectives.energy && !self.meta.objectives.ce {
+        if self.meta.objectives.is_empty() {
             return Err(Error::Invalid(
                 "stats record no objective (need energy and/or ce)".into(),
             ));
@@ -322,6 +322,52 @@ impl Stats {
         self.meta
             .window_digests
             .extend_from_slice(&other.meta.window_digests);
+        Ok(())
+    }
+
+    /// Takes into `self` the statistics of the objectives `other` ran and
+    /// `self` did not: `other` must be a pass over the same sequences of
+    /// the same model (every metadata field but the objectives equal), and
+    /// since s1 and s2 come from the same forward pass whatever the
+    /// objective, they must equal `self`'s bit for bit, which proves it.
+    /// What lets a report add Taylor (ce) to statistics scored for RKU
+    /// (energy) by running the ce objective only, keeping what was there.
+    pub fn add_objectives(&mut self, other: Stats) -> Result<()> {
+        self.check_shapes()?;
+        other.check_shapes()?;
+        let (have, adds) = (self.meta.objectives, other.meta.objectives);
+        if adds.without(have) != adds {
+            return Err(Error::Invalid(format!(
+                "statistics for {have} cannot take another pass's {adds}: an objective would be counted twice"
+            )));
+        }
+        let same_source = StatsMeta {
+            objectives: have,
+            ..other.meta.clone()
+        } == self.meta;
+        if !same_source || self.widths() != other.widths() {
+            return Err(Error::Invalid(
+                "the added objective's pass ran over other sequences, another model or other settings"
+                    .into(),
+            ));
+        }
+        for (l, (a, b)) in self.layers.iter().zip(&other.layers).enumerate() {
+            if a.s1 != b.s1 || a.s2 != b.s2 {
+                return Err(Error::Invalid(format!(
+                    "layer {l}: the new pass's activation statistics (s1, s2) differ from the stored ones \
+                     (computed by another build or backend?): score both objectives again"
+                )));
+            }
+        }
+        for (a, b) in self.layers.iter_mut().zip(other.layers) {
+            if adds.energy {
+                (a.f2, a.k1) = (b.f2, b.k1);
+            }
+            if adds.ce {
+                a.tk = b.tk;
+            }
+        }
+        self.meta.objectives = have.union(adds);
         Ok(())
     }
 

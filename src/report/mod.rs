@@ -81,9 +81,9 @@ fn objectives_of(s: &str) -> Objectives {
 /// one that is not a report (DESIGN.md §10: a report directory carries the
 /// engine's marker; one written before markers, its fingerprint.json), and
 /// finished cells whose inputs changed unless `force` (then removes them).
-/// Returns the store and the objectives to score with should the
-/// statistics be (re)computed.
-fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellStore, Objectives)> {
+/// Statistics scored for fewer objectives than the methods need are not
+/// stale: [`Run::all`] adds the missing objective's pass to them.
+fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<CellStore> {
     let out = &spec.out;
     let fp_path = out.join("fingerprint.json");
     let is_file = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
@@ -108,24 +108,6 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
     for c in plan {
         if store.state(&c.name(), &fp.key(c))? == State::Stale {
             stale.push(c.name());
-        }
-    }
-    // Statistics scored for fewer objectives than the methods need are stale too.
-    let needed = spec.objectives();
-    let mut score = needed;
-    for calib in spec.calibrations() {
-        let cell = Cell::Stats(calib);
-        if let Some((s, _)) = store.get::<StatsInfo>(&cell.name(), &fp.key(&cell))? {
-            let have = objectives_of(&s.objectives);
-            if (needed.energy && !have.energy) || (needed.ce && !have.ce) {
-                stale.push(format!(
-                    "{} (scored for {have}; the methods need {needed})",
-                    cell.name()
-                ));
-                // Rescoring keeps what the other methods had.
-                score.energy |= have.energy;
-                score.ce |= have.ce;
-            }
         }
     }
     if !stale.is_empty() {
@@ -157,16 +139,26 @@ fn open_out(spec: &ReportSpec, fp: &Fingerprint, plan: &[Cell]) -> Result<(CellS
                 store.remove(&c.name())?;
             }
         }
-        for calib in spec.calibrations() {
-            let name = Cell::Stats(calib).name();
-            if stale.iter().any(|s| s.starts_with(&format!("{name} "))) {
-                store.remove(&name)?;
-            }
-        }
     }
     let text = serde_json::to_string_pretty(&fp.0).map_err(|e| Error::Invalid(e.to_string()))?;
     replace_owned(&fp_path, text.as_bytes())?;
-    Ok((store, score))
+    Ok(store)
+}
+
+/// The objectives of `needed` that the finished statistics cell of `calib`
+/// was not scored for (none when the cell is not finished).
+fn missing_objectives(
+    store: &CellStore,
+    fp: &Fingerprint,
+    calib: Calibration,
+    needed: Objectives,
+) -> Result<Objectives> {
+    let cell = Cell::Stats(calib);
+    let have = match store.get::<StatsInfo>(&cell.name(), &fp.key(&cell))? {
+        Some((s, _)) => objectives_of(&s.objectives),
+        None => needed,
+    };
+    Ok(needed.without(have))
 }
 
 /// A report being computed.
@@ -182,7 +174,7 @@ struct Run<'a, B: Backend> {
     calib_digest: String,
     /// The selected traces of `--traces` (when given) and their digest.
     traces: Option<(TraceSequences, String)>,
-    /// Objectives a statistics pass runs (if it has to).
+    /// The objectives the methods need: what a statistics pass runs.
     objectives: Objectives,
     ppl_ids: Vec<u32>,
     /// The sequences of the trace perplexity (empty without it).
@@ -276,10 +268,15 @@ pub fn run_report<B: Backend>(be: &B, spec: &ReportSpec) -> Result<Report> {
     };
     let fp = fingerprint(be.name(), &model_digest(&dense)?, &calib_digest, spec)?;
     let plan = spec.plan();
-    let (store, objectives) = open_out(spec, &fp, &plan)?;
+    let store = open_out(spec, &fp, &plan)?;
+    let objectives = spec.objectives();
     let mut todo = 0;
     for c in &plan {
-        todo += usize::from(!cell_done(&store, &fp, &spec.out, c)?);
+        let adds_objective = match *c {
+            Cell::Stats(calib) => !missing_objectives(&store, &fp, calib, objectives)?.is_empty(),
+            _ => false,
+        };
+        todo += usize::from(!cell_done(&store, &fp, &spec.out, c)? || adds_objective);
     }
     println(&format!(
         "report {}: {} cells, {} already done (skipped), {todo} to compute",
@@ -365,6 +362,11 @@ impl<B: Backend> Run<'_, B> {
         for calib in self.spec.calibrations() {
             if !self.done(&Cell::Stats(calib))? {
                 self.score(calib)?;
+            } else {
+                let missing = missing_objectives(&self.store, &self.fp, calib, self.objectives)?;
+                if !missing.is_empty() {
+                    self.add_objectives(calib, missing)?;
+                }
             }
         }
         let metrics = self.spec.metrics();
@@ -407,19 +409,50 @@ impl<B: Backend> Run<'_, B> {
         }
     }
 
-    /// The statistics pass over one calibration.
+    /// The statistics pass over one calibration, for the methods' objectives.
     fn score(&mut self, calib: Calibration) -> Result<()> {
         let t = Instant::now();
+        let s = self.pass(calib, self.objectives)?;
+        self.keep_stats(calib, t, s)
+    }
+
+    /// Adds the objectives `missing` to the finished statistics of `calib`
+    /// (a method that needs them joined the report): runs their pass only
+    /// and merges it ([`Stats::add_objectives`]), so the cells built on the
+    /// statistics stay valid.
+    fn add_objectives(&mut self, calib: Calibration, missing: Objectives) -> Result<()> {
+        let t = Instant::now();
+        let mut s = self.take_stats(calib)?;
+        // A file already extended by an interrupted run needs only its cell.
+        let missing = missing.without(s.meta.objectives);
+        if !missing.is_empty() {
+            println(&format!(
+                "{}: scored for {}; adding the {missing} objective the methods need",
+                Cell::Stats(calib).name(),
+                s.meta.objectives
+            ));
+            let extra = self.pass(calib, missing)?;
+            s.add_objectives(extra).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: {e}",
+                    stats_file(&self.spec.out, calib).display()
+                ))
+            })?;
+        }
+        self.keep_stats(calib, t, s)
+    }
+
+    /// One statistics pass over the sequences of `calib` for `objectives`.
+    fn pass(&self, calib: Calibration, objectives: Objectives) -> Result<Stats> {
         let c = &self.spec.calib;
         let traces = matches!(calib, Calibration::Traces);
-        let spec = c.spec(self.objectives, !traces && c.bos_for(&self.dense.cfg));
-        let s = match (calib, &self.traces) {
+        let spec = c.spec(objectives, !traces && c.bos_for(&self.dense.cfg));
+        match (calib, &self.traces) {
             (Calibration::Traces, Some((tr, digest))) => {
                 let tokens: usize = tr.seqs.iter().map(|s| s.ids.len()).sum();
                 println(&format!(
-                    "scoring {} traces, {tokens} tokens ({})",
+                    "scoring {} traces, {tokens} tokens ({objectives})",
                     tr.seqs.len(),
-                    self.objectives
                 ));
                 let source: TraceSource = tr.source.clone();
                 collect_sequence_stats(
@@ -429,20 +462,25 @@ impl<B: Backend> Run<'_, B> {
                     spec,
                     digest.clone(),
                     Some(source),
-                )?
+                )
             }
             _ => {
                 println(&format!(
-                    "scoring {} x {} calibration tokens ({})",
-                    c.samples, c.seq_len, self.objectives
+                    "scoring {} x {} calibration tokens ({objectives})",
+                    c.samples, c.seq_len
                 ));
                 let digest = self.calib_digest(calib)?.to_string();
-                collect_stats(self.be, &self.dense, &self.calib_ids, spec, digest)?
+                collect_stats(self.be, &self.dense, &self.calib_ids, spec, digest)
             }
-        };
+        }
+    }
+
+    /// Saves the statistics of `calib`, keeps them for the prune cells and
+    /// finishes their cell.
+    fn keep_stats(&mut self, calib: Calibration, t: Instant, s: Stats) -> Result<()> {
         s.save(&stats_file(&self.spec.out, calib))?;
         let info = StatsInfo {
-            objectives: self.objectives.to_string(),
+            objectives: s.meta.objectives.to_string(),
             samples: s.meta.samples,
             seq_len: s.meta.seq_len,
             tokens: s.meta.tokens,

@@ -213,7 +213,7 @@ impl ReportSpec {
             energy: needs(Objective::Energy),
             ce: needs(Objective::Ce),
         };
-        if o.energy || o.ce {
+        if !o.is_empty() {
             o
         } else {
             Objectives {
