@@ -4,8 +4,8 @@
 # MODEL=assets/models/qwen-coder GEN=1 bash scripts/trace-grid.sh):
 #   - the refit (target `layer`) on REFIT_SAMPLES Wikipedia windows of 128
 #     (default 128: 16,384 rows, more than three per kept channel of the
-#     widest layer), of the text- and of the trace-calibrated RKU mask;
-#   - LoRA-KD of the trace-calibrated RKU model from the dense one on the
+#     widest layer), of the text- and of the trace-calibrated METHOD mask;
+#   - LoRA-KD of the trace-calibrated METHOD model from the dense one on the
 #     grid's calibration traces (every position, at most 256 tokens), STEPS
 #     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16;
 # each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
@@ -15,12 +15,14 @@
 # Resumable: a model directory or a result line already there is kept, and
 # an interrupted `recover` resumes from its checkpoint, and a larger STEPS
 # continues the same training from it (STEPS=50, then STEPS=100).
-# Knobs (environment): SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
+# Knobs (environment): METHOD (rku; taylor needs the grid's ce pass,
+# METHODS=rku,wanda-struct,taylor), SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
 # OUT (out/qwen-recovery), REFIT (1; 0 skips both refit rows),
 # REFIT_SAMPLES (128), STEPS (50), BATCH (4), GEN (1), BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=assets/models/qwen-coder
+METHOD=${METHOD:-rku}
 SPARSITY=${SPARSITY:-0.2}
 REFIT=${REFIT:-1}
 GRID=${GRID:-out/trace-grid-qwen-coder}
@@ -40,10 +42,10 @@ refit=(--refit layer --refit-calib assets/text/wikipedia.jsonl --field 0
   --samples "$REFIT_SAMPLES" --seq-len 128)
 prune() { # name stats [args...]
   local name=$1 stats=$2; shift 2
-  [ -d "$OUT/$name" ] || "$BIN" prune --model "$MODEL" --stats "$stats" --method rku \
+  [ -d "$OUT/$name" ] || "$BIN" prune --model "$MODEL" --stats "$stats" --method "$METHOD" \
     --sparsity "$SPARSITY" "$@" --out "$OUT/$name"
 }
-cut="rku-$SPARSITY"
+cut="$METHOD-$SPARSITY"
 rows=("$cut-traces-kd$STEPS")
 prune "$cut-traces" "$GRID/report/stats@traces.safetensors"
 if [ "$REFIT" = 1 ]; then
@@ -56,7 +58,7 @@ fi
   --batch "$BATCH" --save-every 5 --checkpoint "$OUT/$cut-traces-kd.ckpt.safetensors" --resume --out "$OUT/${rows[0]}"
 echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
 echo "|---|---|---|---|"
-# The masks as cut (rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
+# The masks as cut (e.g. rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
 for name in "${rows[@]}"; do
   res="$OUT/$name.txt"
   BIN=$BIN GEN=$GEN GEN_LIMIT=100 bash scripts/eval-row.sh "$OUT/$name" "$GRID/heldout-traces.jsonl" "$res"
