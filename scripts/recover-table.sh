@@ -10,19 +10,24 @@
 # Prints a markdown table: perplexity against steps, and each run's time.
 #
 # Knobs (environment): STEPS ("50 100 150"), CELLS ("rku-0.4-zeroed
-# wanda-struct-0.4-zeroed rku-0.4-layer"), PPL_WINDOWS (64), BACKEND (cpu).
+# wanda-struct-0.4-zeroed rku-0.4-layer"), PPL_WINDOWS (64), BACKEND (cpu),
+# LR (2e-4) and RANK (8; α stays 16): another learning rate or rank writes
+# to out/recover-table-lrLR-rRANK, beside the issue's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-50 100 150}
 CELLS=${CELLS:-rku-0.4-zeroed wanda-struct-0.4-zeroed rku-0.4-layer}
 PPL_WINDOWS=${PPL_WINDOWS:-64}
 BACKEND=${BACKEND:-cpu}
+LR=${LR:-2e-4}
+RANK=${RANK:-8}
 
 [ -d out/refit-table/rku-0.4-layer ] || bash scripts/refit-table.sh
 cargo build --release --bin rku-engine
 BIN=target/release/rku-engine
 MODEL=assets/models/smollm2
 OUT=out/recover-table
+[ "$LR-$RANK" = 2e-4-8 ] || OUT="$OUT-lr$LR-r$RANK"
 mkdir -p "$OUT"
 ppl() {
   "$BIN" eval ppl --model "$1" --text assets/text/owt.jsonl --field 0 --seq-len 128 \
@@ -37,7 +42,7 @@ for cell in $CELLS; do
     if [ ! -d "$dir" ]; then
       "$BIN" recover --model "out/refit-table/$cell" --teacher "$MODEL" \
         --data assets/text/wikipedia.jsonl --field 0 --seq-len 128 --batch 8 \
-        --steps "$steps" --lora-rank 8 --lora-alpha 16 --lr 2e-4 --warmup 10 \
+        --steps "$steps" --lora-rank "$RANK" --lora-alpha 16 --lr "$LR" --warmup 10 \
         --max-grad-norm 0 --checkpoint "$OUT/$cell.checkpoint.safetensors" --resume \
         --backend "$BACKEND" --out "$dir"
     fi
@@ -55,7 +60,7 @@ for cell, s, p in rows[1:]:
     cells.setdefault(cell, {})[int(s)] = float(p)
     if int(s) not in steps:
         steps.append(int(s))
-print(f"\nSmolLM2-135M-Instruct, 40% of FFN channels; dense perplexity {dense:.1f}")
+print(f"\nSmolLM2-135M-Instruct, 40% of FFN channels ({out}); dense perplexity {dense:.1f}")
 print("| cell | " + " | ".join("pruned" if s == 0 else f"LoRA-KD {s} steps" for s in steps) + " |")
 print("|---" * (len(steps) + 1) + "|")
 for cell, by in cells.items():
