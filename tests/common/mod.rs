@@ -48,6 +48,14 @@ pub fn asset(rel: &str) -> Option<PathBuf> {
     None
 }
 
+/// A temporary directory for outputs of hundreds of MB (a real model's
+/// f32 import): under cargo's per-target scratch directory, on the disk
+/// that holds the build, rather than `/tmp`, which may be a small tmpfs.
+pub fn large_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap_or_else(|e| panic!("{}: {e}", env!("CARGO_TARGET_TMPDIR")))
+}
+
 /// A reference tensor as f64 with its shape.
 pub struct RefTensor {
     pub shape: Vec<usize>,
