@@ -7,7 +7,11 @@
 #     widest layer), of the text- and of the trace-calibrated METHOD mask;
 #   - LoRA-KD of the trace-calibrated METHOD model from the dense one on the
 #     grid's calibration traces (every position, at most 256 tokens), STEPS
-#     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16;
+#     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16; with
+#     KD_PROMPTS=N (above the grid's 64) on the dense model's greedy traces
+#     for the first N calibration prompts instead, the grid's 64 extended by
+#     the same `traces` settings (chat, 128 new tokens) into
+#     $OUT/kd-traces-N.jsonl, rows `-kdN-<steps>`;
 # each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
 # 128), trace perplexity of the dense model's held-out answers (generated
 # tokens) and, with GEN=1 (default), GSM-symbolic accuracy on the first 100
@@ -18,7 +22,8 @@
 # Knobs (environment): METHOD (rku; taylor needs the grid's ce pass,
 # METHODS=rku,wanda-struct,taylor), SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
 # OUT (out/qwen-recovery), REFIT (1; 0 skips both refit rows),
-# REFIT_SAMPLES (128), STEPS (50), BATCH (4), GEN (1), BIN (target/release/rku-engine).
+# REFIT_SAMPLES (128), STEPS (50), BATCH (4), KD_PROMPTS (the grid's traces), GEN (1),
+# BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=assets/models/qwen-coder
@@ -30,6 +35,7 @@ OUT=${OUT:-out/qwen-recovery}
 REFIT_SAMPLES=${REFIT_SAMPLES:-128}
 STEPS=${STEPS:-50}
 BATCH=${BATCH:-4}
+KD_PROMPTS=${KD_PROMPTS:-}
 GEN=${GEN:-1}
 BIN=${BIN:-target/release/rku-engine}
 [ -x "$BIN" ] || cargo build --release --bin rku-engine
@@ -46,7 +52,18 @@ prune() { # name stats [args...]
     --sparsity "$SPARSITY" "$@" --out "$OUT/$name"
 }
 cut="$METHOD-$SPARSITY"
-rows=("$cut-traces-kd$STEPS")
+kd_traces="$GRID/calib-traces.jsonl"
+kd="$cut-traces-kd"
+if [ -n "$KD_PROMPTS" ]; then
+  # Resuming a copy of the grid's traces with a larger --limit generates only
+  # the prompts it lacks (the settings must equal the grid's, or it refuses).
+  kd_traces="$OUT/kd-traces-$KD_PROMPTS.jsonl"
+  kd="$cut-traces-kd$KD_PROMPTS-"
+  [ -f "$kd_traces" ] || cp "$GRID/calib-traces.jsonl" "$kd_traces"
+  "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic_calibration.jsonl --chat \
+    --limit "$KD_PROMPTS" --max-new-tokens 128 --batch 8 --out "$kd_traces"
+fi
+rows=("$kd$STEPS")
 prune "$cut-traces" "$GRID/report/stats@traces.safetensors"
 if [ "$REFIT" = 1 ]; then
   rows+=("$cut-text-refit$REFIT_SAMPLES" "$cut-traces-refit$REFIT_SAMPLES")
@@ -54,8 +71,8 @@ if [ "$REFIT" = 1 ]; then
   prune "$cut-traces-refit$REFIT_SAMPLES" "$GRID/report/stats@traces.safetensors" "${refit[@]}"
 fi
 [ -d "$OUT/${rows[0]}" ] || "$BIN" recover --model "$OUT/$cut-traces" --teacher "$MODEL" \
-  --traces "$GRID/calib-traces.jsonl" --tokens all --max-seq-len 256 --steps "$STEPS" \
-  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/$cut-traces-kd.ckpt.safetensors" --resume --out "$OUT/${rows[0]}"
+  --traces "$kd_traces" --tokens all --max-seq-len 256 --steps "$STEPS" \
+  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/$kd.ckpt.safetensors" --resume --out "$OUT/${rows[0]}"
 echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
 echo "|---|---|---|---|"
 # The masks as cut (e.g. rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
