@@ -8,9 +8,9 @@
 #   - LoRA-KD of the trace-calibrated METHOD model from the dense one on the
 #     grid's calibration traces (every position, at most 256 tokens), STEPS
 #     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16; with
-#     KD_PROMPTS=N (above the grid's 64) on the dense model's greedy traces
-#     for the first N calibration prompts instead, the grid's 64 extended by
-#     the same `traces` settings (chat, 128 new tokens) into
+#     KD_PROMPTS=N (more than the grid's CALIB_PROMPTS) on the dense model's
+#     greedy traces for the first N calibration prompts instead, the grid's
+#     extended by the same `traces` settings (chat, MAX_NEW new tokens) into
 #     $OUT/kd-traces-N.jsonl, rows `-kdN-<steps>`;
 # each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
 # 128), trace perplexity of the dense model's held-out answers (generated
@@ -22,8 +22,8 @@
 # Knobs (environment): METHOD (rku; taylor needs the grid's ce pass,
 # METHODS=rku,wanda-struct,taylor), SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
 # OUT (out/qwen-recovery), REFIT (1; 0 skips both refit rows),
-# REFIT_SAMPLES (128), STEPS (50), BATCH (4), KD_PROMPTS (the grid's traces), GEN (1),
-# BIN (target/release/rku-engine).
+# REFIT_SAMPLES (128), STEPS (50), BATCH (4), KD_PROMPTS (the grid's traces),
+# MAX_NEW (128, the grid's), GEN (1), BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=assets/models/qwen-coder
@@ -36,6 +36,7 @@ REFIT_SAMPLES=${REFIT_SAMPLES:-128}
 STEPS=${STEPS:-50}
 BATCH=${BATCH:-4}
 KD_PROMPTS=${KD_PROMPTS:-}
+MAX_NEW=${MAX_NEW:-128}
 GEN=${GEN:-1}
 BIN=${BIN:-target/release/rku-engine}
 [ -x "$BIN" ] || cargo build --release --bin rku-engine
@@ -54,14 +55,19 @@ prune() { # name stats [args...]
 cut="$METHOD-$SPARSITY"
 kd_traces="$GRID/calib-traces.jsonl"
 kd="$cut-traces-kd"
+ckpt="$OUT/$cut-traces-kd.ckpt.safetensors"
 if [ -n "$KD_PROMPTS" ]; then
+  grid_traces=$(wc -l < "$GRID/calib-traces.jsonl")
+  [[ "$KD_PROMPTS" =~ ^[0-9]+$ ]] && [ "$KD_PROMPTS" -gt "$grid_traces" ] || {
+    echo "KD_PROMPTS=$KD_PROMPTS: give a count above the grid's $grid_traces traces" >&2; exit 2; }
   # Resuming a copy of the grid's traces with a larger --limit generates only
   # the prompts it lacks (the settings must equal the grid's, or it refuses).
   kd_traces="$OUT/kd-traces-$KD_PROMPTS.jsonl"
   kd="$cut-traces-kd$KD_PROMPTS-"
+  ckpt="$OUT/$cut-traces-kd$KD_PROMPTS.ckpt.safetensors"
   [ -f "$kd_traces" ] || cp "$GRID/calib-traces.jsonl" "$kd_traces"
   "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic_calibration.jsonl --chat \
-    --limit "$KD_PROMPTS" --max-new-tokens 128 --batch 8 --out "$kd_traces"
+    --limit "$KD_PROMPTS" --max-new-tokens "$MAX_NEW" --batch 8 --out "$kd_traces"
 fi
 rows=("$kd$STEPS")
 prune "$cut-traces" "$GRID/report/stats@traces.safetensors"
@@ -72,7 +78,7 @@ if [ "$REFIT" = 1 ]; then
 fi
 [ -d "$OUT/${rows[0]}" ] || "$BIN" recover --model "$OUT/$cut-traces" --teacher "$MODEL" \
   --traces "$kd_traces" --tokens all --max-seq-len 256 --steps "$STEPS" \
-  --batch "$BATCH" --save-every 5 --checkpoint "$OUT/$kd.ckpt.safetensors" --resume --out "$OUT/${rows[0]}"
+  --batch "$BATCH" --save-every 5 --checkpoint "$ckpt" --resume --out "$OUT/${rows[0]}"
 echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
 echo "|---|---|---|---|"
 # The masks as cut (e.g. rku-s0.2, rku-s0.2@traces) are rows of the grid's report.md.
