@@ -10,8 +10,9 @@
 #     steps at batch BATCH, the issue's rank 8, lr 2e-4, alpha 16; with
 #     KD_PROMPTS=N (more than the grid's CALIB_PROMPTS) on the dense model's
 #     greedy traces for the first N calibration prompts instead, the grid's
-#     extended by the same `traces` settings (chat, MAX_NEW new tokens) into
-#     $OUT/kd-traces-N.jsonl, rows `-kdN-<steps>`;
+#     (or the largest smaller $OUT/kd-traces-M.jsonl) extended by the same
+#     `traces` settings (chat, MAX_NEW new tokens) into $OUT/kd-traces-N.jsonl,
+#     rows `-kdN-<steps>`;
 # each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
 # 128), trace perplexity of the dense model's held-out answers (generated
 # tokens) and, with GEN=1 (default), GSM-symbolic accuracy on the first 100
@@ -60,12 +61,23 @@ if [ -n "$KD_PROMPTS" ]; then
   grid_traces=$(wc -l < "$GRID/calib-traces.jsonl")
   [[ "$KD_PROMPTS" =~ ^[0-9]+$ ]] && [ "$KD_PROMPTS" -gt "$grid_traces" ] || {
     echo "KD_PROMPTS=$KD_PROMPTS: give a count above the grid's $grid_traces traces" >&2; exit 2; }
-  # Resuming a copy of the grid's traces with a larger --limit generates only
-  # the prompts it lacks (the settings must equal the grid's, or it refuses).
+  # Resuming a copy of the grid's traces, or of the largest smaller
+  # $OUT/kd-traces-M.jsonl (the same prompts' first M), with a larger --limit
+  # generates only the prompts it lacks (the settings must equal the grid's,
+  # or it refuses).
   kd_traces="$OUT/kd-traces-$KD_PROMPTS.jsonl"
   kd="$cut-traces-kd$KD_PROMPTS-"
   ckpt="$OUT/$cut-traces-kd$KD_PROMPTS.ckpt.safetensors"
-  [ -f "$kd_traces" ] || cp "$GRID/calib-traces.jsonl" "$kd_traces"
+  if [ ! -f "$kd_traces" ]; then
+    seed="$GRID/calib-traces.jsonl" seed_n=0
+    for f in "$OUT"/kd-traces-*.jsonl; do
+      m=${f##*/kd-traces-} m=${m%.jsonl}
+      if [[ "$m" =~ ^[0-9]+$ ]] && [ "$m" -lt "$KD_PROMPTS" ] && [ "$m" -gt "$seed_n" ]; then
+        seed=$f seed_n=$m
+      fi
+    done
+    cp "$seed" "$kd_traces.tmp" && mv "$kd_traces.tmp" "$kd_traces"
+  fi
   "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic_calibration.jsonl --chat \
     --limit "$KD_PROMPTS" --max-new-tokens "$MAX_NEW" --batch 8 --out "$kd_traces"
 fi
