@@ -12,7 +12,9 @@
 #     greedy traces for the first N calibration prompts instead, the grid's
 #     (or the largest smaller $OUT/kd-traces-M.jsonl) extended by the same
 #     `traces` settings (chat, MAX_NEW new tokens) into $OUT/kd-traces-N.jsonl,
-#     rows `-kdN-<steps>`;
+#     rows `-kdN-<steps>`; with MAX_NEW other than the grid's 128 as well,
+#     fresh traces (nothing to extend) in $OUT/kd-traces-N-newMAX_NEW.jsonl,
+#     rows `-kdN-newMAX_NEW-<steps>`, trained on at most KD_SEQ tokens;
 # each row evaluated as the grid's: held-out OpenWebText perplexity (64 ×
 # 128), trace perplexity of the dense model's held-out answers (generated
 # tokens) and, with GEN=1 (default), GSM-symbolic accuracy on the first 100
@@ -24,7 +26,8 @@
 # METHODS=rku,wanda-struct,taylor), SPARSITY (0.2), GRID (out/trace-grid-qwen-coder),
 # OUT (out/qwen-recovery), REFIT (1; 0 skips both refit rows),
 # REFIT_SAMPLES (128), STEPS (50), BATCH (4), KD_PROMPTS (the grid's traces),
-# MAX_NEW (128, the grid's), GEN (1), BIN (target/release/rku-engine).
+# MAX_NEW (128, the grid's), KD_SEQ (256: prompt and trace tokens per KD
+# sequence; the prompts have up to 181), GEN (1), BIN (target/release/rku-engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=assets/models/qwen-coder
@@ -38,6 +41,7 @@ STEPS=${STEPS:-50}
 BATCH=${BATCH:-4}
 KD_PROMPTS=${KD_PROMPTS:-}
 MAX_NEW=${MAX_NEW:-128}
+KD_SEQ=${KD_SEQ:-256}
 GEN=${GEN:-1}
 BIN=${BIN:-target/release/rku-engine}
 [ -x "$BIN" ] || cargo build --release --bin rku-engine
@@ -62,21 +66,24 @@ if [ -n "$KD_PROMPTS" ]; then
   [[ "$KD_PROMPTS" =~ ^[0-9]+$ ]] && [ "$KD_PROMPTS" -gt "$grid_traces" ] || {
     echo "KD_PROMPTS=$KD_PROMPTS: give a count above the grid's $grid_traces traces" >&2; exit 2; }
   # Resuming a copy of the grid's traces, or of the largest smaller
-  # $OUT/kd-traces-M.jsonl (the same prompts' first M), with a larger --limit
-  # generates only the prompts it lacks (the settings must equal the grid's,
-  # or it refuses).
-  kd_traces="$OUT/kd-traces-$KD_PROMPTS.jsonl"
-  kd="$cut-traces-kd$KD_PROMPTS-"
-  ckpt="$OUT/$cut-traces-kd$KD_PROMPTS.ckpt.safetensors"
+  # $OUT/kd-traces-M<tag>.jsonl (the same prompts' first M, the same MAX_NEW),
+  # with a larger --limit generates only the prompts it lacks (`traces`
+  # refuses a file written with other settings).
+  tag=""
+  [ "$MAX_NEW" = 128 ] || tag="-new$MAX_NEW"
+  kd_traces="$OUT/kd-traces-$KD_PROMPTS$tag.jsonl"
+  kd="$cut-traces-kd$KD_PROMPTS$tag-"
+  ckpt="$OUT/$cut-traces-kd$KD_PROMPTS$tag.ckpt.safetensors"
   if [ ! -f "$kd_traces" ]; then
-    seed="$GRID/calib-traces.jsonl" seed_n=0
-    for f in "$OUT"/kd-traces-*.jsonl; do
-      m=${f##*/kd-traces-} m=${m%.jsonl}
+    seed="" seed_n=0
+    [ -n "$tag" ] || seed="$GRID/calib-traces.jsonl"
+    for f in "$OUT"/kd-traces-*"$tag".jsonl; do
+      m=${f##*/kd-traces-} m=${m%"$tag".jsonl}
       if [[ "$m" =~ ^[0-9]+$ ]] && [ "$m" -lt "$KD_PROMPTS" ] && [ "$m" -gt "$seed_n" ]; then
         seed=$f seed_n=$m
       fi
     done
-    cp "$seed" "$kd_traces.tmp" && mv "$kd_traces.tmp" "$kd_traces"
+    if [ -n "$seed" ]; then cp "$seed" "$kd_traces.tmp" && mv "$kd_traces.tmp" "$kd_traces"; fi
   fi
   "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic_calibration.jsonl --chat \
     --limit "$KD_PROMPTS" --max-new-tokens "$MAX_NEW" --batch 8 --out "$kd_traces"
@@ -89,7 +96,7 @@ if [ "$REFIT" = 1 ]; then
   prune "$cut-traces-refit$REFIT_SAMPLES" "$GRID/report/stats@traces.safetensors" "${refit[@]}"
 fi
 [ -d "$OUT/${rows[0]}" ] || "$BIN" recover --model "$OUT/$cut-traces" --teacher "$MODEL" \
-  --traces "$kd_traces" --tokens all --max-seq-len 256 --steps "$STEPS" \
+  --traces "$kd_traces" --tokens all --max-seq-len "$KD_SEQ" --steps "$STEPS" \
   --batch "$BATCH" --save-every 5 --checkpoint "$ckpt" --resume --out "$OUT/${rows[0]}"
 echo "| model | ppl | trace ppl | GSM-symbolic accuracy |"
 echo "|---|---|---|---|"
