@@ -83,7 +83,9 @@ if [ -n "$KD_PROMPTS" ]; then
         seed=$f seed_n=$m
       fi
     done
-    if [ -n "$seed" ]; then cp "$seed" "$kd_traces.tmp" && mv "$kd_traces.tmp" "$kd_traces"; fi
+    if [ -n "$seed" ]; then # an exclusive temporary name, renamed
+      tmp=$(mktemp "$kd_traces.XXXXXX") && cp "$seed" "$tmp" && mv "$tmp" "$kd_traces"
+    fi
   fi
   "$BIN" traces --model "$MODEL" --prompts assets/eval/gsm_symbolic_calibration.jsonl --chat \
     --limit "$KD_PROMPTS" --max-new-tokens "$MAX_NEW" --batch 8 --out "$kd_traces"
