@@ -273,6 +273,9 @@ fn a_resumed_file_equals_one_full_run() {
             },
             "another prompt",
         ),
+        // A smaller --limit than the file holds: its extra traces would be
+        // read as this run's by score and recover.
+        (args("resumed.jsonl", Some(2)), "past this run's --limit 2"),
     ] {
         let e = run_traces(&f.be, &f.model, &f.tok, &other)
             .unwrap_err()

@@ -250,6 +250,8 @@ pub fn run_traces<B: Backend>(
         ));
     }
 
+    // The prompts this run traces: the first `limit` rows (after the shots).
+    let n_prompts = rows.len().min(args.limit.unwrap_or(usize::MAX));
     // Earlier records, each checked against this run's settings.
     let matches = |r: &TraceRecord| -> std::result::Result<(), String> {
         if r.tokenizer_digest != digest {
@@ -281,6 +283,14 @@ pub fn run_traces<B: Backend>(
                 first + rows.len()
             )));
         };
+        // A trace past --limit would be counted as one of this run's (by
+        // statistics and recovery reading the file) though the run never asked for it.
+        if i >= n_prompts {
+            return Err(at(&format!(
+                "is past this run's --limit {n_prompts} (prompt indices {first}..{})",
+                first + n_prompts
+            )));
+        }
         if r.question != rows[i].question || r.prompt_ids != ids[i] {
             return Err(at(
                 "has another prompt than this run's (another --prompts, --shots, --shots-file or --chat?)",
@@ -345,8 +355,7 @@ pub fn run_traces<B: Backend>(
 
     // The missing traces, longest prompts first so each batch holds
     // similar lengths (the traces do not depend on the batching).
-    let n = rows.len().min(args.limit.unwrap_or(usize::MAX));
-    let mut todo: Vec<(usize, usize)> = (0..n)
+    let mut todo: Vec<(usize, usize)> = (0..n_prompts)
         .flat_map(|i| (0..args.samples).map(move |s| (i, s)))
         .filter(|&(i, s)| !records.contains_key(&(first + i, s)))
         .collect();
@@ -419,7 +428,7 @@ pub fn run_traces<B: Backend>(
     let correct = records.iter().filter(|r| r.correct == Some(true)).count();
     let summary = TracesSummary {
         out: args.out.clone(),
-        prompts: n,
+        prompts: n_prompts,
         samples_per_prompt: args.samples,
         sampling,
         written: todo.len(),
