@@ -19,16 +19,22 @@
 #   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
 #      from the cpu statistics: its time split (layer passes, normal
 #      equations, solves) and the per-layer reconstruction errors against
-#      the cpu refit's;
+#      the cpu refit's (on the 7B-shaped model that cpu refit takes minutes,
+#      so it runs at the very end);
 #   5. LoRA-KD recovery (METHODS.md §10): `bench recover` (one training step
 #      at batch 8 × 256, cpu and cuda) and 4 steps of `recover` of the 40%
 #      model from the dense one, cuda against cpu (each step's loss).
-#   6. scale (METHODS.md §4): on the 4-layer 7B-shaped model, N=8 × T=2048,
+#   6. traces (METHODS.md §11): greedy traces cpu against cuda and seeded
+#      sampled traces at batch 1 against 8 on tiny-qwen2 (how many are
+#      identical), and batched decoding (batch 8) on the 7B-shaped model;
+#   7. scale (METHODS.md §4): on the 4-layer 7B-shaped model, N=8 × T=2048,
 #      resident scoring with --activation-memory 0 and auto, and streamed
 #      scoring sequence-major and --layer-major (time, layer uploads,
-#      statistics equal); then (BIG=1, default) a 28-layer 7B-shaped model:
-#      streamed layer-major scoring of N=128 × T=2048 (time, uploads), and
-#      `bench prefill` at T=2048, dense against 50% RKU, uniform and global.
+#      statistics equal); then (BIG=1, default) a 28-layer 7B-shaped model
+#      (made on the GPU): streamed layer-major scoring of BIG_N=128 × T=2048
+#      (time, uploads), and
+#      `bench prefill` at T=2048, dense against 50% RKU, uniform and global;
+#      BIG_AFTER=S skips that part when the steps before took over S seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$(realpath "$1")
@@ -82,7 +88,32 @@ score() { # model T backend out [extra...]
         --objective both --backend "$b" --out "$o" "$@" 2>&1 | grep -Ev "scoring:" || true
 }
 
-check_model() { # model label T
+# The refit at 40% (METHODS.md §9) on one backend: its time split.
+refit() { # model label T backend...
+    local m=$1 l=$2 t=$3
+    shift 3
+    local run="$*"
+    "$RKU" prune --model "$m" --stats "$OUT/$l-cpu.safetensors" --method rku --sparsity 0.4 \
+        --refit --refit-calib "$calib" --samples 4 --seq-len "$t" --batch 2 --backend "$@" \
+        --out "$OUT/$l-refit-${run// /}" --force 2>&1 | grep -E "^refit \(" || { echo "  (failed)"; return 1; }
+}
+
+# The cpu refit, then each layer's refitted error cuda against cpu (relative
+# to the zeroed error) and cuda --stream against cuda (equal). On the
+# 7B-shaped model the cpu solves take minutes, so that check runs last.
+refit_against_cpu() { # model label T
+    refit "$1" "$2" "$3" cpu || return 1
+    python3 - "$OUT/$2-refit-cpu" "$OUT/$2-refit-cuda" "$OUT/$2-refit-cuda--stream" <<'PY'
+import json, sys
+recs = [json.load(open(f"{d}/pruning.json"))["refit"]["layers"] for d in sys.argv[1:]]
+worst = max(abs(g["err_refit"] - c["err_refit"]) / c["err_zeroed"] for r in recs[1:] for g, c in zip(r, recs[0]))
+print(f"  refitted error, cuda vs cpu: worst {worst:.2e} of the zeroed error")
+print(f"  cuda --stream equals cuda: {recs[1] == recs[2]}")
+sys.exit(0 if worst <= 2e-2 and recs[1] == recs[2] else 1)
+PY
+}
+
+check_model() { # model label T now|last (when the cpu refit reference runs)
     local m=$1 l=$2 t=$3
     echo "== 2. score $l (T = $t): cpu, cuda, cuda --stream"
     score "$m" "$t" cpu "$OUT/$l-cpu.safetensors"
@@ -103,28 +134,16 @@ check_model() { # model label T
         "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
         "$RKU" bench score --model "$m" --seq-len 2048 --samples 2 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
     done
-    echo "== 4. $l: refit at 40% (cpu, cuda, cuda --stream)"
-    for run in "cpu" "cuda" "cuda --stream"; do
-        set -- $run
-        local o="$OUT/$l-refit-${run// /}"
-        "$RKU" prune --model "$m" --stats "$OUT/$l-cpu.safetensors" --method rku --sparsity 0.4 \
-            --refit --refit-calib "$calib" --samples 4 --seq-len "$t" --batch 2 --backend "$@" \
-            --out "$o" --force 2>&1 | grep -E "^refit \(" || { echo "  (failed)"; ok=1; }
-    done
-    python3 - "$OUT/$l-refit-cpu" "$OUT/$l-refit-cuda" "$OUT/$l-refit-cuda--stream" <<'PY' || ok=1
-import json, sys
-recs = [json.load(open(f"{d}/pruning.json"))["refit"]["layers"] for d in sys.argv[1:]]
-worst = max(abs(g["err_refit"] - c["err_refit"]) / c["err_zeroed"] for r in recs[1:] for g, c in zip(r, recs[0]))
-print(f"  refitted error, cuda vs cpu: worst {worst:.2e} of the zeroed error")
-print(f"  cuda --stream equals cuda: {recs[1] == recs[2]}")
-sys.exit(0 if worst <= 2e-2 and recs[1] == recs[2] else 1)
-PY
+    echo "== 4. $l: refit at 40% (cuda, cuda --stream; the cpu reference $([ "$4" = now ] && echo now || echo last))"
+    refit "$m" "$l" "$t" cuda || ok=1
+    refit "$m" "$l" "$t" cuda --stream || ok=1
+    [ "$4" = now ] && { refit_against_cpu "$m" "$l" "$t" || ok=1; }
     echo "== 5. $l: LoRA-KD recovery (bench recover, then 4 steps cpu vs cuda)"
     for b in cpu cuda; do
         "$RKU" bench recover --model "$m" --batch 8 --seq-len 256 --steps 2 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
     done
     for b in cpu cuda; do
-        "$RKU" recover --model "$OUT/$l-refit-cpu" --teacher "$m" --data "$calib" --steps 4 --batch 2 \
+        "$RKU" recover --model "$OUT/$l-refit-cuda" --teacher "$m" --data "$calib" --steps 4 --batch 2 \
             --seq-len "$t" --backend "$b" --out "$OUT/$l-lora-$b" --force 2>&1 | tail -1 || { echo "  (failed)"; ok=1; }
     done
     python3 - "$OUT/$l-lora-cpu" "$OUT/$l-lora-cuda" <<'PY' || ok=1
@@ -138,12 +157,46 @@ PY
 }
 
 status=0
-check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
+check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 now || status=1
 big="$OUT/qwen7b-shapes"
 [ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
-check_model "$big" qwen7b-shapes 256 || status=1
+check_model "$big" qwen7b-shapes 256 last || status=1
 
-echo "== 6. scale: activation budget, layer-major streaming (4-layer 7B shapes, N=8, T=2048)"
+echo "== 6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
+prompts="$OUT/prompts.jsonl"
+python3 - "$prompts" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(16):
+        q = f"Tom has {i + 3} apples and buys {2 * i + 1} more. How many apples does he have?"
+        f.write(json.dumps({"question": q, "answer": f"#### {3 * i + 4}"}) + "\n")
+PY
+traces() { # model out backend [extra...]
+    local m=$1 o=$2 b=$3
+    shift 3
+    "$RKU" traces --model "$m" --prompts "$prompts" --backend "$b" --out "$o" --force --json "$@" 2>&1 \
+        | tail -1 || echo "  (failed)"
+}
+sampled=(--temperature 0.8 --top-p 0.9 --seed 7)
+traces tests/fixtures/tiny-qwen2 "$OUT/tr-cpu.jsonl" cpu --max-new-tokens 48
+traces tests/fixtures/tiny-qwen2 "$OUT/tr-cuda.jsonl" cuda --max-new-tokens 48
+traces tests/fixtures/tiny-qwen2 "$OUT/tr-s1.jsonl" cuda --max-new-tokens 48 "${sampled[@]}" --batch 1
+traces tests/fixtures/tiny-qwen2 "$OUT/tr-s8.jsonl" cuda --max-new-tokens 48 "${sampled[@]}" --batch 8
+# Reported, not asserted: a greedy step whose top two logits are within
+# rounding of each other may pick differently on cuBLAS than on the CPU.
+python3 - "$OUT" <<'PY'
+import json, sys
+def ids(name):
+    return [json.loads(line)["generated_ids"] for line in open(f"{sys.argv[1]}/{name}")]
+for a, b, what in (("tr-cpu", "tr-cuda", "greedy, cpu vs cuda"), ("tr-s1", "tr-s8", "sampled on cuda, batch 1 vs 8")):
+    x, y = ids(a + ".jsonl"), ids(b + ".jsonl")
+    print(f"  {what}: {sum(p == q for p, q in zip(x, y))} of {len(x)} traces identical")
+PY
+for b in cpu cuda; do
+    traces "$big" "$OUT/tr-big-$b.jsonl" "$b" --max-new-tokens 64 --batch 8 --limit 8
+done
+
+echo "== 7. scale: activation budget, layer-major streaming (4-layer 7B shapes, N=8, T=2048)"
 timed() { # label command...: wall time, peak RSS, the budget/chunk/upload lines
     local label=$1
     shift
@@ -157,11 +210,13 @@ timed "streamed, sequence-major" "$RKU" score "${big8[@]}" --stream --out "$OUT/
 timed "streamed, layer-major" "$RKU" score "${big8[@]}" --stream --layer-major --out "$OUT/s8-lm.safetensors"
 echo " budget vs recompute (equal):" && compare "$OUT/s8-res0.safetensors" "$OUT/s8-res.safetensors" 1e-7 || status=1
 echo " layer-major vs sequence-major, streamed (equal):" && compare "$OUT/s8-seq.safetensors" "$OUT/s8-lm.safetensors" 1e-7 || status=1
-if [ "${BIG:-1}" = 1 ]; then
+# BIG=1 (default) runs the 28-layer part, on BIG_N sequences (default 128);
+# BIG_AFTER=S skips it when the steps before took more than S seconds.
+if [ "${BIG:-1}" = 1 ] && [ "$SECONDS" -le "${BIG_AFTER:-100000}" ]; then
     big28="$OUT/qwen7b-28"
-    [ -d "$big28" ] || python3 scripts/make_synthetic_model.py --layers 28 --out "$big28"
-    timed "28 layers, N=128, T=2048, streamed layer-major" "$RKU" score --model "$big28" --calib "$calib" \
-        --samples 128 --seq-len 2048 --batch 1 --objective energy --backend cuda --stream --layer-major \
+    [ -d "$big28" ] || python3 scripts/make_synthetic_model.py --layers 28 --device cuda --out "$big28"
+    timed "28 layers, N=${BIG_N:-128}, T=2048, streamed layer-major" "$RKU" score --model "$big28" --calib "$calib" \
+        --samples "${BIG_N:-128}" --seq-len 2048 --batch 1 --objective energy --backend cuda --stream --layer-major \
         --out "$OUT/s128.safetensors" --force
     for alloc in uniform global; do
         "$RKU" prune --model "$big28" --stats "$OUT/s128.safetensors" --method rku --sparsity 0.5 \
@@ -170,5 +225,8 @@ if [ "${BIG:-1}" = 1 ]; then
             --backend cuda --json 2>&1 | tail -1 || echo "  (failed)"
     done
 fi
+echo "== 4 (last). qwen7b-shapes: the cpu refit reference"
+refit_against_cpu "$big" qwen7b-shapes 256 || status=1
+[ "${BIG:-1}" = 1 ] && [ -z "${big28:-}" ] && echo "== 7. the 28-layer part skipped: $SECONDS s had passed"
 echo "gpu-check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
 exit $status
