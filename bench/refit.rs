@@ -1,0 +1,81 @@
+//! Criterion benchmark of the refit's host solve (METHODS.md §9,
+//! `prune::refit::solve_layer`: the damped Cholesky solve of a layer's
+//! normal equations in f64 and its two reconstruction errors), on one
+//! thread (`faer::Par::Seq`) and on all of the rayon pool's threads, in one
+//! run, so the ratio of the two is measured on the same machine at the same
+//! time. With k kept channels and output width d it costs about
+//! k³/3 + 6·k²·d floating-point operations (Cholesky, the solve, and G·X for
+//! each of the two errors).
+//!
+//!     cargo bench --bench refit
+//!
+//! The normal equations are made up (a diagonally dominant G from a seeded
+//! generator): the cost does not depend on the values.
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
+use rku_engine::backend::NormalEquations;
+use rku_engine::prune::refit::solve_layer;
+use std::time::Duration;
+
+/// Kept channels, output width, and the full FFN width: SmolLM2-135M's
+/// layer (d 576, FFN 1536) at 0% sparsity and a 7B-like aspect ratio.
+const SHAPES: [(usize, usize, usize); 2] = [(1536, 576, 1536), (2048, 384, 4096)];
+
+/// Seeded values in [-1, 1) (a 64-bit linear congruential generator).
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+/// Symmetric G = (A + Aᵀ)/2 + k·I, positive definite by diagonal dominance.
+fn normal_equations(k: usize, d: usize) -> NormalEquations {
+    let a = values(k * k, 1);
+    let mut g = vec![0.0; k * k];
+    for i in 0..k {
+        for j in 0..k {
+            g[i * k + j] =
+                0.5 * (a[i * k + j] + a[j * k + i]) + if i == j { k as f64 } else { 0.0 };
+        }
+    }
+    NormalEquations {
+        width: k,
+        d,
+        g,
+        c: values(k * d, 2),
+        rr: 1e6,
+    }
+}
+
+fn refit_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("refit/solve_layer");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(5));
+    for (k, d, m) in SHAPES {
+        let eqs = normal_equations(k, d);
+        let w_down: Vec<f32> = values(d * m, 3).into_iter().map(|v| v as f32).collect();
+        let keep: Vec<usize> = (0..k).collect();
+        let threads = rayon::current_num_threads();
+        for (name, par) in [
+            ("1 thread".to_string(), faer::Par::Seq),
+            (format!("{threads} threads"), faer::Par::rayon(0)),
+        ] {
+            faer::set_global_parallelism(par);
+            g.bench_function(format!("k{k}-d{d}/{name}"), |b| {
+                b.iter(|| solve_layer(0, &eqs, &w_down, m, &keep, 0.01).unwrap())
+            });
+        }
+    }
+    g.finish();
+    faer::set_global_parallelism(faer::Par::rayon(0));
+}
+
+criterion_group!(benches, refit_benches);
+criterion_main!(benches);
