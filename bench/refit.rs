@@ -17,7 +17,7 @@ use rku_engine::prune::refit::solve_layer;
 use std::time::Duration;
 
 /// Kept channels, output width, and the full FFN width: SmolLM2-135M's
-/// layer (d 576, FFN 1536) at 0% sparsity and a 7B-like aspect ratio.
+/// layer (d 576, FFN 1536) with every channel kept, and half of a wider FFN.
 const SHAPES: [(usize, usize, usize); 2] = [(1536, 576, 1536), (2048, 384, 4096)];
 
 /// Seeded values in [-1, 1) (a 64-bit linear congruential generator).
