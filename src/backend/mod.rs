@@ -276,6 +276,12 @@ pub trait Backend: Send + Sync {
     fn weights_fence(&self) -> Result<()> {
         Ok(())
     }
+    /// Waits until every operation issued so far has finished (a device
+    /// backend queues its work and returns early): a timing that ends
+    /// without downloading a result ends here.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `y[rows,out] = x[rows,inp] · W[out,inp]ᵀ + bias[out]`.
     fn linear(

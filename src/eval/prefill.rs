@@ -50,8 +50,12 @@ pub(crate) fn timed_forward<B: Backend>(
     geo: Geometry,
 ) -> Result<f64> {
     let start = Instant::now();
-    drop(logits_on(be, model, ids, geo)?);
-    Ok(start.elapsed().as_secs_f64())
+    let logits = logits_on(be, model, ids, geo)?;
+    // The CUDA backend returns with the pass still queued on the device.
+    be.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(logits);
+    Ok(seconds)
 }
 
 /// Times `repeats` prefills of each model over the same pseudo-random

@@ -259,6 +259,10 @@ impl<D: Device> Backend for CudaBackend<D> {
         self.dev.upload_fence()
     }
 
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
     fn linear(
         &self,
         x: &Self::Buf,
