@@ -42,13 +42,18 @@ OUT=${2:-/tmp/gpu-check}
 mkdir -p "$OUT"
 RKU="$BIN/rku-engine"
 
+# A step's header, with the seconds since the start (what a lease has left).
+step() {
+    echo "== $* [${SECONDS} s]"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # cuBLAS comes with the pip packages torch depends on; cudarc loads it at run time.
 CUBLAS=$(dirname "$(find / -name 'libcublas.so.1[0-9]*' -not -path '*/proc/*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH="$CUBLAS:${LD_LIBRARY_PATH:-}"
 echo "cuBLAS from $CUBLAS"
 
-echo "== 1. kernel tests (emulated device, then the GPU)"
+step "1. kernel tests (emulated device, then the GPU)"
 for t in "$BIN"/kernels_emu_*-*; do
     "$t" --test-threads 8 2>&1 | grep -Ev "^test .* ok$" || true
 done
@@ -115,7 +120,7 @@ PY
 
 check_model() { # model label T now|last (when the cpu refit reference runs)
     local m=$1 l=$2 t=$3
-    echo "== 2. score $l (T = $t): cpu, cuda, cuda --stream"
+    step "2. score $l (T = $t): cpu, cuda, cuda --stream"
     score "$m" "$t" cpu "$OUT/$l-cpu.safetensors"
     score "$m" "$t" cuda "$OUT/$l-cuda.safetensors"
     score "$m" "$t" cuda "$OUT/$l-cuda-stream.safetensors" --stream
@@ -123,7 +128,7 @@ check_model() { # model label T now|last (when the cpu refit reference runs)
     echo " cuda vs cpu:" && compare "$OUT/$l-cpu.safetensors" "$OUT/$l-cuda.safetensors" 2e-2 || ok=1
     echo " cuda --stream vs cuda (same kernels: equal):"
     compare "$OUT/$l-cuda.safetensors" "$OUT/$l-cuda-stream.safetensors" 1e-7 || ok=1
-    echo "== 3. $l: perplexity (cpu, cuda) and cuda throughput"
+    step "3. $l: perplexity (cpu, cuda) and cuda throughput"
     for b in cpu cuda; do
         "$RKU" eval ppl --model "$m" --text "$calib" --seq-len "$t" --max-windows 8 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
     done
@@ -134,11 +139,11 @@ check_model() { # model label T now|last (when the cpu refit reference runs)
         "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
         "$RKU" bench score --model "$m" --seq-len 2048 --samples 2 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
     done
-    echo "== 4. $l: refit at 40% (cuda, cuda --stream; the cpu reference $([ "$4" = now ] && echo now || echo last))"
+    step "4. $l: refit at 40% (cuda, cuda --stream; the cpu reference $([ "$4" = now ] && echo now || echo last))"
     refit "$m" "$l" "$t" cuda || ok=1
     refit "$m" "$l" "$t" cuda --stream || ok=1
     [ "$4" = now ] && { refit_against_cpu "$m" "$l" "$t" || ok=1; }
-    echo "== 5. $l: LoRA-KD recovery (bench recover, then 4 steps cpu vs cuda)"
+    step "5. $l: LoRA-KD recovery (bench recover, then 4 steps cpu vs cuda)"
     for b in cpu cuda; do
         "$RKU" bench recover --model "$m" --batch 8 --seq-len 256 --steps 2 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
     done
@@ -162,7 +167,7 @@ big="$OUT/qwen7b-shapes"
 [ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
 check_model "$big" qwen7b-shapes 256 last || status=1
 
-echo "== 6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
+step "6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
 prompts="$OUT/prompts.jsonl"
 python3 - "$prompts" <<'PY'
 import json, sys
@@ -196,7 +201,7 @@ for b in cpu cuda; do
     traces "$big" "$OUT/tr-big-$b.jsonl" "$b" --max-new-tokens 64 --batch 8 --limit 8
 done
 
-echo "== 7. scale: activation budget, layer-major streaming (4-layer 7B shapes, N=8, T=2048)"
+step "7. scale: activation budget, layer-major streaming (4-layer 7B shapes, N=8, T=2048)"
 timed() { # label command...: wall time, peak RSS, the budget/chunk/upload lines
     local label=$1
     shift
@@ -225,7 +230,7 @@ if [ "${BIG:-1}" = 1 ] && [ "$SECONDS" -le "${BIG_AFTER:-100000}" ]; then
             --backend cuda --json 2>&1 | tail -1 || echo "  (failed)"
     done
 fi
-echo "== 4 (last). qwen7b-shapes: the cpu refit reference"
+step "4 (last). qwen7b-shapes: the cpu refit reference"
 refit_against_cpu "$big" qwen7b-shapes 256 || status=1
 [ "${BIG:-1}" = 1 ] && [ -z "${big28:-}" ] && echo "== 7. the 28-layer part skipped: $SECONDS s had passed"
 echo "gpu-check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
