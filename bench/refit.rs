@@ -9,48 +9,18 @@
 //!
 //!     cargo bench --bench refit
 //!
-//! The normal equations are made up (a diagonally dominant G from a seeded
-//! generator): the cost does not depend on the values.
+//! The normal equations are made up (tests/common
+//! `synthetic_normal_equations`): the cost does not depend on the values.
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use rku_engine::backend::NormalEquations;
 use rku_engine::prune::refit::solve_layer;
 use std::time::Duration;
 
 /// Kept channels, output width, and the full FFN width: SmolLM2-135M's
 /// layer (d 576, FFN 1536) with every channel kept, and half of a wider FFN.
 const SHAPES: [(usize, usize, usize); 2] = [(1536, 576, 1536), (2048, 384, 4096)];
-
-/// Seeded values in [-1, 1) (a 64-bit linear congruential generator).
-fn values(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
-}
-
-/// Symmetric G = (A + Aᵀ)/2 + k·I, positive definite by diagonal dominance.
-fn normal_equations(k: usize, d: usize) -> NormalEquations {
-    let a = values(k * k, 1);
-    let mut g = vec![0.0; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            g[i * k + j] =
-                0.5 * (a[i * k + j] + a[j * k + i]) + if i == j { k as f64 } else { 0.0 };
-        }
-    }
-    NormalEquations {
-        width: k,
-        d,
-        g,
-        c: values(k * d, 2),
-        rr: 1e6,
-    }
-}
 
 fn refit_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("refit/solve_layer");
@@ -59,8 +29,8 @@ fn refit_benches(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(5));
     for (k, d, m) in SHAPES {
-        let eqs = normal_equations(k, d);
-        let w_down: Vec<f32> = values(d * m, 3).into_iter().map(|v| v as f32).collect();
+        let eqs = common::synthetic_normal_equations(k, d, 1);
+        let w_down = common::values(d * m, -1.0, 1.0, 3);
         let keep: Vec<usize> = (0..k).collect();
         let threads = rayon::current_num_threads();
         for (name, par) in [

@@ -215,6 +215,33 @@ fn all_channels_kept_returns_w_down() {
     }
 }
 
+/// The solve runs on all of the rayon pool's threads (faer): it must give
+/// the same bits every run and on one thread as on all, or a refitted
+/// export would depend on the machine (and `prune --backend cuda-emu` would
+/// no longer write `--backend cpu`'s bytes). 600 kept channels are past
+/// faer's 128-column Cholesky blocks, whose trailing updates are the
+/// products it splits across threads.
+#[test]
+fn the_threaded_solve_is_deterministic() {
+    let (k, d, m) = (600, 96, 700);
+    let eqs = common::synthetic_normal_equations(k, d, 7);
+    let w_down = common::values(d * m, -1.0, 1.0, 9);
+    let keep: Vec<usize> = (0..k).map(|i| i + i / 6).collect();
+    let solve = || solve_layer(0, &eqs, &w_down, m, &keep, 0.01).unwrap();
+    let first = solve();
+    assert!(first.refitted && first.err_refit < first.err_zeroed);
+    let again = solve();
+    assert_eq!(first.w_down, again.w_down);
+    assert_eq!(
+        (first.err_zeroed, first.err_refit),
+        (again.err_zeroed, again.err_refit)
+    );
+    faer::set_global_parallelism(faer::Par::Seq);
+    let one_thread = solve();
+    faer::set_global_parallelism(faer::Par::rayon(0));
+    assert_eq!(first.w_down, one_thread.w_down);
+}
+
 /// A Gram matrix that is zero (dead channels: no calibration signal) stays
 /// singular after damping, since λ scales with its diagonal: a named error.
 #[test]

@@ -166,6 +166,33 @@ pub fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Made-up normal equations of one refit layer (METHODS.md §9) with `k`
+/// kept channels and outputs of width `d`: G = (A + Aᵀ)/2 + k·I with A
+/// uniform in [-1, 1), positive definite by diagonal dominance, and C
+/// uniform in [-1, 1).
+pub fn synthetic_normal_equations(
+    k: usize,
+    d: usize,
+    seed: u64,
+) -> rku_engine::backend::NormalEquations {
+    let a = values(k * k, -1.0, 1.0, seed);
+    let mut g = vec![0.0; k * k];
+    for i in 0..k {
+        for j in 0..k {
+            let diag = if i == j { k as f64 } else { 0.0 };
+            g[i * k + j] = 0.5 * (a[i * k + j] as f64 + a[j * k + i] as f64) + diag;
+        }
+    }
+    let c = values(k * d, -1.0, 1.0, seed + 1);
+    rku_engine::backend::NormalEquations {
+        width: k,
+        d,
+        g,
+        c: c.into_iter().map(f64::from).collect(),
+        rr: 1e6,
+    }
+}
+
 /// A plain calibration text of `lines` numbered lines in `dir`.
 pub fn calib_text(dir: &Path, lines: usize) -> PathBuf {
     let path = dir.join("calib.txt");
