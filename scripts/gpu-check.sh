@@ -19,8 +19,8 @@
 #   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
 #      from the cpu statistics: its time split (layer passes, normal
 #      equations, solves) and the per-layer reconstruction errors against
-#      the cpu refit's (on the 7B-shaped model that cpu refit takes minutes,
-#      so it runs at the very end);
+#      the cpu refit's (the cpu refits run at the very end: on the
+#      7B-shaped model they take minutes);
 #   5. LoRA-KD recovery (METHODS.md §10): `bench recover` (one training step
 #      at batch 8 × 256, cpu and cuda) and 4 steps of `recover` of the 40%
 #      model from the dense one, cuda against cpu (each step's loss).
@@ -41,6 +41,9 @@ BIN=$(realpath "$1")
 OUT=${2:-/tmp/gpu-check}
 mkdir -p "$OUT"
 RKU="$BIN/rku-engine"
+for knob in "BIG_AFTER=${BIG_AFTER:-0}" "BIG_N=${BIG_N:-128}"; do
+    [[ "${knob#*=}" =~ ^[1-9][0-9]*$|^0$ ]] || { echo "gpu-check: $knob is not a whole number" >&2; exit 2; }
+done
 
 # A step's header, with the seconds since the start (what a lease has left).
 step() {
@@ -105,7 +108,7 @@ refit() { # model label T backend...
 
 # The cpu refit, then each layer's refitted error cuda against cpu (relative
 # to the zeroed error) and cuda --stream against cuda (equal). On the
-# 7B-shaped model the cpu solves take minutes, so that check runs last.
+# 7B-shaped model the cpu solves take minutes, so these checks run last.
 refit_against_cpu() { # model label T
     refit "$1" "$2" "$3" cpu || return 1
     python3 - "$OUT/$2-refit-cpu" "$OUT/$2-refit-cuda" "$OUT/$2-refit-cuda--stream" <<'PY'
@@ -118,7 +121,7 @@ sys.exit(0 if worst <= 2e-2 and recs[1] == recs[2] else 1)
 PY
 }
 
-check_model() { # model label T now|last (when the cpu refit reference runs)
+check_model() { # model label T
     local m=$1 l=$2 t=$3
     step "2. score $l (T = $t): cpu, cuda, cuda --stream"
     score "$m" "$t" cpu "$OUT/$l-cpu.safetensors"
@@ -139,10 +142,9 @@ check_model() { # model label T now|last (when the cpu refit reference runs)
         "$RKU" bench forward --model "$m" --seq-len 2048 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
         "$RKU" bench score --model "$m" --seq-len 2048 --samples 2 --backend cuda $s --json 2>&1 | tail -1 || echo "  (failed)"
     done
-    step "4. $l: refit at 40% (cuda, cuda --stream; the cpu reference $([ "$4" = now ] && echo now || echo last))"
+    step "4. $l: refit at 40% (cuda, cuda --stream; the cpu reference at the end)"
     refit "$m" "$l" "$t" cuda || ok=1
     refit "$m" "$l" "$t" cuda --stream || ok=1
-    [ "$4" = now ] && { refit_against_cpu "$m" "$l" "$t" || ok=1; }
     step "5. $l: LoRA-KD recovery (bench recover, then 4 steps cpu vs cuda)"
     for b in cpu cuda; do
         "$RKU" bench recover --model "$m" --batch 8 --seq-len 256 --steps 2 --backend "$b" --json 2>&1 | tail -1 || echo "  (failed)"
@@ -162,10 +164,10 @@ PY
 }
 
 status=0
-check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 now || status=1
+check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
 big="$OUT/qwen7b-shapes"
 [ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
-check_model "$big" qwen7b-shapes 256 last || status=1
+check_model "$big" qwen7b-shapes 256 || status=1
 
 step "6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
 prompts="$OUT/prompts.jsonl"
@@ -230,7 +232,8 @@ if [ "${BIG:-1}" = 1 ] && [ "$SECONDS" -le "${BIG_AFTER:-100000}" ]; then
             --backend cuda --json 2>&1 | tail -1 || echo "  (failed)"
     done
 fi
-step "4 (last). qwen7b-shapes: the cpu refit reference"
+step "4 (end). the cpu refit references"
+refit_against_cpu tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
 refit_against_cpu "$big" qwen7b-shapes 256 || status=1
 [ "${BIG:-1}" = 1 ] && [ -z "${big28:-}" ] && echo "== 7. the 28-layer part skipped: $SECONDS s had passed"
 echo "gpu-check: $([ $status = 0 ] && echo PASSED || echo FAILED)"
