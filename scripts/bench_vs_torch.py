@@ -22,6 +22,10 @@ Measures, in one run on the same machine, model, tokens and thread count:
              transformers' own Linear modules
 Each side runs in its own child process so peak RSS is measured per side
 (os.wait4's ru_maxrss). torch/transformers are needed only here, never in CI.
+With --backend cuda (forward only) both sides run on the GPU: rku-engine's
+CUDA backend against transformers with the model's bf16 weights (both
+multiply bf16 inputs with f32 accumulation), each pass timed to a device
+synchronisation; it tells a slow GPU from slow kernels.
 
   python3 scripts/bench_vs_torch.py --model assets/models/smollm2 --bin target/release/rku-engine
 """
@@ -52,11 +56,14 @@ def torch_worker(args):
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    cuda = args.backend == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.backend)
     model.eval()
     vocab = model.config.vocab_size
     T = args.seq_len
-    ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(T)]])
+    ids = torch.tensor([[(i * 2654435761 + 12345) % vocab for i in range(T)]]).to(args.backend)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.torch_worker == "decode":
         prompt = ids[:, :32].repeat(args.decode_batch, 1)
         n = args.new_tokens
@@ -76,10 +83,12 @@ def torch_worker(args):
     if args.torch_worker == "forward":
         with torch.no_grad():
             model(ids)
+            sync()
             times = []
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 model(ids)
+                sync()
                 times.append(time.perf_counter() - t)
         times.sort()
         med = times[len(times) // 2]
@@ -184,8 +193,12 @@ def main():
     ap.add_argument("--activation-memory", default="auto",
                     help="the engine's activation-memory budget for score and recover (auto, 0, 512M, ...)")
     ap.add_argument("--only", choices=["forward", "score", "decode", "decode_f32", "recover"])
+    ap.add_argument("--backend", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: both sides on the GPU (forward only)")
     ap.add_argument("--torch-worker", choices=["forward", "score", "decode", "recover"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.backend == "cuda" and args.only != "forward":
+        ap.error("--backend cuda measures the forward pass only: add --only forward")
     if args.torch_worker:
         return torch_worker(args)
 
@@ -193,7 +206,7 @@ def main():
     me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
           "--repeats", str(args.repeats), "--samples", str(args.samples), "--threads", str(args.threads),
           "--new-tokens", str(args.new_tokens), "--decode-batch", str(args.decode_batch), "--recover-batch", str(args.recover_batch),
-          "--recover-steps", str(args.recover_steps)]
+          "--recover-steps", str(args.recover_steps), "--backend", args.backend]
     results = {}
     if not os.path.exists(os.path.join(args.model, "ggml_blocks.safetensors")):
         print(f"note: {args.model} has no ggml_blocks.safetensors: decode reads the f32 weights too")
@@ -202,7 +215,7 @@ def main():
             continue
         if kind == "forward":
             ours_cmd = [args.bin, "bench", "forward", "--model", args.model, "--seq-len", str(args.seq_len),
-                        "--repeats", str(args.repeats), "--backend", "cpu", "--json"]
+                        "--repeats", str(args.repeats), "--backend", args.backend, "--json"]
         elif kind.startswith("decode"):
             ours_cmd = [args.bin, "bench", "decode", "--model", args.model, "--prompt-len", "32",
                         "--new-tokens", str(args.new_tokens), "--batch", str(args.decode_batch),
@@ -230,7 +243,7 @@ def main():
             "memory_ratio": ours_rss / torch_rss,
         }
         results[kind] = r
-        print(f"{kind:10s} T={args.seq_len} threads={args.threads}: rku {r['rku_tokens_per_s']:.0f} tok/s, "
+        print(f"{kind:10s} T={args.seq_len} {args.backend} threads={args.threads}: rku {r['rku_tokens_per_s']:.0f} tok/s, "
               f"torch {r['torch_tokens_per_s']:.0f} tok/s, ratio {r['speed_ratio']:.2f}x; "
               f"peak RSS rku {ours_rss:.0f} MiB, torch {torch_rss:.0f} MiB (ratio {r['memory_ratio']:.2f})")
     print(json.dumps(results))

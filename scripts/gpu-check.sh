@@ -15,7 +15,9 @@
 #      statistics compared with the tolerance rule of tests/cuda_emu_model.rs;
 #   3. perplexity (cuda vs cpu), greedy decoding speed (cpu, cuda) and the
 #      CUDA backend's throughput at T = 2048 (bench forward/score, resident
-#      and streamed);
+#      and streamed); on the 7B-shaped model also transformers' bf16 forward
+#      pass on the same GPU (scripts/bench_vs_torch.py --backend cuda): the
+#      ratio tells a slow chip from slow kernels;
 #   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
 #      from the cpu statistics: its time split (layer passes, normal
 #      equations, solves) and the per-layer reconstruction errors against
@@ -50,7 +52,7 @@ step() {
     echo "== $* [${SECONDS} s]"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+nvidia-smi --query-gpu=name,memory.total,driver_version,mig.mode.current,clocks.sm,clocks.max.sm,power.limit --format=csv
 # cuBLAS comes with the pip packages torch depends on; cudarc loads it at run time.
 CUBLAS=$(dirname "$(find / -name 'libcublas.so.1[0-9]*' -not -path '*/proc/*' 2>/dev/null | head -1)")
 export LD_LIBRARY_PATH="$CUBLAS:${LD_LIBRARY_PATH:-}"
@@ -168,6 +170,9 @@ check_model tests/fixtures/tiny-qwen2 tiny-qwen2 64 || status=1
 big="$OUT/qwen7b-shapes"
 [ -d "$big" ] || python3 scripts/make_synthetic_model.py --out "$big"
 check_model "$big" qwen7b-shapes 256 || status=1
+step "3 (7B shapes). forward at T = 2048 against transformers (bf16) on this GPU"
+python3 scripts/bench_vs_torch.py --model "$big" --bin "$RKU" --backend cuda --only forward \
+    --seq-len 2048 --repeats 5 2>&1 | grep -E "^forward" || echo "  (failed)"
 
 step "6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
 prompts="$OUT/prompts.jsonl"
