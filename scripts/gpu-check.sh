@@ -17,7 +17,8 @@
 #      CUDA backend's throughput at T = 2048 (bench forward/score, resident
 #      and streamed); on the 7B-shaped model also transformers' bf16 forward
 #      pass on the same GPU (scripts/bench_vs_torch.py --backend cuda): the
-#      ratio tells a slow chip from slow kernels;
+#      ratio tells a slow chip from slow kernels; and, where nsys is
+#      installed, the forward pass's GPU time kernel by kernel;
 #   4. the refit (METHODS.md §9) with --backend cuda, resident and --stream,
 #      from the cpu statistics: its time split (layer passes, normal
 #      equations, solves) and the per-layer reconstruction errors against
@@ -173,6 +174,15 @@ check_model "$big" qwen7b-shapes 256 || status=1
 step "3 (7B shapes). forward at T = 2048 against transformers (bf16) on this GPU"
 python3 scripts/bench_vs_torch.py --model "$big" --bin "$RKU" --backend cuda --only forward \
     --seq-len 2048 --repeats 5 2>&1 | grep -E "^forward" || echo "  (failed)"
+# Where the resident forward pass spends its GPU time, kernel by kernel
+# (CUDA's nsys, when the machine has it).
+if command -v nsys >/dev/null; then
+    { nsys profile --force-overwrite true -o "$OUT/forward" "$RKU" bench forward --model "$big" \
+        --seq-len 2048 --repeats 3 --backend cuda --json >/dev/null 2>&1 &&
+        nsys stats --report cuda_gpu_kern_sum "$OUT/forward.nsys-rep" 2>/dev/null | sed -n 1,24p; } || echo "  (nsys failed)"
+else
+    echo "  (no nsys here: no kernel profile)"
+fi
 
 step "6. traces (METHODS.md §11): greedy cpu vs cuda, seeded sampling at batch 1 vs 8 (tiny-qwen2), batched decoding (7B shapes)"
 prompts="$OUT/prompts.jsonl"
