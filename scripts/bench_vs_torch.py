@@ -197,10 +197,10 @@ def main():
                     help="cuda: both sides on the GPU (forward only)")
     ap.add_argument("--torch-worker", choices=["forward", "score", "decode", "recover"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.backend == "cuda" and args.only != "forward":
-        ap.error("--backend cuda measures the forward pass only: add --only forward")
     if args.torch_worker:
         return torch_worker(args)
+    if args.backend == "cuda" and args.only != "forward":
+        ap.error("--backend cuda measures the forward pass only: add --only forward")
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     me = [sys.executable, __file__, "--model", args.model, "--seq-len", str(args.seq_len),
