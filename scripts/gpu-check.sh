@@ -44,7 +44,8 @@ BIN=$(realpath "$1")
 OUT=${2:-/tmp/gpu-check}
 mkdir -p "$OUT"
 RKU="$BIN/rku-engine"
-for knob in "BIG_AFTER=${BIG_AFTER:-0}" "BIG_N=${BIG_N:-128}"; do
+BIG_AFTER=${BIG_AFTER:-100000} BIG_N=${BIG_N:-128}
+for knob in "BIG_AFTER=$BIG_AFTER" "BIG_N=$BIG_N"; do
     [[ "${knob#*=}" =~ ^[1-9][0-9]*$|^0$ ]] || { echo "gpu-check: $knob is not a whole number" >&2; exit 2; }
 done
 
@@ -234,11 +235,11 @@ echo " budget vs recompute (equal):" && compare "$OUT/s8-res0.safetensors" "$OUT
 echo " layer-major vs sequence-major, streamed (equal):" && compare "$OUT/s8-seq.safetensors" "$OUT/s8-lm.safetensors" 1e-7 || status=1
 # BIG=1 (default) runs the 28-layer part, on BIG_N sequences (default 128);
 # BIG_AFTER=S skips it when the steps before took more than S seconds.
-if [ "${BIG:-1}" = 1 ] && [ "$SECONDS" -le "${BIG_AFTER:-100000}" ]; then
+if [ "${BIG:-1}" = 1 ] && [ "$SECONDS" -le "$BIG_AFTER" ]; then
     big28="$OUT/qwen7b-28"
     [ -d "$big28" ] || python3 scripts/make_synthetic_model.py --layers 28 --device cuda --out "$big28"
-    timed "28 layers, N=${BIG_N:-128}, T=2048, streamed layer-major" "$RKU" score --model "$big28" --calib "$calib" \
-        --samples "${BIG_N:-128}" --seq-len 2048 --batch 1 --objective energy --backend cuda --stream --layer-major \
+    timed "28 layers, N=$BIG_N, T=2048, streamed layer-major" "$RKU" score --model "$big28" --calib "$calib" \
+        --samples "$BIG_N" --seq-len 2048 --batch 1 --objective energy --backend cuda --stream --layer-major \
         --out "$OUT/s128.safetensors" --force
     for alloc in uniform global; do
         "$RKU" prune --model "$big28" --stats "$OUT/s128.safetensors" --method rku --sparsity 0.5 \
