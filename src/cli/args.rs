@@ -84,6 +84,10 @@ pub enum EvalCmd {
     Gen(GenArgs),
     /// Multiple choice by log-likelihood (acc and acc_norm, lm-eval conventions).
     Mc(McArgs),
+    /// Two models' `eval gen --out` records on the same problems compared
+    /// problem by problem: who solved what, McNemar's exact test, paired
+    /// bootstrap intervals of the accuracy ratio and difference.
+    Paired(PairedArgs),
 }
 
 #[derive(Subcommand)]
@@ -933,6 +937,31 @@ pub struct GenArgs {
     pub decode_weights: DecodeWeightArgs,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Example (a pruned model against the dense one on the same 200 problems):\n  \
+rku-engine eval gen --model dense --data gsm.jsonl --chat --shots 0 --limit 200 --out dense.jsonl\n  \
+rku-engine eval gen --model pruned --data gsm.jsonl --chat --shots 0 --limit 200 --out pruned.jsonl\n  \
+rku-engine eval paired --candidate pruned.jsonl --baseline dense.jsonl"
+)]
+pub struct PairedArgs {
+    /// Per-problem records (`eval gen --out`) of the model under test, e.g. the pruned one.
+    #[arg(long, value_parser = existing_file)]
+    pub candidate: PathBuf,
+    /// Per-problem records of the reference model on the same problems, e.g. the dense one.
+    #[arg(long, value_parser = existing_file)]
+    pub baseline: PathBuf,
+    /// Bootstrap resamples of the problems.
+    #[arg(long, default_value_t = 10_000, value_parser = count)]
+    pub resamples: usize,
+    /// Seed of the resampling (the same seed, the same intervals).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// End the output with the comparison as one JSON line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

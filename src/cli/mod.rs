@@ -58,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(EvalCmd::Ppl(a)) => with_backend!(a.common.backend, |be| eval::ppl(&be, &a)),
         Cmd::Eval(EvalCmd::Gen(a)) => with_backend!(a.common.backend, |be| eval::gen(&be, &a)),
         Cmd::Eval(EvalCmd::Mc(a)) => with_backend!(a.common.backend, |be| eval::mc(&be, &a)),
+        Cmd::Eval(EvalCmd::Paired(a)) => eval::paired(&a),
         Cmd::Bench(BenchCmd::Forward(a)) => {
             with_backend!(a.common.backend, |be| bench::forward(&be, &a))
         }

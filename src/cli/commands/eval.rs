@@ -1,10 +1,12 @@
-//! `rku-engine eval ppl|gen|mc`: perplexity, generation accuracy, multiple choice.
-use crate::cli::args::{GenArgs, McArgs, PplArgs};
+//! `rku-engine eval ppl|gen|mc|paired`: perplexity, generation accuracy,
+//! multiple choice, and two models' generation records compared.
+use crate::cli::args::{GenArgs, McArgs, PairedArgs, PplArgs};
 use crate::cli::{check_output, load_model};
 use anyhow::Result;
 use rku_engine::backend::Backend;
 use rku_engine::eval::gen::{self, evaluate_gen, PromptFormat, GEN_RECORDS};
 use rku_engine::eval::mc::{self, evaluate_mc, MC_RECORDS};
+use rku_engine::eval::paired::{compare, pair, read_outcomes};
 use rku_engine::eval::ppl::{perplexity, trace_perplexity, PplWindows};
 use rku_engine::io::text::{bos_words, read_text, Tokenizer};
 use rku_engine::prune::calibrate::bos_id;
@@ -115,6 +117,45 @@ pub fn mc<B: Backend>(be: &B, a: &McArgs) -> Result<()> {
         "{}: acc {:.4}, acc_norm {:.4} over {} items ({:.1}s)",
         r.task, r.acc, r.acc_norm, r.n, r.seconds
     );
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+pub fn paired(a: &PairedArgs) -> Result<()> {
+    let (cand, base) = (read_outcomes(&a.candidate)?, read_outcomes(&a.baseline)?);
+    let outcomes = pair(&cand, &base, (&a.candidate, &a.baseline))?;
+    let r = compare(&outcomes, a.resamples, a.seed)?;
+    let side = |name: &str, s: &rku_engine::eval::paired::Side| {
+        println!(
+            "{name}: {}/{} = {:.4} (95% interval {:.3}–{:.3})",
+            s.correct, r.n, s.accuracy, s.ci95.0, s.ci95.1
+        )
+    };
+    println!("{} problems, the same prompts in both files", r.n);
+    side("candidate", &r.candidate);
+    side("baseline ", &r.baseline);
+    println!(
+        "both solved {}, only the candidate {}, only the baseline {}, neither {}; McNemar exact p = {:.4}",
+        r.both, r.only_candidate, r.only_baseline, r.neither, r.mcnemar_p
+    );
+    println!(
+        "difference {:+.4}, paired bootstrap 95% interval {:+.4} to {:+.4}",
+        r.difference, r.difference_ci95.0, r.difference_ci95.1
+    );
+    match (r.ratio, r.ratio_ci95) {
+        (Some(q), Some((lo, hi))) => println!(
+            "ratio {q:.4}, paired bootstrap 95% interval {lo:.4}–{hi:.4} ({} resamples, seed {}{})",
+            r.resamples,
+            r.seed,
+            match r.ratio_undefined_resamples {
+                0 => String::new(),
+                k => format!("; {k} resamples without a baseline success left out"),
+            }
+        ),
+        _ => println!("ratio undefined: the baseline solved none of the problems"),
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }
