@@ -41,21 +41,33 @@ pub struct PrefillResult {
     pub speedup: f64,
 }
 
-/// Seconds of one forward pass over `ids` (`geo`) with the logits of every
-/// position, as a prefill computes them.
+/// One timed forward pass: `seconds` until the device has finished it,
+/// `queued_s` until the host had issued its last launch. On the CUDA
+/// backend the difference is the device catching up with the queue; a
+/// pass whose `queued_s` is most of `seconds` is bound by the host (or by
+/// a synchronous copy inside the pass, which makes the host wait). On the
+/// CPU backend the two are equal up to the final call.
+pub(crate) struct PassTime {
+    pub seconds: f64,
+    pub queued_s: f64,
+}
+
+/// One forward pass over `ids` (`geo`) with the logits of every position,
+/// as a prefill computes them, timed ([`PassTime`]).
 pub(crate) fn timed_forward<B: Backend>(
     be: &B,
     model: &Model<B>,
     ids: &[u32],
     geo: Geometry,
-) -> Result<f64> {
+) -> Result<PassTime> {
     let start = Instant::now();
     let logits = logits_on(be, model, ids, geo)?;
+    let queued_s = start.elapsed().as_secs_f64();
     // The CUDA backend returns with the pass still queued on the device.
     be.synchronize()?;
     let seconds = start.elapsed().as_secs_f64();
     drop(logits);
-    Ok(seconds)
+    Ok(PassTime { seconds, queued_s })
 }
 
 /// Times `repeats` prefills of each model over the same pseudo-random
@@ -84,7 +96,7 @@ pub fn bench_prefill<B: Backend>(
         seqs: 1,
         t: seq_len,
     };
-    let prefill_once = |model| timed_forward(be, model, &ids, geo);
+    let prefill_once = |model| timed_forward(be, model, &ids, geo).map(|p| p.seconds);
     prefill_once(dense)?;
     prefill_once(pruned)?;
     let (mut d, mut p) = (Vec::new(), Vec::new());

@@ -17,6 +17,9 @@ pub struct ForwardBench {
     pub batch: usize,
     pub repeats: usize,
     pub timing: Timing,
+    /// Time until the host had issued the pass's last launch (`PassTime`):
+    /// near `timing`, the pass is bound by the host side.
+    pub queued: Timing,
     /// Tokens per second at the median time.
     pub tokens_per_s: f64,
     /// Multiply-add FLOPs per second at the median time (`forward_flops`).
@@ -58,10 +61,11 @@ pub fn bench_forward<B: Backend>(
     };
     let ids = synthetic_ids(geo.rows(), model.cfg.vocab);
     timed_forward(be, model, &ids, geo)?;
-    let times = (0..repeats)
+    let passes = (0..repeats)
         .map(|_| timed_forward(be, model, &ids, geo))
-        .collect::<Result<Vec<f64>>>()?;
-    let timing = Timing::of(times);
+        .collect::<Result<Vec<_>>>()?;
+    let timing = Timing::of(passes.iter().map(|p| p.seconds).collect());
+    let queued = Timing::of(passes.iter().map(|p| p.queued_s).collect());
     Ok(ForwardBench {
         seq_len,
         batch,
@@ -69,6 +73,7 @@ pub fn bench_forward<B: Backend>(
         tokens_per_s: geo.rows() as f64 / timing.median_s,
         gflops: forward_flops(&model.cfg, batch, seq_len) / timing.median_s / 1e9,
         timing,
+        queued,
         backend: be.name().into(),
     })
 }

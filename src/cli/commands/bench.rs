@@ -14,7 +14,7 @@ pub fn forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
     let model = load_model(be, &a.model, &a.common, None)?;
     let r = bench_forward(be, &model, a.seq_len, a.batch, a.repeats)?;
     println!(
-        "forward: {} x {} tokens, median of {} {:.4}s (min {:.4}s, max {:.4}s): {:.0} tokens/s, {:.1} GFLOP/s",
+        "forward: {} x {} tokens, median of {} {:.4}s (min {:.4}s, max {:.4}s): {:.0} tokens/s, {:.1} GFLOP/s; every launch issued after {:.4}s (median)",
         r.batch,
         r.seq_len,
         r.repeats,
@@ -22,7 +22,8 @@ pub fn forward<B: Backend>(be: &B, a: &BenchForwardArgs) -> Result<()> {
         r.timing.min_s,
         r.timing.max_s,
         r.tokens_per_s,
-        r.gflops
+        r.gflops,
+        r.queued.median_s
     );
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
