@@ -539,6 +539,31 @@ fn tiny_qwen2_gen_eval_is_consistent() {
     for (a, b) in recs.iter().zip(&recs1[2..]) {
         assert_eq!((&a.prompt, &a.generation), (&b.prompt, &b.generation));
     }
+    // --skip: a later slice keeps its rows' indices and equals that part of
+    // the whole run; skipping past the end leaves nothing, an error.
+    let slice = |skip, limit| {
+        evaluate_gen(
+            &be,
+            &model,
+            &tok,
+            &GenArgs {
+                shots: 2,
+                skip,
+                limit,
+                batch: 2,
+                max_new_tokens: 20,
+                ..GenArgs::new(data.clone())
+            },
+        )
+    };
+    let (_, part) = slice(1, Some(1)).unwrap();
+    assert_eq!(part.len(), 1);
+    assert_eq!(
+        (part[0].index, &part[0].prompt, &part[0].generation),
+        (3, &recs[1].prompt, &recs[1].generation)
+    );
+    let e = slice(3, None).unwrap_err().to_string();
+    assert!(e.contains("no problems left"), "{e}");
     // The fixture has no chat template: a clear error.
     let e = evaluate_gen(
         &be,

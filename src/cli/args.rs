@@ -914,6 +914,10 @@ pub struct GenArgs {
     /// Most tokens generated per problem (decoding also stops at EOS and the stop strings).
     #[arg(long, default_value_t = 256, value_parser = tokens)]
     pub max_new_tokens: usize,
+    /// Skip this many problems first (after held-out shots); records keep
+    /// their rows' indices, so slices run apart can be joined for `eval paired`.
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
     /// Evaluate at most this many problems.
     #[arg(long, value_parser = count)]
     pub limit: Option<usize>,

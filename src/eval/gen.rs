@@ -368,7 +368,11 @@ pub struct GenArgs {
     /// `shots` rows of `data`, which are then not evaluated.
     pub shots_file: Option<PathBuf>,
     pub format: PromptFormat,
-    /// Evaluate at most this many problems (after the held-out shots).
+    /// Skip this many problems first (after the held-out shots): with
+    /// `limit`, a later slice of the data whose records keep their rows'
+    /// indices, so slices evaluated apart can be joined (`eval paired`).
+    pub skip: usize,
+    /// Evaluate at most this many problems (after the held-out shots and `skip`).
     pub limit: Option<usize>,
     /// Problems decoded together.
     pub batch: usize,
@@ -391,6 +395,7 @@ impl GenArgs {
             shots: 8,
             shots_file: None,
             format: PromptFormat::Plain,
+            skip: 0,
             limit: None,
             batch: 8,
             max_new_tokens: 256,
@@ -518,8 +523,10 @@ pub fn evaluate_gen<B: Backend>(
         args.shots,
         args.shots_file.as_deref(),
     )?;
+    let first = first + args.skip.min(rows.len());
     let mut problems: Vec<Problem> = rows
         .into_iter()
+        .skip(args.skip)
         .map(|q| q.into_problem(&args.data))
         .collect::<Result<_>>()?;
     problems.truncate(args.limit.unwrap_or(usize::MAX));

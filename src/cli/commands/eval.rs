@@ -72,6 +72,7 @@ pub fn gen<B: Backend>(be: &B, a: &GenArgs) -> Result<()> {
     args.shots = a.shots;
     args.shots_file = a.shots_file.clone();
     args.format = PromptFormat::from_chat_flag(a.chat);
+    args.skip = a.skip;
     args.limit = a.limit;
     args.batch = a.batch;
     args.max_new_tokens = a.max_new_tokens;
