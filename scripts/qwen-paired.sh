@@ -24,18 +24,20 @@ for v in "$N" "$SKIP"; do
 done
 [ -x "$BIN" ] || cargo build --release --bin rku-engine
 mkdir -p "$OUT"
-records() { # name model_dir
-  [ -f "$OUT/$1.jsonl" ] || "$BIN" eval gen --model "$2" --data assets/eval/gsm_symbolic.jsonl \
-    --chat --shots 0 --max-new-tokens 256 --skip "$SKIP" --limit "$N" --batch 8 \
-    --out "$OUT/$1.jsonl" --json > "$OUT/$1.summary"
+records() { # name model_dir (an `if`, not `||`, so that set -e stops on a failed run)
+  if [ ! -f "$OUT/$1.jsonl" ]; then
+    "$BIN" eval gen --model "$2" --data assets/eval/gsm_symbolic.jsonl \
+      --chat --shots 0 --max-new-tokens 256 --skip "$SKIP" --limit "$N" --batch 8 \
+      --out "$OUT/$1.jsonl" --json > "$OUT/$1.summary"
+  fi
 }
 records dense "$DENSE"
 echo "| model | solved | dense solved | only pruned / only dense | McNemar p | ratio to dense [paired 95%] |"
 echo "|---|---|---|---|---|---|"
 for arg in "$@"; do
   name=${arg%%=*} dir=${arg#*=}
-  [ -n "$name" ] && [ "$name" != "$arg" ] && [ -d "$dir" ] || {
-    echo "$arg: give NAME=MODEL_DIR with an existing directory" >&2; exit 2; }
+  [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] && [ "$name" != dense ] && [ "$name" != "$arg" ] && [ -d "$dir" ] || {
+    echo "$arg: give NAME=MODEL_DIR (NAME of letters, digits, . _ -, not dense) with an existing directory" >&2; exit 2; }
   records "$name" "$dir"
   "$BIN" eval paired --candidate "$OUT/$name.jsonl" --baseline "$OUT/dense.jsonl" --json \
     | tail -n 1 > "$OUT/$name-vs-dense.json"
