@@ -793,3 +793,46 @@ fn portable_attention_cached_window_equals_native() {
         assert!(e.to_string().contains("KV cache full"), "{e}");
     }
 }
+
+/// generation_config.json's `eos_token_id` is read as config.json's is:
+/// an id past u32 (once cast into another token: decoding stopped early
+/// with exit 0), a negative one or a string is an error naming the file.
+#[test]
+fn a_bad_generation_config_eos_is_refused_by_name() {
+    use rku_engine::eval::gen::eos_ids;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("tiny-qwen2").join(f), dir.join(f)).unwrap();
+    }
+    let be = CpuBackend::new();
+    let model = Model::load(&be, &dir).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let gen = dir.join("generation_config.json");
+    for (eos, ok) in [
+        ("[7, 0]", true),
+        ("null", true),
+        ("4294967499", false),
+        ("-1", false),
+        ("\"</s>\"", false),
+        ("[7, 4294967296]", false),
+    ] {
+        std::fs::write(&gen, format!("{{\"eos_token_id\": {eos}}}")).unwrap();
+        match eos_ids(&model, &tok) {
+            Ok(ids) => {
+                assert!(ok, "eos_token_id {eos} accepted: {ids:?}");
+                assert_eq!(ids.contains(&7), eos.contains('7'), "{eos}: {ids:?}");
+            }
+            Err(e) => {
+                assert!(!ok, "eos_token_id {eos} refused: {e}");
+                assert!(e.to_string().contains("generation_config.json"), "{e}");
+            }
+        }
+    }
+}

@@ -103,6 +103,15 @@ fn records_that_are_not_one_paired_evaluation_are_refused_by_name() {
             "line 2: not JSON",
         ),
         ("empty.jsonl", vec![String::new()], "no per-problem records"),
+        (
+            "edited.jsonl",
+            vec![
+                rec(0, "a", true),
+                r#"{"index": 1, "prompt": "b", "extracted": "1", "gold": "2", "correct": true}"#
+                    .into(),
+            ],
+            "line 2: `correct` is true for the extracted answer",
+        ),
     ];
     for (name, lines, msg) in cases {
         let bad = records(d, name, &lines);
@@ -127,4 +136,39 @@ fn a_ratio_over_nothing_is_reported_undefined() {
     assert!(!out.contains("NaN") && !out.contains("inf"), "{out}");
     let got = last_json(&out);
     assert!(got["ratio"].is_null() && got["ratio_ci95"].is_null());
+}
+
+/// A baseline that solved a problem which no resample happened to draw:
+/// the ratio is printed, its interval said to be missing, not "the
+/// baseline solved none".
+#[test]
+fn a_ratio_without_an_interval_is_not_called_undefined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lines = |solved: Option<u64>| -> Vec<String> {
+        (0..100)
+            .map(|i| rec(i, &format!("p{i}"), Some(i) == solved))
+            .collect()
+    };
+    let cand = records(d, "c.jsonl", &lines(None));
+    let base = records(d, "b.jsonl", &lines(Some(0)));
+    // One resample of 100 draws misses problem 0 with probability 0.37;
+    // find a seed for which it does, as the JSON's null interval shows.
+    let missed = (0..64u64)
+        .map(|seed| {
+            let out = run_ok(paired(&cand, &base).args([
+                "--resamples",
+                "1",
+                "--seed",
+                &seed.to_string(),
+                "--json",
+            ]));
+            (out.clone(), last_json(&out))
+        })
+        .find(|(_, j)| j["ratio_ci95"].is_null())
+        .expect("some seed draws no solved baseline problem");
+    let (out, got) = missed;
+    assert_eq!(got["ratio"], 0.0);
+    assert!(out.contains("no paired bootstrap interval"), "{out}");
+    assert!(!out.contains("solved none"), "{out}");
 }

@@ -114,3 +114,105 @@ fn flap_bias_past_f32_is_refused() {
     // The same command on the file as scored succeeds.
     run_ok(&mut prune(&good, &out));
 }
+
+/// `stats merge` of `files` (with `--expect-complete` when `complete`).
+fn merge(files: &[&Path], complete: bool, out: &Path) -> std::process::Command {
+    let mut cmd = bin();
+    cmd.args(["stats", "merge"]).args(files);
+    if complete {
+        cmd.arg("--expect-complete");
+    }
+    cmd.arg("--out").arg(out);
+    cmd
+}
+
+/// Headers whose counts are consistent one by one but not together: shard
+/// records claiming sets of 2^60 or 2^40 + 1 sequences (which once sized
+/// an allocation, or a walk over every shard, by the header), and two
+/// files whose token counts add up past 2^64 (which once wrapped into a
+/// merged file with exit 0). Each is an error naming what is wrong.
+#[test]
+fn counts_that_cannot_be_one_set_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let t = calib_text(d, 200);
+    let shard = d.join("shard.st");
+    run_ok(
+        bin()
+            .arg("score")
+            .arg("--model")
+            .arg(fixture("tiny-llama3"))
+            .arg("--calib")
+            .arg(&t)
+            .args(["--seq-len", "16", "--samples", "4", "--shard", "0/2"])
+            .args(["--backend", "cpu", "--out"])
+            .arg(&shard),
+    );
+    let base = rku_engine::prune::Stats::load(&shard).unwrap();
+    assert_eq!(base.meta.samples, 2);
+    let out = d.join("merged.st");
+
+    // A set of 2^60 sequences: shard 0/2 of it would hold 2^59, not 2.
+    let mut s = base.clone();
+    s.meta.shard.as_mut().unwrap().set_samples = 1 << 60;
+    let huge = d.join("huge.st");
+    s.save(&huge).unwrap();
+    let e = run_err(&mut merge(&[&huge], true, &out));
+    assert!(e.contains("huge.st") && e.contains("shard_samples"), "{e}");
+
+    // Shard 0 of 2^40 in a set of 2^40 + 1 holds sequences 0 and 2^40:
+    // a consistent header, and 2^40 − 1 shards are missing.
+    let n = 1usize << 40;
+    let mut s = base.clone();
+    let r = s.meta.shard.as_mut().unwrap();
+    (r.count, r.set_samples) = (n, n + 1);
+    let many = d.join("many.st");
+    s.save(&many).unwrap();
+    let e = run_err(&mut merge(&[&many], true, &out));
+    assert!(
+        e.contains(&format!("missing shard 1/{n} (sequences 1; 1 in all)")),
+        "{e}"
+    );
+    assert!(e.contains(&format!("and {} more shards", n - 9)), "{e}");
+
+    // Two whole passes of T tokens a window, 1 and 2 windows: 3T > 2^64.
+    let windows = |name: &str, samples: usize, text: &Path| {
+        let p = d.join(name);
+        run_ok(
+            bin()
+                .arg("score")
+                .arg("--model")
+                .arg(fixture("tiny-llama3"))
+                .arg("--calib")
+                .arg(text)
+                .args(["--seq-len", "16", "--samples", &samples.to_string()])
+                .args(["--backend", "cpu", "--out"])
+                .arg(&p),
+        );
+        let mut s = rku_engine::prune::Stats::load(&p).unwrap();
+        let t = (1u128 << 64).div_ceil(3) as u64; // 3t = 2^64 + 2
+        s.meta.seq_len = t as usize;
+        s.meta.tokens = samples as u64 * t;
+        s.meta.predicted = samples as u64 * (t - 1);
+        s.meta.norms.energy = s.meta.tokens;
+        s.meta.norms.ce = s.meta.predicted;
+        s.save_with(&p, true).unwrap();
+        p
+    };
+    let other = d.join("other.txt");
+    let text: String = (0..200)
+        .map(|i| format!("Row {i} of another text, with {} numbers.\n", i * 7))
+        .collect();
+    std::fs::write(&other, text).unwrap();
+    let a = windows("a.st", 1, &t);
+    let b = windows("b.st", 2, &other);
+    // Each file alone is a readable statistics file.
+    rku_engine::prune::Stats::load(&a).unwrap();
+    rku_engine::prune::Stats::load(&b).unwrap();
+    let e = run_err(&mut merge(&[&a, &b], false, &out));
+    assert!(
+        e.contains("add up to more than 2^64") && e.contains("a.st") && e.contains("b.st"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

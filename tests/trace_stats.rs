@@ -409,3 +409,59 @@ fn traces_with_windows_prune_and_trace_perplexity() {
     assert_eq!(r["tokens"].as_u64().unwrap() as usize, predicted);
     assert!(r["ppl"].as_f64().unwrap().is_finite());
 }
+
+/// A traces file with the model's tokenizer digest can still hold ids the
+/// model has no row for, or nothing to predict: each is an error naming
+/// the file, before any pass.
+#[test]
+fn traces_outside_the_vocabulary_or_with_nothing_to_predict_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let model = fixture("tiny-llama3");
+    let digest = tokenizer_digest(&model).unwrap();
+    let vocab = rku_engine::model::config::ModelConfig::load(&model.join("config.json"))
+        .unwrap()
+        .vocab;
+    write_traces(&p("t.jsonl"), &digest, &[3, 5], &[None, None]);
+    let text = std::fs::read_to_string(p("t.jsonl")).unwrap();
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines[1]["generated_ids"][2] = vocab.into();
+    let oov: Vec<String> = lines.iter().map(|v| v.to_string()).collect();
+    std::fs::write(p("oov.jsonl"), oov.join("\n") + "\n").unwrap();
+    let ppl = |traces: &Path| {
+        let mut c = bin();
+        c.args(["eval", "ppl", "--model"])
+            .arg(&model)
+            .arg("--traces")
+            .arg(traces)
+            .args(["--tokens", "generated", "--backend", "cpu"]);
+        c
+    };
+    let out = p("x.safetensors");
+    for mut cmd in [
+        ppl(&p("oov.jsonl")),
+        score(&[
+            "--traces",
+            p("oov.jsonl").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+    ] {
+        let e = run_err(&mut cmd);
+        assert!(
+            e.contains("oov.jsonl")
+                && e.contains(&format!("token id {vocab}, outside the model's vocabulary")),
+            "{e}"
+        );
+    }
+    write_traces(&p("empty.jsonl"), &digest, &[0, 0], &[None, None]);
+    let e = run_err(&mut ppl(&p("empty.jsonl")));
+    assert!(
+        e.contains("empty.jsonl") && e.contains("has a token to predict"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -24,6 +24,7 @@ use crate::backend::Backend;
 use crate::io::output::{self, Kind};
 use crate::io::text::jsonl_rows;
 use crate::io::text::Tokenizer;
+use crate::model::config::token_ids;
 use crate::model::decode::{generate, DecodeStats, Finish, GenerateOptions};
 use crate::model::Model;
 use crate::progress::Progress;
@@ -142,10 +143,10 @@ pub fn take_shots(
         ),
     };
     if shots.len() < k {
-        return Err(Error::Invalid(format!(
-            "{k} shots requested, {} available",
-            shots.len()
-        )));
+        return Err(Error::format(
+            shots_file.unwrap_or(data),
+            format!("{k} shots requested, {} available", shots.len()),
+        ));
     }
     Ok((shots, first))
 }
@@ -240,6 +241,8 @@ pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,
     eos: String,
+    /// The file the template came from, named in rendering errors.
+    origin: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -269,12 +272,14 @@ impl ChatTemplate {
                 ))
             }
         };
-        Self::new(
+        let mut template = Self::new(
             &source,
             token_str(cfg.get("bos_token")).unwrap_or_default(),
             token_str(cfg.get("eos_token")).unwrap_or_default(),
         )
-        .map_err(|e| Error::format(&path, e.to_string()))
+        .map_err(|e| Error::format(&path, e.to_string()))?;
+        template.origin = Some(path);
+        Ok(template)
     }
 
     /// Compiles a template source.
@@ -294,7 +299,12 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
-        Ok(Self { env, bos, eos })
+        Ok(Self {
+            env,
+            bos,
+            eos,
+            origin: None,
+        })
     }
 
     /// Renders `(role, content)` turns, with the assistant header appended.
@@ -303,17 +313,18 @@ impl ChatTemplate {
             .iter()
             .map(|&(role, content)| Message { role, content })
             .collect();
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        let failed = |e: minijinja::Error| match &self.origin {
+            Some(path) => Error::format(path, format!("chat template: {e}")),
+            None => Error::Invalid(format!("chat template: {e}")),
+        };
+        let tmpl = self.env.get_template("chat").map_err(failed)?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos,
             eos_token => self.eos,
         })
-        .map_err(|e| Error::Invalid(format!("chat template: {e}")))
+        .map_err(failed)
     }
 
     /// The chat prompt for `question`: each shot a user/assistant pair.
@@ -335,13 +346,7 @@ pub fn eos_ids<B: Backend>(model: &Model<B>, tok: &Tokenizer) -> Result<Vec<u32>
     let mut ids = model.cfg.eos_token_ids.clone();
     let gen = model.dir.join("generation_config.json");
     if gen.exists() {
-        match read_json(&gen)?.get("eos_token_id") {
-            Some(Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(Value::Array(a)) => {
-                ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-            }
-            _ => {}
-        }
+        ids.extend(token_ids(&read_json(&gen)?, "eos_token_id", &gen)?);
     }
     let tc = model.dir.join("tokenizer_config.json");
     if tc.exists() {

@@ -21,8 +21,10 @@ pub struct Outcome {
 
 /// Reads a per-problem jsonl of `eval gen --out` (src/eval/gen.rs's
 /// `GenRecord`): one object per non-blank line with `index` (an integer
-/// ≥ 0), `prompt` (a string) and `correct` (a boolean); other fields are
-/// ignored. Errs on a malformed line, a repeated index, or no records.
+/// ≥ 0), `prompt` (a string) and `correct` (a boolean); where `gold` is
+/// given, `correct` must be (`extracted` == `gold`); other fields are
+/// ignored. Errs on a malformed line, a `correct` that contradicts its
+/// answers, a repeated index, or no records.
 pub fn read_outcomes(path: &Path) -> Result<BTreeMap<u64, Outcome>> {
     let text = crate::io::read_regular_text(path, "a per-problem record file")?;
     let mut out = BTreeMap::new();
@@ -43,6 +45,23 @@ pub fn read_outcomes(path: &Path) -> Result<BTreeMap<u64, Outcome>> {
         let correct = v["correct"]
             .as_bool()
             .ok_or_else(|| bad("no `correct` (true or false)"))?;
+        // `eval gen` sets correct = (extracted == gold); a record that says
+        // otherwise was edited or made by something else.
+        if let Some(gold) = v.get("gold").filter(|g| !g.is_null()) {
+            let gold = gold.as_str().ok_or_else(|| bad("`gold` is not a string"))?;
+            let extracted = match &v["extracted"] {
+                serde_json::Value::Null => None,
+                e => Some(
+                    e.as_str()
+                        .ok_or_else(|| bad("`extracted` is not a string or null"))?,
+                ),
+            };
+            if correct != (extracted == Some(gold)) {
+                return Err(bad(&format!(
+                    "`correct` is {correct} for the extracted answer {extracted:?} and gold {gold:?}"
+                )));
+            }
+        }
         if out.insert(index, Outcome { prompt, correct }).is_some() {
             return Err(bad(&format!("problem {index} appears twice")));
         }

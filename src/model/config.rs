@@ -339,8 +339,10 @@ fn opt<T>(
     }
 }
 
-/// Token ids: a number or a list of numbers, each a valid u32.
-fn ids(raw: &Value, key: &str, path: &Path) -> Result<Vec<u32>> {
+/// Token ids under `key` of the JSON object `raw` read from `path`: a
+/// number or a list of numbers, each a valid u32; absent or null is none.
+/// Anything else is an error naming `path`.
+pub fn token_ids(raw: &Value, key: &str, path: &Path) -> Result<Vec<u32>> {
     let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
     Ok(opt(
         raw,
@@ -559,8 +561,8 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let bos_token_id = ids(&raw, "bos_token_id", path)?.first().copied();
-        let eos_token_ids = ids(&raw, "eos_token_id", path)?;
+        let bos_token_id = token_ids(&raw, "bos_token_id", path)?.first().copied();
+        let eos_token_ids = token_ids(&raw, "eos_token_id", path)?;
         let cfg = Self {
             arch,
             hidden,

@@ -55,6 +55,15 @@ impl ShardSpec {
         Ok(ShardSpec { index, count })
     }
 
+    /// How many of a set of `total` sequences this shard holds: the
+    /// j < total with j ≡ index (mod count), ⌈(total − index) / count⌉.
+    pub fn held_of(&self, total: usize) -> usize {
+        match total.checked_sub(self.index) {
+            Some(after) if after > 0 => (after - 1) / self.count + 1,
+            _ => 0,
+        }
+    }
+
     /// Whether sequence `j` of the set belongs to this shard.
     pub fn holds(&self, j: usize) -> bool {
         j % self.count == self.index
@@ -147,6 +156,10 @@ mod tests {
             let s = ShardSpec { index: i, count: 4 };
             let share = s.share(&items);
             assert!(share.iter().all(|&j| j % 4 == i));
+            for total in 0..12 {
+                let held = (0..total).filter(|&j| s.holds(j)).count();
+                assert_eq!(s.held_of(total), held, "shard {s} of {total}");
+            }
             seen.extend(share);
         }
         seen.sort_unstable();

@@ -308,6 +308,16 @@ impl Stats {
         other.check_shapes()?;
         check_compatible(&self.meta, &self.widths(), &other.meta, &other.widths())
             .map_err(Error::Invalid)?;
+        let overflow = || Error::Invalid("the summed sequence or token counts exceed 2^64".into());
+        let samples = (self.meta.samples)
+            .checked_add(other.meta.samples)
+            .ok_or_else(overflow)?;
+        let tokens = (self.meta.tokens)
+            .checked_add(other.meta.tokens)
+            .ok_or_else(overflow)?;
+        let predicted = (self.meta.predicted)
+            .checked_add(other.meta.predicted)
+            .ok_or_else(overflow)?;
         for (a, b) in self.layers.iter_mut().zip(&other.layers) {
             for name in FIELDS {
                 for (x, y) in a.field_mut(name).iter_mut().zip(b.field(name)) {
@@ -315,9 +325,7 @@ impl Stats {
                 }
             }
         }
-        self.meta.samples += other.meta.samples;
-        self.meta.tokens += other.meta.tokens;
-        self.meta.predicted += other.meta.predicted;
+        (self.meta.samples, self.meta.tokens, self.meta.predicted) = (samples, tokens, predicted);
         self.meta.seq_len = self.meta.seq_len.max(other.meta.seq_len);
         self.meta
             .window_digests
@@ -761,10 +769,14 @@ fn read_norms_and_shard(
                 .parse()
                 .map_err(|e| format!("metadata \"shard\": {e}"))?;
             let set_samples = num("shard_samples")? as usize;
-            if set_samples < meta.samples || set_samples < spec.count {
+            // Shard i of n holds the set's sequences j ≡ i (mod n), so the
+            // set's size fixes how many this file must hold; that also
+            // bounds the set by what the file holds.
+            if set_samples < spec.count || spec.held_of(set_samples) != meta.samples {
                 return Err(format!(
-                    "metadata \"shard_samples\" {set_samples} is below this shard's {} sequences or its {} shards",
-                    meta.samples, spec.count
+                    "metadata \"shard_samples\" {set_samples}: shard {spec} of such a set holds {} sequences (and a set needs at least one sequence a shard), this file {}",
+                    spec.held_of(set_samples),
+                    meta.samples
                 ));
             }
             Some(ShardRecord {
@@ -962,8 +974,22 @@ pub fn merge(files: &[PathBuf], expect_complete: bool) -> Result<Stats> {
             Some(start)
         })
         .collect();
-    let n_e: u64 = all.iter().map(|s| s.meta.tokens).sum();
-    let n_c: u64 = all.iter().map(|s| s.meta.predicted).sum();
+    let total = |count: fn(&Stats) -> u64, what: &str| {
+        all.iter()
+            .try_fold(0u64, |sum, s| sum.checked_add(count(s)))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the {what} of {} add up to more than 2^64: not one calibration set",
+                    files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    };
+    let n_e = total(|s| s.meta.tokens, "token counts")?;
+    let n_c = total(|s| s.meta.predicted, "predicted-position counts")?;
     let mut iter = all.into_iter();
     let mut merged = iter
         .next()
@@ -1057,22 +1083,33 @@ fn check_complete(shards: &[Stats], files: &[PathBuf]) -> Result<(String, Vec<(u
     }
     let (r, _) = first.ok_or_else(|| Error::Invalid("no shards given".into()))?;
     let (n, total) = (r.count, r.set_samples);
-    let missing: Vec<String> = (0..n)
-        .filter(|i| !by_index.contains_key(i))
-        .map(|i| {
-            let held: Vec<usize> = (i..total).step_by(n).collect();
-            let shown: Vec<String> = held.iter().take(8).map(usize::to_string).collect();
-            let more = if held.len() > 8 { ", …" } else { "" };
-            format!(
-                "shard {i}/{n} (sequences {}{more}; {} in all)",
-                shown.join(", "),
-                held.len()
-            )
-        })
-        .collect();
-    if !missing.is_empty() {
+    // n comes from a header: name the first few missing shards without
+    // walking all n.
+    let missing_count = n - by_index.len();
+    if missing_count > 0 {
+        let missing: Vec<String> = (0..n)
+            .filter(|i| !by_index.contains_key(i))
+            .take(8)
+            .map(|i| {
+                let held = ShardSpec::new(i, n).map_or(0, |s| s.held_of(total));
+                let shown: Vec<String> = (i..total)
+                    .step_by(n)
+                    .take(8)
+                    .map(|j| j.to_string())
+                    .collect();
+                let more = if held > 8 { ", …" } else { "" };
+                format!(
+                    "shard {i}/{n} (sequences {}{more}; {held} in all)",
+                    shown.join(", ")
+                )
+            })
+            .collect();
+        let more = match missing_count - missing.len() {
+            0 => String::new(),
+            k => format!("; and {k} more shards"),
+        };
         return Err(Error::Invalid(format!(
-            "incomplete set: missing {}",
+            "incomplete set: missing {}{more}",
             missing.join("; ")
         )));
     }

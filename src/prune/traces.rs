@@ -3,6 +3,7 @@
 //! (`--tokens`), and their cut to `--max-seq-len`.
 use crate::io::text::hex;
 use crate::io::traces::{read_traces, tokenizer_digest, TraceRecord};
+use crate::model::config::ModelConfig;
 use crate::prune::calibrate::Sequence;
 use crate::prune::stats::TraceSource;
 use crate::{Error, Result};
@@ -152,8 +153,8 @@ pub struct TraceSequences {
 
 /// Reads the traces at `path` (which must come from the tokenizer of the
 /// model at `model_dir`), selects them and makes each a sequence. Errs,
-/// naming the file, on another tokenizer's traces, a selection that keeps
-/// none, and `max_seq_len` < 2.
+/// naming the file, on another tokenizer's traces, a token id outside the
+/// model's vocabulary, a selection that keeps none, and `max_seq_len` < 2.
 pub fn trace_sequences(
     path: &Path,
     model_dir: &Path,
@@ -174,6 +175,25 @@ pub fn trace_sequences(
             format!(
                 "the traces were written with another tokenizer (tokenizer.json sha256 {}, this model's {ours}): generate them with this model's tokenizer",
                 r.tokenizer_digest
+            ),
+        ));
+    }
+    // The tokenizer's digest matched, yet a crafted or damaged file can
+    // still hold ids the model has no embedding row for.
+    let vocab = ModelConfig::load(&model_dir.join("config.json"))?.vocab;
+    if let Some((r, id)) = records.iter().find_map(|r| {
+        let outside = r
+            .prompt_ids
+            .iter()
+            .chain(&r.generated_ids)
+            .find(|&&id| id as usize >= vocab);
+        outside.map(|&id| (r, id))
+    }) {
+        return Err(Error::format(
+            path,
+            format!(
+                "the trace of prompt {} (sample {}) holds token id {id}, outside the model's vocabulary of {vocab}",
+                r.prompt_index, r.sample
             ),
         ));
     }

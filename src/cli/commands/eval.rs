@@ -20,6 +20,17 @@ pub fn ppl<B: Backend>(be: &B, a: &PplArgs) -> Result<()> {
                 anyhow::bail!("--layer-major applies to text windows, not to --traces");
             }
             let t = trace_sequences(path, &a.model, a.select, a.tokens, None)?;
+            if t.seqs.iter().all(|s| s.predicted() == 0) {
+                return Err(rku_engine::Error::format(
+                    path,
+                    format!(
+                        "none of the {} selected traces has a token to predict (--tokens {}): nothing to measure",
+                        t.seqs.len(),
+                        a.tokens
+                    ),
+                )
+                .into());
+            }
             let r = trace_perplexity(be, &model, &t.seqs)?;
             println!(
                 "trace perplexity {:.4} (mean NLL {:.5}) over {} of {} traces ({} tokens, --tokens {}, --select {}), up to {} tokens each",
@@ -155,7 +166,11 @@ pub fn paired(a: &PairedArgs) -> Result<()> {
                 k => format!("; {k} resamples without a baseline success left out"),
             }
         ),
-        _ => println!("ratio undefined: the baseline solved none of the problems"),
+        (Some(q), None) => println!(
+            "ratio {q:.4}, no paired bootstrap interval: none of the {} resamples drew a problem the baseline solved",
+            r.resamples
+        ),
+        (None, _) => println!("ratio undefined: the baseline solved none of the problems"),
     }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
