@@ -285,6 +285,11 @@ fn unrunnable_llama_and_qwen_metadata_is_refused_by_key() {
                 .with("tokenizer.ggml.eos_token_id", Value::U32(301)),
             "tokenizer.ggml.tokens holds 316 tokens, but token_embd.weight has 266 rows",
         ),
+        (
+            "kv-heads.gguf",
+            llama().with("llama.attention.head_count_kv", Value::U32(1)),
+            "blk.0.attn_k.weight",
+        ),
     ];
     import_refused(tmp.path(), cases);
 }

@@ -439,6 +439,30 @@ fn changed_settings_are_refused_by_name_or_recomputed_with_force() {
     assert!(w.p("prog/step-2-s0.3/pruning.json").exists());
 }
 
+/// A finished step whose pruning.json was edited to keep a channel past
+/// the dense model's width (and no longer records the widths that would
+/// catch it) is refused by name before anything runs, not composed into
+/// the next step.
+#[test]
+fn a_step_keeping_channels_past_the_dense_width_is_refused() {
+    let w = world();
+    run_ok(&mut w.progressive("0.2,0.4", "prog", &[]));
+    let s1 = w.p("prog/step-1-s0.2");
+    let mut rec = pruning(&s1);
+    rec.as_object_mut().unwrap().remove("source_layer_widths");
+    let last = rec["kept"][0].as_array().unwrap().len() - 1;
+    rec["kept"][0][last] = 1000.into();
+    std::fs::write(s1.join("pruning.json"), rec.to_string()).unwrap();
+    let before = files(&w.p("prog"));
+    let e = run_err(&mut w.progressive("0.2,0.4,0.5", "prog", &[]));
+    assert!(
+        e.contains("step-1-s0.2") && e.contains("do not fit the dense model"),
+        "{e}"
+    );
+    assert_eq!(files(&w.p("prog")), before, "nothing changed");
+    assert!(!w.p("prog/step-3-s0.5").exists());
+}
+
 /// `allocate_from` (METHODS.md §11): relative to the model's own widths it
 /// is `allocate`; relative to wider originals the counts are the
 /// original's share, the floors the original's.

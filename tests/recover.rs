@@ -448,6 +448,43 @@ fn resumed_run_equals_uninterrupted_run() {
         "{err}"
     );
     assert!(!other.exists());
+    // Recorded losses no run gives: a negative one, and ones whose sum
+    // (the summary's mean) leaves f64.
+    for (name, first, needle) in [
+        ("negative", -5.0, "no KL or cross-entropy is negative"),
+        ("huge", 1e308, "sum past"),
+    ] {
+        let bad = tmp.path().join(format!("{name}.safetensors"));
+        with_losses(&ckpt, &bad, |l| l.iter_mut().for_each(|x| *x = first));
+        let args = [
+            "--steps",
+            "6",
+            "--resume",
+            "--checkpoint",
+            bad.to_str().unwrap(),
+        ];
+        let err = run_err(&mut recover_cmd(&student, &text, &args, &other));
+        assert!(err.contains(name) && err.contains(needle), "{err}");
+        assert!(!other.exists());
+    }
+}
+
+/// Copies checkpoint `from` to `to` with its recorded losses edited by
+/// `edit` (the safetensors header rewritten, the tensors unchanged).
+fn with_losses(from: &Path, to: &Path, edit: impl Fn(&mut Vec<f64>)) {
+    let bytes = std::fs::read(from).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta = &mut header["__metadata__"];
+    let mut losses: Vec<f64> = serde_json::from_str(meta["losses"].as_str().unwrap()).unwrap();
+    edit(&mut losses);
+    meta["losses"] = serde_json::to_string(&losses).unwrap().into();
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(to, out).unwrap();
 }
 
 /// Each bad input is a clear error, and nothing is written.

@@ -941,3 +941,74 @@ fn report_refuses_impossible_cell_values() {
     std::fs::write(&cell, good).unwrap();
     rerun_ok();
 }
+
+/// A finished prune or prefill cell edited into what no run gives (a mask
+/// that does not fit the dense model, a negative time) is refused on the
+/// rerun, naming the cell file; and a directory put by hand where the
+/// report keeps a pruned model is refused, never deleted.
+#[test]
+fn report_refuses_impossible_masks_and_timings_and_keeps_foreign_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    let prefill = |c: &mut Command| {
+        c.arg("report")
+            .arg("--model")
+            .arg(fixture("tiny-qwen2"))
+            .arg("--calib")
+            .arg(&i.text)
+            .args(["--samples", "4", "--seq-len", "24", "--methods", "rku"])
+            .args([
+                "--sparsity",
+                "0.3",
+                "--prefill-seq-len",
+                "16",
+                "--prefill-repeats",
+                "1",
+            ])
+            .arg("--out")
+            .arg(&out);
+    };
+    let run = || {
+        let mut c = bin();
+        prefill(&mut c);
+        c
+    };
+    run_ok(&mut run());
+    let edit = |cell: &str, f: &dyn Fn(&mut Value)| {
+        let path = out.join("cells").join(cell);
+        let good = std::fs::read_to_string(&path).unwrap();
+        let mut v: Value = serde_json::from_str(&good).unwrap();
+        f(&mut v["value"]);
+        std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+        let e = run_err(&mut run());
+        assert!(
+            e.contains(cell) && e.contains("delete it to recompute the cell"),
+            "{cell}: {e}"
+        );
+        std::fs::write(&path, good).unwrap();
+    };
+    let prune = "rku-s0.3.prune.json";
+    edit(prune, &|v| v["kept"][0][0] = 1_000_000.into());
+    edit(prune, &|v| {
+        let k = v["kept"][0].as_array_mut().unwrap();
+        k.swap(0, 1);
+    });
+    edit(prune, &|v| v["kept"].as_array_mut().unwrap().truncate(1));
+    edit(prune, &|v| v["params_after"] = (1u64 << 62).into());
+    edit(prune, &|v| v["widths"][0] = 3.into());
+    let timing = "rku-s0.3.prefill.json";
+    edit(timing, &|v| v["dense"]["median_s"] = (-5.0).into());
+    edit(timing, &|v| v["speedup"] = 1e308.into());
+    edit(timing, &|v| v["repeats"] = 0.into());
+    run_ok(&mut run());
+
+    let model = out.join("models/rku-s0.3");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("precious.txt"), "mine").unwrap();
+    run_err(&mut run());
+    assert_eq!(
+        std::fs::read_to_string(model.join("precious.txt")).unwrap(),
+        "mine"
+    );
+}

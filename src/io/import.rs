@@ -824,7 +824,8 @@ pub fn import_gguf(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Impor
             return Err(Error::tensor(
                 &t.name,
                 format!(
-                    "shape {:?} (HF order), expected {:?} from the metadata",
+                    "{}: shape {:?} (HF order), expected {:?} from the metadata",
+                    src.display(),
                     t.shape(),
                     plan.shape
                 ),

@@ -603,6 +603,27 @@ pub fn remove_owned(path: &Path, kind: Kind) -> Result<()> {
     remove_any(path).map_err(|e| Error::io(path, e))
 }
 
+/// Removes `path` if it is there, when it is an output of `kind` this tool
+/// wrote (or an empty directory, or a link: only the link goes), never
+/// anything else. Unlike [`remove_owned`] it does not refuse what this run
+/// has read since: for an output the run wrote, or [`check`]ed before
+/// reading it (a report's pruned model, removed once it is evaluated).
+pub fn remove_own_output(path: &Path, kind: Kind) -> Result<()> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_symlink() && !is_empty(path, &meta) {
+        recognise(path, &meta, kind).map_err(|why| {
+            Error::Invalid(format!(
+                "will not remove {}: {why}, so it is not {} that this tool wrote",
+                path.display(),
+                kind.describe()
+            ))
+        })?;
+    }
+    remove_any(path).map_err(|e| Error::io(path, e))
+}
+
 /// A finished temporary sibling of `dest` holding `bytes`.
 fn temp_file(dest: &Path, bytes: &[u8]) -> Result<(PathBuf, Temp)> {
     let (parent, name) = prepare(dest)?;

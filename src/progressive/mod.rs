@@ -210,7 +210,14 @@ enum Found {
     Other(String),
 }
 
-fn inspect(dir: &Path, step: usize, schedule: &[f64], settings: &Value, prev: &str) -> Found {
+fn inspect(
+    dir: &Path,
+    step: usize,
+    schedule: &[f64],
+    settings: &Value,
+    prev: &str,
+    dense_widths: &[usize],
+) -> Found {
     let meta = match std::fs::symlink_metadata(dir) {
         Err(_) => return Found::Absent,
         Ok(m) => m,
@@ -270,6 +277,20 @@ fn inspect(dir: &Path, step: usize, schedule: &[f64], settings: &Value, prev: &s
         Ok(p) => p.kept,
         Err(e) => return Found::Other(e.to_string()),
     };
+    // Kept channels are in the dense model's numbering: the next step
+    // composes with them.
+    let fits = kept.len() == dense_widths.len()
+        && kept
+            .iter()
+            .zip(dense_widths)
+            .all(|(k, &w)| k.iter().all(|&i| i < w));
+    if !fits {
+        return Found::Other(format!(
+            "{}'s kept channels do not fit the dense model ({} layers, FFN widths {dense_widths:?})",
+            file.display(),
+            dense_widths.len()
+        ));
+    }
     match dir_digest(dir) {
         Ok(d) => Found::Valid(kept, d),
         Err(e) => Found::Other(format!("it is not a complete model ({e})")),
@@ -340,7 +361,14 @@ pub fn run_progressive<B: Backend>(
             plan.push(Plan::Compute);
             continue;
         }
-        match inspect(&dir, step, &schedule, &settings, &prev) {
+        match inspect(
+            &dir,
+            step,
+            &schedule,
+            &settings,
+            &prev,
+            &dense_cfg.ffn_widths,
+        ) {
             Found::Valid(kept, digest) => {
                 prev = digest.clone();
                 plan.push(Plan::Skip(kept, digest));

@@ -132,6 +132,16 @@ pub fn load<B: Backend>(
             losses.len()
         )));
     }
+    // A KL or cross-entropy is never negative (rounding of a KL near zero
+    // stays far above -1e-3), and the summary sums them.
+    if let Some(l) = losses.iter().find(|&&l| l < -1e-3) {
+        return Err(bad(format!(
+            "a recorded loss is {l}: no KL or cross-entropy is negative"
+        )));
+    }
+    if !losses.iter().sum::<f64>().is_finite() {
+        return Err(bad("the recorded losses sum past f64's range".into()));
+    }
     let names = like.tensor_names();
     let read = |prefix: &str| -> Result<Adapters<B>> {
         let mut set = like.zeros_like(be)?;

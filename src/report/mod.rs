@@ -42,8 +42,8 @@ use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
 use crate::eval::iou::read_kept;
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
 use crate::eval::ppl::{perplexity, trace_perplexity, PplResult, PplWindows};
-use crate::eval::prefill::{bench_prefill, PrefillResult};
-use crate::io::output::{self, replace_owned, REPORT_DIR};
+use crate::eval::prefill::{bench_prefill, PrefillResult, Timing};
+use crate::io::output::{self, replace_owned, MODEL_DIR, REPORT_DIR};
 use crate::io::text::{read_text, Tokenizer};
 use crate::io::traces::Sequence;
 use crate::model::Model;
@@ -524,6 +524,11 @@ impl<B: Backend> Run<'_, B> {
         let models = self.spec.out.join("models");
         output::inner_dir(&models)?;
         let dir = models.join(&name);
+        if !self.spec.keep_models {
+            // Removed once evaluated: refuse, before any work, what this
+            // tool did not write or what this run reads.
+            output::check(&dir, MODEL_DIR, true)?;
+        }
         let cell = |metric| Cell::Pruned {
             method,
             sparsity,
@@ -541,7 +546,7 @@ impl<B: Backend> Run<'_, B> {
             sparsity,
             variant,
         };
-        let kept = match self.value::<PrunedInfo>(&prune)? {
+        let kept = match self.pruned(&prune)? {
             Some(p) => p.kept,
             None => {
                 let t = Instant::now();
@@ -580,8 +585,9 @@ impl<B: Backend> Run<'_, B> {
             }
             self.write_outputs()?;
         }
-        if !self.spec.keep_models && dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if !self.spec.keep_models {
+            // Checked above; evaluating it has since made it an input.
+            output::remove_own_output(&dir, MODEL_DIR)?;
         }
         Ok(())
     }
@@ -863,6 +869,35 @@ impl<B: Backend> Run<'_, B> {
         }
     }
 
+    /// A finished prune cell, checked against the dense model: as many
+    /// layers, each layer's kept channels ascending, distinct and below
+    /// its dense width, and the parameter counts of such a cut.
+    fn pruned(&self, c: &Cell) -> Result<Option<PrunedInfo>> {
+        let Some(p) = self.checked::<PrunedInfo>(Some(*c))? else {
+            return Ok(None);
+        };
+        let cfg = &self.dense.cfg;
+        let fits = p.kept.len() == cfg.layers
+            && p.params_before == cfg.param_count()
+            && p.kept
+                .iter()
+                .zip(&cfg.ffn_widths)
+                .all(|(k, &w)| k.iter().all(|&i| i < w));
+        if !fits {
+            return Err(Error::format(
+                self.store.path(&c.name()),
+                format!(
+                    "a mask of {} layers that does not fit the dense model ({} layers, FFN widths {:?}, {} parameters); delete it to recompute the cell",
+                    p.kept.len(),
+                    cfg.layers,
+                    cfg.ffn_widths,
+                    cfg.param_count()
+                ),
+            ));
+        }
+        Ok(Some(p))
+    }
+
     /// The report as the finished cells stand.
     fn assemble(&self) -> Result<Report> {
         let cfg = &self.dense.cfg;
@@ -878,7 +913,7 @@ impl<B: Backend> Run<'_, B> {
                         sparsity,
                         variant,
                     };
-                    let pruned = self.value::<PrunedInfo>(&prune)?;
+                    let pruned = self.pruned(&prune)?;
                     let metric = |metric| Cell::Pruned {
                         method,
                         sparsity,
@@ -896,7 +931,9 @@ impl<B: Backend> Run<'_, B> {
                         }),
                         evals: self.evals(metric)?,
                         prefill: match self.spec.prefill {
-                            Some(_) => self.value::<PrefillResult>(&metric(Metric::Prefill))?,
+                            Some(_) => {
+                                self.checked::<PrefillResult>(Some(metric(Metric::Prefill)))?
+                            }
                             None => None,
                         },
                     });
@@ -990,6 +1027,49 @@ impl Possible for PplResult {
             format!(
                 "perplexity {} with mean NLL {} over {} windows, {} tokens",
                 self.ppl, self.nll, self.windows, self.tokens
+            )
+        })
+    }
+}
+
+impl Possible for PrunedInfo {
+    fn impossible(&self) -> Option<String> {
+        let ascending = self
+            .kept
+            .iter()
+            .all(|k| !k.is_empty() && k.windows(2).all(|w| w[0] < w[1]));
+        let ok = ascending
+            && self.widths.len() == self.kept.len()
+            && self
+                .widths
+                .iter()
+                .zip(&self.kept)
+                .all(|(&w, k)| w == k.len())
+            && self.params_after <= self.params_before;
+        (!ok).then(|| {
+            format!(
+                "a mask of widths {:?} whose kept channels are not ascending, distinct and as many as the widths, or {} parameters after a cut of {}",
+                self.widths, self.params_after, self.params_before
+            )
+        })
+    }
+}
+
+impl Possible for PrefillResult {
+    fn impossible(&self) -> Option<String> {
+        let timing = |t: &Timing| {
+            t.min_s > 0.0 && t.min_s <= t.median_s && t.median_s <= t.max_s && t.max_s.is_finite()
+        };
+        let ok = self.repeats > 0
+            && self.seq_len > 0
+            && timing(&self.dense)
+            && timing(&self.pruned)
+            && (self.speedup - self.dense.median_s / self.pruned.median_s).abs()
+                <= 1e-9 * self.speedup.abs();
+        (!ok).then(|| {
+            format!(
+                "prefill speedup {} from medians {} s and {} s over {} repeats",
+                self.speedup, self.dense.median_s, self.pruned.median_s, self.repeats
             )
         })
     }
