@@ -554,3 +554,18 @@ fn layer_major_refit_plan_for_70b() {
         assert!(gib(&on_device) > 24.0, "{}", gib(&on_device));
     }
 }
+
+/// `plan --layer-major --host-memory` with a batch whose bytes pass 2^64
+/// once wrapped to 0 and divided by it (a panic): now the plan's
+/// "more than 2^62 bytes" error.
+#[test]
+fn a_batch_past_the_address_space_is_refused_not_divided_by() {
+    let e = run_err(
+        bin()
+            .args(["plan", "--config"])
+            .arg(fixture("configs/llama-3.1-405b.json"))
+            .args(["--seq-len", "1048576", "--batch", "16777216"])
+            .args(["--layer-major", "--host-memory", "0"]),
+    );
+    assert!(e.contains("more than 2^62 bytes"), "{e}");
+}

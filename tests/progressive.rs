@@ -347,6 +347,7 @@ fn bad_schedules_and_conflicting_flags_are_refused() {
         ("0.2,1.5", "strictly between 0 and 1"),
         ("0,0.2", "strictly between 0 and 1"),
         ("-0.1", "strictly between 0 and 1"),
+        ("1e-300,0.2", "within 0.000001 of 0 or 1"),
         ("0.1,abc", "not a number"),
     ] {
         let e = run_err(&mut w.progressive(schedule, "bad", &[]));

@@ -1012,3 +1012,24 @@ fn report_refuses_impossible_masks_and_timings_and_keeps_foreign_models() {
         "mine"
     );
 }
+
+/// A recovery batch larger than the calibration windows it trains on is
+/// refused before any work (it once reached the trainer, which gathered a
+/// batch of that size and aborted on the allocation).
+#[test]
+fn report_refuses_a_recovery_batch_past_its_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let i = inputs(tmp.path());
+    let out = tmp.path().join("report");
+    let e = run_err(&mut small(
+        "tiny-qwen2",
+        &i.text,
+        &out,
+        &["--recover-steps", "1", "--recover-batch", "16777216"],
+    ));
+    assert!(
+        e.contains("--recover-batch 16777216") && e.contains("--samples"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

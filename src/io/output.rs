@@ -235,7 +235,7 @@ fn recognise(path: &Path, meta: &fs::Metadata, kind: Kind) -> std::result::Resul
                 return Err("it is not a directory".into());
             }
             match read_marker(path)? {
-                Some(k) if k == want => Ok(()),
+                Some(k) if k == want => foreign_entries(path),
                 Some(k) => Err(format!("its {MARKER} says it is a {k} directory")),
                 None => Err(format!("it has no {MARKER}")),
             }
@@ -257,6 +257,56 @@ fn recognise(path: &Path, meta: &fs::Metadata, kind: Kind) -> std::result::Resul
             records_file(path, fields)
         }
     }
+}
+
+/// Ok unless `dir` (an output directory of the engine) holds entries its
+/// marker's `files` does not list: files put there since, which replacing
+/// the directory would delete. Markers written before the list existed
+/// list nothing, and are taken as they are.
+fn foreign_entries(dir: &Path) -> std::result::Result<(), String> {
+    let text = fs::read(dir.join(MARKER)).map_err(|e| format!("its {MARKER}: {e}"))?;
+    let v: Value = serde_json::from_slice(&text).map_err(|e| format!("its {MARKER}: {e}"))?;
+    let Some(listed) = v["files"].as_array() else {
+        return Ok(());
+    };
+    let listed: std::collections::HashSet<&str> = listed.iter().filter_map(Value::as_str).collect();
+    let present = entries(dir).map_err(|e| format!("it cannot be listed ({e})"))?;
+    let foreign: Vec<&String> = present
+        .iter()
+        .filter(|e| e.as_str() != MARKER && !listed.contains(e.as_str()))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = foreign.iter().take(5).map(|e| e.as_str()).collect();
+    let more = match foreign.len() - shown.len() {
+        0 => String::new(),
+        k => format!(" and {k} more"),
+    };
+    Err(format!(
+        "it holds {}{more}, which this tool did not write there; move {} out first",
+        shown.join(", "),
+        if foreign.len() == 1 { "it" } else { "them" }
+    ))
+}
+
+/// Every entry under `dir`, files and directories, as paths relative to
+/// it joined by '/', sorted; links are listed, not followed.
+fn entries(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut todo = vec![(dir.to_path_buf(), String::new())];
+    while let Some((at, prefix)) = todo.pop() {
+        for e in fs::read_dir(&at)? {
+            let e = e?;
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if e.file_type()?.is_dir() {
+                todo.push((e.path(), format!("{name}/")));
+            }
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// The `kind` in `dir`'s marker; `None` without one; Err for a marker
@@ -547,7 +597,13 @@ impl OutputDir {
         let Kind::Dir(k) = self.kind else {
             unreachable!("checked in create")
         };
-        write_json(&self.path().join(MARKER), &marker(k))?;
+        let mut m = marker(k);
+        // What the directory holds, so that a later --force can tell
+        // files put there since (which it refuses to delete).
+        m["files"] = entries(self.path())
+            .map_err(|e| Error::io(self.path(), e))?
+            .into();
+        write_json(&self.path().join(MARKER), &m)?;
         install(self.path(), &self.dest, self.kind, self.force)?;
         self.tmp.disarm();
         Ok(self.dest.clone())
@@ -844,6 +900,41 @@ mod tests {
             .to_string();
         assert!(e.contains("no rku-engine-output.json"), "{e}");
         assert_eq!(names(&f), ["x"]);
+    }
+
+    /// Files put into an earlier output directory after it was written are
+    /// never deleted by a --force that replaces it: it is refused, naming
+    /// them; once they are moved out it is replaced.
+    #[test]
+    fn force_refuses_a_directory_holding_files_put_there_since() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("m");
+        let out = OutputDir::create(&d, MODEL_DIR, false).unwrap();
+        fs::create_dir(out.path().join("sub")).unwrap();
+        fs::write(out.path().join("sub/a"), b"1").unwrap();
+        out.commit().unwrap();
+        fs::write(d.join("notes.txt"), b"mine").unwrap();
+        fs::write(d.join("sub/keep.txt"), b"mine").unwrap();
+        let e = OutputDir::create(&d, MODEL_DIR, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("notes.txt, sub/keep.txt") && e.contains("did not write"),
+            "{e}"
+        );
+        let e = remove_own_output(&d, MODEL_DIR).unwrap_err().to_string();
+        assert!(e.contains("notes.txt"), "{e}");
+        assert_eq!(fs::read(d.join("sub/keep.txt")).unwrap(), b"mine");
+        fs::remove_file(d.join("notes.txt")).unwrap();
+        fs::remove_file(d.join("sub/keep.txt")).unwrap();
+        // A file it wrote, removed by hand, is no reason to refuse.
+        fs::remove_file(d.join("sub/a")).unwrap();
+        OutputDir::create(&d, MODEL_DIR, true)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(names(&d), [MARKER]);
     }
 
     #[test]

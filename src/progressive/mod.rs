@@ -55,13 +55,8 @@ impl Schedule {
         }
         let mut out = Vec::with_capacity(values.len());
         for (i, &v) in values.iter().enumerate() {
-            let s = Sparsity::new(v).map_err(|_| {
-                Error::Invalid(format!(
-                    "--progressive: step {} has sparsity {v}; every step's must be strictly \
-                     between 0 and 1",
-                    i + 1
-                ))
-            })?;
+            let s = Sparsity::new(v)
+                .map_err(|e| Error::Invalid(format!("--progressive: step {}: {e}", i + 1)))?;
             if let Some(&before) = out.last() {
                 if s <= before {
                     return Err(Error::Invalid(format!(

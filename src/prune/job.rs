@@ -10,21 +10,32 @@ use std::str::FromStr;
 
 pub use crate::prune::export::ExportLayout;
 
-/// A fraction of all FFN channels to remove: finite, strictly between 0 and 1.
+/// A fraction of all FFN channels to remove: finite, strictly between 0 and
+/// 1, and at least [`Sparsity::FINEST`] from either end.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd, serde::Serialize)]
 #[serde(transparent)]
 pub struct Sparsity(f64);
 
 impl Sparsity {
+    /// The nearest a sparsity may come to 0 or 1: below it no model the
+    /// engine reads loses a channel (a 405B model has 6.7M), and its
+    /// decimals, which name output directories, would pass file-name limits.
+    pub const FINEST: f64 = 1e-6;
+
     /// `s` if it is a valid sparsity.
     pub fn new(s: f64) -> Result<Self> {
-        if s.is_finite() && s > 0.0 && s < 1.0 {
-            Ok(Self(s))
-        } else {
-            Err(Error::Invalid(format!(
+        if !(s.is_finite() && s > 0.0 && s < 1.0) {
+            return Err(Error::Invalid(format!(
                 "sparsity must be strictly between 0 and 1, got {s}"
-            )))
+            )));
         }
+        if !(Self::FINEST..=1.0 - Self::FINEST).contains(&s) {
+            return Err(Error::Invalid(format!(
+                "sparsity {s} is within {} of 0 or 1: it removes no channel, or all of them",
+                Self::FINEST
+            )));
+        }
+        Ok(Self(s))
     }
 
     pub fn get(self) -> f64 {

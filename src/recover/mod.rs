@@ -314,10 +314,12 @@ pub fn train<B: Backend>(
     resume: Option<TrainState<B>>,
 ) -> Result<TrainState<B>> {
     spec.check()?;
-    if data.seqs.is_empty() {
+    if data.seqs.len() < spec.batch.max(1) {
         return Err(Error::Invalid(format!(
-            "{}: no training windows",
-            data.source.display()
+            "{}: {} training sequences, fewer than one batch of {}",
+            data.source.display(),
+            data.seqs.len(),
+            spec.batch
         )));
     }
     let mut state = match resume {

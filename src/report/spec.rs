@@ -121,6 +121,14 @@ impl ReportSpec {
         }
         if let Some(r) = &self.recover {
             r.check()?;
+            // The recovery trains on the calibration windows (or traces,
+            // checked when they are read): at least one batch of them.
+            if r.batch > self.calib.samples {
+                return bad(format!(
+                    "--recover-batch {} is more than the {} calibration windows (--samples) it trains on",
+                    r.batch, self.calib.samples
+                ));
+            }
         }
         Ok(())
     }

@@ -19,7 +19,17 @@ pub fn run(a: &PlanArgs) -> Result<()> {
             let batches = a.samples.div_ceil(a.batch);
             // Host bytes of one batch's residual stream and gradient (f32).
             let row_bytes = host_bytes_per_row(&cfg, ResidualDtype::F32);
-            let batch_bytes = (a.batch * a.seq_len) as u64 * row_bytes;
+            let batch_bytes = (a.batch as u64)
+                .checked_mul(a.seq_len as u64)
+                .and_then(|rows| rows.checked_mul(row_bytes))
+                .filter(|&b| b < 1 << 62)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "plan: one batch of {} sequences of {} tokens on this model would need more than 2^62 bytes",
+                        a.batch,
+                        a.seq_len
+                    )
+                })?;
             let per_chunk = match a.host_memory {
                 Some(h) if h < batch_bytes => bail!(
                     "--host-memory {h} B is too small: one batch's residual stream and gradient take {batch_bytes} B"
