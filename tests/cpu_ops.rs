@@ -249,3 +249,14 @@ fn energy_and_chunked_cross_entropy() {
     );
     assert_close(&dz.unwrap(), &f32s(&want_dz), (1e-5, 1e-4), "ce dz");
 }
+
+/// A buffer no host can give (4 PiB, past a 47-bit address space; and one
+/// whose byte size overflows) is an error, not an abort of the process.
+#[test]
+fn an_impossible_buffer_is_an_error_not_an_abort() {
+    let be = CpuBackend::new();
+    for len in [1usize << 50, usize::MAX / 2] {
+        let e = be.zeros(len).unwrap_err();
+        assert!(e.to_string().contains("cannot allocate"), "{e}");
+    }
+}

@@ -121,6 +121,15 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        // Probe first (mapped, not touched, then freed), so that a size no
+        // host can give is an error rather than an abort; `vec!` then gets
+        // zeroed pages lazily.
+        Vec::<f32>::new().try_reserve_exact(len).map_err(|_| {
+            crate::Error::Invalid(format!(
+                "cannot allocate a buffer of {len} f32 values ({} GiB) on the host",
+                len as f64 * 4.0 / (1u64 << 30) as f64
+            ))
+        })?;
         Ok(vec![0.0; len])
     }
 
