@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 
 /// `score` on tiny-llama3 over `samples` windows of 16 tokens of one text.
 fn score(dir: &Path, name: &str, text: &Path, samples: usize) -> PathBuf {
+    score_with(dir, name, text, samples, &[])
+}
+
+/// [`score`] with `extra` flags (a `--shard`).
+fn score_with(dir: &Path, name: &str, text: &Path, samples: usize, extra: &[&str]) -> PathBuf {
     let out = dir.join(name);
     run_ok(
         bin()
@@ -16,6 +21,7 @@ fn score(dir: &Path, name: &str, text: &Path, samples: usize) -> PathBuf {
             .arg("--calib")
             .arg(text)
             .args(["--seq-len", "16", "--samples", &samples.to_string()])
+            .args(extra)
             .args(["--backend", "cpu", "--out"])
             .arg(&out),
     );
@@ -136,18 +142,7 @@ fn counts_that_cannot_be_one_set_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let t = calib_text(d, 200);
-    let shard = d.join("shard.st");
-    run_ok(
-        bin()
-            .arg("score")
-            .arg("--model")
-            .arg(fixture("tiny-llama3"))
-            .arg("--calib")
-            .arg(&t)
-            .args(["--seq-len", "16", "--samples", "4", "--shard", "0/2"])
-            .args(["--backend", "cpu", "--out"])
-            .arg(&shard),
-    );
+    let shard = score_with(d, "shard.st", &t, 4, &["--shard", "0/2"]);
     let base = rku_engine::prune::Stats::load(&shard).unwrap();
     assert_eq!(base.meta.samples, 2);
     let out = d.join("merged.st");
@@ -177,18 +172,7 @@ fn counts_that_cannot_be_one_set_are_refused() {
 
     // Two whole passes of T tokens a window, 1 and 2 windows: 3T > 2^64.
     let windows = |name: &str, samples: usize, text: &Path| {
-        let p = d.join(name);
-        run_ok(
-            bin()
-                .arg("score")
-                .arg("--model")
-                .arg(fixture("tiny-llama3"))
-                .arg("--calib")
-                .arg(text)
-                .args(["--seq-len", "16", "--samples", &samples.to_string()])
-                .args(["--backend", "cpu", "--out"])
-                .arg(&p),
-        );
+        let p = score(d, name, text, samples);
         let mut s = rku_engine::prune::Stats::load(&p).unwrap();
         let t = (1u128 << 64).div_ceil(3) as u64; // 3t = 2^64 + 2
         s.meta.seq_len = t as usize;

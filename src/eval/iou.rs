@@ -78,14 +78,12 @@ pub fn read_pruning(path: &Path) -> Result<Pruning> {
             let list: Option<Vec<usize>> = layer
                 .as_array()
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
-            let list = list
-                .filter(|k| !k.is_empty() && k.windows(2).all(|w| w[0] < w[1]))
-                .ok_or_else(|| {
-                    Error::format(
-                        &file,
-                        format!("kept[{l}] is not an ascending list of distinct channel indices"),
-                    )
-                })?;
+            let list = list.filter(|k| is_kept_list(k)).ok_or_else(|| {
+                Error::format(
+                    &file,
+                    format!("kept[{l}] is not an ascending list of distinct channel indices"),
+                )
+            })?;
             if let Some(&m) = source.as_ref().and_then(|s| s.get(l)) {
                 if let Some(&c) = list.iter().find(|&&c| c as u64 >= m) {
                     return Err(Error::format(
@@ -118,6 +116,23 @@ pub fn read_pruning(path: &Path) -> Result<Pruning> {
             .and_then(|d| d.as_str())
             .map(str::to_string),
     })
+}
+
+/// Whether `k` is one layer's kept channels: not empty, ascending, each
+/// index once.
+pub fn is_kept_list(k: &[usize]) -> bool {
+    !k.is_empty() && k.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Whether `kept` (one list a layer, in the source numbering) fits a
+/// source model whose FFN layers have `widths`: as many layers, every
+/// index below its layer's width.
+pub fn kept_fits(kept: &[Vec<usize>], widths: &[usize]) -> bool {
+    kept.len() == widths.len()
+        && kept
+            .iter()
+            .zip(widths)
+            .all(|(k, &w)| k.iter().all(|&i| i < w))
 }
 
 /// The kept channels of a pruning (`read_pruning`).

@@ -22,7 +22,7 @@
 //! naming what changed, a step written otherwise, unless `force`, which
 //! recomputes it and every step after it.
 use crate::backend::Backend;
-use crate::eval::iou::read_pruning;
+use crate::eval::iou::{kept_fits, read_pruning};
 use crate::eval::traces::{run_traces, TracesArgs, TRACES};
 use crate::io::file_sha256;
 use crate::io::output::{self, MODEL_DIR, PROGRESSIVE_DIR};
@@ -274,12 +274,7 @@ fn inspect(
     };
     // Kept channels are in the dense model's numbering: the next step
     // composes with them.
-    let fits = kept.len() == dense_widths.len()
-        && kept
-            .iter()
-            .zip(dense_widths)
-            .all(|(k, &w)| k.iter().all(|&i| i < w));
-    if !fits {
+    if !kept_fits(&kept, dense_widths) {
         return Found::Other(format!(
             "{}'s kept channels do not fit the dense model ({} layers, FFN widths {dense_widths:?})",
             file.display(),

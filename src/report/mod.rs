@@ -39,7 +39,7 @@ pub mod spec;
 
 use crate::backend::Backend;
 use crate::eval::gen::{evaluate_gen, GenArgs, GenResult};
-use crate::eval::iou::read_kept;
+use crate::eval::iou::{is_kept_list, kept_fits, read_kept};
 use crate::eval::mc::{evaluate_mc, McArgs, McResult};
 use crate::eval::ppl::{perplexity, trace_perplexity, PplResult, PplWindows};
 use crate::eval::prefill::{bench_prefill, PrefillResult, Timing};
@@ -877,13 +877,7 @@ impl<B: Backend> Run<'_, B> {
             return Ok(None);
         };
         let cfg = &self.dense.cfg;
-        let fits = p.kept.len() == cfg.layers
-            && p.params_before == cfg.param_count()
-            && p.kept
-                .iter()
-                .zip(&cfg.ffn_widths)
-                .all(|(k, &w)| k.iter().all(|&i| i < w));
-        if !fits {
+        if !(kept_fits(&p.kept, &cfg.ffn_widths) && p.params_before == cfg.param_count()) {
             return Err(Error::format(
                 self.store.path(&c.name()),
                 format!(
@@ -1034,11 +1028,7 @@ impl Possible for PplResult {
 
 impl Possible for PrunedInfo {
     fn impossible(&self) -> Option<String> {
-        let ascending = self
-            .kept
-            .iter()
-            .all(|k| !k.is_empty() && k.windows(2).all(|w| w[0] < w[1]));
-        let ok = ascending
+        let ok = self.kept.iter().all(|k| is_kept_list(k))
             && self.widths.len() == self.kept.len()
             && self
                 .widths
